@@ -1,0 +1,23 @@
+"""Errors a user can fix. The message is the whole story: what, where, how to fix."""
+
+
+class TvmzooError(Exception):
+    """Base class: the CLIs print str(error) on one line and exit with code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(TvmzooError):
+    """A build YAML, vdsp JSON or command-line value is wrong."""
+
+
+class CheckpointError(TvmzooError):
+    """A checkpoint cannot be read, is unsafe, or does not fit the architecture."""
+
+
+class ImageError(TvmzooError):
+    """An image cannot be decoded or is out of the supported range."""
+
+
+class ModuleError(TvmzooError):
+    """A compiled module is missing, corrupt or was built for another machine or version."""

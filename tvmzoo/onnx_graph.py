@@ -1,0 +1,99 @@
+"""A small graph builder over onnx.helper: models are written as a few calls, weights as numpy."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; every method returns the name of its output tensor."""
+
+    def __init__(self, name: str, opset: int = OPSET) -> None:
+        self.name = name
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._counts: dict[str, int] = {}
+
+    def _unique(self, hint: str) -> str:
+        n = self._counts.get(hint, 0)
+        self._counts[hint] = n + 1
+        return hint if n == 0 else f"{hint}_{n}"
+
+    def input(self, shape: Sequence[int | str | None], name: str = INPUT_NAME,
+              elem_type: int = TensorProto.FLOAT) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def const(self, value: np.ndarray, name: str) -> str:
+        name = self._unique(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], name: str | None = None, **attrs) -> str:
+        out = self._unique(name or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def conv(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str, *,
+             stride: int = 1, pads: Sequence[int] | None = None, groups: int = 1) -> str:
+        """Conv with a [out, in/groups, kh, kw] weight; default padding keeps 'same' size for odd kernels."""
+        kh, kw = weight.shape[2:]
+        if pads is None:
+            pads = (kh // 2, kw // 2, kh // 2, kw // 2)
+        inputs = [x, self.const(weight.astype(np.float32), f"{name}.weight")]
+        if bias is not None:
+            inputs.append(self.const(bias.astype(np.float32), f"{name}.bias"))
+        return self.op("Conv", inputs, name=name, kernel_shape=[kh, kw], strides=[stride, stride],
+                       pads=list(pads), group=groups)
+
+    def gemm(self, x: str, weight: np.ndarray, bias: np.ndarray, name: str) -> str:
+        """y = x @ weight.T + bias, weight as [out, in] (torch Linear layout)."""
+        return self.op("Gemm", [x, self.const(weight.astype(np.float32), f"{name}.weight"),
+                                self.const(bias.astype(np.float32), f"{name}.bias")],
+                       name=name, transB=1)
+
+    def relu(self, x: str) -> str:
+        return self.op("Relu", [x])
+
+    def relu6(self, x: str) -> str:
+        lo = self.const(np.array(0.0, np.float32), "relu6_min")
+        hi = self.const(np.array(6.0, np.float32), "relu6_max")
+        return self.op("Clip", [x, lo, hi], name="relu6")
+
+    def add(self, a: str, b: str) -> str:
+        return self.op("Add", [a, b])
+
+    def global_avg_pool(self, x: str) -> str:
+        return self.op("GlobalAveragePool", [x])
+
+    def flatten(self, x: str) -> str:
+        return self.op("Flatten", [x], axis=1)
+
+    def output(self, x: str, shape: Sequence[int | str | None], name: str = OUTPUT_NAME) -> str:
+        """Expose tensor x as a graph output called `name` (an Identity keeps names stable)."""
+        self.nodes.append(helper.make_node("Identity", [x], [name], name=name))
+        self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
+        return name
+
+    def build(self, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                                  producer_name="tvmzoo", doc_string=doc)
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model
+
+
+def batch_dim(batch: int | None) -> int | str:
+    """ONNX dimension for the batch: a fixed size, or the symbolic 'N'."""
+    return "N" if batch is None else int(batch)
