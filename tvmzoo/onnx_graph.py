@@ -65,10 +65,14 @@ class GraphBuilder:
     def relu(self, x: str) -> str:
         return self.op("Relu", [x])
 
+    def scalar(self, value: float, name: str) -> str:
+        """A float32 scalar initializer, shared by every node that uses the same `name`."""
+        if name not in self._counts:
+            self.const(np.array(value, np.float32), name)
+        return name
+
     def relu6(self, x: str) -> str:
-        lo = self.const(np.array(0.0, np.float32), "relu6_min")
-        hi = self.const(np.array(6.0, np.float32), "relu6_max")
-        return self.op("Clip", [x, lo, hi], name="relu6")
+        return self.op("Clip", [x, self.scalar(0.0, "relu6_min"), self.scalar(6.0, "relu6_max")], name="relu6")
 
     def add(self, a: str, b: str) -> str:
         return self.op("Add", [a, b])

@@ -40,10 +40,14 @@ def get_family(name: str) -> ModuleType:
 
 def resolve_arch(family: ModuleType, arch: str) -> str:
     """The canonical arch key of `family` for a user-written name ('a0', 'RepVGG-A0' -> 'A0')."""
-    wanted = arch.lower().replace("-", "").replace("_", "")
+    def squash(text: str) -> str:
+        return text.lower().replace("-", "").replace("_", "")
+
+    family_name = squash(family.__name__.rsplit(".", 1)[-1])
+    prefixes = ("", family_name, family_name.replace("lite", ""), family_name + "x")
+    wanted = squash(arch)
     for key in family.ARCHS:
-        short = key.lower().replace("-", "").replace("_", "")
-        if wanted in (short, family.__name__.rsplit(".", 1)[-1].replace("_", "") + short):
+        if any(wanted == prefix + squash(key) for prefix in prefixes):
             return key
     raise ConfigError(f"unknown {family.__name__.rsplit('.', 1)[-1]} arch '{arch}'."
                       f"{_suggest(arch, family.ARCHS)} Known archs: {', '.join(family.ARCHS)}.")
