@@ -1,0 +1,194 @@
+"""Images, labels and ground truth: image discovery, ImageNet label files, the class of an image
+from its synset folder or file name, and a deterministic calibration sample."""
+from __future__ import annotations
+
+import ast
+import importlib.resources
+import logging
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import ConfigError, ImageError
+from .preprocess import Preprocessing, apply, read_image
+
+if TYPE_CHECKING:
+    from .config import Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+_WNID = re.compile(r"n\d{8}")
+
+
+def find_images(path: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """A file -> [file]; a folder -> its images, searched recursively, sorted. Suffixes compare
+    case-insensitively ("JPEG" and ".jpeg" are the same); hidden files and folders (".x", such as
+    macOS "._n01440764.JPEG" resource forks) are skipped. An empty folder gives []."""
+    path = Path(path)
+    wanted = {s.lower() if s.startswith(".") else "." + s.lower() for s in suffixes}
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"image path {path} does not exist: give an image file or a folder of images.")
+    found = [p for p in path.rglob("*")
+             if p.suffix.lower() in wanted and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Class names by index; wnids (ImageNet synset ids, "n01440764") when known."""
+
+    names: tuple[str, ...]
+    wnids: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def wnid_to_index(self) -> dict[str, int]:
+        if self.wnids is None:
+            raise ConfigError("these labels have no wnids: load them with a wnid list "
+                              "(Labels.load(names_file, wnids_file)) to map synset folders to classes.")
+        return {wnid: i for i, wnid in enumerate(self.wnids)}
+
+    @classmethod
+    def load(cls, path: str | Path, wnids_path: str | Path | None = None) -> Labels:
+        """Read a label file: one name per line (`imagenet.txt`), `<wnid>\\t<names>` per line
+        (`imagenet_synsets.txt`) or the `{0: 'tench, Tinca tinca', ...}` dict literal
+        (`imagenet1000_clsid_to_human.txt`). `wnids_path`: one wnid per line, same order."""
+        path = Path(path)
+        text = _read_text(path, "label file")
+        if text.lstrip().startswith("{"):
+            names, wnids = _parse_dict_literal(text, path), None
+        else:
+            lines = [line.rstrip("\r") for line in text.split("\n")]
+            while lines and not lines[-1].strip():
+                lines.pop()
+            if not lines:
+                raise ConfigError(f"label file {path} is empty: it needs one class name per line.")
+            split = [line.split("\t", 1) for line in lines]
+            if all(len(s) == 2 and _WNID.fullmatch(s[0]) for s in split):
+                names, wnids = [s[1] for s in split], [s[0] for s in split]
+            else:
+                names, wnids = lines, None
+        if wnids_path is not None:
+            wnids = _read_wnids(Path(wnids_path), len(names))
+        return cls(tuple(names), tuple(wnids) if wnids is not None else None)
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist: check the path.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {what} {path}: {err}.") from None
+
+
+def _parse_dict_literal(text: str, path: Path) -> list[str]:
+    try:
+        table = ast.literal_eval(text)  # a literal only: never eval a data file
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
+        raise ConfigError(f"label file {path} looks like a dict literal but is not a valid one ({err}); "
+                          "expected {0: 'tench, Tinca tinca', 1: ...}.") from None
+    if not isinstance(table, dict) or not all(isinstance(k, int) and isinstance(v, str) for k, v in table.items()):
+        raise ConfigError(f"label file {path}: expected a dict of class index -> name.")
+    if sorted(table) != list(range(len(table))):
+        missing = sorted(set(range(max(table, default=-1) + 1)) - set(table))[:5]
+        raise ConfigError(f"label file {path}: class indices must be 0..{len(table) - 1} without gaps "
+                          f"(missing e.g. {missing}).")
+    return [table[i] for i in range(len(table))]
+
+
+def _read_wnids(path: Path, count: int) -> list[str]:
+    wnids = [line.strip() for line in _read_text(path, "wnid list").splitlines() if line.strip()]
+    bad = [w for w in wnids if not _WNID.fullmatch(w)]
+    if bad:
+        raise ConfigError(f"wnid list {path}: {bad[0]!r} is not a wnid (n + 8 digits).")
+    if len(wnids) != count:
+        raise ConfigError(f"wnid list {path} has {len(wnids)} entries but the label file has {count} classes.")
+    return wnids
+
+
+def default_labels() -> Labels:
+    """The ImageNet-1k labels shipped inside the package (names and wnids)."""
+    root = importlib.resources.files("tvmzoo") / "data"
+    names = (root / "imagenet.txt").read_text(encoding="utf-8").splitlines()
+    wnids = (root / "imagenet_wnids.txt").read_text(encoding="utf-8").splitlines()
+    return Labels(tuple(names), tuple(wnids))
+
+
+def ground_truth(path: str | Path, wnid_to_index: Mapping[str, int]) -> int | None:
+    """The class of an image from its synset folder (`.../n01440764/ILSVRC2012_val_x.JPEG`) or a
+    file name starting with the wnid (`n01440764_tench.JPEG`); None when neither is a known wnid."""
+    path = Path(path)
+    if _WNID.fullmatch(path.parent.name) and path.parent.name in wnid_to_index:
+        return wnid_to_index[path.parent.name]
+    match = _WNID.match(path.name)
+    if match and match.group(0) in wnid_to_index:
+        return wnid_to_index[match.group(0)]
+    return None
+
+
+def load_ground_truth_file(path: str | Path) -> dict[str, int]:
+    """`<file name> <class index>` per line (flat ILSVRC2012_val folders) -> {file name: index}."""
+    path = Path(path)
+    table: dict[str, int] = {}
+    for number, line in enumerate(_read_text(path, "ground-truth file").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ConfigError(f"ground-truth file {path}, line {number}: expected '<file name> <class index>', "
+                              f"got {line.strip()!r}.")
+        table[Path(parts[0].strip()).name] = int(parts[1])
+    return table
+
+
+def sample_calibration(paths: Sequence[str | Path], n: int, seed: int = 0) -> list[Path]:
+    """A deterministic sample of n images (all of them when n >= len(paths)), in sorted order:
+    the same files whatever order `paths` came in."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"calibration sample size must be a positive integer, got {n!r}.")
+    ordered = sorted(Path(p) for p in paths)
+    if n >= len(ordered):
+        return ordered
+    return sorted(random.Random(seed).sample(ordered, n))
+
+
+def load_labels(path: str | Path | None = None, wnids: str | Path | None = None) -> Labels:
+    """A label file (see Labels.load), or the shipped ImageNet labels when path is None; `wnids`
+    replaces the wnid list (the shipped one by default for 1000-class files)."""
+    if path is None:
+        labels = default_labels()
+        return labels if wnids is None else Labels(labels.names, tuple(_read_wnids(Path(wnids), len(labels))))
+    labels = Labels.load(path, wnids)
+    if labels.wnids is None and len(labels) == 1000:
+        labels = Labels(labels.names, default_labels().wnids)
+    return labels
+
+
+def calibration_batches(dataset: Dataset, pre: Preprocessing, batch: int = 1) -> list[np.ndarray]:
+    """The build YAML's calibration set as preprocessed NCHW float32 batches: `dataset.get_data_num`
+    images with `dataset.suffix`, sampled deterministically from `dataset.path`. Images that cannot
+    be decoded are skipped with a warning."""
+    paths = find_images(dataset.path, (dataset.suffix,))
+    if not paths:
+        raise ConfigError(f"dataset.path {dataset.path} has no '*.{dataset.suffix.lstrip('.')}' images for "
+                          "calibration: fix dataset.path or dataset.sampler.suffix.")
+    tensors = []
+    for path in sample_calibration(paths, dataset.get_data_num):
+        try:
+            tensors.append(apply(pre, read_image(path)))
+        except ImageError as err:
+            log.warning("calibration: skipping %s", err)
+    if not tensors:
+        raise ConfigError(f"dataset.path {dataset.path}: none of the sampled images could be decoded.")
+    return [np.stack(tensors[i:i + batch]) for i in range(0, len(tensors), batch)]
