@@ -1,0 +1,505 @@
+"""RepVGG (Ding et al., CVPR 2021, github.com/DingXiaoH/RepVGG): arch table, checkpoint layouts,
+structural re-parameterization and ONNX export, numpy only.
+
+Every block is three branches at train time, y = ReLU(SE(BN(conv3x3 x) + BN(conv1x1 x) + BN(x))),
+and one 3x3 conv at deploy time: each BN is folded into its conv, the 1x1 kernel is padded to 3x3 and
+the identity BN becomes a 3x3 kernel with a 1 at the centre of its own channel (per group).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..errors import CheckpointError, ConfigError
+from ..onnx_graph import GraphBuilder, batch_dim
+from ..preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+BN_EPS = 1e-5          # torch BatchNorm2d eps and paddle BatchNorm2D epsilon defaults
+SE_RATIO = 16          # official SEBlock(internal_neurons=channels // 16); mmcls SELayer(ratio=16, divisor=1)
+STEM_MAX_CHANNELS = 64
+
+
+@dataclass(frozen=True)
+class RepVGGArch:
+    """num_blocks / width_multiplier per stage 1-4; groups: layer index -> conv groups (stage1's first
+    block is layer 1, the stem is layer 0 and never grouped); use_se: an SE block in every block."""
+
+    num_blocks: tuple[int, int, int, int]
+    width_multiplier: tuple[float, float, float, float]
+    groups: dict[int, int] = field(default_factory=dict)
+    use_se: bool = False
+
+
+# The official optional_groupwise_layers: every second layer, from layer 2.
+_GROUPWISE_LAYERS = tuple(range(2, 27, 2))
+G2 = {layer: 2 for layer in _GROUPWISE_LAYERS}
+G4 = {layer: 4 for layer in _GROUPWISE_LAYERS}
+_A = (2, 4, 14, 1)
+_B = (4, 6, 16, 1)
+
+ARCHS: dict[str, RepVGGArch] = {
+    "A0": RepVGGArch(_A, (0.75, 0.75, 0.75, 2.5)),
+    "A1": RepVGGArch(_A, (1, 1, 1, 2.5)),
+    "A2": RepVGGArch(_A, (1.5, 1.5, 1.5, 2.75)),
+    "B0": RepVGGArch(_B, (1, 1, 1, 2.5)),
+    "B1": RepVGGArch(_B, (2, 2, 2, 4)),
+    "B1g2": RepVGGArch(_B, (2, 2, 2, 4), G2),
+    "B1g4": RepVGGArch(_B, (2, 2, 2, 4), G4),
+    "B2": RepVGGArch(_B, (2.5, 2.5, 2.5, 5)),
+    "B2g4": RepVGGArch(_B, (2.5, 2.5, 2.5, 5), G4),
+    "B3": RepVGGArch(_B, (3, 3, 3, 5)),
+    "B3g4": RepVGGArch(_B, (3, 3, 3, 5), G4),
+    "D2se": RepVGGArch((8, 14, 24, 1), (2.5, 2.5, 2.5, 5), use_se=True),
+}
+
+SOURCES = ("official", "mmcls", "ppcls")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Key names of one checkpoint source (module names below a block prefix)."""
+
+    stem: str                      # the stem block's prefix
+    stage: str                     # stage prefix, formatted with the stage number 1-4
+    dense: str
+    one: str
+    identity: str
+    bn: str
+    bn_stats: tuple[str, str]      # (running mean, running variance)
+    reparam: str
+    se_down: str
+    se_up: str
+    head: str
+    head_transposed: bool          # Linear weight stored [in, out] (paddle) instead of [out, in]
+
+    def block_prefix(self, stage: int, index: int) -> str:
+        return self.stem if stage == 0 else f"{self.stage.format(stage)}.{index}"
+
+
+LAYOUTS: dict[str, Layout] = {
+    # DingXiaoH/RepVGG repvgg.py + se_block.py (train: conv_bn 'conv'/'bn'; deploy: rbr_reparam)
+    "official": Layout("stage0", "stage{}", "rbr_dense", "rbr_1x1", "rbr_identity", "bn",
+                       ("running_mean", "running_var"), "rbr_reparam", "se.down", "se.up", "linear", False),
+    # open-mmlab/mmpretrain backbones/repvgg.py (stem, stage_1..4) + utils/se_layer.py (ConvModule: conv1.conv);
+    # ImageClassifier puts the backbone under 'backbone.' and LinearClsHead's Linear at 'head.fc'
+    "mmcls": Layout("backbone.stem", "backbone.stage_{}", "branch_3x3", "branch_1x1", "branch_norm", "norm",
+                    ("running_mean", "running_var"), "branch_reparam", "se_layer.conv1.conv",
+                    "se_layer.conv2.conv", "head.fc", False),
+    # PaddleClas ppcls/arch/backbone/model_zoo/repvgg.py: official names, paddle BN and Linear conventions
+    "ppcls": Layout("stage0", "stage{}", "rbr_dense", "rbr_1x1", "rbr_identity", "bn", ("_mean", "_variance"),
+                    "rbr_reparam", "se.down", "se.up", "linear", True),
+}
+
+# Keys a framework adds that carry no weights: torch BN step counters, paddle's name table.
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+_IGNORED_KEYS = ("StructuredToParameterName@@",)
+
+
+@dataclass(frozen=True)
+class Block:
+    layer: int        # 0 = stem (stage0), then 1, 2, ... as in the official override_groups_map
+    stage: int        # 0..4
+    index: int        # position within its stage
+    cin: int
+    cout: int
+    stride: int
+    groups: int
+
+    @property
+    def has_identity(self) -> bool:
+        return self.cin == self.cout and self.stride == 1
+
+    @property
+    def se_channels(self) -> int:
+        return max(1, self.cout // SE_RATIO)
+
+
+def get_arch(arch: str | RepVGGArch) -> RepVGGArch:
+    """An ARCHS entry by name ('A0', 'RepVGG-A0', 'b1g4'), or a custom RepVGGArch as given."""
+    if isinstance(arch, RepVGGArch):
+        return arch
+    wanted = str(arch).lower().replace("repvgg", "").strip("-_ ")
+    for name, spec in ARCHS.items():
+        if name.lower() == wanted:
+            return spec
+    raise ConfigError(f"unknown RepVGG arch '{arch}'. Known archs: {', '.join(ARCHS)}.")
+
+
+def arch_name(arch: str | RepVGGArch) -> str:
+    spec = get_arch(arch)
+    return next((f"RepVGG-{n}" for n, a in ARCHS.items() if a == spec), "RepVGG (custom arch)")
+
+
+def blocks(arch: str | RepVGGArch) -> list[Block]:
+    """The blocks in forward order, with channels, stride and groups as the official RepVGG builds them."""
+    spec = get_arch(arch)
+    cin = min(STEM_MAX_CHANNELS, int(64 * spec.width_multiplier[0]))
+    out = [Block(0, 0, 0, 3, cin, 2, 1)]
+    for stage, (n, width) in enumerate(zip(spec.num_blocks, spec.width_multiplier), start=1):
+        cout = int(64 * 2 ** (stage - 1) * width)
+        for index in range(n):
+            layer, groups = len(out), spec.groups.get(len(out), 1)
+            if cin % groups or cout % groups:
+                raise ConfigError(f"RepVGG arch: layer {layer} ({cin} -> {cout} channels) cannot be split into "
+                                  f"{groups} groups; choose widths whose channels the groups divide.")
+            out.append(Block(layer, stage, index, cin, cout, 2 if index == 0 else 1, groups))
+            cin = cout
+    return out
+
+
+def _source(source: str) -> Layout:
+    if source not in LAYOUTS:
+        raise ConfigError(f"unknown RepVGG checkpoint layout '{source}'. Known layouts: {', '.join(SOURCES)}.")
+    return LAYOUTS[source]
+
+
+# ---------------------------------------------------------------- expected keys and checking
+
+def _bn_keys(prefix: str, channels: int, lay: Layout) -> dict[str, tuple[int, ...]]:
+    names = ("weight", "bias", *lay.bn_stats)
+    return {f"{prefix}.{n}": (channels,) for n in names}
+
+
+def _block_keys(b: Block, lay: Layout, deploy: bool, use_se: bool) -> dict[str, tuple[int, ...]]:
+    p = lay.block_prefix(b.stage, b.index)
+    cin_g = b.cin // b.groups
+    if deploy:
+        keys = {f"{p}.{lay.reparam}.weight": (b.cout, cin_g, 3, 3), f"{p}.{lay.reparam}.bias": (b.cout,)}
+    else:
+        keys = {f"{p}.{lay.dense}.conv.weight": (b.cout, cin_g, 3, 3),
+                **_bn_keys(f"{p}.{lay.dense}.{lay.bn}", b.cout, lay),
+                f"{p}.{lay.one}.conv.weight": (b.cout, cin_g, 1, 1),
+                **_bn_keys(f"{p}.{lay.one}.{lay.bn}", b.cout, lay)}
+        if b.has_identity:
+            keys.update(_bn_keys(f"{p}.{lay.identity}", b.cin, lay))
+    if use_se:
+        s = b.se_channels
+        keys.update({f"{p}.{lay.se_down}.weight": (s, b.cout, 1, 1), f"{p}.{lay.se_down}.bias": (s,),
+                     f"{p}.{lay.se_up}.weight": (b.cout, s, 1, 1), f"{p}.{lay.se_up}.bias": (b.cout,)})
+    return keys
+
+
+def _is_deploy_block(state: Mapping[str, np.ndarray], b: Block, lay: Layout) -> bool:
+    return f"{lay.block_prefix(b.stage, b.index)}.{lay.reparam}.weight" in state
+
+
+def expected_shapes(arch: str | RepVGGArch, source: str, num_classes: int = 1000,
+                    deploy: bool | Mapping[str, np.ndarray] = False) -> dict[str, tuple[int, ...]]:
+    """Every weight key of a checkpoint and its shape. `deploy` is a bool for the whole net, or a
+    state dict: then each block is taken in the form (train or deploy) that the state dict has."""
+    spec, lay = get_arch(arch), _source(source)
+    keys: dict[str, tuple[int, ...]] = {}
+    bl = blocks(spec)
+    for b in bl:
+        is_deploy = _is_deploy_block(deploy, b, lay) if isinstance(deploy, Mapping) else deploy
+        keys.update(_block_keys(b, lay, is_deploy, spec.use_se))
+    features = bl[-1].cout
+    keys[f"{lay.head}.weight"] = (features, num_classes) if lay.head_transposed else (num_classes, features)
+    keys[f"{lay.head}.bias"] = (num_classes,)
+    return keys
+
+
+def _strip_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop a DataParallel 'module.' prefix and the framework keys that hold no weights."""
+    out = {}
+    for k, v in state.items():
+        if k in _IGNORED_KEYS or k.endswith(_IGNORED_SUFFIXES):
+            continue
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def _head_classes(state: Mapping[str, np.ndarray], lay: Layout) -> int | None:
+    """The class count of the classifier weight, None when it is missing or not 2-D."""
+    w = state.get(f"{lay.head}.weight")
+    if w is None or np.ndim(w) != 2:
+        return None
+    return int(w.shape[1] if lay.head_transposed else w.shape[0])
+
+
+def _num_classes(state: Mapping[str, np.ndarray], lay: Layout, source: str) -> int:
+    n = _head_classes(state, lay)
+    if n is None:
+        key = f"{lay.head}.weight"
+        found = "missing" if key not in state else f"of shape {list(np.shape(state[key]))}"
+        raise CheckpointError(f"RepVGG checkpoint ({source} layout): the classifier weight '{key}' is {found}; "
+                              f"expected a 2-D Linear weight.{_guess_hint(state)} Check --source "
+                              f"({', '.join(SOURCES)}) and that the file is a RepVGG classification checkpoint.")
+    return n
+
+
+def _mismatch(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The first difference between a state dict and the expected keys, as a sentence; None if it fits."""
+    for key, shape in expected.items():
+        if key not in state:
+            return f"missing key '{key}' (expected shape {list(shape)})"
+        if tuple(np.shape(state[key])) != shape:
+            return f"key '{key}' has shape {list(np.shape(state[key]))}, expected {list(shape)}"
+    extra = [k for k in state if k not in expected]
+    if extra:
+        return f"unexpected key '{extra[0]}' (shape {list(np.shape(state[extra[0]]))})" + (
+            f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+    return None
+
+
+def _fits(state: Mapping[str, np.ndarray], arch: RepVGGArch, source: str) -> bool:
+    n = _head_classes(state, LAYOUTS[source])
+    return n is not None and _mismatch(state, expected_shapes(arch, source, n, deploy=state)) is None
+
+
+def guess_arch(state: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
+    """(arch, source) of the first ARCHS entry and layout the state dict fits exactly, else None."""
+    state = _strip_prefix(state)
+    for source in SOURCES:
+        for name, spec in ARCHS.items():
+            if _fits(state, spec, source):
+                return name, source
+    return None
+
+
+def _guess_hint(state: Mapping[str, np.ndarray]) -> str:
+    guess = guess_arch(state)
+    return f" This looks like RepVGG-{guess[0]} in the {guess[1]} layout." if guess else ""
+
+
+def check_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str) -> tuple[dict, int]:
+    """(state without prefixes / framework keys, num_classes) if the checkpoint fits arch and source
+    exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
+    spec, lay = get_arch(arch), _source(source)
+    state = _strip_prefix(state)
+    num_classes = _num_classes(state, lay, source)
+    problem = _mismatch(state, expected_shapes(spec, source, num_classes, deploy=state))
+    if problem:
+        raise CheckpointError(
+            f"checkpoint does not fit {arch_name(spec)} ({source} layout): {problem}.{_guess_hint(state)} "
+            f"Pass the arch and --source the weights were trained with.")
+    return state, num_classes
+
+
+# ---------------------------------------------------------------- re-parameterization
+
+@dataclass
+class BN:
+    gamma: np.ndarray
+    beta: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        t = self.gamma / np.sqrt(self.var + BN_EPS)
+        return t, self.beta - self.mean * t
+
+
+@dataclass
+class BlockWeights:
+    """One block's weights: the three train-time branches (float64, folded exactly), or the deploy conv."""
+
+    block: Block
+    reparam: tuple[np.ndarray, np.ndarray] | None = None
+    dense: tuple[np.ndarray, BN] | None = None
+    one: tuple[np.ndarray, BN] | None = None
+    identity: BN | None = None
+    se: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None   # down w, b, up w, b
+
+
+def identity_kernel(channels: int, groups: int) -> np.ndarray:
+    """The 3x3 grouped-conv kernel of the identity map: weight[i, i % (channels/groups), 1, 1] = 1."""
+    per_group = channels // groups
+    k = np.zeros((channels, per_group, 3, 3))
+    k[np.arange(channels), np.arange(channels) % per_group, 1, 1] = 1.0
+    return k
+
+
+def fold(kernel: np.ndarray, bn: BN) -> tuple[np.ndarray, np.ndarray]:
+    """conv followed by BN as one conv: (kernel * t, beta - mean * t) with t = gamma / sqrt(var + eps)."""
+    t, shift = bn.scale_shift()
+    return kernel * t[:, None, None, None], shift
+
+
+def reparameterize(w: BlockWeights) -> tuple[np.ndarray, np.ndarray]:
+    """The equivalent 3x3 conv (kernel, bias) of a block."""
+    if w.reparam is not None:
+        return w.reparam
+    k3, b3 = fold(*w.dense)
+    k1, b1 = fold(*w.one)
+    kernel, bias = k3 + np.pad(k1, ((0, 0), (0, 0), (1, 1), (1, 1))), b3 + b1
+    if w.identity is not None:
+        kid, bid = fold(identity_kernel(w.block.cin, w.block.groups), w.identity)
+        kernel, bias = kernel + kid, bias + bid
+    return kernel, bias
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _read_bn(state: Mapping, prefix: str, lay: Layout) -> BN:
+    mean, var = lay.bn_stats
+    return BN(*(_f64(state[f"{prefix}.{n}"]) for n in ("weight", "bias", mean, var)))
+
+
+def read_blocks(state: Mapping[str, np.ndarray], arch: str | RepVGGArch,
+                source: str) -> Iterator[BlockWeights]:
+    """The weights of each block of a checked state dict (see check_state), one block at a time."""
+    spec, lay = get_arch(arch), _source(source)
+    for b in blocks(spec):
+        p = lay.block_prefix(b.stage, b.index)
+        w = BlockWeights(b)
+        if _is_deploy_block(state, b, lay):
+            # already folded: kept in the checkpoint's float32 (no float64 copy of big deploy nets)
+            w.reparam = (state[f"{p}.{lay.reparam}.weight"], state[f"{p}.{lay.reparam}.bias"])
+        else:
+            w.dense = (_f64(state[f"{p}.{lay.dense}.conv.weight"]), _read_bn(state, f"{p}.{lay.dense}.{lay.bn}", lay))
+            w.one = (_f64(state[f"{p}.{lay.one}.conv.weight"]), _read_bn(state, f"{p}.{lay.one}.{lay.bn}", lay))
+            if b.has_identity:
+                w.identity = _read_bn(state, f"{p}.{lay.identity}", lay)
+        if spec.use_se:
+            w.se = tuple(_f64(state[f"{p}.{m}.{n}"]) for m in (lay.se_down, lay.se_up) for n in ("weight", "bias"))
+        yield w
+
+
+def _read_head(state: Mapping[str, np.ndarray], lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+    w = _f64(state[f"{lay.head}.weight"])
+    return (w.T if lay.head_transposed else w), _f64(state[f"{lay.head}.bias"])
+
+
+# ---------------------------------------------------------------- ONNX
+
+def _se(g: GraphBuilder, x: str, se: tuple, name: str) -> str:
+    # The official SEBlock pools with avg_pool2d(kernel=W): a global average for the square inputs it is used with.
+    s = g.global_avg_pool(x)
+    s = g.relu(g.conv(s, se[0], se[1], f"{name}.se.down"))
+    s = g.op("Sigmoid", [g.conv(s, se[2], se[3], f"{name}.se.up")])
+    return g.op("Mul", [x, s], name=f"{name}.se.mul")
+
+
+def _bn_node(g: GraphBuilder, x: str, bn: BN, name: str) -> str:
+    ins = [g.const(a.astype(np.float32), f"{name}.{n}") for a, n in
+           ((bn.gamma, "weight"), (bn.beta, "bias"), (bn.mean, "mean"), (bn.var, "var"))]
+    return g.op("BatchNormalization", [x, *ins], name=name, epsilon=BN_EPS)
+
+
+def _train_block(g: GraphBuilder, x: str, w: BlockWeights, name: str) -> str:
+    b = w.block
+    if w.reparam is not None:
+        return g.conv(x, *w.reparam, name, stride=b.stride, groups=b.groups)
+    y = _bn_node(g, g.conv(x, w.dense[0], None, f"{name}.dense", stride=b.stride, groups=b.groups),
+                 w.dense[1], f"{name}.dense.bn")
+    y1 = _bn_node(g, g.conv(x, w.one[0], None, f"{name}.1x1", stride=b.stride, groups=b.groups),
+                  w.one[1], f"{name}.1x1.bn")
+    y = g.add(y, y1)
+    if w.identity is not None:
+        y = g.add(y, _bn_node(g, x, w.identity, f"{name}.identity.bn"))
+    return y
+
+
+def _build(state, arch, source, input_size, batch, *, deploy: bool) -> onnx.ModelProto:
+    spec = get_arch(arch)
+    state, num_classes = check_state(state, spec, source)
+    lay = LAYOUTS[source]
+    name = arch_name(spec)
+    g = GraphBuilder(f"{name}_{'deploy' if deploy else 'train'}".lower().replace("-", "_").replace(" ", "_"))
+    n = batch_dim(batch)
+    x = g.input([n, 3, int(input_size[0]), int(input_size[1])])
+    for w in read_blocks(state, spec, source):
+        b = w.block
+        block_name = lay.block_prefix(b.stage, b.index)
+        if deploy:
+            x = g.conv(x, *reparameterize(w), block_name, stride=b.stride, groups=b.groups)
+        else:
+            x = _train_block(g, x, w, block_name)
+        if w.se is not None:   # SE sits after the (re-parameterized) conv and before the ReLU
+            x = _se(g, x, w.se, block_name)
+        x = g.relu(x)
+    weight, bias = _read_head(state, lay)
+    x = g.gemm(g.flatten(g.global_avg_pool(x)), weight, bias, lay.head)
+    g.output(x, [n, num_classes])
+    log.debug("built %s %s graph (%s layout, %d classes)", name, "deploy" if deploy else "train", source,
+              num_classes)
+    return g.build(doc=f"{name} ({source} layout), {'re-parameterized deploy' if deploy else 'train-time'} graph")
+
+
+def deploy_onnx(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str, *,
+                input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+    """The deploy graph: one 3x3 conv (+ SE) + ReLU per block, GlobalAveragePool, Flatten, Gemm.
+    input 'input' [N, 3, H, W] with input_size = (H, W); output 'output' [N, num_classes]."""
+    return _build(state, arch, source, input_size, batch, deploy=True)
+
+
+def train_onnx(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str, *,
+               input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+    """The unfolded graph (three branches with BatchNormalization nodes): the reference for deploy_onnx."""
+    return _build(state, arch, source, input_size, batch, deploy=False)
+
+
+# ---------------------------------------------------------------- preprocessing, sizes, test weights
+
+def default_preprocessing(arch: str | RepVGGArch, source: str) -> Preprocessing:
+    """The evaluation transform of the repository the weights come from (short side resized, centre crop,
+    ImageNet mean / std in RGB)."""
+    spec, _ = get_arch(arch), _source(source)
+    big = spec.use_se and source != "mmcls"
+    if source == "official":
+        # DingXiaoH/RepVGG utils.get_default_val_trans (test.py): Resize(256) + CenterCrop(224) at 224,
+        # Resize(320, BILINEAR) + CenterCrop(320) for RepVGG-D2se (README: "test.py ... -a RepVGG-D2se -r 320").
+        # torchvision Resize on PIL images: Pillow bilinear.
+        size = 320 if big else 224
+        return Preprocessing(resize=(320, 320) if big else (256, 256), keep_aspect=True, crop=(size, size),
+                             interpolation="BILINEAR_PILLOW")
+    if source == "mmcls":
+        # mmpretrain configs/_base_/datasets/imagenet_bs*_pil_resize*.py test pipeline:
+        # ResizeEdge(scale=256, edge='short', backend='pillow') + CenterCrop(224), for D2se too
+        # (its model zoo reports D2se at 224: 81.81% vs the official 81.82% at 224).
+        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_PILLOW")
+    # PaddleClas ppcls/configs/ImageNet/RepVGG/RepVGG_*.yaml Eval: ResizeImage(resize_short=256) (cv2 backend,
+    # INTER_LINEAR) + CropImage(224); RepVGG_D2se.yaml: resize_short 320, bicubic, pil + CropImage(320).
+    if big:
+        return Preprocessing(resize=(320, 320), keep_aspect=True, crop=(320, 320), interpolation="BICUBIC")
+    return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_CV")
+
+
+def param_count(arch: str | RepVGGArch, num_classes: int = 1000, deploy: bool = True) -> int:
+    """Trainable parameters (BN running statistics are buffers, not counted): A0 8.31M deploy, 9.11M train."""
+    lay = LAYOUTS["official"]
+    stats = tuple(f".{s}" for s in lay.bn_stats)
+    shapes = expected_shapes(arch, "official", num_classes, deploy=deploy)
+    return int(sum(np.prod(s) for k, s in shapes.items() if not k.endswith(stats)))
+
+
+def random_state_dict(arch: str | RepVGGArch, source: str, rng: np.random.Generator, deploy: bool = False,
+                      num_classes: int = 1000) -> dict[str, np.ndarray]:
+    """A checkpoint dict in `source`'s layout with random weights and non-trivial BN statistics
+    (float32; torch layouts also get the int64 num_batches_tracked counters real checkpoints carry)."""
+    lay = _source(source)
+    mean_key, var_key = (f".{s}" for s in lay.bn_stats)
+    out: dict[str, np.ndarray] = {}
+    f32 = np.float32
+
+    def uniform(lo: float, hi: float, shape) -> np.ndarray:
+        return (rng.random(shape, dtype=f32) * f32(hi - lo) + f32(lo)).astype(f32, copy=False)
+
+    def normal(std: float, shape) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=f32) * f32(std)
+
+    for key, shape in expected_shapes(arch, source, num_classes, deploy=deploy).items():
+        if key.endswith(var_key):
+            v = uniform(0.5, 2.0, shape)
+        elif key.endswith(mean_key):
+            v = normal(0.2, shape)
+        elif len(shape) >= 2:           # conv and Linear weights
+            fan_in = shape[0] if lay.head_transposed and len(shape) == 2 else int(np.prod(shape[1:]))
+            v = normal(np.sqrt(1.0 / fan_in), shape)
+        elif key.endswith(".weight"):   # BN gamma
+            v = uniform(0.5, 1.5, shape)
+        else:                          # BN beta and conv / linear biases
+            v = normal(0.1, shape)
+        out[key] = v
+        if source != "ppcls" and key.endswith(mean_key):
+            out[key[: -len(mean_key)] + ".num_batches_tracked"] = np.array(1000, dtype=np.int64)
+    return out
