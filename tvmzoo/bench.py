@@ -1,0 +1,115 @@
+"""Step 5, vamp: throughput and latency of a compiled model, measured honestly (warm-up, percentiles,
+first-inference time, peak memory), and the datalist mode that writes one output npz per input."""
+from __future__ import annotations
+
+import logging
+import resource
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .npz import load_input, output_path, save_npz
+from .preprocess import Preprocessing, apply
+from .runtime import CompiledModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    instances: int = 1
+    batch: int = 1
+    iterations: int = 100     # per instance
+    warmup: int = 5
+    shape: tuple[int, int, int] = (3, 224, 224)
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    instances: int
+    batch: int
+    samples: int
+    forward_seconds: float
+    throughput_qps: float
+    first_inference_ms: float
+    latency_ms: dict[str, float]   # avg min max p50 p90 p95 p99, per batch call
+    peak_memory_mb: float
+
+    def text(self) -> str:
+        lat = self.latency_ms
+        return "\n".join([
+            f"- number of instances: {self.instances}",
+            "devices: [0]",
+            f"batch size: {self.batch}",
+            f"samples: {self.samples}",
+            f"forward time (s): {self.forward_seconds:.4f}",
+            f"throughput (qps): {self.throughput_qps:.4f}",
+            f"first inference (ms): {self.first_inference_ms:.3f}",
+            f"model latency (ms): avg {lat['avg']:.3f} / min {lat['min']:.3f} / max {lat['max']:.3f}",
+            f"model latency (ms): p50 {lat['p50']:.3f} / p90 {lat['p90']:.3f} / p95 {lat['p95']:.3f} "
+            f"/ p99 {lat['p99']:.3f}",
+            f"peak memory (MB): {self.peak_memory_mb:.1f}",
+        ])
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    stats = {"avg": ms.mean(), "min": ms.min(), "max": ms.max()}
+    stats.update({f"p{q}": np.percentile(ms, q) for q in (50, 90, 95, 99)})
+    return {k: float(v) for k, v in stats.items()}
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def benchmark(prefix: str | Path, cfg: BenchConfig) -> BenchReport:
+    """Run `cfg.instances` model instances in parallel threads, each `cfg.iterations` batches of random input."""
+    models = [CompiledModel.load(prefix) for _ in range(cfg.instances)]
+    data = np.random.default_rng(0).standard_normal((cfg.batch, *cfg.shape), dtype=np.float32)
+    t0 = time.perf_counter()
+    models[0].run(data)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    for model in models:
+        for _ in range(cfg.warmup):
+            model.run(data)
+    latencies: list[list[float]] = [[] for _ in models]
+
+    def worker(i: int) -> None:
+        for _ in range(cfg.iterations):
+            start = time.perf_counter()
+            models[i].run(data)
+            latencies[i].append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(cfg.instances)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    samples = cfg.instances * cfg.iterations * cfg.batch
+    return BenchReport(cfg.instances, cfg.batch, samples, elapsed, samples / elapsed, first_ms,
+                       latency_stats([s for per in latencies for s in per]), peak_memory_mb())
+
+
+def run_datalist(prefix: str | Path, datalist: Sequence[Path], out_dir: Path, pre: Preprocessing,
+                 batch: int = 1, progress: bool = True) -> int:
+    """Infer every npz of the datalist and write `output_0` per input, named by datalist position."""
+    model = CompiledModel.load(prefix)
+    done = 0
+    for start in tqdm(range(0, len(datalist), batch), disable=not progress or len(datalist) < 20, unit="batch"):
+        items = datalist[start:start + batch]
+        outputs = model.run(np.stack([apply(pre, load_input(p)) for p in items]))
+        for offset, (item, row) in enumerate(zip(items, outputs)):
+            save_npz(output_path(out_dir, start + offset, item), output_0=row[None])
+            done += 1
+    return done

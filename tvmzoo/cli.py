@@ -1,0 +1,292 @@
+"""Argument parsing for `tvmzoo`, `vamc` and `vamp`; every command is a thin layer over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import TvmzooError
+
+log = logging.getLogger("tvmzoo")
+
+
+def _size(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.strip("[]() ").replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 224 or 3,224,224") from None
+
+
+def _overrides(items: Sequence[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TvmzooError(f"--set {item}: write it as key.path=value, e.g. --set backend.dtype=fp16")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_export(args) -> int:
+    from .export import ExportSpec, export_onnx
+
+    size = args.input_size if len(args.input_size) == 2 else args.input_size * 2
+    path = export_onnx(ExportSpec(args.family, args.arch, args.source, args.weights, tuple(size), args.batch),
+                       args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .compiler import compile_model
+    from .config import load_build_config
+
+    cfg = load_build_config(args.yaml, _overrides(args.set))
+    out = compile_model(cfg)
+    print(f"compiled {cfg.name} ({cfg.backend.dtype}) -> {out / 'mod.so'}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from . import runner
+
+    summary = runner.classify_to_file(args.model_prefix_path, args.file_path, args.save_result_txt,
+                                      vdsp=args.vdsp_params_info, labels=args.label_txt,
+                                      save_dir=args.save_dir, mode=args.infer_mode, batch=args.batch)
+    for path, reason in summary.failed:
+        print(f"failed: {path}: {reason}", file=sys.stderr)
+    print(summary.speed_line())
+    if summary.failed:
+        print(f"{len(summary.failed)} image(s) could not be read (listed above)", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def cmd_eval_topk(args) -> int:
+    from .evaluate import evaluate_result_file
+
+    print(evaluate_result_file(args.result, args.gt, args.label_wnids).line())
+    return 0
+
+
+def cmd_image2npz(args) -> int:
+    from .data import find_images
+    from .npz import images_to_npz
+
+    written, failed = images_to_npz(find_images(args.dataset_path), Path(args.target_path), Path(args.text_path))
+    print(f"wrote {len(written)} npz files, list in {args.text_path}")
+    for path, reason in failed:
+        print(f"failed: {path}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_npz_decode(args) -> int:
+    from .evaluate import decode_npz_outputs
+
+    n = decode_npz_outputs(Path(args.datalist), Path(args.out_dir), Path(args.result), args.label_txt)
+    print(f"wrote {n} results to {args.result}")
+    return 0
+
+
+def cmd_vamp(args) -> int:
+    from . import bench
+    from .runner import resolve_preprocessing
+
+    if args.datalist:
+        from .npz import read_datalist
+
+        pre = resolve_preprocessing(args.model_prefix, args.vdsp_params)
+        n = bench.run_datalist(args.model_prefix, read_datalist(Path(args.datalist)), Path(args.path_output),
+                               pre, batch=args.batch)
+        print(f"wrote {n} output npz files to {args.path_output}")
+        return 0
+    shape = args.shape if len(args.shape) == 3 else (3, *args.shape * (2 if len(args.shape) == 1 else 1))
+    report = bench.benchmark(args.model_prefix, bench.BenchConfig(args.instance, args.batch, args.iterations,
+                                                                 args.warmup, tuple(shape)))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .accuracy import evaluate_precisions, format_table
+
+    rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace)
+    print(format_table(rows))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import info_for
+
+    print(info_for(args.model).text())
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(Path(args.workspace), print)
+    return 0
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="step 3: compile a build YAML into <workspace>/<name>/mod.so")
+    p.add_argument("yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML value, e.g. --set backend.dtype=fp16 --set name=my_fp16")
+    p.set_defaults(func=cmd_compile)
+
+
+def _add_vamp_args(p) -> None:
+    p.add_argument("-m", "--model_prefix", required=True, help="<workspace>/<name>/mod")
+    p.add_argument("--vdsp_params", help="vdsp JSON (default: the preprocessing recorded in mod.json)")
+    p.add_argument("-i", "--instance", type=int, default=1, help="model instances run in parallel")
+    p.add_argument("-b", "--batch", type=int, default=1)
+    p.add_argument("-s", "--shape", type=_size, default=(3, 224, 224), help="input shape C,H,W")
+    p.add_argument("--iterations", type=int, default=50, help="batches per instance")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("-d", "--device_ids", default="[0]", help="accepted for vendor compatibility (CPU: one device)")
+    p.add_argument("--datalist", help="npz list from image2npz: infer each and write output npz files")
+    p.add_argument("--path_output", default="./vamp_output", help="where --datalist outputs go")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_vamp)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvmzoo", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="step 1: checkpoint -> deploy ONNX (re-parameterized, BN folded)")
+    p.add_argument("--family", required=True, help="repvgg | efficientnet_lite | regnet")
+    p.add_argument("--arch", required=True, help="e.g. A0, B1g2, D2se, lite0")
+    p.add_argument("--source", required=True, help="checkpoint layout: official | mmcls | ppcls | ...")
+    p.add_argument("--weights", required=True, help="checkpoint file (.pth, .pdparams, .npz) or 'package'")
+    p.add_argument("--output", required=True, help="deploy ONNX to write")
+    p.add_argument("--input-size", type=_size, default=(224,), help="H,W (or one number)")
+    p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
+    p.set_defaults(func=cmd_export)
+
+    _add_compile(sub)
+
+    p = sub.add_parser("run", help="step 4: classify images with a compiled model (classification.py)")
+    add_classify_args(p)
+
+    p = sub.add_parser("bench", help="step 5: vamp")
+    _add_vamp_args(p)
+
+    p = sub.add_parser("image2npz", help="images -> uint8 CHW RGB npz files and a datalist")
+    add_image2npz_args(p)
+
+    p = sub.add_parser("npz-decode", help="vamp output npz files -> result.txt")
+    add_npz_decode_args(p)
+
+    p = sub.add_parser("eval-topk", help="top-1 / top-5 of a result.txt")
+    add_eval_topk_args(p)
+
+    p = sub.add_parser("eval", help="accuracy harness: compile precisions, classify a labelled folder, one table")
+    p.add_argument("yaml")
+    p.add_argument("--images", required=True, help="folder of wnid-named images or synset sub-folders")
+    p.add_argument("--precisions", default="fp32,fp16", help="comma-separated: fp32,fp16,int8")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--workspace", default=None, help="where the evaluation builds go (default: the YAML's)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="parameters, multiply-adds, input size and layers of a model")
+    p.add_argument("model", help="a build YAML or family:arch, e.g. repvgg:A0, regnet:400MF")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quickstart", help="compile EfficientNet-Lite0 (real weights) and classify sample photos")
+    p.add_argument("--workspace", default="workspace/deploy_weights")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def add_classify_args(p) -> None:
+    p.add_argument("--file_path", required=True, help="an image or a folder (searched recursively)")
+    p.add_argument("--model_prefix_path", required=True, help="<workspace>/<name>/mod")
+    p.add_argument("--vdsp_params_info", help="vdsp JSON (default: the preprocessing recorded in mod.json)")
+    p.add_argument("--label_txt", help="class names, one per line (default: ImageNet-1k)")
+    p.add_argument("--save_dir", default="./runstream_output")
+    p.add_argument("--save_result_txt", default="result.txt", help="written inside --save_dir unless absolute")
+    p.add_argument("--infer_mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device_id", type=int, default=0, help="accepted for vendor compatibility")
+    p.set_defaults(func=cmd_classify)
+
+
+def add_image2npz_args(p) -> None:
+    p.add_argument("--dataset_path", required=True)
+    p.add_argument("--target_path", required=True)
+    p.add_argument("--text_path", required=True)
+    p.set_defaults(func=cmd_image2npz)
+
+
+def add_npz_decode_args(p) -> None:
+    p.add_argument("datalist", help="npz list written by image2npz")
+    p.add_argument("out_dir", help="vamp --path_output folder")
+    p.add_argument("result", help="result.txt to write")
+    p.add_argument("label_txt", nargs="?", help="class names (default: ImageNet-1k)")
+    p.set_defaults(func=cmd_npz_decode)
+
+
+def add_eval_topk_args(p) -> None:
+    p.add_argument("result", help="result.txt")
+    p.add_argument("--gt", help="ground-truth file '<file name> <class index>' for flat val folders")
+    p.add_argument("--label_wnids", help="wnid list in class order (default: ImageNet-1k)")
+    p.set_defaults(func=cmd_eval_topk)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    try:
+        return args.func(args)
+    except TvmzooError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def script(add_args: Callable, description: str) -> Callable[[Sequence[str] | None], int]:
+    """A vendor-compatible script (common/...) with the same arguments as its tvmzoo subcommand."""
+    def main(argv: Sequence[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(description=description)
+        parser.add_argument("-v", "--verbose", action="store_true")
+        add_args(parser)
+        return run(parser, argv)
+    return main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+def vamc_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vamc", description="compile (and tune) build YAMLs")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compile(sub)
+    return run(parser, argv)
+
+
+vamp_main = script(_add_vamp_args, "vamp: throughput / latency of a compiled model; --datalist writes outputs")
+classification_main = script(add_classify_args, "runstream classification (vendor-compatible)")
+image2npz_main = script(add_image2npz_args, "images -> npz (vendor-compatible)")
+npz_decode_main = script(add_npz_decode_args, "vamp npz outputs -> result.txt (vendor-compatible)")
+eval_topk_main = script(add_eval_topk_args, "top-1 / top-5 of a result file (vendor-compatible)")

@@ -1,0 +1,232 @@
+"""Step 3: deploy ONNX -> Relax -> precision -> schedules -> build -> <workspace>/<name>/mod.so + mod.json.
+
+A build is a sequence of named passes (see `relax_passes`), each testable on its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import tvm
+from onnx import helper
+
+from . import __version__
+from .atomic import atomic_dir
+from .config import BuildConfig
+from .errors import ConfigError
+from .export import ExportSpec, export_onnx
+from .preprocess import Preprocessing
+from .target import required_features, resolve_target
+
+log = logging.getLogger(__name__)
+
+MODULE_FILE = "mod.so"
+META_FILE = "mod.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]      # batch dim -1 = dynamic
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.shape[0] < 1
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.shape[2]), int(self.shape[3])
+
+
+def input_spec(cfg: BuildConfig) -> InputSpec:
+    if len(cfg.frontend.shape) != 1:
+        raise ConfigError(f"{cfg.path}: frontend.shape names {len(cfg.frontend.shape)} inputs; "
+                          "tvmzoo compiles image classifiers with exactly one input.")
+    (name, shape), = cfg.frontend.shape.items()
+    dims = tuple(-1 if d in (None, "N", "n", -1, "?") else int(d) for d in shape)
+    if len(dims) != 4 or dims[1] != 3 or min(dims[1:]) < 1:
+        raise ConfigError(f"{cfg.path}: frontend.shape.{name} is {list(shape)}; expected [N, 3, H, W] "
+                          "with N a batch size (or -1 for any) and H, W the input size.")
+    return InputSpec(name, dims)
+
+
+def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
+    """The deploy ONNX of the YAML; exported first (step 1) when it does not exist and a model section says how."""
+    path = Path(cfg.frontend.checkpoint)
+    if path.is_file():
+        return path
+    if cfg.model is None:
+        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} does not exist. Export it first "
+                          "(tvmzoo export ...) or add a 'model:' section (family, arch, source, weights) "
+                          "so that compile exports it.")
+    log.info("%s not found: exporting it from %s", path, cfg.model.weights)
+    return export_onnx(ExportSpec(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights),
+                                  input_size=spec.image_size), path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def append_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
+    """graph.extra_ops: softmax — add a Softmax over the class axis of the (single) output."""
+    graph = model.graph
+    out = graph.output[0]
+    logits = out.name + "_logits"
+    for node in graph.node:
+        node.output[:] = [logits if o == out.name else o for o in node.output]
+    graph.node.append(helper.make_node("Softmax", [logits], [out.name], axis=-1, name="extra_softmax"))
+    return model
+
+
+def prepare_onnx(cfg: BuildConfig, spec: InputSpec) -> tuple[onnx.ModelProto, Path]:
+    path = ensure_onnx(cfg, spec)
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ConfigError(f"{path} is not a readable ONNX model ({exc}). Re-export it with tvmzoo export.") from exc
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if names != [spec.name]:
+        raise ConfigError(f"{cfg.path}: frontend.shape names input '{spec.name}' but {path} has inputs {names}. "
+                          f"Change the key under frontend.shape to '{names[0] if names else '?'}'.")
+    if cfg.graph.extra_ops == "softmax":
+        model = append_softmax(model)
+    return model, path
+
+
+def relax_passes(precision: str, target: tvm.target.Target) -> list[tuple[str, tvm.transform.Pass]]:
+    """The named Relax passes between import and build, in order."""
+    from tvm import relax
+
+    passes: list[tuple[str, tvm.transform.Pass]] = [("decompose_ops", relax.transform.DecomposeOpsForInference()),
+                                                   ("fold_constants", relax.transform.FoldConstant())]
+    if precision == "fp16":
+        passes.append(("to_fp16", relax.transform.ToMixedPrecision(out_dtype="float16")))
+    if precision == "int8":
+        from .quantize import lower_int8
+        passes.append(("lower_int8", tvm.transform.module_pass(lambda mod, ctx: lower_int8(mod),
+                                                               opt_level=0, name="LowerInt8")))
+    passes.extend(_schedule_passes(target))
+    return passes
+
+
+def _schedule_passes(target: tvm.target.Target) -> list[tuple[str, tvm.transform.Pass]]:
+    try:
+        from .schedules import default_cpu_pipeline
+    except ImportError:
+        return []
+    return [("cpu_schedules", default_cpu_pipeline(target))]
+
+
+def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
+    from tvm.relax.frontend.onnx import from_onnx
+
+    shape = ["N" if spec.dynamic_batch else spec.shape[0], *spec.shape[1:]]
+    if spec.dynamic_batch:
+        shape[0] = tvm.tirx.Var("N", "int64")
+    return from_onnx(model, shape_dict={spec.name: shape}, keep_params_in_input=False)
+
+
+def build_module(model: onnx.ModelProto, spec: InputSpec, precision: str, target: dict) -> tvm.runtime.Executable:
+    tvm_target = tvm.target.Target(target)
+    mod = to_relax(model, spec)
+    with tvm_target:
+        for name, pass_ in relax_passes(precision, tvm_target):
+            t0 = time.perf_counter()
+            mod = pass_(mod)
+            log.debug("pass %s: %.2fs", name, time.perf_counter() - t0)
+    return tvm.compile(mod, tvm_target)
+
+
+def preprocessing_of(cfg: BuildConfig) -> Preprocessing | None:
+    """What the module expects: the YAML's process_ops, else the model's published default, else unknown."""
+    if cfg.dataset is not None and cfg.dataset.process_ops:
+        return Preprocessing.from_process_ops(cfg.dataset.process_ops)
+    if cfg.model is not None:
+        from .models import get_family, resolve_arch, resolve_source
+
+        family = get_family(cfg.model.family)
+        return family.default_preprocessing(resolve_arch(family, cfg.model.arch),
+                                            resolve_source(family, cfg.model.source))
+    return None
+
+
+def output_shapes(model: onnx.ModelProto) -> list[dict]:
+    def dims(value_info) -> list:
+        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+    return [{"name": o.name, "shape": dims(o)} for o in model.graph.output]
+
+
+def compile_model(cfg: BuildConfig) -> Path:
+    """Compile the YAML's model; returns the model directory holding mod.so and mod.json."""
+    precision = cfg.backend.dtype
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{cfg.path}: backend.dtype '{precision}' is not one of {', '.join(PRECISIONS)}.")
+    for key, value in (cfg.backend.compile or {}).items():
+        log.debug("backend.compile.%s=%r is a vendor hardware knob: ignored", key, value)
+    spec = input_spec(cfg)
+    target = resolve_target(cfg.backend.target)
+    model, onnx_path = prepare_onnx(cfg, spec)
+    out_dir = Path(cfg.workspace) / cfg.name
+    pre = preprocessing_of(cfg)
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        _carry_over(out_dir, tmp)
+        if precision == "int8":
+            model = quantize_for_build(cfg, model, spec, pre, tmp / "calib.json")
+        executable = build_module(model, spec, precision, target)
+        executable.export_library(str(tmp / MODULE_FILE))
+        meta = {
+            "tvmzoo_version": __version__,
+            "tvm_version": tvm.__version__,
+            "name": cfg.name,
+            "precision": precision,
+            "target": target,
+            "cpu_features": required_features(target),
+            "input": {**asdict(spec), "shape": list(spec.shape)},
+            "outputs": output_shapes(model),
+            "softmax": cfg.graph.extra_ops == "softmax",
+            "preprocessing": asdict(pre) if pre is not None else None,
+            "source": {"onnx": str(onnx_path), "sha256": file_sha256(onnx_path),
+                       "yaml": str(cfg.path) if cfg.path else None},
+            "build_seconds": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("compiled %s (%s, %s) in %.1fs -> %s", cfg.name, precision, target.get("mcpu"),
+             time.perf_counter() - t0, out_dir)
+    return out_dir
+
+
+def _carry_over(old_dir: Path, new_dir: Path) -> None:
+    """Keep the calibration cache of the previous build: it is reused when nothing it depends on changed."""
+    calib = old_dir / "calib.json"
+    if calib.is_file():
+        (new_dir / "calib.json").write_bytes(calib.read_bytes())
+
+
+def quantize_for_build(cfg: BuildConfig, model: onnx.ModelProto, spec: InputSpec,
+                       pre: Preprocessing | None, cache: Path) -> onnx.ModelProto:
+    from .data import calibration_batches
+    from .quantize import quantize_model
+
+    if cfg.backend.quantize is None or cfg.dataset is None:
+        raise ConfigError(f"{cfg.path}: backend.dtype int8 needs backend.quantize and a dataset section "
+                          "(calibration images: dataset.path, dataset.sampler, dataset.process_ops).")
+    if pre is None:
+        raise ConfigError(f"{cfg.path}: dataset.process_ops is empty; int8 calibration needs the preprocessing.")
+    batches = calibration_batches(cfg.dataset, pre, batch=1 if not spec.dynamic_batch else 8)
+    return quantize_model(model, batches, cfg.backend.quantize, cache)
+

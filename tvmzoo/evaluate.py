@@ -1,0 +1,39 @@
+"""eval_topk and npz decode: result files in, accuracy or result files out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .npz import read_datalist, read_outputs
+from .results import TopK, predictions, read_results, top_k, write_results
+
+
+def ground_truth_of(paths, gt_file: str | Path | None = None, wnids: str | Path | None = None) -> dict[str, int]:
+    """Class index per path: from a ground-truth file ('<file name> <index>'), else from the wnid in the path."""
+    from .data import ground_truth, load_ground_truth_file, load_labels
+
+    by_name = load_ground_truth_file(gt_file) if gt_file else {}
+    wnid_index = {w: i for i, w in enumerate(load_labels(None, wnids=wnids).wnids)}
+    truth = {}
+    for path in paths:
+        index = by_name.get(Path(path).name)
+        if index is None:
+            index = ground_truth(path, wnid_index)
+        if index is not None:
+            truth[path] = index
+    return truth
+
+
+def evaluate_result_file(result: str | Path, gt_file: str | Path | None = None,
+                         wnids: str | Path | None = None) -> TopK:
+    preds = read_results(result)
+    return top_k(preds, ground_truth_of([p.path for p in preds], gt_file, wnids))
+
+
+def decode_npz_outputs(datalist: Path, out_dir: Path, result: Path, labels: str | Path | None = None) -> int:
+    """vamp --datalist outputs -> the five-line result file; pairs outputs with datalist lines by position."""
+    from .data import load_labels
+
+    items = read_datalist(datalist)
+    preds = predictions([str(p) for p in items], read_outputs(items, out_dir))
+    write_results(result, preds, load_labels(labels).names)
+    return len(preds)

