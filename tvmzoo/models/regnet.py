@@ -1,0 +1,432 @@
+"""RegNetX (Radosavovic et al., "Designing Network Design Spaces", CVPR 2020): arch table, the
+checkpoint layouts of pycls, PaddleClas and torchvision, BN folding and the deploy ONNX, numpy only.
+
+Each arch is five numbers (depth d, initial width w0, slope wa, log-step wm, group width gw). The
+per-block widths are w0 + wa * i quantized in log space to w0 * wm^k and rounded to a multiple of 8;
+runs of equal widths are the stages (stride 2 each). With bottleneck ratio 1 the group width is
+min(gw, stage width) and the stage width is rounded to a multiple of it. The network: a 3x3/2 stem
+(32 channels) + BN + ReLU, then per block 1x1 conv-BN-ReLU, grouped 3x3 conv-BN-ReLU (stride on the
+first block of a stage), 1x1 conv-BN, a 1x1/stride conv-BN projection where the shape changes, add,
+ReLU; global average pooling and one linear layer. The deploy graph folds every BN into its conv.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..errors import CheckpointError, ConfigError
+from ..onnx_graph import GraphBuilder, batch_dim
+from ..preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+BN_EPS = 1e-5        # pycls cfg.BN.EPS, torchvision _regnet's BatchNorm2d(eps=1e-05), paddle.nn.BatchNorm default
+STEM_WIDTH = 32      # pycls cfg.REGNET.STEM_W; torchvision stem_width; PaddleClas stem_w
+WIDTH_QUANTUM = 8    # q: block widths are multiples of 8
+STAGE_STRIDE = 2
+
+
+@dataclass(frozen=True)
+class RegNetArch:
+    """The RegNet parameters of one model (pycls configs/dds_baselines/regnetx/*.yaml REGNET section)."""
+
+    depth: int
+    w0: int
+    wa: float
+    wm: float
+    group_w: int
+
+
+# Keys as PaddleClas names its models (RegNetX_<key>); pycls calls 1600MF "1.6GF", 3200MF "3.2GF", ...
+ARCHS: dict[str, RegNetArch] = {
+    "200MF": RegNetArch(13, 24, 36.44, 2.49, 8),
+    "400MF": RegNetArch(22, 24, 24.48, 2.54, 16),
+    "600MF": RegNetArch(16, 48, 36.97, 2.24, 24),
+    "800MF": RegNetArch(16, 56, 35.73, 2.28, 16),
+    "1600MF": RegNetArch(18, 80, 34.01, 2.25, 24),
+    "3200MF": RegNetArch(25, 88, 26.31, 2.25, 48),
+    "4GF": RegNetArch(23, 96, 38.65, 2.43, 40),
+    "6400MF": RegNetArch(17, 184, 60.83, 2.07, 56),
+    "8GF": RegNetArch(23, 80, 49.56, 2.88, 120),
+    "12GF": RegNetArch(19, 168, 73.36, 2.37, 112),
+    "16GF": RegNetArch(22, 216, 55.59, 2.1, 128),
+    "32GF": RegNetArch(23, 320, 69.86, 2.0, 168),
+}
+PYCLS_NAMES = {"1600MF": "1.6GF", "3200MF": "3.2GF", "4GF": "4.0GF", "6400MF": "6.4GF", "8GF": "8.0GF"}
+
+SOURCES = ("ppcls", "pycls", "torchvision")
+# The source whose model zoo defines the published figures (pycls MODEL_ZOO.md); tvmzoo.info uses it.
+REFERENCE_SOURCE = "pycls"
+# torchvision ships ImageNet weights for these RegNetX archs only (torchvision.models.regnet_x_*).
+TORCHVISION_ARCHS = ("400MF", "800MF", "1600MF", "3200MF", "8GF", "16GF", "32GF")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Key names of one checkpoint source. `block` is formatted with s (stage, from 1), b (block,
+    from 1) and i (block, from 0); `parts` maps a, b, c, proj to (conv prefix, BN prefix) in a block."""
+
+    stem: tuple[str, str]
+    block: str
+    parts: dict[str, tuple[str, str]]
+    bn_stats: tuple[str, str]        # (running mean, running variance)
+    head: str
+    head_transposed: bool            # Linear weight stored [in, out] (paddle) instead of [out, in]
+
+
+LAYOUTS: dict[str, Layout] = {
+    # PaddleClas ppcls/arch/backbone/model_zoo/regnet.py: ConvBNLayer (_conv, _batch_norm) named conv (stem),
+    # s{s}_b{b}.conv0/conv1/conv2 and .short (projection); Linear 'out'; paddle BN _mean/_variance.
+    "ppcls": Layout(("conv._conv", "conv._batch_norm"), "s{s}_b{b}",
+                    {"a": ("conv0._conv", "conv0._batch_norm"), "b": ("conv1._conv", "conv1._batch_norm"),
+                     "c": ("conv2._conv", "conv2._batch_norm"), "proj": ("short._conv", "short._batch_norm")},
+                    ("_mean", "_variance"), "out", True),
+    # pycls pycls/models/anynet.py: SimpleStem (conv, bn), AnyStage s{s}.b{b}, ResBottleneckBlock (proj, bn, f),
+    # BottleneckTransform (a, a_bn, b, b_bn, c, c_bn), AnyHead.fc.
+    "pycls": Layout(("stem.conv", "stem.bn"), "s{s}.b{b}",
+                    {"a": ("f.a", "f.a_bn"), "b": ("f.b", "f.b_bn"), "c": ("f.c", "f.c_bn"), "proj": ("proj", "bn")},
+                    ("running_mean", "running_var"), "head.fc", False),
+    # torchvision torchvision/models/regnet.py: Conv2dNormActivation = Sequential(conv, BN[, ReLU]) -> .0 / .1;
+    # trunk_output.block{s} holds block{s}-{i}.
+    "torchvision": Layout(("stem.0", "stem.1"), "trunk_output.block{s}.block{s}-{i}",
+                          {"a": ("f.a.0", "f.a.1"), "b": ("f.b.0", "f.b.1"), "c": ("f.c.0", "f.c.1"),
+                           "proj": ("proj.0", "proj.1")},
+                          ("running_mean", "running_var"), "fc", False),
+}
+
+# Keys a framework adds that carry no weights: torch BN step counters, paddle's name table.
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+_IGNORED_KEYS = ("StructuredToParameterName@@",)
+
+
+@dataclass(frozen=True)
+class Stage:
+    width: int
+    depth: int
+    group_w: int
+
+
+@dataclass(frozen=True)
+class Block:
+    stage: int     # 1..4
+    index: int     # 0.. within the stage
+    cin: int
+    cout: int
+    stride: int
+    group_w: int
+
+    @property
+    def groups(self) -> int:
+        return self.cout // self.group_w
+
+    @property
+    def has_proj(self) -> bool:
+        return self.cin != self.cout or self.stride != 1
+
+    def prefix(self, lay: Layout) -> str:
+        return lay.block.format(s=self.stage, b=self.index + 1, i=self.index)
+
+
+# ---------------------------------------------------------------- arch table -> blocks
+
+def get_arch(arch: str | RegNetArch) -> RegNetArch:
+    """An ARCHS entry by name ('400MF', 'RegNetX-400MF', 'RegNetX_1.6GF'), or a custom RegNetArch as given."""
+    if isinstance(arch, RegNetArch):
+        return arch
+    wanted = str(arch).upper().replace("REGNETX", "").replace("REGNET", "").strip("-_ ")
+    for name in ARCHS:
+        if wanted in (name, PYCLS_NAMES.get(name)):
+            return ARCHS[name]
+    raise ConfigError(f"unknown RegNetX arch '{arch}'. Known archs: {', '.join(ARCHS)} "
+                      f"(pycls names {', '.join(PYCLS_NAMES.values())} are accepted too).")
+
+
+def arch_name(arch: str | RegNetArch) -> str:
+    spec = get_arch(arch)
+    return next((f"RegNetX-{n}" for n, a in ARCHS.items() if a == spec), "RegNetX (custom arch)")
+
+
+def _source(source: str) -> Layout:
+    if source not in LAYOUTS:
+        raise ConfigError(f"unknown RegNet checkpoint layout '{source}'. Known layouts: {', '.join(SOURCES)}.")
+    return LAYOUTS[source]
+
+
+def block_widths(arch: str | RegNetArch) -> list[int]:
+    """Per-block widths: w0 + wa * i, quantized to w0 * wm^round(log_wm((w0 + wa * i) / w0)), then to a
+    multiple of 8 (np.round: half to even, as pycls, PaddleClas and torchvision's torch.round do)."""
+    spec = get_arch(arch)
+    if not (spec.wa >= 0 and spec.w0 > 0 and spec.wm > 1 and spec.w0 % WIDTH_QUANTUM == 0):
+        raise ConfigError(f"invalid RegNet parameters {spec}: need wa >= 0, wm > 1, w0 a positive multiple of 8.")
+    ws_cont = np.arange(spec.depth) * spec.wa + spec.w0
+    ks = np.round(np.log(ws_cont / spec.w0) / np.log(spec.wm))
+    widths = np.round(spec.w0 * np.power(spec.wm, ks) / WIDTH_QUANTUM) * WIDTH_QUANTUM
+    return [int(w) for w in widths]
+
+
+def _round_width(width: int, group_w: int, source: str) -> int:
+    """The stage width as a multiple of its group width. pycls (round, at least one group) and
+    PaddleClas (quantize_float) round half to even; torchvision uses _make_divisible, which rounds half
+    up and never goes more than 10% down. They differ for 400MF (392 -> 384 vs 400, so torchvision's
+    regnet_x_400mf has 5.50 M parameters, pycls's 5.16 M) and 4GF (96 -> 80 vs 120)."""
+    if source == "torchvision":
+        out = max(group_w, int(width + group_w / 2) // group_w * group_w)
+        return out + group_w if out < 0.9 * width else out
+    return max(group_w, int(round(width / group_w) * group_w))
+
+
+def stages(arch: str | RegNetArch, source: str = REFERENCE_SOURCE) -> list[Stage]:
+    """Width, depth and group width of each stage as `source`'s implementation computes them."""
+    _source(source)
+    spec = get_arch(arch)
+    runs: list[list[int]] = []                    # [width, depth]: consecutive equal widths form one stage
+    for w in block_widths(spec):
+        if runs and runs[-1][0] == w:
+            runs[-1][1] += 1
+        else:
+            runs.append([w, 1])
+    out = []
+    for width, depth in runs:
+        gw = min(spec.group_w, width)
+        out.append(Stage(_round_width(width, gw, source), depth, gw))
+    return out
+
+
+def blocks(arch: str | RegNetArch, source: str = REFERENCE_SOURCE) -> list[Block]:
+    """Every bottleneck block in forward order."""
+    out, cin = [], STEM_WIDTH
+    for s, st in enumerate(stages(arch, source), start=1):
+        for i in range(st.depth):
+            out.append(Block(s, i, cin, st.width, STAGE_STRIDE if i == 0 else 1, st.group_w))
+            cin = st.width
+    return out
+
+
+# ---------------------------------------------------------------- expected keys and checking
+
+def _conv_bn_keys(conv: str, bn: str, cout: int, cin_g: int, k: int, lay: Layout) -> dict[str, tuple[int, ...]]:
+    keys = {f"{conv}.weight": (cout, cin_g, k, k)}
+    keys.update({f"{bn}.{n}": (cout,) for n in ("weight", "bias", *lay.bn_stats)})
+    return keys
+
+
+def expected_shapes(arch: str | RegNetArch, source: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
+    """Every weight key of a `source` checkpoint of `arch` and its shape (framework counters aside)."""
+    lay = _source(source)
+    keys = _conv_bn_keys(*lay.stem, STEM_WIDTH, 3, 3, lay)
+    bl = blocks(arch, source)
+    for b in bl:
+        p = b.prefix(lay)
+        conv = {part: (f"{p}.{c}", f"{p}.{n}") for part, (c, n) in lay.parts.items()}
+        if b.has_proj:
+            keys.update(_conv_bn_keys(*conv["proj"], b.cout, b.cin, 1, lay))
+        keys.update(_conv_bn_keys(*conv["a"], b.cout, b.cin, 1, lay))
+        keys.update(_conv_bn_keys(*conv["b"], b.cout, b.group_w, 3, lay))
+        keys.update(_conv_bn_keys(*conv["c"], b.cout, b.cout, 1, lay))
+    features = bl[-1].cout
+    keys[f"{lay.head}.weight"] = (features, num_classes) if lay.head_transposed else (num_classes, features)
+    keys[f"{lay.head}.bias"] = (num_classes,)
+    return keys
+
+
+def _strip(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop a DataParallel 'module.' prefix and the framework keys that hold no weights."""
+    out = {}
+    for k, v in state.items():
+        if k in _IGNORED_KEYS or k.endswith(_IGNORED_SUFFIXES):
+            continue
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def _head_classes(state: Mapping[str, np.ndarray], lay: Layout) -> int | None:
+    w = state.get(f"{lay.head}.weight")
+    if w is None or np.ndim(w) != 2:
+        return None
+    return int(w.shape[1] if lay.head_transposed else w.shape[0])
+
+
+def _mismatch(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The first difference between a state dict and the expected keys, as a sentence; None if it fits."""
+    for key, shape in expected.items():
+        if key not in state:
+            return f"missing key '{key}' (expected shape {list(shape)})"
+        if tuple(np.shape(state[key])) != shape:
+            return f"key '{key}' has shape {list(np.shape(state[key]))}, expected {list(shape)}"
+    extra = [k for k in state if k not in expected]
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        return f"unexpected key '{extra[0]}' (shape {list(np.shape(state[extra[0]]))}){more}"
+    return None
+
+
+def guess_arch(state: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
+    """(arch, source) of the first ARCHS entry and layout the state dict fits exactly, else None."""
+    state = _strip(state)
+    for source in SOURCES:
+        n = _head_classes(state, LAYOUTS[source])
+        if n is None:
+            continue
+        for name in ARCHS:
+            if _mismatch(state, expected_shapes(name, source, n)) is None:
+                return name, source
+    return None
+
+
+def _guess_hint(state: Mapping[str, np.ndarray]) -> str:
+    guess = guess_arch(state)
+    return f" This looks like RegNetX-{guess[0]} in the {guess[1]} layout." if guess else ""
+
+
+def check_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str) -> tuple[dict, int]:
+    """(state without prefixes / framework keys, num_classes) if the checkpoint fits arch and source
+    exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
+    spec, lay = get_arch(arch), _source(source)
+    state = _strip(state)
+    num_classes = _head_classes(state, lay)
+    if num_classes is None:
+        w = state.get(f"{lay.head}.weight")
+        found = "missing" if w is None else f"of shape {list(np.shape(w))}"
+        raise CheckpointError(
+            f"RegNet checkpoint ({source} layout): the classifier weight '{lay.head}.weight' is {found}; "
+            f"expected a 2-D Linear weight.{_guess_hint(state)} Check model.source ({', '.join(SOURCES)}) "
+            f"and that the file is a RegNetX classification checkpoint.")
+    problem = _mismatch(state, expected_shapes(spec, source, num_classes))
+    if problem:
+        raise CheckpointError(
+            f"checkpoint does not fit {arch_name(spec)} ({source} layout): {problem}.{_guess_hint(state)} "
+            f"Set model.arch and model.source to what the weights were trained with.")
+    return state, num_classes
+
+
+# ---------------------------------------------------------------- ONNX
+
+class _Writer:
+    """Writes conv + BN layers, folded (deploy) or as Conv + BatchNormalization (the reference)."""
+
+    def __init__(self, g: GraphBuilder, state: Mapping[str, np.ndarray], lay: Layout, fold: bool) -> None:
+        self.g, self.state, self.lay, self.fold = g, state, lay, fold
+
+    def _f64(self, key: str) -> np.ndarray:
+        return np.asarray(self.state[key], dtype=np.float64)
+
+    def conv_bn(self, x: str, conv: str, bn: str, *, stride: int = 1, groups: int = 1, relu: bool = True) -> str:
+        w = self._f64(f"{conv}.weight")
+        gamma, beta = self._f64(f"{bn}.weight"), self._f64(f"{bn}.bias")
+        mean, var = (self._f64(f"{bn}.{s}") for s in self.lay.bn_stats)
+        if self.fold:
+            t = gamma / np.sqrt(var + BN_EPS)
+            y = self.g.conv(x, w * t[:, None, None, None], beta - mean * t, conv, stride=stride, groups=groups)
+        else:
+            y = self.g.conv(x, w, None, conv, stride=stride, groups=groups)
+            ins = [self.g.const(a.astype(np.float32), f"{bn}.{n}")
+                   for a, n in ((gamma, "weight"), (beta, "bias"), (mean, "mean"), (var, "var"))]
+            y = self.g.op("BatchNormalization", [y, *ins], name=bn, epsilon=BN_EPS)
+        return self.g.relu(y) if relu else y
+
+    def block(self, x: str, b: Block) -> str:
+        p = b.prefix(self.lay)
+        part = {name: (f"{p}.{c}", f"{p}.{n}") for name, (c, n) in self.lay.parts.items()}
+        y = self.conv_bn(x, *part["a"])
+        y = self.conv_bn(y, *part["b"], stride=b.stride, groups=b.groups)
+        y = self.conv_bn(y, *part["c"], relu=False)
+        short = self.conv_bn(x, *part["proj"], stride=b.stride, relu=False) if b.has_proj else x
+        return self.g.relu(self.g.add(short, y))
+
+
+def _build(state, arch, source, input_size, batch, *, fold: bool) -> onnx.ModelProto:
+    spec = get_arch(arch)
+    state, num_classes = check_state(state, spec, source)
+    lay = LAYOUTS[source]
+    name = arch_name(spec)
+    g = GraphBuilder(f"{name}_{'deploy' if fold else 'unfolded'}".lower().replace("-", "_").replace(" ", "_"))
+    n = batch_dim(batch)
+    net = _Writer(g, state, lay, fold)
+    x = net.conv_bn(g.input([n, 3, int(input_size[0]), int(input_size[1])]), *lay.stem, stride=2)
+    for b in blocks(spec, source):
+        x = net.block(x, b)
+    w, bias = np.asarray(state[f"{lay.head}.weight"]), np.asarray(state[f"{lay.head}.bias"])
+    x = g.gemm(g.flatten(g.global_avg_pool(x)), w.T if lay.head_transposed else w, bias, lay.head)
+    g.output(x, [n, num_classes])
+    log.debug("built %s %s graph (%s layout, %d classes)", name, "deploy" if fold else "unfolded", source,
+              num_classes)
+    return g.build(doc=f"{name} ({source} layout), {'BN folded' if fold else 'BatchNormalization kept'}")
+
+
+def deploy_onnx(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str, *,
+                input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+    """The inference graph with every BN folded into its conv: input 'input' [N, 3, H, W] with
+    input_size = (H, W); output 'output' [N, num_classes] logits (num_classes from the checkpoint)."""
+    return _build(state, arch, source, input_size, batch, fold=True)
+
+
+def unfolded_onnx(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str, *,
+                  input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+    """The same network with BatchNormalization nodes kept: the reference for deploy_onnx."""
+    return _build(state, arch, source, input_size, batch, fold=False)
+
+
+# ---------------------------------------------------------------- preprocessing, sizes, test weights
+
+def default_preprocessing(arch: str | RegNetArch, source: str) -> Preprocessing:
+    """The evaluation transform of the repository the weights come from."""
+    get_arch(arch)
+    _source(source)
+    if source == "ppcls":
+        # PaddleClas ppcls/configs/ImageNet/RegNet/RegNetX_*.yaml Eval: DecodeImage(to_rgb) +
+        # ResizeImage(resize_short=256) (cv2 backend, INTER_LINEAR) + CropImage(size=256), i.e. a 256 input
+        # although training used 224; NormalizeImage with the ImageNet mean/std.
+        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(256, 256), interpolation="BILINEAR_CV")
+    if source == "pycls":
+        # pycls/datasets/imagenet.py + transforms.scale_and_center_crop: short side to TEST.IM_SIZE 256
+        # (cv2 INTER_LINEAR), centre crop TRAIN.IM_SIZE 224, ImageNet mean/std in RGB, then the channels
+        # are flipped: pycls networks take BGR input ("CHW/BGR/float"), so mean/std are given in BGR here.
+        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_CV",
+                             mean=(0.406, 0.456, 0.485), std=(0.225, 0.224, 0.229), rgb=False)
+    # torchvision RegNet_X_*_Weights.IMAGENET1K_V1: ImageClassification(crop_size=224) = Resize(256, bilinear,
+    # antialias: Pillow-style on PIL images) + CenterCrop(224), RGB, ImageNet mean/std. The IMAGENET1K_V2
+    # weights (torchvision's default) were evaluated with resize_size=232 instead: set resize to 232 for them.
+    return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_PILLOW")
+
+
+def param_count(arch: str | RegNetArch, num_classes: int = 1000, deploy: bool = True,
+                source: str = REFERENCE_SOURCE) -> int:
+    """Parameters of the deploy graph (BN folded: one bias per BN channel) or, with deploy=False, of the
+    network as trained (BN scale and shift: the published figure, e.g. 400MF 5,157,512 in pycls,
+    5,495,976 in torchvision). BN running statistics are buffers and never counted."""
+    lay = _source(source)
+    stats = tuple(f".{s}" for s in lay.bn_stats)
+    shapes = expected_shapes(arch, source, num_classes)
+    trained = sum(math.prod(s) for k, s in shapes.items() if not k.endswith(stats))
+    bn_channels = sum(math.prod(s) for k, s in shapes.items() if k.endswith(stats[0]))
+    return trained - bn_channels if deploy else trained   # folding drops one BN scale per channel
+
+
+def random_state_dict(arch: str | RegNetArch, source: str, rng: np.random.Generator,
+                      num_classes: int = 1000) -> dict[str, np.ndarray]:
+    """A checkpoint dict in `source`'s layout with random weights and non-trivial BN statistics
+    (float32; torch layouts also get the int64 num_batches_tracked counters real checkpoints carry)."""
+    lay = _source(source)
+    mean_key, var_key = (f".{s}" for s in lay.bn_stats)
+    out: dict[str, np.ndarray] = {}
+    for key, shape in expected_shapes(arch, source, num_classes).items():
+        if key.endswith(var_key):
+            v = rng.uniform(0.5, 2.0, shape)
+        elif key.endswith(mean_key):
+            v = rng.normal(0.0, 0.2, shape)
+        elif len(shape) >= 2:               # conv and Linear weights
+            fan_in = shape[0] if lay.head_transposed and len(shape) == 2 else math.prod(shape[1:])
+            v = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(1.0 / fan_in))
+        elif key.endswith(".weight"):       # BN gamma
+            v = rng.uniform(0.5, 1.5, shape)
+        else:                               # BN beta and the Linear bias
+            v = rng.normal(0.0, 0.1, shape)
+        out[key] = v.astype(np.float32, copy=False)
+        if source != "ppcls" and key.endswith(mean_key):
+            out[key[: -len(mean_key)] + ".num_batches_tracked"] = np.array(1000, dtype=np.int64)
+    return out
