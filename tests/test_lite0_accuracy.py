@@ -77,3 +77,23 @@ def test_fp16_within_half_a_point_of_fp32(fp32, tmp_path_factory, photos, truth)
     top1_16, ids16 = _tvm_top1("fp16", tmp_path_factory.mktemp("lite0_fp16"), photos, truth)
     assert abs(top1_16 - top1_32) <= 0.5
     assert np.mean(np.array(ids16) == np.array(ids32)) >= 0.98
+
+
+def test_int8_within_one_point_of_fp32(fp32, tmp_path_factory, sample_images, photos, truth):
+    """Calibrated on 32 photos the evaluation does not use; per-channel weights, percentile ranges."""
+    calib = tmp_path_factory.mktemp("calib")
+    for p in sample_images[1::2][::8][:32]:
+        (calib / p.name).symlink_to(p)
+    workspace = tmp_path_factory.mktemp("lite0_int8")
+    cfg = load_build_config(ROOT / "build_in" / "build" / "efficientnet_lite0_int8.yaml",
+                            {"name": "lite0-int8", "workspace.path": str(workspace),
+                             "frontend.checkpoint": str(workspace / "lite0.onnx"), "dataset.path": str(calib),
+                             "dataset.sampler.get_data_num": 32})
+    model = CompiledModel.load(compile_model(cfg))
+    assert model.meta["precision"] == "int8"
+    assert (model.directory / "calib.json").is_file()
+    summary = classify(model, photos, model.preprocessing, mode="async")
+    top1_32, ids32 = fp32
+    top1_8 = top_k(summary.predictions, truth).top1
+    assert abs(top1_8 - top1_32) <= 1.0
+    assert np.mean(np.array([p.ids[0] for p in summary.predictions]) == np.array(ids32)) >= 0.95

@@ -18,7 +18,7 @@ from onnx import helper
 from . import __version__
 from .atomic import atomic_dir
 from .config import BuildConfig
-from .errors import ConfigError
+from .errors import ConfigError, ModuleError, TvmzooError
 from .export import ExportSpec, export_onnx
 from .preprocess import Preprocessing
 from .target import required_features, resolve_target
@@ -68,8 +68,11 @@ def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
                           "(tvmzoo export ...) or add a 'model:' section (family, arch, source, weights) "
                           "so that compile exports it.")
     log.info("%s not found: exporting it from %s", path, cfg.model.weights)
-    return export_onnx(ExportSpec(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights),
-                                  input_size=spec.image_size), path)
+    try:
+        return export_onnx(ExportSpec(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights),
+                                      input_size=spec.image_size), path)
+    except TvmzooError as exc:  # name the YAML whose model section led here
+        raise type(exc)(f"{cfg.path}: model: {exc}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -110,14 +113,15 @@ def relax_passes(precision: str, target: tvm.target.Target) -> list[tuple[str, t
     """The named Relax passes between import and build, in order."""
     from tvm import relax
 
-    passes: list[tuple[str, tvm.transform.Pass]] = [("decompose_ops", relax.transform.DecomposeOpsForInference()),
-                                                   ("fold_constants", relax.transform.FoldConstant())]
-    if precision == "fp16":
-        passes.append(("to_fp16", relax.transform.ToMixedPrecision(out_dtype="float16")))
-    if precision == "int8":
+    passes: list[tuple[str, tvm.transform.Pass]] = []
+    if precision == "int8":  # first: constant folding would turn the int8 weights back into float
         from .quantize import lower_int8
         passes.append(("lower_int8", tvm.transform.module_pass(lambda mod, ctx: lower_int8(mod),
                                                                opt_level=0, name="LowerInt8")))
+    passes += [("decompose_ops", relax.transform.DecomposeOpsForInference()),
+               ("fold_constants", relax.transform.FoldConstant())]
+    if precision == "fp16":
+        passes.append(("to_fp16", relax.transform.ToMixedPrecision(out_dtype="float16")))
     passes.extend(_schedule_passes(target))
     return passes
 
@@ -136,18 +140,29 @@ def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
     shape = ["N" if spec.dynamic_batch else spec.shape[0], *spec.shape[1:]]
     if spec.dynamic_batch:
         shape[0] = tvm.tirx.Var("N", "int64")
-    return from_onnx(model, shape_dict={spec.name: shape}, keep_params_in_input=False)
+    return from_onnx(model, shape_dict={spec.name: shape}, dtype_dict={spec.name: spec.dtype},
+                     keep_params_in_input=False)
 
 
 def build_module(model: onnx.ModelProto, spec: InputSpec, precision: str, target: dict) -> tvm.runtime.Executable:
     tvm_target = tvm.target.Target(target)
-    mod = to_relax(model, spec)
-    with tvm_target:
-        for name, pass_ in relax_passes(precision, tvm_target):
-            t0 = time.perf_counter()
-            mod = pass_(mod)
-            log.debug("pass %s: %.2fs", name, time.perf_counter() - t0)
-    return tvm.compile(mod, tvm_target)
+    name = "import"
+    try:
+        mod = to_relax(model, spec)
+        with tvm_target:
+            for name, pass_ in relax_passes(precision, tvm_target):
+                t0 = time.perf_counter()
+                mod = pass_(mod)
+                log.debug("pass %s: %.2fs", name, time.perf_counter() - t0)
+        name = "build"
+        return tvm.compile(mod, tvm_target)
+    except TvmzooError:
+        raise
+    except Exception as exc:  # TVM's internal errors: keep the user-facing message to one line
+        detail = next((line for line in str(exc).splitlines() if "Error" in line or "failed" in line),
+                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise ModuleError(f"TVM could not compile the model ({precision}, step '{name}'): {detail.strip()[:300]}. "
+                          "Try another backend.dtype; if it persists, report it with the YAML and the ONNX.") from exc
 
 
 def preprocessing_of(cfg: BuildConfig) -> Preprocessing | None:
@@ -187,6 +202,9 @@ def compile_model(cfg: BuildConfig) -> Path:
         _carry_over(out_dir, tmp)
         if precision == "int8":
             model = quantize_for_build(cfg, model, spec, pre, tmp / "calib.json")
+        if cfg.graph.preprocess == "fused":  # crop / normalize / layout inside the module (tvmzoo.fused)
+            from .fused import fuse_for_build
+            model, spec = fuse_for_build(model, spec, pre, cfg.path)
         executable = build_module(model, spec, precision, target)
         executable.export_library(str(tmp / MODULE_FILE))
         meta = {
@@ -199,7 +217,9 @@ def compile_model(cfg: BuildConfig) -> Path:
             "input": {**asdict(spec), "shape": list(spec.shape)},
             "outputs": output_shapes(model),
             "softmax": cfg.graph.extra_ops == "softmax",
+            "preprocess": cfg.graph.preprocess,      # fused: the input is the resized uint8 BGR NHWC image
             "preprocessing": asdict(pre) if pre is not None else None,
+            "module_sha256": file_sha256(tmp / MODULE_FILE),  # the runtime refuses a mod.so that differs
             "source": {"onnx": str(onnx_path), "sha256": file_sha256(onnx_path),
                        "yaml": str(cfg.path) if cfg.path else None},
             "build_seconds": round(time.perf_counter() - t0, 2),
@@ -219,14 +239,43 @@ def _carry_over(old_dir: Path, new_dir: Path) -> None:
 
 def quantize_for_build(cfg: BuildConfig, model: onnx.ModelProto, spec: InputSpec,
                        pre: Preprocessing | None, cache: Path) -> onnx.ModelProto:
+    """Calibrate and insert QDQ; with backend.quantize.max_drop, hold out a quarter of the calibration
+    images and keep the worst layers in float until the top-1 drop on them is within bound."""
     from .data import calibration_batches
-    from .quantize import quantize_model
+    from .quantize import quantize_model, quantize_with_fallback
 
-    if cfg.backend.quantize is None or cfg.dataset is None:
-        raise ConfigError(f"{cfg.path}: backend.dtype int8 needs backend.quantize and a dataset section "
-                          "(calibration images: dataset.path, dataset.sampler, dataset.process_ops).")
+    if cfg.dataset is None:
+        raise ConfigError(f"{cfg.path}: backend.dtype int8 needs a dataset section (calibration images: "
+                          "dataset.path, dataset.sampler, dataset.process_ops).")
     if pre is None:
         raise ConfigError(f"{cfg.path}: dataset.process_ops is empty; int8 calibration needs the preprocessing.")
+    qcfg = cfg.backend.quantize
     batches = calibration_batches(cfg.dataset, pre, batch=1 if not spec.dynamic_batch else 8)
-    return quantize_model(model, batches, cfg.backend.quantize, cache)
+    if qcfg.max_drop is None:
+        return quantize_model(model, batches, qcfg, cache)
+    split = max(1, len(batches) * 3 // 4)
+    if split >= len(batches):
+        raise ConfigError(f"{cfg.path}: backend.quantize.max_drop needs held-out images: raise "
+                          "dataset.sampler.get_data_num (a quarter of them are held out).")
+    qdq, kept = quantize_with_fallback(model, batches[:split], batches[split:], qcfg, cache_path=cache)
+    log.info("accuracy fallback kept %d layer(s) in float: %s", len(kept), ", ".join(kept) or "none")
+    return qdq
 
+
+def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """`tvmzoo quant-report`: quantize as compile would and write the per-layer table (CSV and markdown)."""
+    from .data import calibration_batches
+    from .quant_report import layer_report, write_report
+    from .quantize import quantize_model
+
+    spec = input_spec(cfg)
+    model, _ = prepare_onnx(cfg, spec)
+    pre = preprocessing_of(cfg)
+    if cfg.dataset is None or pre is None:
+        raise ConfigError(f"{cfg.path}: the int8 report needs a dataset section with process_ops.")
+    out_dir = Path(out_dir) if out_dir else Path(cfg.workspace) / f"{cfg.name}_quant_report"
+    batches = calibration_batches(cfg.dataset, pre)
+    qdq = quantize_model(model, batches, cfg.backend.quantize, out_dir / "calib.json")
+    paths = out_dir / "quant_report.csv", out_dir / "quant_report.md"
+    write_report(layer_report(model, qdq, batches, cfg.backend.quantize.calibrate_mode), *paths)
+    return paths

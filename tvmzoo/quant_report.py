@@ -21,12 +21,13 @@ from .quantize import LAYER_OPS, _as_batches, sqnr_db
 class LayerStat:
     """One Conv / Gemm / MatMul layer.
 
-    weight_sqnr_db: dequantized int8 weight vs fp32 weight.
-    act_sqnr_db: the layer's (quantized) output in the QDQ model vs the fp32 model: all error so far.
-    input_sqnr_db: the layer's input before vs after its QuantizeLinear/DequantizeLinear in the QDQ
-        model: the rounding + clipping this layer's input range alone costs.
-    noise_sqnr_db: min(weight, input): the noise this layer adds; the fallback keeps the lowest in float.
-    range: (low, high) the layer's output is quantized to; mode: how it runs.
+    weight_sqnr_db: dequantized int8 weight vs fp32 weight, the mean over output channels of each
+        channel's SQNR (a whole-tensor SQNR hides ruined small channels behind one outlier channel).
+    input_sqnr_db / act_sqnr_db: what the layer reads / writes in the QDQ model (after its
+        QuantizeLinear/DequantizeLinear) vs the same tensor of the fp32 model: all error so far.
+    sqnr_loss_db: input minus output SQNR: what this layer costs; the fallback keeps the largest in float.
+    range: (low, high) the layer's output is quantized to (its float min / max when not quantized).
+    mode: how it runs.
     """
 
     name: str
@@ -39,8 +40,8 @@ class LayerStat:
     range: tuple[float, float]
 
     @property
-    def noise_sqnr_db(self) -> float:
-        return min(self.weight_sqnr_db, self.input_sqnr_db)
+    def sqnr_loss_db(self) -> float:
+        return self.input_sqnr_db - self.act_sqnr_db
 
 
 def _consts(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -60,7 +61,8 @@ def _dequantize(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[np
     return (q - zp) * scale, scale.size > 1
 
 
-def _run_tensors(model: onnx.ModelProto, names: Sequence[str], batches: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def tensor_values(model: onnx.ModelProto, names: Sequence[str],
+                  batches: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Values of the named tensors (any in the graph) over all batches, concatenated along axis 0."""
     import onnxruntime as ort
 
@@ -110,48 +112,55 @@ def layer_report(fp32_model: onnx.ModelProto, qdq_model: onnx.ModelProto, calib:
             consumers.setdefault(i, []).append(n)
     fp32_tensors = {v for n in fp32_model.graph.node for v in n.output} | {i.name for i in fp32_model.graph.input}
 
-    plans = []  # (node, fp32 weight name, dq weight node, input pair, output tensor, output pair)
+    plans = []  # (node, fp32 weight name, weight DequantizeLinear, tensor the layer reads, output, output Q/DQ)
     for node in qdq_model.graph.node:
         if node.op_type not in LAYER_OPS or node.name not in fnodes:
             continue
         wprod = producers.get(node.input[1])
         dqw = wprod if wprod is not None and wprod.op_type == "DequantizeLinear" \
             and wprod.input[0] in qconsts else None
-        xprod = producers.get(node.input[0])
-        xin = (producers.get(xprod.input[0]), xprod) if xprod is not None and xprod.op_type == "DequantizeLinear" \
-            else None
-        out = node.output[0]
-        plans.append((node, fnodes[node.name].input[1], dqw, xin, out, _qdq_pair(out, consumers)))
+        plans.append((node, fnodes[node.name].input[1], dqw, _float_source(node.input[0], producers), node.input[0],
+                      node.output[0], _qdq_pair(node.output[0], consumers)))
 
-    want_q = set()
-    for _, _, _, xin, out, opair in plans:
-        if xin is not None and xin[0] is not None:
-            want_q |= {xin[0].input[0], xin[1].output[0]}
-        want_q.add(opair[1].output[0] if opair else out)
-    want_f = [out for *_, out, _ in plans if out in fp32_tensors]
-    qvals = _run_tensors(qdq_model, sorted(want_q), batches)
-    fvals = _run_tensors(fp32_model, sorted(set(want_f)), batches)
+    want_q = {t for p in plans for t in (p[4], p[6][1].output[0] if p[6] else p[5])}
+    want_f = {t for p in plans for t in (p[3], p[5]) if t in fp32_tensors}
+    qvals = tensor_values(qdq_model, sorted(want_q), batches)
+    fvals = tensor_values(fp32_model, sorted(want_f), batches)
 
     stats = []
-    for node, wname, dqw, xin, out, opair in plans:
+    for node, wname, dqw, src, read, out, opair in plans:
         nan = math.nan
-        w_sqnr, per_channel = nan, False
+        w_sqnr, per_channel = math.inf, False
         if dqw is not None and wname in fconsts:
             wq, per_channel = _dequantize(dqw, qconsts)
-            w_sqnr = sqnr_db(fconsts[wname], wq.reshape(fconsts[wname].shape))
-        x_sqnr = sqnr_db(qvals[xin[0].input[0]], qvals[xin[1].output[0]]) \
-            if xin is not None and xin[0] is not None else nan
-        qout = qvals[opair[1].output[0] if opair else out]
-        a_sqnr = sqnr_db(fvals[out], qout) if out in fvals else nan
+            w_sqnr = _channel_sqnr(fconsts[wname], wq.reshape(fconsts[wname].shape), node)
+        x_sqnr = sqnr_db(fvals[src], qvals[read]) if src in fvals else nan
+        a_sqnr = sqnr_db(fvals[out], qvals[opair[1].output[0] if opair else out]) if out in fvals else nan
         quantized = dqw is not None
         mode = ("int8 " + ("per-channel" if per_channel else "per-tensor")
                 + (f", {calibrate_mode}" if calibrate_mode else "")) if quantized else "float"
         rng = _range(opair[0], qconsts) if opair else (float(fvals[out].min()), float(fvals[out].max())) \
             if out in fvals else (nan, nan)
-        stats.append(LayerStat(node.name, node.op_type, quantized, mode,
-                               w_sqnr if quantized else math.inf, a_sqnr,
-                               x_sqnr if quantized else math.inf, rng))
+        stats.append(LayerStat(node.name, node.op_type, quantized, mode, w_sqnr, a_sqnr, x_sqnr, rng))
     return stats
+
+
+def _float_source(tensor: str, producers: dict[str, onnx.NodeProto]) -> str:
+    """The float tensor behind a DequantizeLinear(QuantizeLinear(t)) chain (t itself otherwise)."""
+    dq = producers.get(tensor)
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        q = producers.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            return q.input[0]
+    return tensor
+
+
+def _channel_sqnr(ref: np.ndarray, test: np.ndarray, node: onnx.NodeProto) -> float:
+    """Mean SQNR over output channels (axis 0 of a Conv weight / Gemm transB weight, else axis 1)."""
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    axis = 0 if node.op_type == "Conv" or trans_b else 1
+    ref, test = np.moveaxis(ref, axis, 0), np.moveaxis(test, axis, 0)
+    return float(np.mean([sqnr_db(r, t) for r, t in zip(ref, test)]))
 
 
 def write_report(stats: Sequence[LayerStat], csv_path: Path | str, md_path: Path | str) -> None:
@@ -166,7 +175,7 @@ def write_report(stats: Sequence[LayerStat], csv_path: Path | str, md_path: Path
                    + [f"{s.range[0]:.6g}", f"{s.range[1]:.6g}"])
     write_text(csv_path, buf.getvalue())
 
-    lines = ["| layer | op | mode | weight SQNR dB | input SQNR dB | output SQNR dB vs fp32 | range |",
+    lines = ["| layer | op | mode | weight SQNR dB | input SQNR dB vs fp32 | output SQNR dB vs fp32 | range |",
              "|---|---|---|---|---|---|---|"]
     for s in stats:
         lines.append(f"| {s.name} | {s.op_type} | {s.mode} | {s.weight_sqnr_db:.1f} | {s.input_sqnr_db:.1f} | "
