@@ -1,12 +1,13 @@
 """Step 3: deploy ONNX -> Relax -> precision -> schedules -> build -> <workspace>/<name>/mod.so + mod.json.
 
-A build is a sequence of named passes (see `relax_passes`), each testable on its own.
+A build is a sequence of named passes (see `precision_passes`), then tuned or default schedules.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 MODULE_FILE = "mod.so"
 META_FILE = "mod.json"
 PRECISIONS = ("fp32", "fp16", "int8")
+TUNING_ROOT = Path(__file__).resolve().parents[1] / "build_in" / "tuning"
 
 
 @dataclass(frozen=True)
@@ -109,29 +111,41 @@ def prepare_onnx(cfg: BuildConfig, spec: InputSpec) -> tuple[onnx.ModelProto, Pa
     return model, path
 
 
-def relax_passes(precision: str, target: tvm.target.Target) -> list[tuple[str, tvm.transform.Pass]]:
-    """The named Relax passes between import and build, in order."""
+def precision_passes(precision: str) -> list[tuple[str, tvm.transform.Pass]]:
+    """The named Relax passes between import and scheduling, in order."""
     from tvm import relax
+
+    from .schedules import canonicalize
 
     passes: list[tuple[str, tvm.transform.Pass]] = []
     if precision == "int8":  # first: constant folding would turn the int8 weights back into float
         from .quantize import lower_int8
-        passes.append(("lower_int8", tvm.transform.module_pass(lambda mod, ctx: lower_int8(mod),
-                                                               opt_level=0, name="LowerInt8")))
-    passes += [("decompose_ops", relax.transform.DecomposeOpsForInference()),
-               ("fold_constants", relax.transform.FoldConstant())]
+        passes.append(("lower_int8", _module_pass(lower_int8, "LowerInt8")))
+    # canonicalize before ToMixedPrecision, which rejects the opaque kernels ONNX Clip imports as
+    passes.append(("canonicalize", _module_pass(canonicalize, "Canonicalize")))
     if precision == "fp16":
         passes.append(("to_fp16", relax.transform.ToMixedPrecision(out_dtype="float16")))
-    passes.extend(_schedule_passes(target))
     return passes
 
 
-def _schedule_passes(target: tvm.target.Target) -> list[tuple[str, tvm.transform.Pass]]:
-    try:
-        from .schedules import default_cpu_pipeline
-    except ImportError:
-        return []
-    return [("cpu_schedules", default_cpu_pipeline(target))]
+def _module_pass(fn, name: str) -> tvm.transform.Pass:
+    return tvm.transform.module_pass(lambda mod, ctx: fn(mod), opt_level=0, name=name)
+
+
+def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict) -> Path | None:
+    """Where this build's tuning records live: the YAML's tuning.records, else
+    build_in/tuning/<family>-<arch>/<target-key>/<precision>-b<batch>-<HxW>/ (shipped records)."""
+    if cfg.tuning and cfg.tuning.get("records"):
+        return Path(cfg.tuning["records"])
+    if cfg.model is None:
+        return None
+    from .models import get_family, resolve_arch
+    from .target import target_key
+
+    arch = resolve_arch(get_family(cfg.model.family), cfg.model.arch)
+    batch = "bN" if spec.dynamic_batch else f"b{spec.shape[0]}"
+    return (TUNING_ROOT / f"{cfg.model.family}-{arch}".lower() / target_key(target)
+            / f"{cfg.backend.dtype}-{batch}-{spec.shape[2]}x{spec.shape[3]}")
 
 
 def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
@@ -144,24 +158,37 @@ def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
                      keep_params_in_input=False)
 
 
-def build_module(model: onnx.ModelProto, spec: InputSpec, precision: str, target: dict) -> tvm.runtime.Executable:
+def lower(model: onnx.ModelProto, spec: InputSpec, precision: str, target: tvm.target.Target) -> tvm.IRModule:
+    """ONNX -> Relax with the precision applied (the module that tuning and scheduling start from)."""
+    mod = to_relax(model, spec)
+    with target:
+        for name, pass_ in precision_passes(precision):
+            t0 = time.perf_counter()
+            mod = pass_(mod)
+            log.debug("pass %s: %.2fs", name, time.perf_counter() - t0)
+    return mod
+
+
+def build_module(model: onnx.ModelProto, spec: InputSpec, precision: str, target: dict,
+                 records: Path | None = None) -> tuple[tvm.runtime.Executable, dict]:
+    """Compile; returns the executable and how its kernels were scheduled."""
+    from .tuning import apply_records
+
     tvm_target = tvm.target.Target(target)
-    name = "import"
+    step = "import"
     try:
-        mod = to_relax(model, spec)
-        with tvm_target:
-            for name, pass_ in relax_passes(precision, tvm_target):
-                t0 = time.perf_counter()
-                mod = pass_(mod)
-                log.debug("pass %s: %.2fs", name, time.perf_counter() - t0)
-        name = "build"
-        return tvm.compile(mod, tvm_target)
+        mod = lower(model, spec, precision, tvm_target)
+        step = "schedule"
+        mod, tuned, fallback = apply_records(mod, tvm_target, records)
+        step = "build"
+        return tvm.compile(mod, tvm_target), {"tuned": tuned, "default": fallback,
+                                              "records": str(records) if records else None}
     except TvmzooError:
         raise
     except Exception as exc:  # TVM's internal errors: keep the user-facing message to one line
         detail = next((line for line in str(exc).splitlines() if "Error" in line or "failed" in line),
                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise ModuleError(f"TVM could not compile the model ({precision}, step '{name}'): {detail.strip()[:300]}. "
+        raise ModuleError(f"TVM could not compile the model ({precision}, step '{step}'): {detail.strip()[:300]}. "
                           "Try another backend.dtype; if it persists, report it with the YAML and the ONNX.") from exc
 
 
@@ -205,7 +232,8 @@ def compile_model(cfg: BuildConfig) -> Path:
         if cfg.graph.preprocess == "fused":  # crop / normalize / layout inside the module (tvmzoo.fused)
             from .fused import fuse_for_build
             model, spec = fuse_for_build(model, spec, pre, cfg.path)
-        executable = build_module(model, spec, precision, target)
+        records = records_dir(cfg, spec, target)
+        executable, kernels = build_module(model, spec, precision, target, records)
         executable.export_library(str(tmp / MODULE_FILE))
         meta = {
             "tvmzoo_version": __version__,
@@ -220,13 +248,15 @@ def compile_model(cfg: BuildConfig) -> Path:
             "preprocess": cfg.graph.preprocess,      # fused: the input is the resized uint8 BGR NHWC image
             "preprocessing": asdict(pre) if pre is not None else None,
             "module_sha256": file_sha256(tmp / MODULE_FILE),  # the runtime refuses a mod.so that differs
+            "kernels": kernels,
             "source": {"onnx": str(onnx_path), "sha256": file_sha256(onnx_path),
                        "yaml": str(cfg.path) if cfg.path else None},
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("compiled %s (%s, %s) in %.1fs -> %s", cfg.name, precision, target.get("mcpu"),
-             time.perf_counter() - t0, out_dir)
+    log.info("compiled %s (%s, %s) in %.1fs -> %s; kernels: %d tuned, %d on default schedules",
+             cfg.name, precision, target.get("mcpu"), time.perf_counter() - t0, out_dir,
+             kernels["tuned"], kernels["default"])
     return out_dir
 
 
@@ -279,3 +309,26 @@ def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, P
     paths = out_dir / "quant_report.csv", out_dir / "quant_report.md"
     write_report(layer_report(model, qdq, batches, cfg.backend.quantize.calibrate_mode), *paths)
     return paths
+
+
+def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None) -> Path:
+    """`vamc tune`: MetaSchedule over this build's kernels into its records folder (resumable:
+    a second run continues from the records there). Returns the records folder."""
+    from .tuning import tune
+
+    spec = input_spec(cfg)
+    if spec.dynamic_batch:
+        raise ConfigError(f"{cfg.path}: frontend.shape has a dynamic batch; MetaSchedule tunes static shapes "
+                          "only. Set the batch size you deploy with (e.g. [1, 3, 224, 224]).")
+    target = resolve_target(cfg.backend.target)
+    records = records_dir(cfg, spec, target)
+    if records is None:
+        raise ConfigError(f"{cfg.path}: no place for tuning records: add a model: section or tuning.records.")
+    model, _ = prepare_onnx(cfg, spec)
+    if cfg.backend.dtype == "int8":
+        with tempfile.TemporaryDirectory() as tmp:
+            model = quantize_for_build(cfg, model, spec, preprocessing_of(cfg), Path(tmp) / "calib.json")
+    tvm_target = tvm.target.Target(target)
+    count = tune(lower(model, spec, cfg.backend.dtype, tvm_target), tvm_target, records, trials, per_task)
+    log.info("%d tuning records in %s", count, records)
+    return records
