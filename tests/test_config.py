@@ -220,6 +220,7 @@ BASE = yaml.safe_load(VENDOR_YAML)
     (_set(BASE, "model", {"family": "resnet", "arch": "r50"}), "model.family", "is not one of"),
     (_set(BASE, "frontend", "onnx"), "frontend", "expected a mapping"),
 ])
+@pytest.mark.reliability
 def test_bad_input_names_the_key(data, key, words):
     with pytest.raises(ConfigError) as info:
         build_config_from_dict(data, "build_in/build/official_repvgg.yaml")
@@ -228,6 +229,7 @@ def test_bad_input_names_the_key(data, key, words):
     assert re.search(key, message) and re.search(words, message), message
 
 
+@pytest.mark.reliability
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match=r"build config .*nope.yaml does not exist"):
         load_build_config(tmp_path / "nope.yaml")
@@ -290,6 +292,7 @@ def _mutate(data, action, path, value, new_key):
     return data
 
 
+@pytest.mark.reliability
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_MUTATION, min_size=1, max_size=3))
 def test_mutated_configs_give_config_or_config_error(mutations):

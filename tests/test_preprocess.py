@@ -132,11 +132,13 @@ def test_vdsp_resize_only_op():
     ({"Std": [0.2, 0.0, 0.2]}, "std must be positive"),
     ({"OimageWidth": "224"}, "'OimageWidth' must be an integer"),
 ])
+@pytest.mark.reliability
 def test_vdsp_bad_values(change, message):
     with pytest.raises(ConfigError, match=message):
         Preprocessing.from_vdsp({**VDSP_NEW, "OpConfig": {**VDSP_NEW["OpConfig"], **change}})
 
 
+@pytest.mark.reliability
 def test_vdsp_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         Preprocessing.from_vdsp(tmp_path / "missing.json")
@@ -187,6 +189,7 @@ def test_process_ops_variants():
     ([], "non-empty list"),
     (["Resize"], "mapping with a 'type' key"),
 ])
+@pytest.mark.reliability
 def test_process_ops_errors(ops, message):
     with pytest.raises(ConfigError, match=message):
         Preprocessing.from_process_ops(ops)
@@ -311,6 +314,7 @@ def test_batch(photos):
 
 
 # ---- decoding ----
+@pytest.mark.reliability
 def test_read_image_matches_imread_and_handles_odd_paths(tmp_path):
     src = next(p for p in sorted(SAMPLE.glob("*.JPEG")) if "'" in p.name)  # yellow_lady's_slipper
     expected = cv2.imread(str(src), cv2.IMREAD_COLOR)
@@ -323,6 +327,7 @@ def test_read_image_matches_imread_and_handles_odd_paths(tmp_path):
     np.testing.assert_array_equal(read_image(odd), expected)
 
 
+@pytest.mark.reliability
 def test_read_image_grayscale_rgba_16bit(tmp_path):
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (20, 30), dtype=np.uint8)
@@ -341,6 +346,7 @@ def test_read_image_grayscale_rgba_16bit(tmp_path):
     assert out.dtype == np.uint8 and np.abs(out.astype(int) - (deep >> 8)).max() <= 1
 
 
+@pytest.mark.reliability
 def test_read_image_exif_orientation(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     rgb = np.zeros((20, 40, 3), np.uint8)
@@ -354,6 +360,7 @@ def test_read_image_exif_orientation(tmp_path):
     np.testing.assert_array_equal(out, cv2.imread(str(path), cv2.IMREAD_COLOR))
 
 
+@pytest.mark.reliability
 def test_read_image_corrupt_files(tmp_path):
     empty = tmp_path / "empty.JPEG"
     empty.write_bytes(b"")
@@ -373,6 +380,7 @@ def test_read_image_corrupt_files(tmp_path):
         read_image(tmp_path / "missing.jpg")
 
 
+@pytest.mark.reliability
 def test_read_image_pixel_limit(tmp_path):
     img = np.zeros((300, 400, 3), np.uint8)
     for ext in (".png", ".jpg", ".bmp", ".webp"):

@@ -1,13 +1,37 @@
-"""Write to a temporary path, then rename: a reader sees the old complete file or the new one."""
+"""Write to a temporary path, then rename: a reader sees the old complete file or the new one.
+
+A process killed at any moment (SIGKILL included) leaves at most hidden temporaries
+(`.<name>.<random>.tmp`, `.<name>.<random>.old`) beside the target; readers skip hidden names and
+the next `atomic_dir` of the same target removes them.
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 @contextlib.contextmanager
@@ -16,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the usual permissions
     os.close(fd)
     try:
         yield Path(tmp)
@@ -37,25 +62,66 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _stale(path: Path, suffix: str) -> list[Path]:
+    # exactly mkdtemp's names (8 random characters), so that "<name>.v2"'s temporaries never match
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.{suffix}")
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir())
+
+
+def _clean_stale(path: Path) -> None:
+    """Under the lock, temporaries of `path` belong to killed writers: restore or remove them."""
+    for stale in _stale(path, "old"):
+        if not path.exists() and (stale / path.name).is_dir():  # killed between the two fallback renames
+            os.replace(stale / path.name, path)
+            log.warning("restored %s, left aside by an interrupted build", path)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in _stale(path, "tmp"):
+        log.info("removing %s, left by an interrupted build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path` whole.
+    """Yield a temporary directory beside `path`; on success it replaces `path` whole, in one atomic
+    rename (an exchange where the old one exists).
 
     A lock file beside it makes a second writer of the same directory wait rather than interleave.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another process is writing %s: waiting for it to finish", path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _clean_stale(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
         try:
             yield tmp
-            old = None
-            if path.exists():
+            if not path.exists():
+                os.replace(tmp, path)
+            elif _exchange(tmp, path):
+                shutil.rmtree(tmp, ignore_errors=True)  # now holds the old directory
+            else:  # two renames; _clean_stale restores the old one if a kill falls between them
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
                 os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            if old is not None:
+                os.replace(tmp, path)
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,9 +138,28 @@ class _Bad(Exception):
 Validator = Callable[[Any, str], Any]
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 60, 60
+MAX_VALUES = 100_000  # a build YAML has ~50; YAML aliases can make a small file expand to billions
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)  # bounded: never walks a whole (possibly alias-exploded) structure
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count_values(data: Any, limit: int = MAX_VALUES) -> int:
+    """Values in the document as the loader would walk them (shared aliases counted each time), up to limit+1."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
 
 
 def _kind(value: Any) -> str:
@@ -355,6 +375,19 @@ def _name(value: Any, key: str) -> str:
     return name
 
 
+def _check_model(model: ModelSpec, key: str) -> ModelSpec:
+    """Unknown archs and checkpoint layouts fail at load time, naming the key, not at export."""
+    from .models import get_family, resolve_arch, resolve_source
+
+    family = get_family(model.family)
+    for name, resolve in (("arch", resolve_arch), ("source", resolve_source)):
+        try:
+            resolve(family, getattr(model, name))
+        except ConfigError as err:
+            raise _Bad(f"{key}.{name}", str(err)) from None
+    return model
+
+
 _VENDOR_QUANTIZE_KEYS = ("weight_scale", "calibrate_range", "skip_conv_layers", "quantize_dsp_ops",
                          "nearest_interpol_on_dsp")
 
@@ -399,7 +432,7 @@ _SCHEMA = _section(BuildConfig, {
         "arch": _str(),
         "source": _str(),
         "weights": _optional(_weights),
-    })),
+    }, finish=_check_model)),
     "tuning": _optional(_mapping),
     "path": lambda value, key: value,  # set by the loader, not read from the YAML
 })
@@ -474,6 +507,9 @@ def load_build_config(path: str | Path, overrides: Mapping[str, Any] | None = No
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the indentation or quoting there.") from None
+    if _count_values(data) > MAX_VALUES:
+        raise ConfigError(f"{path}: the document expands to more than {MAX_VALUES} values (YAML anchors and "
+                          "aliases repeated?); a build config needs about 50: remove the repetition.")
     if overrides:
         if not isinstance(data, dict):
             return build_config_from_dict(data, path)

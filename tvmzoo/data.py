@@ -179,6 +179,9 @@ def calibration_batches(dataset: Dataset, pre: Preprocessing, batch: int = 1) ->
     """The build YAML's calibration set as preprocessed NCHW float32 batches: `dataset.get_data_num`
     images with `dataset.suffix`, sampled deterministically from `dataset.path`. Images that cannot
     be decoded are skipped with a warning."""
+    if not Path(dataset.path).exists():
+        raise ConfigError(f"dataset.path {dataset.path} does not exist: set it to the folder of calibration "
+                          "images (relative paths are from the current directory).")
     paths = find_images(dataset.path, (dataset.suffix,))
     if not paths:
         raise ConfigError(f"dataset.path {dataset.path} has no '*.{dataset.suffix.lstrip('.')}' images for "

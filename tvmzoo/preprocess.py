@@ -137,6 +137,9 @@ class Preprocessing:
                 raise ConfigError(f"preprocessing {name} must be true or false, got {getattr(self, name)!r}.")
         if self.norm in _USES_MEAN_STD and any(s <= 0 for s in self.std):
             raise ConfigError(f"preprocessing std must be positive for {self.norm}, got {self.std}.")
+        if self.resize[0] * self.resize[1] > MAX_PIXELS:
+            raise ConfigError(f"preprocessing resize {self.resize[0]}x{self.resize[1]} is above the limit of "
+                              f"{MAX_PIXELS} pixels: networks take a few hundred pixels a side.")
         self._check_crop_fits()
 
     def _check_crop_fits(self) -> None:
@@ -389,9 +392,42 @@ def _from_opconfig(data: Mapping[str, Any]) -> Preprocessing:
     cfg = data["OpConfig"]
     if not isinstance(cfg, dict):
         raise ConfigError(f"'OpConfig' must be an object, got {cfg!r}.")
-    ow, oh = _get(cfg, "OimageWidth", int), _get(cfg, "OimageHeight", int)
-    rw, rh = _get(cfg, "ResizeWidth", int, ow), _get(cfg, "ResizeHeight", int, oh)
-    cx, cy = _get(cfg, "CropX", int, 0), _get(cfg, "CropY", int, 0)
+    try:
+        return _opconfig(op, cfg)
+    except ConfigError as err:
+        raise ConfigError(f"OpConfig: {err}") from None
+
+
+# The OpConfig keys tvmzoo reads or knowingly ignores (input-buffer placeholders, tensor types).
+_OPCONFIG_KEYS = ("IimageFormat", "IimageWidth", "IimageHeight", "IimageWidthPitch", "IimageHeightPitch",
+                  "OimageWidth", "OimageHeight", "CropX", "CropY", "ResizeWidth", "ResizeHeight",
+                  "Mean", "Std", "NormaType", "ColorCvtCode", "ResizeType", "ResizeKeepAspect")
+
+
+def _check_opconfig_keys(cfg: Mapping[str, Any]) -> None:
+    """A misspelt key would silently fall back to its default: refuse the ones that look like typos."""
+    for key in cfg:
+        if key in _OPCONFIG_KEYS or str(key).startswith("TensorType"):
+            continue
+        close = difflib.get_close_matches(str(key), _OPCONFIG_KEYS, n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(f"unknown key '{key}'. Did you mean '{close[0]}'? Rename it.")
+        log.warning("vdsp OpConfig: unknown key '%s' ignored", key)
+
+
+def _size_key(cfg: Mapping[str, Any], key: str, default: Any = _MISSING, minimum: int = 1) -> int:
+    value = _get(cfg, key, int, default)
+    if value < minimum:
+        what = "a positive integer" if minimum > 0 else "an integer >= 0"
+        raise ConfigError(f"'{key}' must be {what}, got {value}.")
+    return value
+
+
+def _opconfig(op: str, cfg: Mapping[str, Any]) -> Preprocessing:
+    _check_opconfig_keys(cfg)
+    ow, oh = _size_key(cfg, "OimageWidth"), _size_key(cfg, "OimageHeight")
+    rw, rh = _size_key(cfg, "ResizeWidth", ow), _size_key(cfg, "ResizeHeight", oh)
+    cx, cy = _size_key(cfg, "CropX", 0, minimum=0), _size_key(cfg, "CropY", 0, minimum=0)
     keep = _get(cfg, "ResizeKeepAspect", bool, False)
     if keep and rw != rh:
         raise ConfigError(f"ResizeKeepAspect resizes the short side to one size, but ResizeWidth {rw} != "
@@ -407,11 +443,17 @@ def _from_opconfig(data: Mapping[str, Any]) -> Preprocessing:
     fmt = _get(cfg, "IimageFormat", str, "RGB_PLANAR")
     log.debug("vdsp OpConfig: ignoring input-buffer keys %s",
               sorted(k for k in cfg if k.startswith("Iimage") or k.startswith("TensorType")))
-    return Preprocessing(
-        resize=(rw, rh), keep_aspect=keep, crop=(ow, oh),
-        crop_xy=None if (cx, cy) == centred else (cx, cy),
-        interpolation=_choice(_get(cfg, "ResizeType", str, "BILINEAR_CV"), RESIZE_TYPES, "ResizeType"),
-        norm=norm, mean=mean, std=std, rgb=_rgb_from(fmt, cvt))
+    try:
+        return Preprocessing(
+            resize=(rw, rh), keep_aspect=keep, crop=(ow, oh),
+            crop_xy=None if (cx, cy) == centred else (cx, cy),
+            interpolation=_choice(_get(cfg, "ResizeType", str, "BILINEAR_CV"), RESIZE_TYPES, "ResizeType"),
+            norm=norm, mean=mean, std=std, rgb=_rgb_from(fmt, cvt))
+    except ConfigError as err:
+        if "does not fit" not in str(err):
+            raise
+        raise ConfigError(f"{err} Here the crop is OimageWidth x OimageHeight = {ow}x{oh} at CropX, CropY = "
+                          f"({cx}, {cy}) and the resize ResizeWidth x ResizeHeight = {rw}x{rh}.") from None
 
 
 def _legacy_enum(props: Mapping[str, Any], key: str, choices: Sequence[str], codes: Mapping[int, str],
@@ -517,6 +559,16 @@ def _header_size(buf: bytes) -> tuple[int, int] | None:
     return None
 
 
+_FORMATS = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"BM": "BMP", b"RIFF": "WebP"}
+
+
+def _format_of(buf: bytes) -> str:
+    for magic, name in _FORMATS.items():
+        if buf.startswith(magic):
+            return f"a {name} header without a readable image size"
+    return f"content starts with {buf[:8]!r}"
+
+
 def _jpeg_is_complete(buf: bytes) -> bool:
     # An end-of-image marker must follow the last start-of-scan (0xFFDA cannot occur inside
     # entropy-coded data); older OpenCV decodes a truncated JPEG into a grey-padded image.
@@ -527,8 +579,9 @@ def _jpeg_is_complete(buf: bytes) -> bool:
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image file to HxWx3 uint8 BGR, as cv2.imread(path, IMREAD_COLOR) does: EXIF
     orientation applied, grayscale expanded to 3 channels, alpha dropped, 16-bit scaled to 8-bit.
-    Works with non-ASCII paths. Images above `max_pixels` are refused (from the header where
-    the format allows, before decoding). Raises ImageError("cannot decode <path>: <reason>")."""
+    Works with non-ASCII paths. Reads JPEG, PNG, BMP and WebP content (whatever the file is named):
+    the size comes from the header, and images above `max_pixels` are refused before decoding, so
+    memory stays bounded. Raises ImageError("cannot decode <path>: <reason>")."""
     path = Path(path)
     try:
         buf = np.fromfile(path, dtype=np.uint8)
@@ -539,8 +592,11 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if buf.size == 0:
         raise ImageError(f"cannot decode {path}: the file is empty (0 bytes); re-copy or remove it.")
     raw = buf.tobytes()
-    size = _header_size(raw[:65536])
-    if size is not None and size[0] * size[1] > max_pixels:
+    size = _header_size(raw)
+    if size is None:  # never hand OpenCV a file whose size is unknown: it would allocate first, then refuse
+        raise ImageError(f"cannot decode {path}: not a supported image or corrupt/truncated data "
+                         f"({_format_of(raw)}; tvmzoo reads {', '.join(_FORMATS.values())}).")
+    if size[0] * size[1] > max_pixels:
         raise ImageError(f"cannot decode {path}: {size[0]}x{size[1]} pixels is above the limit of "
                          f"{max_pixels} pixels; downscale the image first.")
     try:
@@ -639,6 +695,9 @@ def resize_and_crop_uint8(pre: Preprocessing, image_bgr: np.ndarray) -> np.ndarr
     (RGB when pre.rgb), i.e. everything before normalization."""
     _check_image(image_bgr)
     rw, rh = resized_size(pre, image_bgr.shape[1], image_bgr.shape[0])
+    if rw * rh > MAX_PIXELS:  # keep-aspect resize of a thin strip (e.g. 1x20000) would need gigabytes
+        raise ImageError(f"a {image_bgr.shape[1]}x{image_bgr.shape[0]} image resized to keep its aspect ratio "
+                         f"would be {rw}x{rh}, above the limit of {MAX_PIXELS} pixels; crop it first.")
     resized = resize_uint8(image_bgr, (rw, rh), pre.interpolation)
     cw, ch = pre.crop
     x, y = pre.crop_xy or ((rw - cw) // 2, (rh - ch) // 2)
