@@ -12,9 +12,8 @@ from .config import load_build_config
 from .data import find_images
 from .errors import ConfigError
 from .evaluate import ground_truth_of
-from .results import Prediction, top_k
-from .runner import classify
-from .runtime import CompiledModel
+from .results import Prediction, read_results, top_k
+from .runner import RunOptions, resolve_preprocessing, run_to_file
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,13 @@ def agreement(a: Sequence[Prediction], b: Sequence[Prediction]) -> float:
 
 def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: Sequence[str],
                         limit: int | None = None, workspace: str | Path | None = None,
-                        mode: str = "async") -> list[AccuracyRow]:
+                        mode: str = "async", options: RunOptions | None = None) -> list[AccuracyRow]:
+    """Each precision's predictions go to <workspace>/<name>-eval-<precision>.result.txt (resumable
+    with options.resume; run locally or on RPC devices with options.remote)."""
+    from .data import load_labels
+
+    options = options or RunOptions(mode=mode)
+    names = load_labels(None).names
     paths = find_images(Path(images))[:limit]
     if not paths:
         raise ConfigError(f"no images found at {images}.")
@@ -53,12 +58,11 @@ def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: S
         if workspace is not None:
             overrides["workspace.path"] = str(workspace)
         cfg = load_build_config(yaml_path, overrides)
-        model = CompiledModel.load(compile_model(cfg))
-        pre = model.preprocessing
-        if pre is None:
-            raise ConfigError(f"{yaml_path}: no preprocessing known for this model; add dataset.process_ops.")
-        summary = classify(model, paths, pre, mode=mode)
-        preds = summary.predictions
+        directory = compile_model(cfg)
+        pre = resolve_preprocessing(directory, None)
+        result = Path(cfg.workspace) / f"{cfg.name}.result.txt"
+        summary = run_to_file(directory, paths, pre, result, names, options)
+        preds = read_results(result)
         if precision == "fp32":
             reference = preds
         score = top_k(preds, truth)

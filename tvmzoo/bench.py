@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .npz import load_input, output_path, save_npz
-from .preprocess import Preprocessing, apply
+from .preprocess import Preprocessing
 from .runtime import CompiledModel
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,28 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def benchmark(prefix: str | Path, cfg: BenchConfig) -> BenchReport:
-    """Run `cfg.instances` model instances in parallel threads, each `cfg.iterations` batches of random input."""
-    models = [CompiledModel.load(prefix) for _ in range(cfg.instances)]
-    data = np.random.default_rng(0).standard_normal((cfg.batch, *cfg.shape), dtype=np.float32)
+def load_models(prefix: str | Path, count: int, remote=None) -> list[CompiledModel]:
+    """`count` local instances, or with a tvmzoo.devices.RemoteSpec one instance per RPC device."""
+    if remote is None:
+        return [CompiledModel.load(prefix) for _ in range(count)]
+    from .devices import load_remote, open_sessions
+
+    return [load_remote(prefix, session) for session in open_sessions(remote)]
+
+
+def random_input(model: CompiledModel, batch: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Random NCHW float32 of `shape`, or for a fused module uint8 images of the size it takes."""
+    rng = np.random.default_rng(0)
+    if model.fused:
+        return rng.integers(0, 256, (batch, *model.input_shape[1:]), dtype=np.uint8)
+    return rng.standard_normal((batch, *shape), dtype=np.float32)
+
+
+def benchmark(prefix: str | Path, cfg: BenchConfig, remote=None) -> BenchReport:
+    """Run `cfg.instances` model instances (or every RPC device of `remote`) in parallel threads, each
+    `cfg.iterations` batches of random input: the model alone, no decoding or preprocessing."""
+    models = load_models(prefix, cfg.instances, remote)
+    data = random_input(models[0], cfg.batch, cfg.shape)
     t0 = time.perf_counter()
     models[0].run(data)
     first_ms = (time.perf_counter() - t0) * 1e3
@@ -89,27 +107,63 @@ def benchmark(prefix: str | Path, cfg: BenchConfig) -> BenchReport:
             models[i].run(data)
             latencies[i].append(time.perf_counter() - start)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(cfg.instances)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(models))]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    samples = cfg.instances * cfg.iterations * cfg.batch
-    return BenchReport(cfg.instances, cfg.batch, samples, elapsed, samples / elapsed, first_ms,
+    samples = len(models) * cfg.iterations * cfg.batch
+    return BenchReport(len(models), cfg.batch, samples, elapsed, samples / elapsed, first_ms,
                        latency_stats([s for per in latencies for s in per]), peak_memory_mb())
 
 
 def run_datalist(prefix: str | Path, datalist: Sequence[Path], out_dir: Path, pre: Preprocessing,
-                 batch: int = 1, progress: bool = True) -> int:
+                 batch: int = 1, progress: bool = True, remote=None) -> int:
     """Infer every npz of the datalist and write `output_0` per input, named by datalist position."""
-    model = CompiledModel.load(prefix)
+    from .runner import model_input
+
+    model = load_models(prefix, 1, remote)[0]
     done = 0
     for start in tqdm(range(0, len(datalist), batch), disable=not progress or len(datalist) < 20, unit="batch"):
         items = datalist[start:start + batch]
-        outputs = model.run(np.stack([apply(pre, load_input(p)) for p in items]))
+        outputs = model.run(np.stack([model_input(pre, load_input(p), model.fused) for p in items]))
         for offset, (item, row) in enumerate(zip(items, outputs)):
             save_npz(output_path(out_dir, start + offset, item), output_0=row[None])
             done += 1
     return done
+
+
+@dataclass(frozen=True)
+class EndToEndReport:
+    """Images/s over real images, decode + preprocess + inference, as the runner does them."""
+    images: int
+    seconds: float
+    images_per_second: float
+    preprocess: str            # host | fused
+    mode: str
+    instances: int
+    batch: int
+
+    def text(self) -> str:
+        return (f"end-to-end ({self.preprocess} preprocessing, {self.mode}, {self.instances} instance(s), "
+                f"batch {self.batch}): {self.images} images in {self.seconds:.3f} s, "
+                f"{self.images_per_second:.2f} images/s")
+
+
+def end_to_end(prefix: str | Path, paths: Sequence[Path], pre: Preprocessing, mode: str = "sync",
+               instances: int = 1, batch: int = 1, remote=None) -> EndToEndReport:
+    """Time the runner over real images (decode, preprocess, infer, top-5); models are loaded and
+    warmed up first so the time is the steady state."""
+    from .runner import classify, model_input
+    from .preprocess import read_image
+
+    models = load_models(prefix, instances if mode == "async" or remote is not None else 1, remote)
+    warm = np.stack([model_input(pre, read_image(paths[0]), models[0].fused)] * batch)
+    for model in models:
+        model.run(warm)
+    summary = classify(models, paths, pre, batch=batch, mode="async" if len(models) > 1 else mode,
+                       progress=False)
+    return EndToEndReport(len(summary.predictions), summary.seconds, summary.images_per_second,
+                          "fused" if models[0].fused else "host", mode, len(models), batch)

@@ -29,7 +29,10 @@ def _overrides(items: Sequence[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise TvmzooError(f"--set {item}: write it as key.path=value, e.g. --set backend.dtype=fp16")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:  # not a YAML scalar or list: the text as is; the config check says if it fits
+            out[key] = value
     return out
 
 
@@ -47,23 +50,48 @@ def cmd_export(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .compiler import compile_model
     from .config import load_build_config
 
-    cfg = load_build_config(args.yaml, _overrides(args.set))
-    out = compile_model(cfg)
+    cfg = load_build_config(args.yaml, _overrides(args.set))  # before importing TVM: config errors come fast
+    from .compiler import compile_model
+
+    try:
+        out = compile_model(cfg)
+    except TvmzooError as exc:  # every compile error names the YAML it came from
+        if str(exc).startswith(str(cfg.path)):
+            raise
+        raise type(exc)(f"{cfg.path}: {exc}") from None
     print(f"compiled {cfg.name} ({cfg.backend.dtype}) -> {out / 'mod.so'}")
+    return 0
+
+
+def _remote(args):
+    from .devices import RemoteSpec
+
+    return RemoteSpec.from_args(args.rpc, args.rpc_tracker, args.rpc_key)
+
+
+def cmd_tune(args) -> int:
+    from .compiler import tune_build
+    from .config import load_build_config
+
+    records = tune_build(load_build_config(args.yaml, _overrides(args.set)), args.trials, args.per_task)
+    print(f"tuning records in {records}; `vamc compile` applies them")
     return 0
 
 
 def cmd_classify(args) -> int:
     from . import runner
 
+    options = runner.RunOptions(mode=args.infer_mode, batch=args.batch, instances=args.instances,
+                                resume=args.resume, remote=_remote(args))
     summary = runner.classify_to_file(args.model_prefix_path, args.file_path, args.save_result_txt,
                                       vdsp=args.vdsp_params_info, labels=args.label_txt,
-                                      save_dir=args.save_dir, mode=args.infer_mode, batch=args.batch)
+                                      save_dir=args.save_dir, options=options)
     for path, reason in summary.failed:
         print(f"failed: {path}: {reason}", file=sys.stderr)
+    if summary.skipped:
+        print(f"resumed: {summary.skipped} image(s) were already in the result file")
     print(summary.speed_line())
     if summary.failed:
         print(f"{len(summary.failed)} image(s) could not be read (listed above)", file=sys.stderr)
@@ -105,22 +133,59 @@ def cmd_vamp(args) -> int:
 
         pre = resolve_preprocessing(args.model_prefix, args.vdsp_params)
         n = bench.run_datalist(args.model_prefix, read_datalist(Path(args.datalist)), Path(args.path_output),
-                               pre, batch=args.batch)
+                               pre, batch=args.batch, remote=_remote(args))
         print(f"wrote {n} output npz files to {args.path_output}")
         return 0
     shape = args.shape if len(args.shape) == 3 else (3, *args.shape * (2 if len(args.shape) == 1 else 1))
     report = bench.benchmark(args.model_prefix, bench.BenchConfig(args.instance, args.batch, args.iterations,
-                                                                 args.warmup, tuple(shape)))
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+                                                                 args.warmup, tuple(shape)), remote=_remote(args))
+    e2e = None
+    if args.images:
+        from .data import find_images
+
+        paths = find_images(Path(args.images))
+        if not paths:
+            raise TvmzooError(f"no images found at {args.images}.")
+        e2e = bench.end_to_end(args.model_prefix, paths, resolve_preprocessing(args.model_prefix, args.vdsp_params),
+                               args.infer_mode, args.instance, args.batch, remote=_remote(args))
+    if args.json:
+        print(json.dumps({**report.as_dict(), "end_to_end": e2e.__dict__ if e2e else None}, indent=2))
+    else:
+        print(report.text() + (f"\n{e2e.text()}" if e2e else ""))
+    return 0
+
+
+def cmd_quant_report(args) -> int:
+    from .compiler import quant_report
+    from .config import load_build_config
+
+    csv_path, md_path = quant_report(load_build_config(args.yaml, _overrides(args.set)), args.output)
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from .accuracy import evaluate_precisions, format_table
 
-    rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace)
+    from .runner import RunOptions
+
+    options = RunOptions(mode=args.infer_mode, instances=args.instances, resume=args.resume, remote=_remote(args))
+    rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace,
+                               options=options)
     print(format_table(rows))
     return 0
+
+
+def cmd_device(args) -> int:
+    from . import devices
+
+    if args.device_command == "tracker":
+        cmd = devices.tracker_command(args.host, args.port)
+    else:
+        cmd = devices.serve_command(args.tracker, args.key, args.host, args.port)
+    devices.exec_command(cmd)
+    return 0  # not reached: exec replaces this process
 
 
 def cmd_info(args) -> int:
@@ -140,12 +205,19 @@ def cmd_quickstart(args) -> int:
 # ---------------------------------------------------------------- parsers
 
 
-def _add_compile(sub) -> None:
+def _add_compile_and_tune(sub) -> None:
     p = sub.add_parser("compile", help="step 3: compile a build YAML into <workspace>/<name>/mod.so")
     p.add_argument("yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a YAML value, e.g. --set backend.dtype=fp16 --set name=my_fp16")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="MetaSchedule-tune a build's kernels (resumable); compile applies the records")
+    p.add_argument("yaml")
+    p.add_argument("--trials", type=int, default=500, help="trials in this run, over all kernels")
+    p.add_argument("--per-task", type=int, default=None, help="at most this many trials per kernel")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_tune)
 
 
 def _add_vamp_args(p) -> None:
@@ -160,7 +232,24 @@ def _add_vamp_args(p) -> None:
     p.add_argument("--datalist", help="npz list from image2npz: infer each and write output npz files")
     p.add_argument("--path_output", default="./vamp_output", help="where --datalist outputs go")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--images", help="also time the whole runner (decode + preprocess + infer) over these images")
+    p.add_argument("--infer_mode", choices=("sync", "async"), default="sync", help="runner mode for --images")
+    _add_rpc_args(p)
     p.set_defaults(func=cmd_vamp)
+
+
+def _add_rpc_args(p) -> None:
+    p.add_argument("--rpc", metavar="HOST:PORT", help="run on one TVM RPC server (tvmzoo device serve)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="run on every device registered under --rpc-key at this TVM RPC tracker")
+    p.add_argument("--rpc-key", metavar="KEY", help="the device key the servers registered with")
+
+
+def _add_run_args(p) -> None:
+    p.add_argument("--instances", type=int, default=1, help="model instances run in parallel (--infer_mode async)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the images already in the result file and classify only the rest")
+    _add_rpc_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.set_defaults(func=cmd_export)
 
-    _add_compile(sub)
+    _add_compile_and_tune(sub)
 
     p = sub.add_parser("run", help="step 4: classify images with a compiled model (classification.py)")
     add_classify_args(p)
@@ -201,7 +290,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32,fp16", help="comma-separated: fp32,fp16,int8")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--workspace", default=None, help="where the evaluation builds go (default: the YAML's)")
+    p.add_argument("--infer_mode", choices=("sync", "async"), default="async")
+    _add_run_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
+    dev = p.add_subparsers(dest="device_command", required=True)
+    q = dev.add_parser("tracker", help="python -m tvm.exec.rpc_tracker: devices register here")
+    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--port", type=int, default=9190)
+    q.set_defaults(func=cmd_device)
+    q = dev.add_parser("serve", help="python -m tvm.exec.rpc_server: run models sent by tvmzoo")
+    q.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker (else clients use --rpc)")
+    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids")
+    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--port", type=int, default=9090, help="first port to try")
+    q.set_defaults(func=cmd_device)
+
+    p = sub.add_parser("quant-report", help="int8: per-layer weight / activation SQNR table (CSV + markdown)")
+    p.add_argument("yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--output", default=None, help="folder for the report (default: <workspace>/<name>_quant_report)")
+    p.set_defaults(func=cmd_quant_report)
 
     p = sub.add_parser("info", help="parameters, multiply-adds, input size and layers of a model")
     p.add_argument("model", help="a build YAML or family:arch, e.g. repvgg:A0, regnet:400MF")
@@ -223,6 +333,7 @@ def add_classify_args(p) -> None:
     p.add_argument("--infer_mode", choices=("sync", "async"), default="sync")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device_id", type=int, default=0, help="accepted for vendor compatibility")
+    _add_run_args(p)
     p.set_defaults(func=cmd_classify)
 
 
@@ -281,7 +392,7 @@ def vamc_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vamc", description="compile (and tune) build YAMLs")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_compile(sub)
+    _add_compile_and_tune(sub)
     return run(parser, argv)
 
 

@@ -33,9 +33,44 @@ def read_meta(directory: Path) -> dict:
         raise ModuleError(f"no compiled model at {directory}: {META_FILE} is missing. "
                           "Run `vamc compile <yaml>` first, and pass its <workspace>/<name>/mod as the model prefix.")
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModuleError(f"{meta_path} is corrupt ({exc}); recompile the model with `vamc compile`.") from exc
+    problem = _meta_problem(meta)
+    if problem:
+        raise ModuleError(f"{meta_path} is not a tvmzoo module description ({problem}); "
+                          "recompile the model with `vamc compile`.")
+    return meta
+
+
+def _meta_problem(meta) -> str | None:
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    kinds = {"target": dict, "input": dict, "cpu_features": list}
+    for key, kind in kinds.items():
+        if not isinstance(meta.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    shape = meta["input"].get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) for d in shape)):
+        return f"'input.shape' must be four integers, got {shape!r}"
+    return None
+
+
+def check_module_file(meta: dict, directory: Path) -> None:
+    """Refuse a mod.so that is not the one mod.json describes (truncated, overwritten, half-copied):
+    loading a damaged shared object can kill the process (SIGBUS) instead of raising."""
+    from .compiler import file_sha256
+
+    so = directory / MODULE_FILE
+    if not so.is_file():
+        raise ModuleError(f"{so} is missing; recompile the model with `vamc compile`.")
+    expected = meta.get("module_sha256")
+    if expected is None:  # built before tvmzoo recorded the checksum
+        log.debug("%s records no module checksum: not verified", directory / META_FILE)
+        return
+    if file_sha256(so) != expected:
+        raise ModuleError(f"{so} does not match {META_FILE} (checksum differs): the file is corrupt, truncated "
+                          "or from another build; recompile with `vamc compile`.")
 
 
 def check_compatible(meta: dict, directory: Path) -> None:
@@ -60,6 +95,7 @@ class CompiledModel:
     directory: Path
     meta: dict
     vm: object
+    device: object = None      # where inputs go: tvm.cpu() when None, a remote session's cpu() over RPC
 
     @classmethod
     def load(cls, prefix: str | Path) -> CompiledModel:
@@ -69,6 +105,7 @@ class CompiledModel:
         directory = model_dir(prefix)
         meta = read_meta(directory)
         check_compatible(meta, directory)
+        check_module_file(meta, directory)
         try:
             lib = tvm.runtime.load_module(str(directory / MODULE_FILE))
             vm = relax.VirtualMachine(lib, tvm.cpu())
@@ -97,12 +134,22 @@ class CompiledModel:
         return self.preprocessing_from_meta(self.meta)
 
     @property
+    def fused(self) -> bool:
+        """True when preprocessing is compiled in: the input is the resized uint8 BGR NHWC image."""
+        return self.meta.get("preprocess") == "fused"
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return np.dtype(self.meta["input"].get("dtype", "float32"))
+
+    @property
     def softmax(self) -> bool:
         return bool(self.meta.get("softmax"))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Outputs (logits, or probabilities with extra_ops softmax) for an NCHW float32 batch of any size."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        """Outputs (logits, or probabilities with extra_ops softmax) for a batch of any size: NCHW float32,
+        or NHWC uint8 for a fused module."""
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         step = self.fixed_batch
         if step is None or len(batch) == step:
             return self._run_exact(batch)
@@ -111,14 +158,14 @@ class CompiledModel:
             chunk = batch[start:start + step]
             pad = step - len(chunk)
             if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), batch.dtype)])
             outputs.append(self._run_exact(chunk)[:step - pad])
         return np.concatenate(outputs)
 
     def _run_exact(self, batch: np.ndarray) -> np.ndarray:
         import tvm
 
-        out = self.vm["main"](tvm.runtime.tensor(batch))
+        out = self.vm["main"](tvm.runtime.tensor(batch, device=self.device or tvm.cpu()))
         if isinstance(out, (list, tuple)) or not hasattr(out, "numpy"):
             out = out[0]
         return out.numpy().astype(np.float32)

@@ -1,0 +1,152 @@
+"""Remote devices through TVM RPC: a tracker and two servers on 127.0.0.1 (started with the real
+`tvmzoo device` commands, bounded by `timeout`, killed in a finalizer); an evaluation of real photos
+sharded across both gives the same result file as a local run, also when one server dies mid-run."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import copy_images, run_cli
+from tiny import build_tiny
+from tvmzoo.devices import RemoteSpec, classify_sharded
+from tvmzoo.runner import resolve_preprocessing
+
+KEY = "tvmzoo-test"
+LIFETIME_S = 600        # every process started here is killed after this, whatever happens to pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*args: str, log: Path) -> subprocess.Popen:
+    tvmzoo = str(Path(sys.executable).parent / "tvmzoo")
+    with open(log, "wb") as out:
+        return subprocess.Popen(["timeout", "-s", "KILL", str(LIFETIME_S), tvmzoo, *args], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill the process group: the server forks a process per session."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for_devices(port: int, count: int, deadline_s: float = 120) -> None:
+    from tvm import rpc
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            free = rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get(KEY, {}).get("free", 0)
+            if free >= count:
+                return
+        except RuntimeError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{count} RPC servers did not register within {deadline_s}s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("rpc-logs")
+    port = free_port()
+    procs = [start("device", "tracker", "--host", "127.0.0.1", "--port", str(port), log=logs / "tracker.log")]
+    try:
+        time.sleep(1)
+        for i in range(2):
+            procs.append(start("device", "serve", "--tracker", f"127.0.0.1:{port}", "--key", KEY,
+                               "--host", "127.0.0.1", "--port", str(free_port()), log=logs / f"server{i}.log"))
+        wait_for_devices(port, 2)
+        yield {"tracker": f"127.0.0.1:{port}", "servers": procs[1:], "logs": logs}
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, sample_images):
+    root = tmp_path_factory.mktemp("rpc")
+    return {"model": build_tiny(root, "tiny_rpc"), "photos": copy_images(sample_images[::10], root / "photos"),
+            "root": root}
+
+
+def test_device_commands_wrap_tvm(tmp_path):
+    proc = run_cli("tvmzoo", "device", "serve", "--tracker", "nonsense", "--key", "k", check=False)
+    assert proc.returncode == 2 and "host:port" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("tvmzoo", "run", "--file_path", tmp_path, "--model_prefix_path", tmp_path / "mod",
+                   "--rpc-tracker", "127.0.0.1:1", check=False)
+    assert proc.returncode == 2 and "--rpc-key" in proc.stderr
+
+
+def test_sharded_run_equals_local_run(cluster, setup, tmp_path):
+    common = ["run", "--file_path", setup["photos"][0].parent, "--model_prefix_path", setup["model"],
+              "--save_dir", tmp_path]
+    run_cli("tvmzoo", *common, "--save_result_txt", "local.txt")
+    proc = run_cli("tvmzoo", *common, "--save_result_txt", "remote.txt",
+                   "--rpc-tracker", cluster["tracker"], "--rpc-key", KEY)
+    assert "50 images in" in proc.stdout
+    assert (tmp_path / "remote.txt").read_text() == (tmp_path / "local.txt").read_text()
+    sessions = [(cluster["logs"] / f"server{i}.log").read_text().count("connected from") for i in range(2)]
+    assert all(n >= 1 for n in sessions), f"both devices must have served: {sessions}"
+
+
+def test_vamp_runs_one_instance_per_device(cluster, setup):
+    import json
+
+    proc = run_cli("vamp", "-m", setup["model"], "-s", "3,32,32", "--iterations", "4", "--json",
+                   "--rpc-tracker", cluster["tracker"], "--rpc-key", KEY)
+    report = json.loads(proc.stdout)
+    assert report["instances"] == 2 and report["samples"] == 8 and report["throughput_qps"] > 0
+
+
+def _table_without_speed(text: str) -> list[list[str]]:
+    return [line.split("|")[1:-2] for line in text.splitlines() if line.startswith("|")]
+
+
+def test_eval_sharded_across_devices(cluster, setup, tmp_path):
+    yaml_path = setup["root"] / "tiny_rpc.yaml"
+    common = ["eval", yaml_path, "--images", setup["photos"][0].parent, "--precisions", "fp32"]
+    local = run_cli("tvmzoo", *common, "--workspace", tmp_path / "local")
+    remote = run_cli("tvmzoo", *common, "--workspace", tmp_path / "remote",
+                     "--rpc-tracker", cluster["tracker"], "--rpc-key", KEY)
+    assert _table_without_speed(remote.stdout) == _table_without_speed(local.stdout)
+    assert "| fp32 | 50 |" in remote.stdout
+    name = "tiny_rpc-eval-fp32.result.txt"
+    assert (tmp_path / "remote" / name).read_text() == (tmp_path / "local" / name).read_text()
+    assert "on 2 device(s)" in remote.stderr
+
+
+def test_server_dying_mid_run_loses_nothing(cluster, setup, tmp_path):
+    from tvmzoo.runner import classify
+    from tvmzoo.runtime import CompiledModel
+
+    paths = setup["photos"] * 2                      # 100 images, 20 shards of 5
+    pre = resolve_preprocessing(setup["model"], None)
+    local = classify(CompiledModel.load(setup["model"]), paths, pre, progress=False).predictions
+    seen: list[str] = []
+
+    def kill_after_first_shard(pred) -> None:
+        seen.append(pred.path)
+        if len(seen) == 5:
+            stop(cluster["servers"][1])
+
+    spec = RemoteSpec.from_args(tracker=cluster["tracker"], key=KEY)
+    run = classify_sharded(setup["model"], paths, pre, spec, shard_size=5, progress=False,
+                           on_prediction=kill_after_first_shard)
+    assert run.devices == 2 and run.reassigned >= 1
+    assert [p.path for p in run.predictions] == [str(p) for p in paths]     # every image once, in order
+    assert sorted(seen) == sorted(str(p) for p in paths)                    # no shard reported twice
+    assert [(p.ids, p.probs) for p in run.predictions] == [(p.ids, p.probs) for p in local]
