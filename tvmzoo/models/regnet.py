@@ -22,6 +22,7 @@ import onnx
 from ..errors import CheckpointError, ConfigError
 from ..onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
+from .state import first_mismatch, head_classes, strip_framework_keys
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 # Keys a framework adds that carry no weights: torch BN step counters, paddle's name table.
-_IGNORED_SUFFIXES = ("num_batches_tracked",)
-_IGNORED_KEYS = ("StructuredToParameterName@@",)
 
 
 @dataclass(frozen=True)
@@ -234,46 +233,21 @@ def expected_shapes(arch: str | RegNetArch, source: str, num_classes: int = 1000
     return keys
 
 
-def _strip(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop a DataParallel 'module.' prefix and the framework keys that hold no weights."""
-    out = {}
-    for k, v in state.items():
-        if k in _IGNORED_KEYS or k.endswith(_IGNORED_SUFFIXES):
-            continue
-        out[k[len("module."):] if k.startswith("module.") else k] = v
-    return out
 
 
-def _head_classes(state: Mapping[str, np.ndarray], lay: Layout) -> int | None:
-    w = state.get(f"{lay.head}.weight")
-    if w is None or np.ndim(w) != 2:
-        return None
-    return int(w.shape[1] if lay.head_transposed else w.shape[0])
 
 
-def _mismatch(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> str | None:
-    """The first difference between a state dict and the expected keys, as a sentence; None if it fits."""
-    for key, shape in expected.items():
-        if key not in state:
-            return f"missing key '{key}' (expected shape {list(shape)})"
-        if tuple(np.shape(state[key])) != shape:
-            return f"key '{key}' has shape {list(np.shape(state[key]))}, expected {list(shape)}"
-    extra = [k for k in state if k not in expected]
-    if extra:
-        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-        return f"unexpected key '{extra[0]}' (shape {list(np.shape(state[extra[0]]))}){more}"
-    return None
 
 
 def guess_arch(state: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
     """(arch, source) of the first ARCHS entry and layout the state dict fits exactly, else None."""
-    state = _strip(state)
+    state = strip_framework_keys(state)
     for source in SOURCES:
-        n = _head_classes(state, LAYOUTS[source])
+        n = head_classes(state, LAYOUTS[source].head, LAYOUTS[source].head_transposed)
         if n is None:
             continue
         for name in ARCHS:
-            if _mismatch(state, expected_shapes(name, source, n)) is None:
+            if first_mismatch(state, expected_shapes(name, source, n)) is None:
                 return name, source
     return None
 
@@ -287,8 +261,8 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source:
     """(state without prefixes / framework keys, num_classes) if the checkpoint fits arch and source
     exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
     spec, lay = get_arch(arch), _source(source)
-    state = _strip(state)
-    num_classes = _head_classes(state, lay)
+    state = strip_framework_keys(state)
+    num_classes = head_classes(state, lay.head, lay.head_transposed)
     if num_classes is None:
         w = state.get(f"{lay.head}.weight")
         found = "missing" if w is None else f"of shape {list(np.shape(w))}"
@@ -296,7 +270,7 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source:
             f"RegNet checkpoint ({source} layout): the classifier weight '{lay.head}.weight' is {found}; "
             f"expected a 2-D Linear weight.{_guess_hint(state)} Check model.source ({', '.join(SOURCES)}) "
             f"and that the file is a RegNetX classification checkpoint.")
-    problem = _mismatch(state, expected_shapes(spec, source, num_classes))
+    problem = first_mismatch(state, expected_shapes(spec, source, num_classes))
     if problem:
         raise CheckpointError(
             f"checkpoint does not fit {arch_name(spec)} ({source} layout): {problem}.{_guess_hint(state)} "

@@ -17,6 +17,7 @@ import onnx
 from ..errors import CheckpointError, ConfigError
 from ..onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
+from .state import first_mismatch, head_classes, strip_framework_keys
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,6 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 # Keys a framework adds that carry no weights: torch BN step counters, paddle's name table.
-_IGNORED_SUFFIXES = ("num_batches_tracked",)
-_IGNORED_KEYS = ("StructuredToParameterName@@",)
 
 
 @dataclass(frozen=True)
@@ -205,26 +204,12 @@ def expected_shapes(arch: str | RepVGGArch, source: str, num_classes: int = 1000
     return keys
 
 
-def _strip_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop a DataParallel 'module.' prefix and the framework keys that hold no weights."""
-    out = {}
-    for k, v in state.items():
-        if k in _IGNORED_KEYS or k.endswith(_IGNORED_SUFFIXES):
-            continue
-        out[k[len("module."):] if k.startswith("module.") else k] = v
-    return out
 
 
-def _head_classes(state: Mapping[str, np.ndarray], lay: Layout) -> int | None:
-    """The class count of the classifier weight, None when it is missing or not 2-D."""
-    w = state.get(f"{lay.head}.weight")
-    if w is None or np.ndim(w) != 2:
-        return None
-    return int(w.shape[1] if lay.head_transposed else w.shape[0])
 
 
 def _num_classes(state: Mapping[str, np.ndarray], lay: Layout, source: str) -> int:
-    n = _head_classes(state, lay)
+    n = head_classes(state, lay.head, lay.head_transposed)
     if n is None:
         key = f"{lay.head}.weight"
         found = "missing" if key not in state else f"of shape {list(np.shape(state[key]))}"
@@ -234,28 +219,16 @@ def _num_classes(state: Mapping[str, np.ndarray], lay: Layout, source: str) -> i
     return n
 
 
-def _mismatch(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> str | None:
-    """The first difference between a state dict and the expected keys, as a sentence; None if it fits."""
-    for key, shape in expected.items():
-        if key not in state:
-            return f"missing key '{key}' (expected shape {list(shape)})"
-        if tuple(np.shape(state[key])) != shape:
-            return f"key '{key}' has shape {list(np.shape(state[key]))}, expected {list(shape)}"
-    extra = [k for k in state if k not in expected]
-    if extra:
-        return f"unexpected key '{extra[0]}' (shape {list(np.shape(state[extra[0]]))})" + (
-            f" and {len(extra) - 1} more" if len(extra) > 1 else "")
-    return None
 
 
 def _fits(state: Mapping[str, np.ndarray], arch: RepVGGArch, source: str) -> bool:
-    n = _head_classes(state, LAYOUTS[source])
-    return n is not None and _mismatch(state, expected_shapes(arch, source, n, deploy=state)) is None
+    n = head_classes(state, LAYOUTS[source].head, LAYOUTS[source].head_transposed)
+    return n is not None and first_mismatch(state, expected_shapes(arch, source, n, deploy=state)) is None
 
 
 def guess_arch(state: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
     """(arch, source) of the first ARCHS entry and layout the state dict fits exactly, else None."""
-    state = _strip_prefix(state)
+    state = strip_framework_keys(state)
     for source in SOURCES:
         for name, spec in ARCHS.items():
             if _fits(state, spec, source):
@@ -272,9 +245,9 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source:
     """(state without prefixes / framework keys, num_classes) if the checkpoint fits arch and source
     exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
     spec, lay = get_arch(arch), _source(source)
-    state = _strip_prefix(state)
+    state = strip_framework_keys(state)
     num_classes = _num_classes(state, lay, source)
-    problem = _mismatch(state, expected_shapes(spec, source, num_classes, deploy=state))
+    problem = first_mismatch(state, expected_shapes(spec, source, num_classes, deploy=state))
     if problem:
         raise CheckpointError(
             f"checkpoint does not fit {arch_name(spec)} ({source} layout): {problem}.{_guess_hint(state)} "
