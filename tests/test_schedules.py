@@ -154,3 +154,110 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
     assert n_tuned >= 1 and n_fallback >= 1
     out = _run(mod, target, image)
     assert _cos(out, reference) > 0.99999
+
+
+# ---------------------------------------------------------------- int8: VNNI kernels
+
+INT8_SHAPE = (1, 3, 24, 24)
+
+
+def int8_net() -> onnx.ModelProto:
+    """stem (3 input channels: no VNNI), depthwise, 1x1 and 3x3 convs whose channels fit the
+    16- and 8-lane VNNI kernels, a residual add, GAP, Gemm."""
+    rng = np.random.default_rng(3)
+    g = GraphBuilder("int8_small")
+    x = g.relu(g.conv(g.input(list(INT8_SHAPE)), _w(rng, 16, 3, 3, 3), _w(rng, 16), "stem"))
+    x = g.relu6(g.conv(x, _w(rng, 16, 1, 3, 3), _w(rng, 16), "dw", groups=16))
+    x = g.relu(g.conv(x, _w(rng, 32, 16, 3, 3), _w(rng, 32), "c3x3", stride=2))
+    x = g.conv(x, _w(rng, 24, 32, 1, 1), _w(rng, 24), "pw24")          # 8-lane kernel, no ReLU
+    x = g.add(x, g.conv(x, _w(rng, 24, 24, 1, 1), _w(rng, 24), "pw_res"))  # input zero point != 0
+    x = g.flatten(g.global_avg_pool(x))
+    g.output(g.gemm(x, _w(rng, 16, 24), _w(rng, 16), "fc"), [1, 16])
+    return g.build()
+
+
+@pytest.fixture(scope="module")
+def int8_build(target):
+    from tvmzoo.compiler import precision_passes
+    from tvmzoo.config import Quantize
+    from tvmzoo.quantize import quantize_model
+
+    rng = np.random.default_rng(4)
+    calib = [rng.standard_normal(INT8_SHAPE).astype(np.float32) for _ in range(8)]
+    qdq = quantize_model(int8_net(), calib, Quantize(keep_first_last_float=False))
+    mod = from_onnx(qdq, shape_dict={"input": list(INT8_SHAPE)}, keep_params_in_input=False)
+    with target:
+        for _, pass_ in precision_passes("int8"):
+            mod = pass_(mod)
+    return qdq, optimize(mod, target)
+
+
+def _vnni_host() -> bool:
+    from tvmzoo.target import host_cpu_flags
+
+    return "avx512_vnni" in host_cpu_flags()
+
+
+def _kernels(mod: tvm.IRModule) -> dict[str, str]:
+    return {gv.name_hint: f.script() for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+@pytest.mark.skipif(not _vnni_host(), reason="host has no AVX512-VNNI")
+def test_int8_convs_and_matmul_run_on_vnni_and_match_onnxruntime(int8_build, target):
+    qdq, mod = int8_build
+    vnni = [name for name, text in _kernels(mod).items() if "vpdpbusd" in text]
+    # c3x3 (16 lanes), pw24 and pw_res (8 lanes), fc: every dense int8 layer whose channels fit
+    assert len([n for n in vnni if "conv2d" in n]) == 3 and len([n for n in vnni if "matmul" in n]) == 1, vnni
+    ex = tvm.compile(mod, target)
+    assert "vpdpbusd" in ex.mod.imports[0].inspect_source("asm")
+    # the weight repacking ran at build time: no kernel still carries the layout-rewrite block
+    assert not any("layout_rewrite_preproc" in text for text in _kernels(mod).values())
+    from tvmzoo.quantize import run_ort
+
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    images = [np.random.default_rng(10 + i).standard_normal(INT8_SHAPE).astype(np.float32) for i in range(4)]
+    out = np.concatenate([vm["main"](tvm.runtime.tensor(x)).numpy() for x in images])
+    ref = run_ort(qdq, images)
+    for o, r in zip(out, ref):
+        assert _cos(o, r) > 0.9999
+    assert (out.argmax(1) == ref.argmax(1)).all()
+
+
+def test_int8_depthwise_and_stem_get_vector_schedules(int8_build):
+    """No VNNI for them (no channel reduction / 3 input channels): still parallel and vectorized."""
+    _, mod = int8_build
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    convs = {n: f for n, f in kernels.items() if "conv2d" in n and "vpdpbusd" not in f.script()}
+    assert len(convs) == 2, list(kernels)  # stem and depthwise
+    for name, func in convs.items():
+        kinds = _loop_kinds(func)
+        assert {tirx.ForKind.PARALLEL, tirx.ForKind.VECTORIZED} <= kinds, f"{name}:\n{func.script()}"
+
+
+def test_quantize_as_elementwise_ops_is_bit_identical(target):
+    """canonicalize rewrites per-tensor quantize / dequantize into elementwise ops (so they fuse
+    into conv epilogues): same results as TVM's own legalization, ties and saturation included."""
+    from tvm.script import relax as R
+
+    @tvm.script.ir_module
+    class QDQ:
+        @R.function
+        def main(x: R.Tensor((4, 256), "float32")):
+            q = R.quantize(x, R.const(0.05, "float32"), R.const(7, "uint8"), axis=1, out_dtype="uint8")
+            d = R.dequantize(q, R.const(0.05, "float32"), R.const(7, "uint8"), axis=1, out_dtype="float32")
+            s = R.quantize(x, R.const(0.1, "float32"), R.const(-3, "int8"), axis=1, out_dtype="int8")
+            return (q, d, s)
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.uniform(-20, 20, (2, 256)), (np.arange(-256, 256).reshape(2, 256) + 0.5) * 0.05])
+    x = tvm.runtime.tensor(x.astype(np.float32))
+
+    def run(mod):
+        vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+        return [t.numpy() for t in vm["main"](x)]
+
+    rewritten = canonicalize(QDQ)
+    assert "R.quantize" not in rewritten.script() and "R.dequantize" not in rewritten.script()
+    for a, b in zip(run(QDQ), run(rewritten)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)

@@ -436,6 +436,8 @@ def _lower_conv(call, m, pats):
         if hw is None:
             return call  # symbolic spatial size: the border correction is unknown, stay float
         corr = _conv_zp_correction(zp, w, attrs, hw)
+        if np.all(corr == corr[:, :, :1, :1]):  # no border effect (e.g. 1x1, no padding): per channel
+            corr = np.ascontiguousarray(corr[:, :, :1, :1])
         acc = relax.op.subtract(acc, relax.const(corr))
     scale = (s_x.astype(np.float32).reshape(()) * np.broadcast_to(s_w.astype(np.float32), (w.shape[0],)))
     return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.reshape(1, -1, 1, 1)))

@@ -13,6 +13,12 @@ rule for convolutions. This module fills that gap for conv nets:
    vectorized, epilogue (bias, activation, residual add) computed right after each tile.
 3. `ScheduleInjective`: elementwise / transpose / pad kernels: inlined into one loop nest, parallel
    outer loop, vectorized inner loop.
+4. int8 (after tvmzoo.quantize.lower_int8): `canonicalize` turns per-tensor quantize / dequantize
+   into elementwise ops (bit-identical) so they follow NHWC and fuse into the conv epilogues;
+   `ScheduleInt8Dot` (before ScheduleReduction, on AVX512-VNNI targets) repacks the int8 weight
+   to [OC/L, KH, KW, IC/4, L, 4] and tensorizes the reduction with `vpdpbusd` (L = 16 or 8 lanes).
+   Depthwise convs, and convs with input channels not a multiple of 4, keep ScheduleReduction.
+   `prepack_passes` fold the weight repacking into the constants at build time.
 
 `optimize(mod, target)` runs all of it; the result goes straight to `tvm.compile(mod, target)`.
 `tvmzoo.tuning.apply_records` runs the same passes with tuned kernels taking precedence.
@@ -22,12 +28,14 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.ir import IRModule
 from tvm.s_tir import dlight
+from tvm.script import tirx as T
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +85,60 @@ def clamp_to_relax_ops(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModu
     return relax.transform.DeadCodeElimination()(mod)
 
 
+def _scalar_const(expr) -> np.ndarray | None:
+    if isinstance(expr, tvm.ir.Constant) and expr.value.numpy().size == 1:
+        return expr.value.numpy().reshape(())
+    return None
+
+
+@relax.expr_functor.mutator
+class _QdqToElementwise(relax.PyExprMutator):
+    """Per-tensor quantize / dequantize -> the elementwise ops their legalization computes
+    (same ops, same order: bit-identical). ConvertLayout has no layout rule for relax.quantize,
+    so it fences each one with NHWC -> NCHW -> NHWC transposes in its own kernel; as elementwise
+    ops they follow the layout and fuse into the int8 conv's epilogue (one uint8 store)."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        name = getattr(call.op, "name", "")
+        if name not in ("relax.quantize", "relax.dequantize"):
+            return call
+        data, scale, zp = call.args
+        s, z = _scalar_const(scale), _scalar_const(zp)
+        if s is None or z is None or str(s.dtype) != "float32":
+            return call
+        out_dtype = str(call.attrs.out_dtype)
+        if name == "relax.quantize":
+            if out_dtype not in ("uint8", "int8") or str(data.ty.dtype) != "float32":
+                return call
+            info = np.iinfo(out_dtype)
+            x = relax.op.add(relax.op.round(relax.op.divide(data, relax.const(s, "float32"))),
+                             relax.const(np.float32(z), "float32"))
+            # clip as minimum / maximum: ConvertLayout has no layout rule for relax.clip either
+            x = relax.op.minimum(x, relax.const(np.float32(info.max), "float32"))
+            x = relax.op.maximum(x, relax.const(np.float32(info.min), "float32"))
+            return relax.op.astype(x, out_dtype)
+        if out_dtype != "float32" or str(data.ty.dtype) not in ("uint8", "int8"):
+            return call
+        x = relax.op.subtract(relax.op.astype(data, "int32"), relax.const(np.int32(z), "int32"))
+        return relax.op.multiply(relax.op.astype(x, "float32"), relax.const(s, "float32"))
+
+
+@tvm.transform.module_pass(opt_level=0, name="QdqToElementwise")
+def qdq_to_elementwise(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+    mutator = _QdqToElementwise(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mod[gv] = mutator.visit_expr(func)
+    return mod
+
+
 def canonicalize(mod: IRModule) -> IRModule:
     """Run right after from_onnx and before ToMixedPrecision (which rejects the opaque clamp
     kernels): inference forms of BN etc., Clip as Relax ops. Idempotent."""
     return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                      relax.transform.FoldConstant(), clamp_to_relax_ops,
-                                     relax.transform.CanonicalizeBindings()])(mod)
+                                     qdq_to_elementwise, relax.transform.CanonicalizeBindings()])(mod)
 
 
 def layout_passes() -> list[tvm.transform.Pass]:
@@ -325,6 +381,196 @@ class ScheduleReduction(dlight.ScheduleRule):
         schedule_injective(sch, block, lanes)
 
 
+# ---------------------------------------------------------------- int8 dot products (VNNI)
+
+LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"  # what SplitLayoutRewritePreproc splits out
+
+
+def _vnni_dot(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """C[i] += sum_k u8 A[k] * s8 B[i, k] for `lanes` int32 lanes and k < 4: one `vpdpbusd`.
+
+    TVM's own VNNI_DOT_16x4_INTRIN passes <16 x i32> operands; LLVM 22's vpdpbusd takes
+    <64 x i8> ones (the module fails verification), hence these."""
+    n_bytes, llvm = 4 * lanes, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a = T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes)
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm), C.vload([0], dtype=f"int32x{lanes}"),
+                T.reinterpret(a, dtype=f"int8x{n_bytes}"), B.vload([0, 0], dtype=f"int8x{n_bytes}"),
+                dtype=f"int32x{lanes}")
+
+    return desc, impl
+
+
+VNNI_INTRINS = {lanes: f"tvmzoo_dot_{lanes}x4_vnni" for lanes in (16, 8)}
+for _lanes, _name in VNNI_INTRINS.items():
+    s_tir.TensorIntrin.register(_name, *_vnni_dot(_lanes))
+
+
+def _as_var(expr):
+    return expr if isinstance(expr, tirx.Var) else None
+
+
+class ScheduleInt8Dot(dlight.ScheduleRule):
+    """uint8 x int8 -> int32 conv2d (NHWC / HWIO, not grouped) and matmul on AVX512-VNNI.
+
+    The weight is repacked to [OC/L, ..., IC/4, L, 4] (a layout-rewrite block that folds into the
+    constant at build time), so each `vpdpbusd` multiplies 4 input channels (one broadcast int32)
+    by a contiguous L x 4 weight block into L int32 accumulators; the register tile is
+    `rows x vectors` of those, the reduction loops outside it, as in ScheduleReduction."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm" \
+                or not target_has_features(["avx512vnni", "avx512vl"], target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        reductions = [b for b in blocks if _is_reduction(sch, b)]
+        if len(reductions) != 1:
+            return None
+        red = reductions[0]
+        pos = [sch.get(b).name_hint for b in blocks].index(sch.get(red).name_hint)
+        try:
+            self._schedule(sch, red, blocks[:pos], blocks[pos + 1:], target)
+        except (RuntimeError, ValueError) as err:
+            log.debug("ScheduleInt8Dot skipped %s: %s", sch.get(red).name_hint, err)
+            return None
+        return sch
+
+    @staticmethod
+    def _operands(sch, red):
+        """(input read, weight read, output-channel iter, input-channel iter, row iter or None,
+        the weight's index vars); raises _NotApplicable when the kernel does not fit VNNI."""
+        stmt = sch.get(red)
+        out = stmt.writes[0]
+        if out.source.dtype != "int32" or len(stmt.reads) != 2:
+            raise _NotApplicable("not an int32 accumulation of two operands")
+        by_var = {iv.var: iv for iv in stmt.iter_vars}
+        out_vars = [_as_var(r.min) for r in out.region]
+        if any(v is None or by_var[v].iter_type != tirx.IterVar.DataPar for v in out_vars):
+            raise _NotApplicable("output not indexed by plain spatial vars")
+        chan = by_var[out_vars[-1]]
+        row = by_var[out_vars[-2]] if len(out_vars) >= 2 else None
+        inp = wgt = None
+        for i, read in enumerate(stmt.reads):
+            if read.source.same_as(out.source):
+                continue
+            dtype = str(read.source.dtype)
+            if dtype == "int8" and any(_as_var(r.min) is not None and _as_var(r.min).same_as(chan.var)
+                                       for r in read.region):
+                wgt = i
+            elif dtype == "uint8":
+                inp = i
+        if inp is None or wgt is None:
+            raise _NotApplicable("not uint8 x int8")
+        rc = _as_var(stmt.reads[inp].region[-1].min)
+        if rc is None or rc not in by_var or by_var[rc].iter_type != tirx.IterVar.CommReduce:
+            raise _NotApplicable("input's last axis is not the channel reduction")
+        w_vars = [_as_var(r.min) for r in stmt.reads[wgt].region]
+        if any(v is None for v in w_vars) or sum(v.same_as(rc) for v in w_vars) != 1:
+            raise _NotApplicable("weight not indexed by plain vars (grouped conv?)")
+        return inp, wgt, chan, by_var[rc], row, w_vars
+
+    def _schedule(self, sch, red, producers, consumers, target) -> None:
+        self._operands(sch, red)  # applicable at all?
+        for block in self._inline_producers(sch, red, producers):
+            schedule_injective(sch, block, vector_lanes(target, 8))
+        inp, wgt, chan, rc, row, w_vars = self._operands(sch, red)
+        stmt = sch.get(red)
+        c_ext, k_ext = int(chan.dom.extent), int(rc.dom.extent)
+        lanes = 16 if c_ext % 16 == 0 else 8
+        if c_ext % lanes or k_ext % 4:
+            raise _NotApplicable(f"{c_ext} output / {k_ext} input channels: not multiples of {lanes} / 4")
+        r_ext = int(row.dom.extent) if row is not None else 1
+        row_tile, vecs, _ = register_tile(c_ext, r_ext, lanes)
+        # weight [.., rc, .., chan, ..] -> [chan/L, <other axes>, rc/4, L, 4], folded at build time
+        pos_c = next(i for i, v in enumerate(w_vars) if v.same_as(chan.var))
+        pos_k = next(i for i, v in enumerate(w_vars) if v.same_as(rc.var))
+        others = [i for i in range(len(w_vars)) if i not in (pos_c, pos_k)]
+
+        def pack(*idx):
+            c, k = idx[pos_c], idx[pos_k]
+            return (c // lanes, *[idx[i] for i in others], k // 4, c % lanes, k % 4)
+
+        preproc = sch.cache_read(red, wgt, "global")
+        sch.annotate(preproc, LAYOUT_REWRITE_PREPROC, True)
+        sch.transform_layout(red, ("read", wgt), pack)
+        loops = sch.get_loops(red)
+        if len(loops) != len(stmt.iter_vars):
+            raise _NotApplicable("non-trivial loop binding")
+        loop_of = {iv.var: loop for loop, iv in zip(loops, stmt.iter_vars)}
+
+        c_out, c_vec, c_lane = sch.split(loop_of[chan.var], [None, vecs, lanes])
+        k_out, k_lane = sch.split(loop_of[rc.var], [None, 4])
+        if row is not None:
+            r_out, r_in = sch.split(loop_of[row.var], [None, row_tile])
+            tile, outer_rows = [r_in, c_vec], [r_out]
+        else:
+            tile, outer_rows = [c_vec], []
+        tiled = [chan.var, rc.var] + ([row.var] if row is not None else [])
+        rest = [iv for iv in stmt.iter_vars if not any(iv.var.same_as(v) for v in tiled)]
+        spatial = [loop_of[iv.var] for iv in rest if iv.iter_type == tirx.IterVar.DataPar]
+        red_loops = [loop_of[iv.var] for iv in rest if iv.iter_type == tirx.IterVar.CommReduce]
+        weight_outer = _weight_bytes(stmt, chan.var, row) > _input_bytes(stmt, chan.var, row)
+        outer_order = [c_out, *spatial, *outer_rows] if weight_outer else [*spatial, *outer_rows, c_out]
+        sch.reorder(*outer_order, *red_loops, k_out, *tile, c_lane, k_lane)
+        outer = sch.fuse(*outer_order)
+        sch.parallel(outer)
+        init = sch.decompose_reduction(red, (red_loops or [k_out])[0])
+        for loop in tile:
+            sch.unroll(loop)
+        _vectorize_innermost(sch, sch.get_loops(init)[-1], lanes)
+        sch.tensorize(c_lane, VNNI_INTRINS[lanes])
+        self._schedule_epilogue(sch, outer, consumers, vector_lanes(target, 32))
+
+    @staticmethod
+    def _inline_producers(sch, red, producers) -> list:
+        """Inline every producer into its consumer (elementwise work on a residual input goes into
+        the epilogue, a plain-copy pad into the dot product); returns the blocks left (pads)."""
+        read_by_red = {r.source.name for r in sch.get(red).reads}
+        left = []
+        for block in reversed(producers):
+            stmt = sch.get(block)
+            feeds_red = stmt.writes[0].source.name in read_by_red
+            plain = isinstance(stmt.body, tirx.BufferStore) and isinstance(stmt.body.value, tvm.ir.TensorLoad)
+            try:
+                if feeds_red and not plain:
+                    raise _NotApplicable("pad with a border: keep it a buffer for the intrinsic")
+                sch.compute_inline(block)
+            except (RuntimeError, ValueError):
+                left.append(block)
+        return left
+
+    @staticmethod
+    def _schedule_epilogue(sch, outer, consumers, lanes: int) -> None:
+        if not consumers:
+            return
+        for block in _inline_into_last(sch, consumers):
+            try:
+                sch.reverse_compute_at(block, outer, preserve_unit_loops=False)
+                _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
+            except (RuntimeError, ValueError) as err:
+                log.debug("int8 epilogue not fused into the tile: %s", str(err).splitlines()[-1])
+                schedule_injective(sch, block, lanes)
+
+
 class ScheduleInjective(dlight.ScheduleRule):
     """Kernels without reduction: one fused, parallel, vectorized loop nest per output."""
 
@@ -370,8 +616,15 @@ class ScheduleFallback(dlight.ScheduleRule):
 
 def schedule_pass() -> tvm.transform.Pass:
     """Default schedules for every PrimFunc not scheduled yet (e.g. by a tuning database)."""
-    return dlight.ApplyDefaultSchedule(ScheduleReduction(), ScheduleInjective(),
+    return dlight.ApplyDefaultSchedule(ScheduleInt8Dot(), ScheduleReduction(), ScheduleInjective(),
                                        dlight.cpu.Reduction(), ScheduleFallback())
+
+
+def prepack_passes() -> list[tvm.transform.Pass]:
+    """Weight layout rewrites (ScheduleInt8Dot's, MetaSchedule's) split out of the kernels and
+    folded into the constants at build time."""
+    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.LiftTransformParams(),
+            relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
 
 
 def default_cpu_pipeline(target: Target) -> tvm.transform.Pass:
@@ -381,7 +634,8 @@ def default_cpu_pipeline(target: Target) -> tvm.transform.Pass:
     def _pipeline(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         with target:
             mod = canonicalize(mod)
-            return tvm.transform.Sequential([*layout_passes(), *fuse_passes(), schedule_pass()])(mod)
+            return tvm.transform.Sequential([*layout_passes(), *fuse_passes(), schedule_pass(),
+                                             *prepack_passes()])(mod)
 
     return _pipeline
 

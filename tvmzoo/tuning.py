@@ -24,7 +24,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from .errors import ConfigError
-from .schedules import canonicalize, fuse_passes, layout_passes, schedule_pass
+from .schedules import canonicalize, fuse_passes, layout_passes, prepack_passes, schedule_pass
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,6 @@ def apply_records(mod: IRModule, target: Target, work_dir: Path | None) -> tuple
         tuned = _scheduled(prepared)
         prepared = schedule_pass()(prepared)
         fallback = _scheduled(prepared) - tuned
-        prepared = tvm.transform.Sequential([
-            relax.transform.SplitLayoutRewritePreproc(),
-            relax.transform.LiftTransformParams(),
-            relax.transform.FoldConstant(),
-        ])(prepared)
+        prepared = tvm.transform.Sequential(prepack_passes())(prepared)
     log.info("kernels: %d tuned, %d default schedules", len(tuned), len(fallback))
     return prepared, len(tuned), len(fallback)
