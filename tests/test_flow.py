@@ -136,9 +136,11 @@ def test_async_runner_matches_sync(compiled, project, tmp_path):
 
 
 def test_vamp_report(compiled):
-    proc = run_cli("vamp", "-m", compiled, "-s", f"3,{SIZE},{SIZE}", "--iterations", "5", "-i", "2", "--json")
+    proc = run_cli("vamp", "-m", compiled, "-s", f"3,{SIZE},{SIZE}", "--iterations", "5", "-i", "2", "-t", "1",
+                   "--json")
     report = json.loads(proc.stdout)
     assert report["samples"] == 10 and report["throughput_qps"] > 0
+    assert report["instances"] == 2 and report["threads_per_instance"] == 1
     lat = report["latency_ms"]
     assert lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"]
 

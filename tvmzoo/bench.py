@@ -3,6 +3,7 @@ first-inference time, peak memory), and the datalist mode that writes one output
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import threading
 import time
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from .npz import load_input, output_path, save_npz
 from .preprocess import Preprocessing
 from .runtime import CompiledModel
+from .target import num_cores
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +29,13 @@ class BenchConfig:
     iterations: int = 100     # per instance
     warmup: int = 5
     shape: tuple[int, int, int] = (3, 224, 224)
+    threads: int | None = None  # per instance; None: TVM_NUM_THREADS or all cores
 
 
 @dataclass(frozen=True)
 class BenchReport:
     instances: int
+    threads_per_instance: int
     batch: int
     samples: int
     forward_seconds: float
@@ -44,6 +48,7 @@ class BenchReport:
         lat = self.latency_ms
         return "\n".join([
             f"- number of instances: {self.instances}",
+            f"threads per instance: {self.threads_per_instance}",
             "devices: [0]",
             f"batch size: {self.batch}",
             f"samples: {self.samples}",
@@ -91,6 +96,8 @@ def random_input(model: CompiledModel, batch: int, shape: tuple[int, ...]) -> np
 def benchmark(prefix: str | Path, cfg: BenchConfig, remote=None) -> BenchReport:
     """Run `cfg.instances` model instances (or every RPC device of `remote`) in parallel threads, each
     `cfg.iterations` batches of random input: the model alone, no decoding or preprocessing."""
+    if cfg.threads:  # TVM sizes each calling thread's pool from this when the pool is first used
+        os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
     models = load_models(prefix, cfg.instances, remote)
     data = random_input(models[0], cfg.batch, cfg.shape)
     t0 = time.perf_counter()
@@ -115,7 +122,7 @@ def benchmark(prefix: str | Path, cfg: BenchConfig, remote=None) -> BenchReport:
         t.join()
     elapsed = time.perf_counter() - t0
     samples = len(models) * cfg.iterations * cfg.batch
-    return BenchReport(len(models), cfg.batch, samples, elapsed, samples / elapsed, first_ms,
+    return BenchReport(len(models), int(os.environ.get("TVM_NUM_THREADS", num_cores())), cfg.batch, samples, elapsed, samples / elapsed, first_ms,
                        latency_stats([s for per in latencies for s in per]), peak_memory_mb())
 
 

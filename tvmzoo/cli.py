@@ -137,8 +137,8 @@ def cmd_vamp(args) -> int:
         print(f"wrote {n} output npz files to {args.path_output}")
         return 0
     shape = args.shape if len(args.shape) == 3 else (3, *args.shape * (2 if len(args.shape) == 1 else 1))
-    report = bench.benchmark(args.model_prefix, bench.BenchConfig(args.instance, args.batch, args.iterations,
-                                                                 args.warmup, tuple(shape)), remote=_remote(args))
+    cfg = bench.BenchConfig(args.instance, args.batch, args.iterations, args.warmup, tuple(shape), args.threads)
+    report = bench.benchmark(args.model_prefix, cfg, remote=_remote(args))
     e2e = None
     if args.images:
         from .data import find_images
@@ -228,6 +228,7 @@ def _add_vamp_args(p) -> None:
     p.add_argument("-s", "--shape", type=_size, default=(3, 224, 224), help="input shape C,H,W")
     p.add_argument("--iterations", type=int, default=50, help="batches per instance")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads per instance (default: all cores)")
     p.add_argument("-d", "--device_ids", default="[0]", help="accepted for vendor compatibility (CPU: one device)")
     p.add_argument("--datalist", help="npz list from image2npz: infer each and write output npz files")
     p.add_argument("--path_output", default="./vamp_output", help="where --datalist outputs go")
