@@ -15,7 +15,8 @@ import pytest
 
 from conftest import copy_images, run_cli
 from tiny import build_tiny
-from tvmzoo.devices import RemoteSpec, classify_sharded
+from tvmzoo.devices import RemoteSpec
+from tvmzoo.runner import classify_sharded
 from tvmzoo.runner import resolve_preprocessing
 
 KEY = "tvmzoo-test"

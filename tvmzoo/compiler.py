@@ -272,7 +272,8 @@ def quantize_for_build(cfg: BuildConfig, model: onnx.ModelProto, spec: InputSpec
     """Calibrate and insert QDQ; with backend.quantize.max_drop, hold out a quarter of the calibration
     images and keep the worst layers in float until the top-1 drop on them is within bound."""
     from .data import calibration_batches
-    from .quantize import quantize_model, quantize_with_fallback
+    from .quant_report import quantize_with_fallback
+    from .quantize import quantize_model
 
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.path}: backend.dtype int8 needs a dataset section (calibration images: "

@@ -11,6 +11,8 @@ exactly the pixels of the host pipeline's crop.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -90,7 +92,6 @@ def fuse_preprocessing(model: onnx.ModelProto, input_name: str, batch: int | str
 
 def fuse_for_build(model: onnx.ModelProto, spec, pre: Preprocessing | None, where: object):
     """compiler hook: (model, InputSpec) -> the fused model and its uint8 NHWC InputSpec."""
-    from .compiler import InputSpec
     from .errors import ConfigError
 
     if pre is None:
@@ -103,4 +104,5 @@ def fuse_for_build(model: onnx.ModelProto, spec, pre: Preprocessing | None, wher
     batch = "N" if spec.dynamic_batch else spec.shape[0]
     fw, fh = fused_input_size(pre)
     fused = fuse_preprocessing(model, spec.name, batch, pre)
-    return fused, InputSpec(spec.name, (spec.shape[0], fh, fw, 3), INPUT_DTYPE, INPUT_LAYOUT)
+    return fused, dataclasses.replace(spec, shape=(spec.shape[0], fh, fw, 3), dtype=INPUT_DTYPE,
+                                      layout=INPUT_LAYOUT)

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .atomic import write_text
-from .quantize import LAYER_OPS, _as_batches, sqnr_db
+from .quantize import (LAYER_OPS, _as_batches, _named, calibration_ranges, excluded_nodes, layer_names,
+                       quantize_with_ranges, run_ort, sqnr_db)
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LayerStat:
@@ -181,3 +186,56 @@ def write_report(stats: Sequence[LayerStat], csv_path: Path | str, md_path: Path
         lines.append(f"| {s.name} | {s.op_type} | {s.mode} | {s.weight_sqnr_db:.1f} | {s.input_sqnr_db:.1f} | "
                      f"{s.act_sqnr_db:.1f} | [{s.range[0]:.4g}, {s.range[1]:.4g}] |")
     write_text(md_path, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- accuracy-aware fallback
+
+
+def top1_drop(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: Sequence[int] | None = None) -> float:
+    """Top-1 accuracy lost (a fraction): against `labels` when given, else 1 - top-1 agreement with fp32
+    (an upper bound of the drop)."""
+    a, b = fp32_logits.argmax(1), int8_logits.argmax(1)
+    if labels is None:
+        return float(np.mean(a != b))
+    y = np.asarray(labels)
+    return float(np.mean(a == y) - np.mean(b == y))
+
+
+def quantize_with_fallback(model: onnx.ModelProto, calib: Iterable[np.ndarray], holdout: Iterable[np.ndarray],
+                           qcfg: Any, labels: Sequence[int] | None = None,
+                           cache_path: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """Quantize, then while the top-1 drop on `holdout` exceeds qcfg.max_drop (in points: 1.0 = one
+    percentage point of top-1) keep the layers that lose the most SQNR vs fp32 (input SQNR - output SQNR) in float.
+
+    Returns the QDQ model and the layers the fallback kept in float (beyond the configured skips)."""
+    model = _named(model)
+    batches = _as_batches(calib)
+    held = _as_batches(holdout)
+    ranges = calibration_ranges(model, batches, qcfg, cache_path)
+    exclude = excluded_nodes(model, qcfg)
+    qdq = quantize_with_ranges(model, ranges, qcfg, exclude)
+    max_drop = getattr(qcfg, "max_drop", None)
+    if max_drop is None:
+        return qdq, []
+    max_drop /= 100.0
+    ref = run_ort(model, held)
+    drop = top1_drop(ref, run_ort(qdq, held), labels)
+    kept: list[str] = []
+    step = max(1, len(layer_names(model)) // 10)
+    while drop > max_drop:
+        stats = [s for s in layer_report(model, qdq, batches) if s.quantized]
+        if not stats:
+            break
+        worst = sorted(stats, key=lambda s: s.sqnr_loss_db, reverse=True)[:step]
+        kept += [s.name for s in worst]
+        log.info("top-1 drop %.2f%% > %.2f%%: keeping %s in float (SQNR lost %s dB)", 100 * drop, 100 * max_drop,
+                 ", ".join(s.name for s in worst), ", ".join(f"{s.sqnr_loss_db:.1f}" for s in worst))
+        qdq = quantize_with_ranges(model, ranges, qcfg, exclude + kept)
+        drop = top1_drop(ref, run_ort(qdq, held), labels)
+    log.info("int8 top-1 drop %.2f%% on %d held-out images; fallback kept %d layers in float: %s",
+             100 * drop, len(ref), len(kept), ", ".join(kept) or "none")
+    if drop > max_drop:
+        log.warning("int8 top-1 drop %.2f%% is still above max_drop %.2f%% with every Conv/Gemm/MatMul in float: "
+                    "the remaining loss is in other quantized tensors; consider a different calibrate_mode or fp16",
+                    100 * drop, 100 * max_drop)
+    return qdq, kept

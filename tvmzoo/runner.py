@@ -9,7 +9,9 @@ With a RemoteSpec the images are sharded across TVM RPC devices (tvmzoo.devices)
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .atomic import write_text
-from .errors import ConfigError, ImageError
+from .devices import RemoteSpec, load_remote, open_sessions
+from .errors import ConfigError, ImageError, ModuleError
 from .preprocess import Preprocessing, apply, read_image
 from .results import TOP_K, Prediction, format_prediction, predictions, read_results
 from .runtime import CompiledModel
@@ -190,6 +193,82 @@ def classify(model: CompiledModel | Sequence[CompiledModel], paths: Sequence[Pat
     return summary
 
 
+# ---------------------------------------------------------------- sharded across RPC devices
+
+
+@dataclass
+class ShardedRun:
+    predictions: list[Prediction]
+    failed: list[tuple[str, str]]
+    seconds: float
+    devices: int
+    reassigned: int             # shards re-run on another device after theirs dropped out
+
+
+def classify_sharded(prefix: str | Path, paths: Sequence[Path], pre: Preprocessing, spec: RemoteSpec, *,
+                     batch: int = 1, shard_size: int | None = None, progress: bool = True,
+                     on_prediction: Callable[[Prediction], None] | None = None) -> ShardedRun:
+    """Classify `paths` across every device of `spec`; results in input order. Shards are handed out
+    from one queue; a device that fails puts its unfinished shard back for another device, and a
+    shard's results count only once it completes, so nothing is lost or duplicated."""
+    sessions = open_sessions(spec)
+    size = shard_size or max(batch, min(256, math.ceil(len(paths) / (4 * len(sessions)))))
+    shards = [list(paths[i:i + size]) for i in range(0, len(paths), size)]
+    log.info("%d images in %d shards on %d device(s) under %s", len(paths), len(shards), len(sessions),
+             spec.describe())
+    todo: queue.Queue[int] = queue.Queue()
+    for index in range(len(shards)):
+        todo.put(index)
+    done: dict[int, object] = {}
+    lock = threading.Lock()
+    reassigned = 0
+    bar = tqdm(total=len(paths), disable=not progress or len(paths) < 20, unit="img")
+
+    def device_loop(number: int, session) -> None:
+        nonlocal reassigned
+        try:
+            model = load_remote(prefix, session)
+        except Exception as exc:  # noqa: BLE001 - a device that cannot load the module takes no shard
+            log.warning("device %d: cannot load the module (%s); continuing without it", number, exc)
+            return
+        while len(done) < len(shards):
+            try:
+                index = todo.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                summary = classify(model, shards[index], pre, batch=batch, progress=False, isolate_failures=False)
+            except Exception as exc:  # noqa: BLE001 - TVM's RPC errors have no common type
+                with lock:
+                    reassigned += 1
+                todo.put(index)
+                log.warning("device %d dropped out (%s); its shard of %d images goes to another device",
+                            number, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                            len(shards[index]))
+                return
+            with lock:
+                done[index] = summary
+                bar.update(len(shards[index]))
+                if on_prediction is not None:
+                    for pred in summary.predictions:
+                        on_prediction(pred)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=device_loop, args=(n, s), daemon=True) for n, s in enumerate(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    bar.close()
+    if len(done) < len(shards):
+        missing = sum(len(shards[i]) for i in range(len(shards)) if i not in done)
+        raise ModuleError(f"every device under {spec.describe()} dropped out; {missing} images were not "
+                          "classified. Restart the servers and run again with --resume to finish.")
+    ordered = [done[i] for i in range(len(shards))]
+    return ShardedRun([p for s in ordered for p in s.predictions], [f for s in ordered for f in s.failed],
+                      time.perf_counter() - t0, len(sessions), reassigned)
+
+
 def resolve_preprocessing(model_prefix: str | Path, vdsp: str | Path | None) -> Preprocessing:
     """The vdsp JSON when given, else the preprocessing the module recorded at compile time.
     A fused module has its preprocessing compiled in: a different vdsp JSON is refused."""
@@ -247,7 +326,6 @@ def run_to_file(model_prefix: str | Path, paths: Sequence[Path], pre: Preprocess
     completed = False
     try:
         if options.remote is not None:
-            from .devices import classify_sharded
 
             run = classify_sharded(model_prefix, todo, pre, options.remote, batch=options.batch,
                                    progress=options.progress, on_prediction=results.add)
