@@ -143,17 +143,86 @@ def test_register_tile(channels, rows, lanes, expected):
     assert rows % r == 0 and channels % (vecs * width) == 0
 
 
+def _records_per_workload(work_dir) -> dict[int, list[bool]]:
+    """workload line -> is-default flag of each of its records."""
+    import json
+
+    from tvmzoo.tuning import RECORD_FILE
+
+    per: dict[int, list[bool]] = {}
+    for line in (work_dir / RECORD_FILE).read_text().splitlines():
+        index, (trace, *_rest) = json.loads(line)
+        per.setdefault(index, []).append(not any(inst[0] == "EnterPostproc" for inst in trace[0]))
+    return per
+
+
 @pytest.mark.slow
-def test_tuning_records_apply_and_match(model, target, image, reference, tmp_path):
+def test_tuning_records_apply_and_match(model, target, image, reference, tmp_path, caplog):
+    """tune() also measures the default schedule of every tuned workload and commits it as a
+    record; the records apply and match ONNX Runtime; compacted records still build and resume."""
     pytest.importorskip("xgboost")
-    from tvmzoo.tuning import RECORD_FILE, apply_records, tune
+    import logging
+
+    from tvmzoo.tuning import (RECORD_FILE, WORKLOAD_FILE, apply_records, compact_records,
+                               seed_default_schedules, tune)
 
     n_records = tune(_import(model), target, tmp_path, max_trials_global=2, max_trials_per_task=1, seed=0)
     assert (tmp_path / RECORD_FILE).is_file() and n_records >= 1
-    mod, n_tuned, n_fallback = apply_records(_import(model), target, tmp_path)
-    assert n_tuned >= 1 and n_fallback >= 1
+    n_workloads = len((tmp_path / WORKLOAD_FILE).read_text().splitlines())
+    per = _records_per_workload(tmp_path)
+    # every tuned kind of kernel (conv, matmul, pooling, mean) has one default-schedule record
+    assert len(per) == n_workloads >= 5
+    assert all(flags.count(True) == 1 for flags in per.values()), per
+    # the 2 MetaSchedule trials survive compaction (at most one tuned record per workload)
+    assert 1 <= sum(flags.count(False) for flags in per.values()) <= 2
+    assert all(len(flags) <= 2 for flags in per.values())
+
+    with caplog.at_level(logging.DEBUG, logger="tvmzoo.tuning"):
+        mod, n_tuned, n_fallback = apply_records(_import(model), target, tmp_path)
+    assert n_tuned == n_workloads and n_fallback >= 1  # the rest: transposes, pads
+    assert len([r for r in caplog.records if " schedule won (" in r.getMessage()]) == n_workloads
     out = _run(mod, target, image)
     assert _cos(out, reference) > 0.99999
+    np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4)
+
+    # a later measurement of the same schedule replaces the earlier one
+    lines = (tmp_path / RECORD_FILE).read_text().splitlines()
+    (tmp_path / RECORD_FILE).write_text("\n".join(lines + lines) + "\n")
+    assert compact_records(tmp_path) == (2 * len(lines), len(lines))
+
+    # resuming: the next tune() into the folder runs new trials from the compacted records
+    tune(_import(model), target, tmp_path, max_trials_global=2, max_trials_per_task=1, seed=1)
+    assert all(len(flags) <= 2 and flags.count(True) == 1 for flags in _records_per_workload(tmp_path).values())
+    mod, _, _ = apply_records(_import(model), target, tmp_path)
+    assert _cos(_run(mod, target, image), reference) > 0.99999
+
+
+def test_compact_records_keeps_best_tuned_and_newest_default(tmp_path):
+    """JSON-level: per workload the fastest MetaSchedule record, the newest default record;
+    failed runs dropped; the workload file untouched."""
+    import json
+
+    from tvmzoo.tuning import RECORD_FILE, WORKLOAD_FILE, compact_records
+
+    tuned = [[["EnterPostproc", [], [], []]], []]
+    default = [[["GetSBlock", [], ["root", "main"], ["b0"]]], []]
+    other_default = [[["GetSBlock", [], ["conv", "main"], ["b0"]]], []]
+
+    def rec(index, trace, secs):
+        return [index, [trace, secs, {"kind": "llvm"}, []]]
+
+    tuned_b = [[["Split", [], [], []], ["EnterPostproc", [], [], []]], []]
+    records = [rec(0, tuned, [2e-3]), rec(0, tuned_b, [1e-3]), rec(0, default, [5e-4]),
+               rec(0, other_default, [1e-4]),   # an older default (rules changed since): superseded
+               rec(0, default, [7e-4]),          # re-measured: the newest wins
+               rec(1, tuned, [1e10]),            # failed run
+               rec(1, tuned, [3e-3])]
+    (tmp_path / WORKLOAD_FILE).write_text('["1","x"]\n["2","y"]\n')
+    (tmp_path / RECORD_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert compact_records(tmp_path) == (7, 3)
+    kept = [json.loads(line) for line in (tmp_path / RECORD_FILE).read_text().splitlines()]
+    assert kept == [rec(0, tuned_b, [1e-3]), rec(0, default, [7e-4]), rec(1, tuned, [3e-3])]
+    assert (tmp_path / WORKLOAD_FILE).read_text() == '["1","x"]\n["2","y"]\n'
 
 
 # ---------------------------------------------------------------- int8: VNNI kernels
@@ -261,3 +330,42 @@ def test_quantize_as_elementwise_ops_is_bit_identical(target):
     for a, b in zip(run(QDQ), run(rewritten)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+
+
+def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
+    """Default schedules committed as MetaSchedule records (as tvmzoo.tuning.seed_default_schedules
+    does) replay from the JSON database into the same kernels, VNNI tensorization and int8 weight
+    repacking included: the build from the records equals the default build bit for bit."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmzoo.compiler import precision_passes
+    from tvmzoo.config import Quantize
+    from tvmzoo.quantize import quantize_model
+    from tvmzoo.tuning import _prepare, apply_records, default_schedule, is_default_trace
+
+    rng = np.random.default_rng(4)
+    calib = [rng.standard_normal(INT8_SHAPE).astype(np.float32) for _ in range(4)]
+    qdq = quantize_model(int8_net(), calib, Quantize(keep_first_last_float=False))
+    mod = from_onnx(qdq, shape_dict={"input": list(INT8_SHAPE)}, keep_params_in_input=False)
+    with target:
+        for _, pass_ in precision_passes("int8"):
+            mod = pass_(mod)
+    normalize = tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")
+    db = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    seeded = []
+    for gv, func in _prepare(mod, target).functions_items():
+        if isinstance(func, tirx.PrimFunc) and ("conv2d" in gv.name_hint or "matmul" in gv.name_hint):
+            workload = db.commit_workload(normalize(func))
+            sch = default_schedule(workload.mod["main"], target)
+            assert sch is not None and is_default_trace(sch.trace)
+            db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-3], target, []))
+            seeded.append("vpdpbusd" in sch.mod.script())
+    assert sum(seeded) >= 3, seeded  # c3x3, pw24, pw_res (VNNI)
+    del db
+    from_records, n_tuned, _ = apply_records(mod, target, tmp_path)
+    assert n_tuned == len(seeded)
+    assert not any("layout_rewrite_preproc" in text for text in _kernels(from_records).values())
+    x = tvm.runtime.tensor(np.random.default_rng(6).standard_normal(INT8_SHAPE).astype(np.float32))
+    outs = [relax.VirtualMachine(tvm.compile(m, target), tvm.cpu())["main"](x).numpy()
+            for m in (from_records, optimize(mod, target))]
+    np.testing.assert_array_equal(*outs)

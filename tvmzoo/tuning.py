@@ -6,18 +6,31 @@ structurally the kernels looked up later. Records are MetaSchedule's JSON databa
 `work_dir/logs/`). Tuning is resumable: every `tune` call runs `max_trials_global` new trials,
 and the evolutionary search starts from the best records already in the database.
 
+Tuning never loses to the default schedules: after tuning, `seed_default_schedules` measures
+tvmzoo's default schedule (tvmzoo.schedules) of every tuned kernel head to head with the best
+tuned record (same builder / runner as tuning, interleaved rounds, so both see the same load) and
+commits both as records; MetaScheduleApplyDatabase then applies whichever measured faster.
+`compact_records` keeps, per workload, the best MetaSchedule record (the seed a resumed tuning
+starts from) and the newest default-schedule record. A MetaSchedule trace always contains an
+`EnterPostproc` instruction; a default-schedule trace never does: that tells the two apart.
+
 Weights must be bound as constants: the tuned kernels read pre-packed weight layouts
 (AttachAttrLayoutFreeBuffers -> MetaSchedule's RewriteLayout), and the packing is folded into
 the constants at build time (SplitLayoutRewritePreproc, LiftTransformParams, FoldConstant).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
-from tvm import relax, tirx
+import tvm_ffi
+from tvm import relax, s_tir, tirx
 from tvm.ir import IRModule
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
@@ -35,6 +48,9 @@ TUNED_OPS = ["conv2d", "matmul", "dense", "pool", "mean"]
 # MetaSchedule's 30 s default kills builds on a busy 2-core machine (a worker importing tvm
 # alone takes ~5 s there).
 BUILD_TIMEOUT_S = 120.0
+# Head-to-head measurement rounds of default vs tuned schedule (interleaved; min per candidate).
+MEASURE_ROUNDS = 3
+FAILED_RUN_SECS = 1e9  # MetaSchedule records failed runs with 1e10 s
 
 
 def tuning_passes(target: Target) -> tvm.transform.Pass:
@@ -82,7 +98,8 @@ def _search_strategy(per_task: int) -> ms.search_strategy.EvolutionarySearch:
 def tune(mod: IRModule, target: Target, work_dir: Path, max_trials_global: int,
          max_trials_per_task: int | None = None, *, seed: int | None = None) -> int:
     """Tune the conv / matmul / pooling kernels of `mod` (a Relax module from ONNX, weights bound
-    as constants, precision already applied) into the JSON database in `work_dir`.
+    as constants, precision already applied) into the JSON database in `work_dir`; then measure
+    the default schedules against the tuned ones and compact the records (seed_default_schedules).
     Returns the number of tuning records in the database afterwards."""
     if max_trials_global < 1:
         raise ConfigError(f"max_trials_global must be >= 1, got {max_trials_global}: "
@@ -104,7 +121,227 @@ def tune(mod: IRModule, target: Target, work_dir: Path, max_trials_global: int,
         measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                            _Progress(max_trials_global)],
     )
-    return len(database)
+    del database  # the JSON files are rewritten below
+    seed_default_schedules(mod, target, work_dir)
+    return len(_read_records(work_dir))
+
+
+# ---------------------------------------------------------------- default schedules as records
+
+@dataclass(frozen=True)
+class SeedResult:
+    """One tuned kernel, its default and best tuned schedule measured head to head (seconds;
+    None: no such schedule, or it failed to build / run)."""
+    kernel: str
+    default_s: float | None
+    tuned_s: float | None
+
+    @property
+    def winner(self) -> str:
+        if self.default_s is None:
+            return "tuned"
+        return "default" if self.tuned_s is None or self.default_s <= self.tuned_s else "tuned"
+
+
+def is_default_trace(trace: s_tir.Trace) -> bool:
+    """A default-schedule trace (tvmzoo.schedules), not one MetaSchedule searched."""
+    return not any(inst.kind.name == "EnterPostproc" for inst in trace.insts)
+
+
+def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+    """The schedule `schedule_pass` gives `func` (first rule that applies), with its trace."""
+    with target:
+        for rule in schedule_pass().rules:
+            sch = rule.apply(func, target, False)
+            if isinstance(sch, list):
+                sch = sch[0] if sch else None
+            if sch is not None:
+                return sch
+    return None
+
+
+@dataclass
+class _Candidate:
+    kernel: str
+    workload: ms.database.Workload
+    trace: s_tir.Trace
+    is_default: bool
+    mod: IRModule
+    args_info: list
+    run_secs: list[float] | None = None
+
+
+def _candidate(kernel: str, workload: ms.database.Workload, trace: s_tir.Trace,
+               is_default: bool) -> _Candidate | None:
+    """The kernel as MetaScheduleApplyDatabase builds it from a record with `trace` (None: the
+    trace does not replay on the workload)."""
+    sch = s_tir.Schedule(workload.mod)
+    try:
+        trace.apply_to_schedule(sch, remove_postproc=False)
+    except Exception as err:  # TVM raises many kinds; the kernel keeps its other schedule
+        log.warning("%s: a schedule trace does not replay: %s", kernel, str(err).strip().splitlines()[-1])
+        return None
+    # args as the tuning runner passes them: a tuned kernel may read a re-laid-out weight
+    args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+    return _Candidate(kernel, workload, trace, is_default, sch.mod, args_info)
+
+
+def _measure(cands: list[_Candidate], target: Target) -> None:
+    """Sets each candidate's run_secs with tune()'s builder and runner (settings included); all
+    candidates run in turn, MEASURE_ROUNDS times, so each sees the same load; each keeps its
+    fastest round (None: failed to build or run)."""
+    built = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S).build(
+        [ms.builder.BuilderInput(c.mod, target) for c in cands])
+    ok = []
+    for cand, res in zip(cands, built):
+        if res.error_msg is None:
+            ok.append((cand, res.artifact_path))
+        else:
+            log.warning("%s: schedule failed to build: %s", cand.kernel,
+                        res.error_msg.strip().splitlines()[-1][:300])
+    runner = ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
+    inputs = [ms.runner.RunnerInput(path, "cpu", c.args_info) for c, path in ok]
+    try:
+        for _ in range(MEASURE_ROUNDS):
+            for (cand, _path), future in zip(ok, runner.run(inputs)):
+                res = future.result()
+                if res.error_msg is not None or not res.run_secs:
+                    log.warning("%s: schedule failed to run: %s", cand.kernel,
+                                (res.error_msg or "no result").strip().splitlines()[-1][:300])
+                    continue
+                secs = [float(x) for x in res.run_secs]
+                if cand.run_secs is None or _mean(secs) < _mean(cand.run_secs):
+                    cand.run_secs = secs
+    finally:
+        for _cand, path in ok:
+            ms.utils.remove_build_dir(path)
+
+
+def _mean(secs) -> float:
+    return sum(float(x) for x in secs) / len(secs) if secs else float("inf")
+
+
+def seed_default_schedules(mod: IRModule, target: Target, work_dir: Path) -> list[SeedResult]:
+    """For every kernel of `mod` (as given to `tune`) with a workload in `work_dir`'s records:
+    measure its default schedule and its best tuned record head to head and commit both as
+    records, so that MetaScheduleApplyDatabase applies the faster. Compacts the records before
+    (only the best tuned record is measured) and after (fresh measurements replace older ones)."""
+    work_dir = Path(work_dir)
+    if not has_records(work_dir):
+        raise ConfigError(f"no tuning records in {work_dir}: run `vamc tune` (tvmzoo.tuning.tune) "
+                          "into that folder first.")
+    compact_records(work_dir)
+    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    cands = _candidates(_prepare(mod, target), target, db)
+    if not cands:
+        log.warning("no kernel of the module has a workload in %s: records from another model?", work_dir)
+        return []
+    _measure(cands, target)
+    for c in cands:
+        if c.run_secs is not None:
+            db.commit_tuning_record(ms.database.TuningRecord(
+                c.trace, c.workload, [tirx.FloatImm("float64", s) for s in c.run_secs], target, c.args_info))
+    del db
+    compact_records(work_dir)
+    results = []
+    for kernel in dict.fromkeys(c.kernel for c in cands):
+        secs = {c.is_default: _mean(c.run_secs) for c in cands if c.kernel == kernel and c.run_secs}
+        results.append(SeedResult(kernel, secs.get(True), secs.get(False)))
+        log.info("%s: default %s, tuned %s -> %s", kernel, _ms(secs.get(True)), _ms(secs.get(False)),
+                 results[-1].winner)
+    return results
+
+
+def _candidates(prepared: IRModule, target: Target, db: ms.database.Database) -> list[_Candidate]:
+    """Per workload of the module's kernels: its default schedule and its best tuned record."""
+    cands: list[_Candidate] = []
+    seen: set[int] = set()
+    for gv, func in prepared.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        query = _normalize(func)  # what MetaScheduleApplyDatabase looks up
+        if not db.has_workload(query):
+            continue
+        workload = db.commit_workload(query)
+        key = tvm_ffi.structural_hash(workload.mod)
+        if key in seen:
+            continue
+        seen.add(key)
+        sch = default_schedule(workload.mod["main"], target)
+        tuned = next((r for r in db.get_top_k(workload, 2) if not is_default_trace(r.trace)), None)
+        traces = [(sch.trace, True)] if sch is not None else []
+        traces += [(tuned.trace, False)] if tuned is not None else []
+        for trace, is_default in traces:
+            cand = _candidate(gv.name_hint, workload, trace, is_default)
+            if cand is not None:
+                cands.append(cand)
+    return cands
+
+
+def _normalize(func: tirx.PrimFunc) -> IRModule:
+    return tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")(func)
+
+
+def _ms(secs: float | None) -> str:
+    return "n/a" if secs is None else f"{secs * 1e3:.3f} ms"
+
+
+def _log_winners(prepared: IRModule, target: Target, work_dir: Path) -> None:
+    """Debug log: per kernel, which record MetaScheduleApplyDatabase applies."""
+    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    for gv, func in prepared.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            rec = db.query_tuning_record(_normalize(func), target, gv.name_hint)
+            if rec is not None:
+                kind = "default schedule" if is_default_trace(rec.trace) else "tuned schedule"
+                log.debug("%s: %s won (%s)", gv.name_hint, kind, _ms(_mean(rec.run_secs)))
+
+
+def _read_records(work_dir: Path) -> list[list]:
+    path = Path(work_dir) / RECORD_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _record_secs(record: list) -> float:
+    secs = record[1][1]
+    mean = _mean(secs) if secs else float("inf")
+    return mean if mean < FAILED_RUN_SECS else float("inf")
+
+
+def _json_is_default(record: list) -> bool:
+    return not any(inst[0] == "EnterPostproc" for inst in record[1][0][0])
+
+
+def compact_records(work_dir: Path) -> tuple[int, int]:
+    """Keep per workload the fastest MetaSchedule record and the newest default-schedule record
+    (a later measurement of the same trace replaces an earlier one); failed runs are dropped.
+    The workload file is untouched (records refer to it by line). Returns (before, after)."""
+    path = Path(work_dir) / RECORD_FILE
+    records = _read_records(work_dir)
+    newest: dict[tuple[int, str], tuple[int, list]] = {}
+    for pos, rec in enumerate(records):
+        newest[(rec[0], json.dumps(rec[1][0]))] = (pos, rec)  # later lines are newer
+    best: dict[tuple[int, bool], tuple[int, list]] = {}
+    for pos, rec in newest.values():
+        if _record_secs(rec) == float("inf"):
+            continue
+        key = (rec[0], _json_is_default(rec))
+        kept = best.get(key)
+        if key[1]:
+            better = kept is None or pos > kept[0]
+        else:
+            better = kept is None or _record_secs(rec) < _record_secs(kept[1])
+        if better:
+            best[key] = (pos, rec)
+    kept = [rec for _, rec in sorted(best.values(), key=lambda pr: pr[0])]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".records-")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(rec, separators=(",", ":")) + "\n" for rec in kept)
+    os.replace(tmp, path)
+    log.info("compacted %s: %d -> %d records", path, len(records), len(kept))
+    return len(records), len(kept)
 
 
 def has_records(work_dir: Path) -> bool:
@@ -122,6 +359,8 @@ def apply_records(mod: IRModule, target: Target, work_dir: Path | None) -> tuple
     prepared = _prepare(mod, target)
     with target:
         if work_dir is not None and has_records(work_dir):
+            if log.isEnabledFor(logging.DEBUG):
+                _log_winners(prepared, target, Path(work_dir))
             prepared = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(prepared)
         elif work_dir is not None:
             log.warning("no tuning records in %s: every kernel uses its default schedule", work_dir)
