@@ -317,6 +317,11 @@ def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None) -> Pa
     a second run continues from the records there). Returns the records folder."""
     from .tuning import tune
 
+    try:
+        import xgboost  # noqa: F401 - MetaSchedule's cost model; fail before minutes of set-up
+    except ImportError:
+        raise ConfigError("tuning needs MetaSchedule's cost model: pip install 'tvmzoo[tune]' "
+                          "(xgboost-cpu, scipy).") from None
     spec = input_spec(cfg)
     if spec.dynamic_batch:
         raise ConfigError(f"{cfg.path}: frontend.shape has a dynamic batch; MetaSchedule tunes static shapes "
