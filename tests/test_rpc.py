@@ -45,11 +45,14 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def wait_for_devices(port: int, count: int, deadline_s: float = 120) -> None:
+def wait_for_devices(port: int, count: int, logs: Path, deadline_s: float = 120) -> None:
     from tvm import rpc
 
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
+        errors = [log for log in logs.glob("*.log") if "Error" in log.read_text(errors="replace")]
+        if errors:
+            raise AssertionError(f"{errors[0].name}:\n{errors[0].read_text(errors='replace')[-2000:]}")
         try:
             free = rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get(KEY, {}).get("free", 0)
             if free >= count:
@@ -70,7 +73,7 @@ def cluster(tmp_path_factory):
         for i in range(2):
             procs.append(start("device", "serve", "--tracker", f"127.0.0.1:{port}", "--key", KEY,
                                "--host", "127.0.0.1", "--port", str(free_port()), log=logs / f"server{i}.log"))
-        wait_for_devices(port, 2)
+        wait_for_devices(port, 2, logs)
         yield {"tracker": f"127.0.0.1:{port}", "servers": procs[1:], "logs": logs}
     finally:
         for proc in procs:
