@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +38,21 @@ def run_cli(*args: str | os.PathLike, cwd: Path | None = None, check: bool = Tru
 def copy_images(paths, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copy(p, dest / p.name)) for p in paths]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def write_checkpoint(state: dict[str, np.ndarray], source: str, path: Path) -> Path:
+    """The file each source ships: PaddleClas .pdparams (pickle of numpy arrays + paddle's name table),
+    torchvision / pycls weights saved with torch.save (zip format)."""
+    if source == "ppcls":
+        table = {k: f"param_{i}" for i, k in enumerate(state)}
+        with open(path, "wb") as f:
+            pickle.dump({**state, "StructuredToParameterName@@": table}, f, protocol=2)
+        return path
+    torch = pytest.importorskip("torch")
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+    return path

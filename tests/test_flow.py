@@ -11,18 +11,13 @@ import onnxruntime as ort
 import pytest
 import yaml
 
-from conftest import ROOT, copy_images, run_cli
+from conftest import ROOT, copy_images, cosine, run_cli
 from tvmzoo.models import repvgg
 from tvmzoo.preprocess import Preprocessing, apply, read_image
 from tvmzoo.results import read_results
 from tvmzoo.runtime import CompiledModel
 
 SIZE = 64
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.fixture(scope="module")

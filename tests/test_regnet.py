@@ -4,7 +4,6 @@ reference), checkpoint validation messages, preprocessing and build configs."""
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import cv2
@@ -13,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from conftest import write_checkpoint
 from tvmzoo.checkpoint import load_state_dict
 from tvmzoo.errors import CheckpointError, ConfigError
 from tvmzoo.models import get_family, regnet, resolve_arch
@@ -54,19 +54,6 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
-
-
-def write_checkpoint(state: dict[str, np.ndarray], source: str, path: Path) -> Path:
-    """The file each source ships: PaddleClas .pdparams (pickle of numpy arrays + paddle's name table),
-    torchvision / pycls weights saved with torch.save (zip format)."""
-    if source == "ppcls":
-        table = {k: f"param_{i}" for i, k in enumerate(state)}
-        with open(path, "wb") as f:
-            pickle.dump({**state, "StructuredToParameterName@@": table}, f, protocol=2)
-        return path
-    torch = pytest.importorskip("torch")
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
-    return path
 
 
 def roundtrip(state: dict[str, np.ndarray], source: str, tmp_path: Path) -> dict[str, np.ndarray]:

@@ -93,6 +93,8 @@ def test_device_commands_wrap_tvm(tmp_path):
     proc = run_cli("tvmzoo", "run", "--file_path", tmp_path, "--model_prefix_path", tmp_path / "mod",
                    "--rpc-tracker", "127.0.0.1:1", check=False)
     assert proc.returncode == 2 and "--rpc-key" in proc.stderr
+    proc = run_cli("vamc", "tune", tmp_path / "build.yaml", "--rpc-key", "k", check=False)
+    assert proc.returncode == 2 and "--rpc-tracker" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sharded_run_equals_local_run(cluster, setup, tmp_path):
@@ -131,6 +133,45 @@ def test_eval_sharded_across_devices(cluster, setup, tmp_path):
     name = "tiny_rpc-eval-fp32.result.txt"
     assert (tmp_path / "remote" / name).read_text() == (tmp_path / "local" / name).read_text()
     assert "on 2 device(s)" in remote.stderr
+
+
+def _sessions_served(cluster) -> int:
+    return sum((cluster["logs"] / f"server{i}.log").read_text().count("connected from") for i in range(2))
+
+
+@pytest.mark.slow
+def test_tune_measures_on_remote_devices(cluster, setup, tmp_path):
+    """`vamc tune --rpc-tracker` measures MetaSchedule's candidates and the default-vs-tuned head to
+    head on the devices (MetaSchedule's RPCRunner); the records apply and the build equals ONNX Runtime."""
+    pytest.importorskip("xgboost")
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from tvmzoo.runtime import CompiledModel
+    from tvmzoo.tuning import RECORD_FILE, WORKLOAD_FILE
+
+    records, yaml_path = tmp_path / "records", setup["root"] / "tiny_rpc.yaml"
+    before = _sessions_served(cluster)
+    run_cli("vamc", "tune", yaml_path, "--trials", "2", "--per-task", "1", "--set", f"tuning.records={records}",
+            "--rpc-tracker", cluster["tracker"], "--rpc-key", KEY)
+    lines = (records / RECORD_FILE).read_text().splitlines()
+    assert lines and (records / WORKLOAD_FILE).is_file()
+    # every record was measured in an RPC session: 2 trials, then MEASURE_ROUNDS per candidate
+    assert _sessions_served(cluster) - before >= len(lines) + 2
+
+    run_cli("vamc", "compile", yaml_path, "--set", f"tuning.records={records}", "--set", "name=tiny_tuned")
+    prefix = setup["root"] / "ws" / "tiny_tuned" / "mod"
+    assert json.loads((prefix.parent / "mod.json").read_text())["kernels"]["tuned"] >= 1
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    got = CompiledModel.load(prefix).run(x)
+    session = ort.InferenceSession(str(setup["root"] / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": x})[0].astype(np.float64)
+    want = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    assert got.argmax(axis=1).tolist() == want.argmax(axis=1).tolist()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
 def test_server_dying_mid_run_loses_nothing(cluster, setup, tmp_path):

@@ -75,7 +75,9 @@ def cmd_tune(args) -> int:
     from .compiler import tune_build
     from .config import load_build_config
 
-    records = tune_build(load_build_config(args.yaml, _overrides(args.set)), args.trials, args.per_task)
+    remote = _remote(args)  # before loading TVM: bad --rpc flags fail fast
+    records = tune_build(load_build_config(args.yaml, _overrides(args.set)), args.trials, args.per_task,
+                         remote=remote)
     print(f"tuning records in {records}; `vamc compile` applies them")
     return 0
 
@@ -217,6 +219,7 @@ def _add_compile_and_tune(sub) -> None:
     p.add_argument("--trials", type=int, default=500, help="trials in this run, over all kernels")
     p.add_argument("--per-task", type=int, default=None, help="at most this many trials per kernel")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_rpc_args(p)  # measure candidates on TVM RPC devices (MetaSchedule's RPCRunner)
     p.set_defaults(func=cmd_tune)
 
 

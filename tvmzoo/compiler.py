@@ -11,6 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import tvm
@@ -23,6 +24,9 @@ from .errors import ConfigError, ModuleError, TvmzooError
 from .export import ExportSpec, export_onnx
 from .preprocess import Preprocessing
 from .target import required_features, resolve_target
+
+if TYPE_CHECKING:
+    from .devices import RemoteSpec
 
 log = logging.getLogger(__name__)
 
@@ -312,9 +316,11 @@ def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, P
     return paths
 
 
-def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None) -> Path:
+def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None,
+               remote: RemoteSpec | None = None) -> Path:
     """`vamc tune`: MetaSchedule over this build's kernels into its records folder (resumable:
-    a second run continues from the records there). Returns the records folder."""
+    a second run continues from the records there), measured here or on `remote`'s RPC devices.
+    Returns the records folder."""
     from .tuning import tune
 
     try:
@@ -335,6 +341,7 @@ def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None) -> Pa
         with tempfile.TemporaryDirectory() as tmp:
             model = quantize_for_build(cfg, model, spec, preprocessing_of(cfg), Path(tmp) / "calib.json")
     tvm_target = tvm.target.Target(target)
-    count = tune(lower(model, spec, cfg.backend.dtype, tvm_target), tvm_target, records, trials, per_task)
+    count = tune(lower(model, spec, cfg.backend.dtype, tvm_target), tvm_target, records, trials, per_task,
+                 remote=remote)
     log.info("%d tuning records in %s", count, records)
     return records

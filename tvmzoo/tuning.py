@@ -14,6 +14,10 @@ commits both as records; MetaScheduleApplyDatabase then applies whichever measur
 starts from) and the newest default-schedule record. A MetaSchedule trace always contains an
 `EnterPostproc` instruction; a default-schedule trace never does: that tells the two apart.
 
+Candidates are measured on this machine, or with a `RemoteSpec` on TVM RPC devices (MetaSchedule's
+RPCRunner: through a tracker, one measurement per free device at a time, or on one server); tuning
+and the default-vs-tuned head to head then both run on the remote devices.
+
 Weights must be bound as constants: the tuned kernels read pre-packed weight layouts
 (AttachAttrLayoutFreeBuffers -> MetaSchedule's RewriteLayout), and the packing is folded into
 the constants at build time (SplitLayoutRewritePreproc, LiftTransformParams, FoldConstant).
@@ -27,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tvm
 import tvm_ffi
@@ -36,8 +41,11 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
-from .errors import ConfigError
+from .errors import ConfigError, ModuleError
 from .schedules import canonicalize, fuse_passes, layout_passes, prepack_passes, schedule_pass
+
+if TYPE_CHECKING:
+    from .devices import RemoteSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,44 @@ BUILD_TIMEOUT_S = 120.0
 # Head-to-head measurement rounds of default vs tuned schedule (interleaved; min per candidate).
 MEASURE_ROUNDS = 3
 FAILED_RUN_SECS = 1e9  # MetaSchedule records failed runs with 1e10 s
+
+
+def make_runner(remote: RemoteSpec | None = None) -> ms.runner.Runner:
+    """Where candidates are measured: this machine, or the RPC device(s) of `remote`."""
+    if remote is None:
+        return ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
+    if remote.server is not None:  # no tracker: RPCConfig's tracker fields carry the server's address
+        config = ms.runner.RPCConfig(*remote.server, "server", session_timeout_sec=int(BUILD_TIMEOUT_S))
+        return ms.runner.RPCRunner(config, f_create_session=connect_server, max_workers=1)
+    devices = _count_devices(remote)
+    log.info("measuring on %d device(s) under %s", devices, remote.describe())
+    config = ms.runner.RPCConfig(*remote.tracker, remote.key, session_timeout_sec=int(BUILD_TIMEOUT_S))
+    return ms.runner.RPCRunner(config, max_workers=devices)  # one measurement per device at a time
+
+
+def _count_devices(remote: RemoteSpec) -> int:
+    """Servers registered under the key (busy or free), as MetaSchedule's RPCConfig counts them."""
+    from tvm import rpc
+
+    try:
+        servers = rpc.connect_tracker(*remote.tracker).summary()["server_info"]
+    except (OSError, RuntimeError) as exc:  # tvm's RPC raises RuntimeError / TVMError (a RuntimeError)
+        raise ModuleError(f"cannot reach {remote.describe()}: {str(exc).splitlines()[0]}. "
+                          "Is the tracker running (tvmzoo device tracker)?") from exc
+    devices = sum(1 for server in servers if server["key"].partition(":")[2] == remote.key)
+    if devices == 0:
+        raise ConfigError(f"no device under {remote.describe()} to measure on: start one with "
+                          f"`tvmzoo device serve --tracker {remote.tracker[0]}:{remote.tracker[1]} "
+                          f"--key {remote.key}`.")
+    return devices
+
+
+def connect_server(config: ms.runner.RPCConfig):
+    """RPCRunner's session factory for one server (`--rpc host:port`, no tracker); module level:
+    MetaSchedule's worker processes import it by name."""
+    from tvm import rpc
+
+    return rpc.connect(config.tracker_host, config.tracker_port, session_timeout=config.session_timeout_sec)
 
 
 def tuning_passes(target: Target) -> tvm.transform.Pass:
@@ -96,10 +142,12 @@ def _search_strategy(per_task: int) -> ms.search_strategy.EvolutionarySearch:
 
 
 def tune(mod: IRModule, target: Target, work_dir: Path, max_trials_global: int,
-         max_trials_per_task: int | None = None, *, seed: int | None = None) -> int:
+         max_trials_per_task: int | None = None, *, seed: int | None = None,
+         remote: RemoteSpec | None = None) -> int:
     """Tune the conv / matmul / pooling kernels of `mod` (a Relax module from ONNX, weights bound
     as constants, precision already applied) into the JSON database in `work_dir`; then measure
     the default schedules against the tuned ones and compact the records (seed_default_schedules).
+    Candidates run on this machine, or on `remote`'s RPC devices.
     Returns the number of tuning records in the database afterwards."""
     if max_trials_global < 1:
         raise ConfigError(f"max_trials_global must be >= 1, got {max_trials_global}: "
@@ -112,17 +160,18 @@ def tune(mod: IRModule, target: Target, work_dir: Path, max_trials_global: int,
     prepared = _prepare(mod, target)
     per_task = max_trials_per_task or max_trials_global
     log.info("tuning into %s: %d trials, at most %d per task", work_dir, max_trials_global, per_task)
+    runner = make_runner(remote)
     database = ms.relax_integration.tune_relax(
         prepared, params={}, target=target, work_dir=str(work_dir),
         max_trials_global=max_trials_global, max_trials_per_task=per_task, op_names=TUNED_OPS,
         num_trials_per_iter=min(64, per_task), seed=seed,
-        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S), runner=runner,
         strategy=_search_strategy(per_task),
         measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                            _Progress(max_trials_global)],
     )
     del database  # the JSON files are rewritten below
-    seed_default_schedules(mod, target, work_dir)
+    seed_default_schedules(mod, target, work_dir, remote)
     return len(_read_records(work_dir))
 
 
@@ -186,7 +235,7 @@ def _candidate(kernel: str, workload: ms.database.Workload, trace: s_tir.Trace,
     return _Candidate(kernel, workload, trace, is_default, sch.mod, args_info)
 
 
-def _measure(cands: list[_Candidate], target: Target) -> None:
+def _measure(cands: list[_Candidate], target: Target, remote: RemoteSpec | None = None) -> None:
     """Sets each candidate's run_secs with tune()'s builder and runner (settings included); all
     candidates run in turn, MEASURE_ROUNDS times, so each sees the same load; each keeps its
     fastest round (None: failed to build or run)."""
@@ -199,7 +248,7 @@ def _measure(cands: list[_Candidate], target: Target) -> None:
         else:
             log.warning("%s: schedule failed to build: %s", cand.kernel,
                         res.error_msg.strip().splitlines()[-1][:300])
-    runner = ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
+    runner = make_runner(remote)
     inputs = [ms.runner.RunnerInput(path, "cpu", c.args_info) for c, path in ok]
     try:
         for _ in range(MEASURE_ROUNDS):
@@ -221,9 +270,11 @@ def _mean(secs) -> float:
     return sum(float(x) for x in secs) / len(secs) if secs else float("inf")
 
 
-def seed_default_schedules(mod: IRModule, target: Target, work_dir: Path) -> list[SeedResult]:
+def seed_default_schedules(mod: IRModule, target: Target, work_dir: Path,
+                           remote: RemoteSpec | None = None) -> list[SeedResult]:
     """For every kernel of `mod` (as given to `tune`) with a workload in `work_dir`'s records:
-    measure its default schedule and its best tuned record head to head and commit both as
+    measure its default schedule and its best tuned record head to head (here, or on `remote`'s
+    RPC devices, as tuning did) and commit both as
     records, so that MetaScheduleApplyDatabase applies the faster. Compacts the records before
     (only the best tuned record is measured) and after (fresh measurements replace older ones)."""
     work_dir = Path(work_dir)
@@ -236,7 +287,7 @@ def seed_default_schedules(mod: IRModule, target: Target, work_dir: Path) -> lis
     if not cands:
         log.warning("no kernel of the module has a workload in %s: records from another model?", work_dir)
         return []
-    _measure(cands, target)
+    _measure(cands, target, remote)
     for c in cands:
         if c.run_secs is not None:
             db.commit_tuning_record(ms.database.TuningRecord(
