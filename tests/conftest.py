@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +48,31 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def write_checkpoint(state: dict[str, np.ndarray], source: str, path: Path) -> Path:
-    """The file each source ships: PaddleClas .pdparams (pickle of numpy arrays + paddle's name table),
-    torchvision / pycls weights saved with torch.save (zip format)."""
+    """The file format each source really ships: PaddleClas .pdparams (pickle of numpy arrays + paddle's
+    name table); mmcls .pth (legacy torch pickle wrapped in meta/state_dict); the others (official RepVGG,
+    torchvision, pycls) torch.save's zip format."""
     if source == "ppcls":
         table = {k: f"param_{i}" for i, k in enumerate(state)}
         with open(path, "wb") as f:
             pickle.dump({**state, "StructuredToParameterName@@": table}, f, protocol=2)
         return path
     torch = pytest.importorskip("torch")
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    if source == "mmcls":
+        torch.save({"meta": {"epoch": 120, "mmcls_version": "0.15.0"}, "state_dict": tensors}, path,
+                   _use_new_zipfile_serialization=False)
+    else:
+        torch.save(tensors, path)
     return path
+
+
+def run_onnx(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The model's 'output' on ONNX Runtime (one thread: the reference, not a speed run)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(["output"], {"input": x})[0]
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 
-from conftest import write_checkpoint
+from conftest import rel_err, run_onnx, write_checkpoint
 from tvmzoo.checkpoint import load_state_dict
 from tvmzoo.errors import CheckpointError, ConfigError
 from tvmzoo.models import get_family, regnet, resolve_arch
@@ -45,15 +43,8 @@ def photos() -> np.ndarray:
     return _photos(SIZE, 2)
 
 
-def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(["output"], {"input": x})[0]
 
 
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
 def roundtrip(state: dict[str, np.ndarray], source: str, tmp_path: Path) -> dict[str, np.ndarray]:
@@ -131,8 +122,8 @@ def test_bn_folding_is_exact(arch, source, photos, tmp_path):
     assert max(groups) == max(b.groups for b in bl) > 1
 
     unfolded = regnet.unfolded_onnx(loaded, arch, source, input_size=(SIZE, SIZE), batch=len(x))
-    ref = run(unfolded, x)
-    out = run(deploy, x)
+    ref = run_onnx(unfolded, x)
+    out = run_onnx(deploy, x)
     assert out.shape == (len(x), 1000)
     assert np.abs(ref).max() > 1e-2 and ref.std(axis=1).min() > 1e-3      # not a degenerate net
     assert rel_err(out, ref) < MAX_REL_ERR
@@ -168,8 +159,8 @@ def test_graphs_match_torch(arch):
     x = _photos(64, 2)
     state = regnet.random_state_dict(arch, "pycls", np.random.default_rng(1))
     ref = _torch_forward(state, arch, x)
-    assert rel_err(run(regnet.unfolded_onnx(state, arch, "pycls", input_size=(64, 64)), x), ref) < MAX_REL_ERR
-    assert rel_err(run(regnet.deploy_onnx(state, arch, "pycls", input_size=(64, 64)), x), ref) < MAX_REL_ERR
+    assert rel_err(run_onnx(regnet.unfolded_onnx(state, arch, "pycls", input_size=(64, 64)), x), ref) < MAX_REL_ERR
+    assert rel_err(run_onnx(regnet.deploy_onnx(state, arch, "pycls", input_size=(64, 64)), x), ref) < MAX_REL_ERR
 
 
 def _rename(state: dict[str, np.ndarray], arch: str, old: str, new: str) -> dict[str, np.ndarray]:
@@ -187,8 +178,8 @@ def test_layouts_give_the_same_network(photos):
     pycls = regnet.random_state_dict("600MF", "pycls", np.random.default_rng(2))
     ppcls = _rename(pycls, "600MF", "pycls", "ppcls")
     assert ppcls["out.weight"].shape == (528, 1000) and "s2_b3.conv1._batch_norm._variance" in ppcls
-    a = run(regnet.deploy_onnx(pycls, "600MF", "pycls", input_size=(SIZE, SIZE)), photos)
-    b = run(regnet.deploy_onnx(ppcls, "600MF", "ppcls", input_size=(SIZE, SIZE)), photos)
+    a = run_onnx(regnet.deploy_onnx(pycls, "600MF", "pycls", input_size=(SIZE, SIZE)), photos)
+    b = run_onnx(regnet.deploy_onnx(ppcls, "600MF", "ppcls", input_size=(SIZE, SIZE)), photos)
     np.testing.assert_array_equal(a, b)
 
 
@@ -200,7 +191,7 @@ def test_torchvision_model_cross_check(photos):
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     with torch.no_grad():
         ref = model(torch.from_numpy(photos)).numpy()
-    assert rel_err(run(regnet.deploy_onnx(state, "400MF", "torchvision", input_size=(SIZE, SIZE)), photos),
+    assert rel_err(run_onnx(regnet.deploy_onnx(state, "400MF", "torchvision", input_size=(SIZE, SIZE)), photos),
                    ref) < MAX_REL_ERR
 
 
@@ -215,8 +206,8 @@ def test_pycls_pyth_checkpoint(tmp_path, photos):
     torch.save({"epoch": 99, "model_state": tensors, "optimizer_state": optimizer,
                 "cfg": "MODEL:\n  TYPE: regnet\n"}, path)
     loaded = load_state_dict(path)
-    ref = run(regnet.unfolded_onnx(state, "200MF", "pycls", input_size=(SIZE, SIZE)), photos)
-    assert rel_err(run(regnet.deploy_onnx(loaded, "200MF", "pycls", input_size=(SIZE, SIZE)), photos),
+    ref = run_onnx(regnet.unfolded_onnx(state, "200MF", "pycls", input_size=(SIZE, SIZE)), photos)
+    assert rel_err(run_onnx(regnet.deploy_onnx(loaded, "200MF", "pycls", input_size=(SIZE, SIZE)), photos),
                    ref) < MAX_REL_ERR
 
 
@@ -225,7 +216,7 @@ def test_num_classes_and_batch_from_checkpoint(photos):
     assert state["out.weight"].shape == (368, 10)
     model = regnet.deploy_onnx(state, "200MF", "ppcls", input_size=(SIZE, SIZE), batch=2)
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [2, 10]
-    assert run(model, photos).shape == (2, 10)
+    assert run_onnx(model, photos).shape == (2, 10)
 
 
 # ---------------------------------------------------------------- checkpoint validation

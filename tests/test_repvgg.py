@@ -3,7 +3,6 @@ vs a torch reference), checkpoint validation messages, arch table sizes, build c
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import cv2
@@ -12,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from conftest import rel_err, run_onnx, write_checkpoint
 from tvmzoo.errors import CheckpointError, ConfigError
 from tvmzoo.models import repvgg
 from tvmzoo.models.repvgg import G4, LAYOUTS, RepVGGArch
@@ -45,33 +45,10 @@ def photos() -> np.ndarray:
     return np.stack(batch).astype(np.float32)
 
 
-def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(["output"], {"input": x})[0]
 
 
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
-def write_checkpoint(state: dict[str, np.ndarray], source: str, path: Path) -> Path:
-    """The file format each source really ships: official .pth (torch zip), mmcls .pth (legacy torch
-    pickle, wrapped in meta/state_dict), PaddleClas .pdparams (pickle of numpy arrays + paddle's name table)."""
-    if source == "ppcls":
-        table = {k: f"param_{i}" for i, k in enumerate(state)}
-        with open(path, "wb") as f:
-            pickle.dump({**state, "StructuredToParameterName@@": table}, f, protocol=2)
-        return path
-    torch = pytest.importorskip("torch")
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
-    if source == "official":
-        torch.save(tensors, path)
-    else:
-        torch.save({"meta": {"epoch": 120, "mmcls_version": "0.15.0"}, "state_dict": tensors}, path,
-                   _use_new_zipfile_serialization=False)
-    return path
 
 
 def load_checkpoint(state: dict[str, np.ndarray], source: str, tmp_path: Path) -> dict[str, np.ndarray]:
@@ -119,13 +96,13 @@ def test_deploy_matches_train_graph(arch, source, photos, tmp_path):
     assert len(convs) == per_block * len(repvgg.blocks(arch))
     assert not any(n.op_type == "BatchNormalization" for n in deploy.graph.node)
 
-    ref = run(train, photos)
-    out = run(deploy, photos)
+    ref = run_onnx(train, photos)
+    out = run_onnx(deploy, photos)
     assert out.shape == (4, 1000)
     assert np.abs(ref).max() > 1e-3 and ref.std(axis=1).min() > 1e-4   # not a degenerate net
     assert rel_err(out, ref) < MAX_REL_ERR
     # a deploy-form checkpoint (rbr_reparam / branch_reparam) gives the same output
-    from_deploy = run(repvgg.deploy_onnx(deploy_state(state, arch, source), arch, source,
+    from_deploy = run_onnx(repvgg.deploy_onnx(deploy_state(state, arch, source), arch, source,
                                          input_size=(SIZE, SIZE)), photos)
     assert rel_err(from_deploy, ref) < MAX_REL_ERR
 
@@ -162,7 +139,7 @@ def _torch_reference(state: dict[str, np.ndarray], arch: RepVGGArch, x: np.ndarr
 def test_train_graph_matches_torch(arch, photos):
     state = repvgg.random_state_dict(arch, "official", np.random.default_rng(1))
     ref = _torch_reference(state, arch, photos)
-    out = run(repvgg.train_onnx(state, arch, "official", input_size=(SIZE, SIZE)), photos)
+    out = run_onnx(repvgg.train_onnx(state, arch, "official", input_size=(SIZE, SIZE)), photos)
     assert rel_err(out, ref) < MAX_REL_ERR
 
 
@@ -173,14 +150,14 @@ def test_identity_kernel_is_identity_per_group():
     g = GraphBuilder("id")
     g.output(g.conv(g.input([1, 8, 5, 5]), k, None, "id", groups=4), [1, 8, 5, 5])
     sess = ort.InferenceSession(g.build().SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(sess.run(None, {"input": x})[0], x, atol=1e-6)
+    np.testing.assert_allclose(sess.run_onnx(None, {"input": x})[0], x, atol=1e-6)
 
 
 def test_num_classes_and_batch_from_checkpoint(photos):
     state = repvgg.random_state_dict(NARROW, "ppcls", np.random.default_rng(3), num_classes=10)
     model = repvgg.deploy_onnx(state, NARROW, "ppcls", input_size=(SIZE, SIZE), batch=2)
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [2, 10]
-    assert run(model, photos[:2]).shape == (2, 10)
+    assert run_onnx(model, photos[:2]).shape == (2, 10)
 
 
 # ---------------------------------------------------------------- checkpoint validation
