@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from tvmzoo.checkpoint import load_state_dict
 from tvmzoo.compiler import compile_model
 from tvmzoo.config import load_build_config
@@ -97,3 +97,14 @@ def test_int8_within_one_point_of_fp32(fp32, tmp_path_factory, sample_images, ph
     top1_8 = top_k(summary.predictions, truth).top1
     assert abs(top1_8 - top1_32) <= 1.0
     assert np.mean(np.array([p.ids[0] for p in summary.predictions]) == np.array(ids32)) >= 0.95
+
+
+def test_quickstart_classifies_the_shipped_photos(tmp_path):
+    """The README's main job: compile Lite0 and classify the CC0 / public-domain photos shipped in tvmzoo."""
+    out = run_cli("tvmzoo", "quickstart", "--workspace", tmp_path).stdout
+    top0 = {line.split(": Relay")[0].rsplit("/", 1)[-1]: line.split("class name: ")[1]
+            for line in out.splitlines() if ": Relay top-0 " in line}
+    assert set(top0) == {"astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"}
+    assert top0["coffee.png"] == "espresso" and "cat" in top0["chelsea.png"]
+    assert "images in" in out and "images/second" in out
+    assert (tmp_path / "efficientnet_lite0_fp32" / "mod.so").is_file()
