@@ -413,8 +413,9 @@ def apply_records(mod: IRModule, target: Target, work_dir: Path | None) -> tuple
             if log.isEnabledFor(logging.DEBUG):
                 _log_winners(prepared, target, Path(work_dir))
             prepared = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(prepared)
-        elif work_dir is not None:
-            log.warning("no tuning records in %s: every kernel uses its default schedule", work_dir)
+        elif work_dir is not None:  # a warning only where records were expected: the folder exists
+            (log.warning if Path(work_dir).exists() else log.info)(
+                "no tuning records in %s: every kernel uses its default schedule", work_dir)
         tuned = _scheduled(prepared)
         prepared = schedule_pass()(prepared)
         fallback = _scheduled(prepared) - tuned
