@@ -233,10 +233,10 @@ def compile_model(cfg: BuildConfig) -> Path:
         _carry_over(out_dir, tmp)
         if precision == "int8":
             model = quantize_for_build(cfg, model, spec, pre, tmp / "calib.json")
+        records = records_dir(cfg, spec, target)  # the network's kernels: the same with fused preprocessing
         if cfg.graph.preprocess == "fused":  # crop / normalize / layout inside the module (tvmzoo.fused)
             from .fused import fuse_for_build
             model, spec = fuse_for_build(model, spec, pre, cfg.path)
-        records = records_dir(cfg, spec, target)
         executable, kernels = build_module(model, spec, precision, target, records)
         executable.export_library(str(tmp / MODULE_FILE))
         meta = {
