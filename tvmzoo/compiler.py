@@ -258,7 +258,7 @@ def compile_model(cfg: BuildConfig) -> Path:
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("compiled %s (%s, %s) in %.1fs -> %s; kernels: %d tuned, %d on default schedules",
+    log.info("compiled %s (%s, %s) in %.1fs -> %s; kernels: %d from tuning records, %d on default schedules",
              cfg.name, precision, target.get("mcpu"), time.perf_counter() - t0, out_dir,
              kernels["tuned"], kernels["default"])
     return out_dir
