@@ -150,7 +150,7 @@ def test_identity_kernel_is_identity_per_group():
     g = GraphBuilder("id")
     g.output(g.conv(g.input([1, 8, 5, 5]), k, None, "id", groups=4), [1, 8, 5, 5])
     sess = ort.InferenceSession(g.build().SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(sess.run_onnx(None, {"input": x})[0], x, atol=1e-6)
+    np.testing.assert_allclose(sess.run(None, {"input": x})[0], x, atol=1e-6)
 
 
 def test_num_classes_and_batch_from_checkpoint(photos):
