@@ -216,7 +216,9 @@ def _add_compile_and_tune(sub) -> None:
 
     p = sub.add_parser("tune", help="MetaSchedule-tune a build's kernels (resumable); compile applies the records")
     p.add_argument("yaml")
-    p.add_argument("--trials", type=int, default=500, help="trials in this run, over all kernels")
+    p.add_argument("--trials", type=int, default=500,
+                   help="trials in this run, over all kernels (0: only re-measure the default schedules "
+                        "against the records, e.g. after upgrading tvmzoo)")
     p.add_argument("--per-task", type=int, default=None, help="at most this many trials per kernel")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _add_rpc_args(p)  # measure candidates on TVM RPC devices (MetaSchedule's RPCRunner)

@@ -6,18 +6,21 @@ rule for convolutions. This module fills that gap for conv nets:
 1. `canonicalize` (right after import, before ToMixedPrecision), `layout_passes`: convolutions go
    to NHWC with HWIO weights (the weight transposes fold at build time; pooling and elementwise
    ops follow), so every kernel's innermost output axis is the channel axis, contiguous in
-   output, weight and (depthwise) input: the axis to vectorize. `fuse_passes`: legalize and fuse.
+   output, weight and (depthwise) input: the axis to vectorize. Float 3x3 stride-1 convs with
+   enough channels become Winograd F(2x2, 3x3) (tvmzoo.winograd); integer convs on RGB get a
+   fourth, zero input channel. `fuse_passes`: legalize and fuse.
 2. `ScheduleReduction`: one rule for every fused kernel with a reduction block (conv, depthwise and
    grouped conv, matmul, pooling, mean): a register tile of `rows x channel vectors` accumulators,
    outer spatial loops fused and parallel, reduction loops outside the tile, channel lanes
-   vectorized, epilogue (bias, activation, residual add) computed right after each tile.
+   vectorized, epilogue (bias, activation, residual add) computed right after each tile; the
+   weight repacked so that each tile's channel block is contiguous.
 3. `ScheduleInjective`: elementwise / transpose / pad kernels: inlined into one loop nest, parallel
-   outer loop, vectorized inner loop.
+   outer loops, the channel axis vectorized.
 4. int8 (after tvmzoo.quantize.lower_int8): `canonicalize` turns per-tensor quantize / dequantize
    into elementwise ops (bit-identical) so they follow NHWC and fuse into the conv epilogues;
    `ScheduleInt8Dot` (before ScheduleReduction, on AVX512-VNNI targets) repacks the int8 weight
    to [OC/L, KH, KW, IC/4, L, 4] and tensorizes the reduction with `vpdpbusd` (L = 16 or 8 lanes).
-   Depthwise convs, and convs with input channels not a multiple of 4, keep ScheduleReduction.
+   Depthwise convs keep ScheduleReduction.
    `prepack_passes` fold the weight repacking into the constants at build time.
 
 `optimize(mod, target)` runs all of it; the result goes straight to `tvm.compile(mod, target)`.
@@ -37,6 +40,8 @@ from tvm.script import tirx as T
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
+from .winograd import winograd
+
 log = logging.getLogger(__name__)
 
 # Pooling, means and elementwise ops follow their input's layout (ConvertLayout rejects a
@@ -45,6 +50,7 @@ NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 MAX_ACCUMULATORS = 24  # vector registers for the accumulator tile (x86 AVX-512 has 32)
 MAX_ROW_TILE = 8
 MAX_VECTORS_PER_ROW = 4
+LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"  # what SplitLayoutRewritePreproc splits out
 
 
 # ---------------------------------------------------------------- Relax-level preparation
@@ -141,12 +147,48 @@ def canonicalize(mod: IRModule) -> IRModule:
                                      qdq_to_elementwise, relax.transform.CanonicalizeBindings()])(mod)
 
 
+@relax.expr_functor.mutator
+class _PadInt8Channels(relax.PyExprMutator):
+    """An integer NHWC conv whose input channels are not a multiple of 4 (the RGB stem) gets zero
+    channels appended to its input and zero weights to match: the same sums (exact), and the conv
+    fits VNNI's 4-channel dot product instead of running on 32-bit multiplies."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", "") != "relax.nn.conv2d" or not isinstance(call.args[1], tvm.ir.Constant):
+            return call
+        data, weight = call.args
+        attrs = call.attrs
+        if (str(data.ty.dtype) not in ("uint8", "int8") or str(weight.ty.dtype) != "int8"
+                or attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1):
+            return call
+        w = weight.value.numpy()
+        extra = -w.shape[2] % 4
+        if extra == 0:
+            return call
+        w = np.concatenate([w, np.zeros((*w.shape[:2], extra, w.shape[3]), w.dtype)], axis=2)
+        data = relax.op.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, extra], pad_value=0.0)
+        return relax.op.nn.conv2d(data, relax.const(w, "int8"), attrs.strides, attrs.padding, attrs.dilation,
+                                  1, "NHWC", "HWIO", attrs.out_layout, attrs.out_dtype)
+
+
+@tvm.transform.module_pass(opt_level=0, name="PadInt8Channels")
+def pad_int8_channels(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+    mutator = _PadInt8Channels(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mod[gv] = mutator.visit_expr(func)
+    return mod
+
+
 def layout_passes() -> list[tvm.transform.Pass]:
     """Convolutions and pooling to NHWC / HWIO; the weight transposes fold into the constants."""
     return [
         relax.transform.ConvertLayout(NHWC_LAYOUTS),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
+        pad_int8_channels,
+        winograd,
     ]
 
 
@@ -227,20 +269,44 @@ def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
         sch.vectorize(sch.split(loop, [None, lanes])[1])
 
 
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    extent = sch.get(loop).extent
+    return int(extent.value) if isinstance(extent, tirx.IntImm) else 0
+
+
 def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Fuse all loops; outer part parallel, `lanes`-wide inner part vectorized."""
+    """Outer loops fused and parallel; the innermost axis (the channels, in NHWC) vectorized.
+
+    The vector loop stays within one row of channels: fused across rows, a vector whose width
+    does not divide the channel count (48 uint8 channels in 64 lanes) needs a div / mod per lane
+    and runs scalar. Axes too short for a vector (3 channels) are fused with the next one out."""
     loops = sch.get_loops(block)
     if not loops:
         return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    extent = sch.get(fused).extent
-    n = int(extent.value) if isinstance(extent, tirx.IntImm) else 0
-    if n >= 2 * lanes and n % lanes == 0:
-        outer, inner = sch.split(fused, [None, lanes])
-        sch.parallel(outer)
-        sch.vectorize(inner)
-    elif n > 1:
-        sch.parallel(fused)
+    inner = len(loops) - 1
+    while inner > 0 and math.prod(_extent(sch, lp) for lp in loops[inner:]) < min(lanes, 8):
+        inner -= 1
+    vec = sch.fuse(*loops[inner:]) if len(loops) - inner > 1 else loops[-1]
+    n = _extent(sch, vec)
+    outer = list(loops[:inner])
+    if n > 4 * lanes:
+        step = lanes if n % lanes == 0 else math.gcd(n, lanes)
+        if step < 2:
+            step = 0
+        if step:
+            rest, vec = sch.split(vec, [None, step])
+            outer.append(rest)
+    vectorized = n > 1 and (n <= 4 * lanes or math.gcd(n, lanes) > 1)
+    if vectorized:
+        sch.vectorize(vec)
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    elif n > 1 and not vectorized:
+        sch.parallel(vec)
+
+
+def _as_var(expr):
+    return expr if isinstance(expr, tirx.Var) else None
 
 
 def _contains_var(expr, var) -> bool:
@@ -325,6 +391,7 @@ class ScheduleReduction(dlight.ScheduleRule):
         r_ext = int(row.dom.extent) if row is not None else 1
         row_tile, vecs, width = register_tile(c_ext, r_ext, lanes)
 
+        self._prepack_weight(sch, red, chan, row, vecs * width)
         c_out, c_vec, c_lane = sch.split(loop_of[chan.var], [None, vecs, width])
         if row is not None:
             r_out, r_in = sch.split(loop_of[row.var], [None, row_tile])
@@ -352,12 +419,45 @@ class ScheduleReduction(dlight.ScheduleRule):
         if red_loops:
             init = sch.decompose_reduction(red, red_loops[0])
             _vectorize_innermost(sch, sch.get_loops(init)[-1], lanes)
-        self._schedule_neighbours(sch, outer, producers, consumers, lanes)
+        # Depthwise convs and pooling read their input by output channel and are memory-bound:
+        # a padded copy of the input would double their traffic, so the pad is read in place.
+        channelwise = any(any(_contains_var(r.min, chan.var) for r in read.region)
+                          and any(_as_var(r.min) is None for r in read.region) for read in stmt.reads)
+        self._schedule_neighbours(sch, outer, producers, consumers, lanes, inline_pads=channelwise)
 
-    def _schedule_neighbours(self, sch, outer, producers, consumers, lanes: int) -> None:
+    @staticmethod
+    def _prepack_weight(sch, red, chan, row, block: int) -> None:
+        """Weight [.., chan, ..] -> [chan / block, <other axes>, block] (folded into the constant at
+        build time): each tile then streams its weights contiguously instead of `block` channels out
+        of every row of all of them. Weight = the read indexed by the output channel, not the row."""
+        stmt = sch.get(red)
+        c_ext = int(chan.dom.extent)
+        operands = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
+        if block >= c_ext or c_ext % block or len(operands) < 2:  # pooling / mean: no weight
+            return
+        for i, read in enumerate(stmt.reads):
+            if read.source.same_as(stmt.writes[0].source):
+                continue
+            idx = [_as_var(r.min) for r in read.region]
+            if any(v is None for v in idx) or sum(v.same_as(chan.var) for v in idx) != 1 \
+                    or (row is not None and any(v.same_as(row.var) for v in idx)):
+                continue
+            if any(int(r.extent) != 1 for r in read.region):
+                continue
+            pos = next(k for k, v in enumerate(idx) if v.same_as(chan.var))
+            preproc = sch.cache_read(red, i, "global")
+            sch.annotate(preproc, LAYOUT_REWRITE_PREPROC, True)
+
+            def pack(*ix):
+                return (ix[pos] // block, *[ix[k] for k in range(len(ix)) if k != pos], ix[pos] % block)
+
+            sch.transform_layout(red, ("read", i), pack)
+            return
+
+    def _schedule_neighbours(self, sch, outer, producers, consumers, lanes: int, inline_pads: bool) -> None:
         """Pads before the reduction; the epilogue computed per tile, right after it."""
         for block in producers:
-            self._schedule_producer(sch, block, lanes)
+            self._schedule_producer(sch, block, lanes, inline_pads)
         if consumers:
             consumers = _inline_into_last(sch, consumers)
             for block in consumers:
@@ -369,10 +469,12 @@ class ScheduleReduction(dlight.ScheduleRule):
                     schedule_injective(sch, block, lanes)
 
     @staticmethod
-    def _schedule_producer(sch, block, lanes: int) -> None:
-        """Pads and layout copies: inline when it is a plain copy, else a parallel vector loop."""
+    def _schedule_producer(sch, block, lanes: int, inline_pads: bool) -> None:
+        """Pads and layout copies: inline when it is a plain copy (or `inline_pads`), else a
+        parallel vector loop (a pad's border test would sit in the conv's innermost loop)."""
         stmt = sch.get(block)
-        if isinstance(stmt.body, tirx.BufferStore) and isinstance(stmt.body.value, tvm.ir.TensorLoad):
+        plain = isinstance(stmt.body, tirx.BufferStore) and isinstance(stmt.body.value, tvm.ir.TensorLoad)
+        if plain or inline_pads:
             try:
                 sch.compute_inline(block)
                 return
@@ -382,9 +484,6 @@ class ScheduleReduction(dlight.ScheduleRule):
 
 
 # ---------------------------------------------------------------- int8 dot products (VNNI)
-
-LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"  # what SplitLayoutRewritePreproc splits out
-
 
 def _vnni_dot(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     """C[i] += sum_k u8 A[k] * s8 B[i, k] for `lanes` int32 lanes and k < 4: one `vpdpbusd`.
@@ -422,10 +521,6 @@ def _vnni_dot(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
 VNNI_INTRINS = {lanes: f"tvmzoo_dot_{lanes}x4_vnni" for lanes in (16, 8)}
 for _lanes, _name in VNNI_INTRINS.items():
     s_tir.TensorIntrin.register(_name, *_vnni_dot(_lanes))
-
-
-def _as_var(expr):
-    return expr if isinstance(expr, tirx.Var) else None
 
 
 class ScheduleInt8Dot(dlight.ScheduleRule):

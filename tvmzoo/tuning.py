@@ -146,16 +146,20 @@ def tune(mod: IRModule, target: Target, work_dir: Path, max_trials_global: int,
          remote: RemoteSpec | None = None) -> int:
     """Tune the conv / matmul / pooling kernels of `mod` (a Relax module from ONNX, weights bound
     as constants, precision already applied) into the JSON database in `work_dir`; then measure
-    the default schedules against the tuned ones and compact the records (seed_default_schedules).
-    Candidates run on this machine, or on `remote`'s RPC devices.
+    the default schedules against the tuned ones and compact the records (seed_default_schedules;
+    with 0 trials, only that). Candidates run on this machine, or on `remote`'s RPC devices.
     Returns the number of tuning records in the database afterwards."""
-    if max_trials_global < 1:
-        raise ConfigError(f"max_trials_global must be >= 1, got {max_trials_global}: "
-                          "pass the number of tuning trials to run.")
+    if max_trials_global < 0:
+        raise ConfigError(f"max_trials_global must be >= 0, got {max_trials_global}: pass the number of "
+                          "tuning trials to run (0: only re-measure the default schedules against the records).")
     if "num-cores" not in target.attrs:
         raise ConfigError(f"target {target} has no 'num-cores': MetaSchedule needs it; "
                           "build the target with tvmzoo.target.")
     work_dir = Path(work_dir)
+    if max_trials_global == 0:  # e.g. after an upgrade changed the default schedules
+        log.info("0 trials: re-measuring the default schedules against the records in %s", work_dir)
+        seed_default_schedules(mod, target, work_dir, remote)
+        return len(_read_records(work_dir))
     work_dir.mkdir(parents=True, exist_ok=True)
     prepared = _prepare(mod, target)
     per_task = max_trials_per_task or max_trials_global
