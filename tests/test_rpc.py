@@ -150,7 +150,7 @@ def test_tune_measures_on_remote_devices(cluster, setup, tmp_path):
     import onnxruntime as ort
 
     from tvmzoo.runtime import CompiledModel
-    from tvmzoo.tuning import RECORD_FILE, WORKLOAD_FILE
+    from tvmzoo.tuning import RECORD_FILE, WORKLOAD_FILE, _json_is_default, _read_records, _record_secs
 
     records, yaml_path = tmp_path / "records", setup["root"] / "tiny_rpc.yaml"
     before = _sessions_served(cluster)
@@ -163,7 +163,13 @@ def test_tune_measures_on_remote_devices(cluster, setup, tmp_path):
 
     run_cli("vamc", "compile", yaml_path, "--set", f"tuning.records={records}", "--set", "name=tiny_tuned")
     prefix = setup["root"] / "ws" / "tiny_tuned" / "mod"
-    assert json.loads((prefix.parent / "mod.json").read_text())["kernels"]["tuned"] >= 1
+    kernels = json.loads((prefix.parent / "mod.json").read_text())["kernels"]
+    assert kernels["records"] == str(records)
+    # kernels come from the records exactly where a tuned schedule beat the default on the devices
+    best = {}
+    for rec in _read_records(records):
+        best.setdefault(rec[0], []).append((_record_secs(rec), _json_is_default(rec)))
+    assert (kernels["tuned"] > 0) == any(not min(recs)[1] for recs in best.values())
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     got = CompiledModel.load(prefix).run(x)
     session = ort.InferenceSession(str(setup["root"] / "tiny.onnx"), providers=["CPUExecutionProvider"])

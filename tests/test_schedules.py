@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tvm
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.relax.frontend.onnx import from_onnx
 
 from tvmzoo.onnx_graph import GraphBuilder
@@ -178,8 +178,11 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
 
     with caplog.at_level(logging.DEBUG, logger="tvmzoo.tuning"):
         mod, n_tuned, n_fallback = apply_records(_import(model), target, tmp_path)
-    assert n_tuned == n_workloads and n_fallback >= 1  # the rest: transposes, pads
-    assert len([r for r in caplog.records if " schedule won (" in r.getMessage()]) == n_workloads
+    won = [r.getMessage() for r in caplog.records if " schedule won (" in r.getMessage()]
+    assert len(won) == n_workloads
+    # only tuned winners come from the records; where the default won, today's default applies
+    assert n_tuned == len([m for m in won if "tuned schedule won" in m])
+    assert n_tuned + n_fallback == len(_kernels(mod)) and n_fallback >= 1
     out = _run(mod, target, image)
     assert _cos(out, reference) > 0.99999
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4)
@@ -331,10 +334,17 @@ def test_quantize_as_elementwise_ops_is_bit_identical(target):
         np.testing.assert_array_equal(a, b)
 
 
+def _without_preproc_flag(script: str) -> str:
+    import re
+
+    return re.sub(r'"meta_schedule.layout_rewrite_preproc": [^,}]+', "", script)
+
+
 def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
     """Default schedules committed as MetaSchedule records (as tvmzoo.tuning.seed_default_schedules
-    does) replay from the JSON database into the same kernels, VNNI tensorization and int8 weight
-    repacking included: the build from the records equals the default build bit for bit."""
+    does, to measure them against tuned ones) replay from the JSON database into the same kernels,
+    VNNI tensorization and int8 weight repacking included. apply_records does not pin them: where
+    a default record wins, the kernel gets the current default schedule (same build, bit for bit)."""
     from tvm.s_tir import meta_schedule as ms
 
     from tvmzoo.compiler import precision_passes
@@ -351,7 +361,7 @@ def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
             mod = pass_(mod)
     normalize = tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")
     db = ms.database.JSONDatabase(work_dir=str(tmp_path))
-    seeded = []
+    seeded, expected = [], []
     for gv, func in _prepare(mod, target).functions_items():
         if isinstance(func, tirx.PrimFunc) and ("conv2d" in gv.name_hint or "matmul" in gv.name_hint):
             workload = db.commit_workload(normalize(func))
@@ -359,10 +369,19 @@ def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
             assert sch is not None and is_default_trace(sch.trace)
             db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-3], target, []))
             seeded.append("vpdpbusd" in sch.mod.script())
-    assert sum(seeded) >= 3, seeded  # c3x3, pw24, pw_res (VNNI)
+            expected.append((workload.mod, sch.mod))
+    assert sum(seeded) >= 4, seeded  # stem, c3x3, pw24, pw_res (VNNI)
+    del db
+    db = ms.database.JSONDatabase(work_dir=str(tmp_path))  # read back from the files
+    for workload_mod, scheduled in expected:
+        stored = db.get_top_k(db.commit_workload(workload_mod), 1)[0].trace
+        replayed = s_tir.Schedule(workload_mod)
+        stored.apply_to_schedule(replayed, remove_postproc=False)
+        # the JSON round trip turns the layout-rewrite annotation's True into 1: compare modulo that
+        assert _without_preproc_flag(replayed.mod.script()) == _without_preproc_flag(scheduled.script())
     del db
     from_records, n_tuned, _ = apply_records(mod, target, tmp_path)
-    assert n_tuned == len(seeded)
+    assert n_tuned == 0
     assert not any("layout_rewrite_preproc" in text for text in _kernels(from_records).values())
     x = tvm.runtime.tensor(np.random.default_rng(6).standard_normal(INT8_SHAPE).astype(np.float32))
     outs = [relax.VirtualMachine(tvm.compile(m, target), tvm.cpu())["main"](x).numpy()

@@ -341,15 +341,25 @@ def _ms(secs: float | None) -> str:
     return "n/a" if secs is None else f"{secs * 1e3:.3f} ms"
 
 
-def _log_winners(prepared: IRModule, target: Target, work_dir: Path) -> None:
-    """Debug log: per kernel, which record MetaScheduleApplyDatabase applies."""
+def _tuned_winners(prepared: IRModule, target: Target, work_dir: Path) -> ms.database.MemoryDatabase:
+    """The records where a tuned schedule beat the default. Where the default won, the kernel gets
+    the *current* default schedule (the stored default trace may be an older tvmzoo's)."""
     db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    winners = ms.database.MemoryDatabase()
     for gv, func in prepared.functions_items():
-        if isinstance(func, tirx.PrimFunc):
-            rec = db.query_tuning_record(_normalize(func), target, gv.name_hint)
-            if rec is not None:
-                kind = "default schedule" if is_default_trace(rec.trace) else "tuned schedule"
-                log.debug("%s: %s won (%s)", gv.name_hint, kind, _ms(_mean(rec.run_secs)))
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        query = _normalize(func)
+        rec = db.query_tuning_record(query, target, gv.name_hint)
+        if rec is None:
+            continue
+        default = is_default_trace(rec.trace)
+        log.debug("%s: %s won (%s)", gv.name_hint, "default schedule" if default else "tuned schedule",
+                  _ms(_mean(rec.run_secs)))
+        if not default:
+            winners.commit_tuning_record(ms.database.TuningRecord(
+                rec.trace, winners.commit_workload(query), rec.run_secs, target, rec.args_info))
+    return winners
 
 
 def _read_records(work_dir: Path) -> list[list]:
@@ -414,9 +424,8 @@ def apply_records(mod: IRModule, target: Target, work_dir: Path | None) -> tuple
     prepared = _prepare(mod, target)
     with target:
         if work_dir is not None and has_records(work_dir):
-            if log.isEnabledFor(logging.DEBUG):
-                _log_winners(prepared, target, Path(work_dir))
-            prepared = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(prepared)
+            with _tuned_winners(prepared, target, Path(work_dir)):
+                prepared = relax.transform.MetaScheduleApplyDatabase()(prepared)
         elif work_dir is not None:  # a warning only where records were expected: the folder exists
             (log.warning if Path(work_dir).exists() else log.info)(
                 "no tuning records in %s: every kernel uses its default schedule", work_dir)
