@@ -130,9 +130,9 @@ def test_fp16_default_schedules_close_to_fp32(model, target, image, reference):
 
 
 @pytest.mark.parametrize("channels, rows, lanes, expected", [
-    (192, 14, 16, (7, 3, 16)),    # 7 rows x 3 zmm of 16 floats = 21 accumulators
-    (48, 112, 16, (8, 3, 16)),
-    (24, 56, 16, (8, 3, 8)),      # 24 channels: 8-wide vectors, no lane wasted
+    (192, 14, 16, (7, 2, 16)),    # 7 rows x 2 zmm of 16 floats = 14 accumulators (at most 15)
+    (48, 112, 16, (4, 3, 16)),
+    (24, 56, 16, (4, 3, 8)),      # 24 channels: 8-wide vectors, no lane wasted
     (1000, 1, 16, (1, 1, 8)),
     (7, 7, 16, (7, 1, 1)),        # odd channel count: no vector, still a row tile
 ])
