@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, run_cli
 from tvmzoo.cli import classification_main, vamp_main
-from tvmzoo.compiler import file_sha256
+from tvmzoo.runtime import file_sha256
 from tvmzoo.config import BuildConfig, load_build_config
 from tvmzoo.errors import ConfigError, ImageError
 from tvmzoo.models import repvgg

@@ -4,7 +4,6 @@ A build is a sequence of named passes (see `precision_passes`), then tuned or de
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -23,6 +22,7 @@ from .config import BuildConfig
 from .errors import ConfigError, ModuleError, TvmzooError
 from .export import ExportSpec, export_onnx
 from .preprocess import Preprocessing
+from .runtime import META_FILE, MODULE_FILE, file_sha256
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODULE_FILE = "mod.so"
-META_FILE = "mod.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 TUNING_ROOT = Path(__file__).resolve().parents[1] / "build_in" / "tuning"
 
@@ -79,14 +77,6 @@ def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
                                       input_size=spec.image_size), path)
     except TvmzooError as exc:  # name the YAML whose model section led here
         raise type(exc)(f"{cfg.path}: model: {exc}") from None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def append_softmax(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,6 +1,7 @@
 """Load a compiled model (mod.so + mod.json) and run batches on it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -9,12 +10,22 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .compiler import META_FILE, MODULE_FILE
 from .errors import ModuleError
 from .preprocess import Preprocessing
 from .target import missing_features
 
 log = logging.getLogger(__name__)
+
+MODULE_FILE = "mod.so"   # what `vamc compile` writes into <workspace>/<name>/
+META_FILE = "mod.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def model_dir(prefix: str | Path) -> Path:
@@ -59,8 +70,6 @@ def _meta_problem(meta) -> str | None:
 def check_module_file(meta: dict, directory: Path) -> None:
     """Refuse a mod.so that is not the one mod.json describes (truncated, overwritten, half-copied):
     loading a damaged shared object can kill the process (SIGBUS) instead of raising."""
-    from .compiler import file_sha256
-
     so = directory / MODULE_FILE
     if not so.is_file():
         raise ModuleError(f"{so} is missing; recompile the model with `vamc compile`.")
