@@ -292,14 +292,11 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
     vec = sch.fuse(*loops[inner:]) if len(loops) - inner > 1 else loops[-1]
     n = _extent(sch, vec)
     outer = list(loops[:inner])
-    if n > 4 * lanes:
-        step = lanes if n % lanes == 0 else math.gcd(n, lanes)
-        if step < 2:
-            step = 0
-        if step:
-            rest, vec = sch.split(vec, [None, step])
-            outer.append(rest)
-    vectorized = n > 1 and (n <= 4 * lanes or math.gcd(n, lanes) > 1)
+    step = math.gcd(n, lanes)  # a whole register where the channels allow it
+    if n > 4 * lanes and step > 1:
+        rest, vec = sch.split(vec, [None, step])
+        outer.append(rest)
+    vectorized = n > 1 and (n <= 4 * lanes or step > 1)
     if vectorized:
         sch.vectorize(vec)
     if outer:
@@ -310,6 +307,14 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 def _as_var(expr):
     return expr if isinstance(expr, tirx.Var) else None
+
+
+def _repack_weight(sch: s_tir.Schedule, red, read: int, index_map) -> None:
+    """Read `read` of block `red` through a re-laid-out copy; prepack_passes fold the copy into the
+    constant at build time."""
+    preproc = sch.cache_read(red, read, "global")
+    sch.annotate(preproc, LAYOUT_REWRITE_PREPROC, True)
+    sch.transform_layout(red, ("read", read), index_map)
 
 
 def _contains_var(expr, var) -> bool:
@@ -448,13 +453,11 @@ class ScheduleReduction(dlight.ScheduleRule):
             if any(int(r.extent) != 1 for r in read.region):
                 continue
             pos = next(k for k, v in enumerate(idx) if v.same_as(chan.var))
-            preproc = sch.cache_read(red, i, "global")
-            sch.annotate(preproc, LAYOUT_REWRITE_PREPROC, True)
 
             def pack(*ix):
                 return (ix[pos] // block, *[ix[k] for k in range(len(ix)) if k != pos], ix[pos] % block)
 
-            sch.transform_layout(red, ("read", i), pack)
+            _repack_weight(sch, red, i, pack)
             return
 
     def _schedule_neighbours(self, sch, outer, producers, consumers, lanes: int, inline_pads: bool) -> None:
@@ -607,9 +610,7 @@ class ScheduleInt8Dot(dlight.ScheduleRule):
             c, k = idx[pos_c], idx[pos_k]
             return (c // lanes, *[idx[i] for i in others], k // 4, c % lanes, k % 4)
 
-        preproc = sch.cache_read(red, wgt, "global")
-        sch.annotate(preproc, LAYOUT_REWRITE_PREPROC, True)
-        sch.transform_layout(red, ("read", wgt), pack)
+        _repack_weight(sch, red, wgt, pack)
         loops = sch.get_loops(red)
         if len(loops) != len(stmt.iter_vars):
             raise _NotApplicable("non-trivial loop binding")
