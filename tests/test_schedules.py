@@ -247,19 +247,25 @@ def int8_net() -> onnx.ModelProto:
     return g.build()
 
 
-@pytest.fixture(scope="module")
-def int8_build(target):
+def _int8_lowered(target, n_calib: int) -> tuple[onnx.ModelProto, tvm.IRModule]:
+    """int8_net calibrated on random inputs -> QDQ ONNX and its Relax module after the int8 passes."""
     from tvmzoo.compiler import precision_passes
     from tvmzoo.config import Quantize
     from tvmzoo.quantize import quantize_model
 
     rng = np.random.default_rng(4)
-    calib = [rng.standard_normal(INT8_SHAPE).astype(np.float32) for _ in range(8)]
+    calib = [rng.standard_normal(INT8_SHAPE).astype(np.float32) for _ in range(n_calib)]
     qdq = quantize_model(int8_net(), calib, Quantize(keep_first_last_float=False))
     mod = from_onnx(qdq, shape_dict={"input": list(INT8_SHAPE)}, keep_params_in_input=False)
     with target:
         for _, pass_ in precision_passes("int8"):
             mod = pass_(mod)
+    return qdq, mod
+
+
+@pytest.fixture(scope="module")
+def int8_build(target):
+    qdq, mod = _int8_lowered(target, 8)
     return qdq, optimize(mod, target)
 
 
@@ -347,18 +353,9 @@ def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
     a default record wins, the kernel gets the current default schedule (same build, bit for bit)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from tvmzoo.compiler import precision_passes
-    from tvmzoo.config import Quantize
-    from tvmzoo.quantize import quantize_model
     from tvmzoo.tuning import _prepare, apply_records, default_schedule, is_default_trace
 
-    rng = np.random.default_rng(4)
-    calib = [rng.standard_normal(INT8_SHAPE).astype(np.float32) for _ in range(4)]
-    qdq = quantize_model(int8_net(), calib, Quantize(keep_first_last_float=False))
-    mod = from_onnx(qdq, shape_dict={"input": list(INT8_SHAPE)}, keep_params_in_input=False)
-    with target:
-        for _, pass_ in precision_passes("int8"):
-            mod = pass_(mod)
+    _, mod = _int8_lowered(target, 4)
     normalize = tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")
     db = ms.database.JSONDatabase(work_dir=str(tmp_path))
     seeded, expected = [], []

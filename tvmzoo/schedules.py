@@ -85,13 +85,17 @@ class _ClampToRelaxOps(relax.PyExprMutator):
         return self._OPS[name](args[0], scalar)
 
 
-@tvm.transform.module_pass(opt_level=0, name="ClampToRelaxOps")
-def clamp_to_relax_ops(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    mutator = _ClampToRelaxOps(mod)
+def _mutate_functions(mod: IRModule, mutator: relax.PyExprMutator) -> IRModule:
+    """`mutator` over every Relax function of `mod` (in place)."""
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mod[gv] = mutator.visit_expr(func)
-    return relax.transform.DeadCodeElimination()(mod)
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="ClampToRelaxOps")
+def clamp_to_relax_ops(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+    return relax.transform.DeadCodeElimination()(_mutate_functions(mod, _ClampToRelaxOps(mod)))
 
 
 def _scalar_const(expr) -> np.ndarray | None:
@@ -135,11 +139,7 @@ class _QdqToElementwise(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="QdqToElementwise")
 def qdq_to_elementwise(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    mutator = _QdqToElementwise(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mod[gv] = mutator.visit_expr(func)
-    return mod
+    return _mutate_functions(mod, _QdqToElementwise(mod))
 
 
 def canonicalize(mod: IRModule) -> IRModule:
@@ -177,11 +177,7 @@ class _PadInt8Channels(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="PadInt8Channels")
 def pad_int8_channels(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    mutator = _PadInt8Channels(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mod[gv] = mutator.visit_expr(func)
-    return mod
+    return _mutate_functions(mod, _PadInt8Channels(mod))
 
 
 def layout_passes() -> list[tvm.transform.Pass]:
