@@ -83,8 +83,7 @@ def _output_transform(m: te.Tensor, at: te.Tensor, th: int, tw: int, h_out: int,
 def winograd_conv(bb: relax.BlockBuilder, data: relax.Expr, hwio: np.ndarray,
                   padding: tuple[int, int, int, int], dtype: str) -> relax.Expr:
     """NHWC conv2d(data, weight, stride 1) as Winograd F(2x2, 3x3); returns [N, H_out, W_out, K]."""
-    n, h, w, c = data.ty.shape.values
-    h, w = int(h), int(w)
+    h, w = (int(d) for d in data.ty.shape.values[1:3])  # static (checked by _eligible); N may be symbolic
     top, left, bottom, right = padding
     h_out, w_out = h + top + bottom - 2, w + left + right - 2
     th, tw = -(-h_out // 2), -(-w_out // 2)
@@ -103,11 +102,11 @@ def _eligible(call: relax.Call) -> bool:
     if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values[1:]):
         return False
     kh, kw, c, k = (int(d) for d in weight.ty.shape.values)
-    return (str(data.ty.dtype) == "float32" and str(weight.ty.dtype) == str(data.ty.dtype)
+    return (str(data.ty.dtype) == str(weight.ty.dtype) == "float32"
             and a.data_layout == "NHWC" and a.kernel_layout == "HWIO" and a.out_layout == "NHWC"
             and int(a.groups) == 1 and (kh, kw) == (3, 3) and [int(s) for s in a.strides] == [1, 1]
             and [int(d) for d in a.dilation] == [1, 1] and c >= MIN_CHANNELS and k >= MIN_CHANNELS
-            and (not a.out_dtype or str(a.out_dtype) in ("", str(data.ty.dtype))))
+            and str(a.out_dtype or "") in ("", "float32"))
 
 
 @relax.expr_functor.mutator
