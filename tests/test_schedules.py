@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import onnx
@@ -9,11 +10,13 @@ import onnxruntime as ort
 import pytest
 import tvm
 from tvm import relax, s_tir, tirx
+from tvm.script import tirx as T
 from tvm.relax.frontend.onnx import from_onnx
 
 from tvmzoo.onnx_graph import GraphBuilder
-from tvmzoo.schedules import canonicalize, fuse_passes, layout_passes, optimize, register_tile
-from tvmzoo.target import resolve_target
+from tvmzoo.schedules import (canonicalize, divide_as_multiply, fuse_passes, layout_passes, optimize,
+                              qdq_to_elementwise, register_tile, schedule_injective)
+from tvmzoo.target import WIDE_VECTORS, host_cpu_flags, resolve_target
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 SHAPE = (1, 3, 32, 32)
@@ -141,6 +144,25 @@ def test_register_tile(channels, rows, lanes, expected):
     assert tile == expected
     r, vecs, width = tile
     assert rows % r == 0 and channels % (vecs * width) == 0
+
+
+def test_rgb_transpose_vectorizes_across_the_width(target):
+    """NCHW -> NHWC with 3 channels: vectors along W read each colour plane contiguously, the
+    channel loop is unrolled (vectors across (W, C) would need a div / mod by 3 per lane)."""
+    from tvm import te
+
+    image = te.placeholder((2, 3, 20, 24), "float32", name="image")
+    out = te.compute((2, 20, 24, 3), lambda n, h, w, c: image[n, c, h, w] * 2.0, name="nhwc")
+    sch = s_tir.Schedule(te.create_prim_func([image, out]))
+    schedule_injective(sch, sch.get_sblock("nhwc"), 16)
+    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("nhwc"))]
+    assert [(lp.kind, int(lp.extent)) for lp in loops[-2:]] == [(tirx.ForKind.UNROLLED, 3),
+                                                                (tirx.ForKind.VECTORIZED, 8)]
+    assert loops[0].kind == tirx.ForKind.PARALLEL
+    x = np.random.default_rng(3).standard_normal((2, 3, 20, 24)).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros((2, 20, 24, 3), np.float32))
+    tvm.tirx.build(sch.mod, target)["main"](tvm.runtime.tensor(x), y)
+    np.testing.assert_array_equal(y.numpy(), x.transpose(0, 2, 3, 1) * 2)
 
 
 def _records_per_workload(work_dir) -> dict[int, list[bool]]:
@@ -311,9 +333,7 @@ def test_int8_depthwise_gets_a_vector_schedule(int8_build):
         assert {tirx.ForKind.PARALLEL, tirx.ForKind.VECTORIZED} <= kinds, f"{name}:\n{func.script()}"
 
 
-def test_quantize_as_elementwise_ops_is_bit_identical(target):
-    """canonicalize rewrites per-tensor quantize / dequantize into elementwise ops (so they fuse
-    into conv epilogues): same results as TVM's own legalization, ties and saturation included."""
+def _qdq_module():
     from tvm.script import relax as R
 
     @tvm.script.ir_module
@@ -325,19 +345,62 @@ def test_quantize_as_elementwise_ops_is_bit_identical(target):
             s = R.quantize(x, R.const(0.1, "float32"), R.const(-3, "int8"), axis=1, out_dtype="int8")
             return (q, d, s)
 
+    return QDQ
+
+
+def _run_vm(mod, target, x: np.ndarray) -> list[np.ndarray]:
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    return [t.numpy() for t in vm["main"](tvm.runtime.tensor(x))]
+
+
+def test_quantize_as_elementwise_ops_is_bit_identical(target):
+    """qdq_to_elementwise rewrites per-tensor quantize / dequantize into elementwise ops (so they fuse
+    into conv epilogues): same results as TVM's own legalization, ties and saturation included."""
     rng = np.random.default_rng(5)
     x = np.concatenate([rng.uniform(-20, 20, (2, 256)), (np.arange(-256, 256).reshape(2, 256) + 0.5) * 0.05])
-    x = tvm.runtime.tensor(x.astype(np.float32))
-
-    def run(mod):
-        vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
-        return [t.numpy() for t in vm["main"](x)]
-
-    rewritten = canonicalize(QDQ)
+    x = x.astype(np.float32)
+    rewritten = qdq_to_elementwise(_qdq_module())
     assert "R.quantize" not in rewritten.script() and "R.dequantize" not in rewritten.script()
-    for a, b in zip(run(QDQ), run(rewritten)):
+    for a, b in zip(_run_vm(_qdq_module(), target, x), _run_vm(rewritten, target, x)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+
+
+def test_divisions_by_constants_become_multiplications(target):
+    """canonicalize quantizes with x * (1 / scale): no divide left, and a quantized value moves by at
+    most one step, only where x / scale lies within rounding error of a .5 tie (rare on real data)."""
+    x = np.random.default_rng(6).uniform(-20, 20, (4, 256)).astype(np.float32)
+    canonical = canonicalize(_qdq_module())
+    assert "R.divide" not in canonical.script() and "R.multiply" in canonical.script()
+    assert divide_as_multiply(canonical).script() == canonical.script()  # idempotent
+    for a, b in zip(_run_vm(_qdq_module(), target, x), _run_vm(canonical, target, x)):
+        assert a.dtype == b.dtype
+        if a.dtype != np.float32:
+            diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
+            assert diff.max() <= 1 and np.count_nonzero(diff) <= 2, diff.max()
+
+
+def test_avx512_targets_build_full_width_vectors():
+    """LLVM's tuning for AVX-512 CPUs prefers 256-bit vectors and would split our 512-bit ones."""
+    assert resolve_target("llvm -mcpu=sapphirerapids")["mattr"] == [WIDE_VECTORS]
+    assert resolve_target({"kind": "llvm", "mcpu": "skylake-avx512"})["mattr"] == [WIDE_VECTORS]
+    assert "mattr" not in resolve_target("llvm -mcpu=haswell")
+    assert resolve_target("llvm -mcpu=cascadelake -mattr=+avx512f")["mattr"] == "+avx512f"  # the user's choice
+    if "avx512f" not in host_cpu_flags():
+        pytest.skip("host has no AVX-512")
+
+    @T.prim_func(s_tir=True)
+    def requantize(a: T.Buffer((4096,), "int32"), b: T.Buffer((4096,), "uint8")):
+        for i in range(128):
+            for j in T.vectorized(32):
+                with T.sblock("b"):
+                    v = T.axis.spatial(4096, i * 32 + j)
+                    b[v] = T.Cast("uint8", T.max(T.min(T.nearbyint(T.Cast("float32", a[v]) * T.float32(0.1)),
+                                                       T.float32(255)), T.float32(0)))
+
+    asm = tvm.tirx.build(tvm.IRModule({"requantize": requantize}), tvm.target.Target(resolve_target(None)))
+    registers = set(re.findall(r"\tv(?:cvtdq2ps|mulps)\t.*?%([xyz]mm)", asm.inspect_source("asm")))
+    assert registers == {"zmm"}, registers  # LLVM's default here: ymm halves
 
 
 def _without_preproc_flag(script: str) -> str:

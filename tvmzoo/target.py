@@ -20,6 +20,9 @@ _X86_CPUS: tuple[tuple[str, frozenset[str]], ...] = (
 # The ISA features a module built for each CPU needs on the host that loads it.
 CPU_FEATURES: dict[str, frozenset[str]] = {name: flags for name, flags in _X86_CPUS}
 CPU_FEATURES["generic"] = frozenset()
+# LLVM's tuning for these CPUs prefers 256-bit vectors and splits the 512-bit ones our schedules emit
+# (a requantize epilogue ran as ymm halves: an int8 conv 1.5x slower); turn that preference off.
+WIDE_VECTORS = "-prefer-256-bit"
 
 
 @functools.cache
@@ -56,12 +59,12 @@ def resolve_target(spec: str | dict | None) -> dict:
     """The target as TVM's dict form. None / 'host' -> the detected CPU; 'llvm -mcpu=X' strings
     (the vendor and older-TVM form) are translated; dicts pass through."""
     if spec is None or spec in ("host", "native", "llvm"):
-        return {"kind": "llvm", "mcpu": detect_mcpu(), "num-cores": num_cores()}
+        return _with_wide_vectors({"kind": "llvm", "mcpu": detect_mcpu(), "num-cores": num_cores()})
     if isinstance(spec, dict):
         if "kind" not in spec:
             raise ConfigError(f"backend.target {spec!r} has no 'kind'. Use e.g. "
                               "{kind: llvm, mcpu: skylake-avx512} or the string 'llvm -mcpu=skylake-avx512'.")
-        return dict(spec)
+        return _with_wide_vectors(dict(spec))
     parts = str(spec).split()
     target: dict = {"kind": parts[0]}
     for part in parts[1:]:
@@ -74,6 +77,14 @@ def resolve_target(spec: str | dict | None) -> dict:
         if target.get("mcpu") in (None, "native"):
             target["mcpu"] = detect_mcpu()
         target.setdefault("num-cores", num_cores())
+    return _with_wide_vectors(target)
+
+
+def _with_wide_vectors(target: dict) -> dict:
+    """AVX-512 targets get full-width vectors unless the user chose -mattr."""
+    if target["kind"] == "llvm" and "mattr" not in target and \
+            "avx512f" in CPU_FEATURES.get(str(target.get("mcpu")), frozenset()):
+        target["mattr"] = [WIDE_VECTORS]
     return target
 
 
