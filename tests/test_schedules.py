@@ -14,8 +14,8 @@ from tvm.script import tirx as T
 from tvm.relax.frontend.onnx import from_onnx
 
 from tvmzoo.onnx_graph import GraphBuilder
-from tvmzoo.schedules import (canonicalize, divide_as_multiply, fuse_passes, layout_passes, optimize,
-                              qdq_to_elementwise, register_tile, schedule_injective)
+from tvmzoo.schedules import (canonicalize, divide_as_multiply, fold_requantize, fuse_passes, layout_passes,
+                              optimize, qdq_to_elementwise, register_tile, schedule_injective)
 from tvmzoo.target import WIDE_VECTORS, host_cpu_flags, resolve_target
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -378,6 +378,28 @@ def test_divisions_by_constants_become_multiplications(target):
         if a.dtype != np.float32:
             diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
             assert diff.max() <= 1 and np.count_nonzero(diff) <= 2, diff.max()
+
+
+def test_requantize_folds_into_one_multiply_add(target):
+    """An int8 conv's epilogue (float(acc - zp term) * s + bias) / s_y becomes float(acc) * q + b':
+    the same values to float rounding, one subtract and one multiply fewer per element."""
+    rng = np.random.default_rng(8)
+    corr, scale, bias = (rng.integers(-5000, 5000, 8).astype(np.int32), rng.uniform(1e-4, 1e-3, 8).astype(np.float32),
+                         rng.uniform(-1, 1, 8).astype(np.float32))
+    bb = relax.BlockBuilder()
+    acc = relax.Var("acc", relax.TensorType((64, 8), "int32"))
+    with bb.function("main", [acc]):
+        x = relax.op.astype(relax.op.subtract(acc, relax.const(corr)), "float32")
+        y = relax.op.add(relax.op.multiply(x, relax.const(scale)), relax.const(bias))
+        bb.emit_func_output(bb.emit(relax.op.multiply(y, relax.const(np.float32(1 / 0.02)))))
+    mod = bb.get()
+    folded = fold_requantize(mod)
+    assert folded.script().count("R.multiply") == 1 and "R.subtract" not in folded.script()
+    a = rng.integers(-2_000_000, 2_000_000, (64, 8)).astype(np.int32)
+    want = ((a - corr).astype(np.float64) * scale + bias) / 0.02
+    for m in (mod, folded):
+        out = relax.VirtualMachine(tvm.compile(m, target), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-3)
 
 
 def test_avx512_targets_build_full_width_vectors():
