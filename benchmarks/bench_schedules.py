@@ -18,7 +18,8 @@ from tvm.relax.frontend.onnx import from_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.conv_models import efficientnet_lite0_onnx, repvgg_a0_onnx  # noqa: E402
-from tvmzoo.schedules import canonicalize, optimize  # noqa: E402
+from tvmzoo.graph_passes import canonicalize  # noqa: E402
+from tvmzoo.schedules import optimize  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 

@@ -14,8 +14,9 @@ from tvm.script import tirx as T
 from tvm.relax.frontend.onnx import from_onnx
 
 from tvmzoo.onnx_graph import GraphBuilder
-from tvmzoo.schedules import (canonicalize, divide_as_multiply, fold_requantize, fuse_passes, layout_passes,
-                              optimize, qdq_to_elementwise, register_tile, schedule_injective)
+from tvmzoo.graph_passes import (canonicalize, divide_as_multiply, fold_requantize, fuse_passes, layout_passes,
+                                 qdq_to_elementwise)
+from tvmzoo.schedules import optimize, register_tile, schedule_injective
 from tvmzoo.target import WIDE_VECTORS, host_cpu_flags, resolve_target
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")

@@ -13,7 +13,8 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from tests.conftest import rel_err, run_onnx
 from tvmzoo.onnx_graph import GraphBuilder
-from tvmzoo.schedules import canonicalize, optimize
+from tvmzoo.graph_passes import canonicalize
+from tvmzoo.schedules import optimize
 from tvmzoo.target import resolve_target
 from tvmzoo.winograd import MIN_CHANNELS
 

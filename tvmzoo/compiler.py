@@ -109,7 +109,7 @@ def precision_passes(precision: str) -> list[tuple[str, tvm.transform.Pass]]:
     """The named Relax passes between import and scheduling, in order."""
     from tvm import relax
 
-    from .schedules import canonicalize
+    from .graph_passes import canonicalize
 
     passes: list[tuple[str, tvm.transform.Pass]] = []
     if precision == "int8":  # first: constant folding would turn the int8 weights back into float

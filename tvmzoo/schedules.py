@@ -3,12 +3,12 @@
 TVM's default CPU pipeline schedules nothing (no parallel, no vector loop), and DLight has no CPU
 rule for convolutions. This module fills that gap for conv nets:
 
-1. `canonicalize` (right after import, before ToMixedPrecision), `layout_passes`: convolutions go
-   to NHWC with HWIO weights (the weight transposes fold at build time; pooling and elementwise
-   ops follow), so every kernel's innermost output axis is the channel axis, contiguous in
-   output, weight and (depthwise) input: the axis to vectorize. Float 3x3 stride-1 convs with
-   enough channels become Winograd F(2x2, 3x3) (tvmzoo.winograd); integer convs on RGB get a
-   fourth, zero input channel. `fuse_passes`: legalize and fuse.
+1. tvmzoo.graph_passes: `canonicalize` (right after import, before ToMixedPrecision) and
+   `layout_passes`: convolutions go to NHWC with HWIO weights (the weight transposes fold at build
+   time; pooling and elementwise ops follow), so every kernel's innermost output axis is the
+   channel axis, contiguous in output, weight and (depthwise) input: the axis to vectorize. Float
+   3x3 stride-1 convs with enough channels become Winograd F(2x2, 3x3) (tvmzoo.winograd); integer
+   convs on RGB get a fourth, zero input channel. `fuse_passes`: legalize and fuse.
 2. `ScheduleReduction`: one rule for every fused kernel with a reduction block (conv, depthwise and
    grouped conv, matmul, pooling, mean): a register tile of `rows x channel vectors` accumulators,
    outer spatial loops fused and parallel, reduction loops outside the tile, channel lanes
@@ -18,7 +18,7 @@ rule for convolutions. This module fills that gap for conv nets:
    outer loops, the channel axis vectorized (the width, where there are only 3 or 4 channels).
 4. int8 (after tvmzoo.quantize.lower_int8): `canonicalize` turns per-tensor quantize / dequantize
    into elementwise ops (bit-identical) so they follow NHWC and fuse into the conv epilogues,
-   divisions by constants become multiplications and each requantize folds into one multiply-add;
+   divisions by constants into multiplications, and each requantize into one multiply-add;
    `ScheduleInt8Dot` (before ScheduleReduction, on AVX512-VNNI targets) repacks the int8 weight
    to [OC/L, KH, KW, IC/4, L, 4] and tensorizes the reduction with `vpdpbusd` (L = 16 or 8 lanes).
    Depthwise convs keep ScheduleReduction.
@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.ir import IRModule
@@ -41,13 +40,10 @@ from tvm.script import tirx as T
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
-from .winograd import winograd
+from .graph_passes import canonicalize, fuse_passes, layout_passes
 
 log = logging.getLogger(__name__)
 
-# Pooling, means and elementwise ops follow their input's layout (ConvertLayout rejects a
-# desired layout for them).
-NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 # Accumulator tile: 15 64-byte vectors stay under TVM's 1 KiB stack-allocation limit (a larger
 # tile becomes a heap workspace allocated per tile: measured 7-14 % slower on Lite0) and leave
 # AVX-512 registers for the operands.
@@ -56,215 +52,6 @@ MAX_ROW_TILE = 8
 MAX_VECTORS_PER_ROW = 4
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"  # what SplitLayoutRewritePreproc splits out
 
-
-# ---------------------------------------------------------------- Relax-level preparation
-
-@relax.expr_functor.mutator
-class _ClampToRelaxOps(relax.PyExprMutator):
-    """ONNX Clip imports as call_tir(maximum/minimum TE kernels) with a 1-element constant bound.
-    Those are opaque to ConvertLayout (it wraps them in transposes, which also stops conv+clip
-    fusion), so turn them back into R.maximum / R.minimum with a scalar constant."""
-
-    _OPS = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
-
-    def __init__(self, mod: IRModule) -> None:
-        super().__init__(mod)
-        self.mod_ = mod
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.call_tir"):
-            return call
-        name = call.args[0].name_hint.rstrip("0123456789_")
-        args = call.args[1].fields
-        if name not in self._OPS or len(args) != 2 or not isinstance(args[1], tvm.ir.Constant):
-            return call
-        bound = args[1].value.numpy()
-        if bound.size != 1:
-            return call
-        scalar = relax.const(bound.reshape(()), str(bound.dtype))
-        return self._OPS[name](args[0], scalar)
-
-
-def _mutate_functions(mod: IRModule, mutator: relax.PyExprMutator) -> IRModule:
-    """`mutator` over every Relax function of `mod` (in place)."""
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mod[gv] = mutator.visit_expr(func)
-    return mod
-
-
-@tvm.transform.module_pass(opt_level=0, name="ClampToRelaxOps")
-def clamp_to_relax_ops(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    return relax.transform.DeadCodeElimination()(_mutate_functions(mod, _ClampToRelaxOps(mod)))
-
-
-def _scalar_const(expr) -> np.ndarray | None:
-    if isinstance(expr, tvm.ir.Constant) and expr.value.numpy().size == 1:
-        return expr.value.numpy().reshape(())
-    return None
-
-
-@relax.expr_functor.mutator
-class _QdqToElementwise(relax.PyExprMutator):
-    """Per-tensor quantize / dequantize -> the elementwise ops their legalization computes
-    (same ops, same order: bit-identical). ConvertLayout has no layout rule for relax.quantize,
-    so it fences each one with NHWC -> NCHW -> NHWC transposes in its own kernel; as elementwise
-    ops they follow the layout and fuse into the int8 conv's epilogue (one uint8 store)."""
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        name = getattr(call.op, "name", "")
-        if name not in ("relax.quantize", "relax.dequantize"):
-            return call
-        data, scale, zp = call.args
-        s, z = _scalar_const(scale), _scalar_const(zp)
-        if s is None or z is None or str(s.dtype) != "float32":
-            return call
-        out_dtype = str(call.attrs.out_dtype)
-        if name == "relax.quantize":
-            if out_dtype not in ("uint8", "int8") or str(data.ty.dtype) != "float32":
-                return call
-            info = np.iinfo(out_dtype)
-            x = relax.op.add(relax.op.round(relax.op.divide(data, relax.const(s, "float32"))),
-                             relax.const(np.float32(z), "float32"))
-            # clip as minimum / maximum: ConvertLayout has no layout rule for relax.clip either
-            x = relax.op.minimum(x, relax.const(np.float32(info.max), "float32"))
-            x = relax.op.maximum(x, relax.const(np.float32(info.min), "float32"))
-            return relax.op.astype(x, out_dtype)
-        if out_dtype != "float32" or str(data.ty.dtype) not in ("uint8", "int8"):
-            return call
-        x = relax.op.subtract(relax.op.astype(data, "int32"), relax.const(np.int32(z), "int32"))
-        return relax.op.multiply(relax.op.astype(x, "float32"), relax.const(s, "float32"))
-
-
-@tvm.transform.module_pass(opt_level=0, name="QdqToElementwise")
-def qdq_to_elementwise(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    return _mutate_functions(mod, _QdqToElementwise(mod))
-
-
-@relax.expr_functor.mutator
-class _DivideAsMultiply(relax.PyExprMutator):
-    """x / c -> x * (1 / c) for a float32 constant c. A vector divide costs ~20x a multiply: as the
-    requantize of every int8 conv epilogue it took more cycles than the conv's VNNI dot products.
-    Results move by at most an ulp before rounding: ORT's QLinearConv requantizes by multiplying too."""
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if getattr(call.op, "name", "") != "relax.divide" or not isinstance(call.args[1], tvm.ir.Constant):
-            return call
-        divisor = call.args[1].value.numpy()
-        if divisor.dtype != np.float32 or not np.all(np.isfinite(divisor)) or np.any(divisor == 0):
-            return call
-        return relax.op.multiply(call.args[0], relax.const(np.float32(1) / divisor, "float32"))
-
-
-@tvm.transform.module_pass(opt_level=0, name="DivideAsMultiply")
-def divide_as_multiply(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    return _mutate_functions(mod, _DivideAsMultiply(mod))
-
-
-def _requantize_pattern() -> dict:
-    from tvm.relax.dpl import is_const, is_op, wildcard
-
-    p = {"acc": wildcard(), "corr": is_const(), "scale": is_const(), "bias": is_const(), "inv": is_const()}
-    p["sub"] = is_op("relax.subtract")(p["acc"], p["corr"])
-    p["float"] = is_op("relax.astype")(p["sub"] | p["acc"])
-    p["out"] = is_op("relax.multiply")(
-        is_op("relax.add")(is_op("relax.multiply")(p["float"], p["scale"]), p["bias"]), p["inv"])
-    return p
-
-
-@tvm.transform.module_pass(opt_level=0, name="FoldRequantize")
-def fold_requantize(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    """(float(acc - zp_term) * s_x s_w + bias) * (1 / s_y) -> float(acc) * q + b', q and b' folded at
-    build time: an int8 conv's epilogue loses a subtract and a multiply per element (its biggest cost
-    on narrow convs). Moving the int32 zero-point term past the cast rounds differently only for
-    |acc| >= 2^24."""
-    from tvm.relax.dpl import rewrite_call
-
-    p = _requantize_pattern()
-
-    def rewrite(call: relax.Call, m) -> relax.Expr:
-        acc = m[p["acc"]]
-        if str(acc.ty.dtype) != "int32" or str(m[p["float"]].attrs.dtype) != "float32":
-            return call
-        scale, bias, inv = (m[p[k]].value.numpy() for k in ("scale", "bias", "inv"))
-        corr = m[p["corr"]].value.numpy() if p["sub"] in m else np.zeros((), np.int32)
-        if any(a.dtype != np.float32 for a in (scale, bias, inv)) or corr.dtype != np.int32:
-            return call
-        q = (scale * inv).astype(np.float32)
-        b = ((bias - corr.astype(np.float32) * scale) * inv).astype(np.float32)
-        return relax.op.add(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(q)), relax.const(b))
-
-    out = IRModule(mod.functions, attrs=mod.attrs)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gv] = rewrite_call(p["out"], rewrite, func)
-    return relax.transform.DeadCodeElimination()(out)
-
-
-def canonicalize(mod: IRModule) -> IRModule:
-    """Run right after from_onnx and before ToMixedPrecision (which rejects the opaque clamp
-    kernels): inference forms of BN etc., Clip as Relax ops, divisions by constants as
-    multiplications. Idempotent."""
-    return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                     relax.transform.FoldConstant(), clamp_to_relax_ops,
-                                     qdq_to_elementwise, divide_as_multiply, fold_requantize,
-                                     relax.transform.CanonicalizeBindings()])(mod)
-
-
-@relax.expr_functor.mutator
-class _PadInt8Channels(relax.PyExprMutator):
-    """An integer NHWC conv whose input channels are not a multiple of 4 (the RGB stem) gets zero
-    channels appended to its input and zero weights to match: the same sums (exact), and the conv
-    fits VNNI's 4-channel dot product instead of running on 32-bit multiplies."""
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if getattr(call.op, "name", "") != "relax.nn.conv2d" or not isinstance(call.args[1], tvm.ir.Constant):
-            return call
-        data, weight = call.args
-        attrs = call.attrs
-        if (str(data.ty.dtype) not in ("uint8", "int8") or str(weight.ty.dtype) != "int8"
-                or attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1):
-            return call
-        w = weight.value.numpy()
-        extra = -w.shape[2] % 4
-        if extra == 0:
-            return call
-        w = np.concatenate([w, np.zeros((*w.shape[:2], extra, w.shape[3]), w.dtype)], axis=2)
-        data = relax.op.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, extra], pad_value=0.0)
-        return relax.op.nn.conv2d(data, relax.const(w, "int8"), attrs.strides, attrs.padding, attrs.dilation,
-                                  1, "NHWC", "HWIO", attrs.out_layout, attrs.out_dtype)
-
-
-@tvm.transform.module_pass(opt_level=0, name="PadInt8Channels")
-def pad_int8_channels(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    return _mutate_functions(mod, _PadInt8Channels(mod))
-
-
-def layout_passes() -> list[tvm.transform.Pass]:
-    """Convolutions and pooling to NHWC / HWIO; the weight transposes fold into the constants."""
-    return [
-        relax.transform.ConvertLayout(NHWC_LAYOUTS),
-        relax.transform.CanonicalizeBindings(),
-        relax.transform.FoldConstant(),
-        pad_int8_channels,
-        winograd,
-    ]
-
-
-def fuse_passes() -> list[tvm.transform.Pass]:
-    """Relax ops -> fused TIR kernels (the same passes as relax.pipeline.zero_pipeline)."""
-    return [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
 
 
 # ---------------------------------------------------------------- TIR schedule rules

@@ -42,7 +42,8 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from .errors import ConfigError, ModuleError
-from .schedules import canonicalize, fuse_passes, layout_passes, prepack_passes, schedule_pass
+from .graph_passes import canonicalize, fuse_passes, layout_passes
+from .schedules import prepack_passes, schedule_pass
 
 if TYPE_CHECKING:
     from .devices import RemoteSpec
