@@ -206,6 +206,13 @@ def test_lower_int8_runs_integer_kernels_and_matches_onnxruntime(model, calib, h
     assert int8_op_counts(mod) == {"conv2d": 0, "matmul": 0, "float_conv2d": 4, "float_matmul": 1}
     lowered = lower_int8(mod)
     assert int8_op_counts(lowered) == {"conv2d": 4, "matmul": 1, "float_conv2d": 0, "float_matmul": 0}
+    # the first conv pads its uint8 input with the zero point: its zp term is one int32 per channel
+    tensors = []
+    relax.analysis.post_order_visit(lowered["main"], lambda e: tensors.append(e.value.numpy()) if isinstance(
+        e, tvm.ir.Constant) and hasattr(e.value, "numpy") else None)
+    zp_terms = [t.shape for t in tensors if t.dtype == np.int32]
+    assert zp_terms and all(shape[2:] in ((1, 1), ()) for shape in zp_terms), zp_terms
+    assert "R.nn.pad(" in lowered.script(show_meta=False)
     vm = relax.VirtualMachine(tvm.compile(lowered, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
     out = np.concatenate([vm["main"](tvm.runtime.tensor(b)).numpy() for b in holdout])
     ref = run_ort(qdq, holdout)

@@ -334,34 +334,6 @@ def _dtype(expr) -> str:
     return str(getattr(expr.ty, "dtype", ""))
 
 
-def _spatial_size(expr) -> tuple[int, int] | None:
-    """(H, W) of an NCHW tensor when both are static (the batch may be symbolic)."""
-    values = getattr(getattr(expr.ty, "shape", None), "values", None)
-    if values is None or len(values) != 4 or not all(hasattr(d, "value") for d in values[2:]):
-        return None
-    return int(values[2].value), int(values[3].value)
-
-
-def _conv_zp_correction(zp: int, w: np.ndarray, attrs, in_hw: tuple[int, int]) -> np.ndarray:
-    """zp * conv(ones, w) over the unpadded input: what conv(x_q) has in excess of conv(x_q - zp)
-    (borders see fewer taps because padding is 0, not zp). Shape [1, O, H', W'], int32."""
-    o, _, kh, kw = w.shape
-    (sh, sw), (dh, dw) = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
-    pt, pl, pb, pr = [int(v) for v in attrs.padding]
-    h, wd = in_hw
-    ones = np.zeros((h + pt + pb, wd + pl + pr), np.int64)
-    ones[pt:pt + h, pl:pl + wd] = 1
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    wsum = w.astype(np.int64).sum(axis=1)  # [O, kh, kw]: each output channel sums over its own group
-    out = np.zeros((o, oh, ow), np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            taps = ones[i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
-            out += wsum[:, i, j, None, None] * taps[None]
-    return (zp * out)[None].astype(np.int32)
-
-
 def _lower_conv(call, m, pats):
     """conv2d(dequantize(x_q), dequantize(w_q)) -> float(conv2d(x_q, w_q, int32) - zp term) * s_x * s_w."""
     from tvm import relax
@@ -376,17 +348,19 @@ def _lower_conv(call, m, pats):
     if _dtype(x_q) not in ("uint8", "int8") or w.dtype != np.int8 \
             or (s_w.size > 1 and int(m[pats["dqw"]].attrs.axis) != 0):
         return call
-    acc = relax.op.nn.conv2d(x_q, w_q, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
-                             groups=attrs.groups, data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
     zp = int(zp.reshape(()))
-    if zp != 0:
-        hw = _spatial_size(x_q)
-        if hw is None:
-            return call  # symbolic spatial size: the border correction is unknown, stay float
-        corr = _conv_zp_correction(zp, w, attrs, hw)
-        if np.all(corr == corr[:, :, :1, :1]):  # no border effect (e.g. 1x1, no padding): per channel
-            corr = np.ascontiguousarray(corr[:, :, :1, :1])
-        acc = relax.op.subtract(acc, relax.const(corr))
+    padding = [int(v) for v in attrs.padding]
+    if zp != 0 and any(padding):
+        # pad with the zero point (the quantized 0.0, what the float conv pads with): the zp term is then
+        # one number per output channel, not a [H', W'] map of border effects read by every epilogue
+        pt, pl, pb, pr = padding
+        x_q = relax.op.nn.pad(x_q, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=float(zp))
+        padding = [0, 0, 0, 0]
+    acc = relax.op.nn.conv2d(x_q, w_q, strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+                             groups=attrs.groups, data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
+    if zp != 0:  # conv(x_q) - conv(zp): every output channel sums zp over its own weights
+        corr = zp * w.astype(np.int64).sum(axis=(1, 2, 3))
+        acc = relax.op.subtract(acc, relax.const(corr.astype(np.int32).reshape(1, -1, 1, 1)))
     scale = (s_x.astype(np.float32).reshape(()) * np.broadcast_to(s_w.astype(np.float32), (w.shape[0],)))
     return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.reshape(1, -1, 1, 1)))
 

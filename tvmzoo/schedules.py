@@ -160,7 +160,7 @@ def _vectorize_across(sch: s_tir.Schedule, loops: list, short: int) -> bool:
     if len(loops) < 2 or not 1 < _extent(sch, loops[-1]) < short:
         return False
     across = loops[-2]
-    width = next((v for v in (16, 8, 4) if _extent(sch, across) % v == 0), 0)
+    width = next((v for v in (16, 8, *range(15, 3, -1)) if _extent(sch, across) % v == 0), 0)
     if not width or _extent(sch, across) == width:
         return False
     rows, vec = sch.split(across, [None, width])
