@@ -163,8 +163,8 @@ def fold_requantize(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
 
 def canonicalize(mod: IRModule) -> IRModule:
     """Run right after from_onnx and before ToMixedPrecision (which rejects the opaque clamp
-    kernels): inference forms of BN etc., Clip as Relax ops, divisions by constants as
-    multiplications. Idempotent."""
+    kernels): inference forms of BN etc., Clip as Relax ops, quantize / dequantize as elementwise
+    ops, divisions by constants as multiplications, int8 requantize as one multiply-add. Idempotent."""
     return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                      relax.transform.FoldConstant(), clamp_to_relax_ops,
                                      qdq_to_elementwise, divide_as_multiply, fold_requantize,

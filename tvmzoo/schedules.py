@@ -132,10 +132,11 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
     and runs scalar. Axes too short for a vector (3 RGB channels) are unrolled inside a vector
     loop over the next axis out (the image width), else fused with it."""
     loops = sch.get_loops(block)
-    if not loops or _vectorize_across(sch, loops, min(lanes, 8)):
+    short = min(lanes, 8)
+    if not loops or _vectorize_across(sch, loops, short):
         return
     inner = len(loops) - 1
-    while inner > 0 and math.prod(_extent(sch, lp) for lp in loops[inner:]) < min(lanes, 8):
+    while inner > 0 and math.prod(_extent(sch, lp) for lp in loops[inner:]) < short:
         inner -= 1
     vec = sch.fuse(*loops[inner:]) if len(loops) - inner > 1 else loops[-1]
     n = _extent(sch, vec)
