@@ -427,8 +427,6 @@ def test_avx512_targets_build_full_width_vectors():
 
 
 def _without_preproc_flag(script: str) -> str:
-    import re
-
     return re.sub(r'"meta_schedule.layout_rewrite_preproc": [^,}]+', "", script)
 
 
