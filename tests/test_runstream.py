@@ -94,7 +94,11 @@ def test_interrupted_run_resumes_to_the_same_file(tiny, reference, tmp_path):
     cmd = [str(Path(sys.executable).parent / "tvmzoo"), "run", "--file_path", str(SAMPLE_DIR),
            "--model_prefix_path", str(tiny), "--save_dir", str(tmp_path), "--save_result_txt", "result.txt",
            "--infer_mode", "async", "--instances", "2"]
-    stopped = _interrupt_when_running(cmd, tmp_path / "stderr.txt")
+    for _ in range(3):  # the whole run takes ~2 s: on a loaded machine it can finish before the signal lands
+        stopped = _interrupt_when_running(cmd, tmp_path / "stderr.txt")
+        if stopped.returncode != 0:
+            break
+        result.unlink()
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     partial = result.read_text()
     done = len(partial.splitlines()) // 5

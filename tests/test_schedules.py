@@ -14,9 +14,9 @@ from tvm.script import tirx as T
 from tvm.relax.frontend.onnx import from_onnx
 
 from tvmzoo.onnx_graph import GraphBuilder
-from tvmzoo.graph_passes import (canonicalize, divide_as_multiply, fold_requantize, fuse_passes, layout_passes,
-                                 qdq_to_elementwise)
-from tvmzoo.schedules import optimize, register_tile, schedule_injective
+from tvmzoo.graph_passes import (canonicalize, depthwise_int8_as_float, divide_as_multiply, fold_requantize,
+                                 fuse_passes, layout_passes, qdq_to_elementwise)
+from tvmzoo.schedules import PIXEL_SPLIT_BYTES, optimize, register_tile, schedule_injective
 from tvmzoo.target import WIDE_VECTORS, host_cpu_flags, resolve_target
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -164,6 +164,51 @@ def test_rgb_transpose_vectorizes_across_the_width(target):
     y = tvm.runtime.tensor(np.zeros((2, 20, 24, 3), np.float32))
     tvm.tirx.build(sch.mod, target)["main"](tvm.runtime.tensor(x), y)
     np.testing.assert_array_equal(y.numpy(), x.transpose(0, 2, 3, 1) * 2)
+
+
+def _axis_values(script: str, block: str, axis: str) -> list[int]:
+    """Block iter `axis` of `block` at each iteration of the kernel's parallel loop (inner loops at
+    0), evaluated from the TVMScript's binding."""
+    par = re.search(r"for (\w+) in T.parallel\(T.int64\((\d+)\)\)", script)
+    body = script[script.index(f'T.sblock("{block}")'):]
+    expr = re.sub(r"T.int64\((\d+)\)", r"\1", re.search(rf"{axis} = T.axis.spatial\(T.int64\(\d+\), (.+)\)\n",
+                                                          body).group(1))
+    names = set(re.findall(r"[A-Za-z_]\w*", expr))
+    return [eval(expr, {}, {n: i if n == par.group(1) else 0 for n in names}) for i in range(int(par.group(2)))]
+
+
+def _single_kernel(call: relax.Expr, x: relax.Var, target) -> str:
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(call)
+        bb.emit_func_output(out)
+    kernels = [f.script() for _, f in optimize(bb.get(), target).functions_items() if isinstance(f, tirx.PrimFunc)]
+    return next(k for k in kernels if "T.parallel" in k)
+
+
+def test_each_core_computes_what_the_next_kernel_reads_on_it(target):
+    """The parallel loop runs as one contiguous range per core, so its leading axis decides the
+    split: a batched matmul (Winograd's 16 positions) by batch, a conv by output rows while each
+    core can read the whole weight, by channel blocks beyond PIXEL_SPLIT_BYTES."""
+    rng = np.random.default_rng(12)
+    x = relax.Var("x", relax.TensorType((16, 49, 192), "float32"))
+    mm = _single_kernel(relax.op.matmul(x, relax.const(rng.random((16, 192, 192), "float32"))), x, target)
+    batch = _axis_values(mm, "matmul_update", "v_i0")
+    assert set(batch[:len(batch) // 2]) == set(range(8)), batch
+
+    def conv(cin: int, cout: int) -> str:
+        assert cout * cin * 4 <= PIXEL_SPLIT_BYTES or cin * 4 < PIXEL_SPLIT_BYTES < cout * cin * 4
+        data = relax.Var("x", relax.TensorType((1, cin, 7, 7), "float32"))
+        weight = relax.const(rng.random((cout, cin, 1, 1), "float32"))
+        return _single_kernel(relax.op.nn.conv2d(data, weight), data, target)
+
+    small, big = conv(192, 1152), conv(320, 1280)  # weights 0.9 MB and 1.6 MB, both > the 7x7 input
+    rows = _axis_values(small, "conv2d_nhwc_update", "v_yy")
+    assert rows == sorted(rows) and rows[0] == 0 and rows[-1] == 6, rows
+    channels = _axis_values(big, "conv2d_nhwc_update", "v_ff")
+    assert channels == sorted(channels) and channels[-1] >= 1248, channels
+    assert _axis_values(big, "conv2d_nhwc_update", "v_yy") != rows
 
 
 def _records_per_workload(work_dir) -> dict[int, list[bool]]:
@@ -401,6 +446,40 @@ def test_requantize_folds_into_one_multiply_add(target):
     for m in (mod, folded):
         out = relax.VirtualMachine(tvm.compile(m, target), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-3)
+
+
+def _int8_depthwise(kernel: int, w: np.ndarray) -> tvm.IRModule:
+    """float(conv2d(x_u8, w_i8 -> int32)), depthwise, as lower_int8 emits it."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, w.shape[0], 12, 12), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = relax.op.nn.conv2d(x, relax.const(w), padding=[kernel // 2] * 4, groups=w.shape[0],
+                                     out_dtype="int32")
+            out = bb.emit_output(relax.op.astype(acc, "float32"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_int8_depthwise_runs_exactly_in_float(target):
+    """Depthwise int8 convs compute on float32 FMAs: bit-identical sums (every partial sum of uint8 x
+    int8 products stays below 2^24), checked against numpy's int64 sums at the extremes (255 x -128,
+    255 x 127 on every tap). Kernels whose sums could pass 2^24 stay int32."""
+    rng = np.random.default_rng(13)
+    w = rng.integers(-128, 128, (16, 1, 5, 5)).astype(np.int8)
+    w[0], w[1] = -128, 127
+    mod = _int8_depthwise(5, w)
+    assert "int32" not in depthwise_int8_as_float(mod).script()
+    x = rng.integers(0, 256, (1, 16, 12, 12)).astype(np.uint8)
+    x[:, :2] = 255
+    padded = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (2, 2), (2, 2)])
+    want = sum(padded[:, :, i:i + 12, j:j + 12] * w[:, 0, i, j].astype(np.int64)[None, :, None, None]
+               for i in range(5) for j in range(5))
+    vm = relax.VirtualMachine(tvm.compile(optimize(mod, target), target), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(out, want.astype(np.float32))
+    huge = np.full((4, 1, 23, 23), 127, np.int8)  # 255 * 127 * 529 > 2^24
+    assert "int32" in depthwise_int8_as_float(_int8_depthwise(23, huge)).script()
 
 
 def test_avx512_targets_build_full_width_vectors():

@@ -11,17 +11,18 @@ rule for convolutions. This module fills that gap for conv nets:
    convs on RGB get a fourth, zero input channel. `fuse_passes`: legalize and fuse.
 2. `ScheduleReduction`: one rule for every fused kernel with a reduction block (conv, depthwise and
    grouped conv, matmul, pooling, mean): a register tile of `rows x channel vectors` accumulators,
-   outer spatial loops fused and parallel, reduction loops outside the tile, channel lanes
-   vectorized, epilogue (bias, activation, residual add) computed right after each tile; the
-   weight repacked so that each tile's channel block is contiguous.
+   outer spatial loops fused and parallel (split between the cores the way the next kernel reads:
+   `_parallel_order`), reduction loops outside the tile, channel lanes vectorized, epilogue (bias,
+   activation, residual add) computed right after each tile; the weight repacked so that each
+   tile's channel block is contiguous.
 3. `ScheduleInjective`: elementwise / transpose / pad kernels: inlined into one loop nest, parallel
    outer loops, the channel axis vectorized (the width, where there are only 3 or 4 channels).
 4. int8 (after tvmzoo.quantize.lower_int8): `canonicalize` turns per-tensor quantize / dequantize
    into elementwise ops (bit-identical) so they follow NHWC and fuse into the conv epilogues,
-   divisions by constants into multiplications, and each requantize into one multiply-add;
+   divisions by constants into multiplications, each requantize into one multiply-add, and
+   depthwise convs into exact float32 ones (no VNNI form);
    `ScheduleInt8Dot` (before ScheduleReduction, on AVX512-VNNI targets) repacks the int8 weight
    to [OC/L, KH, KW, IC/4, L, 4] and tensorizes the reduction with `vpdpbusd` (L = 16 or 8 lanes).
-   Depthwise convs keep ScheduleReduction.
    `prepack_passes` fold the weight repacking into the constants at build time.
 
 `optimize(mod, target)` runs all of it; the result goes straight to `tvm.compile(mod, target)`.
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_ACCUMULATORS = 15
 MAX_ROW_TILE = 8
 MAX_VECTORS_PER_ROW = 4
+PIXEL_SPLIT_BYTES = 1 << 20  # a weight each core may read whole (its L2 is 2 MB here)
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"  # what SplitLayoutRewritePreproc splits out
 
 
@@ -204,6 +206,40 @@ def _operand_bytes(stmt, chan_var, row, want_weight: bool) -> int:
     return total
 
 
+def _selects_weight(stmt, chan_var, row, var) -> bool:
+    """Does loop variable `var` index the weight (the read indexed by the channel, not the row)?"""
+    for read in stmt.reads:
+        region = [r.min for r in read.region]
+        if any(_contains_var(e, chan_var) for e in region) and \
+                not (row is not None and any(_contains_var(e, row.var) for e in region)):
+            if any(_contains_var(e, var) for e in region):
+                return True
+    return False
+
+
+def _parallel_order(stmt, chan_var, row, loop_of: dict, others: list, c_out, outer_rows: list) -> list:
+    """The loops fused into the parallel loop, outermost first. The runtime splits that loop into
+    one contiguous range per core, so the leading axes decide which part each core computes:
+    - axes that pick the weight (a batched matmul's batch, the 16 Winograd positions): each core
+      reads only its own weights, and writes what the next kernel reads on the same core;
+    - then the pixels, so each core keeps the rows the next kernel reads on it (a line in the other
+      core's cache costs more than one in L3: splitting RepVGG-A0's stage-3 matmuls by channel
+      made them 1.4x slower than splitting them by position);
+    - the channel blocks lead only for a weight larger than the inputs and than PIXEL_SPLIT_BYTES,
+      which both cores would otherwise stream whole (A0's 8.8 MB last conv: 1.05 -> 1.50 ms).
+    Within a core's range the channel block stays outside the row tiles when the weight is the
+    larger operand, so each row tile reuses the weight block from cache."""
+    picks = [_selects_weight(stmt, chan_var, row, iv.var) for iv in others]
+    by_weight = [loop_of[iv.var] for iv, p in zip(others, picks) if p]
+    pixels = [loop_of[iv.var] for iv, p in zip(others, picks) if not p]
+    weight = _weight_bytes(stmt, chan_var, row)
+    if weight <= _input_bytes(stmt, chan_var, row):
+        return [*by_weight, *pixels, *outer_rows, c_out]
+    if weight <= PIXEL_SPLIT_BYTES:
+        return [*by_weight, *pixels, c_out, *outer_rows]
+    return [*by_weight, c_out, *pixels, *outer_rows]
+
+
 def _weight_bytes(stmt, chan_var, row) -> int:
     return _operand_bytes(stmt, chan_var, row, want_weight=True)
 
@@ -276,17 +312,10 @@ class ScheduleReduction(dlight.ScheduleRule):
             tile, outer_rows = [r_in, c_vec, c_lane], [r_out]
         else:
             tile, outer_rows = [c_vec, c_lane], []
-        others = [loop_of[iv.var] for iv in spatial if iv is not chan and iv is not row]
+        others = [iv for iv in spatial if iv is not chan and iv is not row]
         red_loops = [loop_of[iv.var] for iv in reduce]
-        # Keep the larger operand cache-resident: a big weight (deep layers) is swept once with
-        # the channel block outermost; big activations (early layers) with the pixels outermost.
-        weight_outer = _weight_bytes(stmt, chan.var, row) > _input_bytes(stmt, chan.var, row)
-        log.debug("%s: tile %d rows x %d x %d lanes, weight-outer %s", stmt.name_hint, row_tile,
-                  vecs, width, weight_outer)
-        if weight_outer:
-            outer_order = [c_out, *others, *outer_rows]
-        else:
-            outer_order = [*others, *outer_rows, c_out]
+        outer_order = _parallel_order(stmt, chan.var, row, loop_of, others, c_out, outer_rows)
+        log.debug("%s: tile %d rows x %d x %d lanes", stmt.name_hint, row_tile, vecs, width)
         sch.reorder(*outer_order, *red_loops, *tile)
         outer = sch.fuse(*outer_order)
         sch.parallel(outer)
@@ -495,10 +524,9 @@ class ScheduleInt8Dot(dlight.ScheduleRule):
             tile, outer_rows = [c_vec], []
         tiled = [chan.var, rc.var] + ([row.var] if row is not None else [])
         rest = [iv for iv in stmt.iter_vars if not any(iv.var.same_as(v) for v in tiled)]
-        spatial = [loop_of[iv.var] for iv in rest if iv.iter_type == tirx.IterVar.DataPar]
+        spatial = [iv for iv in rest if iv.iter_type == tirx.IterVar.DataPar]
         red_loops = [loop_of[iv.var] for iv in rest if iv.iter_type == tirx.IterVar.CommReduce]
-        weight_outer = _weight_bytes(stmt, chan.var, row) > _input_bytes(stmt, chan.var, row)
-        outer_order = [c_out, *spatial, *outer_rows] if weight_outer else [*spatial, *outer_rows, c_out]
+        outer_order = _parallel_order(stmt, chan.var, row, loop_of, spatial, c_out, outer_rows)
         sch.reorder(*outer_order, *red_loops, k_out, *tile, c_lane, k_lane)
         outer = sch.fuse(*outer_order)
         sch.parallel(outer)
