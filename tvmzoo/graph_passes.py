@@ -121,6 +121,17 @@ def divide_as_multiply(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModu
     return _mutate_functions(mod, _DivideAsMultiply(mod))
 
 
+def _rewrite_functions(mod: IRModule, pattern, rewrite) -> IRModule:
+    """relax.dpl.rewrite_call(pattern, rewrite) over every Relax function of `mod` (a new module)."""
+    from tvm.relax.dpl import rewrite_call
+
+    out = IRModule(mod.functions, attrs=mod.attrs)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            out[gv] = rewrite_call(pattern, rewrite, func)
+    return relax.transform.DeadCodeElimination()(out)
+
+
 def _requantize_pattern() -> dict:
     from tvm.relax.dpl import is_const, is_op, wildcard
 
@@ -138,8 +149,6 @@ def fold_requantize(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
     build time: an int8 conv's epilogue loses a subtract and a multiply per element (its biggest cost
     on narrow convs). Moving the int32 zero-point term past the cast rounds differently only for
     |acc| >= 2^24."""
-    from tvm.relax.dpl import rewrite_call
-
     p = _requantize_pattern()
 
     def rewrite(call: relax.Call, m) -> relax.Expr:
@@ -154,11 +163,7 @@ def fold_requantize(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         b = ((bias - corr.astype(np.float32) * scale) * inv).astype(np.float32)
         return relax.op.add(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(q)), relax.const(b))
 
-    out = IRModule(mod.functions, attrs=mod.attrs)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gv] = rewrite_call(p["out"], rewrite, func)
-    return relax.transform.DeadCodeElimination()(out)
+    return _rewrite_functions(mod, p["out"], rewrite)
 
 
 FLOAT_EXACT = 1 << 24  # float32 holds every integer up to 2^24 exactly
@@ -175,7 +180,7 @@ def depthwise_int8_as_float(mod: IRModule, _ctx: tvm.transform.PassContext) -> I
     input stays uint8 in memory (the convert is inside the conv): Lite0 int8 2.20 -> 2.04 ms at
     batch 1, 15.6 -> 14.4 ms at batch 8. (Casting the input as a separate op is worse: FuseOps puts the cast into the producing
     conv, which then writes float32 maps 4x the size.)"""
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     conv = is_op("relax.nn.conv2d")(wildcard(), is_const())
     pattern = is_op("relax.astype")(conv)
@@ -199,11 +204,7 @@ def depthwise_int8_as_float(mod: IRModule, _ctx: tvm.transform.PassContext) -> I
                                   data_layout=a.data_layout, kernel_layout=a.kernel_layout,
                                   out_layout=a.out_layout, out_dtype="float32")
 
-    out = IRModule(mod.functions, attrs=mod.attrs)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gv] = rewrite_call(pattern, rewrite, func)
-    return relax.transform.DeadCodeElimination()(out)
+    return _rewrite_functions(mod, pattern, rewrite)
 
 
 def canonicalize(mod: IRModule) -> IRModule:

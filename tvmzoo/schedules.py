@@ -193,13 +193,21 @@ def _contains_var(expr, var) -> bool:
     return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
 
 
+def _indexed_by(read, var) -> bool:
+    return var is not None and any(_contains_var(r.min, var) for r in read.region)
+
+
+def _is_weight(read, chan_var, row) -> bool:
+    """The weight: a read indexed by the output channel, not by the row."""
+    return _indexed_by(read, chan_var) and not _indexed_by(read, row.var if row is not None else None)
+
+
 def _operand_bytes(stmt, chan_var, row, want_weight: bool) -> int:
     """Bytes of the read buffers indexed by the output channel (weights) or not (activations)."""
     total = 0
     for read in stmt.reads:
-        by_chan = any(_contains_var(r.min, chan_var) for r in read.region)
-        by_row = row is not None and any(_contains_var(r.min, row.var) for r in read.region)
-        is_weight = by_chan and not by_row
+        is_weight = _is_weight(read, chan_var, row)
+        by_row = _indexed_by(read, row.var if row is not None else None)
         if is_weight == want_weight and (is_weight or by_row):
             shape = [int(d) for d in read.source.shape]
             total += math.prod(shape) * read.source.dtype.bits // 8
@@ -207,14 +215,8 @@ def _operand_bytes(stmt, chan_var, row, want_weight: bool) -> int:
 
 
 def _selects_weight(stmt, chan_var, row, var) -> bool:
-    """Does loop variable `var` index the weight (the read indexed by the channel, not the row)?"""
-    for read in stmt.reads:
-        region = [r.min for r in read.region]
-        if any(_contains_var(e, chan_var) for e in region) and \
-                not (row is not None and any(_contains_var(e, row.var) for e in region)):
-            if any(_contains_var(e, var) for e in region):
-                return True
-    return False
+    """Does loop variable `var` index the weight?"""
+    return any(_is_weight(read, chan_var, row) and _indexed_by(read, var) for read in stmt.reads)
 
 
 def _parallel_order(stmt, chan_var, row, loop_of: dict, others: list, c_out, outer_rows: list) -> list:
