@@ -78,20 +78,25 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _loop_kinds(func: tirx.PrimFunc) -> set[tirx.ForKind]:
-    """The kinds of every For loop in the kernel (walks the statement tree)."""
-    kinds: set[tirx.ForKind] = set()
+    """The kinds of every For loop in the kernel."""
+    return {tirx.ForKind(int(loop.kind)) for loop in _for_loops(func)}
+
+
+def _for_loops(func: tirx.PrimFunc) -> list[tirx.For]:
+    """Every For loop in the kernel (walks the statement tree)."""
+    loops = []
     stack = [func.body]
     while stack:
         node = stack.pop()
         if isinstance(node, tirx.For):
-            kinds.add(tirx.ForKind(int(node.kind)))
+            loops.append(node)
         if isinstance(node, tirx.SeqStmt):
             stack.extend(node.seq)
         for attr in ("body", "block", "then_case", "else_case", "init"):
             child = getattr(node, attr, None)
             if isinstance(child, tirx.Stmt):
                 stack.append(child)
-    return kinds
+    return loops
 
 
 @pytest.fixture(scope="module")
@@ -475,11 +480,31 @@ def test_int8_depthwise_runs_exactly_in_float(target):
     padded = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (2, 2), (2, 2)])
     want = sum(padded[:, :, i:i + 12, j:j + 12] * w[:, 0, i, j].astype(np.int64)[None, :, None, None]
                for i in range(5) for j in range(5))
-    vm = relax.VirtualMachine(tvm.compile(optimize(mod, target), target), tvm.cpu())
+    scheduled = optimize(mod, target)
+    assert _tap_loop_kinds(scheduled) == {tirx.ForKind.UNROLLED}  # each converted input serves every tap
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(out, want.astype(np.float32))
     huge = np.full((4, 1, 23, 23), 127, np.int8)  # 255 * 127 * 529 > 2^24
     assert "int32" in depthwise_int8_as_float(_int8_depthwise(23, huge)).script()
+
+
+def _tap_loop_kinds(mod: tvm.IRModule) -> set[tirx.ForKind]:
+    """How the depthwise conv kernel of `mod` runs its loops over the kernel taps (ry, rx)."""
+    return {tirx.ForKind(int(loop.kind)) for _, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)
+            for loop in _for_loops(func) if loop.loop_var.name in ("ry", "rx")}
+
+
+def test_float_depthwise_keeps_its_tap_loops(target):
+    """A float input goes into the FMA straight from memory: unrolled taps would only spill registers."""
+    w = np.random.default_rng(3).standard_normal((16, 1, 5, 5)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 12, 12), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.conv2d(x, relax.const(w), padding=[2] * 4, groups=16))
+        bb.emit_func_output(out)
+    assert _tap_loop_kinds(optimize(bb.get(), target)) == {tirx.ForKind.SERIAL}
 
 
 def test_avx512_targets_build_full_width_vectors():
