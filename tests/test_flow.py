@@ -15,7 +15,7 @@ from conftest import ROOT, copy_images, cosine, run_cli
 from tvmzoo.models import repvgg
 from tvmzoo.preprocess import Preprocessing, apply, read_image
 from tvmzoo.results import read_results
-from tvmzoo.runtime import CompiledModel
+from tvmzoo.runtime import ALIGNMENT, CompiledModel, stack_aligned
 
 SIZE = 64
 
@@ -76,6 +76,29 @@ def test_fp32_equals_onnxruntime(compiled, project):
     probs /= probs.sum(1, keepdims=True)
     assert cosine(out, probs) > 0.99999
     np.testing.assert_array_equal(out.argmax(1), ref.argmax(1))
+
+
+def test_aligned_input_is_read_in_place(compiled, project):
+    """An aligned batch goes to the VM without a copy; unaligned and read-only ones are copied; all
+    give the same outputs."""
+    model = CompiledModel.load(compiled)
+    x = np.stack([apply(project["pre"], read_image(p)) for p in project["images"][:1]])
+    aligned = stack_aligned(list(x))
+    unaligned = np.empty(x.size + 1, np.float32)[1:].reshape(x.shape)
+    unaligned[...] = x
+    read_only = aligned.copy()
+    read_only.flags.writeable = False
+    assert aligned.ctypes.data % ALIGNMENT == 0 and unaligned.ctypes.data % ALIGNMENT != 0
+    seen_aligned, seen_unaligned = model._input_tensor(aligned), model._input_tensor(unaligned)
+    aligned[0, 0, 0, 0] += 1.0
+    unaligned[0, 0, 0, 0] += 1.0
+    assert seen_aligned.numpy()[0, 0, 0, 0] == aligned[0, 0, 0, 0]         # the same memory
+    assert seen_unaligned.numpy()[0, 0, 0, 0] == x[0, 0, 0, 0]             # a copy
+    aligned[...] = x
+    unaligned[...] = x
+    want = model.run(x)
+    for batch in (aligned, unaligned, read_only):
+        np.testing.assert_array_equal(model.run(batch), want)
 
 
 def test_fp16_close_to_onnxruntime(project, compiled):

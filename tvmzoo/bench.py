@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .npz import load_input, output_path, save_npz
 from .preprocess import Preprocessing
-from .runtime import CompiledModel
+from .runtime import CompiledModel, stack_aligned
 from .target import num_cores
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,10 @@ def random_input(model: CompiledModel, batch: int, shape: tuple[int, ...]) -> np
     """Random NCHW float32 of `shape`, or for a fused module uint8 images of the size it takes."""
     rng = np.random.default_rng(0)
     if model.fused:
-        return rng.integers(0, 256, (batch, *model.input_shape[1:]), dtype=np.uint8)
-    return rng.standard_normal((batch, *shape), dtype=np.float32)
+        data = rng.integers(0, 256, (batch, *model.input_shape[1:]), dtype=np.uint8)
+    else:
+        data = rng.standard_normal((batch, *shape), dtype=np.float32)
+    return stack_aligned(list(data))  # read in place, as a deployment's input binding would be
 
 
 def benchmark(prefix: str | Path, cfg: BenchConfig, remote=None) -> BenchReport:

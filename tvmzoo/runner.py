@@ -27,7 +27,7 @@ from .devices import RemoteSpec, load_remote, open_sessions
 from .errors import ConfigError, ImageError, ModuleError
 from .preprocess import Preprocessing, apply, read_image
 from .results import TOP_K, Prediction, format_prediction, predictions, read_results
-from .runtime import CompiledModel
+from .runtime import CompiledModel, stack_aligned
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,10 @@ def _batches(paths: Sequence[Path], loaded: Iterable, batch: int,
         indices.append(index)
         arrays.append(item)
         if len(arrays) == batch:
-            yield indices, [str(paths[i]) for i in indices], np.stack(arrays)
+            yield indices, [str(paths[i]) for i in indices], stack_aligned(arrays)
             indices, arrays = [], []
     if arrays:
-        yield indices, [str(paths[i]) for i in indices], np.stack(arrays)
+        yield indices, [str(paths[i]) for i in indices], stack_aligned(arrays)
 
 
 def _infer(model: CompiledModel, item: Batch, isolate: bool) -> Outcome:
