@@ -9,6 +9,7 @@ import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
+from .batch_split import split_batch_prefix
 from .winograd import winograd
 
 # Pooling, means and elementwise ops follow their input's layout (ConvertLayout rejects a
@@ -249,13 +250,15 @@ def pad_int8_channels(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModul
 
 
 def layout_passes() -> list[tvm.transform.Pass]:
-    """Convolutions and pooling to NHWC / HWIO; the weight transposes fold into the constants."""
+    """Convolutions and pooling to NHWC / HWIO (the weight transposes fold into the constants);
+    a batch's high-resolution layers image by image (tvmzoo.batch_split)."""
     return [
         relax.transform.ConvertLayout(NHWC_LAYOUTS),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
         pad_int8_channels,
         winograd,
+        split_batch_prefix,
     ]
 
 

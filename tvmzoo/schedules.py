@@ -8,7 +8,8 @@ rule for convolutions. This module fills that gap for conv nets:
    time; pooling and elementwise ops follow), so every kernel's innermost output axis is the
    channel axis, contiguous in output, weight and (depthwise) input: the axis to vectorize. Float
    3x3 stride-1 convs with enough channels become Winograd F(2x2, 3x3) (tvmzoo.winograd); integer
-   convs on RGB get a fourth, zero input channel. `fuse_passes`: legalize and fuse.
+   convs on RGB get a fourth, zero input channel; at batch N > 1 the high-resolution layers run
+   image by image (tvmzoo.batch_split). `fuse_passes`: legalize and fuse.
 2. `ScheduleReduction`: one rule for every fused kernel with a reduction block (conv, depthwise and
    grouped conv, matmul, pooling, mean): a register tile of `rows x channel vectors` accumulators,
    outer spatial loops fused and parallel (split between the cores the way the next kernel reads:

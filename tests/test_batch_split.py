@@ -1,0 +1,80 @@
+"""The high-resolution prefix of a batch-N module runs image by image: cut only at the end of a
+block, only through per-image ops, and with the same results as the batched module."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvmzoo import batch_split
+from tvmzoo.batch_split import prefix_cut, split_batch_prefix
+from tvmzoo.schedules import optimize
+from tvmzoo.target import resolve_target
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+BATCH, CHANNELS, SIZE = 3, 8, 24
+
+
+def _mbconv_net(batch: int) -> tvm.IRModule:
+    """expand 1x1 + relu -> depthwise 3x3 -> project 1x1 -> residual add -> flatten -> classifier:
+    the shape of an EfficientNet block, in NCHW as imported from ONNX."""
+    rng = np.random.default_rng(0)
+
+    def const(*shape):
+        return relax.const(rng.standard_normal(shape).astype(np.float32) * 0.3)
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("input", relax.TensorType((batch, CHANNELS, SIZE, SIZE), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, const(4 * CHANNELS, CHANNELS, 1, 1))))
+            h = bb.emit(relax.op.nn.conv2d(h, const(4 * CHANNELS, 1, 3, 3), padding=[1] * 4, groups=4 * CHANNELS))
+            h = bb.emit(relax.op.nn.conv2d(h, const(CHANNELS, 4 * CHANNELS, 1, 1)))
+            h = bb.emit(relax.op.add(h, x))
+            flat = bb.emit(relax.op.reshape(h, (batch, CHANNELS * SIZE * SIZE)))
+            out = bb.emit_output(relax.op.matmul(flat, const(CHANNELS * SIZE * SIZE, 10)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.fixture
+def small_split(monkeypatch):
+    """Split at this test net's size: its expanded activation is 74 KB per image."""
+    monkeypatch.setattr(batch_split, "SPLIT_BYTES", 16 << 10)
+
+
+def test_cut_at_the_end_of_the_block(small_split):
+    mod = _mbconv_net(BATCH)
+    bindings = list(mod["main"].body.blocks[0].bindings)
+    ops = [b.value.op.name for b in bindings]
+    cut = prefix_cut(mod["main"])
+    assert ops[cut] == "relax.add" and ops[cut + 1] == "relax.reshape", ops  # not inside the residual block
+    split = split_batch_prefix(mod)
+    calls = [b.value for b in split["main"].body.blocks[0].bindings
+             if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.GlobalVar)]
+    assert len(calls) == BATCH and all(c.op.name_hint == "image_prefix" for c in calls)
+    assert split["image_prefix"].params[0].ty.shape.values[0] == 1
+
+
+def test_modules_without_a_large_early_activation_stay_batched(small_split, monkeypatch):
+    assert prefix_cut(_mbconv_net(1)["main"]) == -1                      # batch 1
+    monkeypatch.setattr(batch_split, "SPLIT_BYTES", 1 << 30)
+    assert prefix_cut(_mbconv_net(BATCH)["main"]) == -1                  # nothing large
+
+
+def test_split_module_computes_the_same(small_split, monkeypatch):
+    """Bit-identical to the batched build: the same kernels' arithmetic, image by image."""
+    target = tvm.target.Target(resolve_target(None))
+    x = np.random.default_rng(1).standard_normal((BATCH, CHANNELS, SIZE, SIZE)).astype(np.float32)
+    split = optimize(_mbconv_net(BATCH), target)
+    assert "image_prefix" in [gv.name_hint for gv in split.get_global_vars()]
+    monkeypatch.setattr(batch_split, "SPLIT_BYTES", 1 << 30)
+    batched = optimize(_mbconv_net(BATCH), target)
+    assert "image_prefix" not in [gv.name_hint for gv in batched.get_global_vars()]
+    outs = [relax.VirtualMachine(tvm.compile(m, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+            for m in (split, batched)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert np.abs(outs[0]).max() > 0

@@ -1,0 +1,163 @@
+"""Batch-N modules run their high-resolution layers one image at a time.
+
+A kernel over the whole batch writes all N images' activations before the next kernel reads any:
+EfficientNet-Lite0's 112x112x96 expansion is 4.8 MB per image in fp32, 38 MB at batch 8, so at
+batch 8 every early kernel streams its input and output through L3 instead of the cores' 2 MB
+L2s, and runs at half its batch-1 speed per image. The deep layers are the other way round: small
+activations, large weights that a batch reuses. `split_batch_prefix` therefore rewrites
+
+    y = f(x)  with x: [N, ...]         (f: the layers up to the last large activation)
+into
+    y = concat([f(x[0:1]), ..., f(x[N-1:N])])
+
+and leaves the rest batched. It only cuts where a single tensor carries all that the rest needs
+(the end of a block, after its residual add), and only through ops that treat the images
+independently; the result is the same arithmetic, image by image.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+
+log = logging.getLogger(__name__)
+
+SPLIT_BYTES = 2 << 20  # per image: an activation larger than a core's L2
+
+# Ops that compute each image from that image alone (batch axis 0 in, batch axis 0 out).
+PER_IMAGE_OPS = {f"relax.{name}" for name in (
+    "nn.conv2d", "nn.max_pool2d", "nn.avg_pool2d", "nn.pad", "nn.relu", "nn.silu", "sigmoid", "clip",
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "astype", "round", "floor", "ceil",
+    "nn.batch_norm", "tanh", "exp")}
+
+
+def _tensor_bytes(ty) -> int:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return 0
+    dims = [int(d) for d in ty.shape.values] if all(isinstance(d, tvm.tirx.IntImm)
+                                                       for d in ty.shape.values) else []
+    return math.prod(dims) * tvm.DataType(ty.dtype).bits // 8 if dims else 0
+
+
+def _conv_input_bytes(binding: relax.VarBinding) -> int:
+    """The size of a conv's input: a tensor that is written to memory (an int8 conv's int32 sums and
+    requantize arithmetic stay in registers, inside its fused kernel)."""
+    value = binding.value
+    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.nn.conv2d":
+        return _tensor_bytes(value.args[0].ty)
+    return 0
+
+
+def _batch_of(ty) -> int:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or ty.ndim < 1:
+        return 0
+    first = ty.shape.values[0]
+    return int(first) if isinstance(first, tvm.tirx.IntImm) else 0
+
+
+def _per_image(binding: relax.VarBinding, batch: int) -> bool:
+    value = binding.value
+    if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
+        return False
+    batch_first = value.op.name == "relax.permute_dims" and value.attrs.axes is not None \
+        and int(value.attrs.axes[0]) == 0  # NCHW -> NHWC
+    if value.op.name not in PER_IMAGE_OPS and not batch_first:
+        return False
+    if _batch_of(binding.var.ty) != batch:
+        return False
+    return all(_batch_of(a.ty) == batch for a in value.args if isinstance(a, relax.Var))  # else constants
+
+
+def _used_vars(expr: relax.Expr) -> set[relax.Var]:
+    used: set[relax.Var] = set()
+    relax.analysis.post_order_visit(expr, lambda e: used.add(e) if isinstance(e, relax.Var) else None)
+    return used
+
+
+def prefix_cut(func: relax.Function) -> int:
+    """Index of the last binding of the per-image prefix of `func`'s dataflow block, or -1."""
+    params = list(func.params)
+    if len(params) != 1 or not isinstance(func.body, relax.SeqExpr) or len(func.body.blocks) != 1:
+        return -1
+    batch = _batch_of(params[0].ty)
+    bindings = list(func.body.blocks[0].bindings)
+    if batch < 2:
+        return -1
+    last_use = {params[0]: -1}
+    for i, b in enumerate(bindings):
+        for v in _used_vars(b.value):
+            last_use[v] = i
+    for v in _used_vars(func.body.body):
+        last_use[v] = len(bindings)
+    cut, big_seen = -1, False
+    for i, b in enumerate(bindings):
+        if not _per_image(b, batch):
+            break
+        big_seen |= _conv_input_bytes(b) // batch > SPLIT_BYTES
+        defined = [params[0], *(x.var for x in bindings[:i + 1])]
+        live = [v for v in defined if last_use.get(v, -1) > i]
+        if live == [b.var] and big_seen:
+            cut = i
+    return cut
+
+
+def _split(mod: IRModule, func: relax.Function, cut: int) -> IRModule:
+    """`main` calling a batch-1 function on each image for the bindings up to `cut` (one function,
+    so its kernels are built once)."""
+    x = func.params[0]
+    bindings = list(func.body.blocks[0].bindings)
+    batch = _batch_of(x.ty)
+    image = relax.Var(x.name, relax.TensorType([1, *x.ty.shape.values[1:]], x.ty.dtype))
+    bb = relax.BlockBuilder(IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
+                                     attrs=mod.attrs))
+    with bb.function("image_prefix", [image], private=True):
+        with bb.dataflow():
+            remap = {x: image}
+            for b in bindings[:cut + 1]:
+                emit = bb.emit_output if b is bindings[cut] else bb.emit
+                remap[b.var] = emit(_rebuild(b.value, remap))
+        bb.emit_func_output(remap[bindings[cut].var])
+    prefix = bb.get().get_global_var("image_prefix")
+    new_x = relax.Var(x.name, x.ty)
+    outputs = _used_vars(func.body.body)
+    attrs = {k: v for k, v in (func.attrs or {}).items() if k != "global_symbol"}
+    with bb.function("main", [new_x], attrs=attrs):
+        with bb.dataflow():
+            images = [bb.emit(relax.Call(prefix, [bb.emit(relax.op.strided_slice(new_x, [0], [n], [n + 1]))]))
+                      for n in range(batch)]
+            remap = {bindings[cut].var: bb.emit(relax.op.concat(images, axis=0))}
+            for b in bindings[cut + 1:]:
+                remap[b.var] = (bb.emit_output if b.var in outputs else bb.emit)(_rebuild(b.value, remap))
+        bb.emit_func_output(_rebuild(func.body.body, remap))
+    return bb.get()
+
+
+def _rebuild(expr: relax.Expr, remap: dict) -> relax.Expr:
+    """`expr` with its variables replaced (shapes inferred again when emitted)."""
+    if isinstance(expr, relax.Var):
+        return remap.get(expr, expr)
+    if isinstance(expr, relax.Call):
+        return relax.Call(expr.op, [_rebuild(a, remap) for a in expr.args], expr.attrs, expr.ty_args)
+    if isinstance(expr, relax.Tuple):
+        return relax.Tuple([_rebuild(f, remap) for f in expr.fields])
+    if isinstance(expr, relax.TupleGetItem):
+        return relax.TupleGetItem(_rebuild(expr.tuple_value, remap), expr.index)
+    return expr
+
+
+@tvm.transform.module_pass(opt_level=0, name="SplitBatchPrefix")
+def split_batch_prefix(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+    """The per-image prefix of `main` (see the module docstring); modules at batch 1, with a symbolic
+    batch or without a large early activation are returned unchanged."""
+    func = mod["main"] if "main" in [gv.name_hint for gv in mod.get_global_vars()] else None
+    if not isinstance(func, relax.Function):
+        return mod
+    cut = prefix_cut(func)
+    if cut < 0:
+        return mod
+    out = _split(mod, func, cut)
+    log.info("the first %d of %d ops run image by image", cut + 1, len(func.body.blocks[0].bindings))
+    return out
