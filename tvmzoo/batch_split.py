@@ -31,7 +31,7 @@ SPLIT_BYTES = 2 << 20  # per image: an activation larger than a core's L2
 PER_IMAGE_OPS = {f"relax.{name}" for name in (
     "nn.conv2d", "nn.max_pool2d", "nn.avg_pool2d", "nn.pad", "nn.relu", "nn.silu", "sigmoid", "clip",
     "add", "subtract", "multiply", "divide", "maximum", "minimum", "astype", "round", "floor", "ceil",
-    "nn.batch_norm", "tanh", "exp")}
+    "tanh", "exp")}
 
 
 def _tensor_bytes(ty) -> int:
