@@ -72,10 +72,19 @@ def test_a_failing_image_is_reported_and_the_rest_go_on(tiny, sample_images, mod
     assert summary.predictions == good[:4] + good[5:]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A child inherits an ignored or blocked SIGINT, and Python then never raises KeyboardInterrupt:
+    something earlier in a full test session leaves the pytest process so (the run then went to the end
+    with exit 0). A user's shell starts the runner with the default disposition; so does this test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _interrupt_when_running(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
     """Start the runner, send Ctrl-C once its progress bar has moved, return how it ended."""
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                preexec_fn=_ctrl_c_as_in_a_terminal)
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and proc.poll() is None:
