@@ -78,3 +78,24 @@ def test_split_module_computes_the_same(small_split, monkeypatch):
             for m in (split, batched)]
     np.testing.assert_array_equal(outs[0], outs[1])
     assert np.abs(outs[0]).max() > 0
+
+
+def test_a_fully_convolutional_net_splits_whole(small_split):
+    """Nothing after the cut: the concatenated images are the output."""
+    target = tvm.target.Target(resolve_target(None))
+    w = relax.const(np.random.default_rng(2).standard_normal((16, CHANNELS, 3, 3)).astype(np.float32))
+    bb = relax.BlockBuilder()
+    x = relax.Var("input", relax.TensorType((BATCH, CHANNELS, SIZE, SIZE), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=[1] * 4)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert prefix_cut(mod["main"]) == 1
+    image = np.random.default_rng(3).standard_normal((BATCH, CHANNELS, SIZE, SIZE)).astype(np.float32)
+    split = optimize(mod, target)
+    assert "image_prefix" in [gv.name_hint for gv in split.get_global_vars()]
+    vm = relax.VirtualMachine(tvm.compile(split, target), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(image)).numpy()
+    ref = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())["main"](tvm.runtime.tensor(image)).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

@@ -92,14 +92,13 @@ def prefix_cut(func: relax.Function) -> int:
             last_use[v] = i
     for v in _used_vars(func.body.body):
         last_use[v] = len(bindings)
-    cut, big_seen = -1, False
+    cut, big_seen, live = -1, False, {params[0]}
     for i, b in enumerate(bindings):
         if not _per_image(b, batch):
             break
         big_seen |= _conv_input_bytes(b) // batch > SPLIT_BYTES
-        defined = [params[0], *(x.var for x in bindings[:i + 1])]
-        live = [v for v in defined if last_use.get(v, -1) > i]
-        if live == [b.var] and big_seen:
+        live = {v for v in live | {b.var} if last_use.get(v, -1) > i}
+        if live == {b.var} and big_seen:
             cut = i
     return cut
 
@@ -128,9 +127,10 @@ def _split(mod: IRModule, func: relax.Function, cut: int) -> IRModule:
         with bb.dataflow():
             images = [bb.emit(relax.Call(prefix, [bb.emit(relax.op.strided_slice(new_x, [0], [n], [n + 1]))]))
                       for n in range(batch)]
-            remap = {bindings[cut].var: bb.emit(relax.op.concat(images, axis=0))}
-            for b in bindings[cut + 1:]:
-                remap[b.var] = (bb.emit_output if b.var in outputs else bb.emit)(_rebuild(b.value, remap))
+            remap = {}
+            rest = [(bindings[cut], relax.op.concat(images, axis=0)), *((b, b.value) for b in bindings[cut + 1:])]
+            for b, value in rest:  # the cut tensor may be the output itself (a fully convolutional net)
+                remap[b.var] = (bb.emit_output if b.var in outputs else bb.emit)(_rebuild(value, remap))
         bb.emit_func_output(_rebuild(func.body.body, remap))
     return bb.get()
 
