@@ -35,11 +35,10 @@ PER_IMAGE_OPS = {f"relax.{name}" for name in (
 
 
 def _tensor_bytes(ty) -> int:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None \
+            or not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
         return 0
-    dims = [int(d) for d in ty.shape.values] if all(isinstance(d, tvm.tirx.IntImm)
-                                                       for d in ty.shape.values) else []
-    return math.prod(dims) * tvm.DataType(ty.dtype).bits // 8 if dims else 0
+    return math.prod(int(d) for d in ty.shape.values) * tvm.DataType(ty.dtype).bits // 8
 
 
 def _conv_input_bytes(binding: relax.VarBinding) -> int:

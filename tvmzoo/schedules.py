@@ -247,15 +247,15 @@ def _parallel_order(stmt, chan_var, row, loop_of: dict, others: list, c_out, out
 def _reads_by_channel(stmt, chan_var) -> bool:
     """Depthwise convs and pooling: an operand read at the output channel and at shifted pixels.
     They are memory-bound, so their pad is read in place (a padded copy would double the traffic)."""
-    return any(any(_contains_var(r.min, chan_var) for r in read.region)
-               and any(_as_var(r.min) is None for r in read.region) for read in stmt.reads)
+    return any(_indexed_by(read, chan_var) and any(_as_var(r.min) is None for r in read.region)
+               for read in stmt.reads)
 
 
 def _converts_input(stmt) -> bool:
     """An integer input summed in float (tvmzoo.graph_passes.depthwise_int8_as_float): every tap
     converts what it loads (zero-extend, int -> float: two uops per FMA). With the taps unrolled
     each input vector is converted once for all the taps of the tile that read it: Lite0 int8
-    1.97 -> 1.75 ms at batch 1, 14.0 -> 12.8 at batch 8. A float input goes straight into the FMA
+    1.97 -> 1.78 ms at batch 1, 14.0 -> 12.8 at batch 8. A float input goes straight into the FMA
     from memory; unrolled, its 4 x 3 tiles spill registers (Lite0 fp32 and fp16 5 % slower)."""
     out = stmt.writes[0].source
     return "float" in str(out.dtype) and any(
