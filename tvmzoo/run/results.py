@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
-from .errors import ConfigError
+from ..io.atomic import write_text
+from ..errors import ConfigError
 
 TOP_K = 5
 # Parsed from the right: the image path itself may contain ': '.

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import write_bytes, write_text
-from .errors import ConfigError, ImageError
-from .preprocess import read_image
+from ..io.atomic import write_bytes, write_text
+from ..errors import ConfigError, ImageError
+from ..preprocess import read_image
 
 log = logging.getLogger(__name__)
 

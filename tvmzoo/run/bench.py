@@ -15,9 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .npz import load_input, output_path, save_npz
-from .preprocess import Preprocessing
+from ..preprocess import Preprocessing
 from .runtime import CompiledModel, stack_aligned
-from .target import num_cores
+from .host import num_cores
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def peak_memory_mb() -> float:
 
 
 def load_models(prefix: str | Path, count: int, remote=None) -> list[CompiledModel]:
-    """`count` local instances, or with a tvmzoo.devices.RemoteSpec one instance per RPC device."""
+    """`count` local instances, or with a tvmzoo.run.devices.RemoteSpec one instance per RPC device."""
     if remote is None:
         return [CompiledModel.load(prefix) for _ in range(count)]
     from .devices import load_remote, open_sessions
@@ -166,7 +166,7 @@ def end_to_end(prefix: str | Path, paths: Sequence[Path], pre: Preprocessing, mo
     """Time the runner over real images (decode, preprocess, infer, top-5); models are loaded and
     warmed up first so the time is the steady state."""
     from .runner import classify, model_input
-    from .preprocess import read_image
+    from ..preprocess import read_image
 
     models = load_models(prefix, instances if mode == "async" or remote is not None else 1, remote)
     warm = np.stack([model_input(pre, read_image(paths[0]), models[0].fused)] * batch)

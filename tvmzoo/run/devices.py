@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, ModuleError
+from ..errors import ConfigError, ModuleError
 from .runtime import CompiledModel, check_compatible, model_dir, read_meta
 
 log = logging.getLogger(__name__)
