@@ -49,6 +49,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_reparam(args) -> int:
+    from .models.reparam import ReparamSpec, write_deploy_checkpoint
+
+    path = write_deploy_checkpoint(ReparamSpec(args.family, args.arch, args.source, args.weights), args.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from .config import load_build_config
 
@@ -272,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=_size, default=(224,), help="H,W (or one number)")
     p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("reparam", help="train checkpoint -> the source's own deploy checkpoint (.pth / .pdparams)")
+    p.add_argument("--family", required=True, help="repvgg (regnet: no source has a deploy form; explained)")
+    p.add_argument("--arch", required=True, help="e.g. A0, B1g2, D2se")
+    p.add_argument("--source", required=True, help="official | mmcls | ppcls: layout read and written")
+    p.add_argument("--weights", required=True, help="train-time checkpoint (.pth, .pdparams)")
+    p.add_argument("--output", required=True, help="deploy checkpoint to write (.pth; .pdparams for ppcls)")
+    p.set_defaults(func=cmd_reparam)
 
     _add_compile_and_tune(sub)
 
