@@ -57,6 +57,16 @@ def cmd_reparam(args) -> int:
     return 0
 
 
+def cmd_deploy_cpp(args) -> int:
+    from .run import cpp_runner
+
+    if args.cmake_args:
+        print(" ".join(cpp_runner.tvm_paths().cmake_args()))
+        return 0
+    print(f"built {cpp_runner.build(Path(args.build))}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from .config import load_build_config
 
@@ -288,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="train-time checkpoint (.pth, .pdparams)")
     p.add_argument("--output", required=True, help="deploy checkpoint to write (.pth; .pdparams for ppcls)")
     p.set_defaults(func=cmd_reparam)
+
+    p = sub.add_parser("deploy-cpp", help="the C++ runner (deploy/cpp): cmake arguments for this TVM, or build it")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--cmake-args", action="store_true", help="print the -D arguments naming this TVM's headers/libs")
+    how.add_argument("--build", metavar="DIR", help="configure and build deploy/cpp into DIR")
+    p.set_defaults(func=cmd_deploy_cpp)
 
     _add_compile_and_tune(sub)
 
