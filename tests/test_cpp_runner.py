@@ -132,6 +132,10 @@ def test_bad_modules_are_refused_with_one_line(program, models, photos, tmp_path
     (foreign.parent / "mod.json").write_text(json.dumps(meta))
     _one_line_error(run(foreign), "avx10_9_future", "illegal instruction")
 
+    meta["tvm_version"] = "0.99.0"
+    (foreign.parent / "mod.json").write_text(json.dumps(meta))
+    _one_line_error(run(foreign), "built with TVM 0.99.0", "recompile")
+
     (foreign.parent / "mod.json").write_text("{ not json")
     _one_line_error(run(foreign), "corrupt")
     assert not (tmp_path / "r.txt").exists()

@@ -88,6 +88,7 @@ ffi::Module load_vm(const fs::path& dir) {
 
 tvmzoo::ModelMeta checked_meta(const fs::path& dir) {  // refused before any machine code is loaded
   tvmzoo::ModelMeta meta = tvmzoo::read_meta(dir);
+  tvmzoo::check_tvm_version(meta, dir);
   tvmzoo::check_cpu(meta, dir);
   tvmzoo::check_module_file(meta, dir / "mod.so");
   return meta;

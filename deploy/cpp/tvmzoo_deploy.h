@@ -6,6 +6,7 @@
 
 #include <openssl/evp.h>
 #include <tvm/ffi/extra/json.h>
+#include <tvm/runtime/base.h>  // TVM_VERSION of the headers this runner is built with
 
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
@@ -47,7 +48,7 @@ struct Preprocessing {
 
 struct ModelMeta {
   std::vector<int64_t> shape;  // the input shape; shape[0] <= 0: any batch
-  std::string dtype = "float32", mcpu, module_sha256;
+  std::string dtype = "float32", mcpu, module_sha256, tvm_version;
   std::vector<std::string> cpu_features;
   bool fused = false;
   Preprocessing pre;
@@ -125,6 +126,7 @@ inline ModelMeta read_meta(const fs::path& dir) {
   meta.dtype = text(input, "dtype", "float32");
   meta.mcpu = text(object_at(*top, "target", path.string()), "mcpu");
   meta.module_sha256 = text(*top, "module_sha256");
+  meta.tvm_version = text(*top, "tvm_version");
   meta.fused = text(*top, "preprocess") == "fused";
   if (auto it = top->find("cpu_features"); it != top->end())
     for (const auto& v : (*it).second.cast<json::Array>()) meta.cpu_features.push_back(std::string(v.cast<tvm::ffi::String>()));
@@ -154,6 +156,14 @@ inline void check_cpu(const ModelMeta& meta, const fs::path& dir) {
   if (!missing.empty())
     throw Error(dir.string() + " was built for " + meta.mcpu + " and needs CPU features this host lacks (" + missing +
                 "); running it would crash with an illegal instruction. Recompile it for this CPU");
+}
+
+// A module runs on the TVM runtime it was built with: 0.27.0.post1 on the 0.27.0 runtime, not on 0.28.
+inline void check_tvm_version(const ModelMeta& meta, const fs::path& dir) {
+  const std::string runtime = TVM_VERSION;
+  if (meta.tvm_version.compare(0, runtime.size(), runtime) != 0)
+    throw Error(dir.string() + " was built with TVM " + meta.tvm_version + " but this runner uses the TVM " + runtime +
+                " runtime; recompile the model, or rebuild the runner against that TVM");
 }
 
 inline std::string sha256_hex(const fs::path& path) {
