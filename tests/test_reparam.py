@@ -149,6 +149,7 @@ def test_mmcls_ppcls_deploy_files_match_dingxiaoh_reparameterization(tmp_path, s
     if source == "mmcls":
         raw = torch.load(out, weights_only=True)
         assert set(raw) == {"meta", "state_dict"} and raw["meta"]["reparameterized"] is True
+        assert raw["meta"]["epoch"] == 120 and raw["meta"]["mmcls_version"] == "0.15.0"   # the input's meta kept
         written = {k: v.numpy() for k, v in raw["state_dict"].items()}
     else:
         with open(out, "rb") as f:

@@ -14,12 +14,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io.checkpoint import load_state_dict
 from ..errors import ConfigError
-from .export import resolve_weights
+from ..io.checkpoint import load_state_dict, read_metadata
 from ..io.pdparams_writer import save_pdparams
 from ..io.pth_writer import save_torch
 from . import get_family, resolve_arch, resolve_source
+from .export import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,12 @@ def write_deploy_checkpoint(spec: ReparamSpec, output: str | Path) -> Path:
     source = resolve_source(family, spec.source)
     weights = resolve_weights(family, spec.weights)
     state = family.deploy_state(load_state_dict(weights), arch, source)
-    meta = {"reparameterized": True, "converted_by": "tvmzoo reparam", "arch": arch, "from": weights.name}
+    # mmpretrain's converter keeps the checkpoint's other entries; its meta (classes, versions) is kept here
+    meta = {**read_metadata(weights), "reparameterized": True, "converted_by": "tvmzoo reparam", "arch": arch}
+    if source in PADDLE_SOURCES and any(k.endswith(".se.down.weight") for k in state):
+        log.warning("PaddleClas's re-parameterized RepVGGBlock.forward skips its SE block (ppcls repvgg.py, "
+                    "`if self.is_repped: return self.nonlinearity(self.rbr_reparam(inputs))`): PaddleClas itself "
+                    "computes a D2se deploy model without SE. The file holds the SE weights; tvmzoo export uses them.")
     output = Path(output)
     _write(state, source, output, meta)
     log.info("wrote %s (%s %s, %s layout, %d tensors)", output, spec.family, arch, source, len(state))
