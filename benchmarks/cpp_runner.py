@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tvmzoo.checkpoint import save_npz  # noqa: E402
-from tvmzoo.compiler import compile_model  # noqa: E402
+from tvmzoo.io.checkpoint import save_npz  # noqa: E402
+from tvmzoo.compile.compiler import compile_model  # noqa: E402
 from tvmzoo.config import load_build_config  # noqa: E402
 from tvmzoo.models import repvgg  # noqa: E402
 from tvmzoo.run import cpp_runner  # noqa: E402

@@ -48,14 +48,14 @@ Args parse(int argc, char** argv) {
   return args;
 }
 
-fs::path model_dir(const fs::path& prefix) {  // runtime.model_dir
+fs::path model_dir(const fs::path& prefix) {  // run.runtime.model_dir
   if (fs::is_directory(prefix)) return prefix;
   std::string name = prefix.filename().string(), ext = prefix.extension().string();
   if (name == "mod" || name == "mod.so" || name == "mod.json" || ext == ".so" || ext == ".json") return prefix.parent_path();
   return prefix;
 }
 
-std::vector<fs::path> find_images(const fs::path& root) {  // data.find_images
+std::vector<fs::path> find_images(const fs::path& root) {  // io.images.find_images
   static const std::set<std::string> suffixes{".jpeg", ".jpg", ".png", ".bmp", ".webp"};
   if (fs::is_regular_file(root)) return {root};
   if (!fs::is_directory(root)) throw Error("image path " + root.string() + " does not exist: give an image file or a folder");

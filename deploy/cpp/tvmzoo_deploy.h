@@ -1,7 +1,7 @@
 // tvmzoo_deploy.h: read a tvmzoo module description (mod.json), refuse modules this host cannot run,
 // decode and preprocess images exactly as tvmzoo's Python runner does, and format the five-line result.
 // Header-only; needs OpenCV (imgcodecs, imgproc), OpenSSL's libcrypto (sha256) and tvm-ffi (JSON).
-// Mirrors tvmzoo/runtime.py, tvmzoo/preprocess.py, tvmzoo/fused.py and tvmzoo/results.py.
+// Mirrors tvmzoo/run/runtime.py, tvmzoo/preprocess/, tvmzoo/io/images.py and tvmzoo/run/results.py.
 #pragma once
 
 #include <openssl/evp.h>
@@ -134,7 +134,7 @@ inline ModelMeta read_meta(const fs::path& dir) {
   return meta;
 }
 
-// ---------------------------------------------------------------- refusing modules (runtime.py)
+// ---------------------------------------------------------------- refusing modules (run/runtime.py)
 
 inline std::set<std::string> host_cpu_flags() {
   std::ifstream f("/proc/cpuinfo");
@@ -327,7 +327,7 @@ inline void to_tensor(const Preprocessing& pre, const cv::Mat& bgr, float* out) 
     }
 }
 
-// A fused module's input: the resized uint8 BGR HxWx3 image or window (fused.fused_input).
+// A fused module's input: the resized uint8 BGR HxWx3 image or window (preprocess/fused.py: fused_input).
 inline void to_fused(const Preprocessing& pre, const cv::Mat& bgr, uint8_t* out, int width, int height) {
   cv::Point at;
   cv::Mat img = resized(pre, bgr, &at);
@@ -339,7 +339,7 @@ inline void to_fused(const Preprocessing& pre, const cv::Mat& bgr, uint8_t* out,
   for (int y = 0; y < height; ++y) std::memcpy(out + size_t(y) * width * 3, img.ptr<uint8_t>(y), size_t(width) * 3);
 }
 
-// ---------------------------------------------------------------- labels and results (data.py, results.py)
+// ---------------------------------------------------------------- labels and results (io/images.py, run/results.py)
 
 // One class name per line, or `<wnid>\t<names>` lines (imagenet_synsets.txt).
 inline std::vector<std::string> read_labels(const fs::path& path) {
