@@ -64,6 +64,9 @@ def build(build_dir: Path, source_dir: Path = SOURCE_DIR, jobs: int = 2) -> Path
         raise ConfigError(f"cannot build the C++ runner: {', '.join(missing)} not found. Install a C++ compiler, "
                           f"CMake and OpenCV / OpenSSL development files (Debian: apt-get install g++ cmake "
                           f"libopencv-dev libssl-dev).")
+    if not (source_dir / "CMakeLists.txt").is_file():
+        raise ConfigError(f"{source_dir} holds no CMakeLists.txt: the C++ runner's sources ship in tvmzoo's source "
+                          f"tree (deploy/cpp), not in the installed package; build from a checkout.")
     configure = ["cmake", "-S", str(source_dir), "-B", str(build_dir), *tvm_paths().cmake_args()]
     for cmd in (configure, ["cmake", "--build", str(build_dir), "-j", str(jobs)]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
