@@ -176,24 +176,25 @@ def test_export_of_deploy_checkpoint_is_identical(tmp_path, source):
     assert onnx_train.SerializeToString() == onnx_deploy.SerializeToString()
 
 
+def _refused(tmp_path, family, state, arch, source="pycls"):
+    """`tvmzoo reparam` on a checkpoint it must refuse: exit 2, no traceback, nothing written."""
+    weights = write_checkpoint(state, source, tmp_path / "train.pth")
+    out = tmp_path / "deploy.pth"
+    proc = run_cli("tvmzoo", "reparam", "--family", family, "--arch", arch, "--source", source,
+                   "--weights", weights, "--output", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".deploy*"))
+    return proc.stderr
+
+
 def test_regnet_says_no_source_has_a_deploy_form(tmp_path):
     from tvmzoo.models import regnet
 
-    weights = write_checkpoint(regnet.random_state_dict("200MF", "pycls", np.random.default_rng(5)), "pycls",
-                               tmp_path / "regnet.pth")
-    out = tmp_path / "deploy.pth"
-    proc = run_cli("tvmzoo", "reparam", "--family", "regnet", "--arch", "200MF", "--source", "pycls",
-                   "--weights", weights, "--output", out, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "no deploy checkpoint form" in proc.stderr and "tvmzoo export" in proc.stderr
-    assert not out.exists() and not list(tmp_path.glob(".deploy*"))
+    err = _refused(tmp_path, "regnet", regnet.random_state_dict("200MF", "pycls", np.random.default_rng(5)), "200MF")
+    assert "no deploy checkpoint form" in err and "tvmzoo export" in err
 
 
 def test_bad_checkpoint_leaves_no_output(tmp_path):
-    weights = write_checkpoint(repvgg.random_state_dict("A0", "official", np.random.default_rng(6)), "official",
-                               tmp_path / "a0.pth")
-    out = tmp_path / "deploy.pth"
-    proc = run_cli("tvmzoo", "reparam", "--family", "repvgg", "--arch", "B0", "--source", "official",
-                   "--weights", weights, "--output", out, check=False)
-    assert proc.returncode == 2 and "does not fit RepVGG-B0" in proc.stderr and "RepVGG-A0" in proc.stderr
-    assert not out.exists()
+    state = repvgg.random_state_dict("A0", "official", np.random.default_rng(6))
+    err = _refused(tmp_path, "repvgg", state, "B0", source="official")
+    assert "does not fit RepVGG-B0" in err and "RepVGG-A0" in err

@@ -276,27 +276,27 @@ def _add_run_args(p) -> None:
     _add_rpc_args(p)
 
 
+def _add_checkpoint_args(p, output_help: str) -> None:
+    p.add_argument("--family", required=True, help="repvgg | efficientnet_lite | regnet")
+    p.add_argument("--arch", required=True, help="e.g. A0, B1g2, D2se, lite0")
+    p.add_argument("--source", required=True, help="checkpoint layout: official | mmcls | ppcls | ...")
+    p.add_argument("--weights", required=True, help="checkpoint file (.pth, .pdparams, .npz) or 'package'")
+    p.add_argument("--output", required=True, help=output_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvmzoo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="step 1: checkpoint -> deploy ONNX (re-parameterized, BN folded)")
-    p.add_argument("--family", required=True, help="repvgg | efficientnet_lite | regnet")
-    p.add_argument("--arch", required=True, help="e.g. A0, B1g2, D2se, lite0")
-    p.add_argument("--source", required=True, help="checkpoint layout: official | mmcls | ppcls | ...")
-    p.add_argument("--weights", required=True, help="checkpoint file (.pth, .pdparams, .npz) or 'package'")
-    p.add_argument("--output", required=True, help="deploy ONNX to write")
+    _add_checkpoint_args(p, "deploy ONNX to write")
     p.add_argument("--input-size", type=_size, default=(224,), help="H,W (or one number)")
     p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reparam", help="train checkpoint -> the source's own deploy checkpoint (.pth / .pdparams)")
-    p.add_argument("--family", required=True, help="repvgg (regnet: no source has a deploy form; explained)")
-    p.add_argument("--arch", required=True, help="e.g. A0, B1g2, D2se")
-    p.add_argument("--source", required=True, help="official | mmcls | ppcls: layout read and written")
-    p.add_argument("--weights", required=True, help="train-time checkpoint (.pth, .pdparams)")
-    p.add_argument("--output", required=True, help="deploy checkpoint to write (.pth; .pdparams for ppcls)")
+    _add_checkpoint_args(p, "deploy checkpoint to write, in --source's format (.pth; .pdparams for ppcls)")
     p.set_defaults(func=cmd_reparam)
 
     p = sub.add_parser("deploy-cpp", help="the C++ runner (deploy/cpp): cmake arguments for this TVM, or build it")
