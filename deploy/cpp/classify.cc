@@ -44,7 +44,12 @@ Args parse(int argc, char** argv) {
   }
   for (const char* required : {"file_path", "model_prefix_path", "label_txt"})
     if (!args.values.count(required)) throw Error(std::string("--") + required + " is required");
-  if (args.values.count("repeat")) args.repeat = std::stoi(args.values["repeat"]);
+  if (args.values.count("repeat")) {
+    const std::string& n = args.values["repeat"];
+    if (n.empty() || n.size() > 9 || !std::all_of(n.begin(), n.end(), ::isdigit) || std::stoi(n) == 0)
+      throw Error("--repeat must be a positive number of forward passes, got '" + n + "'");
+    args.repeat = std::stoi(n);
+  }
   return args;
 }
 
