@@ -204,7 +204,39 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .run.serve.config import ServeConfig, read_token
+    from .run.serve.server import serve
+
+    cfg = ServeConfig(Path(args.repository), args.host, args.http_port, args.grpc_port, args.instances,
+                      args.threads, args.max_queue_delay_us, args.max_batch, args.max_request_bytes,
+                      read_token(args.auth_token_file) if args.auth_token_file else None,
+                      Path(args.labels) if args.labels else None, args.drain_seconds)
+    serve(cfg, lambda line: print(line, flush=True))
+    return 0
+
+
 # ---------------------------------------------------------------- parsers
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve compiled models over KServe v2 / Triton's protocol (HTTP + gRPC)")
+    p.add_argument("repository", help="a folder of builds (<name>/mod.so + mod.json) or one build folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--http-port", type=int, default=8000, help="0: any free port (printed)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="0: any free port (printed)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per model")
+    p.add_argument("--threads", type=int, default=None, help="TVM threads per instance (default: all cores)")
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="dynamic batching: how long a request may wait for a fuller batch")
+    p.add_argument("--max-batch", type=int, default=8, help="batch size for builds with a dynamic batch axis")
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger requests get 413")
+    p.add_argument("--auth-token-file", help="require 'Authorization: Bearer <token>' (not on health)")
+    p.add_argument("--labels", help="class names for classification (default: labels.txt by the build, "
+                                    "else ImageNet-1k for 1000 classes)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM: time to finish requests")
+    p.set_defaults(func=cmd_serve)
+
 
 
 def _add_compile_and_tune(sub) -> None:
@@ -322,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameters, multiply-adds, input size and layers of a model")
     p.add_argument("model", help="a build YAML or family:arch, e.g. repvgg:A0, regnet:400MF")
     p.set_defaults(func=cmd_info)
+
+    _add_serve(sub)
 
     p = sub.add_parser("quickstart", help="compile EfficientNet-Lite0 (real weights) and classify sample photos")
     p.add_argument("--workspace", default="workspace/deploy_weights")

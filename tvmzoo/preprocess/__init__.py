@@ -589,6 +589,11 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"cannot decode {path}: the file does not exist.") from None
     except OSError as err:
         raise ImageError(f"cannot decode {path}: cannot read it ({err.strerror or err}).") from None
+    return decode_image(buf, str(path), max_pixels)
+
+
+def decode_image(buf: np.ndarray, path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`read_image` on encoded bytes already in memory (uint8 array); `path` names them in errors."""
     if buf.size == 0:
         raise ImageError(f"cannot decode {path}: the file is empty (0 bytes); re-copy or remove it.")
     raw = buf.tobytes()
