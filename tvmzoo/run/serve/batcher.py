@@ -38,6 +38,7 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._flush = False     # draining: run what is queued without waiting for fuller batches
         self._threads = [threading.Thread(target=self._worker, args=(model,), name=f"{name}-instance{i}",
                                           daemon=True) for i, model in enumerate(instances)]
         for thread in self._threads:
@@ -53,6 +54,12 @@ class DynamicBatcher:
             self._queued_rows += len(rows)
             self._cond.notify()
         return item.future
+
+    def flush(self) -> None:
+        """From now on run queued requests at once (SIGTERM: no request waits for company that won't come)."""
+        with self._cond:
+            self._flush = True
+            self._cond.notify_all()
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests; the instances finish everything already queued, then stop."""
@@ -77,7 +84,7 @@ class DynamicBatcher:
                         return None
                     self._cond.wait()
                 deadline = self._queue[0].enqueued + self.max_delay_s
-                while self._queue and self._queued_rows < self.max_batch and not self._closed:
+                while self._queue and self._queued_rows < self.max_batch and not (self._closed or self._flush):
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break

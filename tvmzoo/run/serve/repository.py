@@ -158,6 +158,11 @@ class Repository:
             raise ServeError("UNAVAILABLE", f"model '{name}' is not ready: {entry.problem}")
         return entry
 
+    def flush(self) -> None:
+        for entry in self.models.values():
+            if entry.batcher is not None:
+                entry.batcher.flush()
+
     def close(self, timeout: float | None = None) -> None:
         for entry in self.models.values():
             if entry.batcher is not None:

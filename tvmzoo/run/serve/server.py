@@ -60,6 +60,7 @@ class Server:
         """Graceful stop; returns how many requests were still in flight when it began."""
         self.state.draining = True
         self.http.stop()
+        self.repository.flush()
         grpc_stopped = asyncio.ensure_future(self.grpc.stop(grace=self.cfg.drain_seconds))
         in_flight = self.inference.in_flight
         deadline = time.monotonic() + self.cfg.drain_seconds
