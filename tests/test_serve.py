@@ -21,10 +21,10 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serve_client import ServerProcess, scrape  # noqa: E402
 from tiny import build_tiny  # noqa: E402
-from tvmzoo.fused import fused_input  # noqa: E402
+from tvmzoo.preprocess.fused import fused_input  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
-from tvmzoo.runner import classify  # noqa: E402
-from tvmzoo.runtime import CompiledModel  # noqa: E402
+from tvmzoo.run.runner import classify  # noqa: E402
+from tvmzoo.run.runtime import CompiledModel  # noqa: E402
 
 pytestmark = pytest.mark.reliability
 HOST, FUSED, BROKEN = "tiny_b4", "tiny_fused", "broken"

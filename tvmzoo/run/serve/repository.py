@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tvmzoo.io.images import Labels, load_labels
-from tvmzoo.errors import TvmzooError
+from tvmzoo.errors import ConfigError, TvmzooError
 from tvmzoo.run.runtime import META_FILE, MODULE_FILE, CompiledModel
 
 from .batcher import DynamicBatcher
@@ -135,8 +135,11 @@ class Repository:
     def load(cls, cfg: ServeConfig, metrics: Metrics) -> Repository:
         if cfg.threads:  # TVM sizes each instance thread's pool from this when the thread first runs
             os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
-        entries = [load_entry(d, cfg, metrics) for d in build_dirs(Path(cfg.repository))]
-        return cls(entries, cfg.max_batch)
+        dirs = build_dirs(Path(cfg.repository))
+        if not dirs:
+            raise ConfigError(f"model repository {cfg.repository} holds no build: give a folder of compiled builds "
+                              f"(<name>/{MODULE_FILE} + {META_FILE}, as `vamc compile` writes them) or one build folder.")
+        return cls([load_entry(d, cfg, metrics) for d in dirs], cfg.max_batch)
 
     @property
     def ready(self) -> bool:

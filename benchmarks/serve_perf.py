@@ -1,0 +1,166 @@
+"""`tvmzoo serve` under load, as perf_analyzer reports it (throughput, p50 / p90 / p99 client latency,
+server queue vs compute time from /metrics), against vamp's in-process images/s and latency of the same
+build, measured in the same run (vamp before and after each model's sweep, averaged).
+
+The load generator is tritonclient's asyncio clients (HTTP binary tensors, gRPC) at a fixed concurrency
+in this process; the server is `tvmzoo serve` in another. Both share the machine's cores, as a
+perf_analyzer run on the server host would.
+
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4]
+
+WORKSPACE holds compiled builds (<name>/mod.so + mod.json), e.g. Lite0 fp32 / int8 at batch 1 and 8.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc.aio as grpc_aio
+import tritonclient.http.aio as http_aio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from serve_client import ServerProcess, scrape  # noqa: E402
+from tvmzoo.run.bench import BenchConfig, benchmark  # noqa: E402
+from tvmzoo.preprocess import apply, read_image  # noqa: E402
+from tvmzoo.run.runtime import CompiledModel  # noqa: E402
+
+PHOTO = ROOT.parent / "shared" / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
+CONCURRENCY = (1, 2, 4, 8, 16)
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+    return names[0] if names else platform.processor()
+
+
+@dataclass
+class Row:
+    model: str
+    protocol: str
+    concurrency: int
+    images_per_s: float
+    p50: float
+    p90: float
+    p99: float
+    queue_us: float
+    compute_us: float
+
+
+async def _load(protocol: str, url: str, model: str, x: np.ndarray, concurrency: int,
+                seconds: float) -> tuple[list[float], float]:
+    module = grpc_aio if protocol == "grpc" else http_aio
+    client = module.InferenceServerClient(url) if protocol == "grpc" else \
+        module.InferenceServerClient(url, conn_limit=concurrency)
+    tensor = module.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    latencies: list[float] = []
+
+    async def worker(until: float, record: bool) -> None:
+        while time.perf_counter() < until:
+            start = time.perf_counter()
+            await client.infer(model, [tensor])
+            if record:
+                latencies.append(time.perf_counter() - start)
+
+    warm_end = time.perf_counter() + 1.0
+    await asyncio.gather(*(worker(warm_end, False) for _ in range(concurrency)))
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return latencies, elapsed
+
+
+def measure(server: ServerProcess, protocol: str, model: str, x: np.ndarray, concurrency: int,
+            seconds: float) -> Row:
+    before = scrape(server.http, model)
+    url = server.grpc if protocol == "grpc" else server.http
+    latencies, elapsed = asyncio.run(_load(protocol, url, model, x, concurrency, seconds))
+    after = scrape(server.http, model)
+    done = after["nv_inference_request_success_total"] - before["nv_inference_request_success_total"]
+
+    def per_request(name: str) -> float:
+        return (after[name] - before[name]) / max(done, 1)
+
+    ms = np.asarray(latencies) * 1e3
+    return Row(model, protocol, concurrency, len(latencies) * len(x) / elapsed,
+               *(float(np.percentile(ms, q)) for q in (50, 90, 99)),
+               per_request("nv_inference_queue_duration_us_total"),
+               per_request("nv_inference_compute_infer_duration_us_total"))
+
+
+def vamp(prefix: Path, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, p50 ms per batch call) of the build in this process, as `vamp -b <batch>`."""
+    probe = benchmark(prefix, BenchConfig(batch=batch, iterations=3, warmup=2, threads=_threads()))
+    iterations = max(10, int(seconds * probe.throughput_qps / batch))
+    report = benchmark(prefix, BenchConfig(batch=batch, iterations=iterations, warmup=3, threads=_threads()))
+    return report.throughput_qps, report.latency_ms["p50"]
+
+
+def _threads() -> int:
+    return int(os.environ.get("TVM_NUM_THREADS", "2"))
+
+
+def sweep(server: ServerProcess, workspace: Path, model: str, seconds: float) -> tuple[list[Row], tuple]:
+    compiled = CompiledModel.load(workspace / model)
+    x = apply(compiled.preprocessing, read_image(PHOTO))[None]
+    batch = compiled.fixed_batch or 1
+    before = vamp(workspace / model, batch, seconds)
+    rows = [measure(server, protocol, model, x, c, seconds) for c in CONCURRENCY for protocol in ("http", "grpc")]
+    after = vamp(workspace / model, batch, seconds)
+    return rows, ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2, batch)
+
+
+def report(results: dict, delay_us: int) -> str:
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores, TVM_NUM_THREADS={_threads()}; shared machine "
+             f"(other developers' jobs ran at the same time). Server: 1 instance, --max-queue-delay-us {delay_us}; "
+             "client: tritonclient asyncio (HTTP binary / gRPC) in another process on the same cores.", "",
+             "| build | protocol | concurrency | images/s | p50 ms | p90 ms | p99 ms | server queue us | "
+             "server compute us | served / vamp images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, (rows, (vamp_ips, vamp_p50, batch)) in results.items():
+        for r in rows:
+            lines.append(f"| {model} | {r.protocol} | {r.concurrency} | {r.images_per_s:.1f} | {r.p50:.2f} | "
+                         f"{r.p90:.2f} | {r.p99:.2f} | {r.queue_us:.0f} | {r.compute_us:.0f} | "
+                         f"{100 * r.images_per_s / vamp_ips:.0f} % |")
+        lines.append(f"| {model} | vamp in-process (-b {batch}) | - | {vamp_ips:.1f} | {vamp_p50:.2f} | | | | | 100 % |")
+    lines += ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of vamp p50."]
+    for model, (rows, (vamp_ips, vamp_p50, _)) in results.items():
+        for r in rows:
+            if r.concurrency == 8:
+                lines.append(f"- {model} {r.protocol} c8: {100 * r.images_per_s / vamp_ips:.1f} % of vamp")
+            if r.concurrency == 1:
+                lines.append(f"- {model} {r.protocol} c1: p50 {r.p50:.2f} ms vs vamp {vamp_p50:.2f} ms "
+                             f"(+{r.p50 - vamp_p50:.2f} ms)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workspace", type=Path)
+    parser.add_argument("--models", default=None, help="comma-separated build names (default: every build)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
+    parser.add_argument("--delay-us", type=int, default=2000, help="server --max-queue-delay-us")
+    args = parser.parse_args()
+    names = args.models.split(",") if args.models else sorted(p.parent.name for p in args.workspace.glob("*/mod.json"))
+    server = ServerProcess.start(args.workspace, "--threads", str(_threads()), "--max-queue-delay-us",
+                                 str(args.delay_us))
+    try:
+        results = {name: sweep(server, args.workspace, name, args.seconds) for name in names}
+    finally:
+        server.stop()
+    print(report(results, args.delay_us))
+
+
+if __name__ == "__main__":
+    main()
