@@ -88,7 +88,7 @@ def measure(server: ServerProcess, protocol: str, model: str, x: np.ndarray, con
     url = server.grpc if protocol == "grpc" else server.http
     latencies, elapsed = asyncio.run(_load(protocol, url, model, x, concurrency, seconds))
     after = scrape(server.http, model)
-    done = after["nv_inference_request_success_total"] - before["nv_inference_request_success_total"]
+    done = after["nv_inference_request_success"] - before["nv_inference_request_success"]
 
     def per_request(name: str) -> float:
         return (after[name] - before[name]) / max(done, 1)
@@ -96,8 +96,8 @@ def measure(server: ServerProcess, protocol: str, model: str, x: np.ndarray, con
     ms = np.asarray(latencies) * 1e3
     return Row(model, protocol, concurrency, len(latencies) * len(x) / elapsed,
                *(float(np.percentile(ms, q)) for q in (50, 90, 99)),
-               per_request("nv_inference_queue_duration_us_total"),
-               per_request("nv_inference_compute_infer_duration_us_total"))
+               per_request("nv_inference_queue_duration_us"),
+               per_request("nv_inference_compute_infer_duration_us"))
 
 
 def vamp(prefix: Path, batch: int, seconds: float) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tvmzoo.run.runtime import CompiledModel, aligned_empty
+from ..runtime import CompiledModel, aligned_empty
 
 from .metrics import VERSION, Metrics
 
@@ -37,12 +37,15 @@ class DynamicBatcher:
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0
         self._cond = threading.Condition()
+        warmed = [threading.Event() for _ in instances]
         self._closed = False
         self._flush = False     # draining: run what is queued without waiting for fuller batches
-        self._threads = [threading.Thread(target=self._worker, args=(model,), name=f"{name}-instance{i}",
-                                          daemon=True) for i, model in enumerate(instances)]
+        self._threads = [threading.Thread(target=self._worker, args=(model, warm), name=f"{name}-instance{i}",
+                                          daemon=True) for i, (model, warm) in enumerate(zip(instances, warmed))]
         for thread in self._threads:
             thread.start()
+        for event in warmed:
+            event.wait()
 
     def submit(self, rows: np.ndarray) -> Future:
         """Queue `rows` (leading axis = batch); the future gets their outputs, or the run's exception."""
@@ -69,7 +72,14 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.join(timeout)
 
-    def _worker(self, model: CompiledModel) -> None:
+    def _worker(self, model: CompiledModel, warmed: threading.Event) -> None:
+        """Run batches on one instance. A first run on zeros warms it (memory, this thread's TVM pool),
+        so the model is ready when the first client's request comes."""
+        try:
+            model.run(np.zeros((model.fixed_batch or 1, *model.input_shape[1:]), model.input_dtype))
+        except Exception:  # noqa: BLE001 - TVM's own error types; real requests will report it
+            log.exception("model %s: warm-up run failed", self.name)
+        warmed.set()
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -116,11 +126,13 @@ class DynamicBatcher:
             for item in batch:
                 item.future.set_exception(exc)
             return
-        offset = 0
+        offset, results = 0, []
         for item in batch:
-            item.future.set_result(outputs[offset:offset + len(item.rows)])
+            results.append(outputs[offset:offset + len(item.rows)])
             offset += len(item.rows)
-        done = time.perf_counter()
+        done = time.perf_counter()   # before handing results over: that wakes other threads
+        for item, result in zip(batch, results):
+            item.future.set_result(result)
         n = len(batch)
         m.input_us.labels(*labels).inc((started - start) * 1e6 * n)
         m.infer_us.labels(*labels).inc((ran - started) * 1e6 * n)

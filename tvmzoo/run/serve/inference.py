@@ -10,9 +10,9 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from tvmzoo.errors import ImageError
-from tvmzoo.preprocess import decode_image
-from tvmzoo.run.runner import model_input
+from ...errors import ImageError
+from ...preprocess import decode_image
+from ..runner import model_input
 
 from .metrics import VERSION, Metrics
 from .repository import ModelEntry, Repository

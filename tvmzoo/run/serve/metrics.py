@@ -3,53 +3,90 @@ Latencies are cumulative microsecond counters as Triton's are: divide by nv_infe
 (or the exec count) for a mean. The batch-size histogram is tvmzoo's own (Triton has none)."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 LABELS = ("model", "version")
 VERSION = "1"
 
 
+class TritonCounter:
+    """A counter exposed under its exact name, as Triton's are: prometheus_client's Counter always
+    appends `_total`, and `nv_inference_request_success_total` would match no Triton dashboard."""
+
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...] = LABELS) -> None:
+        self.name, self.doc, self.labelnames = name, doc, labelnames
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def labels(self, *values: str) -> _Bound:
+        with self._lock:
+            self._values.setdefault(values, 0.0)
+        return _Bound(self, values)
+
+    def add(self, values: tuple[str, ...], amount: float) -> None:
+        with self._lock:
+            self._values[values] = self._values.get(values, 0.0) + amount
+
+    def collect(self) -> list[Metric]:
+        metric = Metric(self.name, self.doc, "counter")
+        with self._lock:
+            for values, value in sorted(self._values.items()):
+                metric.add_sample(self.name, dict(zip(self.labelnames, values)), value)
+        return [metric]
+
+
+@dataclass(frozen=True)
+class _Bound:
+    counter: TritonCounter
+    values: tuple[str, ...]
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.counter.add(self.values, amount)
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry
-    success: Counter
-    failure: Counter
-    inference_count: Counter
-    exec_count: Counter
+    success: TritonCounter
+    failure: TritonCounter
+    inference_count: TritonCounter
+    exec_count: TritonCounter
+    request_us: TritonCounter
+    queue_us: TritonCounter
+    input_us: TritonCounter
+    infer_us: TritonCounter
+    output_us: TritonCounter
     pending: Gauge
-    request_us: Counter
-    queue_us: Counter
-    input_us: Counter
-    infer_us: Counter
-    output_us: Counter
     batch_size: Histogram
 
     @classmethod
     def create(cls) -> Metrics:
+        disable_created_metrics()  # Triton exposes no *_created series
         reg = CollectorRegistry()
-
-        def counter(name: str, doc: str, labels=LABELS) -> Counter:
-            return Counter(name, doc, labels, registry=reg)
-
-        return cls(
-            reg,
-            counter("nv_inference_request_success", "Number of successful inference requests"),
-            counter("nv_inference_request_failure", "Number of failed inference requests", (*LABELS, "reason")),
-            counter("nv_inference_count", "Number of inferences performed (a batch of n counts n)"),
-            counter("nv_inference_exec_count", "Number of model executions (batches) performed"),
-            Gauge("nv_inference_pending_request_count", "Requests waiting in the queue or running", LABELS,
-                  registry=reg),
-            counter("nv_inference_request_duration_us", "Cumulative request duration, receipt to response"),
-            counter("nv_inference_queue_duration_us", "Cumulative time requests waited in the queue"),
-            counter("nv_inference_compute_input_duration_us", "Cumulative time gathering batch inputs"),
-            counter("nv_inference_compute_infer_duration_us", "Cumulative model execution time per request"),
-            counter("nv_inference_compute_output_duration_us", "Cumulative time splitting batch outputs"),
-            Histogram("tvmzoo_inference_batch_size", "Rows per model execution", ("model",),
-                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg),
-        )
+        counters = [
+            TritonCounter("nv_inference_request_success", "Number of successful inference requests"),
+            TritonCounter("nv_inference_request_failure", "Number of failed inference requests",
+                          (*LABELS, "reason")),
+            TritonCounter("nv_inference_count", "Number of inferences performed (a batch of n counts n)"),
+            TritonCounter("nv_inference_exec_count", "Number of model executions (batches) performed"),
+            TritonCounter("nv_inference_request_duration_us", "Cumulative request duration, receipt to response"),
+            TritonCounter("nv_inference_queue_duration_us", "Cumulative time requests waited in the queue"),
+            TritonCounter("nv_inference_compute_input_duration_us", "Cumulative time gathering batch inputs"),
+            TritonCounter("nv_inference_compute_infer_duration_us", "Cumulative model execution time per request"),
+            TritonCounter("nv_inference_compute_output_duration_us", "Cumulative time splitting batch outputs"),
+        ]
+        for counter in counters:
+            reg.register(counter)
+        return cls(reg, *counters,
+                   Gauge("nv_inference_pending_request_count", "Requests waiting in the queue or running", LABELS,
+                         registry=reg),
+                   Histogram("tvmzoo_inference_batch_size", "Rows per model execution", ("model",),
+                             buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg))
 
     def count_model(self, model: str) -> None:
         """Make a model's series exist (at 0) from the start, as Triton's do."""

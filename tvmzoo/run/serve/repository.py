@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tvmzoo.io.images import Labels, load_labels
-from tvmzoo.errors import ConfigError, TvmzooError
-from tvmzoo.run.runtime import META_FILE, MODULE_FILE, CompiledModel
+from ...errors import ConfigError, TvmzooError
+from ...io.images import Labels, load_labels
+from ..runtime import META_FILE, MODULE_FILE, CompiledModel, read_meta
 
 from .batcher import DynamicBatcher
 from .config import ServeConfig
@@ -118,8 +118,6 @@ def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntr
 
 
 def _readable_meta(directory: Path) -> dict | None:
-    from tvmzoo.run.runtime import read_meta
-
     try:
         return read_meta(directory)
     except TvmzooError:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import tornado.httpserver
 import tornado.netutil
 
-from tvmzoo import __version__
+from ... import __version__
 
 from .config import ServeConfig
 from .grpc_service import make_server
