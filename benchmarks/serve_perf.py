@@ -6,7 +6,7 @@ The load generator is tritonclient's asyncio clients (HTTP binary tensors, gRPC)
 in this process; the server is `tvmzoo serve` in another. Both share the machine's cores, as a
 perf_analyzer run on the server host would.
 
-    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4]
+    .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups 1x2,2x1]
 
 WORKSPACE holds compiled builds (<name>/mod.so + mod.json), e.g. Lite0 fp32 / int8 at batch 1 and 8.
 """
@@ -19,7 +19,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,32 +100,48 @@ def measure(server: ServerProcess, protocol: str, model: str, x: np.ndarray, con
                per_request("nv_inference_compute_infer_duration_us"))
 
 
-def vamp(prefix: Path, batch: int, seconds: float) -> tuple[float, float]:
-    """(images/s, p50 ms per batch call) of the build in this process, as `vamp -b <batch>`."""
-    probe = benchmark(prefix, BenchConfig(batch=batch, iterations=3, warmup=2, threads=_threads()))
-    iterations = max(10, int(seconds * probe.throughput_qps / batch))
-    report = benchmark(prefix, BenchConfig(batch=batch, iterations=iterations, warmup=3, threads=_threads()))
-    return report.throughput_qps, report.latency_ms["p50"]
+@dataclass(frozen=True)
+class Setup:
+    instances: int
+    threads: int
+    delay_us: int
+
+    def flags(self) -> list[str]:
+        return ["--instances", str(self.instances), "--threads", str(self.threads),
+                "--max-queue-delay-us", str(self.delay_us)]
 
 
-def _threads() -> int:
-    return int(os.environ.get("TVM_NUM_THREADS", "2"))
+def _vamp_run(prefix: Path, batch: int, instances: int, threads: int, seconds: float):
+    cfg = BenchConfig(instances=instances, batch=batch, iterations=3, warmup=2, threads=threads)
+    probe = benchmark(prefix, cfg)
+    iterations = max(10, int(seconds * probe.throughput_qps / batch / instances))
+    return benchmark(prefix, replace(cfg, iterations=iterations, warmup=3))
 
 
-def sweep(server: ServerProcess, workspace: Path, model: str, seconds: float) -> tuple[list[Row], tuple]:
+def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float, float]:
+    """In this process, as vamp: images/s with the server's instances and threads (`vamp -i I -t T -b B`),
+    and p50 ms per call of one instance alone (`-i 1`), the latency a single client could get."""
+    throughput = _vamp_run(prefix, batch, setup.instances, setup.threads, seconds).throughput_qps
+    alone = _vamp_run(prefix, batch, 1, setup.threads, seconds / 2).latency_ms["p50"]
+    return throughput, alone
+
+
+def sweep(server: ServerProcess, workspace: Path, model: str, setup: Setup,
+          seconds: float) -> tuple[list[Row], tuple]:
     compiled = CompiledModel.load(workspace / model)
     x = apply(compiled.preprocessing, read_image(PHOTO))[None]
     batch = compiled.fixed_batch or 1
-    before = vamp(workspace / model, batch, seconds)
+    before = vamp(workspace / model, batch, setup, seconds)
     rows = [measure(server, protocol, model, x, c, seconds) for c in CONCURRENCY for protocol in ("http", "grpc")]
-    after = vamp(workspace / model, batch, seconds)
+    after = vamp(workspace / model, batch, setup, seconds)
     return rows, ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2, batch)
 
 
-def report(results: dict, delay_us: int) -> str:
-    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores, TVM_NUM_THREADS={_threads()}; shared machine "
-             f"(other developers' jobs ran at the same time). Server: 1 instance, --max-queue-delay-us {delay_us}; "
-             "client: tritonclient asyncio (HTTP binary / gRPC) in another process on the same cores.", "",
+def report(results: dict, setup: Setup) -> str:
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; shared machine (other developers' jobs ran at the same "
+             f"time). Server: {setup.instances} instance(s) x {setup.threads} TVM thread(s), --max-queue-delay-us "
+             f"{setup.delay_us}; vamp with the same instances and threads; client: tritonclient asyncio (HTTP binary "
+             "/ gRPC) in another process on the same cores.", "",
              "| build | protocol | concurrency | images/s | p50 ms | p90 ms | p99 ms | server queue us | "
              "server compute us | served / vamp images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model, (rows, (vamp_ips, vamp_p50, batch)) in results.items():
@@ -133,7 +149,7 @@ def report(results: dict, delay_us: int) -> str:
             lines.append(f"| {model} | {r.protocol} | {r.concurrency} | {r.images_per_s:.1f} | {r.p50:.2f} | "
                          f"{r.p90:.2f} | {r.p99:.2f} | {r.queue_us:.0f} | {r.compute_us:.0f} | "
                          f"{100 * r.images_per_s / vamp_ips:.0f} % |")
-        lines.append(f"| {model} | vamp in-process (-b {batch}) | - | {vamp_ips:.1f} | {vamp_p50:.2f} | | | | | 100 % |")
+        lines.append(f"| {model} | vamp in-process (-i {setup.instances} -t {setup.threads} -b {batch}; p50 of -i 1) | - | {vamp_ips:.1f} | {vamp_p50:.2f} | | | | | 100 % |")
     lines += ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of vamp p50."]
     for model, (rows, (vamp_ips, vamp_p50, _)) in results.items():
         for r in rows:
@@ -151,15 +167,18 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma-separated build names (default: every build)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
     parser.add_argument("--delay-us", type=int, default=2000, help="server --max-queue-delay-us")
+    parser.add_argument("--setups", default="1x2,2x1", help="instances x threads per instance, comma-separated")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else sorted(p.parent.name for p in args.workspace.glob("*/mod.json"))
-    server = ServerProcess.start(args.workspace, "--threads", str(_threads()), "--max-queue-delay-us",
-                                 str(args.delay_us))
-    try:
-        results = {name: sweep(server, args.workspace, name, args.seconds) for name in names}
-    finally:
-        server.stop()
-    print(report(results, args.delay_us))
+    for text in args.setups.split(","):
+        instances, threads = (int(v) for v in text.split("x"))
+        setup = Setup(instances, threads, args.delay_us)
+        server = ServerProcess.start(args.workspace, *setup.flags())
+        try:
+            results = {name: sweep(server, args.workspace, name, setup, args.seconds) for name in names}
+        finally:
+            server.stop()
+        print(report(results, setup), "\n", flush=True)
 
 
 if __name__ == "__main__":
