@@ -25,7 +25,7 @@ from tvmzoo.run.runner import classify  # noqa: E402
 from tvmzoo.run.runtime import CompiledModel  # noqa: E402
 
 pytestmark = pytest.mark.reliability
-HOST, FUSED, BROKEN = "tiny_b4", "tiny_fused", "broken"
+HOST, FUSED, BROKEN, OTHER_CPU = "tiny_b4", "tiny_fused", "broken", "other_cpu"
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,9 @@ def repo(tmp_path_factory):
     data = bytearray((broken / "mod.so").read_bytes())
     data[len(data) // 2] ^= 0xFF               # a damaged copy: the checksum in mod.json no longer fits
     (broken / "mod.so").write_bytes(bytes(data))
+    other = shutil.copytree(root / "ws" / FUSED, root / "ws" / OTHER_CPU)   # built for a CPU with a feature
+    meta = json.loads((other / "mod.json").read_text())                    # this one lacks
+    (other / "mod.json").write_text(json.dumps({**meta, "cpu_features": [*meta["cpu_features"], "avx10_9"]}))
     return root / "ws"
 
 
@@ -83,8 +86,10 @@ def test_metadata_readiness_and_the_damaged_build(server, repo):
     assert h.is_server_live() and g.is_server_live()
     assert h.is_model_ready(HOST) and g.is_model_ready(FUSED)
     assert not h.is_model_ready(BROKEN) and not g.is_model_ready(BROKEN)
+    assert not h.is_model_ready(OTHER_CPU) and not g.is_model_ready(OTHER_CPU)
     assert not h.is_server_ready() and not g.is_server_ready()   # strict readiness, as Triton's default
     assert any("NOT READY" in line and "checksum" in line for line in server.lines)
+    assert any(f"{OTHER_CPU}: NOT READY" in line and "avx10_9" in line for line in server.lines)
     with pytest.raises(InferenceServerException, match="checksum") as err:
         _infer(h, httpclient, BROKEN, np.zeros((1, 3, 32, 32), np.float32))
     assert err.value.status() == "503"
