@@ -119,7 +119,7 @@ def make_server(state: AppState, address: str, max_request_bytes: int) -> tuple[
                                       ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
-    port = server.add_insecure_port(address)
+    port = server.add_insecure_port(address)   # grpc raises RuntimeError, or returns 0, when it cannot bind
     if port == 0:
-        raise OSError(f"gRPC cannot listen on {address} (port in use?)")
+        raise OSError(f"the port is in use or {address} is not an address here")
     return server, port

@@ -16,6 +16,7 @@ import tornado.netutil
 
 from ... import __version__
 
+from ...errors import ConfigError
 from .config import ServeConfig
 from .grpc_service import make_server
 from .http_app import make_app
@@ -49,10 +50,19 @@ class Server:
         self.http = tornado.httpserver.HTTPServer(make_app(self.state), max_body_size=self.cfg.max_request_bytes,
                                                   max_buffer_size=self.cfg.max_request_bytes + (1 << 20),
                                                   chunk_size=1 << 20)  # a 224x224 FP32 image is 602 KB
-        sockets = tornado.netutil.bind_sockets(self.cfg.http_port, address=self.cfg.host)
+        try:
+            sockets = tornado.netutil.bind_sockets(self.cfg.http_port, address=self.cfg.host)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for HTTP on {self.cfg.host}:{self.cfg.http_port} ({exc.strerror}); "
+                              "pick another --http-port (0: any free one) or --host.") from None
         self.http.add_sockets(sockets)
-        self.grpc, grpc_port = make_server(self.state, _grpc_address(self.cfg.host, self.cfg.grpc_port),
-                                           self.cfg.max_request_bytes)
+        try:
+            self.grpc, grpc_port = make_server(self.state, _grpc_address(self.cfg.host, self.cfg.grpc_port),
+                                               self.cfg.max_request_bytes)
+        except (OSError, RuntimeError) as exc:
+            self.http.stop()
+            raise ConfigError(f"cannot listen for gRPC on {self.cfg.host}:{self.cfg.grpc_port} ({exc}); "
+                              "pick another --grpc-port (0: any free one) or --host.") from None
         await self.grpc.start()
         self.ports = (sockets[0].getsockname()[1], grpc_port)
         return self.ports
