@@ -81,7 +81,10 @@ class Server:
             log.warning("%d requests still running after %.0f s: stopping anyway",
                         self.inference.in_flight, self.cfg.drain_seconds)
         await grpc_stopped
-        await self.http.close_all_connections()
+        try:   # idle keep-alive connections close at once; a client stalled mid-upload gets no longer
+            await asyncio.wait_for(self.http.close_all_connections(), timeout=max(deadline - time.monotonic(), 1.0))
+        except asyncio.TimeoutError:
+            log.warning("closing HTTP connections timed out; stopping anyway")
         self.repository.close(timeout=self.cfg.drain_seconds)
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         return in_flight
