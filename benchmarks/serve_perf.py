@@ -57,6 +57,7 @@ class Row:
     p99: float
     queue_us: float
     compute_us: float
+    rows_per_exec: float
 
 
 async def _load(protocol: str, url: str, model: str, x: np.ndarray, concurrency: int,
@@ -99,22 +100,24 @@ def measure(server: ServerProcess, protocol: str, model: str, x: np.ndarray, con
     return Row(model, protocol, concurrency, len(latencies) * len(x) / elapsed,
                *(float(np.percentile(ms, q)) for q in (50, 90, 99)),
                per_request("nv_inference_queue_duration_us"),
-               per_request("nv_inference_compute_infer_duration_us"))
+               per_request("nv_inference_compute_infer_duration_us"),
+               (after["nv_inference_count"] - before["nv_inference_count"])
+               / max(after["nv_inference_exec_count"] - before["nv_inference_exec_count"], 1))
 
 
 @dataclass(frozen=True)
 class Setup:
     instances: int
     threads: int
-    delay_us: int
+    delay_us: int | None    # None: a tenth of one batch's in-process time for fixed-batch builds > 1, else 0
 
-    def flags(self) -> list[str]:
+    def flags(self, delay_us: int) -> list[str]:
         return ["--instances", str(self.instances), "--threads", str(self.threads),
-                "--max-queue-delay-us", str(self.delay_us)]
+                "--max-queue-delay-us", str(delay_us)]
 
 
 def paired_latency(server: ServerProcess, protocol: str, model: str, compiled: CompiledModel, x: np.ndarray,
-                   pairs: int = 150) -> tuple[float, float]:
+                   seconds: float) -> tuple[float, float]:
     """Concurrency 1, robust to a shared machine's drift: served requests alternate with in-process runs
     of the same build (aligned input, as vamp feeds it); (p50 served ms, p50 in-process ms)."""
     module = grpcclient if protocol == "grpc" else httpclient
@@ -123,15 +126,22 @@ def paired_latency(server: ServerProcess, protocol: str, model: str, compiled: C
     tensor.set_data_from_numpy(x)
     batch = stack_aligned(list(np.repeat(x, compiled.fixed_batch or 1, axis=0)))
     served, local = [], []
-    for i in range(pairs + 10):
+
+    def pair() -> None:
         t0 = time.perf_counter()
         client.infer(model, [tensor])
         t1 = time.perf_counter()
         compiled.run(batch)
-        t2 = time.perf_counter()
-        if i >= 10:
-            served.append(t1 - t0)
-            local.append(t2 - t1)
+        served.append(t1 - t0)
+        local.append(time.perf_counter() - t1)
+
+    for _ in range(5):  # warm-up
+        pair()
+    pairs = int(np.clip(seconds / (served[-1] + local[-1]), 30, 200))
+    served.clear()
+    local.clear()
+    for _ in range(pairs):
+        pair()
     return float(np.median(served) * 1e3), float(np.median(local) * 1e3)
 
 
@@ -150,40 +160,47 @@ def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float,
     return throughput, alone
 
 
-def sweep(server: ServerProcess, workspace: Path, model: str, setup: Setup,
-          seconds: float) -> tuple[list[Row], tuple]:
+def sweep(workspace: Path, model: str, setup: Setup, seconds: float) -> dict:
+    """One build: vamp, a server of it alone, the load points, the alternated c1 latency, vamp again."""
     compiled = CompiledModel.load(workspace / model)
     x = apply(compiled.preprocessing, read_image(PHOTO))[None]
     batch = compiled.fixed_batch or 1
     before = vamp(workspace / model, batch, setup, seconds)
-    rows = [measure(server, protocol, model, x, c, seconds) for c in CONCURRENCY for protocol in ("http", "grpc")]
+    delay = setup.delay_us if setup.delay_us is not None else int(100 * before[1]) if batch > 1 else 0
+    server = ServerProcess.start(workspace / model, *setup.flags(delay))
+    try:
+        rows = [measure(server, protocol, model, x, c, seconds) for c in CONCURRENCY for protocol in ("http", "grpc")]
+        os.environ["TVM_NUM_THREADS"] = str(setup.threads)   # the in-process runs alternate with the served ones
+        paired = {protocol: paired_latency(server, protocol, model, compiled, x, 2 * seconds)
+                  for protocol in ("http", "grpc")}
+    finally:
+        server.stop()
     after = vamp(workspace / model, batch, setup, seconds)
-    os.environ["TVM_NUM_THREADS"] = str(setup.threads)   # the in-process runs alternate with the served ones
-    paired = {protocol: paired_latency(server, protocol, model, compiled, x) for protocol in ("http", "grpc")}
-    return rows, ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2, batch), paired
+    return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
+            "batch": batch, "delay_us": delay, "paired": paired}
 
 
 def report(results: dict, setup: Setup) -> str:
     lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; shared machine (other developers' jobs ran at the same "
-             f"time). Server: {setup.instances} instance(s) x {setup.threads} TVM thread(s), --max-queue-delay-us "
-             f"{setup.delay_us}; vamp with the same instances and threads; client: tritonclient asyncio (HTTP binary "
-             "/ gRPC) in another process on the same cores.", "",
+             f"time). Server: {setup.instances} instance(s) x {setup.threads} TVM thread(s); vamp with the same "
+             "instances and threads; client: tritonclient asyncio (HTTP binary / gRPC) in another process on the "
+             "same cores.", "",
              "| build | protocol | concurrency | images/s | p50 ms | p90 ms | p99 ms | server queue us | "
-             "server compute us | served / vamp images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for model, (rows, (vamp_ips, vamp_p50, batch), _) in results.items():
-        for r in rows:
+             "server compute us | rows / exec | served / vamp images/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, res in results.items():
+        for r in res["rows"]:
             lines.append(f"| {model} | {r.protocol} | {r.concurrency} | {r.images_per_s:.1f} | {r.p50:.2f} | "
-                         f"{r.p90:.2f} | {r.p99:.2f} | {r.queue_us:.0f} | {r.compute_us:.0f} | "
-                         f"{100 * r.images_per_s / vamp_ips:.0f} % |")
-        lines.append(f"| {model} | vamp in-process (-i {setup.instances} -t {setup.threads} -b {batch}; p50 of -i 1) | - | {vamp_ips:.1f} | {vamp_p50:.2f} | | | | | 100 % |")
-    lines += ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of vamp p50."]
-    for model, (rows, (vamp_ips, vamp_p50, _), paired) in results.items():
-        for r in rows:
-            if r.concurrency == 8:
-                lines.append(f"- {model} {r.protocol} c8: {100 * r.images_per_s / vamp_ips:.1f} % of vamp")
-        for protocol, (served, local) in paired.items():
-            lines.append(f"- {model} {protocol} c1, served and in-process runs alternated: p50 {served:.2f} ms vs "
-                         f"{local:.2f} ms in-process ({served - local:+.2f} ms)")
+                         f"{r.p90:.2f} | {r.p99:.2f} | {r.queue_us:.0f} | {r.compute_us:.0f} | {r.rows_per_exec:.1f} | "
+                         f"{100 * r.images_per_s / res['vamp_ips']:.0f} % |")
+        lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | "
+                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | 100 % |")
+    lines += ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of in-process."]
+    for model, res in results.items():
+        lines.append(f"- {model} (--max-queue-delay-us {res['delay_us']}): c8 " + ", ".join(
+            f"{r.protocol} {100 * r.images_per_s / res['vamp_ips']:.1f} %" for r in res["rows"] if r.concurrency == 8)
+            + " of vamp; c1 p50 with served and in-process runs alternated: " + ", ".join(
+            f"{protocol} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
+            for protocol, (served, local) in res["paired"].items()))
     return "\n".join(lines)
 
 
@@ -192,18 +209,15 @@ def main() -> None:
     parser.add_argument("workspace", type=Path)
     parser.add_argument("--models", default=None, help="comma-separated build names (default: every build)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
-    parser.add_argument("--delay-us", type=int, default=2000, help="server --max-queue-delay-us")
+    parser.add_argument("--delay-us", type=int, default=None,
+                        help="server --max-queue-delay-us (default: a tenth of a batch's time for batch > 1 builds)")
     parser.add_argument("--setups", default="1x2,2x1", help="instances x threads per instance, comma-separated")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else sorted(p.parent.name for p in args.workspace.glob("*/mod.json"))
     for text in args.setups.split(","):
         instances, threads = (int(v) for v in text.split("x"))
         setup = Setup(instances, threads, args.delay_us)
-        server = ServerProcess.start(args.workspace, *setup.flags())
-        try:
-            results = {name: sweep(server, args.workspace, name, setup, args.seconds) for name in names}
-        finally:
-            server.stop()
+        results = {name: sweep(args.workspace, name, setup, args.seconds) for name in names}
         print(report(results, setup), "\n", flush=True)
 
 
