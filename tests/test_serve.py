@@ -145,6 +145,12 @@ def test_64_concurrent_clients_get_their_own_answers(server, models, sample_imag
     assert 16 <= executions < 64   # requests were batched (at most 4 rows per batch)
     assert after["nv_inference_queue_duration_us"] > before["nv_inference_queue_duration_us"]
     assert after["nv_inference_compute_infer_duration_us"] > before["nv_inference_compute_infer_duration_us"]
+    stats = [httpclient.InferenceServerClient(server.http).get_inference_statistics(HOST)["model_stats"][0],
+             grpcclient.InferenceServerClient(server.grpc).get_inference_statistics(HOST, as_json=True)["model_stats"][0]]
+    for got in stats:   # the statistics extension perf_analyzer reads, from the same counters
+        assert int(got["inference_stats"]["success"]["count"]) == after["nv_inference_request_success"]
+        assert int(got["execution_count"]) >= after["nv_inference_exec_count"]
+        assert int(got["inference_stats"]["compute_infer"]["ns"]) >= after["nv_inference_compute_infer_duration_us"] * 999
 
 
 def _post(address: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:

@@ -1,6 +1,6 @@
 """The gRPC front end: the protocol's GRPCInferenceService on grpc.aio, with the servicer base class and
 messages that tritonclient generates from Triton's grpc_service.proto (nothing copied here). Methods not
-implemented here (statistics, repository control, shared memory, streaming) answer UNIMPLEMENTED."""
+implemented here (repository control, shared memory, streaming, trace / log settings) answer UNIMPLEMENTED."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -102,6 +102,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             entry = self.state.repository.get_ready(request.name, request.version)
             config = json_format.ParseDict(entry.config(entry.batcher.max_batch), model_config_pb2.ModelConfig())
             return service_pb2.ModelConfigResponse(config=config)
+        return await self._call(context, run)
+
+    async def ModelStatistics(self, request, context):
+        async def run():
+            stats = self.state.statistics(request.name, request.version)
+            return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
         return await self._call(context, run)
 
     async def ModelInfer(self, request, context):

@@ -126,6 +126,11 @@ class Infer(Base):
         self.finish(body)
 
 
+class Statistics(Base):
+    def get(self, name: str | None = None, version: str | None = None) -> None:
+        self.send_json(self.state.statistics(name or "", version or ""))
+
+
 class MetricsHandler(Base):
     def get(self) -> None:
         body, content_type = self.state.metrics.exposition()
@@ -144,9 +149,11 @@ def make_app(state: AppState) -> tornado.web.Application:
         (r"/v2/health/live", Live),
         (r"/v2/health/ready", Ready),
         (r"/v2/?", ServerMetadata),
+        (r"/v2/models/stats", Statistics),     # before the model routes: "stats" is not a model name here
         (MODEL + r"/?", ModelMetadata),
         (MODEL + r"/ready", ModelReady),
         (MODEL + r"/config", ModelConfig),
         (MODEL + r"/infer", Infer),
+        (MODEL + r"/stats", Statistics),
         (r"/metrics", MetricsHandler),
     ], default_handler_class=NotFound, state=state)

@@ -132,6 +132,7 @@ class Inference:
             self.metrics.pending.labels(*labels).dec()
             self.in_flight -= 1
         self.metrics.success.labels(*labels).inc()
+        self.metrics.last_inference[entry.name] = time.time()
         self.metrics.request_us.labels(*labels).inc((time.perf_counter() - start) * 1e6)
         return outputs
 

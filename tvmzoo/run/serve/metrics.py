@@ -4,7 +4,7 @@ Latencies are cumulative microsecond counters as Triton's are: divide by nv_infe
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -27,6 +27,15 @@ class TritonCounter:
         with self._lock:
             self._values.setdefault(values, 0.0)
         return _Bound(self, values)
+
+    def value(self, *values: str) -> float:
+        with self._lock:
+            return self._values.get(values, 0.0)
+
+    def total(self, model: str) -> float:
+        """Summed over the labels after the model name (the failure reasons)."""
+        with self._lock:
+            return sum(v for k, v in self._values.items() if k[0] == model)
 
     def add(self, values: tuple[str, ...], amount: float) -> None:
         with self._lock:
@@ -63,6 +72,7 @@ class Metrics:
     output_us: TritonCounter
     pending: Gauge
     batch_size: Histogram
+    last_inference: dict[str, float] = field(default_factory=dict)   # model -> time.time() of its last success
 
     @classmethod
     def create(cls) -> Metrics:
@@ -94,6 +104,26 @@ class Metrics:
                        self.infer_us, self.input_us, self.output_us):
             metric.labels(model, VERSION)
         self.pending.labels(model, VERSION)
+
+    def statistics(self, model: str) -> dict:
+        """Triton's statistics extension for one model (what perf_analyzer reads for its server-side
+        figures): counts and cumulative nanoseconds, from the same counters as /metrics."""
+        labels = (model, VERSION)
+        success = int(self.success.value(*labels))
+
+        def duration(counter: TritonCounter, count: int) -> dict:
+            return {"count": count, "ns": int(counter.value(*labels) * 1e3)}
+
+        return {"name": model, "version": VERSION, "last_inference": int(self.last_inference.get(model, 0) * 1e3),
+                "inference_count": int(self.inference_count.value(*labels)),
+                "execution_count": int(self.exec_count.value(*labels)),
+                "inference_stats": {"success": duration(self.request_us, success),
+                                    "fail": {"count": int(self.failure.total(model)), "ns": 0},
+                                    "queue": duration(self.queue_us, success),
+                                    "compute_input": duration(self.input_us, success),
+                                    "compute_infer": duration(self.infer_us, success),
+                                    "compute_output": duration(self.output_us, success)},
+                "batch_stats": []}
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -9,7 +9,7 @@ from .metrics import Metrics
 from .repository import Repository
 
 SERVER_NAME = "tvmzoo"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 
 
 @dataclass
@@ -21,6 +21,11 @@ class AppState:
     auth_token: str | None
     max_request_bytes: int
     draining: bool = False
+
+    def statistics(self, name: str, version: str) -> dict:
+        """Triton's statistics response: one model, or every model when `name` is empty."""
+        names = [self.repository.get(name, version).name] if name else sorted(self.repository.models)
+        return {"model_stats": [self.metrics.statistics(n) for n in names]}
 
     def authorized(self, header: str | None) -> bool:
         """`Authorization: Bearer <token>` (HTTP header, or gRPC metadata `authorization`)."""
