@@ -146,7 +146,8 @@ def paired_latency(server: ServerProcess, protocol: str, model: str, compiled: C
 
 
 def _vamp_run(prefix: Path, batch: int, instances: int, threads: int, seconds: float):
-    cfg = BenchConfig(instances=instances, batch=batch, iterations=3, warmup=2, threads=threads)
+    shape = tuple(CompiledModel.load(prefix).input_shape[1:])
+    cfg = BenchConfig(instances=instances, batch=batch, iterations=3, warmup=2, shape=shape, threads=threads)
     probe = benchmark(prefix, cfg)
     iterations = max(10, int(seconds * probe.throughput_qps / batch / instances))
     return benchmark(prefix, replace(cfg, iterations=iterations, warmup=3))
@@ -194,6 +195,14 @@ def report(results: dict, setup: Setup) -> str:
                          f"{100 * r.images_per_s / res['vamp_ips']:.0f} % |")
         lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | "
                      f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | 100 % |")
+    lines += ["", "Compact (images/s, p50 / p99 ms):", "",
+              "| build | protocol | " + " | ".join(f"c{c}" for c in CONCURRENCY) + " | vamp in-process |",
+              "|---|---|" + "---|" * (len(CONCURRENCY) + 1)]
+    for model, res in results.items():
+        for protocol in ("http", "grpc"):
+            cells = [f"{r.images_per_s:.0f} ({r.p50:.1f} / {r.p99:.1f})" for r in res["rows"] if r.protocol == protocol]
+            lines.append(f"| {model} | {protocol} | " + " | ".join(cells)
+                         + f" | {res['vamp_ips']:.0f} ({res['vamp_p50']:.1f}) |")
     lines += ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of in-process."]
     for model, res in results.items():
         lines.append(f"- {model} (--max-queue-delay-us {res['delay_us']}): c8 " + ", ".join(
