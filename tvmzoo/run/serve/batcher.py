@@ -130,16 +130,16 @@ class DynamicBatcher:
         for item in batch:
             results.append(outputs[offset:offset + len(item.rows)])
             offset += len(item.rows)
-        done = time.perf_counter()   # before handing results over: that wakes other threads
-        for item, result in zip(batch, results):
-            item.future.set_result(result)
-        n = len(batch)
+        done = time.perf_counter()
+        n = len(batch)   # counted before the results are handed over: a client that got its answer sees it counted
         m.input_us.labels(*labels).inc((started - start) * 1e6 * n)
         m.infer_us.labels(*labels).inc((ran - started) * 1e6 * n)
         m.output_us.labels(*labels).inc((done - ran) * 1e6 * n)
         m.inference_count.labels(*labels).inc(len(inputs))
         m.exec_count.labels(*labels).inc()
         m.batch_size.labels(self.name).observe(len(inputs))
+        for item, result in zip(batch, results):
+            item.future.set_result(result)
 
 
 def _gather(parts: list[np.ndarray]) -> np.ndarray:
