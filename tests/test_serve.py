@@ -287,7 +287,10 @@ def _drain_under_load(server, models, photos, auth) -> None:
     threads += [threading.Thread(target=loop, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (len(answered) < 4 or scrape(server.http, HOST, auth).get(
+            "nv_inference_pending_request_count") != 3):   # the three are accepted and queued, the loops run
+        time.sleep(0.02)
     server.terminate()
     for t in threads:
         t.join(60)
