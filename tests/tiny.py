@@ -23,16 +23,21 @@ def tiny_onnx(path: Path, size: int = 32, seed: int = 0) -> Path:
 
 
 def build_tiny(root: Path, name: str, *, size: int = 32, preprocess: str = "host", softmax: bool = True,
-               resize_short: int | None = None, batch: int = 1) -> Path:
-    """Compile the tiny model into root/ws/<name>; returns its model prefix (…/<name>/mod)."""
+               resize_short: int | None = None, batch: int = 1, dtype: str = "fp32",
+               interpolation: str | None = None) -> Path:
+    """Compile the tiny model into root/ws/<name>; returns its model prefix (…/<name>/mod). int8 calibrates
+    on the images directly in `root` (max ranges, per channel)."""
     checkpoint = root / "tiny.onnx"
     if not checkpoint.is_file():
         tiny_onnx(checkpoint, size)
     resize = {"resize_short": resize_short} if resize_short else {"size": [size + 8, size + 8]}
+    if interpolation:
+        resize["interpolation"] = interpolation
     cfg = {
         "name": name,
         "frontend": {"shape": {"input": [batch, 3, size, size]}, "type": "onnx", "checkpoint": str(checkpoint)},
-        "backend": {"type": "tvm", "dtype": "fp32"},
+        "backend": {"type": "tvm", "dtype": dtype,
+                    **({"quantize": {"calibrate_mode": "max", "quantize_per_channel": True}} if dtype == "int8" else {})},
         "graph": {"extra_ops": {"type": "softmax"} if softmax else None, "preprocess": preprocess},
         "dataset": {"path": str(root), "process_ops": [
             {"type": "DecodeImage", "to_rgb": True}, {"type": "Resize", **resize},

@@ -49,6 +49,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_reparam(args) -> int:
+    from .models.reparam import ReparamSpec, write_deploy_checkpoint
+
+    path = write_deploy_checkpoint(ReparamSpec(args.family, args.arch, args.source, args.weights), args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_deploy_cpp(args) -> int:
+    from .run import cpp_runner
+
+    if args.cmake_args:
+        print(" ".join(cpp_runner.tvm_paths().cmake_args()))
+        return 0
+    print(f"built {cpp_runner.build(Path(args.build))}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from .config import load_build_config
 
@@ -290,20 +308,34 @@ def _add_run_args(p) -> None:
     _add_rpc_args(p)
 
 
+def _add_checkpoint_args(p, output_help: str) -> None:
+    p.add_argument("--family", required=True, help="repvgg | efficientnet_lite | regnet")
+    p.add_argument("--arch", required=True, help="e.g. A0, B1g2, D2se, lite0")
+    p.add_argument("--source", required=True, help="checkpoint layout: official | mmcls | ppcls | ...")
+    p.add_argument("--weights", required=True, help="checkpoint file (.pth, .pdparams, .npz) or 'package'")
+    p.add_argument("--output", required=True, help=output_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvmzoo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="step 1: checkpoint -> deploy ONNX (re-parameterized, BN folded)")
-    p.add_argument("--family", required=True, help="repvgg | efficientnet_lite | regnet")
-    p.add_argument("--arch", required=True, help="e.g. A0, B1g2, D2se, lite0")
-    p.add_argument("--source", required=True, help="checkpoint layout: official | mmcls | ppcls | ...")
-    p.add_argument("--weights", required=True, help="checkpoint file (.pth, .pdparams, .npz) or 'package'")
-    p.add_argument("--output", required=True, help="deploy ONNX to write")
+    _add_checkpoint_args(p, "deploy ONNX to write")
     p.add_argument("--input-size", type=_size, default=(224,), help="H,W (or one number)")
     p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("reparam", help="train checkpoint -> the source's own deploy checkpoint (.pth / .pdparams)")
+    _add_checkpoint_args(p, "deploy checkpoint to write, in --source's format (.pth; .pdparams for ppcls)")
+    p.set_defaults(func=cmd_reparam)
+
+    p = sub.add_parser("deploy-cpp", help="the C++ runner (deploy/cpp): cmake arguments for this TVM, or build it")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--cmake-args", action="store_true", help="print the -D arguments naming this TVM's headers/libs")
+    how.add_argument("--build", metavar="DIR", help="configure and build deploy/cpp into DIR")
+    p.set_defaults(func=cmd_deploy_cpp)
 
     _add_compile_and_tune(sub)
 

@@ -494,6 +494,35 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return state
 
 
+_DROP = object()
+
+
+def _plain(value, depth: int = 0):
+    """JSON-like values (str, numbers, bools, None, lists, tuples, dicts with str keys); _DROP for others."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if depth > 8:
+        return _DROP
+    if isinstance(value, (list, tuple)):
+        return type(value)(v for v in (_plain(x, depth + 1) for x in value) if v is not _DROP)
+    if isinstance(value, dict):
+        pairs = ((k, _plain(x, depth + 1)) for k, x in value.items() if isinstance(k, str))
+        return {k: v for k, v in pairs if v is not _DROP}
+    return _DROP
+
+
+def read_metadata(path: str | os.PathLike, key: str = "meta") -> dict:
+    """The plain values (strings, numbers, lists, dicts) of a wrapped checkpoint's `key` entry, e.g.
+    mmpretrain's {'meta': {...}, 'state_dict': ...}; {} when there is none. Read as safely as the weights."""
+    try:
+        obj, _ = _read_any(Path(path))
+    except Exception as e:  # noqa: BLE001 - a file load_state_dict read cannot fail here; metadata is optional
+        logger.debug("%s: no metadata read (%s: %s)", path, type(e).__name__, e)
+        return {}
+    meta = obj.get(key) if isinstance(obj, dict) else None
+    return _plain(meta) if isinstance(meta, dict) else {}
+
+
 def save_npz(state: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write {name: ndarray} as an uncompressed .npz, atomically (temp file, then os.replace)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f, \

@@ -278,6 +278,17 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source:
     return state, num_classes
 
 
+def deploy_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str) -> dict[str, np.ndarray]:
+    """Refused: no RegNet source has a deploy form. pycls, PaddleClas (ConvBNLayer) and torchvision
+    (Conv2dNormActivation) define each conv with its BatchNorm and no BN-free variant, so their own code
+    could not load a BN-folded checkpoint with strict key checking."""
+    check_state(state, arch, source)
+    raise ConfigError(f"RegNet ({source}) has no deploy checkpoint form: {source}'s own model code keeps every "
+                      f"BatchNorm (no BN-folded variant to load it), so a folded file would fit no model of "
+                      f"theirs. Keep the train checkpoint: `tvmzoo export` folds BN into the convs on the way "
+                      f"to ONNX.")
+
+
 # ---------------------------------------------------------------- ONNX
 
 class _Writer:

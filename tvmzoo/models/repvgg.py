@@ -342,6 +342,26 @@ def _read_head(state: Mapping[str, np.ndarray], lay: Layout) -> tuple[np.ndarray
     return (w.T if lay.head_transposed else w), _f64(state[f"{lay.head}.bias"])
 
 
+def deploy_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str) -> dict[str, np.ndarray]:
+    """The state dict of `source`'s own deploy model (float32, its key names): per block the folded 3x3
+    conv as `<block>.<reparam>.weight/bias` (official / ppcls `rbr_reparam`, mmcls `branch_reparam`)
+    and the SE weights, then the classifier as stored. A deploy checkpoint passes through unchanged."""
+    spec, lay = get_arch(arch), _source(source)
+    state, _ = check_state(state, spec, source)
+    out: dict[str, np.ndarray] = {}
+    for w in read_blocks(state, spec, source):
+        p = lay.block_prefix(w.block.stage, w.block.index)
+        if w.se is not None:  # the sources create the SE module before the re-parameterized conv
+            keys = (f"{p}.{m}.{n}" for m in (lay.se_down, lay.se_up) for n in ("weight", "bias"))
+            out.update(zip(keys, (v.astype(np.float32) for v in w.se)))
+        kernel, bias = reparameterize(w)
+        out[f"{p}.{lay.reparam}.weight"] = np.asarray(kernel, np.float32)
+        out[f"{p}.{lay.reparam}.bias"] = np.asarray(bias, np.float32)
+    for name in ("weight", "bias"):
+        out[f"{lay.head}.{name}"] = np.asarray(state[f"{lay.head}.{name}"], np.float32)
+    return out
+
+
 # ---------------------------------------------------------------- ONNX
 
 def _se(g: GraphBuilder, x: str, se: tuple, name: str) -> str:
