@@ -22,6 +22,7 @@ def _size(text: str) -> tuple[int, ...]:
 
 
 def _overrides(items: Sequence[str]) -> dict:
+    """--set key.path=value, the value read as YAML once ('null' -> None, "'null'" -> the string null)."""
     import yaml
 
     out = {}
@@ -174,7 +175,7 @@ def cmd_eval(args) -> int:
 
     options = RunOptions(mode=args.infer_mode, instances=args.instances, resume=args.resume, remote=_remote(args))
     rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace,
-                               options=options)
+                               options=options, overrides=_overrides(args.set))
     print(format_table(rows))
     return 0
 
@@ -210,8 +211,7 @@ def cmd_quickstart(args) -> int:
 def _add_compile_and_tune(sub) -> None:
     p = sub.add_parser("compile", help="step 3: compile a build YAML into <workspace>/<name>/mod.so")
     p.add_argument("yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a YAML value, e.g. --set backend.dtype=fp16 --set name=my_fp16")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tune", help="MetaSchedule-tune a build's kernels (resumable); compile applies the records")
@@ -220,7 +220,7 @@ def _add_compile_and_tune(sub) -> None:
                    help="trials in this run, over all kernels (0: only re-measure the default schedules "
                         "against the records, e.g. after upgrading tvmzoo)")
     p.add_argument("--per-task", type=int, default=None, help="at most this many trials per kernel")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     _add_rpc_args(p)  # measure candidates on TVM RPC devices (MetaSchedule's RPCRunner)
     p.set_defaults(func=cmd_tune)
 
@@ -242,6 +242,12 @@ def _add_vamp_args(p) -> None:
     p.add_argument("--infer_mode", choices=("sync", "async"), default="sync", help="runner mode for --images")
     _add_rpc_args(p)
     p.set_defaults(func=cmd_vamp)
+
+
+def _add_set_arg(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML value, e.g. --set backend.dtype=fp16 --set dataset.path=/data/calib "
+                        "(read as YAML once: --set name=\"'010'\" keeps the string 010)")
 
 
 def _add_rpc_args(p) -> None:
@@ -297,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--workspace", default=None, help="where the evaluation builds go (default: the YAML's)")
     p.add_argument("--infer_mode", choices=("sync", "async"), default="async")
+    _add_set_arg(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -315,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quant-report", help="int8: per-layer weight / activation SQNR table (CSV + markdown)")
     p.add_argument("yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     p.add_argument("--output", default=None, help="folder for the report (default: <workspace>/<name>_quant_report)")
     p.set_defaults(func=cmd_quant_report)
 
