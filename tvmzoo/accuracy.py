@@ -13,6 +13,7 @@ from .config import load_build_config
 from .data import find_images
 from .errors import ConfigError
 from .evaluate import ground_truth_of
+from .io.outputs import check_output_file
 from .results import Prediction, read_results, top_k
 from .runner import RunOptions, resolve_preprocessing, run_to_file
 
@@ -64,11 +65,12 @@ def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: S
         cfg = load_build_config(yaml_path, changes)
         check_build_inputs(cfg)
         check_build_output(cfg)
+        check_output_file(_result_path(cfg), "result file")
         configs.append((precision, cfg))
     for precision, cfg in configs:
         directory = compile_model(cfg)
         pre = resolve_preprocessing(directory, None)
-        result = Path(cfg.workspace) / f"{cfg.name}.result.txt"
+        result = _result_path(cfg)
         summary = run_to_file(directory, paths, pre, result, names, options)
         preds = read_results(result)
         if precision == "fp32":
@@ -79,6 +81,10 @@ def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: S
                                 summary.images_per_second, len(preds)))
         log.info("%s: %s", precision, score.line())
     return rows
+
+
+def _result_path(cfg) -> Path:
+    return Path(cfg.workspace) / f"{cfg.name}.result.txt"
 
 
 def format_table(rows: Sequence[AccuracyRow]) -> str:

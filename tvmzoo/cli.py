@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import TvmzooError
+from .run.filenames import quote_path
 
 log = logging.getLogger("tvmzoo")
 
@@ -92,7 +93,7 @@ def cmd_classify(args) -> int:
                                       vdsp=args.vdsp_params_info, labels=args.label_txt,
                                       save_dir=args.save_dir, options=options)
     for path, reason in summary.failed:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+        print(f"failed: {quote_path(path)}: {reason}", file=sys.stderr)
     if summary.skipped:
         print(f"resumed: {summary.skipped} image(s) were already in the result file")
     print(summary.speed_line())
@@ -112,10 +113,11 @@ def cmd_image2npz(args) -> int:
     from .data import find_images
     from .npz import images_to_npz
 
-    written, failed = images_to_npz(find_images(args.dataset_path), Path(args.target_path), Path(args.text_path))
-    print(f"wrote {len(written)} npz files, list in {args.text_path}")
+    written, failed = images_to_npz(find_images(args.dataset_path), Path(args.target_path), Path(args.text_path),
+                                    root=Path(args.dataset_path))
+    print(f"wrote {len(written)} npz files, list in {quote_path(args.text_path)}")
     for path, reason in failed:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+        print(f"failed: {quote_path(path)}: {reason}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -310,13 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
     dev = p.add_subparsers(dest="device_command", required=True)
     q = dev.add_parser("tracker", help="python -m tvm.exec.rpc_tracker: devices register here")
-    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; see docs/runstream.md before "
+                        "opening it to a network)")
     q.add_argument("--port", type=int, default=9190)
     q.set_defaults(func=cmd_device)
     q = dev.add_parser("serve", help="python -m tvm.exec.rpc_server: run models sent by tvmzoo")
     q.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker (else clients use --rpc)")
-    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids")
-    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids; without --tracker, "
+                                 "only clients passing the same --rpc-key are served")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only). An RPC server runs what its "
+                        "clients send: open it only to a trusted network, or use an SSH tunnel")
     q.add_argument("--port", type=int, default=9090, help="first port to try")
     q.set_defaults(func=cmd_device)
 
