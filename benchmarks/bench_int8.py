@@ -21,10 +21,10 @@ from tvm import relax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_schedules import lite0  # noqa: E402
 from benchmarks.conv_models import repvgg_a0_onnx  # noqa: E402
-from tvmzoo.compiler import precision_passes  # noqa: E402
+from tvmzoo.compile.compiler import precision_passes  # noqa: E402
 from tvmzoo.config import Quantize  # noqa: E402
-from tvmzoo.quantize import quantize_model, run_ort  # noqa: E402
-from tvmzoo.tuning import apply_records  # noqa: E402
+from tvmzoo.compile.quant.quantize import quantize_model, run_ort  # noqa: E402
+from tvmzoo.compile.tuning import apply_records  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"

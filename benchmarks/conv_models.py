@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from tvmzoo.onnx_graph import GraphBuilder
+from tvmzoo.io.onnx_graph import GraphBuilder
 
 # RepVGG-A0 deploy form: (out channels, number of blocks) per stage; stride 2 at each stage's block 0.
 A0_STAGES = [(48, 1), (48, 2), (96, 4), (192, 14), (1280, 1)]

@@ -22,8 +22,8 @@ from tvm.relax.frontend.onnx import from_onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_schedules import TARGET, cos, lite0, timeit  # noqa: E402
 from benchmarks.conv_models import repvgg_a0_onnx  # noqa: E402
-from tvmzoo.graph_passes import canonicalize  # noqa: E402
-from tvmzoo.tuning import apply_records, tune  # noqa: E402
+from tvmzoo.compile.passes.graph_passes import canonicalize  # noqa: E402
+from tvmzoo.compile.tuning import apply_records, tune  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402

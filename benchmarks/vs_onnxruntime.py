@@ -29,14 +29,14 @@ import onnxruntime as ort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tvmzoo.checkpoint import save_npz  # noqa: E402
-from tvmzoo.compiler import compile_model, ensure_onnx, input_spec, preprocessing_of  # noqa: E402
+from tvmzoo.io.checkpoint import save_npz  # noqa: E402
+from tvmzoo.compile.compiler import compile_model, ensure_onnx, input_spec, preprocessing_of  # noqa: E402
 from tvmzoo.config import load_build_config  # noqa: E402
-from tvmzoo.data import calibration_batches, find_images  # noqa: E402
-from tvmzoo.info import model_info  # noqa: E402
+from tvmzoo.io.images import calibration_batches, find_images  # noqa: E402
+from tvmzoo.models.info import model_info  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
-from tvmzoo.quantize import quantize_model  # noqa: E402
-from tvmzoo.runtime import CompiledModel, stack_aligned  # noqa: E402
+from tvmzoo.compile.quant.quantize import quantize_model  # noqa: E402
+from tvmzoo.run.runtime import CompiledModel, stack_aligned  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "imagenet-sample"
 WORK = ROOT / "workspace" / "bench_vs_ort"
@@ -174,7 +174,7 @@ def markdown(rows: list[dict], peak_how: str, args, load: tuple, seconds: float)
              f"{' '.join(sys.argv[1:])}` in {seconds / 60:.1f} min; load average {load[0]:.2f} at start, "
              f"{load[1]:.2f} at end. {args.rounds} interleaved rounds of ~{ROUND_SECONDS} s per variant; "
              "ms/image = time per call / batch, on real photos.", "",
-             f"Peak: {peak_how}. GFLOP/s = 2 x multiply-adds / time (tvmzoo.info); fp16 and int8 rows are shown "
+             f"Peak: {peak_how}. GFLOP/s = 2 x multiply-adds / time (tvmzoo.models.info); fp16 and int8 rows are shown "
              "against the same fp32 peak.", "",
              "int8: per-channel weights, percentile (99.99) activation ranges on "
              f"{args.calib} photos of imagenet-sample; ORT runs the QDQ model (fused to QLinearConv), tvmzoo the "
@@ -196,7 +196,7 @@ def chart(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no chart")
         return
-    from tvmzoo.atomic import atomic_path
+    from tvmzoo.io.atomic import atomic_path
 
     labels = [f"{r['model']} b{r['batch']} {r['build']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1))
@@ -226,7 +226,7 @@ def main() -> None:
     peak, peak_how = nominal_peak()
     print(f"peak: {peak_how}", flush=True)
     rows = [row for model in args.models for row in bench_model(model, args, peak)]
-    from tvmzoo.atomic import write_text
+    from tvmzoo.io.atomic import write_text
 
     text = markdown(rows, peak_how, args, (load0, os.getloadavg()[0]), time.perf_counter() - t0)
     write_text(OUT, text)

@@ -9,10 +9,10 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvmzoo import batch_split
-from tvmzoo.batch_split import prefix_cut, split_batch_prefix
-from tvmzoo.schedules import optimize
-from tvmzoo.target import resolve_target
+from tvmzoo.compile.passes import batch_split
+from tvmzoo.compile.passes.batch_split import prefix_cut, split_batch_prefix
+from tvmzoo.compile.schedules import optimize
+from tvmzoo.compile.target import resolve_target
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 BATCH, CHANNELS, SIZE = 3, 8, 24

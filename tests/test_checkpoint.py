@@ -1,4 +1,4 @@
-"""tvmzoo.checkpoint on real files: torch.save (zip and legacy), pdparams pickles, npz, the real
+"""tvmzoo.io.checkpoint on real files: torch.save (zip and legacy), pdparams pickles, npz, the real
 EfficientNet-Lite0 checkpoint, malicious pickles and corrupt bytes."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvmzoo.checkpoint import load_state_dict, save_npz
+from tvmzoo.io.checkpoint import load_state_dict, save_npz
 from tvmzoo.errors import CheckpointError
 
 pytestmark = pytest.mark.reliability  # safety and corrupt-input cases: part of `pytest -m reliability`
@@ -312,7 +312,7 @@ def test_nan_warning_names_the_first_key(tmp_path, caplog):
     path = tmp_path / "w.npz"
     save_npz({"ok": np.ones(3, np.float32), "bad": np.array([1.0, np.nan], np.float32),
               "worse": np.array([np.inf], np.float32), "ints": np.arange(3)}, path)
-    with caplog.at_level(logging.WARNING, logger="tvmzoo.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="tvmzoo.io.checkpoint"):
         state = load_state_dict(path)
     assert np.isnan(state["bad"][1])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

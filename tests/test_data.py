@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tvmzoo.config import Dataset
-from tvmzoo.data import (
+from tvmzoo.io.images import (
     Labels, calibration_batches, default_labels, find_images, ground_truth, load_ground_truth_file, load_labels,
     sample_calibration,
 )

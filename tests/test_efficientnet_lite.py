@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tvmzoo.checkpoint import load_state_dict
+from tvmzoo.io.checkpoint import load_state_dict
 from tvmzoo.errors import CheckpointError
 from tvmzoo.models import efficientnet_lite as el
 

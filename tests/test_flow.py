@@ -14,8 +14,8 @@ import yaml
 from conftest import ROOT, copy_images, cosine, run_cli
 from tvmzoo.models import repvgg
 from tvmzoo.preprocess import Preprocessing, apply, read_image
-from tvmzoo.results import read_results
-from tvmzoo.runtime import ALIGNMENT, CompiledModel, stack_aligned
+from tvmzoo.run.results import read_results
+from tvmzoo.run.runtime import ALIGNMENT, CompiledModel, stack_aligned
 
 SIZE = 64
 

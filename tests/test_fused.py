@@ -14,10 +14,10 @@ import pytest
 from conftest import run_cli
 from tiny import build_tiny, tiny_onnx
 from tvmzoo.errors import ConfigError
-from tvmzoo.fused import fuse_preprocessing, fused_input, fused_input_size
+from tvmzoo.preprocess.fused import fuse_preprocessing, fused_input, fused_input_size
 from tvmzoo.preprocess import Preprocessing, apply, read_image
-from tvmzoo.results import read_results
-from tvmzoo.runtime import CompiledModel
+from tvmzoo.run.results import read_results
+from tvmzoo.run.runtime import CompiledModel
 
 SIZE = 32
 
@@ -107,7 +107,7 @@ def _fuse_mismatch(root):
     """A YAML whose crop (32) does not match its network input (40)."""
     import yaml
 
-    from tvmzoo.compiler import compile_model
+    from tvmzoo.compile.compiler import compile_model
     from tvmzoo.config import load_build_config
 
     cfg = yaml.safe_load((root / "fused.yaml").read_text())

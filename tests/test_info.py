@@ -1,4 +1,4 @@
-"""tvmzoo.info: parameters, multiply-adds and layer counts from a deploy ONNX, against hand counts on a
+"""tvmzoo.models.info: parameters, multiply-adds and layer counts from a deploy ONNX, against hand counts on a
 small graph and against the published tables of RepVGG, RegNetX and EfficientNet-Lite."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from tvmzoo.errors import ConfigError
-from tvmzoo.info import ModelInfo, family_info, info_for, model_info
+from tvmzoo.models.info import ModelInfo, family_info, info_for, model_info
 from tvmzoo.models import regnet, repvgg
-from tvmzoo.onnx_graph import GraphBuilder
+from tvmzoo.io.onnx_graph import GraphBuilder
 
 REPO = Path(__file__).resolve().parents[1]
 

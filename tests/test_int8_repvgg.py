@@ -23,8 +23,8 @@ from conftest import run_cli
 from tvmzoo.config import Quantize as QCfg
 from tvmzoo.models import repvgg
 from tvmzoo.preprocess import Preprocessing, apply, read_image
-from tvmzoo.quant_report import tensor_values
-from tvmzoo.quantize import quantize_model, quantized_layers, run_ort
+from tvmzoo.compile.quant.quant_report import tensor_values
+from tvmzoo.compile.quant.quantize import quantize_model, quantized_layers, run_ort
 
 # Six convs: stem, stage1, stage2 (two blocks: the second has an identity branch), stages 3-4; 16..128 channels.
 ARCH = repvgg.RepVGGArch((1, 2, 1, 1), (0.25, 0.25, 0.25, 0.25))
@@ -186,7 +186,7 @@ def test_per_channel_percentile_and_mse_keep_cos_where_per_tensor_max_does_not(m
 
 
 def test_int8_build_through_tvm_keeps_cos(project, model, calib, photos, fp32_logits):
-    from tvmzoo.runtime import CompiledModel
+    from tvmzoo.run.runtime import CompiledModel
 
     proc = run_cli("vamc", "compile", project / "build.yaml")
     assert f"on {N_CALIB} images" in proc.stderr  # the log says how many calibration images were used
@@ -231,7 +231,7 @@ def test_quant_report_lists_every_layer_and_shows_per_tensor_loss(project):
 
 
 def test_fallback_keeps_layers_float_and_says_which(project, photos, fp32_logits):
-    from tvmzoo.runtime import CompiledModel
+    from tvmzoo.run.runtime import CompiledModel
 
     name = "repvgg_outliers_fallback"
     proc = run_cli("vamc", "compile", project / "build.yaml", "--set", f"name={name}",

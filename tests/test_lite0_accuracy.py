@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from tvmzoo.checkpoint import load_state_dict
-from tvmzoo.compiler import compile_model
+from tvmzoo.io.checkpoint import load_state_dict
+from tvmzoo.compile.compiler import compile_model
 from tvmzoo.config import load_build_config
-from tvmzoo.evaluate import ground_truth_of
+from tvmzoo.eval.topk import ground_truth_of
 from tvmzoo.models import efficientnet_lite as el
 from tvmzoo.preprocess import apply, read_image
-from tvmzoo.results import top_k
-from tvmzoo.runner import classify
-from tvmzoo.runtime import CompiledModel
+from tvmzoo.run.results import top_k
+from tvmzoo.run.runner import classify
+from tvmzoo.run.runtime import CompiledModel
 
 torch = pytest.importorskip("torch")
 reference = pytest.importorskip("efficientnet_lite_pytorch")

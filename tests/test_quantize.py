@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from tvmzoo import quantize as tq
+from tvmzoo.compile.quant import quantize as tq
 from tvmzoo.config import Quantize as QCfg
 from tvmzoo.errors import ConfigError
-from tvmzoo.onnx_graph import GraphBuilder
-from tvmzoo.quant_report import layer_report, quantize_with_fallback, tensor_values, write_report
-from tvmzoo.quantize import (excluded_nodes, int8_op_counts, lower_int8, mse_range, quantize_model,
+from tvmzoo.io.onnx_graph import GraphBuilder
+from tvmzoo.compile.quant.quant_report import layer_report, quantize_with_fallback, tensor_values, write_report
+from tvmzoo.compile.quant.quantize import (excluded_nodes, int8_op_counts, lower_int8, mse_range, quantize_model,
                              quantized_layers, run_ort)
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "imagenet-sample"
@@ -157,7 +157,7 @@ def test_calibration_cache_is_reused_and_invalidated(model, calib, tmp_path, cap
         raise AssertionError("recalibrated although nothing changed")
 
     monkeypatch.setattr(tq, "compute_ranges", no_calibration)
-    with caplog.at_level(logging.INFO, logger="tvmzoo.quantize"):
+    with caplog.at_level(logging.INFO, logger="tvmzoo.compile.quant.quantize"):
         again = quantize_model(model, calib[:4], QCfg(quantize_per_channel=True, skip_layers=["conv1"]), cache)
     assert "reusing" in caplog.text and cache.stat().st_mtime_ns == stamp
     assert "conv1" not in quantized_layers(again) and "conv1" in quantized_layers(first)
@@ -168,7 +168,7 @@ def test_calibration_cache_is_reused_and_invalidated(model, calib, tmp_path, cap
 
 
 def test_calibration_logs_the_image_count(model, calib, caplog):
-    with caplog.at_level(logging.INFO, logger="tvmzoo.quantize"):
+    with caplog.at_level(logging.INFO, logger="tvmzoo.compile.quant.quantize"):
         quantize_model(model, calib[:3], QCfg(calibrate_mode="max"))
     assert "on 3 images" in caplog.text
 
@@ -263,6 +263,6 @@ def test_lower_int8_symbolic_batch_and_the_fold_constant_trap(model, calib, capl
     mod = from_onnx(qdq, shape_dict={"input": [batch, 3, SIZE, SIZE]}, keep_params_in_input=False)
     assert int8_op_counts(lower_int8(mod))["conv2d"] == 4
     folded = relax.transform.FoldConstant()(mod)  # folds dequantize(int8 weight) into float weights
-    with caplog.at_level(logging.WARNING, logger="tvmzoo.quantize"):
+    with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.quant.quantize"):
         assert int8_op_counts(lower_int8(folded))["conv2d"] == 0
     assert "before FoldConstant" in caplog.text

@@ -1,5 +1,5 @@
 """RegNetX: widths from the RegNet rule, checkpoint layouts (ppcls / pycls / torchvision files read by
-tvmzoo.checkpoint), BN folding (deploy graph vs BatchNormalization graph on ONNX Runtime, and vs a torch
+tvmzoo.io.checkpoint), BN folding (deploy graph vs BatchNormalization graph on ONNX Runtime, and vs a torch
 reference), checkpoint validation messages, preprocessing and build configs."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err, run_onnx, write_checkpoint
-from tvmzoo.checkpoint import load_state_dict
+from tvmzoo.io.checkpoint import load_state_dict
 from tvmzoo.errors import CheckpointError, ConfigError
 from tvmzoo.models import get_family, regnet, resolve_arch
 from tvmzoo.preprocess import Preprocessing

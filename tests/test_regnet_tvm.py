@@ -20,8 +20,8 @@ import yaml
 from conftest import ROOT, SHARED_DATA, copy_images, cosine, run_cli, write_checkpoint
 from tvmzoo.models import regnet
 from tvmzoo.preprocess import Preprocessing, apply, read_image
-from tvmzoo.results import read_results
-from tvmzoo.runtime import CompiledModel
+from tvmzoo.run.results import read_results
+from tvmzoo.run.runtime import CompiledModel
 
 SIZE = 64
 RESIZE_SHORT = 73

@@ -34,12 +34,12 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, run_cli
 from tvmzoo.cli import classification_main, vamp_main
-from tvmzoo.runtime import file_sha256
+from tvmzoo.run.runtime import file_sha256
 from tvmzoo.config import BuildConfig, load_build_config
 from tvmzoo.errors import ConfigError, ImageError
 from tvmzoo.models import repvgg
 from tvmzoo.preprocess import Preprocessing, apply, read_image
-from tvmzoo.results import read_results
+from tvmzoo.run.results import read_results
 
 pytestmark = pytest.mark.reliability
 
@@ -672,9 +672,9 @@ WRITER = '''
 import itertools, sys
 from pathlib import Path
 import numpy as np
-from tvmzoo.atomic import atomic_dir
-from tvmzoo.npz import save_npz
-from tvmzoo.results import Prediction, write_results
+from tvmzoo.io.atomic import atomic_dir
+from tvmzoo.run.npz import save_npz
+from tvmzoo.run.results import Prediction, write_results
 
 out, count = Path(sys.argv[1]), int(sys.argv[2])
 names = [f"class {i}" for i in range(1000)]
@@ -789,7 +789,7 @@ def test_two_compiles_of_one_name_wait_in_turn(compiled, tiny_onnx, tmp_path):
 def test_fallback_rename_interrupted_is_restored(tmp_path):
     """Where the atomic exchange is unavailable the swap is two renames; a kill between them leaves the old
     directory aside, and the next writer puts it back before anything else."""
-    from tvmzoo.atomic import atomic_dir
+    from tvmzoo.io.atomic import atomic_dir
 
     aside = tmp_path / ".model.abcd1234.old"
     (aside / "model").mkdir(parents=True)

@@ -20,11 +20,11 @@ from test_reliability import one_error, run_main
 from test_reliability_outputs import root, tiny, unwritable_dir  # noqa: F401 - fixtures
 from tiny import build_tiny
 from tvmzoo.cli import classification_main, image2npz_main
-from tvmzoo.data import find_images
-from tvmzoo.evaluate import evaluate_result_file
-from tvmzoo.npz import load_input, read_datalist
+from tvmzoo.io.images import find_images
+from tvmzoo.eval.topk import evaluate_result_file
+from tvmzoo.run.npz import load_input, read_datalist
 from tvmzoo.preprocess import read_image
-from tvmzoo.results import read_results
+from tvmzoo.run.results import read_results
 
 pytestmark = pytest.mark.reliability
 

@@ -15,7 +15,7 @@ from conftest import rel_err, run_onnx, write_checkpoint
 from tvmzoo.errors import CheckpointError, ConfigError
 from tvmzoo.models import repvgg
 from tvmzoo.models.repvgg import G4, LAYOUTS, RepVGGArch
-from tvmzoo.onnx_graph import GraphBuilder
+from tvmzoo.io.onnx_graph import GraphBuilder
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -52,11 +52,11 @@ def photos() -> np.ndarray:
 
 
 def load_checkpoint(state: dict[str, np.ndarray], source: str, tmp_path: Path) -> dict[str, np.ndarray]:
-    """Write the checkpoint to a real file and read it back with tvmzoo.checkpoint when that exists."""
+    """Write the checkpoint to a real file and read it back with tvmzoo.io.checkpoint when that exists."""
     suffix = ".pdparams" if source == "ppcls" else ".pth"
     path = write_checkpoint(state, source, tmp_path / f"{source}{suffix}")
     try:
-        from tvmzoo.checkpoint import load_state_dict
+        from tvmzoo.io.checkpoint import load_state_dict
     except ImportError:
         return state
     return load_state_dict(path)
@@ -301,7 +301,7 @@ def test_build_yaml(source):
 
 @pytest.mark.parametrize("source", repvgg.SOURCES)
 def test_checkpoint_file_roundtrip(source, tmp_path):
-    checkpoint = pytest.importorskip("tvmzoo.checkpoint")
+    checkpoint = pytest.importorskip("tvmzoo.io.checkpoint")
     state = repvgg.random_state_dict(NARROW_SE, source, np.random.default_rng(9))
     suffix = ".pdparams" if source == "ppcls" else ".pth"
     loaded = checkpoint.load_state_dict(write_checkpoint(state, source, tmp_path / f"ckpt{suffix}"))

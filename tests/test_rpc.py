@@ -15,9 +15,9 @@ import pytest
 
 from conftest import copy_images, run_cli
 from tiny import build_tiny
-from tvmzoo.devices import RemoteSpec
-from tvmzoo.runner import classify_sharded
-from tvmzoo.runner import resolve_preprocessing
+from tvmzoo.run.devices import RemoteSpec
+from tvmzoo.run.runner import classify_sharded
+from tvmzoo.run.runner import resolve_preprocessing
 
 KEY = "tvmzoo-test"
 LIFETIME_S = 600        # every process started here is killed after this, whatever happens to pytest
@@ -149,8 +149,8 @@ def test_tune_measures_on_remote_devices(cluster, setup, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    from tvmzoo.runtime import CompiledModel
-    from tvmzoo.tuning import RECORD_FILE, WORKLOAD_FILE, _json_is_default, _read_records, _record_secs
+    from tvmzoo.run.runtime import CompiledModel
+    from tvmzoo.compile.tuning import RECORD_FILE, WORKLOAD_FILE, _json_is_default, _read_records, _record_secs
 
     records, yaml_path = tmp_path / "records", setup["root"] / "tiny_rpc.yaml"
     before = _sessions_served(cluster)
@@ -181,8 +181,8 @@ def test_tune_measures_on_remote_devices(cluster, setup, tmp_path):
 
 
 def test_server_dying_mid_run_loses_nothing(cluster, setup, tmp_path):
-    from tvmzoo.runner import classify
-    from tvmzoo.runtime import CompiledModel
+    from tvmzoo.run.runner import classify
+    from tvmzoo.run.runtime import CompiledModel
 
     paths = setup["photos"] * 2                      # 100 images, 20 shards of 5
     pre = resolve_preprocessing(setup["model"], None)
@@ -243,7 +243,7 @@ def keyed_server(tmp_path_factory):
 
 @pytest.mark.reliability
 def test_device_commands_listen_on_loopback_by_default(keyed_server, caplog):
-    from tvmzoo import devices
+    from tvmzoo.run import devices
 
     address = _this_hosts_address()
     if address is not None:                              # reachable from this host's own address: refused

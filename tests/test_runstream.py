@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT, SAMPLE_DIR, copy_images, run_cli
 from tiny import build_tiny
 from tvmzoo.errors import ConfigError
-from tvmzoo.runner import RunOptions, classify, resolve_preprocessing
-from tvmzoo.runtime import CompiledModel
+from tvmzoo.run.runner import RunOptions, classify, resolve_preprocessing
+from tvmzoo.run.runtime import CompiledModel
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ from tvm import relax, s_tir, tirx
 from tvm.script import tirx as T
 from tvm.relax.frontend.onnx import from_onnx
 
-from tvmzoo.onnx_graph import GraphBuilder
-from tvmzoo.graph_passes import (canonicalize, depthwise_int8_as_float, divide_as_multiply, fold_requantize,
-                                 fuse_passes, layout_passes, qdq_to_elementwise)
-from tvmzoo.schedules import PIXEL_SPLIT_BYTES, optimize, register_tile, schedule_injective
-from tvmzoo.target import WIDE_VECTORS, host_cpu_flags, resolve_target
+from tvmzoo.io.onnx_graph import GraphBuilder
+from tvmzoo.compile.passes.graph_passes import (canonicalize, depthwise_int8_as_float, divide_as_multiply,
+                                                fold_requantize, fuse_passes, layout_passes, qdq_to_elementwise)
+from tvmzoo.compile.schedules import PIXEL_SPLIT_BYTES, optimize, register_tile, schedule_injective
+from tvmzoo.compile.target import WIDE_VECTORS, resolve_target
+from tvmzoo.run.host import host_cpu_flags
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 SHAPE = (1, 3, 32, 32)
@@ -220,7 +221,7 @@ def _records_per_workload(work_dir) -> dict[int, list[bool]]:
     """workload line -> is-default flag of each of its records."""
     import json
 
-    from tvmzoo.tuning import RECORD_FILE
+    from tvmzoo.compile.tuning import RECORD_FILE
 
     per: dict[int, list[bool]] = {}
     for line in (work_dir / RECORD_FILE).read_text().splitlines():
@@ -236,7 +237,7 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
     pytest.importorskip("xgboost")
     import logging
 
-    from tvmzoo.tuning import RECORD_FILE, WORKLOAD_FILE, apply_records, compact_records, tune
+    from tvmzoo.compile.tuning import RECORD_FILE, WORKLOAD_FILE, apply_records, compact_records, tune
 
     n_records = tune(_import(model), target, tmp_path, max_trials_global=2, max_trials_per_task=1, seed=0)
     assert (tmp_path / RECORD_FILE).is_file() and n_records >= 1
@@ -249,7 +250,7 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
     assert 1 <= sum(flags.count(False) for flags in per.values()) <= 2
     assert all(len(flags) <= 2 for flags in per.values())
 
-    with caplog.at_level(logging.DEBUG, logger="tvmzoo.tuning"):
+    with caplog.at_level(logging.DEBUG, logger="tvmzoo.compile.tuning"):
         mod, n_tuned, n_fallback = apply_records(_import(model), target, tmp_path)
     won = [r.getMessage() for r in caplog.records if " schedule won (" in r.getMessage()]
     assert len(won) == n_workloads
@@ -277,7 +278,7 @@ def test_compact_records_keeps_best_tuned_and_newest_default(tmp_path):
     failed runs dropped; the workload file untouched."""
     import json
 
-    from tvmzoo.tuning import RECORD_FILE, WORKLOAD_FILE, compact_records
+    from tvmzoo.compile.tuning import RECORD_FILE, WORKLOAD_FILE, compact_records
 
     tuned = [[["EnterPostproc", [], [], []]], []]
     default = [[["GetSBlock", [], ["root", "main"], ["b0"]]], []]
@@ -322,9 +323,9 @@ def int8_net() -> onnx.ModelProto:
 
 def _int8_lowered(target, n_calib: int) -> tuple[onnx.ModelProto, tvm.IRModule]:
     """int8_net calibrated on random inputs -> QDQ ONNX and its Relax module after the int8 passes."""
-    from tvmzoo.compiler import precision_passes
+    from tvmzoo.compile.compiler import precision_passes
     from tvmzoo.config import Quantize
-    from tvmzoo.quantize import quantize_model
+    from tvmzoo.compile.quant.quantize import quantize_model
 
     rng = np.random.default_rng(4)
     calib = [rng.standard_normal(INT8_SHAPE).astype(np.float32) for _ in range(n_calib)]
@@ -343,7 +344,7 @@ def int8_build(target):
 
 
 def _vnni_host() -> bool:
-    from tvmzoo.target import host_cpu_flags
+    from tvmzoo.run.host import host_cpu_flags
 
     return "avx512_vnni" in host_cpu_flags()
 
@@ -362,7 +363,7 @@ def test_int8_convs_and_matmul_run_on_vnni_and_match_onnxruntime(int8_build, tar
     assert "vpdpbusd" in ex.mod.imports[0].inspect_source("asm")
     # the weight repacking ran at build time: no kernel still carries the layout-rewrite block
     assert not any("layout_rewrite_preproc" in text for text in _kernels(mod).values())
-    from tvmzoo.quantize import run_ort
+    from tvmzoo.compile.quant.quantize import run_ort
 
     vm = relax.VirtualMachine(ex, tvm.cpu())
     images = [np.random.default_rng(10 + i).standard_normal(INT8_SHAPE).astype(np.float32) for i in range(4)]
@@ -535,13 +536,13 @@ def _without_preproc_flag(script: str) -> str:
 
 
 def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
-    """Default schedules committed as MetaSchedule records (as tvmzoo.tuning.seed_default_schedules
+    """Default schedules committed as MetaSchedule records (as tvmzoo.compile.tuning.seed_default_schedules
     does, to measure them against tuned ones) replay from the JSON database into the same kernels,
     VNNI tensorization and int8 weight repacking included. apply_records does not pin them: where
     a default record wins, the kernel gets the current default schedule (same build, bit for bit)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from tvmzoo.tuning import _prepare, apply_records, default_schedule, is_default_trace
+    from tvmzoo.compile.tuning import _prepare, apply_records, default_schedule, is_default_trace
 
     _, mod = _int8_lowered(target, 4)
     normalize = tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")

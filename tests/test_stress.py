@@ -13,8 +13,8 @@ import pytest
 from conftest import run_cli
 from tiny import build_tiny
 from tvmzoo.preprocess import apply, read_image
-from tvmzoo.results import read_results
-from tvmzoo.runtime import CompiledModel
+from tvmzoo.run.results import read_results
+from tvmzoo.run.runtime import CompiledModel
 
 pytestmark = pytest.mark.reliability
 

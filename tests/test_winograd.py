@@ -12,11 +12,11 @@ from tvm import relax, tirx
 from tvm.relax.frontend.onnx import from_onnx
 
 from tests.conftest import rel_err, run_onnx
-from tvmzoo.onnx_graph import GraphBuilder
-from tvmzoo.graph_passes import canonicalize
-from tvmzoo.schedules import optimize
-from tvmzoo.target import resolve_target
-from tvmzoo.winograd import MIN_CHANNELS
+from tvmzoo.io.onnx_graph import GraphBuilder
+from tvmzoo.compile.passes.graph_passes import canonicalize
+from tvmzoo.compile.schedules import optimize
+from tvmzoo.compile.target import resolve_target
+from tvmzoo.compile.passes.winograd import MIN_CHANNELS
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 SHAPE = (2, 3, 29, 27)  # two photos; odd, non-square sizes: the last row / column of tiles is cut

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import yaml
 
-from tvmzoo.compiler import compile_model
+from tvmzoo.compile.compiler import compile_model
 from tvmzoo.config import load_build_config
 from tvmzoo.models import repvgg
 

@@ -42,7 +42,7 @@ def _overrides(items: Sequence[str]) -> dict:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportSpec, export_onnx
+    from .models.export import ExportSpec, export_onnx
 
     size = args.input_size if len(args.input_size) == 2 else args.input_size * 2
     path = export_onnx(ExportSpec(args.family, args.arch, args.source, args.weights, tuple(size), args.batch),
@@ -55,7 +55,7 @@ def cmd_compile(args) -> int:
     from .config import load_build_config
 
     cfg = load_build_config(args.yaml, _overrides(args.set))  # before importing TVM: config errors come fast
-    from .compiler import compile_model
+    from .compile.compiler import compile_model
 
     try:
         out = compile_model(cfg)
@@ -68,13 +68,13 @@ def cmd_compile(args) -> int:
 
 
 def _remote(args):
-    from .devices import RemoteSpec
+    from .run.devices import RemoteSpec
 
     return RemoteSpec.from_args(args.rpc, args.rpc_tracker, args.rpc_key)
 
 
 def cmd_tune(args) -> int:
-    from .compiler import tune_build
+    from .compile.compiler import tune_build
     from .config import load_build_config
 
     remote = _remote(args)  # before loading TVM: bad --rpc flags fail fast
@@ -85,7 +85,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from . import runner
+    from .run import runner
 
     options = runner.RunOptions(mode=args.infer_mode, batch=args.batch, instances=args.instances,
                                 resume=args.resume, remote=_remote(args))
@@ -103,15 +103,15 @@ def cmd_classify(args) -> int:
 
 
 def cmd_eval_topk(args) -> int:
-    from .evaluate import evaluate_result_file
+    from .eval.topk import evaluate_result_file
 
     print(evaluate_result_file(args.result, args.gt, args.label_wnids).line())
     return 0
 
 
 def cmd_image2npz(args) -> int:
-    from .data import find_images
-    from .npz import images_to_npz
+    from .io.images import find_images
+    from .run.npz import images_to_npz
 
     written, failed = images_to_npz(find_images(args.dataset_path), Path(args.target_path), Path(args.text_path),
                                     root=Path(args.dataset_path))
@@ -122,7 +122,7 @@ def cmd_image2npz(args) -> int:
 
 
 def cmd_npz_decode(args) -> int:
-    from .evaluate import decode_npz_outputs
+    from .eval.topk import decode_npz_outputs
 
     n = decode_npz_outputs(Path(args.datalist), Path(args.out_dir), Path(args.result), args.label_txt)
     print(f"wrote {n} results to {args.result}")
@@ -130,11 +130,11 @@ def cmd_npz_decode(args) -> int:
 
 
 def cmd_vamp(args) -> int:
-    from . import bench
-    from .runner import resolve_preprocessing
+    from .run import bench
+    from .run.runner import resolve_preprocessing
 
     if args.datalist:
-        from .npz import read_datalist
+        from .run.npz import read_datalist
 
         pre = resolve_preprocessing(args.model_prefix, args.vdsp_params)
         n = bench.run_datalist(args.model_prefix, read_datalist(Path(args.datalist)), Path(args.path_output),
@@ -146,7 +146,7 @@ def cmd_vamp(args) -> int:
     report = bench.benchmark(args.model_prefix, cfg, remote=_remote(args))
     e2e = None
     if args.images:
-        from .data import find_images
+        from .io.images import find_images
 
         paths = find_images(Path(args.images))
         if not paths:
@@ -161,7 +161,7 @@ def cmd_vamp(args) -> int:
 
 
 def cmd_quant_report(args) -> int:
-    from .compiler import quant_report
+    from .compile.compiler import quant_report
     from .config import load_build_config
 
     csv_path, md_path = quant_report(load_build_config(args.yaml, _overrides(args.set)), args.output)
@@ -171,9 +171,9 @@ def cmd_quant_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .accuracy import evaluate_precisions, format_table
+    from .eval.accuracy import evaluate_precisions, format_table
 
-    from .runner import RunOptions
+    from .run.runner import RunOptions
 
     options = RunOptions(mode=args.infer_mode, instances=args.instances, resume=args.resume, remote=_remote(args))
     rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace,
@@ -183,7 +183,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_device(args) -> int:
-    from . import devices
+    from .run import devices
 
     if args.device_command == "tracker":
         cmd = devices.tracker_command(args.host, args.port)
@@ -194,7 +194,7 @@ def cmd_device(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .info import info_for
+    from .models.info import info_for
 
     print(info_for(args.model).text())
     return 0

@@ -6,12 +6,12 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from .compiler import compile_model
+from .compile.compiler import compile_model
 from .config import load_build_config
-from .data import find_images, load_labels
-from .results import format_prediction
-from .runner import classify
-from .runtime import CompiledModel
+from .io.images import find_images, load_labels
+from .run.results import format_prediction
+from .run.runner import classify
+from .run.runtime import CompiledModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO_ROOT / "build_in" / "build" / "efficientnet_lite0.yaml"

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..config import BuildConfig
 from ..errors import ConfigError, TvmzooError
 from ..io.outputs import check_replaceable
-from ..runtime import META_FILE
+from ..run.runtime import META_FILE
 
 
 def check_build_output(cfg: BuildConfig) -> Path:
@@ -26,7 +26,7 @@ def check_build_inputs(cfg: BuildConfig, calibrate: bool | None = None) -> None:
     if cfg.dataset is None or cfg.dataset.preprocessing is None:
         raise ConfigError(f"{cfg.path}: int8 calibration needs a dataset section with dataset.path and "
                           "dataset.process_ops.")
-    from ..data import calibration_images
+    from ..io.images import calibration_images
 
     try:
         calibration_images(cfg.dataset)
@@ -36,10 +36,10 @@ def check_build_inputs(cfg: BuildConfig, calibrate: bool | None = None) -> None:
 
 def _check_weights(cfg: BuildConfig) -> None:
     if cfg.model is None:
-        from ..compiler import ensure_onnx
+        from .compiler import ensure_onnx
         ensure_onnx(cfg, None)  # raises its "export it first" error: nothing to export from
         return
-    from ..export import resolve_weights
+    from ..models.export import resolve_weights
     from ..models import get_family
 
     try:

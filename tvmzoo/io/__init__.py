@@ -1,0 +1,1 @@
+"""Files in and out: checkpoint readers, the ONNX graph builder, atomic writes, images and labels."""

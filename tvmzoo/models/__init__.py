@@ -6,7 +6,7 @@ key layouts ("sources") and default preprocessing, and exposes the same three na
     deploy_onnx(state, arch, source, *, input_size=(224, 224), batch=None) -> onnx.ModelProto
     default_preprocessing(arch, source) -> tvmzoo.preprocess.Preprocessing
 
-`state` is a {name: np.ndarray} dict from tvmzoo.checkpoint.load_state_dict; the class count
+`state` is a {name: np.ndarray} dict from tvmzoo.io.checkpoint.load_state_dict; the class count
 comes from the checkpoint's classifier weight, never from a constant.
 """
 from __future__ import annotations

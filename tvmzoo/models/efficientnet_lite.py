@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ..errors import CheckpointError, ConfigError
-from ..onnx_graph import GraphBuilder, batch_dim
+from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
 
 BN_EPS = 1e-3

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from ..errors import CheckpointError, ConfigError
-from ..onnx_graph import GraphBuilder, batch_dim
+from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
 from .state import first_mismatch, head_classes, strip_framework_keys
 
@@ -61,7 +61,7 @@ ARCHS: dict[str, RegNetArch] = {
 PYCLS_NAMES = {"1600MF": "1.6GF", "3200MF": "3.2GF", "4GF": "4.0GF", "6400MF": "6.4GF", "8GF": "8.0GF"}
 
 SOURCES = ("ppcls", "pycls", "torchvision")
-# The source whose model zoo defines the published figures (pycls MODEL_ZOO.md); tvmzoo.info uses it.
+# The source whose model zoo defines the published figures (pycls MODEL_ZOO.md); tvmzoo.models.info uses it.
 REFERENCE_SOURCE = "pycls"
 # torchvision ships ImageNet weights for these RegNetX archs only (torchvision.models.regnet_x_*).
 TORCHVISION_ARCHS = ("400MF", "800MF", "1600MF", "3200MF", "8GF", "16GF", "32GF")

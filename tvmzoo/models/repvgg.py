@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ..errors import CheckpointError, ConfigError
-from ..onnx_graph import GraphBuilder, batch_dim
+from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
 from .state import first_mismatch, head_classes, strip_framework_keys
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from ..atomic import write_text
+from ..io.atomic import write_text
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -251,7 +251,7 @@ def pad_int8_channels(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModul
 
 def layout_passes() -> list[tvm.transform.Pass]:
     """Convolutions and pooling to NHWC / HWIO (the weight transposes fold into the constants);
-    a batch's high-resolution layers image by image (tvmzoo.batch_split)."""
+    a batch's high-resolution layers image by image (tvmzoo.compile.passes.batch_split)."""
     return [
         relax.transform.ConvertLayout(NHWC_LAYOUTS),
         relax.transform.CanonicalizeBindings(),

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import ModuleError
-from .preprocess import Preprocessing
-from .target import missing_features
+from .. import __version__
+from ..errors import ModuleError
+from ..preprocess import Preprocessing
+from .host import missing_features
 
 log = logging.getLogger(__name__)
 

@@ -2,12 +2,10 @@
 extensions), its features recorded so a module is never loaded on a CPU that lacks them."""
 from __future__ import annotations
 
-import functools
-import os
 import platform
-from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..run.host import host_cpu_flags, num_cores
 
 # Most capable first: the first whose required flags the host has names the LLVM CPU.
 _X86_CPUS: tuple[tuple[str, frozenset[str]], ...] = (
@@ -25,18 +23,6 @@ CPU_FEATURES["generic"] = frozenset()
 WIDE_VECTORS = "-prefer-256-bit"
 
 
-@functools.cache
-def host_cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
 def detect_mcpu(flags: frozenset[str] | None = None) -> str:
     """The best LLVM -mcpu name for the host (x86-64), or 'generic'."""
     flags = host_cpu_flags() if flags is None else flags
@@ -46,13 +32,6 @@ def detect_mcpu(flags: frozenset[str] | None = None) -> str:
         if needed <= flags:
             return name
     return "generic"
-
-
-def num_cores() -> int:
-    env = os.environ.get("TVM_NUM_THREADS")
-    if env and env.isdigit():
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_target(spec: str | dict | None) -> dict:
@@ -95,9 +74,3 @@ def target_key(target: dict) -> str:
 
 def required_features(target: dict) -> list[str]:
     return sorted(CPU_FEATURES.get(str(target.get("mcpu", "generic")), frozenset()))
-
-
-def missing_features(required: list[str]) -> list[str]:
-    """The recorded features the host CPU lacks (empty when the module can run here)."""
-    flags = host_cpu_flags()
-    return sorted(set(required) - flags) if flags else []

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
-from .errors import ConfigError
-from .run.filenames import quote_path, read_lines, unquote_path
+from ..io.atomic import write_text
+from ..errors import ConfigError
+from .filenames import quote_path, read_lines, unquote_path
 
 TOP_K = 5
 # Parsed from the right: the image path itself may contain ': '.

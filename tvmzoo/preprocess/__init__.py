@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
 

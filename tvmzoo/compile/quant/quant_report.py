@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .atomic import write_text
+from ...io.atomic import write_text
 from .quantize import (LAYER_OPS, _as_batches, _named, calibration_ranges, excluded_nodes, layer_names,
                        quantize_with_ranges, run_ort, sqnr_db)
 

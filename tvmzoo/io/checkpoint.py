@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

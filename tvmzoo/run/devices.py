@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, ModuleError
+from ..errors import ConfigError, ModuleError
 from .runtime import MODULE_FILE, CompiledModel, check_compatible, check_module_file, model_dir, read_meta
 
 log = logging.getLogger(__name__)

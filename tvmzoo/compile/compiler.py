@@ -16,23 +16,23 @@ import onnx
 import tvm
 from onnx import helper
 
-from . import __version__
-from .atomic import atomic_dir
-from .compile.preflight import check_build_inputs, check_build_output
-from .config import BuildConfig
-from .errors import ConfigError, ModuleError, TvmzooError
-from .export import ExportSpec, export_onnx
-from .preprocess import Preprocessing
-from .runtime import META_FILE, MODULE_FILE, file_sha256
+from .. import __version__
+from ..io.atomic import atomic_dir
+from .preflight import check_build_inputs, check_build_output
+from ..config import BuildConfig
+from ..errors import ConfigError, ModuleError, TvmzooError
+from ..models.export import ExportSpec, export_onnx
+from ..preprocess import Preprocessing
+from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
-    from .devices import RemoteSpec
+    from ..run.devices import RemoteSpec
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-TUNING_ROOT = Path(__file__).resolve().parents[1] / "build_in" / "tuning"
+TUNING_ROOT = Path(__file__).resolve().parents[2] / "build_in" / "tuning"
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,11 @@ def precision_passes(precision: str) -> list[tuple[str, tvm.transform.Pass]]:
     """The named Relax passes between import and scheduling, in order."""
     from tvm import relax
 
-    from .graph_passes import canonicalize
+    from .passes.graph_passes import canonicalize
 
     passes: list[tuple[str, tvm.transform.Pass]] = []
     if precision == "int8":  # first: constant folding would turn the int8 weights back into float
-        from .quantize import lower_int8
+        from .quant.quantize import lower_int8
         passes.append(("lower_int8", _module_pass(lower_int8, "LowerInt8")))
     # canonicalize before ToMixedPrecision, which rejects the opaque kernels ONNX Clip imports as
     passes.append(("canonicalize", _module_pass(canonicalize, "Canonicalize")))
@@ -134,7 +134,7 @@ def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict) -> Path | None:
         return Path(cfg.tuning["records"])
     if cfg.model is None:
         return None
-    from .models import get_family, resolve_arch
+    from ..models import get_family, resolve_arch
     from .target import target_key
 
     arch = resolve_arch(get_family(cfg.model.family), cfg.model.arch)
@@ -192,7 +192,7 @@ def preprocessing_of(cfg: BuildConfig) -> Preprocessing | None:
     if cfg.dataset is not None and cfg.dataset.process_ops:
         return Preprocessing.from_process_ops(cfg.dataset.process_ops)
     if cfg.model is not None:
-        from .models import get_family, resolve_arch, resolve_source
+        from ..models import get_family, resolve_arch, resolve_source
 
         family = get_family(cfg.model.family)
         return family.default_preprocessing(resolve_arch(family, cfg.model.arch),
@@ -226,8 +226,8 @@ def compile_model(cfg: BuildConfig) -> Path:
         if precision == "int8":
             model = quantize_for_build(cfg, model, spec, pre, tmp / "calib.json")
         records = records_dir(cfg, spec, target)  # the network's kernels: the same with fused preprocessing
-        if cfg.graph.preprocess == "fused":  # crop / normalize / layout inside the module (tvmzoo.fused)
-            from .fused import fuse_for_build
+        if cfg.graph.preprocess == "fused":  # crop / normalize / layout inside the module (tvmzoo.preprocess.fused)
+            from ..preprocess.fused import fuse_for_build
             model, spec = fuse_for_build(model, spec, pre, cfg.path)
         executable, kernels = build_module(model, spec, precision, target, records)
         executable.export_library(str(tmp / MODULE_FILE))
@@ -267,9 +267,9 @@ def quantize_for_build(cfg: BuildConfig, model: onnx.ModelProto, spec: InputSpec
                        pre: Preprocessing | None, cache: Path) -> onnx.ModelProto:
     """Calibrate and insert QDQ; with backend.quantize.max_drop, hold out a quarter of the calibration
     images and keep the worst layers in float until the top-1 drop on them is within bound."""
-    from .data import calibration_batches
-    from .quant_report import quantize_with_fallback
-    from .quantize import quantize_model
+    from ..io.images import calibration_batches
+    from .quant.quant_report import quantize_with_fallback
+    from .quant.quantize import quantize_model
 
     if cfg.dataset is None:
         raise ConfigError(f"{cfg.path}: backend.dtype int8 needs a dataset section (calibration images: "
@@ -291,9 +291,9 @@ def quantize_for_build(cfg: BuildConfig, model: onnx.ModelProto, spec: InputSpec
 
 def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, Path]:
     """`tvmzoo quant-report`: quantize as compile would and write the per-layer table (CSV and markdown)."""
-    from .data import calibration_batches
-    from .quant_report import layer_report, write_report
-    from .quantize import quantize_model
+    from ..io.images import calibration_batches
+    from .quant.quant_report import layer_report, write_report
+    from .quant.quantize import quantize_model
 
     spec = input_spec(cfg)
     check_build_inputs(cfg, calibrate=True)

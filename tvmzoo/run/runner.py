@@ -4,7 +4,7 @@
 a pool of threads, inference on `instances` model instances (one thread each), both through bounded
 windows of in-flight work, results consumed in input order, so both modes write the same file.
 A fused module (graph.preprocess: fused) gets the resized uint8 image; the rest happens inside it.
-With a RemoteSpec the images are sharded across TVM RPC devices (tvmzoo.devices).
+With a RemoteSpec the images are sharded across TVM RPC devices (tvmzoo.run.devices).
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import write_text
+from ..io.atomic import write_text
 from .devices import RemoteSpec, checked_module, load_remote, open_sessions
-from .errors import ConfigError, ImageError, ModuleError
-from .io.outputs import check_output_file
-from .preprocess import Preprocessing, apply, read_image
+from ..errors import ConfigError, ImageError, ModuleError
+from ..io.outputs import check_output_file
+from ..preprocess import Preprocessing, apply, read_image
 from .results import TOP_K, Prediction, format_prediction, predictions, read_results
-from .run.claim import SettingsRecord, claim, run_settings
+from .claim import SettingsRecord, claim, run_settings
 from .runtime import CompiledModel, stack_aligned
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class RunOptions:
     instances: int = 1            # model instances (async)
     workers: int = 2              # decode / preprocess threads (async)
     resume: bool = False          # keep images that already have five lines in the result file
-    remote: object = None         # tvmzoo.devices.RemoteSpec: run on TVM RPC devices
+    remote: object = None         # tvmzoo.run.devices.RemoteSpec: run on TVM RPC devices
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ def model_input(pre: Preprocessing, image_bgr: np.ndarray, fused: bool) -> np.nd
     """What the module takes for one decoded image: the normalized CHW tensor, or for a fused
     module the resized uint8 HWC image."""
     if fused:
-        from .fused import fused_input
+        from ..preprocess.fused import fused_input
         return fused_input(pre, image_bgr)
     return apply(pre, image_bgr)
 
@@ -371,7 +371,7 @@ def classify_to_file(model_prefix: str | Path, file_path: str | Path, result_txt
                      vdsp: str | Path | None = None, labels: str | Path | None = None,
                      save_dir: str | Path = ".", options: RunOptions = RunOptions()) -> RunSummary:
     """The runstream job: classify an image or folder and (re)write the five-line result file."""
-    from .data import find_images, load_labels
+    from ..io.images import find_images, load_labels
 
     pre = resolve_preprocessing(model_prefix, vdsp)
     names = load_labels(labels).names

@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from .atomic import write_text
-from .errors import ConfigError
+from ...io.atomic import write_text
+from ...errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ structurally the kernels looked up later. Records are MetaSchedule's JSON databa
 and the evolutionary search starts from the best records already in the database.
 
 Tuning never loses to the default schedules: after tuning, `seed_default_schedules` measures
-tvmzoo's default schedule (tvmzoo.schedules) of every tuned kernel head to head with the best
+tvmzoo's default schedule (tvmzoo.compile.schedules) of every tuned kernel head to head with the best
 tuned record (same builder / runner as tuning, interleaved rounds, so both see the same load) and
 commits both as records; MetaScheduleApplyDatabase then applies whichever measured faster.
 `compact_records` keeps, per workload, the best MetaSchedule record (the seed a resumed tuning
@@ -41,12 +41,12 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
-from .errors import ConfigError, ModuleError
-from .graph_passes import canonicalize, fuse_passes, layout_passes
+from ..errors import ConfigError, ModuleError
+from .passes.graph_passes import canonicalize, fuse_passes, layout_passes
 from .schedules import prepack_passes, schedule_pass
 
 if TYPE_CHECKING:
-    from .devices import RemoteSpec
+    from ..run.devices import RemoteSpec
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def tune(mod: IRModule, target: Target, work_dir: Path, max_trials_global: int,
                           "tuning trials to run (0: only re-measure the default schedules against the records).")
     if "num-cores" not in target.attrs:
         raise ConfigError(f"target {target} has no 'num-cores': MetaSchedule needs it; "
-                          "build the target with tvmzoo.target.")
+                          "build the target with tvmzoo.compile.target.")
     work_dir = Path(work_dir)
     if max_trials_global == 0:  # e.g. after an upgrade changed the default schedules
         log.info("0 trials: re-measuring the default schedules against the records in %s", work_dir)
@@ -198,7 +198,7 @@ class SeedResult:
 
 
 def is_default_trace(trace: s_tir.Trace) -> bool:
-    """A default-schedule trace (tvmzoo.schedules), not one MetaSchedule searched."""
+    """A default-schedule trace (tvmzoo.compile.schedules), not one MetaSchedule searched."""
     return not any(inst.kind.name == "EnterPostproc" for inst in trace.insts)
 
 
@@ -284,7 +284,7 @@ def seed_default_schedules(mod: IRModule, target: Target, work_dir: Path,
     (only the best tuned record is measured) and after (fresh measurements replace older ones)."""
     work_dir = Path(work_dir)
     if not has_records(work_dir):
-        raise ConfigError(f"no tuning records in {work_dir}: run `vamc tune` (tvmzoo.tuning.tune) "
+        raise ConfigError(f"no tuning records in {work_dir}: run `vamc tune` (tvmzoo.compile.tuning.tune) "
                           "into that folder first.")
     compact_records(work_dir)
     db = ms.database.JSONDatabase(work_dir=str(work_dir))

@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from .errors import ConfigError
-from .models import get_family, resolve_arch, resolve_source
+from ..errors import ConfigError
+from ..models import get_family, resolve_arch, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def info_for(target: str) -> ModelInfo:
 
 
 def _yaml_info(path: Path) -> ModelInfo:
-    from .config import load_build_config   # the config module imports the model registry; keep it lazy
+    from ..config import load_build_config   # the config module imports the model registry; keep it lazy
     cfg = load_build_config(path)
     shape = next(iter(cfg.frontend.shape.values()), None)
     size = (int(shape[2]), int(shape[3])) if shape is not None and len(shape) == 4 else None

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .preprocess import Preprocessing, _check_image, resize_uint8, resized_size
+from . import Preprocessing, _check_image, resize_uint8, resized_size
 
 INPUT_DTYPE = "uint8"
 INPUT_LAYOUT = "NHWC"
@@ -92,7 +92,7 @@ def fuse_preprocessing(model: onnx.ModelProto, input_name: str, batch: int | str
 
 def fuse_for_build(model: onnx.ModelProto, spec, pre: Preprocessing | None, where: object):
     """compiler hook: (model, InputSpec) -> the fused model and its uint8 NHWC InputSpec."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if pre is None:
         raise ConfigError(f"{where}: graph.preprocess: fused needs the preprocessing: add dataset.process_ops "

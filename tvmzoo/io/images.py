@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ConfigError, ImageError
-from .preprocess import Preprocessing, apply, read_image
+from ..errors import ConfigError, ImageError
+from ..preprocess import Preprocessing, apply, read_image
 
 if TYPE_CHECKING:
-    from .config import Dataset
+    from ..config import Dataset
 
 log = logging.getLogger(__name__)
 

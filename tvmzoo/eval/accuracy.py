@@ -7,15 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compile.preflight import check_build_inputs, check_build_output
-from .compiler import compile_model
-from .config import load_build_config
-from .data import find_images
-from .errors import ConfigError
-from .evaluate import ground_truth_of
-from .io.outputs import check_output_file
-from .results import Prediction, read_results, top_k
-from .runner import RunOptions, resolve_preprocessing, run_to_file
+from ..compile.compiler import compile_model
+from ..compile.preflight import check_build_inputs, check_build_output
+from ..config import load_build_config
+from ..io.images import find_images
+from ..errors import ConfigError
+from .topk import ground_truth_of
+from ..io.outputs import check_output_file
+from ..run.results import Prediction, read_results, top_k
+from ..run.runner import RunOptions, resolve_preprocessing, run_to_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: S
     """Each precision's predictions go to <workspace>/<name>-eval-<precision>.result.txt (resumable
     with options.resume; run locally or on RPC devices with options.remote). `overrides` are the CLI's
     --set. Every build's inputs and outputs are checked before the first one compiles."""
-    from .data import load_labels
+    from ..io.images import load_labels
 
     options = options or RunOptions(mode=mode)
     names = load_labels(None).names

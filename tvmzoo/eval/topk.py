@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .npz import read_datalist, read_outputs
-from .results import TopK, predictions, read_results, top_k, write_results
+from ..run.npz import read_datalist, read_outputs
+from ..run.results import TopK, predictions, read_results, top_k, write_results
 
 
 def ground_truth_of(paths, gt_file: str | Path | None = None, wnids: str | Path | None = None) -> dict[str, int]:
     """Class index per path: from a ground-truth file ('<file name> <index>'), else from the wnid in the path."""
-    from .data import ground_truth, load_ground_truth_file, load_labels
+    from ..io.images import ground_truth, load_ground_truth_file, load_labels
 
     by_name = load_ground_truth_file(gt_file) if gt_file else {}
     wnid_index = {w: i for i, w in enumerate(load_labels(None, wnids=wnids).wnids)}
@@ -31,8 +31,8 @@ def evaluate_result_file(result: str | Path, gt_file: str | Path | None = None,
 
 def decode_npz_outputs(datalist: Path, out_dir: Path, result: Path, labels: str | Path | None = None) -> int:
     """vamp --datalist outputs -> the five-line result file; pairs outputs with datalist lines by position."""
-    from .data import load_labels
-    from .io.outputs import check_output_file
+    from ..io.images import load_labels
+    from ..io.outputs import check_output_file
 
     check_output_file(result, "result file")
     items = read_datalist(datalist)

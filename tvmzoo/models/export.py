@@ -7,10 +7,10 @@ from pathlib import Path
 
 import onnx
 
-from .atomic import atomic_path
-from .checkpoint import load_state_dict
-from .errors import CheckpointError
-from .models import get_family, resolve_arch, resolve_source
+from ..io.atomic import atomic_path
+from ..io.checkpoint import load_state_dict
+from ..errors import CheckpointError
+from ..models import get_family, resolve_arch, resolve_source
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .npz import load_input, output_path, save_npz
-from .preprocess import Preprocessing
+from ..preprocess import Preprocessing
 from .runtime import CompiledModel, stack_aligned
-from .target import num_cores
+from .host import num_cores
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def peak_memory_mb() -> float:
 
 
 def load_models(prefix: str | Path, count: int, remote=None) -> list[CompiledModel]:
-    """`count` local instances, or with a tvmzoo.devices.RemoteSpec one instance per RPC device."""
+    """`count` local instances, or with a tvmzoo.run.devices.RemoteSpec one instance per RPC device."""
     if remote is None:
         return [CompiledModel.load(prefix) for _ in range(count)]
     from .devices import checked_module, load_remote, open_sessions
@@ -132,7 +132,7 @@ def benchmark(prefix: str | Path, cfg: BenchConfig, remote=None) -> BenchReport:
 def run_datalist(prefix: str | Path, datalist: Sequence[Path], out_dir: Path, pre: Preprocessing,
                  batch: int = 1, progress: bool = True, remote=None) -> int:
     """Infer every npz of the datalist and write `output_0` per input, named by datalist position."""
-    from .io.outputs import check_output_dir
+    from ..io.outputs import check_output_dir
     from .runner import model_input
 
     check_output_dir(out_dir, "--path_output")
@@ -169,7 +169,7 @@ def end_to_end(prefix: str | Path, paths: Sequence[Path], pre: Preprocessing, mo
     """Time the runner over real images (decode, preprocess, infer, top-5); models are loaded and
     warmed up first so the time is the steady state."""
     from .runner import classify, model_input
-    from .preprocess import read_image
+    from ..preprocess import read_image
 
     models = load_models(prefix, instances if mode == "async" or remote is not None else 1, remote)
     warm = np.stack([model_input(pre, read_image(paths[0]), models[0].fused)] * batch)

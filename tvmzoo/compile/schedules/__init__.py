@@ -3,13 +3,13 @@
 TVM's default CPU pipeline schedules nothing (no parallel, no vector loop), and DLight has no CPU
 rule for convolutions. This module fills that gap for conv nets:
 
-1. tvmzoo.graph_passes: `canonicalize` (right after import, before ToMixedPrecision) and
+1. tvmzoo.compile.passes.graph_passes: `canonicalize` (right after import, before ToMixedPrecision) and
    `layout_passes`: convolutions go to NHWC with HWIO weights (the weight transposes fold at build
    time; pooling and elementwise ops follow), so every kernel's innermost output axis is the
    channel axis, contiguous in output, weight and (depthwise) input: the axis to vectorize. Float
-   3x3 stride-1 convs with enough channels become Winograd F(2x2, 3x3) (tvmzoo.winograd); integer
+   3x3 stride-1 convs with enough channels become Winograd F(2x2, 3x3) (tvmzoo.compile.passes.winograd); integer
    convs on RGB get a fourth, zero input channel; at batch N > 1 the high-resolution layers run
-   image by image (tvmzoo.batch_split). `fuse_passes`: legalize and fuse.
+   image by image (tvmzoo.compile.passes.batch_split). `fuse_passes`: legalize and fuse.
 2. `ScheduleReduction`: one rule for every fused kernel with a reduction block (conv, depthwise and
    grouped conv, matmul, pooling, mean): a register tile of `rows x channel vectors` accumulators,
    outer spatial loops fused and parallel (split between the cores the way the next kernel reads:
@@ -18,7 +18,7 @@ rule for convolutions. This module fills that gap for conv nets:
    tile's channel block is contiguous.
 3. `ScheduleInjective`: elementwise / transpose / pad kernels: inlined into one loop nest, parallel
    outer loops, the channel axis vectorized (the width, where there are only 3 or 4 channels).
-4. int8 (after tvmzoo.quantize.lower_int8): `canonicalize` turns per-tensor quantize / dequantize
+4. int8 (after tvmzoo.compile.quant.quantize.lower_int8): `canonicalize` turns per-tensor quantize / dequantize
    into elementwise ops (bit-identical) so they follow NHWC and fuse into the conv epilogues,
    divisions by constants into multiplications, each requantize into one multiply-add, and
    depthwise convs into exact float32 ones (no VNNI form; ScheduleReduction unrolls their taps, so
@@ -28,7 +28,7 @@ rule for convolutions. This module fills that gap for conv nets:
    `prepack_passes` fold the weight repacking into the constants at build time.
 
 `optimize(mod, target)` runs all of it; the result goes straight to `tvm.compile(mod, target)`.
-`tvmzoo.tuning.apply_records` runs the same passes with tuned kernels taking precedence.
+`tvmzoo.compile.tuning.apply_records` runs the same passes with tuned kernels taking precedence.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
-from .graph_passes import canonicalize, fuse_passes, layout_passes
+from ..passes.graph_passes import canonicalize, fuse_passes, layout_passes
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def _reads_by_channel(stmt, chan_var) -> bool:
 
 
 def _converts_input(stmt) -> bool:
-    """An integer input summed in float (tvmzoo.graph_passes.depthwise_int8_as_float): every tap
+    """An integer input summed in float (tvmzoo.compile.passes.graph_passes.depthwise_int8_as_float): every tap
     converts what it loads (zero-extend, int -> float: two uops per FMA). With the taps unrolled
     each input vector is converted once for all the taps of the tile that read it: Lite0 int8
     1.97 -> 1.78 ms at batch 1, 14.0 -> 12.8 at batch 8. A float input goes straight into the FMA

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import write_bytes, write_text
-from .errors import ConfigError, ImageError
-from .io.outputs import check_output_dir, check_output_file
-from .preprocess import read_image
-from .run.filenames import quote_path, read_lines, unquote_path
-from .run.npz_names import npz_names
+from ..io.atomic import write_bytes, write_text
+from ..errors import ConfigError, ImageError
+from ..io.outputs import check_output_dir, check_output_file
+from ..preprocess import read_image
+from .filenames import quote_path, read_lines, unquote_path
+from .npz_names import npz_names
 
 log = logging.getLogger(__name__)
 

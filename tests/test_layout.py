@@ -1,0 +1,102 @@
+"""The import rule, read from the source with `ast`: run never imports compile or models (a deployed
+module needs neither), models never import TVM, the library never imports the CLI. Imports inside
+functions count too (a lazy import is still an arrow; `if TYPE_CHECKING:` imports do not), and so
+do imports reached through other tvmzoo modules: run may not reach compile by way of a third package."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tvmzoo"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under `if TYPE_CHECKING:` (annotations only, never executed)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module `path` imports (`from a import b` counts as a and a.b)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+GRAPH = {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _reached(start: str) -> dict[str, str]:
+    """Every module reachable from `start` through tvmzoo imports -> the tvmzoo module importing it."""
+    seen: dict[str, str] = {}
+    todo = [start]
+    while todo:
+        current = todo.pop()
+        for imported in GRAPH.get(current, ()):
+            if imported in seen:
+                continue
+            seen[imported] = current
+            if imported in GRAPH:
+                todo.append(imported)
+    return seen
+
+
+def _in(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _violations(sources: str, forbidden: tuple[str, ...]) -> list[str]:
+    bad = []
+    for module in sorted(m for m in GRAPH if _in(m, sources)):
+        for imported, by in _reached(module).items():
+            if any(_in(imported, f) for f in forbidden):
+                bad.append(f"{module} reaches {imported} (imported by {by})")
+    return bad
+
+
+def test_the_graph_is_read():
+    assert "tvmzoo.run.runtime" in GRAPH and "tvmzoo.compile.compiler" in GRAPH
+    assert "tvmzoo.run.runtime" in _reached("tvmzoo.compile.compiler")   # relative imports resolved
+    assert "tvm" in _reached("tvmzoo.run.runtime")                       # lazy imports counted
+
+
+@pytest.mark.parametrize("sources, forbidden", [
+    ("tvmzoo.run", ("tvmzoo.compile", "tvmzoo.models")),
+    ("tvmzoo.models", ("tvm", "tvm_ffi")),
+])
+def test_import_rule(sources, forbidden):
+    assert _violations(sources, forbidden) == []
+
+
+def test_the_library_never_imports_the_cli():
+    library = [m for m in GRAPH if not _in(m, "tvmzoo.cli")]
+    assert [f"{m} imports the CLI" for m in library if any(_in(i, "tvmzoo.cli") for i in GRAPH[m])] == []
+
+
+def test_the_checker_sees_a_violation():
+    assert _violations("tvmzoo.compile", ("tvmzoo.run",))   # compile uses run's module format: an arrow exists

@@ -1,0 +1,1 @@
+"""Relax graph rewrites of the compile pipeline."""

@@ -1,0 +1,1 @@
+"""int8: calibration, quantization, per-layer fallback and report."""

@@ -1,0 +1,1 @@
+"""Accuracy: eval_topk on result files and the accuracy harness."""
