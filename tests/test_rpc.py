@@ -218,27 +218,28 @@ def _this_hosts_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _wait_listening(port: int, log: Path) -> None:
-    for _ in range(300):                                   # at most a minute
-        with socket.socket() as s:
-            listening = s.connect_ex(("127.0.0.1", port)) == 0
-        if listening:
-            return
+    tries = 0
+    while not _listening(port):
+        tries += 1
+        assert tries < 300, f"no server on {port} after a minute:\n{log.read_text(errors='replace')[-2000:]}"
         time.sleep(0.2)
-    raise AssertionError(f"server did not listen on {port}:\n{log.read_text(errors='replace')[-2000:]}")
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory):
+def keyed_server(tmp_path_factory, request):
     """`tvmzoo device serve --key SECRET` with the default host: 127.0.0.1, nothing else."""
-    logs = tmp_path_factory.mktemp("rpc-keyed")
+    log = tmp_path_factory.mktemp("rpc-keyed") / "server.log"
     port = free_port()
-    proc = start("device", "serve", "--key", SECRET, "--port", str(port), log=logs / "server.log")
-    try:
-        _wait_listening(port, logs / "server.log")
-        yield {"address": f"127.0.0.1:{port}", "port": port, "log": logs / "server.log"}
-    finally:
-        stop(proc)
+    proc = start("device", "serve", "--key", SECRET, "--port", str(port), log=log)
+    request.addfinalizer(lambda: stop(proc))
+    _wait_listening(port, log)
+    return {"address": f"127.0.0.1:{port}", "port": port, "log": log}
 
 
 @pytest.mark.reliability
