@@ -18,12 +18,12 @@ from onnx import helper
 
 from .. import __version__
 from ..io.atomic import atomic_dir
-from .preflight import check_build_inputs, check_build_output
 from ..config import BuildConfig
 from ..errors import ConfigError, ModuleError, TvmzooError
 from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
+from .preflight import check_build_inputs, check_build_output
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
