@@ -170,10 +170,13 @@ def test_eval_takes_set_for_calibration(root, tiny, photos, tmp_path):
     assert (tmp_path / "ws" / "tiny-eval-int8" / "calib.json").is_file()
 
 
-@pytest.mark.parametrize("command", ["compile", "tune", "quant-report", "eval"])
+@pytest.mark.parametrize("command", ["compile", "tune", "quant-report", "eval", "info"])
 def test_every_yaml_command_takes_set(command, root, tiny, photos, tmp_path):
     """--set reaches the config in each command: a bad value is reported naming the key."""
     extra = ["--images", str(photos)] if command == "eval" else []
     proc = run_cli("tvmzoo", command, root / "tiny.yaml", *extra, "--set", "frontend.shape.input=[1,3",
                    check=False)
     one_error(proc, "frontend.shape.input", "expected a list")
+    if command == "info":                                   # and a quoted value stays a string
+        assert run_cli("tvmzoo", "info", root / "tiny.yaml", "--set", "name='010'").stdout.startswith("model: 010\n")
+        one_error(run_cli("tvmzoo", "info", "repvgg:A0", "--set", "name=x", check=False), "Drop --set")

@@ -196,7 +196,7 @@ def cmd_device(args) -> int:
 def cmd_info(args) -> int:
     from .models.info import info_for
 
-    print(info_for(args.model).text())
+    print(info_for(args.model, _overrides(args.set)).text())
     return 0
 
 
@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters, multiply-adds, input size and layers of a model")
     p.add_argument("model", help="a build YAML or family:arch, e.g. repvgg:A0, regnet:400MF")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quickstart", help="compile EfficientNet-Lite0 (real weights) and classify sample photos")
