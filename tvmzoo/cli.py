@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import TvmzooError
+from .run.filenames import quote_path
 
 log = logging.getLogger("tvmzoo")
 
@@ -22,6 +23,7 @@ def _size(text: str) -> tuple[int, ...]:
 
 
 def _overrides(items: Sequence[str]) -> dict:
+    """--set key.path=value, the value read as YAML once ('null' -> None, "'null'" -> the string null)."""
     import yaml
 
     out = {}
@@ -109,7 +111,7 @@ def cmd_classify(args) -> int:
                                       vdsp=args.vdsp_params_info, labels=args.label_txt,
                                       save_dir=args.save_dir, options=options)
     for path, reason in summary.failed:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+        print(f"failed: {quote_path(path)}: {reason}", file=sys.stderr)
     if summary.skipped:
         print(f"resumed: {summary.skipped} image(s) were already in the result file")
     print(summary.speed_line())
@@ -129,10 +131,11 @@ def cmd_image2npz(args) -> int:
     from .io.images import find_images
     from .run.npz import images_to_npz
 
-    written, failed = images_to_npz(find_images(args.dataset_path), Path(args.target_path), Path(args.text_path))
-    print(f"wrote {len(written)} npz files, list in {args.text_path}")
+    written, failed = images_to_npz(find_images(args.dataset_path), Path(args.target_path), Path(args.text_path),
+                                    root=Path(args.dataset_path))
+    print(f"wrote {len(written)} npz files, list in {quote_path(args.text_path)}")
     for path, reason in failed:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+        print(f"failed: {quote_path(path)}: {reason}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -192,7 +195,7 @@ def cmd_eval(args) -> int:
 
     options = RunOptions(mode=args.infer_mode, instances=args.instances, resume=args.resume, remote=_remote(args))
     rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace,
-                               options=options)
+                               options=options, overrides=_overrides(args.set))
     print(format_table(rows))
     return 0
 
@@ -211,7 +214,7 @@ def cmd_device(args) -> int:
 def cmd_info(args) -> int:
     from .models.info import info_for
 
-    print(info_for(args.model).text())
+    print(info_for(args.model, _overrides(args.set)).text())
     return 0
 
 
@@ -260,8 +263,7 @@ def _add_serve(sub) -> None:
 def _add_compile_and_tune(sub) -> None:
     p = sub.add_parser("compile", help="step 3: compile a build YAML into <workspace>/<name>/mod.so")
     p.add_argument("yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a YAML value, e.g. --set backend.dtype=fp16 --set name=my_fp16")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tune", help="MetaSchedule-tune a build's kernels (resumable); compile applies the records")
@@ -270,7 +272,7 @@ def _add_compile_and_tune(sub) -> None:
                    help="trials in this run, over all kernels (0: only re-measure the default schedules "
                         "against the records, e.g. after upgrading tvmzoo)")
     p.add_argument("--per-task", type=int, default=None, help="at most this many trials per kernel")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     _add_rpc_args(p)  # measure candidates on TVM RPC devices (MetaSchedule's RPCRunner)
     p.set_defaults(func=cmd_tune)
 
@@ -292,6 +294,12 @@ def _add_vamp_args(p) -> None:
     p.add_argument("--infer_mode", choices=("sync", "async"), default="sync", help="runner mode for --images")
     _add_rpc_args(p)
     p.set_defaults(func=cmd_vamp)
+
+
+def _add_set_arg(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML value, e.g. --set backend.dtype=fp16 --set dataset.path=/data/calib "
+                        "(read as YAML once: --set name=\"'010'\" keeps the string 010)")
 
 
 def _add_rpc_args(p) -> None:
@@ -361,30 +369,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--workspace", default=None, help="where the evaluation builds go (default: the YAML's)")
     p.add_argument("--infer_mode", choices=("sync", "async"), default="async")
+    _add_set_arg(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
     dev = p.add_subparsers(dest="device_command", required=True)
     q = dev.add_parser("tracker", help="python -m tvm.exec.rpc_tracker: devices register here")
-    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; see docs/runstream.md before "
+                        "opening it to a network)")
     q.add_argument("--port", type=int, default=9190)
     q.set_defaults(func=cmd_device)
     q = dev.add_parser("serve", help="python -m tvm.exec.rpc_server: run models sent by tvmzoo")
     q.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker (else clients use --rpc)")
-    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids")
-    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids; without --tracker, "
+                                 "only clients passing the same --rpc-key are served")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only). An RPC server runs what its "
+                        "clients send: open it only to a trusted network, or use an SSH tunnel")
     q.add_argument("--port", type=int, default=9090, help="first port to try")
     q.set_defaults(func=cmd_device)
 
     p = sub.add_parser("quant-report", help="int8: per-layer weight / activation SQNR table (CSV + markdown)")
     p.add_argument("yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     p.add_argument("--output", default=None, help="folder for the report (default: <workspace>/<name>_quant_report)")
     p.set_defaults(func=cmd_quant_report)
 
     p = sub.add_parser("info", help="parameters, multiply-adds, input size and layers of a model")
     p.add_argument("model", help="a build YAML or family:arch, e.g. repvgg:A0, regnet:400MF")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_info)
 
     _add_serve(sub)

@@ -462,18 +462,13 @@ def build_config_from_dict(data: Any, path: str | Path = "<dict>") -> BuildConfi
 
 
 def apply_overrides(data: dict, overrides: Mapping[str, Any], path: Path) -> dict:
-    """A copy of `data` with {"backend.dtype": "fp16", ...} set. String values are read as YAML
-    scalars ("50" -> 50, "[1, 3, 224, 224]" -> a list, "null" -> None), as the CLI's --set gives them."""
+    """A copy of `data` with {"backend.dtype": "fp16", ...} set. Values are used as given (a string stays a
+    string): the CLI reads each --set value as YAML once (`parse_set`) before it comes here."""
     data = copy.deepcopy(data)
     for dotted, value in overrides.items():
         parts = str(dotted).split(".")
         if not all(parts):
             raise ConfigError(f"--set {dotted}: not a key path; write it like backend.dtype=fp16.")
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value) if value.strip() else value
-            except yaml.YAMLError:
-                pass
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)

@@ -23,6 +23,7 @@ from ..errors import ConfigError, ModuleError, TvmzooError
 from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
+from .preflight import check_build_inputs, check_build_output
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -215,8 +216,9 @@ def compile_model(cfg: BuildConfig) -> Path:
         log.debug("backend.compile.%s=%r is a vendor hardware knob: ignored", key, value)
     spec = input_spec(cfg)
     target = resolve_target(cfg.backend.target)
+    check_build_inputs(cfg)
+    out_dir = check_build_output(cfg)  # replaces only an earlier build: never a user's folder
     model, onnx_path = prepare_onnx(cfg, spec)
-    out_dir = Path(cfg.workspace) / cfg.name
     pre = preprocessing_of(cfg)
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
@@ -294,6 +296,7 @@ def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, P
     from .quant.quantize import quantize_model
 
     spec = input_spec(cfg)
+    check_build_inputs(cfg, calibrate=True)
     model, _ = prepare_onnx(cfg, spec)
     pre = preprocessing_of(cfg)
     if cfg.dataset is None or pre is None:
@@ -326,6 +329,7 @@ def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None,
     records = records_dir(cfg, spec, target)
     if records is None:
         raise ConfigError(f"{cfg.path}: no place for tuning records: add a model: section or tuning.records.")
+    check_build_inputs(cfg)
     model, _ = prepare_onnx(cfg, spec)
     if cfg.backend.dtype == "int8":
         with tempfile.TemporaryDirectory() as tmp:

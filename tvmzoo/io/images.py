@@ -175,19 +175,26 @@ def load_labels(path: str | Path | None = None, wnids: str | Path | None = None)
     return labels
 
 
-def calibration_batches(dataset: Dataset, pre: Preprocessing, batch: int = 1) -> list[np.ndarray]:
-    """The build YAML's calibration set as preprocessed NCHW float32 batches: `dataset.get_data_num`
-    images with `dataset.suffix`, sampled deterministically from `dataset.path`. Images that cannot
-    be decoded are skipped with a warning."""
+def calibration_images(dataset: Dataset) -> list[Path]:
+    """The calibration images of `dataset.path` (with `dataset.suffix`); a clear error when there are none."""
     if not Path(dataset.path).exists():
         raise ConfigError(f"dataset.path {dataset.path} does not exist: set it to the folder of calibration "
                           "images (relative paths are from the current directory).")
+    if not Path(dataset.path).is_dir():
+        raise ConfigError(f"dataset.path {dataset.path} is a file: set it to the folder of calibration images.")
     paths = find_images(dataset.path, (dataset.suffix,))
     if not paths:
         raise ConfigError(f"dataset.path {dataset.path} has no '*.{dataset.suffix.lstrip('.')}' images for "
                           "calibration: fix dataset.path or dataset.sampler.suffix.")
+    return paths
+
+
+def calibration_batches(dataset: Dataset, pre: Preprocessing, batch: int = 1) -> list[np.ndarray]:
+    """The build YAML's calibration set as preprocessed NCHW float32 batches: `dataset.get_data_num`
+    images with `dataset.suffix`, sampled deterministically from `dataset.path`. Images that cannot
+    be decoded are skipped with a warning."""
     tensors = []
-    for path in sample_calibration(paths, dataset.get_data_num):
+    for path in sample_calibration(calibration_images(dataset), dataset.get_data_num):
         try:
             tensors.append(apply(pre, read_image(path)))
         except ImageError as err:

@@ -80,8 +80,9 @@ def load_models(prefix: str | Path, count: int, remote=None) -> list[CompiledMod
     """`count` local instances, or with a tvmzoo.run.devices.RemoteSpec one instance per RPC device."""
     if remote is None:
         return [CompiledModel.load(prefix) for _ in range(count)]
-    from .devices import load_remote, open_sessions
+    from .devices import checked_module, load_remote, open_sessions
 
+    checked_module(prefix)  # refused before connecting to any device
     return [load_remote(prefix, session) for session in open_sessions(remote)]
 
 
@@ -131,8 +132,10 @@ def benchmark(prefix: str | Path, cfg: BenchConfig, remote=None) -> BenchReport:
 def run_datalist(prefix: str | Path, datalist: Sequence[Path], out_dir: Path, pre: Preprocessing,
                  batch: int = 1, progress: bool = True, remote=None) -> int:
     """Infer every npz of the datalist and write `output_0` per input, named by datalist position."""
+    from ..io.outputs import check_output_dir
     from .runner import model_input
 
+    check_output_dir(out_dir, "--path_output")
     model = load_models(prefix, 1, remote)[0]
     done = 0
     for start in tqdm(range(0, len(datalist), batch), disable=not progress or len(datalist) < 20, unit="batch"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,10 @@ from tqdm import tqdm
 
 from ..io.atomic import write_bytes, write_text
 from ..errors import ConfigError, ImageError
+from ..io.outputs import check_output_dir, check_output_file
 from ..preprocess import read_image
+from .filenames import quote_path, read_lines, unquote_path
+from .npz_names import npz_names
 
 log = logging.getLogger(__name__)
 
@@ -24,29 +28,36 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def images_to_npz(images: Sequence[Path], target: Path, text_path: Path,
-                  progress: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Each image as uint8 RGB CHW at its original size in `target/<parent>/<stem>.npz`; the list of
-    absolute npz paths goes to `text_path`. Returns (written, failed)."""
+def images_to_npz(images: Sequence[Path], target: Path, text_path: Path, progress: bool = True,
+                  root: Path | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Each image as uint8 RGB CHW at its original size in `target/<its path under root>.npz` (so two
+    photos named alike in different folders stay two files); the list of absolute npz paths goes to
+    `text_path`, any file name escaped (run/filenames.py). Returns (written, failed)."""
+    check_output_dir(target, "--target_path")
+    check_output_file(text_path, "--text_path")
     written, failed = [], []
+    names = npz_names(images, root)
     for image in tqdm(images, disable=not progress or len(images) < 20, unit="img"):
+        name = names[image]
         try:
+            if isinstance(name, str):
+                raise ImageError(name)
             bgr = read_image(image)
-        except ImageError as exc:
-            log.warning("skipped %s", exc)
-            failed.append((str(image), str(exc)))
+            out = (target / name).resolve()
+            save_npz(out, **{INPUT_KEY: np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))})
+        except (ImageError, OSError) as exc:  # OSError: a name too long for the file system, a full disk
+            log.warning("skipped %s: %s", image, exc)
+            failed.append((str(image), str(exc) if isinstance(exc, ImageError) else f"cannot write its npz: {exc}"))
             continue
-        out = (target / image.parent.name / f"{image.stem}.npz").resolve()
-        save_npz(out, **{INPUT_KEY: np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))})
         written.append(out)
-    write_text(text_path, "".join(f"{p}\n" for p in written))
+    write_text(text_path, "".join(f"{quote_path(str(p))}\n" for p in written))
     return written, failed
 
 
 def read_datalist(path: Path) -> list[Path]:
     if not Path(path).is_file():
         raise ConfigError(f"datalist not found: {path}. Write it with image2npz.py --text_path.")
-    return [Path(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Path(unquote_path(line)) for line in read_lines(path) if line.strip()]
 
 
 def load_input(path: Path) -> np.ndarray:
@@ -63,8 +74,10 @@ def load_input(path: Path) -> np.ndarray:
 
 
 def output_path(out_dir: Path, index: int, input_path: Path) -> Path:
-    """The output npz for datalist line `index`: named by position, so pairing never depends on listing order."""
-    return Path(out_dir) / f"{index:07d}_{Path(input_path).stem}.npz"
+    """The output npz for datalist line `index`: named by position, so pairing never depends on listing order
+    (the input's name is kept to 100 bytes, so that a long one still fits the file system's 255)."""
+    stem = os.fsdecode(os.fsencode(Path(input_path).stem)[:100])
+    return Path(out_dir) / f"{index:07d}_{stem}.npz"
 
 
 def read_outputs(datalist: Sequence[Path], out_dir: Path) -> np.ndarray:

@@ -84,17 +84,18 @@ def _meta_problem(meta) -> str | None:
     return None
 
 
-def check_module_file(meta: dict, directory: Path) -> None:
+def check_module_file(meta: dict, directory: Path, data: bytes | None = None) -> None:
     """Refuse a mod.so that is not the one mod.json describes (truncated, overwritten, half-copied):
-    loading a damaged shared object can kill the process (SIGBUS) instead of raising."""
+    loading a damaged shared object can kill the process (SIGBUS) instead of raising. With `data`, the
+    bytes read from it are checked (what is sent to an RPC device is exactly what was checked)."""
     so = directory / MODULE_FILE
-    if not so.is_file():
+    if data is None and not so.is_file():
         raise ModuleError(f"{so} is missing; recompile the model with `vamc compile`.")
     expected = meta.get("module_sha256")
     if expected is None:  # built before tvmzoo recorded the checksum
         log.debug("%s records no module checksum: not verified", directory / META_FILE)
         return
-    if file_sha256(so) != expected:
+    if (file_sha256(so) if data is None else hashlib.sha256(data).hexdigest()) != expected:
         raise ModuleError(f"{so} does not match {META_FILE} (checksum differs): the file is corrupt, truncated "
                           "or from another build; recompile with `vamc compile`.")
 
