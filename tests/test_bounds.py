@@ -1,0 +1,214 @@
+"""Bounded memory and no traceback for every input a user hands us (issue 19, part 1).
+
+Each bomb runs in a child process through the real CLI or reader; the test reads that child's peak RSS
+from os.wait4 (its own, not the session's) and asserts it stays under 1 GB. A data-segment limit on the
+child keeps a regression from taking the shared machine down with it. docs/reliability.md tables the cases.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.reliability
+
+BIN = Path(sys.executable).parent
+GB = 1 << 30
+SAFETY = 3 * GB  # RLIMIT_DATA of each child: a regression ends in MemoryError, not in the OOM killer
+
+
+def _limit() -> None:
+    resource.setrlimit(resource.RLIMIT_DATA, (SAFETY, SAFETY))
+
+
+def measured(*cmd, timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
+    """Run a command; its result and its peak resident memory in bytes."""
+    program = [sys.executable, str(cmd[0])] if str(cmd[0]).endswith(".py") else [str(BIN / cmd[0])]
+    if cmd[0] == "python":
+        program = [sys.executable]
+    args = [*program, *map(str, cmd[1:])]
+    env = {**os.environ, "TVM_NUM_THREADS": "2", "PYTHONFAULTHANDLER": ""}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env, preexec_fn=_limit)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(args, proc.returncode, out.read().decode(errors="replace"),
+                                             err.read().decode(errors="replace"))
+    return result, usage.ru_maxrss * 1024
+
+
+def refused(cmd, *words: str, code: int = 2) -> tuple[str, int]:
+    """The command ends with one `error:` line holding every word, exit `code`, no traceback, no signal,
+    peak memory under 1 GB. Returns the error line and the peak."""
+    proc, peak = measured(*cmd)
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "Fatal Python error" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    assert peak < GB, f"peak RSS {peak / GB:.2f} GB"
+    print(f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''}: peak RSS {peak >> 20} MB: {errors[0][:160]}")
+    return errors[0], peak
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints through `tvmzoo export`
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def _export(weights: Path, tmp_path: Path) -> list:
+    return ["tvmzoo", "export", "--family", "repvgg", "--arch", "A0", "--source", "official",
+            "--weights", weights, "--output", tmp_path / "out.onnx", "--input-size", "32"]
+
+
+def _view_bomb(kind: str, torch, path: Path) -> int:
+    """A small file whose tensors are views; returns the number of the tensor the error must give."""
+    legacy = kind.endswith("legacy")
+    if kind.startswith("expanded"):              # 4 KB: 400 x 16M-element views of one element (25 GB)
+        one = torch.zeros(1)
+        state = {f"t{i}": one.expand(1 << 24) for i in range(400)}
+        first = 4                               # 256 MB + 2 x file: four 64 MB copies fit
+    elif kind.startswith("shared"):             # 300 tensors over one 8 MB storage (2.4 GB)
+        base = torch.zeros(2 << 20)
+        state = {f"t{i}": base.view(2048, 1024) for i in range(300)}
+        first = 33
+    elif kind == "overlapping slices":
+        base = torch.zeros(2 << 20)
+        state = {f"t{i}": base[i:] for i in range(300)}
+        first = 33
+    elif kind == "transposed":
+        base = torch.zeros(2 << 20)
+        state = {f"t{i}": base.view(2048, 1024).t() for i in range(300)}
+        first = 33
+    elif kind == "2-D broadcast":
+        one = torch.zeros(1, 1)
+        state = {f"t{i}": one.expand(4096, 4096) for i in range(400)}
+        first = 4
+    elif kind == "bfloat16 shared":              # bfloat16 becomes float32: each copy doubles
+        base = torch.zeros(4 << 20, dtype=torch.bfloat16)
+        state = {f"t{i}": base.view(2048, 2048) for i in range(300)}
+        first = 16
+    else:
+        raise AssertionError(kind)
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    return first
+
+
+@pytest.mark.parametrize("kind", ["expanded", "expanded legacy", "shared", "shared legacy", "overlapping slices",
+                                  "transposed", "2-D broadcast", "bfloat16 shared"])
+def test_view_bomb_checkpoint_refused_naming_the_tensor(kind, torch, tmp_path):
+    path = tmp_path / "bomb.pth"
+    first = _view_bomb(kind, torch, path)
+    line, _ = refused(_export(path, tmp_path), "refusing to read checkpoint", str(path), "save real tensors")
+    named = int(re.search(r"tensor 't(\d+)': it needs", line).group(1))
+    assert first <= named <= first + 1, line     # the zip format also counts the storage it reads
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_few_shared_views_still_load(torch, tmp_path):
+    """Tied weights (views of one storage) within the budget load as before, values and all."""
+    from tvmzoo.checkpoint import load_state_dict
+
+    base = torch.arange(12, dtype=torch.float32)
+    state = {"a": base.view(3, 4), "b": base.view(4, 3).t(), "c": base[2:5], "d": torch.ones(1).expand(5, 5)}
+    torch.save(state, tmp_path / "tied.pth")
+    got = load_state_dict(tmp_path / "tied.pth")
+    for key, tensor in state.items():
+        np.testing.assert_array_equal(got[key], tensor.numpy(), err_msg=key)
+        assert got[key].flags.writeable and got[key].flags.c_contiguous
+
+
+def test_deflated_storage_bomb_refused(torch, tmp_path):
+    """A zip member that inflates to 512 MB from a 0.5 MB file is refused before it is inflated."""
+    path = tmp_path / "deflate.pth"
+    torch.save({"w": torch.zeros(4)}, path)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                with out.open(info.filename, "w", force_zip64=True) as member:
+                    for _ in range(8):
+                        member.write(bytes(64 << 20))
+            else:
+                out.writestr(info.filename, src.read(info.filename))
+    refused(_export(bomb, tmp_path), "refusing to read checkpoint", "storage '0' needs 512.0 MiB")
+
+
+def _nested(kind: str, depth: int) -> bytes:
+    nest = b")" + b"\x85" * depth                                   # ((((),),),) ... via TUPLE1
+    pid = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ"
+    return b"\x80\x02" + {
+        "dict key": b"}" + nest + b"K\x01s",                            # hashing it overflowed the C stack
+        "dict value": b"}X\x01\x00\x00\x00w" + nest + b"s",
+        "tensor size": b"}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"K\x00" + nest
+                       + b")\x89)tRs",
+        "mark tuples": b"(" * (depth // 2) + b")" + b"t" * (depth // 2),
+        "lists": b"]" * (depth // 2) + b"a" * (depth // 2 - 1),
+        "frozenset of tuples": b"cbuiltins\nfrozenset\n" + nest + b"\x85\x85R",
+    }[kind] + b"."
+
+
+@pytest.mark.parametrize("kind", ["dict key", "dict value", "tensor size", "mark tuples", "lists",
+                                  "frozenset of tuples"])
+@pytest.mark.parametrize("container", ["zip", "pdparams"])
+def test_deeply_nested_pickle_is_a_clean_error(kind, container, tmp_path):
+    """1 MB of nested tuples once killed the process with SIGSEGV (C stack overflow while hashing)."""
+    data = _nested(kind, 1_000_000)
+    path = tmp_path / f"nested.{'pth' if container == 'zip' else 'pdparams'}"
+    if container == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("archive/data.pkl", data)
+            zf.writestr("archive/data/0", bytes(4))
+    else:
+        path.write_bytes(data)
+    plain_pid = container == "pdparams" and kind == "tensor size"  # refused before its nesting is reached
+    refused(_export(path, tmp_path), "cannot read checkpoint",
+            "unexpected persistent id" if plain_pid else "nests containers more than 100 deep")
+
+
+def test_nesting_just_inside_the_bound_still_reads(tmp_path):
+    from tvmzoo.checkpoint import load_state_dict
+    from tvmzoo.limits import MAX_PICKLE_DEPTH
+
+    inner = np.arange(3, dtype=np.float32)
+    value: object = "x"
+    for _ in range(MAX_PICKLE_DEPTH - 1):             # the dict around it is the last level allowed
+        value = (value,)
+    path = tmp_path / "deep.pdparams"
+    path.write_bytes(pickle.dumps({"w": inner, "meta": value}, protocol=2))
+    np.testing.assert_array_equal(load_state_dict(path)["w"], inner)
+    path.write_bytes(pickle.dumps({"w": inner, "meta": (value,)}, protocol=2))
+    with pytest.raises(Exception, match="nests containers more than"):
+        load_state_dict(path)
+
+
+def test_control_characters_in_global_names_are_escaped(tmp_path):
+    path = tmp_path / "evil.pdparams"
+    path.write_bytes(b"\x80\x02cos\x1b[2J\x1b]0;pwned\x07\nsys" + "\u2028".encode() + b"tem\n)R.")
+    line, _ = refused(_export(path, tmp_path), "refusing to load", "\\x1b[2J\\x1b]0;pwned\\x07", "\\u2028")
+    proc, _ = measured(*_export(path, tmp_path))
+    assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr and "\u2028" not in proc.stderr

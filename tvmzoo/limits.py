@@ -1,0 +1,68 @@
+"""Every bound tvmzoo puts on what a user hands it, written once (docs/reliability.md lists them).
+
+Each limit is far above what a real input needs and far below what would exhaust memory or the C
+stack: a file that passes them is read with memory that follows its real content, not its claims.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+MAX_NESTING = 64             # YAML / JSON nesting depth; a build YAML nests 5 deep, a vdsp JSON 3
+MAX_PICKLE_DEPTH = 100       # containers inside containers in a checkpoint pickle; a state dict: about 6
+CHECKPOINT_COPY_SLACK = 256 << 20  # bytes of tensor copies a checkpoint may cause beyond twice its file size
+MAX_CLASSES = 1_000_000      # classes in a label file (ImageNet-21k has 21841)
+MAX_TEXT_BYTES = 64 << 20    # label, wnid and ground-truth files, build YAML and vdsp JSON read whole
+IMAGE_BYTES_PER_PIXEL = 8    # most an encoded pixel can take: 16-bit RGBA stored uncompressed
+IMAGE_EXTRA_BYTES = 16 << 20  # bytes an image file may hold beyond its pixels (EXIF, ICC profile, thumbnails)
+IMAGE_HEADER_BYTES = 1 << 20  # how far into a file its size must be found (JPEG EXIF / ICC segments first)
+MAX_NPZ_ARRAY_BYTES = 1 << 30  # one array read from an npz (an image2npz input at the pixel limit: 300 MB)
+MEMORY_SHARE = 0.5           # share of the memory available now that vamp's input buffers may take
+
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_depth(text: str) -> int:
+    """Bracket nesting of JSON text, counted before parsing (strings skipped): json.loads recurses."""
+    depth = deepest = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in "]}":
+            depth -= 1
+    return deepest
+
+
+def data_depth(data: Any, limit: int = MAX_NESTING) -> int:
+    """Nesting of parsed lists / dicts, walked without recursion; stops counting above `limit`."""
+    deepest, stack = 0, [(data, 1)]
+    while stack and deepest <= limit:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = [*node.keys(), *node.values()]
+        if isinstance(node, (list, tuple)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reports available now (MemAvailable), or None where /proc/meminfo is absent."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / (1 << 30):.1f} GiB" if nbytes >= 1 << 30 else f"{nbytes / (1 << 20):.1f} MiB"
