@@ -57,18 +57,18 @@ def measured(*cmd, timeout: float = 600) -> tuple[subprocess.CompletedProcess, i
     return result, usage.ru_maxrss * 1024
 
 
-def refused(cmd, *words: str, code: int = 2) -> tuple[str, int]:
-    """The command ends with one `error:` line holding every word, exit `code`, no traceback, no signal,
-    peak memory under 1 GB. Returns the error line and the peak."""
+def refused(cmd, *words: str, code: int = 2, prefix: str = "error: ") -> tuple[str, int]:
+    """The command ends with one `error:` line (or `prefix` line) holding every word, exit `code`, no
+    traceback, no signal, peak memory under 1 GB. Returns the line and the peak."""
     proc, peak = measured(*cmd)
     assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr and "Fatal Python error" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
     assert len(errors) == 1, proc.stderr[-3000:]
     for word in words:
         assert word in errors[0], (word, errors[0])
     assert peak < GB, f"peak RSS {peak / GB:.2f} GB"
-    print(f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''}: peak RSS {peak >> 20} MB: {errors[0][:160]}")
+    print(f"peak RSS {peak >> 20} MB: ...{errors[0][-110:]}")
     return errors[0], peak
 
 
@@ -212,3 +212,70 @@ def test_control_characters_in_global_names_are_escaped(tmp_path):
     line, _ = refused(_export(path, tmp_path), "refusing to load", "\\x1b[2J\\x1b]0;pwned\\x07", "\\u2028")
     proc, _ = measured(*_export(path, tmp_path))
     assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr and "\u2028" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# images through image2npz.py: the header is checked before the file is read, the read is bounded
+# ---------------------------------------------------------------------------------------------
+IMAGE2NPZ = ROOT / "common" / "utils" / "image2npz.py"
+
+
+def _jpeg_head(width: int, height: int) -> bytes:
+    sof = b"\xff\xc0\x00\x11\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03" + bytes(9)
+    return b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + sof
+
+
+def _png_head(width: int, height: int) -> bytes:
+    return b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") \
+        + b"\x08\x02\x00\x00\x00"
+
+
+def _bmp_head(width: int, height: int) -> bytes:
+    return b"BM" + bytes(16) + width.to_bytes(4, "little") + height.to_bytes(4, "little") + bytes(28)
+
+
+def _webp_head(width: int, height: int) -> bytes:
+    return b"RIFF\x00\x00\x00\x00WEBPVP8X" + bytes(8) + (width - 1).to_bytes(3, "little") \
+        + (height - 1).to_bytes(3, "little")
+
+
+IMAGE_BOMBS = {  # name: (header, file size, words of the failure)
+    "8 GB after a 224x224 JPEG header": (_jpeg_head(224, 224), 8 * GB, "more than a 224x224 image can take"),
+    "8 GB after a 224x224 PNG header": (_png_head(224, 224), 8 * GB, "more than a 224x224 image can take"),
+    "8 GB after a 224x224 BMP header": (_bmp_head(224, 224), 8 * GB, "more than a 224x224 image can take"),
+    "8 GB after a 224x224 WebP header": (_webp_head(224, 224), 8 * GB, "more than a 224x224 image can take"),
+    "1.5 GB after a 10000x10000 JPEG header": (_jpeg_head(10000, 10000), 3 * GB // 2,
+                                               "more than a 10000x10000 image can take"),
+    "JPEG header claiming 20000x20000": (_jpeg_head(20000, 20000), 1 << 20, "above the limit of 100000000 pixels"),
+    "8 GB of zeros after a JPEG start": (b"\xff\xd8\xff\xe1\xff\xff", 8 * GB, "without a readable image size"),
+    "100 MB of junk after a 5000x5000 JPEG header": (_jpeg_head(5000, 5000), 100 << 20, "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_BOMBS))
+def test_image_bomb_fails_with_bounded_memory(case, tmp_path, sample_images):
+    head, size, words = IMAGE_BOMBS[case]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    bomb = folder / "bomb.JPEG"
+    with open(bomb, "wb") as f:
+        f.write(head)
+        f.truncate(size)  # sparse: the disk holds the header only
+    (folder / sample_images[0].name).write_bytes(sample_images[0].read_bytes())
+    datalist = tmp_path / "list.txt"
+    line, _ = refused([IMAGE2NPZ, "--dataset_path", folder, "--target_path", tmp_path / "npz",
+                       "--text_path", datalist], f"failed: {bomb}: cannot decode", words, code=1, prefix="failed: ")
+    assert len(datalist.read_text().splitlines()) == 1   # the good photo is written all the same
+
+
+def test_exif_before_the_frame_header_is_still_found(tmp_path, sample_images):
+    """A JPEG whose frame header comes after 300 KB of APP segments (EXIF, ICC) decodes as before."""
+    import cv2
+
+    from tvmzoo.preprocess import read_image
+
+    data = sample_images[0].read_bytes()
+    padding = b"".join(b"\xff\xe2\xff\xfe" + bytes(0xFFFC) for _ in range(5))  # 5 x 64 KB APP2 segments
+    path = tmp_path / "padded.JPEG"
+    path.write_bytes(data[:2] + padding + data[2:])
+    np.testing.assert_array_equal(read_image(path), cv2.imread(str(sample_images[0])))
