@@ -6,6 +6,7 @@ child keeps a regression from taking the shared machine down with it. docs/relia
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -279,3 +280,106 @@ def test_exif_before_the_frame_header_is_still_found(tmp_path, sample_images):
     path = tmp_path / "padded.JPEG"
     path.write_bytes(data[:2] + padding + data[2:])
     np.testing.assert_array_equal(read_image(path), cv2.imread(str(sample_images[0])))
+
+
+# ---------------------------------------------------------------------------------------------
+# label files and npz outputs through vamp_npz_decode.py
+# ---------------------------------------------------------------------------------------------
+NPZ_DECODE = ROOT / "common" / "eval" / "vamp_npz_decode.py"
+
+
+def _decode_setup(tmp_path: Path, classes: int = 10) -> tuple[Path, Path]:
+    """A datalist of two inputs and their vamp outputs (scores of `classes` classes)."""
+    from tvmzoo.npz import output_path, save_npz
+
+    items = [tmp_path / "npz" / "a.npz", tmp_path / "npz" / "b.npz"]
+    datalist = tmp_path / "list.txt"
+    datalist.write_text("".join(f"{p}\n" for p in items))
+    out = tmp_path / "out"
+    for i, item in enumerate(items):
+        save_npz(output_path(out, i, item), output_0=np.eye(classes, dtype=np.float32)[i][None])
+    return datalist, out
+
+
+def test_npz_decode_with_good_labels(tmp_path):
+    datalist, out = _decode_setup(tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text(repr({i: f"class {i}" for i in range(10)}))
+    proc, _ = measured(NPZ_DECODE, datalist, out, tmp_path / "result.txt", labels)
+    assert proc.returncode == 0, proc.stderr
+    assert "class name: class 1" in (tmp_path / "result.txt").read_text()
+
+
+LABEL_BOMBS = {  # name: (file content or a size to make a sparse file of, words)
+    "class 1,000,000,000": ("{1000000000: 'x'}", ["indices must be 0..0 without gaps", "largest given is 1000000000"]),
+    "class 10**18 after class 0": ("{0: 'a', 1000000000000000000: 'b'}", ["0..1 without gaps", "missing e.g. [1]"]),
+    "class -1": ("{-1: 'a'}", ["0..0 without gaps", "largest given is -1"]),
+    "a billion as a string key": ("{'1000000000': 'x'}", ["expected a dict of class index -> name"]),
+    "1,000,001 lines": ("x\n" * 1_000_001, ["names 1000001 classes, above the limit of 1000000"]),
+    "100 MB file": (100 << 20, ["is 100.0 MiB, above the limit of 64.0 MiB"]),
+    "nested 100000 deep": ("{0: " + "(" * 100_000 + ")" * 100_000 + "}", ["not a valid one"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LABEL_BOMBS))
+def test_label_bomb_is_one_clear_error(case, tmp_path):
+    content, words = LABEL_BOMBS[case]
+    datalist, out = _decode_setup(tmp_path)
+    labels = tmp_path / "labels.txt"
+    if isinstance(content, int):
+        with open(labels, "wb") as f:
+            f.truncate(content)
+    else:
+        labels.write_text(content)
+    refused([NPZ_DECODE, datalist, out, tmp_path / "result.txt", labels], str(labels), *words)
+    assert not (tmp_path / "result.txt").exists()
+
+
+def _npy_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def _damage_output(kind: str, path: Path) -> list[str]:
+    if kind == "random bytes":
+        path.write_bytes(os.urandom(300))
+        return ["not a readable npz", "BadZipFile"]
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:150])
+        return ["not a readable npz"]
+    if kind == "key missing":
+        np.savez(path, logits=np.zeros((1, 10), np.float32))
+        return ["has no array 'output_0' (arrays: logits)"]
+    if kind == "object array":
+        np.savez(path, output_0=np.array([{"a": 1}], dtype=object))
+        return ["holds Python objects"]
+    if kind == "header claims 40 GB":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("output_0.npy", _npy_header((100_000, 100_000)) + bytes(64))
+        return ["needs 40000000000 bytes, the file holds"]
+    if kind == "2M scores, deflated":
+        np.savez_compressed(path, output_0=np.zeros((1, 2_000_000), np.float32))
+        return ["not the scores of up to 1000000 classes"]
+    if kind == "other width":
+        np.savez(path, output_0=np.zeros((1, 7), np.float32))
+        return ["holds 7 scores", "holds 10", "different models"]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "truncated", "key missing", "object array", "header claims 40 GB",
+                                  "2M scores, deflated", "other width"])
+def test_corrupt_output_npz_is_one_clear_error(kind, tmp_path):
+    from tvmzoo.npz import output_path
+
+    datalist, out = _decode_setup(tmp_path)
+    damaged = output_path(out, 1, Path(datalist.read_text().splitlines()[1]))
+    words = _damage_output(kind, damaged)
+    refused([NPZ_DECODE, datalist, out, tmp_path / "result.txt"], str(damaged), *words)
+    assert not (tmp_path / "result.txt").exists()
+
+
+def test_datalist_not_utf8_is_one_clear_error(tmp_path):
+    datalist, out = _decode_setup(tmp_path)
+    datalist.write_bytes(b"\xff\xfe/x.npz\n")
+    refused([NPZ_DECODE, datalist, out, tmp_path / "result.txt"], "cannot read datalist", "image2npz.py")

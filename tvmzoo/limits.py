@@ -66,3 +66,17 @@ def available_memory() -> int | None:
 
 def gib(nbytes: float) -> str:
     return f"{nbytes / (1 << 30):.1f} GiB" if nbytes >= 1 << 30 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def check_text_size(path: os.PathLike, what: str) -> None:
+    """Refuse a text file that is to be read whole when it is above MAX_TEXT_BYTES (a wrong path,
+    a device, a dataset archive given as a label file); a missing file is left to the reader."""
+    from .errors import ConfigError
+
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return
+    if size > MAX_TEXT_BYTES:
+        raise ConfigError(f"{what} {path} is {gib(size)}, above the limit of {gib(MAX_TEXT_BYTES)} for a "
+                          f"{what}: check that this is the right file.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.resources
+import itertools
 import logging
 import random
 import re
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ConfigError, ImageError
+from ..limits import MAX_CLASSES, check_text_size
 from ..preprocess import Preprocessing, apply, read_image
 
 if TYPE_CHECKING:
@@ -73,6 +75,7 @@ class Labels:
                 lines.pop()
             if not lines:
                 raise ConfigError(f"label file {path} is empty: it needs one class name per line.")
+            _check_class_count(len(lines), path)
             split = [line.split("\t", 1) for line in lines]
             if all(len(s) == 2 and _WNID.fullmatch(s[0]) for s in split):
                 names, wnids = [s[1] for s in split], [s[0] for s in split]
@@ -84,6 +87,7 @@ class Labels:
 
 
 def _read_text(path: Path, what: str) -> str:
+    check_text_size(path, what)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -100,11 +104,18 @@ def _parse_dict_literal(text: str, path: Path) -> list[str]:
                           "expected {0: 'tench, Tinca tinca', 1: ...}.") from None
     if not isinstance(table, dict) or not all(isinstance(k, int) and isinstance(v, str) for k, v in table.items()):
         raise ConfigError(f"label file {path}: expected a dict of class index -> name.")
-    if sorted(table) != list(range(len(table))):
-        missing = sorted(set(range(max(table, default=-1) + 1)) - set(table))[:5]
+    _check_class_count(len(table), path)
+    if any(not 0 <= k < len(table) for k in table):  # never sized by the largest index: it can be 10**9
+        missing = list(itertools.islice((i for i in range(len(table)) if i not in table), 5))
         raise ConfigError(f"label file {path}: class indices must be 0..{len(table) - 1} without gaps "
-                          f"(missing e.g. {missing}).")
+                          f"(missing e.g. {missing}; the largest given is {max(table)}).")
     return [table[i] for i in range(len(table))]
+
+
+def _check_class_count(count: int, path: Path) -> None:
+    if count > MAX_CLASSES:
+        raise ConfigError(f"label file {path} names {count} classes, above the limit of {MAX_CLASSES}: "
+                          "give a file with one class name per line.")
 
 
 def _read_wnids(path: Path, count: int) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..io.atomic import write_bytes, write_text
 from ..errors import ConfigError, ImageError
+from ..io.atomic import write_bytes, write_text
+from ..io.npz_read import NpzProblem, read_array
 from ..io.outputs import check_output_dir, check_output_file
-from ..preprocess import read_image
+from ..limits import MAX_CLASSES, check_text_size
+from ..preprocess import MAX_PIXELS, read_image
 from .filenames import quote_path, read_lines, unquote_path
 from .npz_names import npz_names
 
@@ -57,20 +60,26 @@ def images_to_npz(images: Sequence[Path], target: Path, text_path: Path, progres
 def read_datalist(path: Path) -> list[Path]:
     if not Path(path).is_file():
         raise ConfigError(f"datalist not found: {path}. Write it with image2npz.py --text_path.")
+    check_text_size(path, "datalist")
     return [Path(unquote_path(line)) for line in read_lines(path) if line.strip()]
 
 
 def load_input(path: Path) -> np.ndarray:
     """An image2npz file back as an HxWx3 BGR uint8 image (the layout read_image returns)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            chw = data[INPUT_KEY]
-    except (OSError, KeyError, ValueError) as exc:
-        raise ImageError(f"cannot read {path}: {exc}. Expected an npz with key '{INPUT_KEY}' "
-                         "written by image2npz.py.") from exc
-    if chw.ndim != 3 or chw.shape[0] != 3:
-        raise ImageError(f"{path}: '{INPUT_KEY}' has shape {chw.shape}; expected uint8 [3, H, W] RGB.")
+        chw = read_array(path, INPUT_KEY, _image_header_problem)
+    except NpzProblem as exc:
+        raise ImageError(f"cannot read {path}: {exc}. Expected an npz with key '{INPUT_KEY}' (uint8 [3, H, W] "
+                         "RGB) written by image2npz.py.") from None
     return np.ascontiguousarray(chw.transpose(1, 2, 0)[:, :, ::-1])
+
+
+def _image_header_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    if len(shape) != 3 or shape[0] != 3 or dtype != np.uint8:
+        return f"'{INPUT_KEY}' is {dtype} of shape {shape}"
+    if shape[1] * shape[2] > MAX_PIXELS:
+        return f"{shape[2]}x{shape[1]} pixels is above the limit of {MAX_PIXELS} pixels"
+    return None
 
 
 def output_path(out_dir: Path, index: int, input_path: Path) -> Path:
@@ -87,6 +96,18 @@ def read_outputs(datalist: Sequence[Path], out_dir: Path) -> np.ndarray:
         if not path.is_file():
             raise ConfigError(f"missing output {path} for datalist line {i + 1} ({item}). "
                               "Run vamp --datalist with the same datalist and --path_output.")
-        with np.load(path, allow_pickle=False) as data:
-            rows.append(data["output_0"].reshape(-1))
+        try:
+            rows.append(read_array(path, "output_0", _output_header_problem).reshape(-1))
+        except NpzProblem as exc:
+            raise ConfigError(f"cannot read {path} (output of datalist line {i + 1}): {exc}. Run vamp --datalist "
+                              "again to rewrite it.") from None
+        if rows[-1].shape != rows[0].shape:
+            raise ConfigError(f"{path} holds {rows[-1].size} scores, {output_path(out_dir, 0, datalist[0])} "
+                              f"holds {rows[0].size}: the outputs come from different models; run vamp again.")
     return np.stack(rows)
+
+
+def _output_header_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    if dtype.kind not in "fiu" or math.prod(shape) > MAX_CLASSES or math.prod(shape) == 0:
+        return f"'output_0' is {dtype} of shape {shape}, not the scores of up to {MAX_CLASSES} classes"
+    return None
