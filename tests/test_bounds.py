@@ -383,3 +383,155 @@ def test_datalist_not_utf8_is_one_clear_error(tmp_path):
     datalist, out = _decode_setup(tmp_path)
     datalist.write_bytes(b"\xff\xfe/x.npz\n")
     refused([NPZ_DECODE, datalist, out, tmp_path / "result.txt"], "cannot read datalist", "image2npz.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# vamp: sizes checked against the module and the memory available; mod.json read defensively
+# ---------------------------------------------------------------------------------------------
+from test_reliability import compiled, root, run_main, tiny_onnx  # noqa: E402,F401  (module fixtures)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-b", "0"], ["-b/--batch must be an integer >= 1, got 0"]),
+    (["-b", "-1"], ["-b/--batch must be an integer >= 1, got -1"]),
+    (["-i", "0"], ["-i/--instance must be an integer >= 1, got 0"]),
+    (["--iterations", "0"], ["--iterations must be an integer >= 1, got 0"]),
+    (["--iterations", "-5"], ["--iterations must be an integer >= 1"]),
+    (["--warmup", "-1"], ["--warmup must be an integer >= 0, got -1"]),
+    (["-t", "0"], ["-t/--threads must be an integer >= 1, got 0"]),
+    (["-s", "[3,0,224]"], ["-s/--shape must be three sizes >= 1 (C,H,W), got 3,0,224"]),
+    (["-s", "0"], ["-s/--shape must be three sizes >= 1", "got 3,0,0"]),
+    (["-s", "3,32,32,1"], ["-s/--shape must be three sizes"]),
+    (["-s", "3,224,224"], ["-s/--shape 3,224,224 does not match the module, which takes 3,32,32"]),
+    (["-b", "1000000"], ["batch 1000000 of 3x32x32 float32 inputs needs 22.9 GiB", "use a smaller -b/--batch"]),
+    (["-b", "100000000"], ["batch 100000000 of 3x32x32 float32 inputs needs", "use a smaller -b/--batch"]),
+    (["-b", "1000000", "-s", "3,224,224"], ["does not match the module"]),
+])
+def test_vamp_sizes_are_checked_first(args, words, compiled):
+    refused(["vamp", "-m", compiled / "mod", "--warmup", "0", "--iterations", "2", *args], *words)
+
+
+def test_vamp_datalist_batch_checked(compiled, tmp_path):
+    datalist = tmp_path / "list.txt"
+    datalist.write_text("")
+    refused(["vamp", "-m", compiled / "mod", "--datalist", datalist, "--path_output", tmp_path / "out", "-b", "0"],
+            "-b/--batch must be an integer >= 1, got 0")
+
+
+def test_vamp_runs_on_the_module_shape_by_default(compiled):
+    proc, peak = measured("vamp", "-m", compiled / "mod", "--warmup", "0", "--iterations", "2", "-b", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "batch size: 3" in proc.stdout and "samples: 6" in proc.stdout
+
+
+def _input_npz(path: Path, shape: tuple[int, ...], dtype=np.uint8) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("input_0.npy", "w", force_zip64=True) as member:
+            member.write(_npy_header(shape, np.dtype(dtype).str))
+            for _ in range(4):
+                member.write(bytes(16 << 20))
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("20000x20000 claimed", ["40000x20000 pixels is above the limit"]),
+    ("8000x8000 claimed, 64 MB held", ["needs 192000000 bytes, the file holds 67108992"]),
+    ("float64 input", ["'input_0' is float64 of shape (3, 32, 32)"]),
+    ("random bytes", ["not a readable npz"]),
+])
+def test_vamp_datalist_bad_input_npz(kind, words, compiled, tmp_path):
+    item = tmp_path / "a.npz"
+    if kind == "20000x20000 claimed":
+        _input_npz(item, (3, 20000, 40000))
+    elif kind == "8000x8000 claimed, 64 MB held":
+        _input_npz(item, (3, 8000, 8000))
+    elif kind == "float64 input":
+        np.savez(item, input_0=np.zeros((3, 32, 32)))
+    else:
+        item.write_bytes(os.urandom(1000))
+    datalist = tmp_path / "list.txt"
+    datalist.write_text(f"{item}\n")
+    refused(["vamp", "-m", compiled / "mod", "--datalist", datalist, "--path_output", tmp_path / "out"],
+            f"cannot read {item}", *words)
+
+
+META_CASES = {
+    "shape of strings": (lambda m: m["input"].update(shape=["1", "3", "32", "32"]), "'input.shape' must be four"),
+    "shape of booleans": (lambda m: m["input"].update(shape=[True, 3, 32, 32]), "'input.shape' must be four"),
+    "negative size": (lambda m: m["input"].update(shape=[1, 3, -32, 32]), "three sizes >= 1"),
+    "unknown dtype": (lambda m: m["input"].update(dtype="float33"), "'input.dtype' must be a numeric dtype"),
+    "dtype a list": (lambda m: m["input"].update(dtype=[1]), "'input.dtype' must be a numeric dtype"),
+    "cpu feature a number": (lambda m: m.update(cpu_features=[1]), "'cpu_features' must be a list of strings"),
+    "checksum a number": (lambda m: m.update(module_sha256=5), "'module_sha256' must be a str"),
+    "tvm version a list": (lambda m: m.update(tvm_version=[0, 27]), "'tvm_version' must be a str"),
+    "preprocessing a string": (lambda m: m.update(preprocessing="x"), "'preprocessing' must be a dict"),
+    "preprocessing unknown key": (lambda m: m["preprocessing"].update(bogus=1), "'preprocessing': "),
+    "preprocessing bad size": (lambda m: m["preprocessing"].update(resize="ab"), "'preprocessing': "),
+    "nested 100000 deep": (lambda m: m.update(extra="NEST"), "nests 100001 levels deep, above the limit of 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_CASES))
+def test_mod_json_with_wrong_types(case, compiled, tmp_path, capsys):
+    import shutil
+
+    from tvmzoo.cli import vamp_main
+
+    change, words = META_CASES[case]
+    directory = tmp_path / "tiny"
+    shutil.copytree(compiled, directory)
+    meta = json.loads((directory / "mod.json").read_text())
+    change(meta)
+    text = json.dumps(meta).replace('"NEST"', "[" * 100_000 + "]" * 100_000)
+    (directory / "mod.json").write_text(text)
+    proc = run_main(vamp_main, "-m", directory / "mod", "--iterations", "1", "--warmup", "0", capsys=capsys)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: ") and words in proc.stderr and "recompile" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# nesting: build YAML through vamc, vdsp JSON through classification.py
+# ---------------------------------------------------------------------------------------------
+YAML_NESTS = {
+    "flow lists 100000 deep": "name: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "flow mappings 5000 deep": "name: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n",
+    "block lists 3000 deep": "name:\n" + "".join("  " * i + "-\n" for i in range(1, 3000)),
+    "block mappings 3000 deep": "name:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 3000)),
+    "65 levels": "name: " + "[" * 64 + "]" * 64 + "\n",
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_NESTS))
+def test_deep_yaml_is_one_clear_error(case, tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text(YAML_NESTS[case])
+    refused(["vamc", "compile", path], str(path), "nested more than 64 levels deep")
+
+
+def test_yaml_within_the_nesting_bound_reaches_the_schema(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: " + "[" * 63 + "]" * 63 + "\n")
+    line, _ = refused(["vamc", "compile", path], str(path), "name")
+    assert "nested more than" not in line                     # a schema error, not a nesting one
+
+
+VDSP_NESTS = {
+    "lists 100000 deep": "[" * 100_000 + "]" * 100_000,
+    "objects 10000 deep": '{"a": ' * 10_000 + "1" + "}" * 10_000,
+    "deep inside OpConfig": '{"OpType": "x", "OpConfig": ' + "[" * 5000 + "]" * 5000 + "}",
+}
+
+
+@pytest.mark.parametrize("case", list(VDSP_NESTS))
+def test_deep_vdsp_json_is_one_clear_error(case, compiled, tmp_path, sample_images):
+    path = tmp_path / "vdsp.json"
+    path.write_text(VDSP_NESTS[case])
+    refused([ROOT / "common" / "vsx" / "classification.py", "--file_path", sample_images[0], "--model_prefix_path",
+             compiled / "mod", "--vdsp_params_info", path, "--save_dir", tmp_path], str(path),
+            "levels deep, above the limit of 64")
+    assert not (tmp_path / "result.txt").exists()
+
+
+def test_brackets_inside_json_strings_are_not_nesting():
+    from tvmzoo.limits import json_depth
+
+    assert json_depth('{"a": "[[[[{{{{\\"]]", "b": [1, {"c": []}]}') == 4

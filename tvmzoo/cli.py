@@ -159,8 +159,9 @@ def cmd_vamp(args) -> int:
                                pre, batch=args.batch, remote=_remote(args))
         print(f"wrote {n} output npz files to {args.path_output}")
         return 0
-    shape = args.shape if len(args.shape) == 3 else (3, *args.shape * (2 if len(args.shape) == 1 else 1))
-    cfg = bench.BenchConfig(args.instance, args.batch, args.iterations, args.warmup, tuple(shape), args.threads)
+    shape = args.shape if args.shape is None or len(args.shape) == 3 else \
+        (3, *args.shape * (2 if len(args.shape) == 1 else 1))
+    cfg = bench.BenchConfig(args.instance, args.batch, args.iterations, args.warmup, shape, args.threads)
     report = bench.benchmark(args.model_prefix, cfg, remote=_remote(args))
     e2e = None
     if args.images:
@@ -282,7 +283,7 @@ def _add_vamp_args(p) -> None:
     p.add_argument("--vdsp_params", help="vdsp JSON (default: the preprocessing recorded in mod.json)")
     p.add_argument("-i", "--instance", type=int, default=1, help="model instances run in parallel")
     p.add_argument("-b", "--batch", type=int, default=1)
-    p.add_argument("-s", "--shape", type=_size, default=(3, 224, 224), help="input shape C,H,W")
+    p.add_argument("-s", "--shape", type=_size, default=None, help="input shape C,H,W (default: the module's)")
     p.add_argument("--iterations", type=int, default=50, help="batches per instance")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=None, help="threads per instance (default: all cores)")

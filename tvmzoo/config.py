@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .limits import check_text_size, load_yaml
 from .models import FAMILIES
 from .preprocess import Preprocessing
 
@@ -486,6 +487,7 @@ def load_build_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     """Read and validate a build YAML; `overrides` ({"backend.dtype": "fp16"}) are the CLI's --set.
     Relative paths inside resolve against the current working directory."""
     path = Path(path)
+    check_text_size(path, "build config")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -496,7 +498,7 @@ def load_build_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read build config {path}: {err}.") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

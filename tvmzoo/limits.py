@@ -9,6 +9,8 @@ import os
 import re
 from typing import Any
 
+import yaml
+
 MAX_NESTING = 64             # YAML / JSON nesting depth; a build YAML nests 5 deep, a vdsp JSON 3
 MAX_PICKLE_DEPTH = 100       # containers inside containers in a checkpoint pickle; a state dict: about 6
 CHECKPOINT_COPY_SLACK = 256 << 20  # bytes of tensor copies a checkpoint may cause beyond twice its file size
@@ -36,17 +38,32 @@ def json_depth(text: str) -> int:
     return deepest
 
 
-def data_depth(data: Any, limit: int = MAX_NESTING) -> int:
-    """Nesting of parsed lists / dicts, walked without recursion; stops counting above `limit`."""
-    deepest, stack = 0, [(data, 1)]
-    while stack and deepest <= limit:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            node = [*node.keys(), *node.values()]
-        if isinstance(node, (list, tuple)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in node)
-    return deepest
+def json_nesting_problem(text: str) -> str | None:
+    """Why JSON text must not be parsed (json.loads recurses per level), or None."""
+    depth = json_depth(text)
+    return f"it nests {depth} levels deep, above the limit of {MAX_NESTING}" if depth > MAX_NESTING else None
+
+
+class _DepthLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing nesting deeper than MAX_NESTING: PyYAML composes nodes recursively, so
+    a document nested a few thousand deep ends in RecursionError."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load with nesting bounded by MAX_NESTING (raises yaml.YAMLError above it)."""
+    return yaml.load(text, Loader=_DepthLoader)
 
 
 def available_memory() -> int | None:

@@ -50,12 +50,12 @@ def read_array(path: str | Path, key: str,
 def _check_header(shape: tuple[int, ...], dtype: np.dtype, member_bytes: int, check) -> None:
     if dtype.hasobject:
         raise NpzProblem(f"its '{dtype}' array holds Python objects, which are never loaded")
+    problem = check(shape, dtype) if check else None
+    if problem:
+        raise NpzProblem(problem)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > member_bytes:
         raise NpzProblem(f"its array of shape {shape} needs {nbytes} bytes, the file holds {member_bytes}")
     if nbytes > MAX_NPZ_ARRAY_BYTES:
         raise NpzProblem(f"its array of shape {shape} takes {gib(nbytes)}, above the limit of "
                          f"{gib(MAX_NPZ_ARRAY_BYTES)}")
-    problem = check(shape, dtype) if check else None
-    if problem:
-        raise NpzProblem(problem)

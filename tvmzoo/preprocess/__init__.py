@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 
 from ..errors import ConfigError, ImageError
-from ..limits import IMAGE_BYTES_PER_PIXEL, IMAGE_EXTRA_BYTES, IMAGE_HEADER_BYTES
+from ..limits import (IMAGE_BYTES_PER_PIXEL, IMAGE_EXTRA_BYTES, IMAGE_HEADER_BYTES, check_text_size,
+                      json_nesting_problem)
 
 log = logging.getLogger(__name__)
 
@@ -344,12 +345,16 @@ def _load_json(source: str | Path | Mapping[str, Any]) -> tuple[str, Any]:
     if isinstance(source, Mapping):
         return "vdsp params", dict(source)
     path = Path(source)
+    check_text_size(path, "vdsp params file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"vdsp params file {path} does not exist: check the --vdsp_params path.") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read vdsp params file {path}: {err}.") from None
+    too_deep = json_nesting_problem(text)
+    if too_deep:
+        raise ConfigError(f"{path}: {too_deep}; a vdsp params file nests 3 levels.")
     try:
         return str(path), json.loads(text)
     except json.JSONDecodeError as err:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .bench_checks import check_counts, check_memory, input_shape
 from .npz import load_input, output_path, save_npz
 from ..preprocess import Preprocessing
 from .runtime import CompiledModel, stack_aligned
@@ -28,8 +29,11 @@ class BenchConfig:
     batch: int = 1
     iterations: int = 100     # per instance
     warmup: int = 5
-    shape: tuple[int, int, int] = (3, 224, 224)
+    shape: tuple[int, int, int] | None = None  # per sample; None: the module's
     threads: int | None = None  # per instance; None: TVM_NUM_THREADS or all cores
+
+    def __post_init__(self) -> None:
+        check_counts(self)
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,14 @@ def load_models(prefix: str | Path, count: int, remote=None) -> list[CompiledMod
     return [load_remote(prefix, session) for session in open_sessions(remote)]
 
 
-def random_input(model: CompiledModel, batch: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Random NCHW float32 of `shape`, or for a fused module uint8 images of the size it takes."""
+def random_input(model: CompiledModel, batch: int, shape: tuple[int, ...] | None) -> np.ndarray:
+    """Random NCHW float32 of the module's shape, or for a fused module uint8 images of the size it takes;
+    `shape` must agree with the module's. Refused before allocating when it would not fit in memory."""
+    shape = input_shape(model, shape)
+    check_memory(batch, shape, np.uint8 if model.fused else np.float32)
     rng = np.random.default_rng(0)
     if model.fused:
-        data = rng.integers(0, 256, (batch, *model.input_shape[1:]), dtype=np.uint8)
+        data = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
     else:
         data = rng.standard_normal((batch, *shape), dtype=np.float32)
     return stack_aligned(list(data))  # read in place, as a deployment's input binding would be
@@ -135,6 +142,7 @@ def run_datalist(prefix: str | Path, datalist: Sequence[Path], out_dir: Path, pr
     from ..io.outputs import check_output_dir
     from .runner import model_input
 
+    check_counts(BenchConfig(batch=batch))
     check_output_dir(out_dir, "--path_output")
     model = load_models(prefix, 1, remote)[0]
     done = 0
