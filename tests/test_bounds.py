@@ -159,6 +159,16 @@ def test_deflated_storage_bomb_refused(torch, tmp_path):
     refused(_export(bomb, tmp_path), "refusing to read checkpoint", "storage '0' needs 512.0 MiB")
 
 
+@pytest.mark.parametrize("arrays, named", [
+    ({"w": (80 << 20,)}, "w"),                                       # 320 MB from a 0.3 MB file
+    ({"a": (32 << 20,), "b": (32 << 20,), "c": (32 << 20,)}, "c"),  # 128 MB each: the third is over
+])
+def test_deflated_npz_checkpoint_bomb_refused(arrays, named, tmp_path):
+    path = tmp_path / "bomb.npz"
+    _deflated_npz(path, arrays, np.float32, held=4 * (next(iter(arrays.values()))[0]))
+    refused(_export(path, tmp_path), "refusing to read checkpoint", f"tensor '{named}'", "more than")
+
+
 def _nested(kind: str, depth: int) -> bytes:
     nest = b")" + b"\x85" * depth                                   # ((((),),),) ... via TUPLE1
     pid = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ"
@@ -424,12 +434,14 @@ def test_vamp_runs_on_the_module_shape_by_default(compiled):
     assert "batch size: 3" in proc.stdout and "samples: 6" in proc.stdout
 
 
-def _input_npz(path: Path, shape: tuple[int, ...], dtype=np.uint8) -> None:
+def _deflated_npz(path: Path, arrays: dict[str, tuple[int, ...]], dtype=np.uint8, held: int = 64 << 20) -> None:
+    """An npz whose arrays claim `arrays` shapes, each holding `held` bytes of deflated zeros."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        with zf.open("input_0.npy", "w", force_zip64=True) as member:
-            member.write(_npy_header(shape, np.dtype(dtype).str))
-            for _ in range(4):
-                member.write(bytes(16 << 20))
+        for key, shape in arrays.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
+                member.write(_npy_header(shape, np.dtype(dtype).str))
+                for _ in range(held >> 24):
+                    member.write(bytes(16 << 20))
 
 
 @pytest.mark.parametrize("kind, words", [
@@ -441,9 +453,9 @@ def _input_npz(path: Path, shape: tuple[int, ...], dtype=np.uint8) -> None:
 def test_vamp_datalist_bad_input_npz(kind, words, compiled, tmp_path):
     item = tmp_path / "a.npz"
     if kind == "20000x20000 claimed":
-        _input_npz(item, (3, 20000, 40000))
+        _deflated_npz(item, {"input_0": (3, 20000, 40000)})
     elif kind == "8000x8000 claimed, 64 MB held":
-        _input_npz(item, (3, 8000, 8000))
+        _deflated_npz(item, {"input_0": (3, 8000, 8000)})
     elif kind == "float64 input":
         np.savez(item, input_0=np.zeros((3, 32, 32)))
     else:

@@ -23,6 +23,7 @@ import numpy as np
 from .atomic import atomic_path
 from ..errors import CheckpointError, printable
 from ..limits import CHECKPOINT_COPY_SLACK, MAX_PICKLE_DEPTH, gib
+from .npz_read import NpzProblem, read_array
 
 logger = logging.getLogger(__name__)
 
@@ -392,9 +393,25 @@ def _check_storage_size(storage: _Storage, nbytes: int) -> None:
                        f"{storage.elem.name} elements ({need} bytes)")
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
+def _read_npz(path: Path, names: list[str], budget: _Budget) -> dict[str, np.ndarray]:
+    """Each array's header checked against the budget before it is inflated (np.load allocates the claim)."""
+    over: list[str] = []
+
+    def fits(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+        try:
+            budget.take(math.prod(shape) * dtype.itemsize, "it")
+        except _TooBig as e:
+            over.append(str(e))
+            return str(e)
+        return None
+
+    state = {}
+    for key in (name[:-len(".npy")] for name in names):
+        try:
+            state[key] = read_array(path, key, fits)
+        except NpzProblem as e:
+            raise (_TooBig if over else _Corrupt)(f"tensor '{printable(key, 120)}': {e}") from None
+    return state
 
 
 def _read_any(path: Path, budget: _Budget) -> tuple[Any, str]:
@@ -408,7 +425,7 @@ def _read_any(path: Path, budget: _Budget) -> tuple[Any, str]:
             if pkls:
                 return _read_torch_zip(zf, pkls[0], path, budget)
             if names and all(n.endswith(".npy") for n in names):
-                return _read_npz(path), "<"
+                return _read_npz(path, names, budget), "<"
             raise CheckpointError(f"{path} is a zip archive but neither a torch.save file (no data.pkl) "
                                   f"nor an .npz (members: {', '.join(names[:5]) or 'none'}). "
                                   f"Supported formats: {SUPPORTED}.")
@@ -550,9 +567,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except CheckpointError:
         raise
     except (_TooBig, MemoryError) as e:
-        raise CheckpointError(f"refusing to read checkpoint {path}: {_describe(e)}. Tensors that are views of "
-                              f"one storage or expanded (stride 0) are copied out when read; save real tensors "
-                              f"(e.g. {{k: v.clone() for k, v in state_dict.items()}}).") from None
+        raise CheckpointError(f"refusing to read checkpoint {path}: {_describe(e)}. Views of one storage and "
+                              f"expanded (stride 0) tensors are copied out when read, compressed arrays inflated; "
+                              f"save real tensors (e.g. {{k: v.clone() for k, v in state_dict.items()}}).") from None
     except PermissionError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: permission denied. Make it readable "
                               f"(chmod) or copy it somewhere you can read.") from e
