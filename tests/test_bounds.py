@@ -69,7 +69,8 @@ def refused(cmd, *words: str, code: int = 2, prefix: str = "error: ") -> tuple[s
     for word in words:
         assert word in errors[0], (word, errors[0])
     assert peak < GB, f"peak RSS {peak / GB:.2f} GB"
-    print(f"peak RSS {peak >> 20} MB: ...{errors[0][-110:]}")
+    case = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].removesuffix(" (call)")
+    print(f"\npeak RSS {peak >> 20:4d} MB  {case}: ...{errors[0][-100:]}")
     return errors[0], peak
 
 
@@ -132,7 +133,7 @@ def test_view_bomb_checkpoint_refused_naming_the_tensor(kind, torch, tmp_path):
 
 def test_a_few_shared_views_still_load(torch, tmp_path):
     """Tied weights (views of one storage) within the budget load as before, values and all."""
-    from tvmzoo.checkpoint import load_state_dict
+    from tvmzoo.io.checkpoint import load_state_dict
 
     base = torch.arange(12, dtype=torch.float32)
     state = {"a": base.view(3, 4), "b": base.view(4, 3).t(), "c": base[2:5], "d": torch.ones(1).expand(5, 5)}
@@ -202,7 +203,7 @@ def test_deeply_nested_pickle_is_a_clean_error(kind, container, tmp_path):
 
 
 def test_nesting_just_inside_the_bound_still_reads(tmp_path):
-    from tvmzoo.checkpoint import load_state_dict
+    from tvmzoo.io.checkpoint import load_state_dict
     from tvmzoo.limits import MAX_PICKLE_DEPTH
 
     inner = np.arange(3, dtype=np.float32)
@@ -300,7 +301,7 @@ NPZ_DECODE = ROOT / "common" / "eval" / "vamp_npz_decode.py"
 
 def _decode_setup(tmp_path: Path, classes: int = 10) -> tuple[Path, Path]:
     """A datalist of two inputs and their vamp outputs (scores of `classes` classes)."""
-    from tvmzoo.npz import output_path, save_npz
+    from tvmzoo.run.npz import output_path, save_npz
 
     items = [tmp_path / "npz" / "a.npz", tmp_path / "npz" / "b.npz"]
     datalist = tmp_path / "list.txt"
@@ -367,7 +368,11 @@ def _damage_output(kind: str, path: Path) -> list[str]:
     if kind == "header claims 40 GB":
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr("output_0.npy", _npy_header((100_000, 100_000)) + bytes(64))
-        return ["needs 40000000000 bytes, the file holds"]
+        return ["float32 of shape (100000, 100000), not the scores of up to 1000000 classes"]
+    if kind == "header claims more than held":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("output_0.npy", _npy_header((1, 4000)) + bytes(64))
+        return ["needs 16000 bytes, the file holds"]
     if kind == "2M scores, deflated":
         np.savez_compressed(path, output_0=np.zeros((1, 2_000_000), np.float32))
         return ["not the scores of up to 1000000 classes"]
@@ -378,9 +383,9 @@ def _damage_output(kind: str, path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["random bytes", "truncated", "key missing", "object array", "header claims 40 GB",
-                                  "2M scores, deflated", "other width"])
+                                  "header claims more than held", "2M scores, deflated", "other width"])
 def test_corrupt_output_npz_is_one_clear_error(kind, tmp_path):
-    from tvmzoo.npz import output_path
+    from tvmzoo.run.npz import output_path
 
     datalist, out = _decode_setup(tmp_path)
     damaged = output_path(out, 1, Path(datalist.read_text().splitlines()[1]))
