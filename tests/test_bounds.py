@@ -14,8 +14,6 @@ import re
 import resource
 import subprocess
 import sys
-import tempfile
-import threading
 import zipfile
 from pathlib import Path
 
@@ -35,27 +33,26 @@ def _limit() -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (SAFETY, SAFETY))
 
 
+# The script runs inside this wrapper, which prints the process's own peak (VmHWM) as it exits. ru_maxrss
+# of a child would not do: Linux carries the forking parent's peak (this pytest process) into it.
+_PEAK = ("import atexit, runpy, sys\n"
+         "def peak():\n"
+         "    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+         "    sys.stderr.write(f'\\npeak_kb {line.split()[1]}\\n')\n"
+         "atexit.register(peak)\n"
+         "sys.argv = sys.argv[1:]\n"
+         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
 def measured(*cmd, timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
-    """Run a command; its result and its peak resident memory in bytes."""
-    program = [sys.executable, str(cmd[0])] if str(cmd[0]).endswith(".py") else [str(BIN / cmd[0])]
-    if cmd[0] == "python":
-        program = [sys.executable]
-    args = [*program, *map(str, cmd[1:])]
-    env = {**os.environ, "TVM_NUM_THREADS": "2", "PYTHONFAULTHANDLER": ""}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env, preexec_fn=_limit)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(args, proc.returncode, out.read().decode(errors="replace"),
-                                             err.read().decode(errors="replace"))
-    return result, usage.ru_maxrss * 1024
+    """Run a console script or a .py script; its result and its peak resident memory in bytes."""
+    script = str(cmd[0]) if str(cmd[0]).endswith(".py") else str(BIN / cmd[0])
+    args = [sys.executable, "-c", _PEAK, script, *map(str, cmd[1:])]
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    proc = subprocess.run(args, capture_output=True, env=env, preexec_fn=_limit, timeout=timeout)
+    out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    peaks = [int(line.split()[1]) for line in err.splitlines() if line.startswith("peak_kb ")]
+    return subprocess.CompletedProcess(args, proc.returncode, out, err), (peaks[-1] << 10) if peaks else -1
 
 
 def refused(cmd, *words: str, code: int = 2, prefix: str = "error: ") -> tuple[str, int]:
