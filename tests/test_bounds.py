@@ -215,12 +215,30 @@ def test_nesting_just_inside_the_bound_still_reads(tmp_path):
         load_state_dict(path)
 
 
-def test_control_characters_in_global_names_are_escaped(tmp_path):
-    path = tmp_path / "evil.pdparams"
-    path.write_bytes(b"\x80\x02cos\x1b[2J\x1b]0;pwned\x07\nsys" + "\u2028".encode() + b"tem\n)R.")
-    line, _ = refused(_export(path, tmp_path), "refusing to load", "\\x1b[2J\\x1b]0;pwned\\x07", "\\u2028")
+@pytest.mark.parametrize("where", ["global name", "tensor name", "storage key"])
+def test_control_characters_from_a_checkpoint_are_escaped(where, tmp_path, torch):
+    path = tmp_path / "evil.pth"
+    evil = "\x1b[2J\x1b]0;pwned\x07" + "\u2028"
+    if where == "global name":
+        path.write_bytes(b"\x80\x02c" + f"os{evil}\nsystem\n".encode() + b")R.")
+        words = ["refusing to load", "os\\x1b[2J\\x1b]0;pwned\\x07\\u2028.system"]
+    elif where == "tensor name":
+        from tvmzoo.models import repvgg
+
+        state = repvgg.random_state_dict("A0", "official", np.random.default_rng(0))
+        torch.save({**{k: torch.from_numpy(v) for k, v in state.items()}, f"w{evil}": torch.zeros(1)}, path)
+        words = ["unexpected key 'w\\x1b[2J\\x1b]0;pwned\\x07\\u2028'"]
+    else:
+        key = "\x1b[2J".encode()
+        pid = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX" + len(key).to_bytes(4, "little") + key \
+            + b"X\x03\x00\x00\x00cpuK\x01tQ"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("archive/data.pkl", b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
+                        + pid + b"K\x00K\x01\x85K\x01\x85\x89}tRs.")
+        words = ["storage '\\x1b[2J' is missing"]
+    line, _ = refused(_export(path, tmp_path), *words)
     proc, _ = measured(*_export(path, tmp_path))
-    assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr and "\u2028" not in proc.stderr
+    assert not {"\x1b", "\x07", "\u2028"} & set(proc.stderr), proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -538,13 +538,14 @@ def _warn_non_finite(state: dict[str, np.ndarray], path: Path) -> None:
 
 
 def _describe(e: Exception) -> str:
+    """One line for the terminal: names from the file (storage keys, tensor names) arrive escaped."""
     if isinstance(e, _Corrupt):
-        return str(e)
+        return printable(e, 400)
     if isinstance(e, EOFError):
         return "the data ends unexpectedly"
     if isinstance(e, MemoryError):
         return "its tensors do not fit in memory"
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return printable(f"{type(e).__name__}: {e}", 400) if str(e) else type(e).__name__
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
