@@ -343,7 +343,12 @@ LABEL_BOMBS = {  # name: (file content or a size to make a sparse file of, words
     "a billion as a string key": ("{'1000000000': 'x'}", ["expected a dict of class index -> name"]),
     "1,000,001 lines": ("x\n" * 1_000_001, ["names 1000001 classes, above the limit of 1000000"]),
     "100 MB file": (100 << 20, ["is 100.0 MiB, above the limit of 64.0 MiB"]),
-    "nested 100000 deep": ("{0: " + "(" * 100_000 + ")" * 100_000 + "}", ["not a valid one"]),
+    "nested 100000 deep": ("{0: " + "(" * 100_000 + ")" * 100_000 + "}", ["line 1: expected a dict of class"]),
+    "1,000,001 entries as a dict (13 MB; the whole-file parse took 2.1 GB)": (
+        "{" + ",\n".join(f"{i}: 'class {i}'" for i in range(1_000_001)) + "}",
+        ["names 1000001 classes, above the limit"]),
+    "dict not closed": ("{0: 'a',\n1: 'b'\n", ["does not close it with '}'"]),
+    "code instead of a name": ("{0: 'a',\n1: __import__('os').system('true')}", ["line 2: expected a dict"]),
 }
 
 
