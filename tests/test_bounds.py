@@ -414,10 +414,10 @@ def test_corrupt_output_npz_is_one_clear_error(kind, tmp_path):
     assert not (tmp_path / "result.txt").exists()
 
 
-def test_datalist_not_utf8_is_one_clear_error(tmp_path):
+def test_datalist_not_utf8_is_read_and_its_output_named(tmp_path):
     datalist, out = _decode_setup(tmp_path)
     datalist.write_bytes(b"\xff\xfe/x.npz\n")
-    refused([NPZ_DECODE, datalist, out, tmp_path / "result.txt"], "cannot read datalist", "image2npz.py")
+    refused([NPZ_DECODE, datalist, out, tmp_path / "result.txt"], "missing output", "for datalist line 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +542,13 @@ def test_deep_yaml_is_one_clear_error(case, tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text(YAML_NESTS[case])
     refused(["vamc", "compile", path], str(path), "nested more than 64 levels deep")
+
+
+def test_deep_set_value_is_one_clear_error(tmp_path):
+    path = tmp_path / "any.yaml"
+    path.write_text("name: x\n")
+    refused(["vamc", "compile", path, "--set", "frontend.shape.input=" + "[" * 30_000 + "]" * 30_000],
+            "frontend.shape.input", "expected a list, got a string")
 
 
 def test_yaml_within_the_nesting_bound_reaches_the_schema(tmp_path):

@@ -26,13 +26,15 @@ def _overrides(items: Sequence[str]) -> dict:
     """--set key.path=value, the value read as YAML once ('null' -> None, "'null'" -> the string null)."""
     import yaml
 
+    from .limits import load_yaml
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise TvmzooError(f"--set {item}: write it as key.path=value, e.g. --set backend.dtype=fp16")
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = load_yaml(value)  # nesting bounded: a value nested 100000 deep is kept as text
         except yaml.YAMLError:  # not a YAML scalar or list: the text as is; the config check says if it fits
             out[key] = value
     return out
