@@ -583,6 +583,18 @@ def _jpeg_is_complete(buf: bytes) -> bool:
     return sos >= 0 and buf.find(b"\xff\xd9", sos) >= 0
 
 
+def _checked_size(head: bytes | bytearray, path: str | Path, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header, refused when unknown or above `max_pixels`."""
+    size = _header_size(head)
+    if size is None:  # never hand OpenCV a file whose size is unknown: it would allocate first, then refuse
+        raise ImageError(f"cannot decode {path}: not a supported image or corrupt/truncated data "
+                         f"({_format_of(head)}; tvmzoo reads {', '.join(_FORMATS.values())}).")
+    if size[0] * size[1] > max_pixels:
+        raise ImageError(f"cannot decode {path}: {size[0]}x{size[1]} pixels is above the limit of "
+                         f"{max_pixels} pixels; downscale the image first.")
+    return size
+
+
 def _read_bounded(path: Path, max_pixels: int) -> bytearray:
     """The file's bytes, read whole only once its header gives a size within `max_pixels` and the file
     is no larger than that many pixels can take (IMAGE_BYTES_PER_PIXEL, + IMAGE_EXTRA_BYTES of metadata)."""
@@ -595,12 +607,7 @@ def _read_bounded(path: Path, max_pixels: int) -> bytearray:
         while size is None and head[:2] == b"\xff\xd8" and len(head) < min(total, IMAGE_HEADER_BYTES):
             head += f.read(min(len(head), IMAGE_HEADER_BYTES - len(head)))  # EXIF / ICC segments first
             size = _header_size(head)
-        if size is None:  # never hand OpenCV a file whose size is unknown: it would allocate first, then refuse
-            raise ImageError(f"cannot decode {path}: not a supported image or corrupt/truncated data "
-                             f"({_format_of(head)}; tvmzoo reads {', '.join(_FORMATS.values())}).")
-        if size[0] * size[1] > max_pixels:
-            raise ImageError(f"cannot decode {path}: {size[0]}x{size[1]} pixels is above the limit of "
-                             f"{max_pixels} pixels; downscale the image first.")
+        size = _checked_size(head, path, max_pixels)
         most = size[0] * size[1] * IMAGE_BYTES_PER_PIXEL + IMAGE_EXTRA_BYTES
         if total > most:
             raise ImageError(f"cannot decode {path}: the file holds {total} bytes, more than a {size[0]}x{size[1]} "
@@ -634,13 +641,7 @@ def decode_image(buf: np.ndarray | bytes | bytearray, path: str, max_pixels: int
     buf = np.frombuffer(raw, np.uint8)
     if buf.size == 0:
         raise ImageError(f"cannot decode {path}: the file is empty (0 bytes); re-copy or remove it.")
-    size = _header_size(raw)
-    if size is None:  # never hand OpenCV a file whose size is unknown: it would allocate first, then refuse
-        raise ImageError(f"cannot decode {path}: not a supported image or corrupt/truncated data "
-                         f"({_format_of(raw)}; tvmzoo reads {', '.join(_FORMATS.values())}).")
-    if size[0] * size[1] > max_pixels:
-        raise ImageError(f"cannot decode {path}: {size[0]}x{size[1]} pixels is above the limit of "
-                         f"{max_pixels} pixels; downscale the image first.")
+    _checked_size(raw, path, max_pixels)
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as err:
