@@ -129,7 +129,10 @@ def cmd_npz_decode(args) -> int:
 def cmd_vamp(args) -> int:
     from .run import bench
     from .run.runner import resolve_preprocessing
+    from .run.vendor_flags import vendor_notes
 
+    for note in vendor_notes(args.processes, args.device_ids, args.dtype, args.vendor_extra):
+        print(f"note: {note}", file=sys.stderr)
     if args.datalist:
         from .run.npz import read_datalist
 
@@ -228,13 +231,17 @@ def _add_compile_and_tune(sub) -> None:
 def _add_vamp_args(p) -> None:
     p.add_argument("-m", "--model_prefix", required=True, help="<workspace>/<name>/mod")
     p.add_argument("--vdsp_params", help="vdsp JSON (default: the preprocessing recorded in mod.json)")
-    p.add_argument("-i", "--instance", type=int, default=1, help="model instances run in parallel")
-    p.add_argument("-b", "--batch", type=int, default=1)
+    p.add_argument("-i", "--instance", type=int, default=1, help="model instances run in parallel (throughput mode)")
+    p.add_argument("-b", "--batch", "--batch_size", type=int, default=1)
     p.add_argument("-s", "--shape", type=_size, default=(3, 224, 224), help="input shape C,H,W")
     p.add_argument("--iterations", type=int, default=50, help="batches per instance")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads per instance (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads per instance, each instance on its own cores (default: cores / instances)")
     p.add_argument("-d", "--device_ids", default="[0]", help="accepted for vendor compatibility (CPU: one device)")
+    p.add_argument("-p", "--processes", type=int, default=None, help="vendor: processes per card (ignored, noted)")
+    p.add_argument("--dtype", default=None, help="vendor: input dtype (ignored, noted: the module's is used)")
+    p.add_argument("vendor_extra", nargs="*", help=argparse.SUPPRESS)  # `-i 2 p 2` in vendor READMEs
     p.add_argument("--datalist", help="npz list from image2npz: infer each and write output npz files")
     p.add_argument("--path_output", default="./vamp_output", help="where --datalist outputs go")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
