@@ -64,7 +64,8 @@ def nominal_peak() -> tuple[float, str]:
                   f"offsets and shared cores move the real figure)")
 
 
-def build_cfg(model: str, precision: str, batch: int, calib: int):
+def build_cfg(model: str, precision: str, batch: int, calib: int, extra: dict | None = None):
+    """The shipped YAML of `model` for this build (`extra`: more overrides, e.g. backend.target)."""
     overrides = {"name": f"{model}_{precision}_b{batch}", "backend.dtype": precision,
                  "frontend.shape": {"input": [batch, 3, 224, 224]},
                  "frontend.checkpoint": str(WORK / "onnx" / f"{model}.onnx"), "workspace.path": str(WORK),
@@ -76,7 +77,7 @@ def build_cfg(model: str, precision: str, batch: int, calib: int):
             from tvmzoo.models.repvgg import random_state_dict
             save_npz(random_state_dict("A0", "official", np.random.default_rng(0)), ckpt)
         overrides["model.weights"] = str(ckpt)
-    return load_build_config(ROOT / "build_in" / "build" / YAMLS[model], overrides)
+    return load_build_config(ROOT / "build_in" / "build" / YAMLS[model], {**overrides, **(extra or {})})
 
 
 def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
