@@ -179,6 +179,23 @@ def cmd_eval(args) -> int:
     rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace,
                                options=options)
     print(format_table(rows))
+    from .eval.report import eval_paths, save_eval_table
+
+    table, _ = eval_paths(args.yaml, args.workspace)
+    save_eval_table(rows, table)
+    print(f"wrote {table} (`tvmzoo report {args.yaml}` charts it with each build's speed)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.report import build_report, eval_paths, write_report
+
+    table, name = eval_paths(args.yaml, args.workspace)
+    rows = build_report(Path(args.eval) if args.eval else table, name, args.rounds)
+    out = Path(args.output) if args.output else table.parent / f"{name}-report"
+    md, png = write_report(rows, out, f"{name}: accuracy vs latency on {rows[0].target}")
+    print(md.read_text())
+    print(f"wrote {md} and {png}")
     return 0
 
 
@@ -306,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer_mode", choices=("sync", "async"), default="async")
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="accuracy (tvmzoo eval) vs latency of every build of a model: chart + table")
+    p.add_argument("yaml")
+    p.add_argument("--eval", default=None, help="tvmzoo eval's table (default: <workspace>/<name>-eval.md)")
+    p.add_argument("--workspace", default=None, help="where tvmzoo eval put its builds (default: the YAML's)")
+    p.add_argument("--output", default=None, help="folder for report.md / report.png (default: <workspace>/<name>-report)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per build")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
     dev = p.add_subparsers(dest="device_command", required=True)
