@@ -319,12 +319,19 @@ def main() -> None:
     ap.add_argument("--target", default=None, help="build tvmzoo for this -mcpu (one this CPU can run)")
     ap.add_argument("--quick", action="store_true", help="3 rounds: proves the run, numbers are rough")
     ap.add_argument("--reuse", action="store_true", help="keep builds already in workspace/bench_vs_ort")
+    ap.add_argument("--build-only", action="store_true", help="compile the tvmzoo builds, measure nothing "
+                    "(then run with --reuse when the machine is quiet)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import openvino
 
     args.rounds = min(args.rounds, 3) if args.quick else args.rounds
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    if args.build_only:
+        for model in args.models:
+            for batch in sorted({1, *args.batches}):
+                print({k: v[1] or str(v[0]) for k, v in tvmzoo_builds(model, batch, args).items()}, flush=True)
+        return
     header, title = cpu_description(args.target)
     print(header, flush=True)
     core, rows = openvino.Core(), []
