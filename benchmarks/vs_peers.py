@@ -33,7 +33,7 @@ from vs_onnxruntime import (PHOTOS, ROOT, TITLES, WORK, agreement, build_cfg, or
 
 from tvmzoo.compile.cpu import KERNEL_ISA, host_cpu, host_flags  # noqa: E402
 from tvmzoo.errors import TvmzooError  # noqa: E402
-from tvmzoo.runtime import stack_aligned  # noqa: E402
+from tvmzoo.run.runtime import stack_aligned  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "vs_peers.md"
 THROUGHPUT_SECONDS = 2.0
@@ -96,7 +96,7 @@ def openvino_images_per_second(compiled, x: np.ndarray) -> float:
 
 
 def tvmzoo_images_per_second(directory: Path, instances: int, threads: int, seconds_per_image: float) -> float:
-    from tvmzoo.bench import BenchConfig, benchmark
+    from tvmzoo.run.bench import BenchConfig, benchmark
 
     iterations = max(5, round(THROUGHPUT_SECONDS / max(seconds_per_image, 1e-4) / instances * threads))
     report = benchmark(directory / "mod", BenchConfig(instances, 1, iterations, 2, (3, 224, 224), threads))
@@ -106,7 +106,7 @@ def tvmzoo_images_per_second(directory: Path, instances: int, threads: int, seco
 def tvmzoo_builds(model: str, batch: int, args) -> dict[str, tuple[Path | None, str]]:
     """{"tvmzoo <precision>": (model directory or None, note)}: a precision this tvmzoo does not accept,
     or that fails to compile, is a row saying so."""
-    from tvmzoo.compiler import PRECISIONS, compile_model
+    from tvmzoo.compile.compiler import PRECISIONS, compile_model
 
     builds = {}
     extra = {"backend.target": {"kind": "llvm", "mcpu": args.target}} if args.target else {}
@@ -134,10 +134,10 @@ def tvmzoo_builds(model: str, batch: int, args) -> dict[str, tuple[Path | None, 
 def peer_models(model: str, args) -> tuple[Path, Path, np.ndarray, object]:
     """The deploy ONNX, ONNX Runtime's QDQ int8 model of it (saved for OpenVINO), real photos (not among the
     calibration images) and the preprocessing."""
-    from tvmzoo.compiler import ensure_onnx, input_spec, preprocessing_of
-    from tvmzoo.data import calibration_batches, find_images
+    from tvmzoo.compile.compiler import ensure_onnx, input_spec, preprocessing_of
+    from tvmzoo.io.images import calibration_batches, find_images
     from tvmzoo.preprocess import apply, read_image
-    from tvmzoo.quantize import quantize_model
+    from tvmzoo.compile.quant.quantize import quantize_model
 
     cfg = build_cfg(model, "int8", 1, args.calib)
     fp32_path = ensure_onnx(cfg, input_spec(cfg))
@@ -151,7 +151,7 @@ def peer_models(model: str, args) -> tuple[Path, Path, np.ndarray, object]:
 
 
 def latency_runs(core, paths: tuple[Path, Path], builds: dict, batch: int, x: np.ndarray) -> dict:
-    from tvmzoo.runtime import CompiledModel
+    from tvmzoo.run.runtime import CompiledModel
 
     fp32, qdq = paths
     sessions = {"ORT fp32": ort_session(onnx.load(str(fp32))), "ORT int8 (QDQ)": ort_session(onnx.load(str(qdq)))}
@@ -283,7 +283,7 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tvmzoo.atomic import atomic_path
+    from tvmzoo.io.atomic import atomic_path
 
     lat = [r for r in rows if r["mode"] == "latency" and r["value"] is not None]
     tp = [r for r in rows if r["mode"] == "throughput"]
@@ -345,7 +345,7 @@ def main() -> None:
         per_image = {r["build"]: r["value"] for r in rows if r["model"] == model and r["batch"] == 1
                      and r["mode"] == "latency" and r["value"] is not None}
         rows += throughput_rows(model, core, (fp32, qdq), ones, images[:1], args, per_image)
-    from tvmzoo.atomic import write_text
+    from tvmzoo.io.atomic import write_text
 
     out = OUT.with_name(f"vs_peers_{args.target}.md") if args.target else OUT
     text = markdown(rows, header, args, (load0, os.getloadavg()[0]), time.perf_counter() - t0)

@@ -134,9 +134,9 @@ def test_fp16_never_emulated(tmp_path, mcpu, native):
     needed = set(features_of(mcpu))
     if not needed <= (host_flags() or set()):
         pytest.skip(f"this CPU cannot run {mcpu} code")
-    from tvmzoo.compiler import compile_model
+    from tvmzoo.compile.compiler import compile_model
     from tvmzoo.config import load_build_config
-    from tvmzoo.runtime import CompiledModel
+    from tvmzoo.run.runtime import CompiledModel
 
     directory = compile_model(load_build_config(_yaml(tmp_path, "fp16", {"kind": "llvm", "mcpu": mcpu})))
     meta = json.loads((directory / "mod.json").read_text())

@@ -29,7 +29,7 @@ def test_instances_get_their_own_cores():
 
 def test_pinned_pool_runs_on_its_core(tiny):
     """For real: after pinning, a model run in a thread leaves that thread on the core it was given."""
-    from tvmzoo.runtime import CompiledModel, stack_aligned
+    from tvmzoo.run.runtime import CompiledModel, stack_aligned
 
     model = CompiledModel.load(tiny)
     x = stack_aligned([np.zeros((3, 32, 32), np.float32)])
