@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-# Why each precision is fast, per feature: (precision, the features it needs (all), what to call it).
-# Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
-# 0.54-0.66x of fp32) and Zen 4 (issue 15: OpenVINO bf16 0.5x, int8 0.3x of fp32).
+# Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
+# it). Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
+# 0.54-0.66x of fp32) and Zen 4 (issue 15: OpenVINO bf16 0.5x, int8 0.3x of fp32). The AMX kernels
+# (int8 / bf16 tiles, issue 15 part B) add their rows here with the measurement that places them.
 _FAST_PATHS: tuple[tuple[str, frozenset[str], str], ...] = (
-    ("int8", frozenset({"amx-int8"}), "AMX-INT8"),
-    ("bf16", frozenset({"amx-bf16"}), "AMX-BF16"),
     ("int8", frozenset({"avx512vnni"}), "AVX512-VNNI"),
     ("int8", frozenset({"avxvnni"}), "AVX-VNNI"),
     ("fp16", frozenset({"avx512fp16"}), "AVX512-FP16"),
