@@ -197,13 +197,18 @@ def chart(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no chart")
         return
-    from tvmzoo.io.atomic import atomic_path
-
     labels = [f"{r['model']} b{r['batch']} {r['build']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1))
     ax.barh(labels[::-1], [r["ms"] for r in rows][::-1])
     ax.set_xscale("log")
     ax.set_xlabel("median ms / image (log scale, lower is better)")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A PNG written whole or not at all."""
+    from tvmzoo.io.atomic import atomic_path
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

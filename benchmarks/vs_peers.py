@@ -29,7 +29,7 @@ import onnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_onnxruntime import (PHOTOS, ROOT, TITLES, WORK, agreement, build_cfg, ort_session,  # noqa: E402
-                            round_robin)
+                            round_robin, save_figure)
 
 from tvmzoo.compile.cpu import KERNEL_ISA, host_cpu, host_flags  # noqa: E402
 from tvmzoo.errors import TvmzooError  # noqa: E402
@@ -283,8 +283,6 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tvmzoo.io.atomic import atomic_path
-
     lat = [r for r in rows if r["mode"] == "latency" and r["value"] is not None]
     tp = [r for r in rows if r["mode"] == "throughput"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.28 * max(len(lat), len(tp)) + 1.6),
@@ -301,10 +299,7 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
     ax2.legend(handles=[Patch(color=c, label=n) for n, c in colors.items()], fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:
