@@ -140,6 +140,8 @@ def test_fp16_never_emulated(tmp_path, mcpu, native):
 
     directory = compile_model(load_build_config(_yaml(tmp_path, "fp16", {"kind": "llvm", "mcpu": mcpu})))
     meta = json.loads((directory / "mod.json").read_text())
+    assert meta["target"]["mcpu"] == mcpu and meta["target_choice"] == "backend.target"
+    assert set(meta["cpu_features"]) == set(features_of(mcpu)) and ("avx512fp16" in meta["cpu_features"]) == native
     x = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
     out = CompiledModel.load(directory).run(x)
     ref = ort.InferenceSession(onnx.load(str(tmp_path / "tiny.onnx")).SerializeToString())

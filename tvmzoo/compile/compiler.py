@@ -23,6 +23,7 @@ from ..errors import ConfigError, ModuleError, TvmzooError
 from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
+from .cpu import host_cpu
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -256,6 +257,7 @@ def compile_model(cfg: BuildConfig) -> Path:
             "compute": {"precision": plan.compute, "note": plan.note},
             "target": target,
             "cpu_features": required_features(target),
+            "target_choice": "backend.target" if cfg.backend.target else host_cpu().reason,
             "input": {**asdict(spec), "shape": list(spec.shape)},
             "outputs": output_shapes(model),
             "softmax": cfg.graph.extra_ops == "softmax",
