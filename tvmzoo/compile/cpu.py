@@ -145,7 +145,7 @@ def nearest_records(cpu: str, available: Iterable[str],
     if same:
         return same[0], f"no records for {cpu}; {same[0]} has the same vector ISA ({', '.join(sorted(isa))})"
     if not available:
-        return None, f"no tuning records for this model (any CPU)"
+        return None, "no CPU has tuning records for this build"
     diffs = "; ".join(f"{c}: {_isa_diff(features(c) & KERNEL_ISA, isa)}" for c in available)
     return None, f"no records for {cpu} or a CPU with its vector ISA ({diffs})"
 
