@@ -100,6 +100,7 @@ def tvmzoo_images_per_second(directory: Path, instances: int, threads: int, seco
 
     iterations = max(5, round(THROUGHPUT_SECONDS / max(seconds_per_image, 1e-4) / instances * threads))
     report = benchmark(directory / "mod", BenchConfig(instances, 1, iterations, 2, (3, 224, 224), threads))
+    os.environ["TVM_NUM_THREADS"] = str(THREADS)  # benchmark set it for its instances
     return report.images_per_second
 
 
@@ -332,14 +333,14 @@ def main() -> None:
     core, rows = openvino.Core(), []
     for model in args.models:
         fp32, qdq, images, _ = peer_models(model, args)
+        builds = {batch: tvmzoo_builds(model, batch, args) for batch in sorted({1, *args.batches})}
         for batch in args.batches:
-            builds = tvmzoo_builds(model, batch, args)
             x = stack_aligned(list(images[:batch]))  # every engine reads it in place
-            rows += latency_rows(model, batch, latency_runs(core, (fp32, qdq), builds, batch, x), builds, args.rounds)
-        ones = tvmzoo_builds(model, 1, args)
+            rows += latency_rows(model, batch, latency_runs(core, (fp32, qdq), builds[batch], batch, x), builds[batch],
+                                 args.rounds)
         per_image = {r["build"]: r["value"] for r in rows if r["model"] == model and r["batch"] == 1
                      and r["mode"] == "latency" and r["value"] is not None}
-        rows += throughput_rows(model, core, (fp32, qdq), ones, images[:1], args, per_image)
+        rows += throughput_rows(model, core, (fp32, qdq), builds[1], images[:1], args, per_image)
     from tvmzoo.io.atomic import write_text
 
     out = OUT.with_name(f"vs_peers_{args.target}.md") if args.target else OUT
