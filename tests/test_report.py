@@ -7,14 +7,13 @@ from tvmzoo.errors import ConfigError
 from tvmzoo.eval.report import read_eval_table
 
 from conftest import SAMPLE_DIR, run_cli
-from tiny import build_tiny
+from tiny import tiny_yaml
 
 pytest.importorskip("matplotlib")
 
 
 def test_eval_then_report(tmp_path, sample_images):
-    build_tiny(tmp_path, "tinyrep")  # writes tmp_path/tinyrep.yaml (a narrow RepVGG, random weights)
-    yaml_path = tmp_path / "tinyrep.yaml"
+    yaml_path = tiny_yaml(tmp_path, "tinyrep")  # a narrow RepVGG, random weights
     out = run_cli("tvmzoo", "eval", yaml_path, "--images", SAMPLE_DIR, "--precisions", "fp32,fp16", "--limit", "6").stdout
     table = tmp_path / "ws" / "tinyrep-eval.md"
     assert str(table) in out
