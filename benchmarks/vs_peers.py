@@ -37,7 +37,7 @@ from tvmzoo.run.runtime import stack_aligned  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "vs_peers.md"
 THROUGHPUT_SECONDS = 2.0
-SHARED = "the machine (2 cores) was shared by ~7 developers working at the same time"
+SHARED = "The machine (2 cores) was shared by ~7 developers working at the same time"
 
 
 def cpu_description(target: str | None) -> tuple[str, str]:
