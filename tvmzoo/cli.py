@@ -152,7 +152,10 @@ def cmd_npz_decode(args) -> int:
 def cmd_vamp(args) -> int:
     from .run import bench
     from .run.runner import resolve_preprocessing
+    from .run.vendor_flags import vendor_notes
 
+    for note in vendor_notes(args.processes, args.device_ids, args.dtype, args.vendor_extra):
+        print(f"note: {note}", file=sys.stderr)
     if args.datalist:
         from .run.npz import read_datalist
 
@@ -200,6 +203,23 @@ def cmd_eval(args) -> int:
     rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace,
                                options=options, overrides=_overrides(args.set))
     print(format_table(rows))
+    from .eval.report import eval_paths, save_eval_table
+
+    table, _ = eval_paths(args.yaml, args.workspace)
+    save_eval_table(rows, table)
+    print(f"wrote {table} (`tvmzoo report {args.yaml}` charts it with each build's speed)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.report import build_report, eval_paths, write_report
+
+    table, name = eval_paths(args.yaml, args.workspace)
+    rows = build_report(Path(args.eval) if args.eval else table, name, args.rounds)
+    out = Path(args.output) if args.output else table.parent / f"{name}-report"
+    md, png = write_report(rows, out, f"{name}: accuracy vs latency on {rows[0].target}")
+    print(md.read_text())
+    print(f"wrote {md} and {png}")
     return 0
 
 
@@ -283,13 +303,17 @@ def _add_compile_and_tune(sub) -> None:
 def _add_vamp_args(p) -> None:
     p.add_argument("-m", "--model_prefix", required=True, help="<workspace>/<name>/mod")
     p.add_argument("--vdsp_params", help="vdsp JSON (default: the preprocessing recorded in mod.json)")
-    p.add_argument("-i", "--instance", type=int, default=1, help="model instances run in parallel")
-    p.add_argument("-b", "--batch", type=int, default=1)
+    p.add_argument("-i", "--instance", type=int, default=1, help="model instances run in parallel (throughput mode)")
+    p.add_argument("-b", "--batch", "--batch_size", type=int, default=1)
     p.add_argument("-s", "--shape", type=_size, default=None, help="input shape C,H,W (default: the module's)")
     p.add_argument("--iterations", type=int, default=50, help="batches per instance")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads per instance (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads per instance, each instance on its own cores (default: cores / instances)")
     p.add_argument("-d", "--device_ids", default="[0]", help="accepted for vendor compatibility (CPU: one device)")
+    p.add_argument("-p", "--processes", type=int, default=None, help="vendor: processes per card (ignored, noted)")
+    p.add_argument("--dtype", default=None, help="vendor: input dtype (ignored, noted: the module's is used)")
+    p.add_argument("vendor_extra", nargs="*", help=argparse.SUPPRESS)  # `-i 2 p 2` in vendor READMEs
     p.add_argument("--datalist", help="npz list from image2npz: infer each and write output npz files")
     p.add_argument("--path_output", default="./vamp_output", help="where --datalist outputs go")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -375,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_arg(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="accuracy (tvmzoo eval) vs latency of every build of a model: chart + table")
+    p.add_argument("yaml")
+    p.add_argument("--eval", default=None, help="tvmzoo eval's table (default: <workspace>/<name>-eval.md)")
+    p.add_argument("--workspace", default=None, help="where tvmzoo eval put its builds (default: the YAML's)")
+    p.add_argument("--output", default=None, help="folder for report.md / report.png (default: <workspace>/<name>-report)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per build")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
     dev = p.add_subparsers(dest="device_command", required=True)
