@@ -117,32 +117,26 @@ class Setup:
 
 
 def paired_latency(server: ServerProcess, protocol: str, model: str, compiled: CompiledModel, x: np.ndarray,
-                   seconds: float) -> tuple[float, float]:
-    """Concurrency 1, robust to a shared machine's drift: served requests alternate with in-process runs
-    of the same build (aligned input, as vamp feeds it); (p50 served ms, p50 in-process ms)."""
+                   seconds: float, block: int = 20) -> tuple[float, float]:
+    """Concurrency 1, robust to a shared machine's drift: blocks of served requests alternate with blocks
+    of in-process runs of the same build (aligned input, as vamp feeds it); the first call of each block is
+    dropped, since the other side's TVM pool is still spinning then. (p50 served ms, p50 in-process ms)."""
     module = grpcclient if protocol == "grpc" else httpclient
     client = module.InferenceServerClient(server.grpc if protocol == "grpc" else server.http)
     tensor = module.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     batch = stack_aligned(list(np.repeat(x, compiled.fixed_batch or 1, axis=0)))
-    served, local = [], []
-
-    def pair() -> None:
-        t0 = time.perf_counter()
-        client.infer(model, [tensor])
-        t1 = time.perf_counter()
-        compiled.run(batch)
-        served.append(t1 - t0)
-        local.append(time.perf_counter() - t1)
-
-    for _ in range(5):  # warm-up
-        pair()
-    pairs = int(np.clip(seconds / (served[-1] + local[-1]), 30, 200))
-    served.clear()
-    local.clear()
-    for _ in range(pairs):
-        pair()
-    return float(np.median(served) * 1e3), float(np.median(local) * 1e3)
+    calls = {"served": lambda: client.infer(model, [tensor]), "local": lambda: compiled.run(batch)}
+    times: dict[str, list[float]] = {"served": [], "local": []}
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times["local"]) < 2 * block:
+        for name, call in calls.items():
+            for i in range(block):
+                t0 = time.perf_counter()
+                call()
+                if i:
+                    times[name].append(time.perf_counter() - t0)
+    return float(np.median(times["served"]) * 1e3), float(np.median(times["local"]) * 1e3)
 
 
 def _vamp_run(prefix: Path, batch: int, instances: int, threads: int, seconds: float):
