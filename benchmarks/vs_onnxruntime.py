@@ -64,7 +64,8 @@ def nominal_peak() -> tuple[float, str]:
                   f"offsets and shared cores move the real figure)")
 
 
-def build_cfg(model: str, precision: str, batch: int, calib: int):
+def build_cfg(model: str, precision: str, batch: int, calib: int, extra: dict | None = None):
+    """The shipped YAML of `model` for this build (`extra`: more overrides, e.g. backend.target)."""
     overrides = {"name": f"{model}_{precision}_b{batch}", "backend.dtype": precision,
                  "frontend.shape": {"input": [batch, 3, 224, 224]},
                  "frontend.checkpoint": str(WORK / "onnx" / f"{model}.onnx"), "workspace.path": str(WORK),
@@ -76,7 +77,7 @@ def build_cfg(model: str, precision: str, batch: int, calib: int):
             from tvmzoo.models.repvgg import random_state_dict
             save_npz(random_state_dict("A0", "official", np.random.default_rng(0)), ckpt)
         overrides["model.weights"] = str(ckpt)
-    return load_build_config(ROOT / "build_in" / "build" / YAMLS[model], overrides)
+    return load_build_config(ROOT / "build_in" / "build" / YAMLS[model], {**overrides, **(extra or {})})
 
 
 def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -196,13 +197,18 @@ def chart(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no chart")
         return
-    from tvmzoo.io.atomic import atomic_path
-
     labels = [f"{r['model']} b{r['batch']} {r['build']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1))
     ax.barh(labels[::-1], [r["ms"] for r in rows][::-1])
     ax.set_xscale("log")
     ax.set_xlabel("median ms / image (log scale, lower is better)")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A PNG written whole or not at all."""
+    from tvmzoo.io.atomic import atomic_path
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -148,7 +148,7 @@ def test_our_optional_keys(tmp_path):
 def test_overrides(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, VENDOR_YAML)
-    cfg = load_build_config(path, {"backend.dtype": "fp16", "name": "x", "dataset.sampler.get_data_num": "20",
+    cfg = load_build_config(path, {"backend.dtype": "fp16", "name": "x", "dataset.sampler.get_data_num": 20,
                                    "backend.target": "llvm -mcpu=native", "workspace.path": "out"})
     assert cfg.backend.dtype == "fp16" and cfg.name == "x" and cfg.dataset.get_data_num == 20
     assert cfg.backend.target == "llvm -mcpu=native" and cfg.workspace == tmp_path / "out"
@@ -160,6 +160,20 @@ def test_overrides(tmp_path, monkeypatch):
     original = yaml.safe_load(VENDOR_YAML)
     apply_overrides(original, {"backend.dtype": "fp16"}, path)
     assert original["backend"]["dtype"] == "int8"  # the input is not modified
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("text", ["null", "1.10", "0x1F", "010", "true", "no", "1e3", "[1]"])
+def test_set_value_parsed_once_keeps_a_quoted_string(tmp_path, text):
+    """--set name="'null'" reaches the config as the string null (the CLI reads the value as YAML once,
+    the library uses it as given); a workspace path that looks like a number stays a path."""
+    from tvmzoo.cli import _overrides
+
+    path = _write(tmp_path, VENDOR_YAML)
+    cfg = load_build_config(path, _overrides([f"name='{text}'", f"workspace.path='{text}'"]))
+    assert cfg.name == text and cfg.workspace.name == text
+    assert load_build_config(path, {"workspace.path": text}).workspace.name == text   # library: as given
+    assert _overrides(["a=null", "b=010", "c=0x1F", "d=1.10"]) == {"a": None, "b": 8, "c": 31, "d": 1.1}
 
 
 def _set(data: dict, dotted: str, value) -> dict:

@@ -60,7 +60,7 @@ def test_label_file_errors_never_execute_code(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.txt"
     evil.write_text(f"{{0: __import__('pathlib').Path({str(marker)!r}).touch()}}")
-    with pytest.raises(ConfigError, match="not a valid one"):
+    with pytest.raises(ConfigError, match="expected a dict of class index -> name"):
         Labels.load(evil)
     assert not marker.exists()
     gaps = tmp_path / "gaps.txt"

@@ -201,3 +201,105 @@ def test_server_dying_mid_run_loses_nothing(cluster, setup, tmp_path):
     assert [p.path for p in run.predictions] == [str(p) for p in paths]     # every image once, in order
     assert sorted(seen) == sorted(str(p) for p in paths)                    # no shard reported twice
     assert [(p.ids, p.probs) for p in run.predictions] == [(p.ids, p.probs) for p in local]
+
+
+# ---------------------------------------------------------------- trust (issue 19): loopback, key, checksum
+SECRET = "tvmzoo-secret-9f3c"
+
+
+def _this_hosts_address() -> str | None:
+    """A non-loopback address of this machine (no packet is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_listening(port: int, log: Path) -> None:
+    tries = 0
+    while not _listening(port):
+        tries += 1
+        assert tries < 300, f"no server on {port} after a minute:\n{log.read_text(errors='replace')[-2000:]}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, request):
+    """`tvmzoo device serve --key SECRET` with the default host: 127.0.0.1, nothing else."""
+    log = tmp_path_factory.mktemp("rpc-keyed") / "server.log"
+    port = free_port()
+    proc = start("device", "serve", "--key", SECRET, "--port", str(port), log=log)
+    request.addfinalizer(lambda: stop(proc))
+    _wait_listening(port, log)
+    return {"address": f"127.0.0.1:{port}", "port": port, "log": log}
+
+
+@pytest.mark.reliability
+def test_device_commands_listen_on_loopback_by_default(keyed_server, caplog):
+    from tvmzoo.run import devices
+
+    address = _this_hosts_address()
+    if address is not None:                              # reachable from this host's own address: refused
+        with socket.socket() as s:
+            assert s.connect_ex((address, keyed_server["port"])) != 0
+    assert "listens on" not in keyed_server["log"].read_text()
+    for command in (devices.serve_command(None, None), devices.tracker_command()):
+        assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert not caplog.records
+    for host in ("0.0.0.0", "::", "192.168.1.20", "device.example"):   # only the command line, nothing started
+        caplog.clear()
+        devices.serve_command(None, None, host=host)
+        devices.tracker_command(host=host)
+        assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"], host
+        assert "run code on this machine" in caplog.records[0].getMessage()
+        assert "ssh -N -L 9090:127.0.0.1:9090" in caplog.records[0].getMessage()
+    caplog.clear()
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        devices.serve_command(None, None, host=host)
+    assert not caplog.records
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("key", [None, "wrong-key", SECRET])
+def test_keyed_server_serves_only_its_key(key, keyed_server, setup):
+    args = ["vamp", "-m", setup["model"], "-s", "3,32,32", "--iterations", "2", "--json",
+            "--rpc", keyed_server["address"]]
+    proc = run_cli(*args, *(["--rpc-key", key] if key else []), check=False)
+    if key == SECRET:
+        assert proc.returncode == 0, proc.stderr
+        assert '"samples": 2' in proc.stdout
+        return
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot reach rpc server {keyed_server['address']}" in proc.stderr
+    assert "accepts only clients with the same --rpc-key" in proc.stderr
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("damage", ["truncated", "replaced"])
+def test_damaged_module_is_refused_before_upload(damage, keyed_server, cluster, setup, tmp_path):
+    """A mod.so that differs from mod.json's sha256 is never sent to a device (vamp --rpc, tvmzoo run over
+    a tracker): one clear error, as for a local load."""
+    import shutil
+
+    model = tmp_path / "tiny"
+    shutil.copytree(Path(setup["model"]).parent, model)
+    so = model / "mod.so"
+    data = so.read_bytes()
+    so.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:-64] + b"\x90" * 64)
+    served = keyed_server["log"].read_text().count("connected from")
+    proc = run_cli("vamp", "-m", model / "mod", "-s", "3,32,32", "--iterations", "1",
+                   "--rpc", keyed_server["address"], "--rpc-key", SECRET, check=False)
+    assert proc.returncode == 2 and "mod.so does not match mod.json" in proc.stderr, proc.stderr
+    assert keyed_server["log"].read_text().count("connected from") == served     # nothing was sent
+    proc = run_cli("tvmzoo", "run", "--file_path", setup["photos"][0], "--model_prefix_path", model / "mod",
+                   "--save_dir", tmp_path, "--rpc-tracker", cluster["tracker"], "--rpc-key", KEY, check=False)
+    assert proc.returncode == 2 and "mod.so does not match mod.json" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

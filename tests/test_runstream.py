@@ -113,7 +113,7 @@ def test_interrupted_run_resumes_to_the_same_file(tiny, reference, tmp_path):
     done = len(partial.splitlines()) // 5
     assert 0 < done < 500 and len(partial.splitlines()) == 5 * done
     assert reference.startswith(partial)                  # complete records, in input order
-    assert not list(tmp_path.glob(".result.txt.*"))       # written atomically, nothing half-done left
+    assert [p.name for p in tmp_path.glob(".result.txt.*")] == [".result.txt.lock"]  # atomic: no half-done file
 
     proc = run_cli(*cmd[:1], *cmd[1:], "--resume")
     assert f"resumed: {done} image(s)" in proc.stdout and f"{500 - done} images in" in proc.stdout

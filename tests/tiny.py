@@ -22,11 +22,16 @@ def tiny_onnx(path: Path, size: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny(root: Path, name: str, *, size: int = 32, preprocess: str = "host", softmax: bool = True,
-               resize_short: int | None = None, batch: int = 1, dtype: str = "fp32",
-               interpolation: str | None = None) -> Path:
+def build_tiny(root: Path, name: str, **options) -> Path:
     """Compile the tiny model into root/ws/<name>; returns its model prefix (…/<name>/mod). int8 calibrates
     on the images directly in `root` (max ranges, per channel)."""
+    return compile_model(load_build_config(tiny_yaml(root, name, **options))) / "mod"
+
+
+def tiny_yaml(root: Path, name: str, *, size: int = 32, preprocess: str = "host", softmax: bool = True,
+              resize_short: int | None = None, batch: int = 1, dtype: str = "fp32",
+              interpolation: str | None = None) -> Path:
+    """The build YAML of the tiny model (root/<name>.yaml, workspace root/ws)."""
     checkpoint = root / "tiny.onnx"
     if not checkpoint.is_file():
         tiny_onnx(checkpoint, size)
@@ -48,4 +53,4 @@ def build_tiny(root: Path, name: str, *, size: int = 32, preprocess: str = "host
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return compile_model(load_build_config(path)) / "mod"
+    return path

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import TvmzooError
+from .run.filenames import quote_path
 
 log = logging.getLogger("tvmzoo")
 
@@ -22,7 +23,10 @@ def _size(text: str) -> tuple[int, ...]:
 
 
 def _overrides(items: Sequence[str]) -> dict:
+    """--set key.path=value, the value read as YAML once ('null' -> None, "'null'" -> the string null)."""
     import yaml
+
+    from .limits import load_yaml
 
     out = {}
     for item in items:
@@ -30,7 +34,7 @@ def _overrides(items: Sequence[str]) -> dict:
         if not sep:
             raise TvmzooError(f"--set {item}: write it as key.path=value, e.g. --set backend.dtype=fp16")
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = load_yaml(value)  # nesting bounded: a value nested 100000 deep is kept as text
         except yaml.YAMLError:  # not a YAML scalar or list: the text as is; the config check says if it fits
             out[key] = value
     return out
@@ -109,7 +113,7 @@ def cmd_classify(args) -> int:
                                       vdsp=args.vdsp_params_info, labels=args.label_txt,
                                       save_dir=args.save_dir, options=options)
     for path, reason in summary.failed:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+        print(f"failed: {quote_path(path)}: {reason}", file=sys.stderr)
     if summary.skipped:
         print(f"resumed: {summary.skipped} image(s) were already in the result file")
     print(summary.speed_line())
@@ -129,10 +133,11 @@ def cmd_image2npz(args) -> int:
     from .io.images import find_images
     from .run.npz import images_to_npz
 
-    written, failed = images_to_npz(find_images(args.dataset_path), Path(args.target_path), Path(args.text_path))
-    print(f"wrote {len(written)} npz files, list in {args.text_path}")
+    written, failed = images_to_npz(find_images(args.dataset_path), Path(args.target_path), Path(args.text_path),
+                                    root=Path(args.dataset_path))
+    print(f"wrote {len(written)} npz files, list in {quote_path(args.text_path)}")
     for path, reason in failed:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+        print(f"failed: {quote_path(path)}: {reason}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -147,7 +152,10 @@ def cmd_npz_decode(args) -> int:
 def cmd_vamp(args) -> int:
     from .run import bench
     from .run.runner import resolve_preprocessing
+    from .run.vendor_flags import vendor_notes
 
+    for note in vendor_notes(args.processes, args.device_ids, args.dtype, args.vendor_extra):
+        print(f"note: {note}", file=sys.stderr)
     if args.datalist:
         from .run.npz import read_datalist
 
@@ -156,8 +164,9 @@ def cmd_vamp(args) -> int:
                                pre, batch=args.batch, remote=_remote(args))
         print(f"wrote {n} output npz files to {args.path_output}")
         return 0
-    shape = args.shape if len(args.shape) == 3 else (3, *args.shape * (2 if len(args.shape) == 1 else 1))
-    cfg = bench.BenchConfig(args.instance, args.batch, args.iterations, args.warmup, tuple(shape), args.threads)
+    shape = args.shape if args.shape is None or len(args.shape) == 3 else \
+        (3, *args.shape * (2 if len(args.shape) == 1 else 1))
+    cfg = bench.BenchConfig(args.instance, args.batch, args.iterations, args.warmup, shape, args.threads)
     report = bench.benchmark(args.model_prefix, cfg, remote=_remote(args))
     e2e = None
     if args.images:
@@ -192,8 +201,25 @@ def cmd_eval(args) -> int:
 
     options = RunOptions(mode=args.infer_mode, instances=args.instances, resume=args.resume, remote=_remote(args))
     rows = evaluate_precisions(args.yaml, args.images, args.precisions.split(","), args.limit, args.workspace,
-                               options=options)
+                               options=options, overrides=_overrides(args.set))
     print(format_table(rows))
+    from .eval.report import eval_paths, save_eval_table
+
+    table, _ = eval_paths(args.yaml, args.workspace)
+    save_eval_table(rows, table)
+    print(f"wrote {table} (`tvmzoo report {args.yaml}` charts it with each build's speed)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.report import build_report, eval_paths, write_report
+
+    table, name = eval_paths(args.yaml, args.workspace)
+    rows = build_report(Path(args.eval) if args.eval else table, name, args.rounds)
+    out = Path(args.output) if args.output else table.parent / f"{name}-report"
+    md, png = write_report(rows, out, f"{name}: accuracy vs latency on {rows[0].target}")
+    print(md.read_text())
+    print(f"wrote {md} and {png}")
     return 0
 
 
@@ -211,7 +237,7 @@ def cmd_device(args) -> int:
 def cmd_info(args) -> int:
     from .models.info import info_for
 
-    print(info_for(args.model).text())
+    print(info_for(args.model, _overrides(args.set)).text())
     return 0
 
 
@@ -222,14 +248,45 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .run.serve.config import ServeConfig, read_token
+    from .run.serve.server import serve
+
+    cfg = ServeConfig(Path(args.repository), args.host, args.http_port, args.grpc_port, args.instances,
+                      args.threads, args.max_queue_delay_us, args.max_batch, args.max_request_bytes,
+                      read_token(args.auth_token_file) if args.auth_token_file else None,
+                      Path(args.labels) if args.labels else None, args.drain_seconds)
+    serve(cfg, lambda line: print(line, flush=True))
+    return 0
+
+
 # ---------------------------------------------------------------- parsers
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve compiled models over KServe v2 / Triton's protocol (HTTP + gRPC)")
+    p.add_argument("repository", help="a folder of builds (<name>/mod.so + mod.json) or one build folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--http-port", type=int, default=8000, help="0: any free port (printed)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="0: any free port (printed)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per model")
+    p.add_argument("--threads", type=int, default=None, help="TVM threads per instance (default: all cores)")
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="dynamic batching: how long a request may wait for a fuller batch")
+    p.add_argument("--max-batch", type=int, default=8, help="batch size for builds with a dynamic batch axis")
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger requests get 413")
+    p.add_argument("--auth-token-file", help="require 'Authorization: Bearer <token>' (not on health)")
+    p.add_argument("--labels", help="class names for classification (default: labels.txt by the build, "
+                                    "else ImageNet-1k for 1000 classes)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM: time to finish requests")
+    p.set_defaults(func=cmd_serve)
+
 
 
 def _add_compile_and_tune(sub) -> None:
     p = sub.add_parser("compile", help="step 3: compile a build YAML into <workspace>/<name>/mod.so")
     p.add_argument("yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a YAML value, e.g. --set backend.dtype=fp16 --set name=my_fp16")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tune", help="MetaSchedule-tune a build's kernels (resumable); compile applies the records")
@@ -238,7 +295,7 @@ def _add_compile_and_tune(sub) -> None:
                    help="trials in this run, over all kernels (0: only re-measure the default schedules "
                         "against the records, e.g. after upgrading tvmzoo)")
     p.add_argument("--per-task", type=int, default=None, help="at most this many trials per kernel")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     _add_rpc_args(p)  # measure candidates on TVM RPC devices (MetaSchedule's RPCRunner)
     p.set_defaults(func=cmd_tune)
 
@@ -246,13 +303,17 @@ def _add_compile_and_tune(sub) -> None:
 def _add_vamp_args(p) -> None:
     p.add_argument("-m", "--model_prefix", required=True, help="<workspace>/<name>/mod")
     p.add_argument("--vdsp_params", help="vdsp JSON (default: the preprocessing recorded in mod.json)")
-    p.add_argument("-i", "--instance", type=int, default=1, help="model instances run in parallel")
-    p.add_argument("-b", "--batch", type=int, default=1)
-    p.add_argument("-s", "--shape", type=_size, default=(3, 224, 224), help="input shape C,H,W")
+    p.add_argument("-i", "--instance", type=int, default=1, help="model instances run in parallel (throughput mode)")
+    p.add_argument("-b", "--batch", "--batch_size", type=int, default=1)
+    p.add_argument("-s", "--shape", type=_size, default=None, help="input shape C,H,W (default: the module's)")
     p.add_argument("--iterations", type=int, default=50, help="batches per instance")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads per instance (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads per instance, each instance on its own cores (default: cores / instances)")
     p.add_argument("-d", "--device_ids", default="[0]", help="accepted for vendor compatibility (CPU: one device)")
+    p.add_argument("-p", "--processes", type=int, default=None, help="vendor: processes per card (ignored, noted)")
+    p.add_argument("--dtype", default=None, help="vendor: input dtype (ignored, noted: the module's is used)")
+    p.add_argument("vendor_extra", nargs="*", help=argparse.SUPPRESS)  # `-i 2 p 2` in vendor READMEs
     p.add_argument("--datalist", help="npz list from image2npz: infer each and write output npz files")
     p.add_argument("--path_output", default="./vamp_output", help="where --datalist outputs go")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -260,6 +321,12 @@ def _add_vamp_args(p) -> None:
     p.add_argument("--infer_mode", choices=("sync", "async"), default="sync", help="runner mode for --images")
     _add_rpc_args(p)
     p.set_defaults(func=cmd_vamp)
+
+
+def _add_set_arg(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML value, e.g. --set backend.dtype=fp16 --set dataset.path=/data/calib "
+                        "(read as YAML once: --set name=\"'010'\" keeps the string 010)")
 
 
 def _add_rpc_args(p) -> None:
@@ -329,31 +396,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--workspace", default=None, help="where the evaluation builds go (default: the YAML's)")
     p.add_argument("--infer_mode", choices=("sync", "async"), default="async")
+    _add_set_arg(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="accuracy (tvmzoo eval) vs latency of every build of a model: chart + table")
+    p.add_argument("yaml")
+    p.add_argument("--eval", default=None, help="tvmzoo eval's table (default: <workspace>/<name>-eval.md)")
+    p.add_argument("--workspace", default=None, help="where tvmzoo eval put its builds (default: the YAML's)")
+    p.add_argument("--output", default=None, help="folder for report.md / report.png (default: <workspace>/<name>-report)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per build")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
     dev = p.add_subparsers(dest="device_command", required=True)
     q = dev.add_parser("tracker", help="python -m tvm.exec.rpc_tracker: devices register here")
-    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; see docs/runstream.md before "
+                        "opening it to a network)")
     q.add_argument("--port", type=int, default=9190)
     q.set_defaults(func=cmd_device)
     q = dev.add_parser("serve", help="python -m tvm.exec.rpc_server: run models sent by tvmzoo")
     q.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker (else clients use --rpc)")
-    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids")
-    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids; without --tracker, "
+                                 "only clients passing the same --rpc-key are served")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only). An RPC server runs what its "
+                        "clients send: open it only to a trusted network, or use an SSH tunnel")
     q.add_argument("--port", type=int, default=9090, help="first port to try")
     q.set_defaults(func=cmd_device)
 
     p = sub.add_parser("quant-report", help="int8: per-layer weight / activation SQNR table (CSV + markdown)")
     p.add_argument("yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     p.add_argument("--output", default=None, help="folder for the report (default: <workspace>/<name>_quant_report)")
     p.set_defaults(func=cmd_quant_report)
 
     p = sub.add_parser("info", help="parameters, multiply-adds, input size and layers of a model")
     p.add_argument("model", help="a build YAML or family:arch, e.g. repvgg:A0, regnet:400MF")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_info)
+
+    _add_serve(sub)
 
     p = sub.add_parser("quickstart", help="compile EfficientNet-Lite0 (real weights) and classify sample photos")
     p.add_argument("--workspace", default="workspace/deploy_weights")

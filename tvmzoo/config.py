@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .limits import check_text_size, load_yaml
 from .models import FAMILIES
 from .preprocess import Preprocessing
 
@@ -462,18 +463,13 @@ def build_config_from_dict(data: Any, path: str | Path = "<dict>") -> BuildConfi
 
 
 def apply_overrides(data: dict, overrides: Mapping[str, Any], path: Path) -> dict:
-    """A copy of `data` with {"backend.dtype": "fp16", ...} set. String values are read as YAML
-    scalars ("50" -> 50, "[1, 3, 224, 224]" -> a list, "null" -> None), as the CLI's --set gives them."""
+    """A copy of `data` with {"backend.dtype": "fp16", ...} set. Values are used as given (a string stays a
+    string): the CLI reads each --set value as YAML once (`parse_set`) before it comes here."""
     data = copy.deepcopy(data)
     for dotted, value in overrides.items():
         parts = str(dotted).split(".")
         if not all(parts):
             raise ConfigError(f"--set {dotted}: not a key path; write it like backend.dtype=fp16.")
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value) if value.strip() else value
-            except yaml.YAMLError:
-                pass
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -491,6 +487,7 @@ def load_build_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     """Read and validate a build YAML; `overrides` ({"backend.dtype": "fp16"}) are the CLI's --set.
     Relative paths inside resolve against the current working directory."""
     path = Path(path)
+    check_text_size(path, "build config")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -501,7 +498,7 @@ def load_build_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read build config {path}: {err}.") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

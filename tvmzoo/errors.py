@@ -21,3 +21,14 @@ class ImageError(TvmzooError):
 
 class ModuleError(TvmzooError):
     """A compiled module is missing, corrupt or was built for another machine or version."""
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """`text` safe for one terminal line: control, format and separator characters (escape
+    sequences, line and page breaks, bidi overrides) escaped as \\xNN / \\uNNNN; cut at `limit`."""
+    import unicodedata
+
+    out = "".join(c if c == " " or unicodedata.category(c)[0] not in "CZ" else
+                  (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                  for c in str(text)[:limit])
+    return out if len(str(text)) <= limit else out + "..."

@@ -23,6 +23,8 @@ from ..errors import ConfigError, ModuleError, TvmzooError
 from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
+from .preflight import check_build_inputs, check_build_output
+from .cpu import host_cpu
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -126,20 +128,24 @@ def _module_pass(fn, name: str) -> tvm.transform.Pass:
     return tvm.transform.module_pass(lambda mod, ctx: fn(mod), opt_level=0, name=name)
 
 
-def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict) -> Path | None:
+def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict, precision: str | None = None,
+                nearest: bool = True) -> Path | None:
     """Where this build's tuning records live: the YAML's tuning.records, else
-    build_in/tuning/<family>-<arch>/<target-key>/<precision>-b<batch>-<HxW>/ (shipped records)."""
+    build_in/tuning/<family>-<arch>/<target-key>/<precision>-b<batch>-<HxW>/ (shipped records; with
+    `nearest`, those of the nearest CPU with the same vector ISA when this CPU has none)."""
     if cfg.tuning and cfg.tuning.get("records"):
         return Path(cfg.tuning["records"])
     if cfg.model is None:
         return None
     from ..models import get_family, resolve_arch
+    from .records import records_for
     from .target import target_key
 
     arch = resolve_arch(get_family(cfg.model.family), cfg.model.arch)
     batch = "bN" if spec.dynamic_batch else f"b{spec.shape[0]}"
-    return (TUNING_ROOT / f"{cfg.model.family}-{arch}".lower() / target_key(target)
-            / f"{cfg.backend.dtype}-{batch}-{spec.shape[2]}x{spec.shape[3]}")
+    root = TUNING_ROOT / f"{cfg.model.family}-{arch}".lower()
+    build = f"{precision or cfg.backend.dtype}-{batch}-{spec.shape[2]}x{spec.shape[3]}"
+    return records_for(root, target, build) if nearest else root / target_key(target) / build
 
 
 def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
@@ -206,6 +212,20 @@ def output_shapes(model: onnx.ModelProto) -> list[dict]:
     return [{"name": o.name, "shape": dims(o)} for o in model.graph.output]
 
 
+def plan_for(cfg: BuildConfig, target: dict):
+    """What backend.dtype computes in on this target (tvmzoo.compile.precision); logs what it did and
+    which precisions are fastest on the target's CPU."""
+    from .precision import describe_fastest, plan_precision
+
+    features = required_features(target)
+    plan = plan_precision(cfg.backend.dtype, str(target.get("mcpu", "generic")), features)
+    if plan.note:
+        log.warning("%s", plan.note)
+    log.info("precisions on %s, fastest first: %s", target.get("mcpu", "generic"),
+             describe_fastest(features, PRECISIONS))
+    return plan
+
+
 def compile_model(cfg: BuildConfig) -> Path:
     """Compile the YAML's model; returns the model directory holding mod.so and mod.json."""
     precision = cfg.backend.dtype
@@ -215,27 +235,31 @@ def compile_model(cfg: BuildConfig) -> Path:
         log.debug("backend.compile.%s=%r is a vendor hardware knob: ignored", key, value)
     spec = input_spec(cfg)
     target = resolve_target(cfg.backend.target)
+    check_build_inputs(cfg)
+    out_dir = check_build_output(cfg)  # replaces only an earlier build: never a user's folder
+    plan = plan_for(cfg, target)
     model, onnx_path = prepare_onnx(cfg, spec)
-    out_dir = Path(cfg.workspace) / cfg.name
     pre = preprocessing_of(cfg)
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         _carry_over(out_dir, tmp)
         if precision == "int8":
             model = quantize_for_build(cfg, model, spec, pre, tmp / "calib.json")
-        records = records_dir(cfg, spec, target)  # the network's kernels: the same with fused preprocessing
+        records = records_dir(cfg, spec, target, plan.compute)  # the same kernels with fused preprocessing
         if cfg.graph.preprocess == "fused":  # crop / normalize / layout inside the module (tvmzoo.preprocess.fused)
             from ..preprocess.fused import fuse_for_build
             model, spec = fuse_for_build(model, spec, pre, cfg.path)
-        executable, kernels = build_module(model, spec, precision, target, records)
+        executable, kernels = build_module(model, spec, plan.compute, target, records)
         executable.export_library(str(tmp / MODULE_FILE))
         meta = {
             "tvmzoo_version": __version__,
             "tvm_version": tvm.__version__,
             "name": cfg.name,
             "precision": precision,
+            "compute": {"precision": plan.compute, "note": plan.note},
             "target": target,
             "cpu_features": required_features(target),
+            "target_choice": "backend.target" if cfg.backend.target else host_cpu().reason,
             "input": {**asdict(spec), "shape": list(spec.shape)},
             "outputs": output_shapes(model),
             "softmax": cfg.graph.extra_ops == "softmax",
@@ -294,6 +318,7 @@ def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, P
     from .quant.quantize import quantize_model
 
     spec = input_spec(cfg)
+    check_build_inputs(cfg, calibrate=True)
     model, _ = prepare_onnx(cfg, spec)
     pre = preprocessing_of(cfg)
     if cfg.dataset is None or pre is None:
@@ -323,15 +348,17 @@ def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None,
         raise ConfigError(f"{cfg.path}: frontend.shape has a dynamic batch; MetaSchedule tunes static shapes "
                           "only. Set the batch size you deploy with (e.g. [1, 3, 224, 224]).")
     target = resolve_target(cfg.backend.target)
-    records = records_dir(cfg, spec, target)
+    plan = plan_for(cfg, target)
+    records = records_dir(cfg, spec, target, plan.compute, nearest=False)  # this CPU's own records
     if records is None:
         raise ConfigError(f"{cfg.path}: no place for tuning records: add a model: section or tuning.records.")
+    check_build_inputs(cfg)
     model, _ = prepare_onnx(cfg, spec)
     if cfg.backend.dtype == "int8":
         with tempfile.TemporaryDirectory() as tmp:
             model = quantize_for_build(cfg, model, spec, preprocessing_of(cfg), Path(tmp) / "calib.json")
     tvm_target = tvm.target.Target(target)
-    count = tune(lower(model, spec, cfg.backend.dtype, tvm_target), tvm_target, records, trials, per_task,
+    count = tune(lower(model, spec, plan.compute, tvm_target), tvm_target, records, trials, per_task,
                  remote=remote)
     log.info("%d tuning records in %s", count, records)
     return records

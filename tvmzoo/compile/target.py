@@ -1,49 +1,33 @@
 """The TVM target: the host CPU named explicitly (TVM 0.27's `mcpu=native` silently means no vector
-extensions), its features recorded so a module is never loaded on a CPU that lacks them."""
+extensions) as LLVM names it (tvmzoo.compile.cpu), its instruction sets recorded so a module is never
+loaded on a CPU that lacks them."""
 from __future__ import annotations
 
-import platform
-
 from ..errors import ConfigError
-from ..run.host import host_cpu_flags, num_cores
+from ..run.host import num_cores
+from .cpu import check_cpu, features_of, host_cpu
 
-# Most capable first: the first whose required flags the host has names the LLVM CPU.
-_X86_CPUS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("sapphirerapids", frozenset({"avx512f", "avx512_fp16", "amx_int8", "amx_bf16", "avx512_vnni"})),
-    ("icelake-server", frozenset({"avx512f", "avx512_vnni", "avx512vbmi"})),
-    ("cascadelake", frozenset({"avx512f", "avx512_vnni"})),
-    ("skylake-avx512", frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"})),
-    ("haswell", frozenset({"avx2", "fma"})),
-)
-# The ISA features a module built for each CPU needs on the host that loads it.
-CPU_FEATURES: dict[str, frozenset[str]] = {name: flags for name, flags in _X86_CPUS}
-CPU_FEATURES["generic"] = frozenset()
 # LLVM's tuning for these CPUs prefers 256-bit vectors and splits the 512-bit ones our schedules emit
 # (a requantize epilogue ran as ymm halves: an int8 conv 1.5x slower); turn that preference off.
 WIDE_VECTORS = "-prefer-256-bit"
 
 
-def detect_mcpu(flags: frozenset[str] | None = None) -> str:
-    """The best LLVM -mcpu name for the host (x86-64), or 'generic'."""
-    flags = host_cpu_flags() if flags is None else flags
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "generic"
-    for name, needed in _X86_CPUS:
-        if needed <= flags:
-            return name
-    return "generic"
+def detect_mcpu() -> str:
+    """The LLVM -mcpu name for the host, or 'generic' (tvmzoo.compile.cpu.host_cpu logs why)."""
+    return host_cpu().name
 
 
 def resolve_target(spec: str | dict | None) -> dict:
     """The target as TVM's dict form. None / 'host' -> the detected CPU; 'llvm -mcpu=X' strings
-    (the vendor and older-TVM form) are translated; dicts pass through."""
+    (the vendor and older-TVM form) are translated; dicts pass through. An -mcpu LLVM does not know is
+    an error naming the closest CPUs it knows."""
     if spec is None or spec in ("host", "native", "llvm"):
         return _with_wide_vectors({"kind": "llvm", "mcpu": detect_mcpu(), "num-cores": num_cores()})
     if isinstance(spec, dict):
         if "kind" not in spec:
             raise ConfigError(f"backend.target {spec!r} has no 'kind'. Use e.g. "
                               "{kind: llvm, mcpu: skylake-avx512} or the string 'llvm -mcpu=skylake-avx512'.")
-        return _with_wide_vectors(dict(spec))
+        return _with_wide_vectors(_checked(dict(spec)))
     parts = str(spec).split()
     target: dict = {"kind": parts[0]}
     for part in parts[1:]:
@@ -56,13 +40,24 @@ def resolve_target(spec: str | dict | None) -> dict:
         if target.get("mcpu") in (None, "native"):
             target["mcpu"] = detect_mcpu()
         target.setdefault("num-cores", num_cores())
-    return _with_wide_vectors(target)
+    return _with_wide_vectors(_checked(target))
+
+
+def _checked(target: dict) -> dict:
+    """An -mcpu LLVM does not know is an error (LLVM would build a generic module without a word)."""
+    if target["kind"] == "llvm" and target.get("mcpu"):
+        if target["mcpu"] == "native":
+            target["mcpu"] = detect_mcpu()
+        problem = check_cpu(str(target["mcpu"]))
+        if problem:
+            raise ConfigError(f"backend.target: {problem}")
+    return target
 
 
 def _with_wide_vectors(target: dict) -> dict:
     """AVX-512 targets get full-width vectors unless the user chose -mattr."""
     if target["kind"] == "llvm" and "mattr" not in target and \
-            "avx512f" in CPU_FEATURES.get(str(target.get("mcpu")), frozenset()):
+            "avx512f" in features_of(str(target.get("mcpu", "generic"))):
         target["mattr"] = [WIDE_VECTORS]
     return target
 
@@ -73,4 +68,8 @@ def target_key(target: dict) -> str:
 
 
 def required_features(target: dict) -> list[str]:
-    return sorted(CPU_FEATURES.get(str(target.get("mcpu", "generic")), frozenset()))
+    """The instruction sets (LLVM names) LLVM may emit for the target: the host must have them all."""
+    if target.get("kind") != "llvm":
+        return []
+    mattr = target.get("mattr") or ()
+    return sorted(features_of(str(target.get("mcpu", "generic")), tuple([mattr] if isinstance(mattr, str) else mattr)))

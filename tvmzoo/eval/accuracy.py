@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..compile.compiler import compile_model
+from ..compile.preflight import check_build_inputs, check_build_output
 from ..config import load_build_config
 from ..io.images import find_images
 from ..errors import ConfigError
 from .topk import ground_truth_of
+from ..io.outputs import check_output_file
 from ..run.results import Prediction, read_results, top_k
 from ..run.runner import RunOptions, resolve_preprocessing, run_to_file
 
@@ -35,9 +37,11 @@ def agreement(a: Sequence[Prediction], b: Sequence[Prediction]) -> float:
 
 def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: Sequence[str],
                         limit: int | None = None, workspace: str | Path | None = None,
-                        mode: str = "async", options: RunOptions | None = None) -> list[AccuracyRow]:
+                        mode: str = "async", options: RunOptions | None = None,
+                        overrides: dict | None = None) -> list[AccuracyRow]:
     """Each precision's predictions go to <workspace>/<name>-eval-<precision>.result.txt (resumable
-    with options.resume; run locally or on RPC devices with options.remote)."""
+    with options.resume; run locally or on RPC devices with options.remote). `overrides` are the CLI's
+    --set. Every build's inputs and outputs are checked before the first one compiles."""
     from ..io.images import load_labels
 
     options = options or RunOptions(mode=mode)
@@ -51,16 +55,22 @@ def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: S
                           "(n01440764_tench.JPEG or n01440764/<any>.JPEG).")
     rows: list[AccuracyRow] = []
     reference: list[Prediction] | None = None
+    base = load_build_config(yaml_path, overrides)
+    configs = []
     # fp32 first: the others are compared with it
     for precision in sorted(precisions, key=lambda p: p != "fp32"):
-        base = load_build_config(yaml_path)
-        overrides = {"backend.dtype": precision, "name": f"{base.name}-eval-{precision}"}
+        changes = {**(overrides or {}), "backend.dtype": precision, "name": f"{base.name}-eval-{precision}"}
         if workspace is not None:
-            overrides["workspace.path"] = str(workspace)
-        cfg = load_build_config(yaml_path, overrides)
+            changes["workspace.path"] = str(workspace)
+        cfg = load_build_config(yaml_path, changes)
+        check_build_inputs(cfg)
+        check_build_output(cfg)
+        check_output_file(_result_path(cfg), "result file")
+        configs.append((precision, cfg))
+    for precision, cfg in configs:
         directory = compile_model(cfg)
         pre = resolve_preprocessing(directory, None)
-        result = Path(cfg.workspace) / f"{cfg.name}.result.txt"
+        result = _result_path(cfg)
         summary = run_to_file(directory, paths, pre, result, names, options)
         preds = read_results(result)
         if precision == "fp32":
@@ -71,6 +81,10 @@ def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: S
                                 summary.images_per_second, len(preds)))
         log.info("%s: %s", precision, score.line())
     return rows
+
+
+def _result_path(cfg) -> Path:
+    return Path(cfg.workspace) / f"{cfg.name}.result.txt"
 
 
 def format_table(rows: Sequence[AccuracyRow]) -> str:

@@ -32,7 +32,9 @@ def evaluate_result_file(result: str | Path, gt_file: str | Path | None = None,
 def decode_npz_outputs(datalist: Path, out_dir: Path, result: Path, labels: str | Path | None = None) -> int:
     """vamp --datalist outputs -> the five-line result file; pairs outputs with datalist lines by position."""
     from ..io.images import load_labels
+    from ..io.outputs import check_output_file
 
+    check_output_file(result, "result file")
     items = read_datalist(datalist)
     preds = predictions([str(p) for p in items], read_outputs(items, out_dir))
     write_results(result, preds, load_labels(labels).names)

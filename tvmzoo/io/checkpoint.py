@@ -21,7 +21,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .atomic import atomic_path
-from ..errors import CheckpointError
+from ..errors import CheckpointError, printable
+from ..limits import CHECKPOINT_COPY_SLACK, MAX_PICKLE_DEPTH, gib
+from .npz_read import NpzProblem, read_array
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,26 @@ _MAX_BROADCAST = 1 << 24  # elements a stride-0 tensor may expand to beyond its 
 
 class _Corrupt(ValueError):
     """The file's content contradicts itself; becomes a CheckpointError naming the file."""
+
+
+class _TooBig(_Corrupt):
+    """Reading the file as it asks would take more memory than its size justifies."""
+
+
+class _Budget:
+    """Bytes a checkpoint may make us allocate: twice its file size (bfloat16 becomes float32) plus
+    CHECKPOINT_COPY_SLACK. Views of one storage and broadcast tensors are copied out when read, so a
+    small file could otherwise ask for gigabytes."""
+
+    def __init__(self, file_size: int) -> None:
+        self.total = 2 * file_size + CHECKPOINT_COPY_SLACK
+        self.left = self.total
+
+    def take(self, nbytes: int, what: str) -> None:
+        if nbytes > self.left:
+            raise _TooBig(f"{what} needs {gib(nbytes)}, more than the {gib(self.left)} left of the "
+                          f"{gib(self.total)} this file may take (twice its size + {gib(CHECKPOINT_COPY_SLACK)})")
+        self.left -= nbytes
 
 
 # ---- stand-ins for torch -------------------------------------------------------------------
@@ -220,13 +242,30 @@ class _SafeUnpickler(pickle._Unpickler):
     def __init__(self, file, path: Path, persistent_load: Callable | None = None) -> None:
         super().__init__(file, encoding="latin1")
         self._path, self._persistent = path, persistent_load
+        self._depths: dict[int, tuple[Any, int]] = {}  # id -> (object, nesting): objects kept alive
+
+    def _depth_of(self, obj) -> int:
+        entry = self._depths.get(id(obj))
+        return entry[1] if entry is not None and entry[0] is obj else 0
+
+    def _nest(self, load: Callable, inputs: Callable) -> None:
+        """Run one opcode that puts `inputs` inside its result, refusing nesting deeper than
+        MAX_PICKLE_DEPTH: hashing or freeing a tuple nested 100000 deep overflows the C stack."""
+        depth = 1 + max(map(self._depth_of, inputs(self)), default=0)
+        if depth > MAX_PICKLE_DEPTH:
+            raise _Corrupt(f"the pickle nests containers more than {MAX_PICKLE_DEPTH} deep "
+                           f"(a state dict needs about 6)")
+        load(self)
+        result = self.stack[-1]
+        if not isinstance(result, (str, bytes, int, float, type(None))):
+            self._depths[id(result)] = (result, max(depth, self._depth_of(result)))
 
     def find_class(self, module: str, name: str):
         try:
             return _SAFE_GLOBALS[(module, name)]
         except (KeyError, TypeError):
             raise CheckpointError(
-                f"refusing to load {self._path}: it asks to import {module}.{name}, which a checkpoint "
+                f"refusing to load {self._path}: it asks to import {printable(f'{module}.{name}')}, which a checkpoint "
                 f"never needs; it may be malicious. If you trust it, load it with its own framework "
                 f"and save only the weights (e.g. torch.save(model.state_dict(), 'weights.pth')).") from None
 
@@ -247,6 +286,26 @@ class _SafeUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = _load_build
 
 
+def _since_mark(unpickler) -> list:
+    return list(unpickler.stack)
+
+
+def _top(count: int) -> Callable:
+    return lambda unpickler: unpickler.stack[-count:]
+
+
+_NESTING_OPS = {  # opcode: the objects it puts inside the object it leaves on top of the stack
+    **{op: _since_mark for op in (pickle.TUPLE, pickle.LIST, pickle.DICT, pickle.FROZENSET, pickle.OBJ,
+                                  pickle.INST, pickle.APPENDS, pickle.SETITEMS, pickle.ADDITEMS)},
+    pickle.TUPLE1: _top(1), pickle.TUPLE2: _top(2), pickle.TUPLE3: _top(3), pickle.REDUCE: _top(2),
+    pickle.NEWOBJ: _top(2), pickle.NEWOBJ_EX: _top(3), pickle.BINPERSID: _top(1), pickle.BUILD: _top(1),
+    pickle.APPEND: _top(1), pickle.SETITEM: _top(2),
+}
+for _op, _inputs in _NESTING_OPS.items():
+    _SafeUnpickler.dispatch[_op[0]] = \
+        lambda self, _load=_SafeUnpickler.dispatch[_op[0]], _inputs=_inputs: self._nest(_load, _inputs)
+
+
 def _unpickle(file, path: Path, persistent_load: Callable | None = None):
     return _SafeUnpickler(file, path, persistent_load).load()
 
@@ -255,14 +314,14 @@ def _unpickle(file, path: Path, persistent_load: Callable | None = None):
 
 def _storage_from_pid(pid) -> _Storage:
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-        raise _Corrupt(f"unknown persistent id {str(pid)[:80]}")
+        raise _Corrupt(f"unknown persistent id {printable(pid, 80)}")
     _, elem, key, _location, numel = pid[:5]
     if not isinstance(elem, _ElemType) or not isinstance(key, str):
-        raise _Corrupt(f"malformed storage id {str(pid)[:80]}")
+        raise _Corrupt(f"malformed storage id {printable(pid, 80)}")
     return _Storage(key, elem, _int_tuple((numel,), "storage size")[0])
 
 
-def _read_torch_zip(zf: zipfile.ZipFile, pkl_name: str, path: Path) -> tuple[Any, str]:
+def _read_torch_zip(zf: zipfile.ZipFile, pkl_name: str, path: Path, budget: _Budget) -> tuple[Any, str]:
     prefix = pkl_name[: -len("data.pkl")]
     names = set(zf.namelist())
     byteorder = zf.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
@@ -276,11 +335,13 @@ def _read_torch_zip(zf: zipfile.ZipFile, pkl_name: str, path: Path) -> tuple[Any
             member = f"{prefix}data/{new.key}"
             if member not in names:
                 raise _Corrupt(f"storage '{new.key}' is missing from the archive")
+            budget.take(zf.getinfo(member).file_size, f"storage '{printable(new.key)}'")
             new.data = zf.read(member)
             _check_storage_size(new, len(new.data))
             storages[new.key] = new
         return storages[new.key]
 
+    budget.take(zf.getinfo(pkl_name).file_size, pkl_name)
     obj = _unpickle(io.BytesIO(zf.read(pkl_name)), path, load)
     return obj, "<" if byteorder == "little" else ">"
 
@@ -332,12 +393,28 @@ def _check_storage_size(storage: _Storage, nbytes: int) -> None:
                        f"{storage.elem.name} elements ({need} bytes)")
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
+def _read_npz(path: Path, names: list[str], budget: _Budget) -> dict[str, np.ndarray]:
+    """Each array's header checked against the budget before it is inflated (np.load allocates the claim)."""
+    over: list[str] = []
+
+    def fits(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+        try:
+            budget.take(math.prod(shape) * dtype.itemsize, "it")
+        except _TooBig as e:
+            over.append(str(e))
+            return str(e)
+        return None
+
+    state = {}
+    for key in (name[:-len(".npy")] for name in names):
+        try:
+            state[key] = read_array(path, key, fits)
+        except NpzProblem as e:
+            raise (_TooBig if over else _Corrupt)(f"tensor '{printable(key, 120)}': {e}") from None
+    return state
 
 
-def _read_any(path: Path) -> tuple[Any, str]:
+def _read_any(path: Path, budget: _Budget) -> tuple[Any, str]:
     """The unpickled top-level object and the byte order its torch storages use."""
     with open(path, "rb") as f:
         head = f.read(4)
@@ -346,9 +423,9 @@ def _read_any(path: Path) -> tuple[Any, str]:
             names = zf.namelist()
             pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
             if pkls:
-                return _read_torch_zip(zf, pkls[0], path)
+                return _read_torch_zip(zf, pkls[0], path, budget)
             if names and all(n.endswith(".npy") for n in names):
-                return _read_npz(path), "<"
+                return _read_npz(path, names, budget), "<"
             raise CheckpointError(f"{path} is a zip archive but neither a torch.save file (no data.pkl) "
                                   f"nor an .npz (members: {', '.join(names[:5]) or 'none'}). "
                                   f"Supported formats: {SUPPORTED}.")
@@ -368,7 +445,7 @@ def _read_any(path: Path) -> tuple[Any, str]:
 def _int_tuple(values, what: str) -> tuple[int, ...]:
     if not isinstance(values, (tuple, list)) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise _Corrupt(f"malformed {what} {str(values)[:80]}")
+        raise _Corrupt(f"malformed {what} {printable(values, 80)}")
     return tuple(values)
 
 
@@ -377,7 +454,7 @@ def _native(a: np.ndarray) -> np.ndarray:
     return a.astype(a.dtype.newbyteorder("="), order="C")
 
 
-def _tensor_array(ref: _TensorRef, byteorder: str) -> np.ndarray:
+def _tensor_array(ref: _TensorRef, byteorder: str, budget: _Budget) -> np.ndarray:
     if not isinstance(ref.storage, _Storage):
         raise _Corrupt("tensor refers to no storage")
     elem = ref.elem or ref.storage.elem
@@ -395,17 +472,20 @@ def _tensor_array(ref: _TensorRef, byteorder: str) -> np.ndarray:
             raise _Corrupt(f"tensor of size {size} (stride {stride}, offset {offset}) needs "
                            f"{max(extent, count)} {elem.name} elements, its storage holds {flat.size}")
         strides = tuple(s * flat.itemsize for s in stride)
+        budget.take(count * (4 if elem.bfloat16 else flat.itemsize), "it")  # the copy made below
         out = _native(np.lib.stride_tricks.as_strided(flat[offset:], size, strides))
     if elem.bfloat16:  # bfloat16 is the upper half of a float32
         out = (out.astype(np.uint32) << 16).view(np.float32)
     return out
 
 
-def _to_array(value, byteorder: str) -> np.ndarray | None:
+def _to_array(value, byteorder: str, budget: _Budget) -> np.ndarray | None:
     if isinstance(value, _TensorRef):
-        return _tensor_array(value, byteorder)
+        return _tensor_array(value, byteorder, budget)
     if isinstance(value, _NdarrayStub):
-        return value.array()
+        array = value.array()
+        budget.take(0 if array is None else array.nbytes, "it")
+        return array
     if isinstance(value, np.ndarray):
         return value if value.dtype.kind in "biufc" else None
     return None
@@ -426,7 +506,7 @@ def _unwrap(obj, depth: int = 0):
     return obj
 
 
-def _collect(obj, byteorder: str, path: Path) -> dict[str, np.ndarray]:
+def _collect(obj, byteorder: str, path: Path, budget: _Budget) -> dict[str, np.ndarray]:
     top = _unwrap(obj)
     if not isinstance(top, dict):
         raise CheckpointError(f"{path} holds a '{type(top).__name__}' object, not a state dict "
@@ -434,9 +514,9 @@ def _collect(obj, byteorder: str, path: Path) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for key, value in top.items():
         try:
-            array = _to_array(value, byteorder)
+            array = _to_array(value, byteorder, budget)
         except _Corrupt as e:
-            raise _Corrupt(f"tensor '{key}': {e}") from None
+            raise type(e)(f"tensor '{printable(key, 120)}': {e}") from None
         if array is not None and isinstance(key, str):
             state[key] = array
         else:
@@ -454,15 +534,18 @@ def _warn_non_finite(state: dict[str, np.ndarray], path: Path) -> None:
     bad = [k for k, v in state.items() if v.dtype.kind in "fc" and not np.isfinite(v).all()]
     if bad:
         logger.warning("%s: tensor '%s' contains NaN or Inf values (%d tensor(s) affected); the "
-                       "checkpoint may come from a diverged training run", path, bad[0], len(bad))
+                       "checkpoint may come from a diverged training run", path, printable(bad[0]), len(bad))
 
 
 def _describe(e: Exception) -> str:
+    """One line for the terminal: names from the file (storage keys, tensor names) arrive escaped."""
     if isinstance(e, _Corrupt):
-        return str(e)
+        return printable(e, 400)
     if isinstance(e, EOFError):
         return "the data ends unexpectedly"
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if isinstance(e, MemoryError):
+        return "its tensors do not fit in memory"
+    return printable(f"{type(e).__name__}: {e}", 400) if str(e) else type(e).__name__
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -479,10 +562,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file. Give the path of the weights file.")
     try:
-        obj, byteorder = _read_any(path)
-        state = _collect(obj, byteorder, path)
+        budget = _Budget(path.stat().st_size)
+        obj, byteorder = _read_any(path, budget)
+        state = _collect(obj, byteorder, path, budget)
     except CheckpointError:
         raise
+    except (_TooBig, MemoryError) as e:
+        raise CheckpointError(f"refusing to read checkpoint {path}: {_describe(e)}. Views of one storage and "
+                              f"expanded (stride 0) tensors are copied out when read, compressed arrays inflated; "
+                              f"save real tensors (e.g. {{k: v.clone() for k, v in state_dict.items()}}).") from None
     except PermissionError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: permission denied. Make it readable "
                               f"(chmod) or copy it somewhere you can read.") from e

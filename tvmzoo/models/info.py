@@ -194,19 +194,21 @@ def _parse_target(target: str) -> tuple[str, str, str | None]:
     return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
-def info_for(target: str) -> ModelInfo:
+def info_for(target: str, overrides: dict | None = None) -> ModelInfo:
     """ModelInfo for `tvmzoo info TARGET`: a build YAML (its deploy ONNX when frontend.checkpoint exists,
-    else its model: section) or family:arch[:source]."""
+    else its model: section; `overrides` are the CLI's --set) or family:arch[:source]."""
     path = Path(target)
     if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
-        return _yaml_info(path)
+        return _yaml_info(path, overrides)
+    if overrides:
+        raise ConfigError(f"--set changes a build YAML; {target} is a family:arch name. Drop --set.")
     family, arch, source = _parse_target(target)
     return family_info(family, arch, source=source)
 
 
-def _yaml_info(path: Path) -> ModelInfo:
+def _yaml_info(path: Path, overrides: dict | None = None) -> ModelInfo:
     from ..config import load_build_config   # the config module imports the model registry; keep it lazy
-    cfg = load_build_config(path)
+    cfg = load_build_config(path, overrides)
     shape = next(iter(cfg.frontend.shape.values()), None)
     size = (int(shape[2]), int(shape[3])) if shape is not None and len(shape) == 4 else None
     model = cfg.model

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..errors import printable
+
 # Keys that hold no weights: torch's BN step counters, paddle's parameter-name table.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 IGNORED_KEYS = ("StructuredToParameterName@@",)
@@ -40,5 +42,5 @@ def first_mismatch(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple
     extra = [k for k in state if k not in expected]
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-        return f"unexpected key '{extra[0]}' (shape {list(np.shape(state[extra[0]]))}){more}"
+        return f"unexpected key '{printable(extra[0], 120)}' (shape {list(np.shape(state[extra[0]]))}){more}"
     return None

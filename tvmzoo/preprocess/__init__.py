@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import cv2
 import numpy as np
 
 from ..errors import ConfigError, ImageError
+from ..limits import (IMAGE_BYTES_PER_PIXEL, IMAGE_EXTRA_BYTES, IMAGE_HEADER_BYTES, check_text_size,
+                      json_nesting_problem)
 
 log = logging.getLogger(__name__)
 
@@ -342,12 +345,16 @@ def _load_json(source: str | Path | Mapping[str, Any]) -> tuple[str, Any]:
     if isinstance(source, Mapping):
         return "vdsp params", dict(source)
     path = Path(source)
+    check_text_size(path, "vdsp params file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"vdsp params file {path} does not exist: check the --vdsp_params path.") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read vdsp params file {path}: {err}.") from None
+    too_deep = json_nesting_problem(text)
+    if too_deep:
+        raise ConfigError(f"{path}: {too_deep}; a vdsp params file nests 3 levels.")
     try:
         return str(path), json.loads(text)
     except json.JSONDecodeError as err:
@@ -576,6 +583,41 @@ def _jpeg_is_complete(buf: bytes) -> bool:
     return sos >= 0 and buf.find(b"\xff\xd9", sos) >= 0
 
 
+def _checked_size(head: bytes | bytearray, path: str | Path, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header, refused when unknown or above `max_pixels`."""
+    size = _header_size(head)
+    if size is None:  # never hand OpenCV a file whose size is unknown: it would allocate first, then refuse
+        raise ImageError(f"cannot decode {path}: not a supported image or corrupt/truncated data "
+                         f"({_format_of(head)}; tvmzoo reads {', '.join(_FORMATS.values())}).")
+    if size[0] * size[1] > max_pixels:
+        raise ImageError(f"cannot decode {path}: {size[0]}x{size[1]} pixels is above the limit of "
+                         f"{max_pixels} pixels; downscale the image first.")
+    return size
+
+
+def _read_bounded(path: Path, max_pixels: int) -> bytearray:
+    """The file's bytes, read whole only once its header gives a size within `max_pixels` and the file
+    is no larger than that many pixels can take (IMAGE_BYTES_PER_PIXEL, + IMAGE_EXTRA_BYTES of metadata)."""
+    with open(path, "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+        if total == 0:
+            raise ImageError(f"cannot decode {path}: the file is empty (0 bytes); re-copy or remove it.")
+        head = f.read(min(total, 64 << 10))
+        size = _header_size(head)
+        while size is None and head[:2] == b"\xff\xd8" and len(head) < min(total, IMAGE_HEADER_BYTES):
+            head += f.read(min(len(head), IMAGE_HEADER_BYTES - len(head)))  # EXIF / ICC segments first
+            size = _header_size(head)
+        size = _checked_size(head, path, max_pixels)
+        most = size[0] * size[1] * IMAGE_BYTES_PER_PIXEL + IMAGE_EXTRA_BYTES
+        if total > most:
+            raise ImageError(f"cannot decode {path}: the file holds {total} bytes, more than a {size[0]}x{size[1]} "
+                             f"image can take ({most}); it is corrupt or holds something else.")
+        raw = bytearray(total)
+        raw[:len(head)] = head
+        got = len(head) + f.readinto(memoryview(raw)[len(head):])
+    return raw[:got] if got < total else raw  # a file that shrank while read: decoding says what is missing
+
+
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image file to HxWx3 uint8 BGR, as cv2.imread(path, IMREAD_COLOR) does: EXIF
     orientation applied, grayscale expanded to 3 channels, alpha dropped, 16-bit scaled to 8-bit.
@@ -584,21 +626,22 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     memory stays bounded. Raises ImageError("cannot decode <path>: <reason>")."""
     path = Path(path)
     try:
-        buf = np.fromfile(path, dtype=np.uint8)
+        raw = _read_bounded(path, max_pixels)
     except FileNotFoundError:
         raise ImageError(f"cannot decode {path}: the file does not exist.") from None
     except OSError as err:
         raise ImageError(f"cannot decode {path}: cannot read it ({err.strerror or err}).") from None
+    return decode_image(raw, str(path), max_pixels)
+
+
+def decode_image(buf: np.ndarray | bytes | bytearray, path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`read_image` on encoded bytes already in memory (uint8 array, bytes or bytearray: the last two
+    are decoded in place, without a copy); `path` names them in errors."""
+    raw = buf if isinstance(buf, (bytes, bytearray)) else buf.tobytes()
+    buf = np.frombuffer(raw, np.uint8)
     if buf.size == 0:
         raise ImageError(f"cannot decode {path}: the file is empty (0 bytes); re-copy or remove it.")
-    raw = buf.tobytes()
-    size = _header_size(raw)
-    if size is None:  # never hand OpenCV a file whose size is unknown: it would allocate first, then refuse
-        raise ImageError(f"cannot decode {path}: not a supported image or corrupt/truncated data "
-                         f"({_format_of(raw)}; tvmzoo reads {', '.join(_FORMATS.values())}).")
-    if size[0] * size[1] > max_pixels:
-        raise ImageError(f"cannot decode {path}: {size[0]}x{size[1]} pixels is above the limit of "
-                         f"{max_pixels} pixels; downscale the image first.")
+    _checked_size(raw, path, max_pixels)
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as err:

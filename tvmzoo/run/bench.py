@@ -8,16 +8,17 @@ import resource
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from .bench_checks import check_counts, check_memory, input_shape
 from .npz import load_input, output_path, save_npz
 from ..preprocess import Preprocessing
 from .runtime import CompiledModel, stack_aligned
-from .host import num_cores
+from .threads import instance_cores, pin_this_thread_pool, threads_per_instance
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,11 @@ class BenchConfig:
     batch: int = 1
     iterations: int = 100     # per instance
     warmup: int = 5
-    shape: tuple[int, int, int] = (3, 224, 224)
-    threads: int | None = None  # per instance; None: TVM_NUM_THREADS or all cores
+    shape: tuple[int, int, int] | None = None  # per sample; None: the module's
+    threads: int | None = None  # per instance; None: the usable cores shared out among the instances
+
+    def __post_init__(self) -> None:
+        check_counts(self)
 
 
 @dataclass(frozen=True)
@@ -43,17 +47,24 @@ class BenchReport:
     first_inference_ms: float
     latency_ms: dict[str, float]   # avg min max p50 p90 p95 p99, per batch call
     peak_memory_mb: float
+    cores: list[list[int]] = field(default_factory=list)  # each local instance's cores
+
+    @property
+    def images_per_second(self) -> float:
+        return self.samples / self.forward_seconds
 
     def text(self) -> str:
         lat = self.latency_ms
         return "\n".join([
             f"- number of instances: {self.instances}",
-            f"threads per instance: {self.threads_per_instance}",
+            f"threads per instance: {self.threads_per_instance}" +
+            (f" (cores: {' | '.join(','.join(map(str, c)) for c in self.cores)})" if self.cores else ""),
             "devices: [0]",
             f"batch size: {self.batch}",
             f"samples: {self.samples}",
             f"forward time (s): {self.forward_seconds:.4f}",
             f"throughput (qps): {self.throughput_qps:.4f}",
+            f"throughput (images/s): {self.images_per_second:.2f}",
             f"first inference (ms): {self.first_inference_ms:.3f}",
             f"model latency (ms): avg {lat['avg']:.3f} / min {lat['min']:.3f} / max {lat['max']:.3f}",
             f"model latency (ms): p50 {lat['p50']:.3f} / p90 {lat['p90']:.3f} / p95 {lat['p95']:.3f} "
@@ -80,16 +91,20 @@ def load_models(prefix: str | Path, count: int, remote=None) -> list[CompiledMod
     """`count` local instances, or with a tvmzoo.run.devices.RemoteSpec one instance per RPC device."""
     if remote is None:
         return [CompiledModel.load(prefix) for _ in range(count)]
-    from .devices import load_remote, open_sessions
+    from .devices import checked_module, load_remote, open_sessions
 
+    checked_module(prefix)  # refused before connecting to any device
     return [load_remote(prefix, session) for session in open_sessions(remote)]
 
 
-def random_input(model: CompiledModel, batch: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Random NCHW float32 of `shape`, or for a fused module uint8 images of the size it takes."""
+def random_input(model: CompiledModel, batch: int, shape: tuple[int, ...] | None) -> np.ndarray:
+    """Random NCHW float32 of the module's shape, or for a fused module uint8 images of the size it takes;
+    `shape` must agree with the module's. Refused before allocating when it would not fit in memory."""
+    shape = input_shape(model, shape)
+    check_memory(batch, shape, np.uint8 if model.fused else np.float32)
     rng = np.random.default_rng(0)
     if model.fused:
-        data = rng.integers(0, 256, (batch, *model.input_shape[1:]), dtype=np.uint8)
+        data = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
     else:
         data = rng.standard_normal((batch, *shape), dtype=np.float32)
     return stack_aligned(list(data))  # read in place, as a deployment's input binding would be
@@ -97,42 +112,63 @@ def random_input(model: CompiledModel, batch: int, shape: tuple[int, ...]) -> np
 
 def benchmark(prefix: str | Path, cfg: BenchConfig, remote=None) -> BenchReport:
     """Run `cfg.instances` model instances (or every RPC device of `remote`) in parallel threads, each
-    `cfg.iterations` batches of random input: the model alone, no decoding or preprocessing."""
-    if cfg.threads:  # TVM sizes each calling thread's pool from this when the pool is first used
-        os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
+    `cfg.iterations` batches of random input: the model alone, no decoding or preprocessing. Locally each
+    instance runs on its own `threads` cores (tvmzoo.run.threads); images/s counts every instance."""
+    threads = threads_per_instance(cfg.instances, cfg.threads)
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # what an unpinned pool (a remote one) sizes itself from
     models = load_models(prefix, cfg.instances, remote)
     data = random_input(models[0], cfg.batch, cfg.shape)
-    t0 = time.perf_counter()
-    models[0].run(data)
-    first_ms = (time.perf_counter() - t0) * 1e3
-    for model in models:
-        for _ in range(cfg.warmup):
-            model.run(data)
+    cores = [instance_cores(i, threads) for i in range(len(models))] if remote is None else []
     latencies: list[list[float]] = [[] for _ in models]
+    first_ms: list[float] = []
+    ready = threading.Barrier(len(models) + 1)
+    errors: list[BaseException] = []
 
     def worker(i: int) -> None:
+        try:
+            if cores:
+                pin_this_thread_pool(cores[i])
+            start = time.perf_counter()
+            models[i].run(data)
+            first_ms.append((time.perf_counter() - start) * 1e3)
+            for _ in range(cfg.warmup):
+                models[i].run(data)
+            ready.wait()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+            ready.abort()
+            return
         for _ in range(cfg.iterations):
             start = time.perf_counter()
             models[i].run(data)
             latencies[i].append(time.perf_counter() - start)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(models))]
-    t0 = time.perf_counter()
-    for t in threads:
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(len(models))]
+    for t in workers:
         t.start()
-    for t in threads:
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        for t in workers:
+            t.join()
+        raise errors[0] from None
+    t0 = time.perf_counter()
+    for t in workers:
         t.join()
     elapsed = time.perf_counter() - t0
     samples = len(models) * cfg.iterations * cfg.batch
-    return BenchReport(len(models), int(os.environ.get("TVM_NUM_THREADS", num_cores())), cfg.batch, samples, elapsed, samples / elapsed, first_ms,
-                       latency_stats([s for per in latencies for s in per]), peak_memory_mb())
+    return BenchReport(len(models), threads, cfg.batch, samples, elapsed, samples / elapsed, max(first_ms),
+                       latency_stats([s for per in latencies for s in per]), peak_memory_mb(), cores)
 
 
 def run_datalist(prefix: str | Path, datalist: Sequence[Path], out_dir: Path, pre: Preprocessing,
                  batch: int = 1, progress: bool = True, remote=None) -> int:
     """Infer every npz of the datalist and write `output_0` per input, named by datalist position."""
+    from ..io.outputs import check_output_dir
     from .runner import model_input
 
+    check_counts(BenchConfig(batch=batch))
+    check_output_dir(out_dir, "--path_output")
     model = load_models(prefix, 1, remote)[0]
     done = 0
     for start in tqdm(range(0, len(datalist), batch), disable=not progress or len(datalist) < 20, unit="batch"):

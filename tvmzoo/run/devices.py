@@ -6,6 +6,7 @@ and `python -m tvm.exec.rpc_server`.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, ModuleError
-from .runtime import CompiledModel, check_compatible, model_dir, read_meta
+from .runtime import MODULE_FILE, CompiledModel, check_compatible, check_module_file, model_dir, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class RemoteSpec:
                   key: str | None = None) -> RemoteSpec | None:
         if rpc is None and tracker is None:
             if key is not None:
-                raise ConfigError("--rpc-key needs --rpc-tracker host:port (the tracker that knows the key).")
+                raise ConfigError("--rpc-key needs --rpc-tracker host:port (the tracker that knows the key) "
+                                  "or --rpc host:port (a server started with that --key).")
             return None
         if rpc is not None and tracker is not None:
             raise ConfigError("give --rpc host:port (one server) or --rpc-tracker host:port --rpc-key KEY, not both.")
@@ -49,7 +51,7 @@ class RemoteSpec:
             raise ConfigError("--rpc-tracker needs --rpc-key KEY: the key the servers registered with "
                               "(tvmzoo device serve --key KEY).")
         if rpc is not None:
-            return cls(server=parse_address(rpc, "--rpc"))
+            return cls(server=parse_address(rpc, "--rpc"), key=key)
         return cls(tracker=parse_address(tracker, "--rpc-tracker"), key=key)
 
     def describe(self) -> str:
@@ -65,7 +67,7 @@ def open_sessions(spec: RemoteSpec) -> list:
     where = spec.describe()
     try:
         if spec.server:
-            return [rpc.connect(*spec.server)]
+            return [rpc.connect(*spec.server, key=spec.key or "")]
         tracker = rpc.connect_tracker(*spec.tracker)
         free = tracker.summary()["queue_info"].get(spec.key, {}).get("free", 0)
         if free == 0:
@@ -74,32 +76,65 @@ def open_sessions(spec: RemoteSpec) -> list:
                               " (or wait for a busy one).")
         return [tracker.request(spec.key, max_retry=2) for _ in range(free)]
     except (OSError, RuntimeError) as exc:  # tvm's RPC raises RuntimeError / TVMError (a RuntimeError)
-        raise ModuleError(f"cannot reach {where}: {str(exc).splitlines()[0]}. "
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if spec.server and "matches key" in first:  # TVM: "... cannot find server that matches key=client:..."
+            raise ModuleError(f"cannot reach {where}: it refused the key; a server started with --key accepts "
+                              "only clients with the same --rpc-key.") from exc
+        raise ModuleError(f"cannot reach {where}: {first}. "
                           "Is the tracker / server running (tvmzoo device tracker / serve)?") from exc
+
+
+def checked_module(prefix: str | Path) -> tuple[Path, dict, bytes]:
+    """The module's directory, mod.json and mod.so bytes, refused like a local load (versions, CPU
+    features, sha256) before anything is sent: the bytes uploaded are the bytes checked."""
+    directory = model_dir(prefix)
+    meta = read_meta(directory)
+    check_compatible(meta, directory)
+    check_module_file(meta, directory)           # missing or damaged: a clear error
+    data = (directory / MODULE_FILE).read_bytes()
+    check_module_file(meta, directory, data)     # and not replaced since
+    return directory, meta, data
 
 
 def load_remote(prefix: str | Path, session) -> CompiledModel:
     """Upload the compiled module to the session's device and load it there."""
     from tvm import relax
 
-    directory = model_dir(prefix)
-    meta = read_meta(directory)
-    check_compatible(meta, directory)
-    session.upload(str(directory / "mod.so"))
-    vm = relax.VirtualMachine(session.load_module("mod.so"), session.cpu())
+    directory, meta, data = checked_module(prefix)
+    session.upload(bytearray(data), MODULE_FILE)
+    vm = relax.VirtualMachine(session.load_module(MODULE_FILE), session.cpu())
     return CompiledModel(directory, meta, vm, device=session.cpu())
 
 
 # ---------------------------------------------------------------- tvmzoo device tracker / serve
 
 
-def tracker_command(host: str = "0.0.0.0", port: int = DEFAULT_TRACKER_PORT) -> list[str]:
+def warn_if_exposed(host: str, port: int, what: str) -> bool:
+    """Log a warning when `host` is not a loopback address: a TVM RPC server runs what any client that
+    reaches it sends (uploads, downloads, loads shared libraries); a tracker hands its servers out."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        log.warning("the %s listens on %s: any machine that can reach this port can %s. Use it only on a "
+                    "trusted network, or keep the default 127.0.0.1 and reach it through an SSH tunnel "
+                    "(ssh -N -L %d:127.0.0.1:%d user@this-host); see docs/runstream.md.", what, host,
+                    "run code on this machine as this user" if what == "RPC server" else
+                    "ask it for the devices registered here and use them", port, port)
+    return not loopback
+
+
+def tracker_command(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT) -> list[str]:
+    warn_if_exposed(host, port, "RPC tracker")
     return [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
             "--port-end", str(port + 1)]
 
 
-def serve_command(tracker: str | None, key: str | None, host: str = "0.0.0.0",
+def serve_command(tracker: str | None, key: str | None, host: str = "127.0.0.1",
                   port: int = DEFAULT_SERVER_PORT) -> list[str]:
+    """Without a tracker, a --key makes TVM's server accept only clients that send the same key
+    (`--rpc host:port --rpc-key KEY`); through a tracker the key only names the device kind."""
     # the server takes the first free port from `port` (several servers can share a host)
     cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port),
            "--port-end", str(port + 100)]
@@ -107,7 +142,10 @@ def serve_command(tracker: str | None, key: str | None, host: str = "0.0.0.0",
         parse_address(tracker, "--tracker")
         if not key:
             raise ConfigError("--tracker needs --key KEY: the device kind clients ask the tracker for.")
-        cmd += ["--tracker", tracker, "--key", key]
+        cmd += ["--tracker", tracker]
+    if key:
+        cmd += ["--key", key]
+    warn_if_exposed(host, port, "RPC server")
     return cmd
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..io.atomic import write_text
 from ..errors import ConfigError
+from .filenames import quote_path, read_lines, unquote_path
 
 TOP_K = 5
 # Parsed from the right: the image path itself may contain ': '.
@@ -42,7 +43,8 @@ def predictions(paths: Sequence[str], outputs: np.ndarray, k: int = TOP_K) -> li
 
 
 def format_prediction(pred: Prediction, names: Sequence[str]) -> str:
-    return "".join(f"{pred.path}: Relay top-{rank} id: {idx}, prob: {prob:.8f}, "
+    path = quote_path(pred.path)  # any file name: escaped when it would not read back (run/filenames.py)
+    return "".join(f"{path}: Relay top-{rank} id: {idx}, prob: {prob:.8f}, "
                    f"class name: {names[idx] if 0 <= idx < len(names) else idx}\n"
                    for rank, (idx, prob) in enumerate(zip(pred.ids, pred.probs)))
 
@@ -57,14 +59,14 @@ def read_results(path: str | Path) -> list[Prediction]:
     if not path.is_file():
         raise ConfigError(f"result file not found: {path}. Produce it with classification.py or vamp_npz_decode.py.")
     by_path: dict[str, list[tuple[int, int, float]]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         m = _LINE.match(line)
         if m is None:
             raise ConfigError(f"{path}:{lineno}: not a result line ('<image>: Relay top-<k> id: <i>, prob: <p>, "
                               f"class name: <name>'): {line[:80]!r}")
-        by_path.setdefault(m["path"], []).append((int(m["rank"]), int(m["id"]), float(m["prob"])))
+        by_path.setdefault(unquote_path(m["path"]), []).append((int(m["rank"]), int(m["id"]), float(m["prob"])))
     return [Prediction(p, tuple(i for _, i, _ in sorted(rows)), tuple(q for _, _, q in sorted(rows)))
             for p, rows in by_path.items()]
 

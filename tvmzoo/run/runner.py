@@ -23,10 +23,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ..io.atomic import write_text
-from .devices import RemoteSpec, load_remote, open_sessions
+from .devices import RemoteSpec, checked_module, load_remote, open_sessions
 from ..errors import ConfigError, ImageError, ModuleError
+from ..io.outputs import check_output_file
 from ..preprocess import Preprocessing, apply, read_image
 from .results import TOP_K, Prediction, format_prediction, predictions, read_results
+from .claim import SettingsRecord, claim, run_settings
 from .runtime import CompiledModel, stack_aligned
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,7 @@ def classify_sharded(prefix: str | Path, paths: Sequence[Path], pre: Preprocessi
     """Classify `paths` across every device of `spec`; results in input order. Shards are handed out
     from one queue; a device that fails puts its unfinished shard back for another device, and a
     shard's results count only once it completes, so nothing is lost or duplicated."""
+    checked_module(prefix)  # a damaged or foreign module is one clear error, not every device dropping out
     sessions = open_sessions(spec)
     size = shard_size or max(batch, min(256, math.ceil(len(paths) / (4 * len(sessions)))))
     shards = [list(paths[i:i + size]) for i in range(0, len(paths), size)]
@@ -293,10 +296,13 @@ class ResultFile:
     already have five lines in it are kept and need not be classified again."""
 
     def __init__(self, path: Path, order: Sequence[str], names: Sequence[str], resume: bool,
-                 every: float = 10.0) -> None:
+                 every: float = 10.0, settings: dict | None = None) -> None:
         self.path, self.order, self.names, self.every = path, list(order), names, every
         self.records: dict[str, str] = {}
+        self.settings = SettingsRecord(path, settings) if settings is not None else None
         if resume and path.is_file():
+            if self.settings is not None:
+                self.settings.check_resumable()
             wanted = set(self.order)
             self.records = {p.path: format_prediction(p, names) for p in read_results(path)
                             if p.path in wanted and len(p.ids) == TOP_K}
@@ -314,14 +320,29 @@ class ResultFile:
             self.write()
 
     def write(self) -> None:
+        if self.settings is not None:
+            self.settings.before_write()
         write_text(self.path, "".join(self.records[p] for p in self.order if p in self.records))
+        if self.settings is not None:
+            self.settings.after_write()
         self._last = time.monotonic()
 
 
 def run_to_file(model_prefix: str | Path, paths: Sequence[Path], pre: Preprocessing, out: Path,
                 names: Sequence[str], options: RunOptions = RunOptions()) -> RunSummary:
-    """Classify `paths` (locally, or on the RPC devices of options.remote) into the result file `out`."""
-    results = ResultFile(out, [str(p) for p in paths], names, options.resume)
+    """Classify `paths` (locally, or on the RPC devices of options.remote) into the result file `out`,
+    which this run holds alone (a lock) and whose settings it records beside it (see run/claim.py)."""
+    from .runtime import model_dir, read_meta
+
+    check_output_file(out, "result file")
+    settings = run_settings(read_meta(model_dir(model_prefix)), pre, names, TOP_K)
+    with claim(out):
+        return _run_claimed(model_prefix, paths, pre, ResultFile(out, [str(p) for p in paths], names,
+                                                                  options.resume, settings=settings), options)
+
+
+def _run_claimed(model_prefix: str | Path, paths: Sequence[Path], pre: Preprocessing, results: ResultFile,
+                 options: RunOptions) -> RunSummary:
     todo = [p for p in paths if not results.done(str(p))]
     completed = False
     try:
@@ -342,7 +363,7 @@ def run_to_file(model_prefix: str | Path, paths: Sequence[Path], pre: Preprocess
         if completed or results.changed:
             results.write()
     summary.skipped = len(paths) - len(todo)
-    log.info("wrote %s", out)
+    log.info("wrote %s", results.path)
     return summary
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import ModuleError
+from ..errors import ConfigError, ModuleError, printable
+from ..limits import check_text_size, json_nesting_problem
 from ..preprocess import Preprocessing
 from .host import missing_features
 
@@ -61,10 +62,13 @@ def read_meta(directory: Path) -> dict:
         raise ModuleError(f"no compiled model at {directory}: {META_FILE} is missing. "
                           "Run `vamc compile <yaml>` first, and pass its <workspace>/<name>/mod as the model prefix.")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        check_text_size(meta_path, META_FILE)
+        text = meta_path.read_text(encoding="utf-8")
+        problem = json_nesting_problem(text)
+        meta = json.loads(text) if problem is None else None
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as exc:
         raise ModuleError(f"{meta_path} is corrupt ({exc}); recompile the model with `vamc compile`.") from exc
-    problem = _meta_problem(meta)
+    problem = problem or _meta_problem(meta)
     if problem:
         raise ModuleError(f"{meta_path} is not a tvmzoo module description ({problem}); "
                           "recompile the model with `vamc compile`.")
@@ -78,23 +82,52 @@ def _meta_problem(meta) -> str | None:
     for key, kind in kinds.items():
         if not isinstance(meta.get(key), kind):
             return f"'{key}' is missing or not a {kind.__name__}"
-    shape = meta["input"].get("shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) for d in shape)):
-        return f"'input.shape' must be four integers, got {shape!r}"
+    optional = {"module_sha256": str, "tvm_version": str, "tvmzoo_version": str, "preprocess": str,
+                "preprocessing": dict}
+    for key, kind in optional.items():
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            return f"'{key}' must be a {kind.__name__}, got {printable(repr(meta[key]), 60)}"
+    if not all(isinstance(f, str) for f in meta["cpu_features"]):
+        return "'cpu_features' must be a list of strings"
+    return _input_problem(meta["input"]) or _preprocessing_problem(meta.get("preprocessing"))
+
+
+def _input_problem(spec: dict) -> str | None:
+    shape = spec.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and
+            all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        return f"'input.shape' must be four integers, got {printable(repr(shape), 60)}"
+    if shape[0] < -1 or min(shape[1:]) < 1:
+        return f"'input.shape' must be [batch (-1: any), and three sizes >= 1], got {shape}"
+    try:
+        kind = np.dtype(spec.get("dtype", "float32")).kind
+    except TypeError:
+        kind = None
+    if kind not in ("f", "u", "i"):
+        return f"'input.dtype' must be a numeric dtype, got {printable(repr(spec.get('dtype')), 60)}"
     return None
 
 
-def check_module_file(meta: dict, directory: Path) -> None:
+def _preprocessing_problem(pre: dict | None) -> str | None:
+    try:
+        CompiledModel.preprocessing_from_meta({"preprocessing": pre})
+    except (TypeError, ValueError, ConfigError) as exc:
+        return f"'preprocessing': {printable(exc, 160)}"
+    return None
+
+
+def check_module_file(meta: dict, directory: Path, data: bytes | None = None) -> None:
     """Refuse a mod.so that is not the one mod.json describes (truncated, overwritten, half-copied):
-    loading a damaged shared object can kill the process (SIGBUS) instead of raising."""
+    loading a damaged shared object can kill the process (SIGBUS) instead of raising. With `data`, the
+    bytes read from it are checked (what is sent to an RPC device is exactly what was checked)."""
     so = directory / MODULE_FILE
-    if not so.is_file():
+    if data is None and not so.is_file():
         raise ModuleError(f"{so} is missing; recompile the model with `vamc compile`.")
     expected = meta.get("module_sha256")
     if expected is None:  # built before tvmzoo recorded the checksum
         log.debug("%s records no module checksum: not verified", directory / META_FILE)
         return
-    if file_sha256(so) != expected:
+    if (file_sha256(so) if data is None else hashlib.sha256(data).hexdigest()) != expected:
         raise ModuleError(f"{so} does not match {META_FILE} (checksum differs): the file is corrupt, truncated "
                           "or from another build; recompile with `vamc compile`.")
 

@@ -1,0 +1,72 @@
+"""Throughput mode (`vamp -i N -t T`: each instance on its own cores) and the vendor READMEs' vamp flags."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from tvmzoo.errors import TvmzooError
+from tvmzoo.run.threads import instance_cores, pin_this_thread_pool, threads_per_instance
+from tvmzoo.run.vendor_flags import vendor_notes
+
+from conftest import run_cli
+from tiny import build_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("throughput"), "tiny")
+
+
+def test_instances_get_their_own_cores():
+    assert [instance_cores(i, 2, [0, 1, 2, 3]) for i in range(2)] == [[0, 1], [2, 3]]
+    assert [instance_cores(i, 1, [4, 5]) for i in range(3)] == [[4], [5], [4]]  # more instances than cores: wrap
+    assert threads_per_instance(3, 2) == 2 and threads_per_instance(1, None) == len(os.sched_getaffinity(0))
+
+
+def test_pinned_pool_runs_on_its_core(tiny):
+    """For real: after pinning, a model run in a thread leaves that thread on the core it was given."""
+    from tvmzoo.run.runtime import CompiledModel, stack_aligned
+
+    model = CompiledModel.load(tiny)
+    x = stack_aligned([np.zeros((3, 32, 32), np.float32)])
+    core = max(os.sched_getaffinity(0))
+    seen = []
+
+    def worker():
+        pin_this_thread_pool([core])
+        model.run(x)
+        seen.append(os.sched_getaffinity(0))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [{core}]
+
+
+def test_vendor_flags_are_noted():
+    notes = vendor_notes(None, "[0]", None, ["p", "2"])
+    assert "'p 2' as -p 2" in notes[0] and "ignored on a CPU" in notes[1]
+    assert vendor_notes(None, "0", None, []) == []
+    assert any("-d 1" in n for n in vendor_notes(1, "1", "uint32", [], "float32"))
+    with pytest.raises(TvmzooError, match="cannot read 'q 3'"):
+        vendor_notes(None, "[0]", None, ["q", "3"])
+
+
+def test_vamp_takes_the_readme_flags(tiny):
+    """`-i 2 p 2 -b 1 -s [3,32,32] -d 0` as the vendor READMEs write it: runs, notes what it ignored, reports
+    images/s of both instances, each on its own cores."""
+    proc = run_cli("vamp", "-m", tiny, "-i", "2", "p", "2", "-b", "1", "-s", "[3,32,32]", "-d", "0",
+                   "--iterations", "5", "--json")
+    report = json.loads(proc.stdout)
+    assert "ignored on a CPU" in proc.stderr and report["samples"] == 10 and report["instances"] == 2
+    cores = report["cores"]
+    assert len(cores) == 2 and all(len(c) == report["threads_per_instance"] for c in cores)
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(cores[0]) & set(cores[1])
+    text = run_cli("vamp", "-m", tiny, "--instance", "2", "--processes", "1", "--batch_size", "2", "-t", "1",
+                   "--iterations", "3", "-s", "3,32,32").stdout
+    assert "throughput (images/s)" in text and "samples: 12" in text

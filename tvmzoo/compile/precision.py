@@ -1,0 +1,55 @@
+"""What a requested precision computes in on the target CPU, and which precisions are fastest there.
+
+fp16 never loses to fp32: LLVM emulates fp16 arithmetic on a CPU without AVX512-FP16 (a convert on
+every use: RepVGG-A0 116 ms / image on Zen 4, 7.5x its fp32 build), so there an fp16 build computes in
+fp32. Its inputs and outputs stay what every tvmzoo build takes and returns (float32; ToMixedPrecision
+casts at the edges); only the arithmetic differs, and fp32 is at least as accurate. bf16 would be
+faster than fp32 on AVX512-BF16 CPUs but rounds more coarsely than fp16 (8 mantissa bits, not 11), so
+a user who asked for fp16 accuracy gets fp32, and the log points at bf16 and int8 where they are faster.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+# Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
+# it). Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
+# 0.54-0.66x of fp32) and Zen 4 (issue 15: OpenVINO bf16 0.5x, int8 0.3x of fp32). The AMX kernels
+# (int8 / bf16 tiles, issue 15 part B) add their rows here with the measurement that places them.
+_FAST_PATHS: tuple[tuple[str, frozenset[str], str], ...] = (
+    ("int8", frozenset({"avx512vnni"}), "AVX512-VNNI"),
+    ("int8", frozenset({"avxvnni"}), "AVX-VNNI"),
+    ("fp16", frozenset({"avx512fp16"}), "AVX512-FP16"),
+    ("bf16", frozenset({"avx512bf16"}), "AVX512-BF16"),
+)
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    requested: str   # backend.dtype
+    compute: str     # what the kernels compute in
+    note: str        # for the compile log and mod.json ("" when compute == requested, nothing to say)
+
+
+def fastest_precisions(features: Collection[str], accepted: Collection[str]) -> list[tuple[str, str]]:
+    """(precision, the instructions that make it fast) for this CPU, fastest first, among `accepted`;
+    fp32 last. fp16 without AVX512-FP16 is left out: it builds as fp32."""
+    ranked: list[tuple[str, str]] = []
+    for precision, needs, name in _FAST_PATHS:
+        if precision in accepted and needs <= set(features) and precision not in dict(ranked):
+            ranked.append((precision, name))
+    return [*ranked, ("fp32", "FMA" if "fma" in features else "SSE")]
+
+
+def describe_fastest(features: Collection[str], accepted: Collection[str]) -> str:
+    return ", ".join(f"{p} ({how})" for p, how in fastest_precisions(features, accepted))
+
+
+def plan_precision(precision: str, cpu: str, features: Collection[str]) -> PrecisionPlan:
+    """How a build of `precision` computes on `cpu` (with LLVM features `features`)."""
+    if precision == "fp16" and "avx512fp16" not in features:
+        return PrecisionPlan(precision, "fp32",
+                             f"fp16: {cpu} has no AVX512-FP16, so LLVM would emulate fp16 (a conversion on every "
+                             "use: 7.5x slower than fp32 on Zen 4); this build computes in fp32 (same float32 "
+                             "inputs and outputs, fp32 accuracy, fp32 speed)")
+    return PrecisionPlan(precision, precision, "")

@@ -1,0 +1,48 @@
+"""Every input a build will read and the place it will write, checked before the first compile starts:
+a misspelt calibration folder is found in a second, not after half a minute of compiling fp32."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import BuildConfig
+from ..errors import ConfigError, TvmzooError
+from ..io.outputs import check_replaceable
+from ..run.runtime import META_FILE
+
+
+def check_build_output(cfg: BuildConfig) -> Path:
+    """<workspace>/<name> can be written, and replacing it deletes nothing but an earlier build."""
+    return check_replaceable(Path(cfg.workspace) / cfg.name, META_FILE, f"{cfg.path}: workspace.path / name:")
+
+
+def check_build_inputs(cfg: BuildConfig, calibrate: bool | None = None) -> None:
+    """The ONNX (or the checkpoint it is exported from) and, for int8 (`calibrate`), the calibration images."""
+    if not Path(cfg.frontend.checkpoint).is_file():
+        _check_weights(cfg)
+    if calibrate is None:
+        calibrate = cfg.backend.dtype == "int8"
+    if not calibrate:
+        return
+    if cfg.dataset is None or cfg.dataset.preprocessing is None:
+        raise ConfigError(f"{cfg.path}: int8 calibration needs a dataset section with dataset.path and "
+                          "dataset.process_ops.")
+    from ..io.images import calibration_images
+
+    try:
+        calibration_images(cfg.dataset)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.path}: {exc} (or pass --set dataset.path=<folder>)") from None
+
+
+def _check_weights(cfg: BuildConfig) -> None:
+    if cfg.model is None:
+        from .compiler import ensure_onnx
+        ensure_onnx(cfg, None)  # raises its "export it first" error: nothing to export from
+        return
+    from ..models.export import resolve_weights
+    from ..models import get_family
+
+    try:
+        resolve_weights(get_family(cfg.model.family), str(cfg.model.weights))
+    except TvmzooError as exc:
+        raise type(exc)(f"{cfg.path}: model: {exc}") from None

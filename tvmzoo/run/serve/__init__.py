@@ -1,0 +1,12 @@
+"""`tvmzoo serve`: compiled models over the Open Inference Protocol (KServe v2), HTTP/REST and gRPC,
+so Triton's clients (tritonclient, perf_analyzer) work unchanged.
+
+repository  model folders -> loaded, checked models (ready or not, and why)
+tensors     protocol tensors <-> numpy, datatypes, Triton's BYTES encoding, errors with their status
+inference   one request: validate, decode images, batch, outputs and the classification extension
+batcher     dynamic batching over model instances
+metrics     Prometheus metrics named like Triton's
+http_app    the HTTP/REST front end (tornado), with Triton's binary tensor extension
+grpc_service the gRPC GRPCInferenceService (stubs from tritonclient's generated protobuf)
+server      configuration, start, SIGTERM drain
+"""

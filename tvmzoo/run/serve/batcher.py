@@ -1,0 +1,148 @@
+"""Dynamic batching for one model: requests (each a few rows) wait in one queue; every model instance
+has a thread that takes the oldest request, gathers more until the batch is full or the oldest has
+waited `max_delay_s` (Triton's max_queue_delay), runs them as one batch and hands each request its
+own rows back. One batcher per model, so batches never mix models."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..runtime import CompiledModel, aligned_empty
+
+from .metrics import VERSION, Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    rows: np.ndarray
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher:
+    def __init__(self, name: str, instances: list[CompiledModel], max_batch: int, max_delay_s: float,
+                 metrics: Metrics) -> None:
+        self.name = name
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.metrics = metrics
+        self._queue: deque[Pending] = deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        warmed = [threading.Event() for _ in instances]
+        self._closed = False
+        self._flush = False     # draining: run what is queued without waiting for fuller batches
+        self._threads = [threading.Thread(target=self._worker, args=(model, warm), name=f"{name}-instance{i}",
+                                          daemon=True) for i, (model, warm) in enumerate(zip(instances, warmed))]
+        for thread in self._threads:
+            thread.start()
+        for event in warmed:
+            event.wait()
+
+    def submit(self, rows: np.ndarray) -> Future:
+        """Queue `rows` (leading axis = batch); the future gets their outputs, or the run's exception."""
+        item = Pending(rows)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"model {self.name} is shutting down")
+            self._queue.append(item)
+            self._queued_rows += len(rows)
+            self._cond.notify()
+        return item.future
+
+    def flush(self) -> None:
+        """From now on run queued requests at once (SIGTERM: no request waits for company that won't come)."""
+        with self._cond:
+            self._flush = True
+            self._cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests; the instances finish everything already queued, then stop."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _worker(self, model: CompiledModel, warmed: threading.Event) -> None:
+        """Run batches on one instance. A first run on zeros warms it (memory, this thread's TVM pool),
+        so the model is ready when the first client's request comes."""
+        try:
+            model.run(np.zeros((model.fixed_batch or 1, *model.input_shape[1:]), model.input_dtype))
+        except Exception:  # noqa: BLE001 - TVM's own error types; real requests will report it
+            log.exception("model %s: warm-up run failed", self.name)
+        warmed.set()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(model, batch)
+
+    def _next_batch(self) -> list[Pending] | None:
+        with self._cond:
+            while True:
+                while not self._queue:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                deadline = self._queue[0].enqueued + self.max_delay_s
+                while self._queue and self._queued_rows < self.max_batch and not (self._closed or self._flush):
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._queue:  # another instance may have taken everything while this one waited
+                    return self._take()
+
+    def _take(self) -> list[Pending]:
+        batch = [self._queue.popleft()]
+        rows = len(batch[0].rows)
+        while self._queue and rows + len(self._queue[0].rows) <= self.max_batch:
+            rows += len(self._queue[0].rows)
+            batch.append(self._queue.popleft())
+        self._queued_rows -= rows
+        return batch
+
+    def _run(self, model: CompiledModel, batch: list[Pending]) -> None:
+        m, labels = self.metrics, (self.name, VERSION)
+        start = time.perf_counter()
+        for item in batch:
+            m.queue_us.labels(*labels).inc((start - item.enqueued) * 1e6)
+        try:
+            inputs = _gather([item.rows for item in batch])
+            started = time.perf_counter()
+            outputs = model.run(inputs)
+            ran = time.perf_counter()
+        except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
+            log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
+            for item in batch:
+                item.future.set_exception(exc)
+            return
+        offset, results = 0, []
+        for item in batch:
+            results.append(outputs[offset:offset + len(item.rows)])
+            offset += len(item.rows)
+        done = time.perf_counter()
+        n = len(batch)   # counted before the results are handed over: a client that got its answer sees it counted
+        m.input_us.labels(*labels).inc((started - start) * 1e6 * n)
+        m.infer_us.labels(*labels).inc((ran - started) * 1e6 * n)
+        m.output_us.labels(*labels).inc((done - ran) * 1e6 * n)
+        m.inference_count.labels(*labels).inc(len(inputs))
+        m.exec_count.labels(*labels).inc()
+        m.batch_size.labels(self.name).observe(len(inputs))
+        for item, result in zip(batch, results):
+            item.future.set_result(result)
+
+
+def _gather(parts: list[np.ndarray]) -> np.ndarray:
+    """The requests' rows in one aligned buffer, which the module reads in place (no extra copy)."""
+    out = aligned_empty((sum(len(p) for p in parts), *parts[0].shape[1:]), parts[0].dtype)
+    return np.concatenate(parts, out=out)

@@ -1,0 +1,52 @@
+"""What `tvmzoo serve` is told: the model repository, addresses, batching and limits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import ConfigError
+
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20   # a batch of 64 FP32 224x224 images is 38.5 MB
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000                  # 0: any free port (printed when serving)
+    grpc_port: int = 8001
+    instances: int = 1                     # model instances per model, one thread each
+    threads: int | None = None             # TVM threads per instance; None: TVM_NUM_THREADS or all cores
+    max_queue_delay_us: int = 0            # how long the oldest request waits for a fuller batch
+    max_batch: int = 8                     # rows per batch for builds with a dynamic batch dimension
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    auth_token: str | None = None          # bearer token guarding everything but health
+    labels: Path | None = None             # class names for the classification extension
+    drain_seconds: float = 30.0            # SIGTERM: how long in-flight requests may take to finish
+
+    def __post_init__(self) -> None:
+        for name in ("instances", "max_batch", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.max_queue_delay_us < 0:
+            raise ConfigError(f"--max-queue-delay-us must be 0 or more, got {self.max_queue_delay_us}.")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}.")
+        for name in ("http_port", "grpc_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a TCP port (0-65535), "
+                                  f"got {getattr(self, name)}.")
+        if not Path(self.repository).exists():
+            raise ConfigError(f"model repository {self.repository} does not exist: give a folder of compiled "
+                              "builds (<name>/mod.so + mod.json) or one build folder.")
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token from --auth-token-file (first line, surrounding whitespace removed)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--auth-token-file {path}: cannot read it ({exc.strerror or exc}).") from None
+    if not token:
+        raise ConfigError(f"--auth-token-file {path} is empty: put the token on its first line.")
+    return token

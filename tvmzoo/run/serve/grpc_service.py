@@ -1,0 +1,131 @@
+"""The gRPC front end: the protocol's GRPCInferenceService on grpc.aio, with the servicer base class and
+messages that tritonclient generates from Triton's grpc_service.proto (nothing copied here). Methods not
+implemented here (repository control, shared memory, streaming, trace / log settings) answer UNIMPLEMENTED."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from .state import EXTENSIONS, SERVER_NAME, AppState
+from .tensors import (BYTES, InferRequest, InputTensor, RequestedOutput, ServeError, check_datatype, check_shape,
+                      from_buffer, from_list, invalid, object_array, to_bytes)
+
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", BYTES: "bytes_contents"}
+
+
+def _input(pb, raw: bytes | None) -> InputTensor:
+    name = pb.name
+    datatype = check_datatype(name, pb.datatype)
+    shape = check_shape(name, list(pb.shape))
+    if raw is not None:
+        return from_buffer(name, datatype, shape, raw)
+    if datatype not in _CONTENTS:
+        raise invalid(f"input '{name}': {datatype} must be sent in raw_input_contents")
+    values = getattr(pb.contents, _CONTENTS[datatype])
+    if datatype == BYTES:
+        data = object_array(list(values))
+        if data.size != int(np.prod(shape)):
+            raise invalid(f"input '{name}': {data.size} BYTES elements do not fill shape {list(shape)}")
+        return InputTensor(name, datatype, shape, data)
+    return from_list(name, datatype, shape, list(values))
+
+
+def parse_request(pb) -> InferRequest:
+    raw = list(pb.raw_input_contents)
+    if raw and len(raw) != len(pb.inputs):
+        raise invalid(f"{len(raw)} raw_input_contents for {len(pb.inputs)} inputs: send all inputs raw or none")
+    inputs = [_input(t, raw[i] if raw else None) for i, t in enumerate(pb.inputs)]
+    outputs = [RequestedOutput(o.name, int(o.parameters["classification"].int64_param)
+                               if "classification" in o.parameters else 0) for o in pb.outputs]
+    return InferRequest(pb.model_name, pb.model_version, pb.id, inputs, outputs or None)
+
+
+def encode_response(request: InferRequest, outputs) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse(model_name=request.model, model_version="1", id=request.id)
+    for out in outputs:
+        response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.shape))
+        response.raw_output_contents.append(to_bytes(out.data))
+    return response
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def _guard(self, context) -> None:
+        if not self.state.authorized(dict(context.invocation_metadata()).get("authorization")):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "
+                                "(metadata authorization: Bearer <token>)")
+
+    async def _call(self, context, fn: Callable):
+        await self._guard(context)
+        try:
+            return await fn()
+        except ServeError as exc:
+            await context.abort(grpc.StatusCode[exc.status], str(exc))
+
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.state.repository.ready and not self.state.draining)
+
+    async def ModelReady(self, request, context):
+        async def run():
+            return service_pb2.ModelReadyResponse(
+                ready=self.state.repository.get(request.name, request.version).ready)
+        return await self._call(context, run)
+
+    async def ServerMetadata(self, request, context):
+        async def run():
+            return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=self.state.version,
+                                                      extensions=EXTENSIONS)
+        return await self._call(context, run)
+
+    async def ModelMetadata(self, request, context):
+        async def run():
+            entry = self.state.repository.get(request.name, request.version)
+            if entry.meta is None:
+                raise ServeError("UNAVAILABLE", f"model '{request.name}' is not ready: {entry.problem}")
+            return json_format.ParseDict(entry.metadata(), service_pb2.ModelMetadataResponse())
+        return await self._call(context, run)
+
+    async def ModelConfig(self, request, context):
+        async def run():
+            entry = self.state.repository.get_ready(request.name, request.version)
+            config = json_format.ParseDict(entry.config(entry.batcher.max_batch), model_config_pb2.ModelConfig())
+            return service_pb2.ModelConfigResponse(config=config)
+        return await self._call(context, run)
+
+    async def ModelStatistics(self, request, context):
+        async def run():
+            stats = self.state.statistics(request.name, request.version)
+            return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
+        return await self._call(context, run)
+
+    async def ModelInfer(self, request, context):
+        async def run():
+            if self.state.draining:
+                raise ServeError("UNAVAILABLE", "the server is shutting down")
+            parsed = parse_request(request)
+            return encode_response(parsed, await self.state.inference.infer(parsed))
+        return await self._call(context, run)
+
+
+def make_server(state: AppState, address: str, max_request_bytes: int) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server bound to `address` (host:port, port 0 = any free one) and the port it got."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes),
+                                      ("grpc.max_send_message_length", -1),
+                                      ("grpc.so_reuseport", 0)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    port = server.add_insecure_port(address)   # grpc raises RuntimeError, or returns 0, when it cannot bind
+    if port == 0:
+        raise OSError(f"the port is in use or {address} is not an address here")
+    return server, port

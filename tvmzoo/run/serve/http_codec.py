@@ -1,0 +1,96 @@
+"""The protocol's HTTP/REST infer body <-> InferRequest / outputs: JSON tensors and Triton's binary
+tensor extension (a JSON header of Inference-Header-Content-Length bytes, then each binary tensor's
+bytes in order, sized by its binary_data_size parameter)."""
+from __future__ import annotations
+
+import json
+
+from .tensors import (InferRequest, InputTensor, OutputTensor, RequestedOutput, check_datatype, check_shape,
+                      from_buffer, from_list, invalid, to_bytes, to_json_data)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def _header(body: bytes, header_length: int | None) -> dict:
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise invalid(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
+    try:
+        doc = json.loads(body[:header_length] if header_length is not None else body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"malformed JSON in the inference request: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise invalid('the inference request must be a JSON object with a non-empty "inputs" list')
+    return doc
+
+
+def _parameters(item: dict, where: str) -> dict:
+    params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise invalid(f"{where}: parameters must be a JSON object")
+    return params
+
+
+def _input(item, body: memoryview, offset: int) -> tuple[InputTensor, int]:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise invalid('each input must be a JSON object with a "name"')
+    name = item["name"]
+    datatype = check_datatype(name, item.get("datatype"))
+    shape = check_shape(name, item.get("shape"))
+    size = _parameters(item, f"input '{name}'").get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise invalid(f"input '{name}' has neither data nor a binary_data_size parameter")
+        return from_list(name, datatype, shape, item["data"]), offset
+    if not isinstance(size, int) or size < 0 or offset + size > len(body):
+        raise invalid(f"input '{name}': binary_data_size {size!r} runs past the {len(body)}-byte body")
+    return from_buffer(name, datatype, shape, body[offset:offset + size]), offset + size
+
+
+def _output(item) -> RequestedOutput:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise invalid('each requested output must be a JSON object with a "name"')
+    params = _parameters(item, f"output '{item['name']}'")
+    k = params.get("classification", 0)
+    if not isinstance(k, int):
+        raise invalid(f"output '{item['name']}': classification must be an integer, got {k!r}")
+    return RequestedOutput(item["name"], k, bool(params.get("binary_data", False)))
+
+
+def parse_infer(body: bytes, header_length: int | None, model: str, version: str) -> InferRequest:
+    doc = _header(body, header_length)
+    view = memoryview(body)
+    offset = len(body) if header_length is None else header_length
+    inputs = []
+    for item in doc["inputs"]:
+        tensor, offset = _input(item, view, offset)
+        inputs.append(tensor)
+    if offset != len(body):
+        raise invalid(f"{len(body) - offset} bytes after the last binary input are not claimed by any "
+                      "binary_data_size")
+    outputs = doc.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise invalid('"outputs" must be a list')
+    binary = bool(_parameters(doc, "request").get("binary_data_output", False))
+    return InferRequest(model, version, str(doc.get("id", "")), inputs,
+                        None if outputs is None else [_output(o) for o in outputs], binary)
+
+
+def encode_response(request: InferRequest, outputs: list[OutputTensor]) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header's length."""
+    items, blobs = [], []
+    for out in outputs:
+        item = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
+        if out.binary:
+            blob = to_bytes(out.data)
+            item["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            item["data"] = to_json_data(out.data)
+        items.append(item)
+    doc = {"model_name": request.model, "model_version": "1", "outputs": items}
+    if request.id:
+        doc["id"] = request.id
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

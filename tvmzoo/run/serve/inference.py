@@ -1,0 +1,152 @@
+"""One inference request, whatever front end it came by: check it against the model, turn image bytes
+into the module's input with the build's own preprocessing, queue it for the batcher, build the
+outputs (and Triton's classification extension), and count it in the metrics."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+
+import numpy as np
+
+from ...errors import ImageError
+from ...preprocess import decode_image
+from ..runner import model_input
+
+from .metrics import VERSION, Metrics
+from .repository import ModelEntry, Repository
+from .tensors import BYTES, InferRequest, InputTensor, OutputTensor, ServeError, invalid, object_array
+
+log = logging.getLogger(__name__)
+
+_REASONS = {"UNAVAILABLE": "REJECTED", "INTERNAL": "BACKEND"}   # Triton's failure reasons; bad input: OTHER
+MAX_ROWS = 256   # images per request: bounds the memory one request can take
+
+
+def _describe(entry: ModelEntry) -> str:
+    shape = [-1, *entry.row_shape]
+    return f"'{entry.input_name}' ({entry.input_datatype} {shape}, or BYTES [-1] encoded JPEG/PNG images)"
+
+
+def _single_input(entry: ModelEntry, request: InferRequest) -> InputTensor:
+    if len(request.inputs) != 1:
+        raise invalid(f"model '{entry.name}' takes one input, {_describe(entry)}; got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.name != entry.input_name:
+        raise invalid(f"unknown input '{tensor.name}' for model '{entry.name}': it takes {_describe(entry)}")
+    return tensor
+
+
+def check_tensor(entry: ModelEntry, tensor: InputTensor) -> np.ndarray:
+    """A numeric input as the module's rows; wrong datatype or shape is the client's error."""
+    if tensor.datatype != entry.input_datatype:
+        raise invalid(f"input '{tensor.name}' is {tensor.datatype}; model '{entry.name}' takes {_describe(entry)}")
+    if len(tensor.shape) != 1 + len(entry.row_shape) or tensor.shape[1:] != entry.row_shape \
+            or not 1 <= tensor.shape[0] <= MAX_ROWS:
+        raise invalid(f"input '{tensor.name}' has shape {list(tensor.shape)}; model '{entry.name}' takes "
+                      f"[n, {', '.join(map(str, entry.row_shape))}] with 1 <= n <= {MAX_ROWS}")
+    return tensor.data
+
+
+def decode_images(entry: ModelEntry, tensor: InputTensor) -> np.ndarray:
+    """BYTES holding encoded images -> the module's rows, through the preprocessing the build records
+    (host side of a fused build: decode and resize only, the rest runs inside the module)."""
+    if tensor.shape not in ((len(tensor.data),), (len(tensor.data), 1)) or not 1 <= len(tensor.data) <= MAX_ROWS:
+        raise invalid(f"input '{tensor.name}': BYTES images have shape [n] or [n, 1] with 1 <= n <= {MAX_ROWS}, "
+                      f"got {list(tensor.shape)}")
+    pre = entry.instances[0].preprocessing
+    if pre is None:
+        raise invalid(f"model '{entry.name}' records no preprocessing (mod.json): send {entry.input_datatype} "
+                      "tensors instead of image bytes")
+    rows = []
+    for i, item in enumerate(tensor.data):
+        try:
+            image = decode_image(np.frombuffer(item, np.uint8), f"input '{tensor.name}' element {i}")
+        except ImageError as exc:
+            raise invalid(str(exc)) from None
+        rows.append(model_input(pre, image, entry.fused))
+    return np.stack(rows)
+
+
+def classification(values: np.ndarray, k: int, labels: tuple[str, ...] | None) -> np.ndarray:
+    """Triton's classification extension: per row the top-k as "score:index[:label]", best first;
+    the score is the output value itself (a probability when the build ends in softmax)."""
+    k = min(k, values.shape[-1])
+    top = np.argsort(-values, axis=-1, kind="stable")[:, :k]
+    items = [f"{values[r, i]:f}:{i}" + (f":{labels[i]}" if labels and i < len(labels) else "")
+             for r in range(len(values)) for i in top[r]]
+    return object_array([s.encode() for s in items]).reshape(len(values), k)
+
+
+def build_outputs(entry: ModelEntry, request: InferRequest, result: np.ndarray) -> list[OutputTensor]:
+    wanted = request.outputs
+    if wanted is None:
+        return [OutputTensor(entry.output_name, "FP32", result.shape, result, request.binary_output)]
+    outputs = []
+    for out in wanted:
+        if out.classification:
+            data = classification(result, out.classification, entry.labels)
+            outputs.append(OutputTensor(out.name, BYTES, data.shape, data, out.binary))
+        else:
+            outputs.append(OutputTensor(out.name, "FP32", result.shape, result, out.binary))
+    return outputs
+
+
+def _check_outputs(entry: ModelEntry, request: InferRequest) -> None:
+    names = [out.name for out in request.outputs or ()]
+    if len(set(names)) != len(names):
+        raise invalid(f"an output is requested twice: {names}")
+    for out in request.outputs or ():
+        if out.name != entry.output_name:
+            raise invalid(f"unknown output '{out.name}' for model '{entry.name}': it has '{entry.output_name}'")
+        if out.classification < 0:
+            raise invalid(f"output '{out.name}': classification count must be positive, got {out.classification}")
+
+
+class Inference:
+    """The request path shared by the HTTP and gRPC front ends."""
+
+    def __init__(self, repository: Repository, metrics: Metrics, decode_pool: Executor) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.decode_pool = decode_pool
+        self.in_flight = 0     # accepted requests not answered yet (the SIGTERM drain waits for 0)
+
+    async def infer(self, request: InferRequest) -> list[OutputTensor]:
+        start = time.perf_counter()
+        entry = self.repository.get_ready(request.model, request.version)
+        labels = (entry.name, VERSION)
+        self.metrics.pending.labels(*labels).inc()
+        self.in_flight += 1
+        try:
+            outputs = await self._infer(entry, request)
+        except ServeError as exc:
+            self.metrics.failure.labels(*labels, _REASONS.get(exc.status, "OTHER")).inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed run: the client gets 500, the server goes on
+            log.exception("model %s: inference failed", entry.name)
+            self.metrics.failure.labels(*labels, "BACKEND").inc()
+            raise ServeError("INTERNAL", f"model '{entry.name}' failed on this request: {exc}") from None
+        finally:
+            self.metrics.pending.labels(*labels).dec()
+            self.in_flight -= 1
+        self.metrics.success.labels(*labels).inc()
+        self.metrics.last_inference[entry.name] = time.time()
+        self.metrics.request_us.labels(*labels).inc((time.perf_counter() - start) * 1e6)
+        return outputs
+
+    async def _infer(self, entry: ModelEntry, request: InferRequest) -> list[OutputTensor]:
+        tensor = _single_input(entry, request)
+        _check_outputs(entry, request)
+        if tensor.datatype == BYTES:
+            loop = asyncio.get_running_loop()
+            rows = await loop.run_in_executor(self.decode_pool, decode_images, entry, tensor)
+        else:
+            rows = check_tensor(entry, tensor)
+        try:
+            future = entry.batcher.submit(rows)
+        except RuntimeError as exc:  # closed: the server is draining
+            raise ServeError("UNAVAILABLE", str(exc)) from None
+        result = await asyncio.wrap_future(future)
+        return build_outputs(entry, request, result)

@@ -1,0 +1,114 @@
+"""Start the model repository, the HTTP and gRPC front ends on one asyncio loop, and stop gracefully:
+on SIGTERM (or SIGINT) stop listening, refuse new requests (503 / UNAVAILABLE), let every accepted
+request finish (up to --drain-seconds), then stop the model instances and exit."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import tornado.httpserver
+import tornado.netutil
+
+from ... import __version__
+
+from ...errors import ConfigError
+from .config import ServeConfig
+from .grpc_service import make_server
+from .http_app import make_app
+from .inference import Inference
+from .metrics import Metrics
+from .repository import Repository
+from .state import AppState
+
+log = logging.getLogger(__name__)
+
+
+def _grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics.create()
+        self.repository = Repository.load(cfg, self.metrics)
+        self.decode_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="decode")
+        self.inference = Inference(self.repository, self.metrics, self.decode_pool)
+        self.state = AppState(self.repository, self.inference, self.metrics, __version__, cfg.auth_token,
+                              cfg.max_request_bytes)
+        self.http = None
+        self.grpc = None
+        self.ports: tuple[int, int] = (0, 0)
+
+    async def start(self) -> tuple[int, int]:
+        """Listen on both front ends; returns the (HTTP, gRPC) ports (useful with port 0)."""
+        self.http = tornado.httpserver.HTTPServer(make_app(self.state), max_body_size=self.cfg.max_request_bytes,
+                                                  max_buffer_size=self.cfg.max_request_bytes + (1 << 20),
+                                                  chunk_size=1 << 20)  # a 224x224 FP32 image is 602 KB
+        try:
+            sockets = tornado.netutil.bind_sockets(self.cfg.http_port, address=self.cfg.host)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for HTTP on {self.cfg.host}:{self.cfg.http_port} ({exc.strerror}); "
+                              "pick another --http-port (0: any free one) or --host.") from None
+        self.http.add_sockets(sockets)
+        try:
+            self.grpc, grpc_port = make_server(self.state, _grpc_address(self.cfg.host, self.cfg.grpc_port),
+                                               self.cfg.max_request_bytes)
+        except (OSError, RuntimeError) as exc:
+            self.http.stop()
+            raise ConfigError(f"cannot listen for gRPC on {self.cfg.host}:{self.cfg.grpc_port} ({exc}); "
+                              "pick another --grpc-port (0: any free one) or --host.") from None
+        await self.grpc.start()
+        self.ports = (sockets[0].getsockname()[1], grpc_port)
+        return self.ports
+
+    async def drain(self) -> int:
+        """Graceful stop; returns how many requests were still in flight when it began."""
+        self.state.draining = True
+        self.http.stop()
+        self.repository.flush()
+        grpc_stopped = asyncio.ensure_future(self.grpc.stop(grace=self.cfg.drain_seconds))
+        in_flight = self.inference.in_flight
+        deadline = time.monotonic() + self.cfg.drain_seconds
+        while self.inference.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.inference.in_flight:
+            log.warning("%d requests still running after %.0f s: stopping anyway",
+                        self.inference.in_flight, self.cfg.drain_seconds)
+        await grpc_stopped
+        try:   # idle keep-alive connections close at once; a client stalled mid-upload gets no longer
+            await asyncio.wait_for(self.http.close_all_connections(), timeout=max(deadline - time.monotonic(), 1.0))
+        except asyncio.TimeoutError:
+            log.warning("closing HTTP connections timed out; stopping anyway")
+        self.repository.close(timeout=self.cfg.drain_seconds)
+        self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        return in_flight
+
+    async def run(self, on_ready: Callable[[str], None]) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        http_port, grpc_port = await self.start()
+        for name, entry in self.repository.models.items():
+            if not entry.ready:
+                on_ready(f"model {name}: NOT READY: {entry.problem}")
+        ready = sorted(n for n, e in self.repository.models.items() if e.ready)
+        on_ready(f"serving {', '.join(ready) or 'no ready model'}: HTTP {self.cfg.host}:{http_port}, "
+                 f"gRPC {self.cfg.host}:{grpc_port}")
+        await stop.wait()
+        on_ready("stopping: finishing requests in flight")
+        in_flight = await self.drain()
+        on_ready(f"stopped ({in_flight} requests were in flight and finished)")
+
+
+def serve(cfg: ServeConfig, say: Callable[[str], None]) -> None:
+    """Serve until SIGTERM / SIGINT; `say` gets the ready line (with the ports) and the stop lines."""
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    server = Server(cfg)
+    asyncio.run(server.run(say))

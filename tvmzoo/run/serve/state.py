@@ -1,0 +1,35 @@
+"""What both front ends share: the repository, the request path, metrics, the token, draining."""
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from .inference import Inference
+from .metrics import Metrics
+from .repository import Repository
+
+SERVER_NAME = "tvmzoo"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
+
+
+@dataclass
+class AppState:
+    repository: Repository
+    inference: Inference
+    metrics: Metrics
+    version: str
+    auth_token: str | None
+    max_request_bytes: int
+    draining: bool = False
+
+    def statistics(self, name: str, version: str) -> dict:
+        """Triton's statistics response: one model, or every model when `name` is empty."""
+        names = [self.repository.get(name, version).name] if name else sorted(self.repository.models)
+        return {"model_stats": [self.metrics.statistics(n) for n in names]}
+
+    def authorized(self, header: str | None) -> bool:
+        """`Authorization: Bearer <token>` (HTTP header, or gRPC metadata `authorization`)."""
+        if self.auth_token is None:
+            return True
+        scheme, _, value = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.auth_token.encode())

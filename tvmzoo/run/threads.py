@@ -1,0 +1,34 @@
+"""Throughput mode (`vamp -i N -t T`): N model instances, each on its own T cores.
+
+TVM keeps one thread pool per calling thread; by default every pool pins its threads to the same first
+cores, so two instances would fight over core 0 while the others idle. Each instance's thread therefore
+configures its own pool on its own cores (TVM's `runtime.config_threadpool`, one core per thread) before
+its first run. TVM releases the GIL while a model runs, so the instances run in parallel in one process.
+"""
+from __future__ import annotations
+
+import os
+
+
+def usable_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def threads_per_instance(instances: int, threads: int | None) -> int:
+    """-t, or the usable cores shared out among the instances (at least 1)."""
+    return threads if threads else max(1, len(usable_cores()) // max(instances, 1))
+
+
+def instance_cores(index: int, threads: int, cores: list[int] | None = None) -> list[int]:
+    """The cores of instance `index`: consecutive blocks of `threads`, wrapping when N x T exceeds the cores."""
+    cores = cores if cores is not None else usable_cores()
+    return [cores[(index * threads + k) % len(cores)] for k in range(threads)]
+
+
+def pin_this_thread_pool(cores: list[int]) -> None:
+    """Configure the calling thread's TVM pool: len(cores) threads, one on each of `cores`."""
+    import tvm
+
+    specify_one_core_per_thread = -2  # TVM's ThreadGroup::AffinityMode::kSpecifyOneCorePerThread
+    tvm.get_global_func("runtime.config_threadpool")(specify_one_core_per_thread, len(cores),
+                                                    [str(c) for c in cores])
