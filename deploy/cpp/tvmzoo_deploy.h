@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -136,13 +137,29 @@ inline ModelMeta read_meta(const fs::path& dir) {
 
 // ---------------------------------------------------------------- refusing modules (run/runtime.py)
 
-inline std::set<std::string> host_cpu_flags() {
+// A /proc/cpuinfo flag as LLVM spells it, where they differ (run/host.py _KERNEL_TO_LLVM): mod.json records
+// LLVM's names (older builds: cpuinfo's); both sides are compared in LLVM's.
+inline std::string llvm_name(const std::string& flag) {
+  static const std::map<std::string, std::string> names{
+      {"sse4_1", "sse4.1"}, {"sse4_2", "sse4.2"}, {"pni", "sse3"}, {"abm", "lzcnt"}, {"bmi1", "bmi"}, {"sha_ni", "sha"},
+      {"pclmulqdq", "pclmul"}, {"avx512_vnni", "avx512vnni"}, {"avx512_vbmi2", "avx512vbmi2"},
+      {"avx512_bitalg", "avx512bitalg"}, {"avx512_vpopcntdq", "avx512vpopcntdq"}, {"avx512_bf16", "avx512bf16"},
+      {"avx512_fp16", "avx512fp16"}, {"avx512_vp2intersect", "avx512vp2intersect"}, {"avx_vnni", "avxvnni"},
+      {"avx_ifma", "avxifma"}, {"avx_vnni_int8", "avxvnniint8"}, {"avx_ne_convert", "avxneconvert"},
+      {"amx_tile", "amx-tile"}, {"amx_int8", "amx-int8"}, {"amx_bf16", "amx-bf16"}, {"amx_fp16", "amx-fp16"}};
+  auto it = names.find(flag);
+  return it == names.end() ? flag : it->second;
+}
+
+inline std::set<std::string> host_cpu_flags() {  // in LLVM's names
   std::ifstream f("/proc/cpuinfo");
   std::string line;
   while (std::getline(f, line)) {
     if (line.rfind("flags", 0) != 0) continue;
     std::istringstream words(line.substr(line.find(':') + 1));
-    return {std::istream_iterator<std::string>(words), {}};
+    std::set<std::string> flags;
+    for (std::string w; words >> w;) flags.insert(llvm_name(w));
+    return flags;
   }
   return {};
 }
@@ -152,7 +169,7 @@ inline void check_cpu(const ModelMeta& meta, const fs::path& dir) {
   if (flags.empty()) return;  // unknown host: as the Python loader, do not refuse
   std::string missing;
   for (const auto& f : meta.cpu_features)
-    if (!flags.count(f)) missing += (missing.empty() ? "" : ", ") + f;
+    if (!flags.count(llvm_name(f))) missing += (missing.empty() ? "" : ", ") + llvm_name(f);
   if (!missing.empty())
     throw Error(dir.string() + " was built for " + meta.mcpu + " and needs CPU features this host lacks (" + missing +
                 "); running it would crash with an illegal instruction. Recompile it for this CPU");
