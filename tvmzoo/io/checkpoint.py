@@ -603,7 +603,8 @@ def read_metadata(path: str | os.PathLike, key: str = "meta") -> dict:
     """The plain values (strings, numbers, lists, dicts) of a wrapped checkpoint's `key` entry, e.g.
     mmpretrain's {'meta': {...}, 'state_dict': ...}; {} when there is none. Read as safely as the weights."""
     try:
-        obj, _ = _read_any(Path(path))
+        path = Path(path)
+        obj, _ = _read_any(path, _Budget(path.stat().st_size))
     except Exception as e:  # noqa: BLE001 - a file load_state_dict read cannot fail here; metadata is optional
         logger.debug("%s: no metadata read (%s: %s)", path, type(e).__name__, e)
         return {}
