@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import TvmzooError
+from .errors import TvmzooError, in_context
 
 log = logging.getLogger("tvmzoo")
 
@@ -60,7 +60,7 @@ def cmd_compile(args) -> int:
     except TvmzooError as exc:  # every compile error names the YAML it came from
         if str(exc).startswith(str(cfg.path)):
             raise
-        raise type(exc)(f"{cfg.path}: {exc}") from None
+        raise in_context(exc, cfg.path) from None
     print(f"compiled {cfg.name} ({cfg.backend.dtype}) -> {out / 'mod.so'}")
     return 0
 

@@ -17,7 +17,10 @@ import onnx
 from ..errors import CheckpointError, ConfigError
 from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
-from .state import first_mismatch, head_classes, strip_framework_keys
+from .family import ModelFamily
+from .state import check_state as state_check
+from .state import first_mismatch, fold_bn, head_classes, strip_framework_keys
+from .state import random_state_dict as random_state
 
 log = logging.getLogger(__name__)
 
@@ -208,19 +211,6 @@ def expected_shapes(arch: str | RepVGGArch, source: str, num_classes: int = 1000
 
 
 
-def _num_classes(state: Mapping[str, np.ndarray], lay: Layout, source: str) -> int:
-    n = head_classes(state, lay.head, lay.head_transposed)
-    if n is None:
-        key = f"{lay.head}.weight"
-        found = "missing" if key not in state else f"of shape {list(np.shape(state[key]))}"
-        raise CheckpointError(f"RepVGG checkpoint ({source} layout): the classifier weight '{key}' is {found}; "
-                              f"expected a 2-D Linear weight.{_guess_hint(state)} Check --source "
-                              f"({', '.join(SOURCES)}) and that the file is a RepVGG classification checkpoint.")
-    return n
-
-
-
-
 def _fits(state: Mapping[str, np.ndarray], arch: RepVGGArch, source: str) -> bool:
     n = head_classes(state, LAYOUTS[source].head, LAYOUTS[source].head_transposed)
     return n is not None and first_mismatch(state, expected_shapes(arch, source, n, deploy=state)) is None
@@ -245,14 +235,9 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source:
     """(state without prefixes / framework keys, num_classes) if the checkpoint fits arch and source
     exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
     spec, lay = get_arch(arch), _source(source)
-    state = strip_framework_keys(state)
-    num_classes = _num_classes(state, lay, source)
-    problem = first_mismatch(state, expected_shapes(spec, source, num_classes, deploy=state))
-    if problem:
-        raise CheckpointError(
-            f"checkpoint does not fit {arch_name(spec)} ({source} layout): {problem}.{_guess_hint(state)} "
-            f"Pass the arch and --source the weights were trained with.")
-    return state, num_classes
+    return state_check(state, lay, lambda n: expected_shapes(spec, source, n, deploy=strip_framework_keys(state)),
+                       f"{arch_name(spec)} ({source} layout)", _guess_hint,
+                       f"Pass the arch and --source ({', '.join(SOURCES)}) the weights were trained with.")
 
 
 # ---------------------------------------------------------------- re-parameterization
@@ -290,9 +275,8 @@ def identity_kernel(channels: int, groups: int) -> np.ndarray:
 
 
 def fold(kernel: np.ndarray, bn: BN) -> tuple[np.ndarray, np.ndarray]:
-    """conv followed by BN as one conv: (kernel * t, beta - mean * t) with t = gamma / sqrt(var + eps)."""
-    t, shift = bn.scale_shift()
-    return kernel * t[:, None, None, None], shift
+    """conv followed by BN as one conv (tvmzoo.models.state.fold_bn)."""
+    return fold_bn(kernel, bn.gamma, bn.beta, bn.mean, bn.var, BN_EPS)
 
 
 def reparameterize(w: BlockWeights) -> tuple[np.ndarray, np.ndarray]:
@@ -447,32 +431,14 @@ def param_count(arch: str | RepVGGArch, num_classes: int = 1000, deploy: bool = 
 
 def random_state_dict(arch: str | RepVGGArch, source: str, rng: np.random.Generator, deploy: bool = False,
                       num_classes: int = 1000) -> dict[str, np.ndarray]:
-    """A checkpoint dict in `source`'s layout with random weights and non-trivial BN statistics
-    (float32; torch layouts also get the int64 num_batches_tracked counters real checkpoints carry)."""
-    lay = _source(source)
-    mean_key, var_key = (f".{s}" for s in lay.bn_stats)
-    out: dict[str, np.ndarray] = {}
-    f32 = np.float32
+    """A random checkpoint dict of `arch` in `source`'s layout (tvmzoo.models.state.random_state_dict)."""
+    return random_state(expected_shapes(arch, source, num_classes, deploy=deploy), _source(source), rng,
+                        counters=source != "ppcls")
 
-    def uniform(lo: float, hi: float, shape) -> np.ndarray:
-        return (rng.random(shape, dtype=f32) * f32(hi - lo) + f32(lo)).astype(f32, copy=False)
 
-    def normal(std: float, shape) -> np.ndarray:
-        return rng.standard_normal(shape, dtype=f32) * f32(std)
-
-    for key, shape in expected_shapes(arch, source, num_classes, deploy=deploy).items():
-        if key.endswith(var_key):
-            v = uniform(0.5, 2.0, shape)
-        elif key.endswith(mean_key):
-            v = normal(0.2, shape)
-        elif len(shape) >= 2:           # conv and Linear weights
-            fan_in = shape[0] if lay.head_transposed and len(shape) == 2 else int(np.prod(shape[1:]))
-            v = normal(np.sqrt(1.0 / fan_in), shape)
-        elif key.endswith(".weight"):   # BN gamma
-            v = uniform(0.5, 1.5, shape)
-        else:                          # BN beta and conv / linear biases
-            v = normal(0.1, shape)
-        out[key] = v
-        if source != "ppcls" and key.endswith(mean_key):
-            out[key[: -len(mean_key)] + ".num_batches_tracked"] = np.array(1000, dtype=np.int64)
-    return out
+FAMILY = ModelFamily(
+    name="repvgg", archs=ARCHS, sources=SOURCES, reference_source="official",
+    expected_shapes=lambda arch, source, n: expected_shapes(arch, source, n),
+    check_state=check_state, deploy_onnx=deploy_onnx, default_preprocessing=default_preprocessing,
+    param_count=lambda arch, _source, n, deploy: param_count(arch, n, deploy),
+    random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, num_classes=n))
