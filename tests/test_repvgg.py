@@ -14,7 +14,7 @@ import pytest
 from conftest import rel_err, run_onnx, write_checkpoint
 from tvmzoo.errors import CheckpointError, ConfigError
 from tvmzoo.models import repvgg
-from tvmzoo.models.repvgg import G4, LAYOUTS, RepVGGArch
+from tvmzoo.models.repvgg_arch import G4, LAYOUTS, RepVGGArch
 from tvmzoo.io.onnx_graph import GraphBuilder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -258,11 +258,7 @@ def _add_run_args(p) -> None:
     _add_rpc_args(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tvmzoo", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="step 1: checkpoint -> deploy ONNX (re-parameterized, BN folded)")
     p.add_argument("--family", required=True, help="repvgg | efficientnet_lite | regnet")
     p.add_argument("--arch", required=True, help="e.g. A0, B1g2, D2se, lite0")
@@ -273,6 +269,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy harness: compile precisions, classify a labelled folder, one table")
+    p.add_argument("yaml")
+    p.add_argument("--images", required=True, help="folder of wnid-named images or synset sub-folders")
+    p.add_argument("--precisions", default="fp32,fp16", help="comma-separated: fp32,fp16,int8")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--workspace", default=None, help="where the evaluation builds go (default: the YAML's)")
+    p.add_argument("--infer_mode", choices=("sync", "async"), default="async")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_device(sub) -> None:
+    p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
+    dev = p.add_subparsers(dest="device_command", required=True)
+    q = dev.add_parser("tracker", help="python -m tvm.exec.rpc_tracker: devices register here")
+    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--port", type=int, default=9190)
+    q.set_defaults(func=cmd_device)
+    q = dev.add_parser("serve", help="python -m tvm.exec.rpc_server: run models sent by tvmzoo")
+    q.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker (else clients use --rpc)")
+    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids")
+    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("--port", type=int, default=9090, help="first port to try")
+    q.set_defaults(func=cmd_device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvmzoo", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_export(sub)
     _add_compile_and_tune(sub)
 
     p = sub.add_parser("run", help="step 4: classify images with a compiled model (classification.py)")
@@ -290,28 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-topk", help="top-1 / top-5 of a result.txt")
     add_eval_topk_args(p)
 
-    p = sub.add_parser("eval", help="accuracy harness: compile precisions, classify a labelled folder, one table")
-    p.add_argument("yaml")
-    p.add_argument("--images", required=True, help="folder of wnid-named images or synset sub-folders")
-    p.add_argument("--precisions", default="fp32,fp16", help="comma-separated: fp32,fp16,int8")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    p.add_argument("--workspace", default=None, help="where the evaluation builds go (default: the YAML's)")
-    p.add_argument("--infer_mode", choices=("sync", "async"), default="async")
-    _add_run_args(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
-    dev = p.add_subparsers(dest="device_command", required=True)
-    q = dev.add_parser("tracker", help="python -m tvm.exec.rpc_tracker: devices register here")
-    q.add_argument("--host", default="0.0.0.0")
-    q.add_argument("--port", type=int, default=9190)
-    q.set_defaults(func=cmd_device)
-    q = dev.add_parser("serve", help="python -m tvm.exec.rpc_server: run models sent by tvmzoo")
-    q.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker (else clients use --rpc)")
-    q.add_argument("--key", help="device key to register under, e.g. sapphirerapids")
-    q.add_argument("--host", default="0.0.0.0")
-    q.add_argument("--port", type=int, default=9090, help="first port to try")
-    q.set_defaults(func=cmd_device)
+    _add_eval(sub)
+    _add_device(sub)
 
     p = sub.add_parser("quant-report", help="int8: per-layer weight / activation SQNR table (CSV + markdown)")
     p.add_argument("yaml")

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
-from .state import TorchLayout, fold_bn
+from .state import TorchLayout, fold_bn, lookup
 from .state import random_state_dict as random_state
 from .family import ModelFamily
 from .state import check_state as state_check
@@ -112,9 +112,7 @@ def blocks(arch: str) -> list[Block]:
 
 
 def _arch(arch: str) -> LiteArch:
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown efficientnet_lite arch '{arch}'. Known archs: {', '.join(ARCHS)}.")
-    return ARCHS[arch]
+    return lookup(ARCHS, arch, "efficientnet_lite arch", "archs")
 
 
 def _bn_shapes(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
@@ -155,9 +153,7 @@ LAYOUT = TorchLayout("_fc")
 
 
 def _source(source: str) -> None:
-    if source not in SOURCES:
-        raise ConfigError(f"unknown checkpoint layout '{source}' for efficientnet_lite. "
-                          f"Known layouts: {', '.join(SOURCES)}.")
+    lookup(dict.fromkeys(SOURCES), source, "efficientnet_lite checkpoint layout", "layouts")
 
 
 def check_state(state: Mapping[str, np.ndarray], arch: str) -> tuple[dict, int]:

@@ -24,7 +24,7 @@ from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
 from .family import ModelFamily
 from .state import check_state as state_check
-from .state import first_mismatch, fold_bn, head_classes, strip_framework_keys
+from .state import first_mismatch, fold_bn, head_classes, lookup, strip_framework_keys
 from .state import random_state_dict as random_state
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,7 @@ def arch_name(arch: str | RegNetArch) -> str:
 
 
 def _source(source: str) -> Layout:
-    if source not in LAYOUTS:
-        raise ConfigError(f"unknown RegNet checkpoint layout '{source}'. Known layouts: {', '.join(SOURCES)}.")
-    return LAYOUTS[source]
+    return lookup(LAYOUTS, source, "RegNet checkpoint layout", "layouts")
 
 
 def block_widths(arch: str | RegNetArch) -> list[int]:

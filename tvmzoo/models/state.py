@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, did_you_mean
+
+T = TypeVar("T")
 
 # Keys that hold no weights: torch's BN step counters, paddle's parameter-name table.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -123,3 +125,10 @@ def random_state_dict(shapes: Mapping[str, tuple[int, ...]], lay: Layout, rng: n
         if counters and key.endswith(mean_key):
             out[key[: -len(mean_key)] + ".num_batches_tracked"] = np.array(1000, dtype=np.int64)
     return out
+
+
+def lookup(table: Mapping[str, T], key: str, what: str, plural: str) -> T:
+    """table[key], else one ConfigError: "unknown <what> '<key>'. Did you mean ...? Known <plural>: ..."."""
+    if key not in table:
+        raise ConfigError(f"unknown {what} '{key}'.{did_you_mean(key, table)} Known {plural}: {', '.join(table)}.")
+    return table[key]
