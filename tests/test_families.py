@@ -41,7 +41,8 @@ def test_the_first_wrong_key_is_named(name, source):
     state = _state(name, source)
     key, shape = next((k, s) for k, s in family.expected_shapes(arch, source, 1000).items() if len(s) == 4)
     missing = {k: v for k, v in state.items() if k != key}
-    with pytest.raises(CheckpointError, match=rf"missing key '{key}' \(expected shape \[{', '.join(map(str, shape))}\]\)"):
+    expected = ", ".join(map(str, shape))
+    with pytest.raises(CheckpointError, match=rf"missing key '{key}' \(expected shape \[{expected}\]\)"):
         family.check_state(missing, arch, source)
     misshaped = dict(state, **{key: np.zeros((1, *shape[1:]), np.float32)})
     with pytest.raises(CheckpointError, match=rf"key '{key}' has shape \[1, "):

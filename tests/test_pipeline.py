@@ -8,7 +8,8 @@ from tvmzoo.compile.pipeline import get_pipeline, pass_names, phases
 from tvmzoo.errors import ConfigError
 
 
-@pytest.mark.parametrize("precision, first", [("fp32", ["Canonicalize"]), ("fp16", ["Canonicalize", "ToMixedPrecision"]),
+@pytest.mark.parametrize("precision, first", [("fp32", ["Canonicalize"]),
+                                              ("fp16", ["Canonicalize", "ToMixedPrecision"]),
                                               ("int8", ["LowerInt8", "Canonicalize"])])
 def test_phases_by_name(precision, first):
     names = pass_names(precision)
