@@ -35,12 +35,13 @@ RULES: tuple[dlight.ScheduleRule, ...] = (ScheduleInt8Dot(), ScheduleReduction()
 
 def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
     """The schedule of the first rule in RULES that applies to `func` (None: none does)."""
-    for rule in RULES:
-        sch = rule.apply(func, target, False)
-        if isinstance(sch, list):
-            sch = sch[0] if sch else None
-        if sch is not None:
-            return sch
+    with target:
+        for rule in RULES:
+            sch = rule.apply(func, target, False)
+            if isinstance(sch, list):
+                sch = sch[0] if sch else None
+            if sch is not None:
+                return sch
     return None
 
 
