@@ -21,10 +21,9 @@ from tvm import relax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_schedules import lite0  # noqa: E402
 from benchmarks.conv_models import repvgg_a0_onnx  # noqa: E402
-from tvmzoo.compile.compiler import precision_passes  # noqa: E402
 from tvmzoo.config import Quantize  # noqa: E402
 from tvmzoo.compile.quant.quantize import quantize_model, run_ort  # noqa: E402
-from tvmzoo.compile.tuning import apply_records  # noqa: E402
+from tvmzoo.compile.pipeline import get_pipeline  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -51,10 +50,7 @@ def build(model: onnx.ModelProto, shape, precision: str):
 
     t0 = time.perf_counter()
     mod = from_onnx(model, shape_dict={"input": list(shape)}, keep_params_in_input=False)
-    with TARGET:
-        for _, pass_ in precision_passes(precision):
-            mod = pass_(mod)
-    mod, _, _ = apply_records(mod, TARGET, None)
+    mod = get_pipeline(TARGET, precision)(mod)
     vm = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
     return vm, time.perf_counter() - t0
 

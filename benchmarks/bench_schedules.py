@@ -18,8 +18,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.conv_models import efficientnet_lite0_onnx, repvgg_a0_onnx  # noqa: E402
-from tvmzoo.compile.passes.graph_passes import canonicalize  # noqa: E402
-from tvmzoo.compile.schedules import optimize  # noqa: E402
+from tvmzoo.compile.pipeline import get_pipeline  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 
@@ -68,10 +67,7 @@ def run(name: str, model: onnx.ModelProto, precision: str) -> None:
     ref = sess.run(None, {"input": x})[0]
     mod = from_onnx(model, shape_dict={"input": list(x.shape)}, keep_params_in_input=False)
     t0 = time.perf_counter()
-    mod = canonicalize(mod)
-    if precision == "fp16":
-        mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
-    mod = optimize(mod, TARGET)
+    mod = get_pipeline(TARGET, precision)(mod)
     ex = tvm.compile(mod, TARGET)
     build_s = time.perf_counter() - t0
     vm = relax.VirtualMachine(ex, tvm.cpu())

@@ -22,8 +22,8 @@ from tvm.relax.frontend.onnx import from_onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_schedules import TARGET, cos, lite0, timeit  # noqa: E402
 from benchmarks.conv_models import repvgg_a0_onnx  # noqa: E402
-from tvmzoo.compile.passes.graph_passes import canonicalize  # noqa: E402
-from tvmzoo.compile.tuning import apply_records, tune  # noqa: E402
+from tvmzoo.compile.pipeline import run_pipeline  # noqa: E402
+from tvmzoo.compile.tuning import tune  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -41,12 +41,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     model = repvgg_a0_onnx() if args.model == "a0" else lite0()
-    mod = canonicalize(from_onnx(model, shape_dict={"input": [1, 3, 224, 224]}, keep_params_in_input=False))
-    if args.precision == "fp16":
-        mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+    mod = from_onnx(model, shape_dict={"input": [1, 3, 224, 224]}, keep_params_in_input=False)
     if args.trials > 0:
         t = time.perf_counter()
-        n = tune(mod, TARGET, args.work_dir, args.trials, args.per_task)
+        n = tune(mod, TARGET, args.work_dir, args.trials, args.per_task, precision=args.precision)
         print(f"tuned {args.trials} trials in {time.perf_counter() - t:.0f} s; {n} records in {args.work_dir}")
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
@@ -55,7 +53,8 @@ def main() -> None:
     ref = sess.run(None, {"input": x})[0]
     xt = tvm.runtime.tensor(x)
     for label, work_dir in (("default", None), ("tuned", args.work_dir)):
-        built, n_tuned, n_fallback = apply_records(mod, TARGET, work_dir)
+        built, kernels = run_pipeline(mod, TARGET, args.precision, work_dir)
+        n_tuned, n_fallback = kernels.tuned, kernels.default
         vm = relax.VirtualMachine(tvm.compile(built, TARGET), tvm.cpu())
         out = vm["main"](xt).numpy()
         print(f"{args.model} {args.precision} {label}: {timeit(lambda: vm['main'](xt)):.1f} ms "

@@ -107,7 +107,8 @@ def tvmzoo_images_per_second(directory: Path, instances: int, threads: int, seco
 def tvmzoo_builds(model: str, batch: int, args) -> dict[str, tuple[Path | None, str]]:
     """{"tvmzoo <precision>": (model directory or None, note)}: a precision this tvmzoo does not accept,
     or that fails to compile, is a row saying so."""
-    from tvmzoo.compile.compiler import PRECISIONS, compile_model
+    from tvmzoo.compile.compiler import compile_model
+    from tvmzoo.config import PRECISIONS
 
     builds = {}
     extra = {"backend.target": {"kind": "llvm", "mcpu": args.target}} if args.target else {}

@@ -11,7 +11,7 @@ from tvm import relax
 
 from tvmzoo.compile.passes import batch_split
 from tvmzoo.compile.passes.batch_split import prefix_cut, split_batch_prefix
-from tvmzoo.compile.schedules import optimize
+from tvmzoo.compile.pipeline import get_pipeline
 from tvmzoo.compile.target import resolve_target
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -69,10 +69,10 @@ def test_split_module_computes_the_same(small_split, monkeypatch):
     """Bit-identical to the batched build: the same kernels' arithmetic, image by image."""
     target = tvm.target.Target(resolve_target(None))
     x = np.random.default_rng(1).standard_normal((BATCH, CHANNELS, SIZE, SIZE)).astype(np.float32)
-    split = optimize(_mbconv_net(BATCH), target)
+    split = get_pipeline(target)(_mbconv_net(BATCH))
     assert "image_prefix" in [gv.name_hint for gv in split.get_global_vars()]
     monkeypatch.setattr(batch_split, "SPLIT_BYTES", 1 << 30)
-    batched = optimize(_mbconv_net(BATCH), target)
+    batched = get_pipeline(target)(_mbconv_net(BATCH))
     assert "image_prefix" not in [gv.name_hint for gv in batched.get_global_vars()]
     outs = [relax.VirtualMachine(tvm.compile(m, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
             for m in (split, batched)]
@@ -93,7 +93,7 @@ def test_a_fully_convolutional_net_splits_whole(small_split):
     mod = bb.get()
     assert prefix_cut(mod["main"]) == 1
     image = np.random.default_rng(3).standard_normal((BATCH, CHANNELS, SIZE, SIZE)).astype(np.float32)
-    split = optimize(mod, target)
+    split = get_pipeline(target)(mod)
     assert "image_prefix" in [gv.name_hint for gv in split.get_global_vars()]
     vm = relax.VirtualMachine(tvm.compile(split, target), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(image)).numpy()

@@ -209,7 +209,9 @@ BASE = yaml.safe_load(VENDOR_YAML)
     (_set(BASE, "frontend.shape", []), "frontend.shape", "expected a mapping"),
     (_set(BASE, "frontend.type", "caffe"), "frontend.type", "is not one of onnx"),
     (_set(BASE, "backend.type", "tvm_vac"), "backend.type", "Did you mean 'tvm_vacc'"),
-    (_set(BASE, "backend.quantize.percentile", 120), "backend.quantize.percentile", "must be > 0.0 and <= 100.0"),
+    (_set(BASE, "backend.quantize.percentile", 120), "backend.quantize.percentile", "must be > 50.0 and <= 100.0"),
+    # what the quantizer rejects, the config rejects at load time (not in the middle of a compile)
+    (_set(BASE, "backend.quantize.percentile", 40), "backend.quantize.percentile", "must be > 50.0 and <= 100.0"),
     (_set(BASE, "backend.quantize.quantize_per_channel", "yes"), "backend.quantize.quantize_per_channel",
      "expected true or false"),
     (_set(BASE, "backend.quantize.skip_matmul_layers", [0, "a"]), r"backend.quantize.skip_matmul_layers\[1\]",

@@ -15,7 +15,7 @@ import yaml
 
 from tvmzoo.compile.cpu import KERNEL_ISA, check_cpu, choose_cpu, features_of, host_cpu, host_flags, nearest_records
 from tvmzoo.compile.precision import fastest_precisions, plan_precision
-from tvmzoo.compile.records import records_for
+from tvmzoo.compile.record_folder import records_for
 from tvmzoo.errors import ConfigError
 from tvmzoo.compile.target import required_features, resolve_target
 from tvmzoo.run.host import missing_features

@@ -17,8 +17,8 @@ from tvmzoo.config import Quantize as QCfg
 from tvmzoo.errors import ConfigError
 from tvmzoo.io.onnx_graph import GraphBuilder
 from tvmzoo.compile.quant.quant_report import layer_report, quantize_with_fallback, tensor_values, write_report
-from tvmzoo.compile.quant.quantize import (excluded_nodes, int8_op_counts, lower_int8, mse_range, quantize_model,
-                             quantized_layers, run_ort)
+from tvmzoo.compile.passes.lower_int8 import int8_op_counts, lower_int8
+from tvmzoo.compile.quant.quantize import excluded_nodes, mse_range, quantize_model, quantized_layers, run_ort
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "imagenet-sample"
 SIZE = 64
@@ -263,6 +263,6 @@ def test_lower_int8_symbolic_batch_and_the_fold_constant_trap(model, calib, capl
     mod = from_onnx(qdq, shape_dict={"input": [batch, 3, SIZE, SIZE]}, keep_params_in_input=False)
     assert int8_op_counts(lower_int8(mod))["conv2d"] == 4
     folded = relax.transform.FoldConstant()(mod)  # folds dequantize(int8 weight) into float weights
-    with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.quant.quantize"):
+    with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.passes.lower_int8"):
         assert int8_op_counts(lower_int8(folded))["conv2d"] == 0
     assert "before FoldConstant" in caplog.text

@@ -150,7 +150,7 @@ def test_tune_measures_on_remote_devices(cluster, setup, tmp_path):
     import onnxruntime as ort
 
     from tvmzoo.run.runtime import CompiledModel
-    from tvmzoo.compile.tuning import RECORD_FILE, WORKLOAD_FILE, _json_is_default, _read_records, _record_secs
+    from tvmzoo.compile.records import RECORD_FILE, WORKLOAD_FILE, json_is_default, read_records, record_secs
 
     records, yaml_path = tmp_path / "records", setup["root"] / "tiny_rpc.yaml"
     before = _sessions_served(cluster)
@@ -167,8 +167,8 @@ def test_tune_measures_on_remote_devices(cluster, setup, tmp_path):
     assert kernels["records"] == str(records)
     # kernels come from the records exactly where a tuned schedule beat the default on the devices
     best = {}
-    for rec in _read_records(records):
-        best.setdefault(rec[0], []).append((_record_secs(rec), _json_is_default(rec)))
+    for rec in read_records(records):
+        best.setdefault(rec[0], []).append((record_secs(rec), json_is_default(rec)))
     assert (kernels["tuned"] > 0) == any(not min(recs)[1] for recs in best.values())
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     got = CompiledModel.load(prefix).run(x)

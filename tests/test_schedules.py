@@ -15,8 +15,10 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from tvmzoo.io.onnx_graph import GraphBuilder
 from tvmzoo.compile.passes.graph_passes import (canonicalize, depthwise_int8_as_float, divide_as_multiply,
-                                                fold_requantize, fuse_passes, layout_passes, qdq_to_elementwise)
-from tvmzoo.compile.schedules import PIXEL_SPLIT_BYTES, optimize, register_tile, schedule_injective
+                                                fold_requantize, qdq_to_elementwise)
+from tvmzoo.compile.pipeline import get_pipeline, run_pipeline, tuning_pipeline
+from tvmzoo.compile.schedules.loops import register_tile, schedule_injective
+from tvmzoo.compile.schedules.operands import PIXEL_SPLIT_BYTES
 from tvmzoo.compile.target import WIDE_VECTORS, resolve_target
 from tvmzoo.run.host import host_cpu_flags
 
@@ -102,7 +104,7 @@ def _for_loops(func: tirx.PrimFunc) -> list[tirx.For]:
 
 @pytest.fixture(scope="module")
 def scheduled(model, target) -> tvm.IRModule:
-    return optimize(_import(model), target)
+    return get_pipeline(target)(_import(model))
 
 
 def test_default_schedules_match_onnxruntime(scheduled, target, image, reference):
@@ -127,15 +129,13 @@ def test_no_kernel_is_a_naive_loop_nest(scheduled):
 
 def test_loop_check_sees_naive_kernels(model, target):
     """The check above can fail: kernels fused but not scheduled have only serial loops."""
-    with target:
-        naive = tvm.transform.Sequential([*layout_passes(), *fuse_passes()])(canonicalize(_import(model)))
+    naive = tuning_pipeline(target)(_import(model))
     conv = next(f for gv, f in naive.functions_items() if "conv2d" in gv.name_hint)
     assert _loop_kinds(conv) == {tirx.ForKind.SERIAL}
 
 
 def test_fp16_default_schedules_close_to_fp32(model, target, image, reference):
-    mod = relax.transform.ToMixedPrecision(out_dtype="float16")(canonicalize(_import(model)))
-    out = _run(optimize(mod, target), target, image)
+    out = _run(get_pipeline(target, "fp16")(_import(model)), target, image)
     assert _cos(out.astype(np.float32), reference) > 0.999
 
 
@@ -189,7 +189,8 @@ def _single_kernel(call: relax.Expr, x: relax.Var, target) -> str:
         with bb.dataflow():
             out = bb.emit_output(call)
         bb.emit_func_output(out)
-    kernels = [f.script() for _, f in optimize(bb.get(), target).functions_items() if isinstance(f, tirx.PrimFunc)]
+    scheduled = get_pipeline(target)(bb.get())
+    kernels = [f.script() for _, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)]
     return next(k for k in kernels if "T.parallel" in k)
 
 
@@ -221,7 +222,7 @@ def _records_per_workload(work_dir) -> dict[int, list[bool]]:
     """workload line -> is-default flag of each of its records."""
     import json
 
-    from tvmzoo.compile.tuning import RECORD_FILE
+    from tvmzoo.compile.records import RECORD_FILE
 
     per: dict[int, list[bool]] = {}
     for line in (work_dir / RECORD_FILE).read_text().splitlines():
@@ -237,7 +238,8 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
     pytest.importorskip("xgboost")
     import logging
 
-    from tvmzoo.compile.tuning import RECORD_FILE, WORKLOAD_FILE, apply_records, compact_records, tune
+    from tvmzoo.compile.records import RECORD_FILE, WORKLOAD_FILE, compact_records
+    from tvmzoo.compile.tuning import tune
 
     n_records = tune(_import(model), target, tmp_path, max_trials_global=2, max_trials_per_task=1, seed=0)
     assert (tmp_path / RECORD_FILE).is_file() and n_records >= 1
@@ -250,8 +252,9 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
     assert 1 <= sum(flags.count(False) for flags in per.values()) <= 2
     assert all(len(flags) <= 2 for flags in per.values())
 
-    with caplog.at_level(logging.DEBUG, logger="tvmzoo.compile.tuning"):
-        mod, n_tuned, n_fallback = apply_records(_import(model), target, tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="tvmzoo.compile.records"):
+        mod, kernels = run_pipeline(_import(model), target, records=tmp_path)
+    n_tuned, n_fallback = kernels.tuned, kernels.default
     won = [r.getMessage() for r in caplog.records if " schedule won (" in r.getMessage()]
     assert len(won) == n_workloads
     # only tuned winners come from the records; where the default won, today's default applies
@@ -269,7 +272,7 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
     # resuming: the next tune() into the folder runs new trials from the compacted records
     tune(_import(model), target, tmp_path, max_trials_global=2, max_trials_per_task=1, seed=1)
     assert all(len(flags) <= 2 and flags.count(True) == 1 for flags in _records_per_workload(tmp_path).values())
-    mod, _, _ = apply_records(_import(model), target, tmp_path)
+    mod = get_pipeline(target, records=tmp_path)(_import(model))
     assert _cos(_run(mod, target, image), reference) > 0.99999
 
 
@@ -278,7 +281,7 @@ def test_compact_records_keeps_best_tuned_and_newest_default(tmp_path):
     failed runs dropped; the workload file untouched."""
     import json
 
-    from tvmzoo.compile.tuning import RECORD_FILE, WORKLOAD_FILE, compact_records
+    from tvmzoo.compile.records import RECORD_FILE, WORKLOAD_FILE, compact_records
 
     tuned = [[["EnterPostproc", [], [], []]], []]
     default = [[["GetSBlock", [], ["root", "main"], ["b0"]]], []]
@@ -322,25 +325,20 @@ def int8_net() -> onnx.ModelProto:
 
 
 def _int8_lowered(target, n_calib: int) -> tuple[onnx.ModelProto, tvm.IRModule]:
-    """int8_net calibrated on random inputs -> QDQ ONNX and its Relax module after the int8 passes."""
-    from tvmzoo.compile.compiler import precision_passes
+    """int8_net calibrated on random inputs -> QDQ ONNX and its Relax module as imported."""
     from tvmzoo.config import Quantize
     from tvmzoo.compile.quant.quantize import quantize_model
 
     rng = np.random.default_rng(4)
     calib = [rng.standard_normal(INT8_SHAPE).astype(np.float32) for _ in range(n_calib)]
     qdq = quantize_model(int8_net(), calib, Quantize(keep_first_last_float=False))
-    mod = from_onnx(qdq, shape_dict={"input": list(INT8_SHAPE)}, keep_params_in_input=False)
-    with target:
-        for _, pass_ in precision_passes("int8"):
-            mod = pass_(mod)
-    return qdq, mod
+    return qdq, from_onnx(qdq, shape_dict={"input": list(INT8_SHAPE)}, keep_params_in_input=False)
 
 
 @pytest.fixture(scope="module")
 def int8_build(target):
     qdq, mod = _int8_lowered(target, 8)
-    return qdq, optimize(mod, target)
+    return qdq, get_pipeline(target, "int8")(mod)
 
 
 def _vnni_host() -> bool:
@@ -481,7 +479,7 @@ def test_int8_depthwise_runs_exactly_in_float(target):
     padded = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (2, 2), (2, 2)])
     want = sum(padded[:, :, i:i + 12, j:j + 12] * w[:, 0, i, j].astype(np.int64)[None, :, None, None]
                for i in range(5) for j in range(5))
-    scheduled = optimize(mod, target)
+    scheduled = get_pipeline(target)(mod)
     assert _tap_loop_kinds(scheduled) == {tirx.ForKind.UNROLLED}  # each converted input serves every tap
     vm = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -505,7 +503,7 @@ def test_float_depthwise_keeps_its_tap_loops(target):
         with bb.dataflow():
             out = bb.emit_output(relax.op.nn.conv2d(x, relax.const(w), padding=[2] * 4, groups=16))
         bb.emit_func_output(out)
-    assert _tap_loop_kinds(optimize(bb.get(), target)) == {tirx.ForKind.SERIAL}
+    assert _tap_loop_kinds(get_pipeline(target)(bb.get())) == {tirx.ForKind.SERIAL}
 
 
 def test_avx512_targets_build_full_width_vectors():
@@ -536,19 +534,20 @@ def _without_preproc_flag(script: str) -> str:
 
 
 def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
-    """Default schedules committed as MetaSchedule records (as tvmzoo.compile.tuning.seed_default_schedules
+    """Default schedules committed as MetaSchedule records (as tvmzoo.compile.seeding.seed_default_schedules
     does, to measure them against tuned ones) replay from the JSON database into the same kernels,
-    VNNI tensorization and int8 weight repacking included. apply_records does not pin them: where
+    VNNI tensorization and int8 weight repacking included. ApplyTuningRecords does not pin them: where
     a default record wins, the kernel gets the current default schedule (same build, bit for bit)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from tvmzoo.compile.tuning import _prepare, apply_records, default_schedule, is_default_trace
+    from tvmzoo.compile.records import is_default_trace
+    from tvmzoo.compile.schedules import default_schedule
 
     _, mod = _int8_lowered(target, 4)
     normalize = tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")
     db = ms.database.JSONDatabase(work_dir=str(tmp_path))
     seeded, expected = [], []
-    for gv, func in _prepare(mod, target).functions_items():
+    for gv, func in tuning_pipeline(target, "int8")(mod).functions_items():
         if isinstance(func, tirx.PrimFunc) and ("conv2d" in gv.name_hint or "matmul" in gv.name_hint):
             workload = db.commit_workload(normalize(func))
             sch = default_schedule(workload.mod["main"], target)
@@ -566,10 +565,10 @@ def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
         # the JSON round trip turns the layout-rewrite annotation's True into 1: compare modulo that
         assert _without_preproc_flag(replayed.mod.script()) == _without_preproc_flag(scheduled.script())
     del db
-    from_records, n_tuned, _ = apply_records(mod, target, tmp_path)
-    assert n_tuned == 0
+    from_records, kernels = run_pipeline(mod, target, "int8", tmp_path)
+    assert kernels.tuned == 0
     assert not any("layout_rewrite_preproc" in text for text in _kernels(from_records).values())
     x = tvm.runtime.tensor(np.random.default_rng(6).standard_normal(INT8_SHAPE).astype(np.float32))
     outs = [relax.VirtualMachine(tvm.compile(m, target), tvm.cpu())["main"](x).numpy()
-            for m in (from_records, optimize(mod, target))]
+            for m in (from_records, get_pipeline(target, "int8")(mod))]
     np.testing.assert_array_equal(*outs)

@@ -13,8 +13,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from tests.conftest import rel_err, run_onnx
 from tvmzoo.io.onnx_graph import GraphBuilder
-from tvmzoo.compile.passes.graph_passes import canonicalize
-from tvmzoo.compile.schedules import optimize
+from tvmzoo.compile.pipeline import get_pipeline
 from tvmzoo.compile.target import resolve_target
 from tvmzoo.compile.passes.winograd import MIN_CHANNELS
 
@@ -52,7 +51,7 @@ def built(request):
     target = tvm.target.Target(resolve_target(None))
     batch = SHAPE[0] if request.param == "static batch" else tirx.Var("N", "int64")
     mod = from_onnx(model, shape_dict={"input": [batch, *SHAPE[1:]]}, keep_params_in_input=False)
-    return model, optimize(canonicalize(mod), target), target
+    return model, get_pipeline(target)(mod), target
 
 
 def test_winograd_matches_onnxruntime_on_photos(built, photos):

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import TvmzooError
+from .errors import TvmzooError, in_context
 from .run.filenames import quote_path
 
 log = logging.getLogger("tvmzoo")
@@ -82,7 +82,7 @@ def cmd_compile(args) -> int:
     except TvmzooError as exc:  # every compile error names the YAML it came from
         if str(exc).startswith(str(cfg.path)):
             raise
-        raise type(exc)(f"{cfg.path}: {exc}") from None
+        raise in_context(exc, cfg.path) from None
     print(f"compiled {cfg.name} ({cfg.backend.dtype}) -> {out / 'mod.so'}")
     return 0
 
@@ -351,17 +351,15 @@ def _add_checkpoint_args(p, output_help: str) -> None:
     p.add_argument("--output", required=True, help=output_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tvmzoo", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="step 1: checkpoint -> deploy ONNX (re-parameterized, BN folded)")
     _add_checkpoint_args(p, "deploy ONNX to write")
     p.add_argument("--input-size", type=_size, default=(224,), help="H,W (or one number)")
     p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_deploy(sub) -> None:
     p = sub.add_parser("reparam", help="train checkpoint -> the source's own deploy checkpoint (.pth / .pdparams)")
     _add_checkpoint_args(p, "deploy checkpoint to write, in --source's format (.pth; .pdparams for ppcls)")
     p.set_defaults(func=cmd_reparam)
@@ -372,23 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--build", metavar="DIR", help="configure and build deploy/cpp into DIR")
     p.set_defaults(func=cmd_deploy_cpp)
 
-    _add_compile_and_tune(sub)
 
-    p = sub.add_parser("run", help="step 4: classify images with a compiled model (classification.py)")
-    add_classify_args(p)
-
-    p = sub.add_parser("bench", help="step 5: vamp")
-    _add_vamp_args(p)
-
-    p = sub.add_parser("image2npz", help="images -> uint8 CHW RGB npz files and a datalist")
-    add_image2npz_args(p)
-
-    p = sub.add_parser("npz-decode", help="vamp output npz files -> result.txt")
-    add_npz_decode_args(p)
-
-    p = sub.add_parser("eval-topk", help="top-1 / top-5 of a result.txt")
-    add_eval_topk_args(p)
-
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy harness: compile precisions, classify a labelled folder, one table")
     p.add_argument("yaml")
     p.add_argument("--images", required=True, help="folder of wnid-named images or synset sub-folders")
@@ -400,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="accuracy (tvmzoo eval) vs latency of every build of a model: chart + table")
     p.add_argument("yaml")
     p.add_argument("--eval", default=None, help="tvmzoo eval's table (default: <workspace>/<name>-eval.md)")
@@ -408,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per build")
     p.set_defaults(func=cmd_report)
 
+
+def _add_device(sub) -> None:
     p = sub.add_parser("device", help="serve this machine as a TVM RPC device, or run the tracker")
     dev = p.add_subparsers(dest="device_command", required=True)
     q = dev.add_parser("tracker", help="python -m tvm.exec.rpc_tracker: devices register here")
@@ -425,6 +412,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "clients send: open it only to a trusted network, or use an SSH tunnel")
     q.add_argument("--port", type=int, default=9090, help="first port to try")
     q.set_defaults(func=cmd_device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvmzoo", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_export(sub)
+    _add_deploy(sub)
+    _add_compile_and_tune(sub)
+
+    p = sub.add_parser("run", help="step 4: classify images with a compiled model (classification.py)")
+    add_classify_args(p)
+
+    p = sub.add_parser("bench", help="step 5: vamp")
+    _add_vamp_args(p)
+
+    p = sub.add_parser("image2npz", help="images -> uint8 CHW RGB npz files and a datalist")
+    add_image2npz_args(p)
+
+    p = sub.add_parser("npz-decode", help="vamp output npz files -> result.txt")
+    add_npz_decode_args(p)
+
+    p = sub.add_parser("eval-topk", help="top-1 / top-5 of a result.txt")
+    add_eval_topk_args(p)
+
+    _add_eval(sub)
+    _add_report(sub)
+    _add_device(sub)
 
     p = sub.add_parser("quant-report", help="int8: per-layer weight / activation SQNR table (CSV + markdown)")
     p.add_argument("yaml")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import logging
 import math
 import reprlib
@@ -31,23 +30,23 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .limits import check_text_size, load_yaml
-from .models import FAMILIES
+from .models import FAMILIES, PACKAGED_WEIGHTS
 from .preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
 BACKEND_TYPES = ("tvm",)
 BACKEND_ALIASES = {"tvm_vacc": "tvm"}
-DTYPES = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # backend.dtype
 CALIBRATE_MODES = ("max", "percentile", "kl", "mse")
 CALIBRATE_ALIASES = {"kl_divergence": "kl", "minmax": "max"}
+PERCENTILE_RANGE = (50.0, 100.0)  # backend.quantize.percentile: the share of values kept, in (50, 100]
 FRONTEND_TYPES = ("onnx",)
 DATASET_TYPES = ("tvm",)
 PREPROCESS_MODES = ("host", "fused")
 EXTRA_OPS = ("softmax",)
-PACKAGED_WEIGHTS = "package"  # model.weights: the weights a pip package installs (kept as is, not a path)
 
 
 @dataclass(frozen=True)
@@ -181,8 +180,7 @@ def _str(choices: tuple[str, ...] | None = None, aliases: Mapping[str, str] | No
         name = (aliases or {}).get(name, name)
         if name in choices:
             return name
-        close = difflib.get_close_matches(name, list(choices) + list(aliases or {}), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, list(choices) + list(aliases or {}))
         raise _Bad(key, f"{_show(value)} is not one of {', '.join(choices)}.{hint}")
     return check
 
@@ -275,8 +273,7 @@ def _section(cls: type, fields: Mapping[str, Validator], *, ignored: tuple[str, 
             elif name in ignored:
                 log.debug("%s: vendor key accepted and ignored (%s)", here, _show(raw))
             else:
-                close = difflib.get_close_matches(str(name), list(fields), n=1)
-                hint = f" Did you mean '{key + '.' if key else ''}{close[0]}'?" if close else ""
+                hint = did_you_mean(name, fields, prefix=key + "." if key else "")
                 raise _Bad(here, f"unknown key.{hint} Keys allowed here: {', '.join(fields)}.")
         for name in fields:
             if name not in kwargs and name not in defaults:
@@ -394,7 +391,7 @@ _VENDOR_QUANTIZE_KEYS = ("weight_scale", "calibrate_range", "skip_conv_layers", 
 
 _QUANTIZE = _section(Quantize, {
     "calibrate_mode": _str(CALIBRATE_MODES, CALIBRATE_ALIASES),
-    "percentile": _float(0.0, 100.0, low_open=True),
+    "percentile": _float(*PERCENTILE_RANGE, low_open=True),
     "quantize_per_channel": _bool,
     "skip_matmul_layers": _list(_int(0)),
     "skip_layers": _list(_str()),
@@ -413,7 +410,7 @@ _SCHEMA = _section(BuildConfig, {
     }),
     "backend": _section(Backend, {
         "type": _str(BACKEND_TYPES, BACKEND_ALIASES),
-        "dtype": _str(DTYPES),
+        "dtype": _str(PRECISIONS),
         "target": _optional(_any_of(_str(numbers=False), _mapping, what="a target string (e.g. 'llvm -mcpu=native') "
                                                            "or a mapping (e.g. {kind: llvm, mcpu: native})")),
         "compile": _compile_knobs,

@@ -1,4 +1,8 @@
 """Errors a user can fix. The message is the whole story: what, where, how to fix."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class TvmzooError(Exception):
@@ -32,3 +36,15 @@ def printable(text: object, limit: int = 200) -> str:
                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
                   for c in str(text)[:limit])
     return out if len(str(text)) <= limit else out + "..."
+
+
+def did_you_mean(name: object, choices: Iterable[object], *, prefix: str = "", cutoff: float = 0.6) -> str:
+    """" Did you mean 'x'?" for the choice closest to `name` ('' when none is close)."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def in_context(exc: TvmzooError, context: object) -> TvmzooError:
+    """The same kind of error with where it happened (a file, a key) in front of its message:
+    `raise in_context(exc, path) from None`."""
+    return type(exc)(f"{context}: {exc}")

@@ -3,22 +3,21 @@ the sample photos that ship with tvmzoo."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 from .compile.compiler import compile_model
 from .config import load_build_config
 from .io.images import find_images, load_labels
+from .io.package_data import build_in, data
 from .run.results import format_prediction
 from .run.runner import classify
 from .run.runtime import CompiledModel
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO_ROOT / "build_in" / "build" / "efficientnet_lite0.yaml"
+DEFAULT_YAML = build_in("build", "efficientnet_lite0.yaml")
 
 
 def sample_images() -> list[Path]:
-    return find_images(Path(str(resources.files("tvmzoo") / "data" / "images")))
+    return find_images(data("images"))
 
 
 def run_quickstart(workspace: Path, say: Callable[[str], None], yaml_path: Path = DEFAULT_YAML) -> None:

@@ -1,7 +1,5 @@
-"""Step 3: deploy ONNX -> Relax -> precision -> schedules -> build -> <workspace>/<name>/mod.so + mod.json.
-
-A build is a sequence of named passes (see `precision_passes`), then tuned or default schedules.
-"""
+"""Step 3: deploy ONNX -> Relax -> the named pipeline (tvmzoo.compile.pipeline) -> build ->
+<workspace>/<name>/mod.so + mod.json."""
 from __future__ import annotations
 
 import json
@@ -18,13 +16,15 @@ from onnx import helper
 
 from .. import __version__
 from ..io.atomic import atomic_dir
-from ..config import BuildConfig
-from ..errors import ConfigError, ModuleError, TvmzooError
+from ..io.package_data import build_in
+from ..config import PRECISIONS, BuildConfig
+from ..errors import ConfigError, ModuleError, TvmzooError, in_context
 from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
-from .preflight import check_build_inputs, check_build_output
 from .cpu import host_cpu
+from .pipeline import KernelCount, pass_names, run_pipeline
+from .preflight import check_build_inputs, check_build_output
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -32,8 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-TUNING_ROOT = Path(__file__).resolve().parents[2] / "build_in" / "tuning"
+TUNING_ROOT = build_in("tuning")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
         return export_onnx(ExportSpec(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights),
                                       input_size=spec.image_size), path)
     except TvmzooError as exc:  # name the YAML whose model section led here
-        raise type(exc)(f"{cfg.path}: model: {exc}") from None
+        raise in_context(exc, f"{cfg.path}: model") from None
 
 
 def append_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -107,27 +106,6 @@ def prepare_onnx(cfg: BuildConfig, spec: InputSpec) -> tuple[onnx.ModelProto, Pa
     return model, path
 
 
-def precision_passes(precision: str) -> list[tuple[str, tvm.transform.Pass]]:
-    """The named Relax passes between import and scheduling, in order."""
-    from tvm import relax
-
-    from .passes.graph_passes import canonicalize
-
-    passes: list[tuple[str, tvm.transform.Pass]] = []
-    if precision == "int8":  # first: constant folding would turn the int8 weights back into float
-        from .quant.quantize import lower_int8
-        passes.append(("lower_int8", _module_pass(lower_int8, "LowerInt8")))
-    # canonicalize before ToMixedPrecision, which rejects the opaque kernels ONNX Clip imports as
-    passes.append(("canonicalize", _module_pass(canonicalize, "Canonicalize")))
-    if precision == "fp16":
-        passes.append(("to_fp16", relax.transform.ToMixedPrecision(out_dtype="float16")))
-    return passes
-
-
-def _module_pass(fn, name: str) -> tvm.transform.Pass:
-    return tvm.transform.module_pass(lambda mod, ctx: fn(mod), opt_level=0, name=name)
-
-
 def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict, precision: str | None = None,
                 nearest: bool = True) -> Path | None:
     """Where this build's tuning records live: the YAML's tuning.records, else
@@ -138,7 +116,7 @@ def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict, precision: str 
     if cfg.model is None:
         return None
     from ..models import get_family, resolve_arch
-    from .records import records_for
+    from .record_folder import records_for
     from .target import target_key
 
     arch = resolve_arch(get_family(cfg.model.family), cfg.model.arch)
@@ -158,38 +136,26 @@ def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
                      keep_params_in_input=False)
 
 
-def lower(model: onnx.ModelProto, spec: InputSpec, precision: str, target: tvm.target.Target) -> tvm.IRModule:
-    """ONNX -> Relax with the precision applied (the module that tuning and scheduling start from)."""
-    mod = to_relax(model, spec)
-    with target:
-        for name, pass_ in precision_passes(precision):
-            t0 = time.perf_counter()
-            mod = pass_(mod)
-            log.debug("pass %s: %.2fs", name, time.perf_counter() - t0)
-    return mod
-
-
 def build_module(model: onnx.ModelProto, spec: InputSpec, precision: str, target: dict,
                  records: Path | None = None) -> tuple[tvm.runtime.Executable, dict]:
     """Compile; returns the executable and how its kernels were scheduled."""
-    from .tuning import apply_records
-
     tvm_target = tvm.target.Target(target)
-    step = "import"
+    count, built = KernelCount(), False
     try:
-        mod = lower(model, spec, precision, tvm_target)
-        step = "schedule"
-        mod, tuned, fallback = apply_records(mod, tvm_target, records)
-        step = "build"
-        return tvm.compile(mod, tvm_target), {"tuned": tuned, "default": fallback,
-                                              "records": str(records) if records else None}
+        mod, _ = run_pipeline(to_relax(model, spec), tvm_target, precision, records, count)
+        built = True
+        return tvm.compile(mod, tvm_target), {"tuned": count.tuned, "default": count.default,
+                                              "records": str(records) if records else None,
+                                              "pipeline": pass_names(precision, records)}
     except TvmzooError:
         raise
     except Exception as exc:  # TVM's internal errors: keep the user-facing message to one line
         detail = next((line for line in str(exc).splitlines() if "Error" in line or "failed" in line),
                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise ModuleError(f"TVM could not compile the model ({precision}, step '{step}'): {detail.strip()[:300]}. "
-                          "Try another backend.dtype; if it persists, report it with the YAML and the ONNX.") from exc
+        step = "build" if built else count.current or "import"
+        raise ModuleError(f"TVM could not compile the model ({precision}, step '{step}'): "
+                          f"{detail.strip()[:300]}. Try another backend.dtype; if it persists, report it "
+                          "with the YAML and the ONNX.") from exc
 
 
 def preprocessing_of(cfg: BuildConfig) -> Preprocessing | None:
@@ -229,8 +195,6 @@ def plan_for(cfg: BuildConfig, target: dict):
 def compile_model(cfg: BuildConfig) -> Path:
     """Compile the YAML's model; returns the model directory holding mod.so and mod.json."""
     precision = cfg.backend.dtype
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{cfg.path}: backend.dtype '{precision}' is not one of {', '.join(PRECISIONS)}.")
     for key, value in (cfg.backend.compile or {}).items():
         log.debug("backend.compile.%s=%r is a vendor hardware knob: ignored", key, value)
     spec = input_spec(cfg)
@@ -357,8 +321,7 @@ def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None,
     if cfg.backend.dtype == "int8":
         with tempfile.TemporaryDirectory() as tmp:
             model = quantize_for_build(cfg, model, spec, preprocessing_of(cfg), Path(tmp) / "calib.json")
-    tvm_target = tvm.target.Target(target)
-    count = tune(lower(model, spec, plan.compute, tvm_target), tvm_target, records, trials, per_task,
-                 remote=remote)
+    count = tune(to_relax(model, spec), tvm.target.Target(target), records, trials, per_task,
+                 precision=plan.compute, remote=remote)
     log.info("%d tuning records in %s", count, records)
     return records

@@ -3,7 +3,6 @@ from its synset folder or file name, and a deterministic calibration sample."""
 from __future__ import annotations
 
 import ast
-import importlib.resources
 import itertools
 import logging
 import random
@@ -18,6 +17,7 @@ import numpy as np
 from ..errors import ConfigError, ImageError
 from ..limits import MAX_CLASSES, check_text_size
 from ..preprocess import Preprocessing, apply, read_image
+from .package_data import data
 
 if TYPE_CHECKING:
     from ..config import Dataset
@@ -146,9 +146,8 @@ def _read_wnids(path: Path, count: int) -> list[str]:
 
 def default_labels() -> Labels:
     """The ImageNet-1k labels shipped inside the package (names and wnids)."""
-    root = importlib.resources.files("tvmzoo") / "data"
-    names = (root / "imagenet.txt").read_text(encoding="utf-8").splitlines()
-    wnids = (root / "imagenet_wnids.txt").read_text(encoding="utf-8").splitlines()
+    names = data("imagenet.txt").read_text(encoding="utf-8").splitlines()
+    wnids = data("imagenet_wnids.txt").read_text(encoding="utf-8").splitlines()
     return Labels(tuple(names), tuple(wnids))
 
 

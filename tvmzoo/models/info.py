@@ -12,7 +12,6 @@ Conventions (those of the public model tables):
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -152,38 +151,23 @@ def model_info(onnx_model: onnx.ModelProto, *, input_size: tuple[int, int] | Non
 
 # ---------------------------------------------------------------- from a model family
 
-def _random_state(family, arch: str, source: str, num_classes: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    if hasattr(family, "random_state_dict"):
-        return family.random_state_dict(arch, source, rng, num_classes=num_classes)
-    # families without random_state_dict (efficientnet_lite): any positive values fit the shapes
-    return {k: rng.uniform(0.5, 1.5, s).astype(np.float32)
-            for k, s in family.expected_shapes(arch, num_classes).items()}
-
-
-def _train_params(family, arch: str, source: str, num_classes: int) -> int | None:
-    count = getattr(family, "param_count", None)
-    if count is None or "deploy" not in inspect.signature(count).parameters:
-        return None
-    kwargs = {"source": source} if "source" in inspect.signature(count).parameters else {}
-    return int(count(arch, num_classes, deploy=False, **kwargs))
 
 
 def family_info(family: str, arch: str, num_classes: int = 1000, input_size: tuple[int, int] | None = None,
                 *, source: str | None = None) -> ModelInfo:
     """ModelInfo of a family's arch, counted on its deploy ONNX built from random weights. source: the
-    checkpoint layout (default: the family's REFERENCE_SOURCE, else its first); input_size = (H, W)
+    checkpoint layout (default: the family's reference source); input_size = (H, W)
     (default: the crop of the source's evaluation preprocessing)."""
-    module = get_family(family)
-    arch = resolve_arch(module, arch)
-    source = resolve_source(module, source) if source else getattr(module, "REFERENCE_SOURCE", module.SOURCES[0])
+    fam = get_family(family)
+    arch = resolve_arch(fam, arch)
+    source = resolve_source(fam, source) if source else fam.reference_source
     if input_size is None:
-        crop_w, crop_h = module.default_preprocessing(arch, source).crop
+        crop_w, crop_h = fam.default_preprocessing(arch, source).crop
         input_size = (crop_h, crop_w)
-    state = _random_state(module, arch, source, num_classes)
-    model = module.deploy_onnx(state, arch, source, input_size=tuple(input_size), batch=1)
-    info = model_info(model, name=f"{module.__name__.rsplit('.', 1)[-1]} {arch} ({source} layout)")
-    return ModelInfo(**{**info.__dict__, "params_train": _train_params(module, arch, source, num_classes)})
+    state = fam.random_state_dict(arch, source, np.random.default_rng(0), num_classes)
+    model = fam.deploy_onnx(state, arch, source, input_size=tuple(input_size), batch=1)
+    info = model_info(model, name=f"{fam.name} {arch} ({source} layout)")
+    return ModelInfo(**{**info.__dict__, "params_train": fam.param_count(arch, source, num_classes, False)})
 
 
 def _parse_target(target: str) -> tuple[str, str, str | None]:
@@ -216,9 +200,9 @@ def _yaml_info(path: Path, overrides: dict | None = None) -> ModelInfo:
         onnx_model = onnx.load(str(cfg.frontend.checkpoint))
         info = model_info(onnx_model, input_size=size, name=cfg.name)
         if model is not None:
-            module = get_family(model.family)
-            arch, source = resolve_arch(module, model.arch), resolve_source(module, model.source)
-            train = _train_params(module, arch, source, _num_classes(onnx_model))
+            fam = get_family(model.family)
+            arch, source = resolve_arch(fam, model.arch), resolve_source(fam, model.source)
+            train = fam.param_count(arch, source, _num_classes(onnx_model), False)
             info = ModelInfo(**{**info.__dict__, "params_train": train})
         return info
     if model is None:

@@ -22,7 +22,10 @@ import onnx
 from ..errors import CheckpointError, ConfigError
 from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
-from .state import first_mismatch, head_classes, strip_framework_keys
+from .family import ModelFamily
+from .state import check_state as state_check
+from .state import first_mismatch, fold_bn, head_classes, lookup, strip_framework_keys
+from .state import random_state_dict as random_state
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +154,7 @@ def arch_name(arch: str | RegNetArch) -> str:
 
 
 def _source(source: str) -> Layout:
-    if source not in LAYOUTS:
-        raise ConfigError(f"unknown RegNet checkpoint layout '{source}'. Known layouts: {', '.join(SOURCES)}.")
-    return LAYOUTS[source]
+    return lookup(LAYOUTS, source, "RegNet checkpoint layout", "layouts")
 
 
 def block_widths(arch: str | RegNetArch) -> list[int]:
@@ -261,21 +262,9 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source:
     """(state without prefixes / framework keys, num_classes) if the checkpoint fits arch and source
     exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
     spec, lay = get_arch(arch), _source(source)
-    state = strip_framework_keys(state)
-    num_classes = head_classes(state, lay.head, lay.head_transposed)
-    if num_classes is None:
-        w = state.get(f"{lay.head}.weight")
-        found = "missing" if w is None else f"of shape {list(np.shape(w))}"
-        raise CheckpointError(
-            f"RegNet checkpoint ({source} layout): the classifier weight '{lay.head}.weight' is {found}; "
-            f"expected a 2-D Linear weight.{_guess_hint(state)} Check model.source ({', '.join(SOURCES)}) "
-            f"and that the file is a RegNetX classification checkpoint.")
-    problem = first_mismatch(state, expected_shapes(spec, source, num_classes))
-    if problem:
-        raise CheckpointError(
-            f"checkpoint does not fit {arch_name(spec)} ({source} layout): {problem}.{_guess_hint(state)} "
-            f"Set model.arch and model.source to what the weights were trained with.")
-    return state, num_classes
+    return state_check(state, lay, lambda n: expected_shapes(spec, source, n), f"{arch_name(spec)} ({source} layout)",
+                       _guess_hint, f"Set model.arch and model.source ({', '.join(SOURCES)}) to what the weights "
+                       "were trained with.")
 
 
 def deploy_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str) -> dict[str, np.ndarray]:
@@ -305,8 +294,7 @@ class _Writer:
         gamma, beta = self._f64(f"{bn}.weight"), self._f64(f"{bn}.bias")
         mean, var = (self._f64(f"{bn}.{s}") for s in self.lay.bn_stats)
         if self.fold:
-            t = gamma / np.sqrt(var + BN_EPS)
-            y = self.g.conv(x, w * t[:, None, None, None], beta - mean * t, conv, stride=stride, groups=groups)
+            y = self.g.conv(x, *fold_bn(w, gamma, beta, mean, var, BN_EPS), conv, stride=stride, groups=groups)
         else:
             y = self.g.conv(x, w, None, conv, stride=stride, groups=groups)
             ins = [self.g.const(a.astype(np.float32), f"{bn}.{n}")
@@ -394,24 +382,13 @@ def param_count(arch: str | RegNetArch, num_classes: int = 1000, deploy: bool = 
 
 def random_state_dict(arch: str | RegNetArch, source: str, rng: np.random.Generator,
                       num_classes: int = 1000) -> dict[str, np.ndarray]:
-    """A checkpoint dict in `source`'s layout with random weights and non-trivial BN statistics
-    (float32; torch layouts also get the int64 num_batches_tracked counters real checkpoints carry)."""
-    lay = _source(source)
-    mean_key, var_key = (f".{s}" for s in lay.bn_stats)
-    out: dict[str, np.ndarray] = {}
-    for key, shape in expected_shapes(arch, source, num_classes).items():
-        if key.endswith(var_key):
-            v = rng.uniform(0.5, 2.0, shape)
-        elif key.endswith(mean_key):
-            v = rng.normal(0.0, 0.2, shape)
-        elif len(shape) >= 2:               # conv and Linear weights
-            fan_in = shape[0] if lay.head_transposed and len(shape) == 2 else math.prod(shape[1:])
-            v = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(1.0 / fan_in))
-        elif key.endswith(".weight"):       # BN gamma
-            v = rng.uniform(0.5, 1.5, shape)
-        else:                               # BN beta and the Linear bias
-            v = rng.normal(0.0, 0.1, shape)
-        out[key] = v.astype(np.float32, copy=False)
-        if source != "ppcls" and key.endswith(mean_key):
-            out[key[: -len(mean_key)] + ".num_batches_tracked"] = np.array(1000, dtype=np.int64)
-    return out
+    """A random checkpoint dict of `arch` in `source`'s layout (tvmzoo.models.state.random_state_dict)."""
+    return random_state(expected_shapes(arch, source, num_classes), _source(source), rng, counters=source != "ppcls")
+
+
+FAMILY = ModelFamily(
+    name="regnet", archs=ARCHS, sources=SOURCES, reference_source=REFERENCE_SOURCE,
+    expected_shapes=expected_shapes, check_state=check_state, deploy_onnx=deploy_onnx,
+    default_preprocessing=default_preprocessing,
+    param_count=lambda arch, source, n, deploy: param_count(arch, n, deploy, source),
+    random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, num_classes=n))

@@ -9,155 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from ..errors import CheckpointError, ConfigError
 from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
-from .state import first_mismatch, head_classes, strip_framework_keys
+from .repvgg_arch import (ARCHS, Block, LAYOUTS, Layout, RepVGGArch, SOURCES, _source, arch_name, blocks, get_arch)
+from .family import ModelFamily
+from .state import check_state as state_check
+from .state import first_mismatch, fold_bn, head_classes, strip_framework_keys
+from .state import random_state_dict as random_state
 
 log = logging.getLogger(__name__)
 
 BN_EPS = 1e-5          # torch BatchNorm2d eps and paddle BatchNorm2D epsilon defaults
-SE_RATIO = 16          # official SEBlock(internal_neurons=channels // 16); mmcls SELayer(ratio=16, divisor=1)
-STEM_MAX_CHANNELS = 64
-
-
-@dataclass(frozen=True)
-class RepVGGArch:
-    """num_blocks / width_multiplier per stage 1-4; groups: layer index -> conv groups (stage1's first
-    block is layer 1, the stem is layer 0 and never grouped); use_se: an SE block in every block."""
-
-    num_blocks: tuple[int, int, int, int]
-    width_multiplier: tuple[float, float, float, float]
-    groups: dict[int, int] = field(default_factory=dict)
-    use_se: bool = False
-
-
-# The official optional_groupwise_layers: every second layer, from layer 2.
-_GROUPWISE_LAYERS = tuple(range(2, 27, 2))
-G2 = {layer: 2 for layer in _GROUPWISE_LAYERS}
-G4 = {layer: 4 for layer in _GROUPWISE_LAYERS}
-_A = (2, 4, 14, 1)
-_B = (4, 6, 16, 1)
-
-ARCHS: dict[str, RepVGGArch] = {
-    "A0": RepVGGArch(_A, (0.75, 0.75, 0.75, 2.5)),
-    "A1": RepVGGArch(_A, (1, 1, 1, 2.5)),
-    "A2": RepVGGArch(_A, (1.5, 1.5, 1.5, 2.75)),
-    "B0": RepVGGArch(_B, (1, 1, 1, 2.5)),
-    "B1": RepVGGArch(_B, (2, 2, 2, 4)),
-    "B1g2": RepVGGArch(_B, (2, 2, 2, 4), G2),
-    "B1g4": RepVGGArch(_B, (2, 2, 2, 4), G4),
-    "B2": RepVGGArch(_B, (2.5, 2.5, 2.5, 5)),
-    "B2g4": RepVGGArch(_B, (2.5, 2.5, 2.5, 5), G4),
-    "B3": RepVGGArch(_B, (3, 3, 3, 5)),
-    "B3g4": RepVGGArch(_B, (3, 3, 3, 5), G4),
-    "D2se": RepVGGArch((8, 14, 24, 1), (2.5, 2.5, 2.5, 5), use_se=True),
-}
-
-SOURCES = ("official", "mmcls", "ppcls")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Key names of one checkpoint source (module names below a block prefix)."""
-
-    stem: str                      # the stem block's prefix
-    stage: str                     # stage prefix, formatted with the stage number 1-4
-    dense: str
-    one: str
-    identity: str
-    bn: str
-    bn_stats: tuple[str, str]      # (running mean, running variance)
-    reparam: str
-    se_down: str
-    se_up: str
-    head: str
-    head_transposed: bool          # Linear weight stored [in, out] (paddle) instead of [out, in]
-
-    def block_prefix(self, stage: int, index: int) -> str:
-        return self.stem if stage == 0 else f"{self.stage.format(stage)}.{index}"
-
-
-LAYOUTS: dict[str, Layout] = {
-    # DingXiaoH/RepVGG repvgg.py + se_block.py (train: conv_bn 'conv'/'bn'; deploy: rbr_reparam)
-    "official": Layout("stage0", "stage{}", "rbr_dense", "rbr_1x1", "rbr_identity", "bn",
-                       ("running_mean", "running_var"), "rbr_reparam", "se.down", "se.up", "linear", False),
-    # open-mmlab/mmpretrain backbones/repvgg.py (stem, stage_1..4) + utils/se_layer.py (ConvModule: conv1.conv);
-    # ImageClassifier puts the backbone under 'backbone.' and LinearClsHead's Linear at 'head.fc'
-    "mmcls": Layout("backbone.stem", "backbone.stage_{}", "branch_3x3", "branch_1x1", "branch_norm", "norm",
-                    ("running_mean", "running_var"), "branch_reparam", "se_layer.conv1.conv",
-                    "se_layer.conv2.conv", "head.fc", False),
-    # PaddleClas ppcls/arch/backbone/model_zoo/repvgg.py: official names, paddle BN and Linear conventions
-    "ppcls": Layout("stage0", "stage{}", "rbr_dense", "rbr_1x1", "rbr_identity", "bn", ("_mean", "_variance"),
-                    "rbr_reparam", "se.down", "se.up", "linear", True),
-}
-
-# Keys a framework adds that carry no weights: torch BN step counters, paddle's name table.
-
-
-@dataclass(frozen=True)
-class Block:
-    layer: int        # 0 = stem (stage0), then 1, 2, ... as in the official override_groups_map
-    stage: int        # 0..4
-    index: int        # position within its stage
-    cin: int
-    cout: int
-    stride: int
-    groups: int
-
-    @property
-    def has_identity(self) -> bool:
-        return self.cin == self.cout and self.stride == 1
-
-    @property
-    def se_channels(self) -> int:
-        return max(1, self.cout // SE_RATIO)
-
-
-def get_arch(arch: str | RepVGGArch) -> RepVGGArch:
-    """An ARCHS entry by name ('A0', 'RepVGG-A0', 'b1g4'), or a custom RepVGGArch as given."""
-    if isinstance(arch, RepVGGArch):
-        return arch
-    wanted = str(arch).lower().replace("repvgg", "").strip("-_ ")
-    for name, spec in ARCHS.items():
-        if name.lower() == wanted:
-            return spec
-    raise ConfigError(f"unknown RepVGG arch '{arch}'. Known archs: {', '.join(ARCHS)}.")
-
-
-def arch_name(arch: str | RepVGGArch) -> str:
-    spec = get_arch(arch)
-    return next((f"RepVGG-{n}" for n, a in ARCHS.items() if a == spec), "RepVGG (custom arch)")
-
-
-def blocks(arch: str | RepVGGArch) -> list[Block]:
-    """The blocks in forward order, with channels, stride and groups as the official RepVGG builds them."""
-    spec = get_arch(arch)
-    cin = min(STEM_MAX_CHANNELS, int(64 * spec.width_multiplier[0]))
-    out = [Block(0, 0, 0, 3, cin, 2, 1)]
-    for stage, (n, width) in enumerate(zip(spec.num_blocks, spec.width_multiplier), start=1):
-        cout = int(64 * 2 ** (stage - 1) * width)
-        for index in range(n):
-            layer, groups = len(out), spec.groups.get(len(out), 1)
-            if cin % groups or cout % groups:
-                raise ConfigError(f"RepVGG arch: layer {layer} ({cin} -> {cout} channels) cannot be split into "
-                                  f"{groups} groups; choose widths whose channels the groups divide.")
-            out.append(Block(layer, stage, index, cin, cout, 2 if index == 0 else 1, groups))
-            cin = cout
-    return out
-
-
-def _source(source: str) -> Layout:
-    if source not in LAYOUTS:
-        raise ConfigError(f"unknown RepVGG checkpoint layout '{source}'. Known layouts: {', '.join(SOURCES)}.")
-    return LAYOUTS[source]
-
-
 # ---------------------------------------------------------------- expected keys and checking
 
 def _bn_keys(prefix: str, channels: int, lay: Layout) -> dict[str, tuple[int, ...]]:
@@ -208,19 +75,6 @@ def expected_shapes(arch: str | RepVGGArch, source: str, num_classes: int = 1000
 
 
 
-def _num_classes(state: Mapping[str, np.ndarray], lay: Layout, source: str) -> int:
-    n = head_classes(state, lay.head, lay.head_transposed)
-    if n is None:
-        key = f"{lay.head}.weight"
-        found = "missing" if key not in state else f"of shape {list(np.shape(state[key]))}"
-        raise CheckpointError(f"RepVGG checkpoint ({source} layout): the classifier weight '{key}' is {found}; "
-                              f"expected a 2-D Linear weight.{_guess_hint(state)} Check --source "
-                              f"({', '.join(SOURCES)}) and that the file is a RepVGG classification checkpoint.")
-    return n
-
-
-
-
 def _fits(state: Mapping[str, np.ndarray], arch: RepVGGArch, source: str) -> bool:
     n = head_classes(state, LAYOUTS[source].head, LAYOUTS[source].head_transposed)
     return n is not None and first_mismatch(state, expected_shapes(arch, source, n, deploy=state)) is None
@@ -245,14 +99,9 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source:
     """(state without prefixes / framework keys, num_classes) if the checkpoint fits arch and source
     exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
     spec, lay = get_arch(arch), _source(source)
-    state = strip_framework_keys(state)
-    num_classes = _num_classes(state, lay, source)
-    problem = first_mismatch(state, expected_shapes(spec, source, num_classes, deploy=state))
-    if problem:
-        raise CheckpointError(
-            f"checkpoint does not fit {arch_name(spec)} ({source} layout): {problem}.{_guess_hint(state)} "
-            f"Pass the arch and --source the weights were trained with.")
-    return state, num_classes
+    return state_check(state, lay, lambda n: expected_shapes(spec, source, n, deploy=strip_framework_keys(state)),
+                       f"{arch_name(spec)} ({source} layout)", _guess_hint,
+                       f"Pass the arch and --source ({', '.join(SOURCES)}) the weights were trained with.")
 
 
 # ---------------------------------------------------------------- re-parameterization
@@ -290,9 +139,8 @@ def identity_kernel(channels: int, groups: int) -> np.ndarray:
 
 
 def fold(kernel: np.ndarray, bn: BN) -> tuple[np.ndarray, np.ndarray]:
-    """conv followed by BN as one conv: (kernel * t, beta - mean * t) with t = gamma / sqrt(var + eps)."""
-    t, shift = bn.scale_shift()
-    return kernel * t[:, None, None, None], shift
+    """conv followed by BN as one conv (tvmzoo.models.state.fold_bn)."""
+    return fold_bn(kernel, bn.gamma, bn.beta, bn.mean, bn.var, BN_EPS)
 
 
 def reparameterize(w: BlockWeights) -> tuple[np.ndarray, np.ndarray]:
@@ -467,32 +315,14 @@ def param_count(arch: str | RepVGGArch, num_classes: int = 1000, deploy: bool = 
 
 def random_state_dict(arch: str | RepVGGArch, source: str, rng: np.random.Generator, deploy: bool = False,
                       num_classes: int = 1000) -> dict[str, np.ndarray]:
-    """A checkpoint dict in `source`'s layout with random weights and non-trivial BN statistics
-    (float32; torch layouts also get the int64 num_batches_tracked counters real checkpoints carry)."""
-    lay = _source(source)
-    mean_key, var_key = (f".{s}" for s in lay.bn_stats)
-    out: dict[str, np.ndarray] = {}
-    f32 = np.float32
+    """A random checkpoint dict of `arch` in `source`'s layout (tvmzoo.models.state.random_state_dict)."""
+    return random_state(expected_shapes(arch, source, num_classes, deploy=deploy), _source(source), rng,
+                        counters=source != "ppcls")
 
-    def uniform(lo: float, hi: float, shape) -> np.ndarray:
-        return (rng.random(shape, dtype=f32) * f32(hi - lo) + f32(lo)).astype(f32, copy=False)
 
-    def normal(std: float, shape) -> np.ndarray:
-        return rng.standard_normal(shape, dtype=f32) * f32(std)
-
-    for key, shape in expected_shapes(arch, source, num_classes, deploy=deploy).items():
-        if key.endswith(var_key):
-            v = uniform(0.5, 2.0, shape)
-        elif key.endswith(mean_key):
-            v = normal(0.2, shape)
-        elif len(shape) >= 2:           # conv and Linear weights
-            fan_in = shape[0] if lay.head_transposed and len(shape) == 2 else int(np.prod(shape[1:]))
-            v = normal(np.sqrt(1.0 / fan_in), shape)
-        elif key.endswith(".weight"):   # BN gamma
-            v = uniform(0.5, 1.5, shape)
-        else:                          # BN beta and conv / linear biases
-            v = normal(0.1, shape)
-        out[key] = v
-        if source != "ppcls" and key.endswith(mean_key):
-            out[key[: -len(mean_key)] + ".num_batches_tracked"] = np.array(1000, dtype=np.int64)
-    return out
+FAMILY = ModelFamily(
+    name="repvgg", archs=ARCHS, sources=SOURCES, reference_source="official",
+    expected_shapes=lambda arch, source, n: expected_shapes(arch, source, n),
+    check_state=check_state, deploy_onnx=deploy_onnx, default_preprocessing=default_preprocessing,
+    param_count=lambda arch, _source, n, deploy: param_count(arch, n, deploy),
+    random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, num_classes=n))

@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import Preprocessing, _check_image, resize_uint8, resized_size
+from . import Preprocessing
+from .transform import _check_image, resize_uint8, resized_size
 
 INPUT_DTYPE = "uint8"
 INPUT_LAYOUT = "NHWC"

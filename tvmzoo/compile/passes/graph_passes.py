@@ -1,20 +1,14 @@
-"""Relax graph passes that run before scheduling: the imported module canonicalized (inference
-forms, Clip and per-tensor quantize / dequantize as elementwise ops, divisions by constants as
-multiplications, int8 requantize folded to one multiply-add), convolutions moved to NHWC (with
-Winograd and the int8 RGB stem's fourth channel), then legalized and fused into TIR kernels."""
+"""Relax graph passes of the import and layout phases (tvmzoo.compile.pipeline): `canonicalize`
+(inference forms, Clip and per-tensor quantize / dequantize as elementwise ops, divisions by
+constants as multiplications, int8 requantize folded to one multiply-add) and the int8 RGB stem's
+fourth channel (`pad_int8_channels`)."""
 from __future__ import annotations
 
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
-
-from .batch_split import split_batch_prefix
-from .winograd import winograd
-
-# Pooling, means and elementwise ops follow their input's layout (ConvertLayout rejects a
-# desired layout for them).
-NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 
 @relax.expr_functor.mutator
@@ -44,17 +38,16 @@ class _ClampToRelaxOps(relax.PyExprMutator):
         return self._OPS[name](args[0], scalar)
 
 
-def _mutate_functions(mod: IRModule, mutator: relax.PyExprMutator) -> IRModule:
-    """`mutator` over every Relax function of `mod` (in place)."""
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mod[gv] = mutator.visit_expr(func)
-    return mod
+def _mutator_pass(name: str, mutator_cls, dce: bool = False) -> tvm.transform.Pass:
+    """A Relax function pass running `mutator_cls(mod)` over each function (then dead code out)."""
+    def rewrite(func: relax.Function, mod: IRModule, _ctx) -> relax.Function:
+        return mutator_cls(mod).visit_expr(func)
+
+    fpass = relax.transform.function_pass(rewrite, opt_level=0, name=name)
+    return tvm.transform.Sequential([fpass, relax.transform.DeadCodeElimination()], name=name) if dce else fpass
 
 
-@tvm.transform.module_pass(opt_level=0, name="ClampToRelaxOps")
-def clamp_to_relax_ops(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    return relax.transform.DeadCodeElimination()(_mutate_functions(mod, _ClampToRelaxOps(mod)))
+clamp_to_relax_ops = _mutator_pass("ClampToRelaxOps", _ClampToRelaxOps, dce=True)
 
 
 def _scalar_const(expr) -> np.ndarray | None:
@@ -96,9 +89,7 @@ class _QdqToElementwise(relax.PyExprMutator):
         return relax.op.multiply(relax.op.astype(x, "float32"), relax.const(s, "float32"))
 
 
-@tvm.transform.module_pass(opt_level=0, name="QdqToElementwise")
-def qdq_to_elementwise(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    return _mutate_functions(mod, _QdqToElementwise(mod))
+qdq_to_elementwise = _mutator_pass("QdqToElementwise", _QdqToElementwise)
 
 
 @relax.expr_functor.mutator
@@ -117,25 +108,21 @@ class _DivideAsMultiply(relax.PyExprMutator):
         return relax.op.multiply(call.args[0], relax.const(np.float32(1) / divisor, "float32"))
 
 
-@tvm.transform.module_pass(opt_level=0, name="DivideAsMultiply")
-def divide_as_multiply(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    return _mutate_functions(mod, _DivideAsMultiply(mod))
+divide_as_multiply = _mutator_pass("DivideAsMultiply", _DivideAsMultiply)
 
 
-def _rewrite_functions(mod: IRModule, pattern, rewrite) -> IRModule:
-    """relax.dpl.rewrite_call(pattern, rewrite) over every Relax function of `mod` (a new module)."""
-    from tvm.relax.dpl import rewrite_call
+def _pattern_pass(name: str, make) -> tvm.transform.Pass:
+    """A Relax function pass: `make()` gives (pattern, rewrite(call, match)), applied to every
+    function with relax.dpl.rewrite_call; then dead code out."""
+    def run(func: relax.Function, _mod: IRModule, _ctx) -> relax.Function:
+        pattern, rewrite = make()
+        return rewrite_call(pattern, rewrite, func)
 
-    out = IRModule(mod.functions, attrs=mod.attrs)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out[gv] = rewrite_call(pattern, rewrite, func)
-    return relax.transform.DeadCodeElimination()(out)
+    fpass = relax.transform.function_pass(run, opt_level=0, name=name)
+    return tvm.transform.Sequential([fpass, relax.transform.DeadCodeElimination()], name=name)
 
 
 def _requantize_pattern() -> dict:
-    from tvm.relax.dpl import is_const, is_op, wildcard
-
     p = {"acc": wildcard(), "corr": is_const(), "scale": is_const(), "bias": is_const(), "inv": is_const()}
     p["sub"] = is_op("relax.subtract")(p["acc"], p["corr"])
     p["float"] = is_op("relax.astype")(p["sub"] | p["acc"])
@@ -144,8 +131,7 @@ def _requantize_pattern() -> dict:
     return p
 
 
-@tvm.transform.module_pass(opt_level=0, name="FoldRequantize")
-def fold_requantize(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+def _fold_requantize():
     """(float(acc - zp_term) * s_x s_w + bias) * (1 / s_y) -> float(acc) * q + b', q and b' folded at
     build time: an int8 conv's epilogue loses a subtract and a multiply per element (its biggest cost
     on narrow convs). Moving the int32 zero-point term past the cast rounds differently only for
@@ -164,14 +150,16 @@ def fold_requantize(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         b = ((bias - corr.astype(np.float32) * scale) * inv).astype(np.float32)
         return relax.op.add(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(q)), relax.const(b))
 
-    return _rewrite_functions(mod, p["out"], rewrite)
+    return p["out"], rewrite
+
+
+fold_requantize = _pattern_pass("FoldRequantize", _fold_requantize)
 
 
 FLOAT_EXACT = 1 << 24  # float32 holds every integer up to 2^24 exactly
 
 
-@tvm.transform.module_pass(opt_level=0, name="DepthwiseInt8AsFloat")
-def depthwise_int8_as_float(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+def _depthwise_int8_as_float():
     """float(conv2d(x_u8, w_i8 -> int32)) -> conv2d(x_u8, float(w_i8) -> float32) for depthwise convs.
 
     Bit-identical, not an approximation: every product and partial sum of a depthwise conv is an
@@ -181,8 +169,6 @@ def depthwise_int8_as_float(mod: IRModule, _ctx: tvm.transform.PassContext) -> I
     input stays uint8 in memory (the convert is inside the conv): Lite0 int8 2.20 -> 2.04 ms at
     batch 1, 15.6 -> 14.4 ms at batch 8. (Casting the input as a separate op is worse: FuseOps puts the cast into the producing
     conv, which then writes float32 maps 4x the size.)"""
-    from tvm.relax.dpl import is_const, is_op, wildcard
-
     conv = is_op("relax.nn.conv2d")(wildcard(), is_const())
     pattern = is_op("relax.astype")(conv)
 
@@ -205,18 +191,20 @@ def depthwise_int8_as_float(mod: IRModule, _ctx: tvm.transform.PassContext) -> I
                                   data_layout=a.data_layout, kernel_layout=a.kernel_layout,
                                   out_layout=a.out_layout, out_dtype="float32")
 
-    return _rewrite_functions(mod, pattern, rewrite)
+    return pattern, rewrite
 
 
-def canonicalize(mod: IRModule) -> IRModule:
-    """Run right after from_onnx and before ToMixedPrecision (which rejects the opaque clamp
-    kernels): inference forms of BN etc., Clip as Relax ops, quantize / dequantize as elementwise
-    ops, divisions by constants as multiplications, int8 requantize as one multiply-add. Idempotent."""
-    return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                     relax.transform.FoldConstant(), clamp_to_relax_ops,
-                                     qdq_to_elementwise, divide_as_multiply, fold_requantize,
-                                     depthwise_int8_as_float,
-                                     relax.transform.CanonicalizeBindings()])(mod)
+depthwise_int8_as_float = _pattern_pass("DepthwiseInt8AsFloat", _depthwise_int8_as_float)
+
+
+# Right after from_onnx and before ToMixedPrecision (which rejects the opaque clamp kernels):
+# inference forms of BN etc., Clip as Relax ops, quantize / dequantize as elementwise ops, divisions
+# by constants as multiplications, int8 requantize as one multiply-add. Idempotent.
+canonicalize = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                         relax.transform.FoldConstant(), clamp_to_relax_ops,
+                                         qdq_to_elementwise, divide_as_multiply, fold_requantize,
+                                         depthwise_int8_as_float,
+                                         relax.transform.CanonicalizeBindings()], name="Canonicalize")
 
 
 @relax.expr_functor.mutator
@@ -244,31 +232,4 @@ class _PadInt8Channels(relax.PyExprMutator):
                                   1, "NHWC", "HWIO", attrs.out_layout, attrs.out_dtype)
 
 
-@tvm.transform.module_pass(opt_level=0, name="PadInt8Channels")
-def pad_int8_channels(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    return _mutate_functions(mod, _PadInt8Channels(mod))
-
-
-def layout_passes() -> list[tvm.transform.Pass]:
-    """Convolutions and pooling to NHWC / HWIO (the weight transposes fold into the constants);
-    a batch's high-resolution layers image by image (tvmzoo.compile.passes.batch_split)."""
-    return [
-        relax.transform.ConvertLayout(NHWC_LAYOUTS),
-        relax.transform.CanonicalizeBindings(),
-        relax.transform.FoldConstant(),
-        pad_int8_channels,
-        winograd,
-        split_batch_prefix,
-    ]
-
-
-def fuse_passes() -> list[tvm.transform.Pass]:
-    """Relax ops -> fused TIR kernels (the same passes as relax.pipeline.zero_pipeline)."""
-    return [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
+pad_int8_channels = _mutator_pass("PadInt8Channels", _PadInt8Channels)

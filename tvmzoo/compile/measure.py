@@ -1,0 +1,58 @@
+"""Where and how candidate schedules are measured: MetaSchedule's builder and runner, on this
+machine or with a `RemoteSpec` on TVM RPC devices (through a tracker, one measurement per free
+device at a time, or on one server)."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from tvm.s_tir import meta_schedule as ms
+
+from ..errors import ConfigError, ModuleError
+
+if TYPE_CHECKING:
+    from ..run.devices import RemoteSpec
+
+log = logging.getLogger(__name__)
+
+# MetaSchedule's 30 s default kills builds on a busy 2-core machine (a worker importing tvm
+# alone takes ~5 s there).
+BUILD_TIMEOUT_S = 120.0
+
+
+def make_runner(remote: RemoteSpec | None = None) -> ms.runner.Runner:
+    """Where candidates are measured: this machine, or the RPC device(s) of `remote`."""
+    if remote is None:
+        return ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
+    if remote.server is not None:  # no tracker: RPCConfig's tracker fields carry the server's address
+        config = ms.runner.RPCConfig(*remote.server, "server", session_timeout_sec=int(BUILD_TIMEOUT_S))
+        return ms.runner.RPCRunner(config, f_create_session=connect_server, max_workers=1)
+    devices = _count_devices(remote)
+    log.info("measuring on %d device(s) under %s", devices, remote.describe())
+    config = ms.runner.RPCConfig(*remote.tracker, remote.key, session_timeout_sec=int(BUILD_TIMEOUT_S))
+    return ms.runner.RPCRunner(config, max_workers=devices)  # one measurement per device at a time
+
+
+def _count_devices(remote: RemoteSpec) -> int:
+    """Servers registered under the key (busy or free), as MetaSchedule's RPCConfig counts them."""
+    from tvm import rpc
+
+    try:
+        servers = rpc.connect_tracker(*remote.tracker).summary()["server_info"]
+    except (OSError, RuntimeError) as exc:  # tvm's RPC raises RuntimeError / TVMError (a RuntimeError)
+        raise ModuleError(f"cannot reach {remote.describe()}: {str(exc).splitlines()[0]}. "
+                          "Is the tracker running (tvmzoo device tracker)?") from exc
+    devices = sum(1 for server in servers if server["key"].partition(":")[2] == remote.key)
+    if devices == 0:
+        raise ConfigError(f"no device under {remote.describe()} to measure on: start one with "
+                          f"`tvmzoo device serve --tracker {remote.tracker[0]}:{remote.tracker[1]} "
+                          f"--key {remote.key}`.")
+    return devices
+
+
+def connect_server(config: ms.runner.RPCConfig):
+    """RPCRunner's session factory for one server (`--rpc host:port`, no tracker); module level:
+    MetaSchedule's worker processes import it by name."""
+    from tvm import rpc
+
+    return rpc.connect(config.tracker_host, config.tracker_port, session_timeout=config.session_timeout_sec)

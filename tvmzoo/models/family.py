@@ -1,0 +1,35 @@
+"""The interface every model family implements (one `FAMILY` per family module), as typed fields
+instead of module attributes probed with hasattr: the registry, export, info and the contract test
+use only this."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..preprocess import Preprocessing
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str                                            # registry key, e.g. 'repvgg'
+    archs: Mapping[str, Any]                             # arch table: canonical name -> spec
+    sources: tuple[str, ...]                             # checkpoint key layouts it reads
+    reference_source: str                                # the layout `tvmzoo info` counts by default
+    # every weight key of a (arch, source) checkpoint with n classes and its shape
+    expected_shapes: Callable[[str, str, int], Shapes]
+    # (state without prefixes / framework keys, num_classes), or one CheckpointError
+    check_state: Callable[[Mapping[str, np.ndarray], str, str], tuple[dict, int]]
+    # the inference graph, BN / re-param folded: deploy_onnx(state, arch, source, input_size=(H, W), batch=N)
+    deploy_onnx: Callable[..., onnx.ModelProto]
+    default_preprocessing: Callable[[str, str], Preprocessing]
+    # trainable parameters: param_count(arch, source, num_classes, deploy)
+    param_count: Callable[[str, str, int, bool], int]
+    # random_state_dict(arch, source, rng, num_classes): a test checkpoint in the layout
+    random_state_dict: Callable[[str, str, np.random.Generator, int], dict[str, np.ndarray]]
+    weights_path: Callable[[], str] | None = None        # the weights a pip package installs, if any
