@@ -23,7 +23,7 @@ from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .pipeline import KernelCount, pass_names, run_pipeline
-from .target import required_features, resolve_target
+from .target import computes_as, required_features, resolve_target
 
 if TYPE_CHECKING:
     from ..run.devices import RemoteSpec
@@ -106,7 +106,8 @@ def prepare_onnx(cfg: BuildConfig, spec: InputSpec) -> tuple[onnx.ModelProto, Pa
 
 def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict) -> Path | None:
     """Where this build's tuning records live: the YAML's tuning.records, else
-    build_in/tuning/<family>-<arch>/<target-key>/<precision>-b<batch>-<HxW>/ (shipped records)."""
+    build_in/tuning/<family>-<arch>/<target-key>/<precision>-b<batch>-<HxW>/ (shipped records), the
+    precision being what the build computes as (a bf16 build computing in fp32 is the fp32 build)."""
     if cfg.tuning and cfg.tuning.get("records"):
         return Path(cfg.tuning["records"])
     if cfg.model is None:
@@ -117,7 +118,7 @@ def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict) -> Path | None:
     arch = resolve_arch(get_family(cfg.model.family), cfg.model.arch)
     batch = "bN" if spec.dynamic_batch else f"b{spec.shape[0]}"
     return (TUNING_ROOT / f"{cfg.model.family}-{arch}".lower() / target_key(target)
-            / f"{cfg.backend.dtype}-{batch}-{spec.shape[2]}x{spec.shape[3]}")
+            / f"{computes_as(cfg.backend.dtype, tvm.target.Target(target))}-{batch}-{spec.shape[2]}x{spec.shape[3]}")
 
 
 def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
@@ -198,6 +199,7 @@ def compile_model(cfg: BuildConfig) -> Path:
             "tvm_version": tvm.__version__,
             "name": cfg.name,
             "precision": precision,
+            "computes_as": computes_as(precision, tvm.target.Target(target)),  # bf16 where it pays, else fp32
             "target": target,
             "cpu_features": required_features(target),
             "input": {**asdict(spec), "shape": list(spec.shape)},
