@@ -1,9 +1,9 @@
-"""tvmzoo fp32 / fp16 / int8 against ONNX Runtime fp32 and int8 (QDQ), side by side in one process
+"""tvmzoo fp32 / fp16 / bf16 / int8 against ONNX Runtime fp32 and int8 (QDQ), side by side in one process
 (issue 8's speed bars, issue 4's int8-vs-fp32 ratio). Builds go through the library as a user's would:
 the shipped build YAMLs + overrides -> compile_model (shipped tuning records applied) -> CompiledModel.
 
     .venv/bin/python benchmarks/vs_onnxruntime.py [--models lite0 a0] [--batches 1 8]
-        [--precisions fp32 fp16 int8] [--rounds 10] [--quick] [--reuse]
+        [--precisions fp32 fp16 bf16 int8] [--rounds 10] [--quick] [--reuse]
 
 Variants are timed round robin (every round runs each one for ~0.25 s, in alternating order), so
 background load hits them all alike. Both runtimes get 2 threads. Writes benchmarks/results/vs_onnxruntime.md
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tvmzoo.io.checkpoint import save_npz  # noqa: E402
 from tvmzoo.compile.compiler import compile_model, ensure_onnx, input_spec, preprocessing_of  # noqa: E402
-from tvmzoo.config import load_build_config  # noqa: E402
+from tvmzoo.config import PRECISIONS, load_build_config  # noqa: E402
 from tvmzoo.io.images import calibration_batches, find_images  # noqa: E402
 from tvmzoo.models.info import model_info  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
@@ -62,6 +62,15 @@ def nominal_peak() -> tuple[float, str]:
     return peak, (f"{cores} cores x {ghz:.2f} GHz ({source}) x {2 * lanes * 2} FLOP/cycle ({isa} fp32 FMA: "
                   f"2 FMA units x {lanes} lanes x 2) = {peak:.0f} GFLOP/s, nominal (turbo, AVX-512 clock "
                   f"offsets and shared cores move the real figure)")
+
+
+def cpu_name() -> str:
+    """The CPU model name and the ISA extensions the low-precision builds use (from /proc/cpuinfo)."""
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX-512'})"
 
 
 def build_cfg(model: str, precision: str, batch: int, calib: int, extra: dict | None = None):
@@ -159,7 +168,10 @@ def bars(rows: list[dict]) -> list[str]:
             ms = {r["build"]: r["ms"] for r in rows if r["model"] == model and r["batch"] == batch}
             for num, den, bar, ok in (("tvmzoo fp32", "ORT fp32", "<= 1.0", lambda v: v <= 1.0),
                                       ("tvmzoo int8", "ORT fp32", "<= 0.5", lambda v: v <= 0.5),
-                                      ("tvmzoo int8", "tvmzoo fp32", "< 1", lambda v: v < 1.0)):
+                                      ("tvmzoo int8", "tvmzoo fp32", "< 1", lambda v: v < 1.0),
+                                      ("tvmzoo bf16", "tvmzoo fp32", "<= 1.0, issue 15", lambda v: v <= 1.0),
+                                      ("tvmzoo bf16", "tvmzoo fp32", "<= 0.6 with AVX512-BF16, issue 15",
+                                       lambda v: v <= 0.6)):
                 if num in ms and den in ms:
                     v = ms[num] / ms[den]
                     lines.append(f"- {TITLES[model]}, batch {batch}: {num} / {den} = {v:.2f} "
@@ -175,8 +187,8 @@ def markdown(rows: list[dict], peak_how: str, args, load: tuple, seconds: float)
              f"{' '.join(sys.argv[1:])}` in {seconds / 60:.1f} min; load average {load[0]:.2f} at start, "
              f"{load[1]:.2f} at end. {args.rounds} interleaved rounds of ~{ROUND_SECONDS} s per variant; "
              "ms/image = time per call / batch, on real photos.", "",
-             f"Peak: {peak_how}. GFLOP/s = 2 x multiply-adds / time (tvmzoo.models.info); fp16 and int8 rows are shown "
-             "against the same fp32 peak.", "",
+             f"CPU: {cpu_name()}. Peak: {peak_how}. GFLOP/s = 2 x multiply-adds / time (tvmzoo.models.info); fp16, "
+             "bf16 and int8 rows are shown against the same fp32 peak.", "",
              "int8: per-channel weights, percentile (99.99) activation ranges on "
              f"{args.calib} photos of imagenet-sample; ORT runs the QDQ model (fused to QLinearConv), tvmzoo the "
              "same QDQ model lowered to integer kernels. RepVGG-A0 has random weights (speed does not depend on "
@@ -186,7 +198,7 @@ def markdown(rows: list[dict], peak_how: str, args, load: tuple, seconds: float)
         lines.append(f"| {TITLES[r['model']]} | {r['batch']} | {r['build']} | {r['ms']:.2f} | {r['p90']:.2f} | "
                      f"{r['ratio']:.2f}x | {r['gflops']:.0f} | {r['peak']:.1f} % | {r['kernels']} | "
                      f"{r['build_s']} | {r['agree']} |")
-    return "\n".join([*lines, "", "## Issue 8 / issue 4 bars", "", *bars(rows), ""])
+    return "\n".join([*lines, "", "## Issue 8 / 4 / 15 bars", "", *bars(rows), ""])
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -219,7 +231,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", choices=list(YAMLS), default=list(YAMLS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--precisions", nargs="+", choices=["fp32", "fp16", "int8"], default=["fp32", "fp16", "int8"])
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    ap.add_argument("--bf16-dot", action="store_true",
+                    help="bf16 on vdpbf16ps kernels even where bf16_plan picks fp32 (Sapphire Rapids): to measure them")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=16, help="calibration photos for int8")
     ap.add_argument("--quick", action="store_true", help="3 rounds: proves the run, numbers are rough")
@@ -228,6 +242,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
         args.rounds = min(args.rounds, 3)
+    if args.bf16_dot:
+        from tvmzoo.compile import target
+        target.bf16_plan = lambda _has_features: "avx512bf16"
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     peak, peak_how = nominal_peak()
     print(f"peak: {peak_how}", flush=True)

@@ -153,7 +153,8 @@ def test_overrides(tmp_path, monkeypatch):
     assert cfg.backend.dtype == "fp16" and cfg.name == "x" and cfg.dataset.get_data_num == 20
     assert cfg.backend.target == "llvm -mcpu=native" and cfg.workspace == tmp_path / "out"
     assert load_build_config(path, {"backend.quantize.calibrate_mode": "max"}).backend.quantize.calibrate_mode == "max"
-    with pytest.raises(ConfigError, match=r"build.yaml: backend.dtype: 'fp8' is not one of fp32, fp16, int8"):
+    with pytest.raises(ConfigError,
+                       match=r"build.yaml: backend.dtype: 'fp8' is not one of fp32, fp16, bf16, int8"):
         load_build_config(path, {"backend.dtype": "fp8"})
     with pytest.raises(ConfigError, match=r"--set name.first: 'name' is a string, not a mapping"):
         load_build_config(path, {"name.first": "x"})

@@ -375,7 +375,7 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy harness: compile precisions, classify a labelled folder, one table")
     p.add_argument("yaml")
     p.add_argument("--images", required=True, help="folder of wnid-named images or synset sub-folders")
-    p.add_argument("--precisions", default="fp32,fp16", help="comma-separated: fp32,fp16,int8")
+    p.add_argument("--precisions", default="fp32,fp16", help="comma-separated: fp32,fp16,bf16,int8")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--workspace", default=None, help="where the evaluation builds go (default: the YAML's)")
     p.add_argument("--infer_mode", choices=("sync", "async"), default="async")

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 BACKEND_TYPES = ("tvm",)
 BACKEND_ALIASES = {"tvm_vacc": "tvm"}
-PRECISIONS = ("fp32", "fp16", "int8")  # backend.dtype
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # backend.dtype
 CALIBRATE_MODES = ("max", "percentile", "kl", "mse")
 CALIBRATE_ALIASES = {"kl_divergence": "kl", "minmax": "max"}
 PERCENTILE_RANGE = (50.0, 100.0)  # backend.quantize.percentile: the share of values kept, in (50, 100]

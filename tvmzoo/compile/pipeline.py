@@ -3,7 +3,7 @@
 benchmarks all run. A Relax module as imported from ONNX (weights bound as constants) goes in; a
 module ready for `tvm.compile(mod, target)` comes out.
 
-  import     LowerInt8 (int8), Canonicalize, ToMixedPrecision (fp16)
+  import     LowerInt8 (int8), Canonicalize, ToMixedPrecision (fp16), ToBf16 (bf16)
   layout     NHWC / HWIO, the int8 RGB stem's fourth channel, Winograd, batch split
   legalize   Relax ops -> fused TIR kernels, weight buffers marked layout-free
   schedule   tuning records where they won, then the default schedules (tvmzoo.compile.schedules)
@@ -27,6 +27,7 @@ from tvm.target import Target
 from ..config import PRECISIONS
 from ..errors import ConfigError
 from .passes.batch_split import split_batch_prefix
+from .passes.bf16 import to_bf16
 from .passes.graph_passes import canonicalize, pad_int8_channels
 from .passes.lower_int8 import lower_int8
 from .passes.winograd import winograd
@@ -48,6 +49,8 @@ def import_passes(precision: str) -> list[tvm.transform.Pass]:
     passes.append(canonicalize)  # before ToMixedPrecision, which rejects the opaque kernels ONNX Clip imports as
     if precision == "fp16":
         passes.append(relax.transform.ToMixedPrecision(out_dtype="float16"))
+    if precision == "bf16":  # only where it pays (tvmzoo.compile.target.bf16_plan): fp32 elsewhere, logged
+        passes.append(to_bf16)
     return passes
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from .target import bf16_plan
+
 # Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
 # it). Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
 # 0.54-0.66x of fp32) and Zen 4 (issue 15: OpenVINO bf16 0.5x, int8 0.3x of fp32). The AMX kernels
@@ -52,4 +54,9 @@ def plan_precision(precision: str, cpu: str, features: Collection[str]) -> Preci
                              f"fp16: {cpu} has no AVX512-FP16, so LLVM would emulate fp16 (a conversion on every "
                              "use: 7.5x slower than fp32 on Zen 4); this build computes in fp32 (same float32 "
                              "inputs and outputs, fp32 accuracy, fp32 speed)")
+    if precision == "bf16" and bf16_plan(lambda needs: set(needs) <= set(features)) == "fp32":
+        return PrecisionPlan(precision, "fp32",
+                             f"bf16: on {cpu} the bf16 kernels would not beat fp32 (no AVX512-BF16, or AMX whose "
+                             "tiles tvmzoo does not use yet: vdpbf16ps measured slower than the fp32 FMAs there); "
+                             "this build computes in fp32")
     return PrecisionPlan(precision, precision, "")

@@ -81,15 +81,21 @@ def _output_transform(m: te.Tensor, at: te.Tensor, th: int, tw: int, h_out: int,
 
 
 def winograd_conv(bb: relax.BlockBuilder, data: relax.Expr, hwio: np.ndarray,
-                  padding: tuple[int, int, int, int], dtype: str) -> relax.Expr:
-    """NHWC conv2d(data, weight, stride 1) as Winograd F(2x2, 3x3); returns [N, H_out, W_out, K]."""
+                  padding: tuple[int, int, int, int], dtype: str, out_dtype: str | None = None) -> relax.Expr:
+    """NHWC conv2d(data, weight, stride 1) as Winograd F(2x2, 3x3); returns [N, H_out, W_out, K].
+    bf16 (dtype bfloat16, out_dtype float32): V stored bf16, the GEMMs accumulate in float32."""
+    out_dtype = out_dtype or dtype
     h, w = (int(d) for d in data.ty.shape.values[1:3])  # static (checked by _eligible); N may be symbolic
     top, left, bottom, right = padding
     h_out, w_out = h + top + bottom - 2, w + left + right - 2
     th, tw = -(-h_out // 2), -(-w_out // 2)
+    if dtype != out_dtype:  # bf16: the transform in float32 (as bf16 TIR it did not vectorize), V stored bf16
+        data = bb.emit(relax.op.astype(data, out_dtype))
     v = bb.emit_te(_input_transform, data, (top, left), th, tw, primfunc_name_hint="winograd_input")
-    m = bb.emit(relax.op.matmul(v, relax.const(transform_weight(hwio), dtype), out_dtype=dtype))
-    return bb.call_te(_output_transform, m, relax.const(AT.astype(dtype)), th, tw, h_out, w_out,
+    if dtype != out_dtype:
+        v = bb.emit(relax.op.astype(v, dtype))
+    m = bb.emit(relax.op.matmul(v, relax.const(transform_weight(hwio), dtype), out_dtype=out_dtype))
+    return bb.call_te(_output_transform, m, relax.const(AT.astype(out_dtype)), th, tw, h_out, w_out,
                       primfunc_name_hint="winograd_output")
 
 
@@ -102,11 +108,11 @@ def _eligible(call: relax.Call) -> bool:
     if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values[1:]):
         return False
     kh, kw, c, k = (int(d) for d in weight.ty.shape.values)
-    return (str(data.ty.dtype) == str(weight.ty.dtype) == "float32"
+    dtypes = (str(data.ty.dtype), str(weight.ty.dtype), str(a.out_dtype or "") or str(data.ty.dtype))
+    return (dtypes in (("float32",) * 3, ("bfloat16", "bfloat16", "float32"))
             and a.data_layout == "NHWC" and a.kernel_layout == "HWIO" and a.out_layout == "NHWC"
             and int(a.groups) == 1 and (kh, kw) == (3, 3) and [int(s) for s in a.strides] == [1, 1]
-            and [int(d) for d in a.dilation] == [1, 1] and c >= MIN_CHANNELS and k >= MIN_CHANNELS
-            and str(a.out_dtype or "") in ("", "float32"))
+            and [int(d) for d in a.dilation] == [1, 1] and c >= MIN_CHANNELS and k >= MIN_CHANNELS)
 
 
 @relax.expr_functor.mutator
@@ -122,7 +128,7 @@ class _Winograd(relax.PyExprMutator):
         self.count += 1
         pad = [int(p) for p in call.attrs.padding]
         return winograd_conv(self.builder_, call.args[0], call.args[1].value.numpy(), tuple(pad),
-                             str(call.args[0].ty.dtype))
+                             str(call.args[0].ty.dtype), str(call.ty.dtype))
 
 
 @tvm.transform.module_pass(opt_level=0, name="Winograd")

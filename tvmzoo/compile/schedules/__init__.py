@@ -7,6 +7,8 @@ scheduled yet (by tuning records) the first rule in `RULES` that applies:
 
 - `ScheduleInt8Dot` (int8_dot.py, AVX512-VNNI targets): uint8 x int8 conv / matmul, the weight
   repacked to [OC/L, KH, KW, IC/4, L, 4] and the reduction tensorized with `vpdpbusd`.
+- `ScheduleBf16Dot` (bf16_dot.py, AVX512-BF16 targets): the same on bf16 x bf16 -> float32, with
+  `vdpbf16ps` on input-channel pairs (what the bf16 precision pass leaves where bf16_plan says it pays).
 - `ScheduleReduction` (reduction.py): every kernel with one reduction block (conv, depthwise,
   grouped conv, matmul, pooling, mean): a register tile of `rows x channel vectors` accumulators,
   parallel outer loops, the epilogue computed right after each tile.
@@ -24,13 +26,14 @@ from tvm.ir import IRModule
 from tvm.s_tir import dlight
 from tvm.target import Target
 
+from .bf16_dot import ScheduleBf16Dot
 from .fallback import ScheduleFallback
 from .injective import ScheduleInjective
 from .int8_dot import ScheduleInt8Dot
 from .reduction import ScheduleReduction
 
-RULES: tuple[dlight.ScheduleRule, ...] = (ScheduleInt8Dot(), ScheduleReduction(), ScheduleInjective(),
-                                          dlight.cpu.Reduction(), ScheduleFallback())
+RULES: tuple[dlight.ScheduleRule, ...] = (ScheduleInt8Dot(), ScheduleBf16Dot(), ScheduleReduction(),
+                                          ScheduleInjective(), dlight.cpu.Reduction(), ScheduleFallback())
 
 
 def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:

@@ -17,7 +17,8 @@ class ScheduleInjective(CPURule):
         if any(is_reduction(sch, b) for b in blocks):
             raise NotApplicable("a reduction")
         blocks = inline_into_last(sch, blocks)
-        bits = sch.get(blocks[-1]).writes[0].source.dtype.bits
+        dtype = sch.get(blocks[-1]).writes[0].source.dtype
+        bits = 32 if str(dtype) == "bfloat16" else dtype.bits  # bf16 is computed in float32 (BF16ComputeLegalize)
         for block in blocks:
             schedule_injective(sch, block, vector_lanes(target, bits))
         return True

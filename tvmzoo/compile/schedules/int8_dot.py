@@ -3,7 +3,7 @@ AVX512-VNNI, the reduction tensorized with `vpdpbusd` (TVM's own VNNI intrinsic 
 with LLVM 22, hence the ones registered here)."""
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import DataType, s_tir, tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
@@ -13,6 +13,33 @@ from .loops import (is_plain_copy, loop_map, register_tile, repack_weight, sched
 from .operands import as_var, parallel_order
 
 
+def dot_intrin(lanes: int, group: int, dtypes: tuple[str, str, str], dot) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """(desc, impl) of C[i] += sum_k A[k] * B[i, k] for `lanes` accumulators and k < `group`, `dtypes`
+    = (A, B, C); the impl's value is `dot(A, B, C)` (one instruction: vpdpbusd, vdpbf16ps)."""
+    a_dtype, b_dtype, acc = dtypes
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
+             C: T.Buffer((lanes,), acc, offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, group):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], acc) * T.cast(B[vi, vk], acc)
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
+             C: T.Buffer((lanes,), acc, offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = dot(A, B, C)
+
+    return desc, impl
+
+
 def _vnni_dot(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     """C[i] += sum_k u8 A[k] * s8 B[i, k] for `lanes` int32 lanes and k < 4: one `vpdpbusd`.
 
@@ -20,30 +47,14 @@ def _vnni_dot(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     <64 x i8> ones (the module fails verification), hence these."""
     n_bytes, llvm = 4 * lanes, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    def vpdpbusd(A, B, C):
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(llvm), C.vload([0], dtype=f"int32x{lanes}"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
+                          dtype=f"int8x{n_bytes}"),
+            B.vload([0, 0], dtype=f"int8x{n_bytes}"), dtype=f"int32x{lanes}")
 
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm), C.vload([0], dtype=f"int32x{lanes}"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
-                              dtype=f"int8x{n_bytes}"),
-                B.vload([0, 0], dtype=f"int8x{n_bytes}"), dtype=f"int32x{lanes}")
-
-    return desc, impl
+    return dot_intrin(lanes, 4, ("uint8", "int8", "int32"), vpdpbusd)
 
 
 VNNI_INTRINS = {lanes: f"tvmzoo_dot_{lanes}x4_vnni" for lanes in (16, 8)}
@@ -57,18 +68,21 @@ class ScheduleInt8Dot(ReductionRule):
     The weight is repacked to [OC/L, ..., IC/4, L, 4] (a layout-rewrite block that folds into the
     constant at build time), so each `vpdpbusd` multiplies 4 input channels (one broadcast int32)
     by a contiguous L x 4 weight block into L int32 accumulators; the register tile is
-    `rows x vectors` of those, the reduction loops outside it, as in ScheduleReduction."""
+    `rows x vectors` of those, the reduction loops outside it, as in ScheduleReduction.
+    The class attributes say which dot product it tensorizes (bf16_dot.py's rule is this one on `vdpbf16ps`)."""
 
     features = ("avx512vnni", "avx512vl")
+    acc_dtype, input_dtype, weight_dtype = "int32", "uint8", "int8"
+    group = 4  # input channels per lane
+    intrins = VNNI_INTRINS  # lanes -> tensor intrinsic
 
-    @staticmethod
-    def _operands(sch, red):
+    def _operands(self, sch, red):
         """(input read, weight read, output-channel iter, input-channel iter, row iter or None,
-        the weight's index vars); raises NotApplicable when the kernel does not fit VNNI."""
+        the weight's index vars); raises NotApplicable when the kernel does not fit the dot product."""
         stmt = sch.get(red)
         out = stmt.writes[0]
-        if out.source.dtype != "int32" or len(stmt.reads) != 2:
-            raise NotApplicable("not an int32 accumulation of two operands")
+        if out.source.dtype != self.acc_dtype or len(stmt.reads) != 2:
+            raise NotApplicable(f"not an {self.acc_dtype} accumulation of two operands")
         by_var = {iv.var: iv for iv in stmt.iter_vars}
         out_vars = [as_var(r.min) for r in out.region]
         if any(v is None or by_var[v].iter_type != tirx.IterVar.DataPar for v in out_vars):
@@ -80,13 +94,13 @@ class ScheduleInt8Dot(ReductionRule):
             if read.source.same_as(out.source):
                 continue
             dtype = str(read.source.dtype)
-            if dtype == "int8" and any(as_var(r.min) is not None and as_var(r.min).same_as(chan.var)
-                                       for r in read.region):
+            indexed_by_chan = any(as_var(r.min) is not None and as_var(r.min).same_as(chan.var) for r in read.region)
+            if dtype == self.weight_dtype and indexed_by_chan:
                 wgt = i
-            elif dtype == "uint8":
+            elif dtype == self.input_dtype:
                 inp = i
         if inp is None or wgt is None:
-            raise NotApplicable("not uint8 x int8")
+            raise NotApplicable(f"not {self.input_dtype} x {self.weight_dtype}")
         rc = as_var(stmt.reads[inp].region[-1].min)
         if rc is None or rc not in by_var or by_var[rc].iter_type != tirx.IterVar.CommReduce:
             raise NotApplicable("input's last axis is not the channel reduction")
@@ -98,30 +112,31 @@ class ScheduleInt8Dot(ReductionRule):
     def schedule_reduction(self, sch: s_tir.Schedule, red, producers: list, consumers: list,
                            target: Target) -> None:
         self._operands(sch, red)  # applicable at all?
+        group = self.group
         for block in self._inline_producers(sch, red, producers):
-            schedule_injective(sch, block, vector_lanes(target, 8))
+            schedule_injective(sch, block, vector_lanes(target, DataType(self.input_dtype).bits))
         inp, wgt, chan, rc, row, w_vars = self._operands(sch, red)
         stmt = sch.get(red)
         c_ext, k_ext = int(chan.dom.extent), int(rc.dom.extent)
         lanes = 16 if c_ext % 16 == 0 else 8
-        if c_ext % lanes or k_ext % 4:
-            raise NotApplicable(f"{c_ext} output / {k_ext} input channels: not multiples of {lanes} / 4")
+        if c_ext % lanes or k_ext % group:
+            raise NotApplicable(f"{c_ext} output / {k_ext} input channels: not multiples of {lanes} / {group}")
         r_ext = int(row.dom.extent) if row is not None else 1
         row_tile, vecs, _ = register_tile(c_ext, r_ext, lanes)
-        # weight [.., rc, .., chan, ..] -> [chan/L, <other axes>, rc/4, L, 4], folded at build time
+        # weight [.., rc, .., chan, ..] -> [chan/L, <other axes>, rc/G, L, G], folded at build time
         pos_c = next(i for i, v in enumerate(w_vars) if v.same_as(chan.var))
         pos_k = next(i for i, v in enumerate(w_vars) if v.same_as(rc.var))
         others = [i for i in range(len(w_vars)) if i not in (pos_c, pos_k)]
 
         def pack(*idx):
             c, k = idx[pos_c], idx[pos_k]
-            return (c // lanes, *[idx[i] for i in others], k // 4, c % lanes, k % 4)
+            return (c // lanes, *[idx[i] for i in others], k // group, c % lanes, k % group)
 
         repack_weight(sch, red, wgt, pack)
         loop_of = loop_map(sch, red)
 
         c_out, c_vec, c_lane = sch.split(loop_of[chan.var], [None, vecs, lanes])
-        k_out, k_lane = sch.split(loop_of[rc.var], [None, 4])
+        k_out, k_lane = sch.split(loop_of[rc.var], [None, group])
         if row is not None:
             r_out, r_in = sch.split(loop_of[row.var], [None, row_tile])
             tile, outer_rows = [r_in, c_vec], [r_out]
@@ -139,8 +154,12 @@ class ScheduleInt8Dot(ReductionRule):
         for loop in tile:
             sch.unroll(loop)
         vectorize_innermost(sch, sch.get_loops(init)[-1], lanes)
-        sch.tensorize(c_lane, VNNI_INTRINS[lanes])
+        sch.tensorize(c_lane, self.intrins[lanes])
+        self.annotate(sch, outer)
         schedule_epilogue(sch, outer, consumers, vector_lanes(target, 32))
+
+    def annotate(self, sch: s_tir.Schedule, outer) -> None:
+        """Hook for rules whose intrinsic needs the kernel annotated (bf16: its LLVM import)."""
 
     @staticmethod
     def _inline_producers(sch, red, producers) -> list:

@@ -141,7 +141,7 @@ def schedule_epilogue(sch: s_tir.Schedule, outer, consumers: list, lanes: int) -
         try:
             sch.reverse_compute_at(block, outer, preserve_unit_loops=False)
             vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
-        except (RuntimeError, ValueError) as err:
+        except (RuntimeError, ValueError, TypeError) as err:  # TypeError: TVM 0.27 failing to word an error
             log.debug("epilogue not fused into the tile: %s", str(err).splitlines()[-1])
             schedule_injective(sch, block, lanes)
 

@@ -1,0 +1,176 @@
+"""bf16 precision: the Relax pass, the vdpbf16ps kernels (where the CPU has AVX512-BF16) against ONNX
+Runtime fp32 on real photos, and which path each CPU gets (on paper, from LLVM's own CPU tables)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tvm
+import yaml
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+from tvm.target.codegen import target_has_features
+
+from conftest import ROOT, cosine
+from tvmzoo.compile import target as targets
+from tvmzoo.compile.compiler import compile_model, input_spec, records_dir
+from tvmzoo.compile.pipeline import get_pipeline, import_passes
+from tvmzoo.compile.target import bf16_plan, resolve_target
+from tvmzoo.config import load_build_config
+from tvmzoo.io.onnx_graph import GraphBuilder
+from tvmzoo.preprocess import read_image
+from tvmzoo.run.host import host_cpu_flags
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+SIZE = 24
+HAS_BF16 = "avx512_bf16" in host_cpu_flags()
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="host CPU has no AVX512-BF16 (vdpbf16ps)")
+
+
+def _w(rng, *shape):
+    return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+
+def bf16_net() -> onnx.ModelProto:
+    """RGB stem (odd channels: stays fp32), a 64-channel 3x3 conv (Winograd, bf16 GEMMs), a 1x1 conv
+    (48: zmm lanes), a depthwise conv (stays fp32), a 3x3/2 conv to 24 channels (ymm lanes), GAP, Gemm."""
+    rng = np.random.default_rng(0)
+    g = GraphBuilder("bf16")
+    x = g.relu(g.conv(g.input([None, 3, SIZE, SIZE]), _w(rng, 64, 3, 3, 3), _w(rng, 64), "stem"))
+    x = g.relu(g.conv(x, _w(rng, 64, 64, 3, 3), _w(rng, 64), "wino"))
+    x = g.relu(g.conv(x, _w(rng, 48, 64, 1, 1), _w(rng, 48), "pw"))
+    x = g.relu6(g.conv(x, _w(rng, 48, 1, 3, 3), _w(rng, 48), "dw", groups=48))
+    x = g.relu(g.conv(x, _w(rng, 24, 48, 3, 3), _w(rng, 24), "c24", stride=2))
+    x = g.flatten(g.global_avg_pool(x))
+    g.output(g.gemm(x, _w(rng, 16, 24), _w(rng, 16), "fc"), [None, 16])
+    return g.build()
+
+
+@pytest.fixture(scope="module")
+def photos(sample_images) -> np.ndarray:
+    """Four real photos, resized to the net's input, scaled to [-1, 1], NCHW."""
+    images = [cv2.resize(read_image(p), (SIZE, SIZE), interpolation=cv2.INTER_AREA) for p in sample_images[:4]]
+    return np.stack([(im.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1) for im in images])
+
+
+def _imported(model: onnx.ModelProto, batch: int) -> tvm.IRModule:
+    return from_onnx(model, shape_dict={"input": [batch, 3, SIZE, SIZE]}, keep_params_in_input=False)
+
+
+def _lowered(model: onnx.ModelProto, target: tvm.target.Target, batch: int) -> tvm.IRModule:
+    """The bf16 build's Relax module after the pipeline's import phase (where the precision is set)."""
+    with target:
+        return tvm.transform.Sequential(import_passes("bf16"))(_imported(model, batch))
+
+
+@contextlib.contextmanager
+def forced_vdpbf16ps():
+    """The vdpbf16ps rewrite whatever bf16_plan says for the target (Sapphire Rapids: fp32)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(targets, "bf16_plan", lambda _has_features: "avx512bf16")
+        yield
+
+
+@pytest.mark.parametrize("cpu, plan", [
+    ("sapphirerapids", "fp32"),         # AVX512-BF16 and AMX-BF16: vdpbf16ps measured slower than fp32 FMAs
+    ("znver4", "avx512bf16"),           # AMD Zen 4: AVX512-BF16, no AMX
+    ("cooperlake", "avx512bf16"),
+    ("icelake-server", "fp32"),         # AVX-512 without BF16
+    ("haswell", "fp32"),                # AVX2 only
+])
+def test_bf16_plan_per_cpu(cpu, plan):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+    assert bf16_plan(lambda features: target_has_features(features, target)) == plan
+
+
+@pytest.mark.parametrize("cpu", ["haswell", "sapphirerapids"])
+def test_where_bf16_does_not_pay_the_build_stays_fp32(cpu, caplog):
+    """No AVX512-BF16 (operands converted on every use) or AMX (vdpbf16ps slower than FMAs): fp32, logged."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+    with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.passes.bf16"):
+        mod = _lowered(bf16_net(), target, 1)
+    assert "bfloat16" not in mod.script()
+    assert f"bf16 on {cpu}: computing in float32" in caplog.text
+
+
+@pytest.mark.parametrize("cpu, records", [("sapphirerapids", "fp32-b1-224x224"), ("znver4", "bf16-b1-224x224")])
+def test_bf16_builds_use_the_records_of_what_they_compute(cpu, records):
+    """A bf16 build that computes in fp32 is the fp32 build, tuned kernels included (never slower)."""
+    cfg = load_build_config(ROOT / "build_in" / "build" / "official_repvgg.yaml", {"backend.dtype": "bf16"})
+    assert records_dir(cfg, input_spec(cfg), {"kind": "llvm", "mcpu": cpu}).name == records
+
+
+@pytest.mark.parametrize("cpu, computes", [("sapphirerapids", "fp32"), ("znver4", "bf16")])
+def test_mod_json_says_what_the_build_computes_as(cpu, computes, tmp_path):
+    """`vamc compile` of a bf16 YAML records the precision asked for and the one it computes in."""
+    onnx.save(bf16_net(), str(tmp_path / "bf16.onnx"))
+    cfg = {"name": "net", "frontend": {"shape": {"input": [1, 3, SIZE, SIZE]}, "type": "onnx",
+                                       "checkpoint": str(tmp_path / "bf16.onnx")},
+           "backend": {"type": "tvm", "dtype": "bf16", "target": {"kind": "llvm", "mcpu": cpu}},
+           "workspace": {"path": str(tmp_path / "ws")}}
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(cfg))
+    meta = json.loads((compile_model(load_build_config(tmp_path / "build.yaml")) / "mod.json").read_text())
+    assert (meta["precision"], meta["compute"]["precision"]) == ("bf16", computes)
+    assert "ToBf16" in meta["kernels"]["pipeline"]["import"]
+
+
+def test_zen4_gets_the_bf16_rewrite():
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert "bfloat16" in _lowered(bf16_net(), target, 1).script()
+
+
+def test_bf16_pass_converts_dense_layers_only():
+    target = tvm.target.Target(resolve_target({"kind": "llvm", "mcpu": "znver4"}))
+    text = _lowered(bf16_net(), target, 1).script()
+    bf16_convs = re.findall(r"R\.nn\.conv2d\([^\n]*out_dtype=\"float32\"", text)
+    assert len(bf16_convs) == 3, text          # wino, pw, c24: not the RGB stem, not the depthwise
+    assert len(re.findall(r"R\.matmul\([^\n]*out_dtype=\"float32\"", text)) == 1
+    assert text.count('R.astype(') >= 4 and "bfloat16" in text
+
+
+def host_bf16_target() -> tvm.target.Target:
+    """This host's target, with AVX512-BF16 enabled when the target name does not imply it (tvmzoo's
+    CPU table names a Zen 4 'icelake-server'; the host has the instructions: the tests are skipped otherwise)."""
+    spec = resolve_target(None)
+    if not target_has_features(["avx512bf16"], tvm.target.Target(spec)):
+        spec["mattr"] = [*spec.get("mattr", []), "+avx512bf16", "+avx512vl"]
+    return tvm.target.Target(spec)
+
+
+@pytest.fixture(scope="module")
+def bf16_build():
+    target = host_bf16_target()
+    model = bf16_net()
+    with forced_vdpbf16ps():
+        mod = get_pipeline(target, "bf16")(_imported(model, 4))
+    return model, target, tvm.compile(mod, target)
+
+
+@needs_bf16
+def test_bf16_kernels_use_vdpbf16ps(bf16_build):
+    _, _, ex = bf16_build
+    asm = ex.mod.imports[0].inspect_source("asm")
+    dots = re.findall(r"\tvdpbf16ps\t[^\n]*%([yz]mm)", asm)
+    assert {"zmm", "ymm"} <= set(dots), "16-lane (64 / 48 channels) and 8-lane (24 / 16 channels) kernels"
+    assert not re.search(r"call[^\n]*tvmzoo_dpbf16ps", asm), "the wrapper is inlined"
+
+
+@needs_bf16
+def test_bf16_matches_onnxruntime_fp32_on_photos(bf16_build, photos):
+    model, _, ex = bf16_build
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": photos})[0]
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(photos)).numpy()
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    for o, r in zip(out, ref):
+        assert cosine(o, r) > 0.999
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+    assert not np.allclose(out, ref, rtol=1e-6, atol=1e-6), "bf16 rounding should show: is it really bf16?"

@@ -1,0 +1,101 @@
+"""bf16 precision: convolutions and matmuls multiply bfloat16 operands and accumulate in float32.
+
+TVM 0.27's ToMixedPrecision knows only float16. This pass is narrower on purpose: a conv2d (not
+grouped, an even number of input channels) or matmul with a constant float32 weight becomes
+`op(astype(x, bf16), bf16 weight, out_dtype=float32)`. Everything else (bias, activations,
+depthwise convs, pooling, residual adds, softmax) stays float32: those are memory-bound or have no
+bf16 instruction, and keeping them in float32 costs no accuracy. FuseOps puts each `astype` into
+the kernel that produces the activation, so activations feeding a conv are stored as bf16 (half the
+bytes); weights are bf16 constants. Winograd (tvmzoo.compile.passes.winograd) keeps working on such
+convs: its input transform is computed in float32 and stored as bf16, its GEMMs run bf16 x bf16 -> float32.
+
+Only where it pays (tvmzoo.compile.target.bf16_plan: AVX512-BF16 without AMX); elsewhere the pass
+leaves the module float32 and says so in the log, so a bf16 build is never slower than the fp32 one.
+"""
+from __future__ import annotations
+
+import logging
+
+import ml_dtypes
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+from tvm.target import Target
+
+from .. import target as targets
+
+log = logging.getLogger(__name__)
+
+BF16 = "bfloat16"
+
+
+def _const_f32(expr) -> np.ndarray | None:
+    if isinstance(expr, tvm.ir.Constant) and str(expr.value.dtype) == "float32":
+        return expr.value.numpy()
+    return None
+
+
+def _bf16(x: relax.Expr) -> relax.Expr:
+    return x if str(x.ty.dtype) == BF16 else relax.op.astype(x, BF16)
+
+
+@relax.expr_functor.mutator
+class _ToBf16(relax.PyExprMutator):
+    def __init__(self, mod: IRModule) -> None:
+        super().__init__(mod)
+        self.count = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        name = getattr(call.op, "name", "")
+        if name == "relax.nn.conv2d":
+            out = self._conv2d(call)
+        elif name == "relax.matmul":
+            out = self._matmul(call)
+        else:
+            return call
+        self.count += out is not call
+        return out
+
+    @staticmethod
+    def _conv2d(call: relax.Call) -> relax.Expr:
+        data, weight = call.args
+        w, a = _const_f32(weight), call.attrs
+        if w is None or str(data.ty.dtype) != "float32" or int(a.groups) != 1 \
+                or w.shape[a.kernel_layout.index("I")] % 2 or str(a.out_dtype or "float32") != "float32":
+            return call  # depthwise / grouped (no channel pairs), odd channels (the RGB stem)
+        return relax.op.nn.conv2d(_bf16(data), relax.const(w.astype(ml_dtypes.bfloat16), BF16),
+                                  strides=a.strides, padding=a.padding, dilation=a.dilation, groups=1,
+                                  data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                                  out_layout=a.out_layout, out_dtype="float32")
+
+    @staticmethod
+    def _matmul(call: relax.Call) -> relax.Expr:
+        data, weight = call.args
+        w = _const_f32(weight)
+        if w is None or w.ndim < 2 or w.shape[-2] % 2 or str(data.ty.dtype) != "float32":
+            return call
+        return relax.op.matmul(_bf16(data), relax.const(w.astype(ml_dtypes.bfloat16), BF16), out_dtype="float32")
+
+
+def apply_bf16(mod: IRModule) -> IRModule:
+    """The bf16 rewrite itself, whatever the target (see the module doc)."""
+    mutator = _ToBf16(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    log.info("bf16: %d conv2d / matmul now bf16 x bf16 -> float32 (vdpbf16ps)", mutator.count)
+    return mutator.builder_.get()
+
+
+@tvm.transform.module_pass(opt_level=0, name="ToBf16")
+def to_bf16(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+    """The bf16 precision on the current target: `apply_bf16` where `bf16_plan` says it pays."""
+    target = Target.current(allow_none=True)
+    if target is None or targets.computes_as("bf16", target) == "fp32":
+        log.warning("bf16 on %s: computing in float32, the faster build on this CPU (vdpbf16ps is slower than "
+                    "fp32 FMAs where the CPU has AMX, and emulated where it has no AVX512-BF16)",
+                    target.attrs.get("mcpu") if target is not None else "no target")
+        return mod
+    return apply_bf16(mod)
