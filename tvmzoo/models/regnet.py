@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..io.onnx_graph import GraphBuilder, batch_dim
 from ..preprocess import Preprocessing
 from .family import ModelFamily
