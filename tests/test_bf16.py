@@ -21,7 +21,7 @@ from tvm.target.codegen import target_has_features
 
 from conftest import ROOT, cosine
 from tvmzoo.compile import target as targets
-from tvmzoo.compile.compiler import compile_model, input_spec, records_dir
+from tvmzoo.compile.compiler import compile_model, input_spec, plan_for, records_dir
 from tvmzoo.compile.pipeline import get_pipeline, import_passes
 from tvmzoo.compile.target import bf16_plan, resolve_target
 from tvmzoo.config import load_build_config
@@ -105,7 +105,8 @@ def test_where_bf16_does_not_pay_the_build_stays_fp32(cpu, caplog):
 def test_bf16_builds_use_the_records_of_what_they_compute(cpu, records):
     """A bf16 build that computes in fp32 is the fp32 build, tuned kernels included (never slower)."""
     cfg = load_build_config(ROOT / "build_in" / "build" / "official_repvgg.yaml", {"backend.dtype": "bf16"})
-    assert records_dir(cfg, input_spec(cfg), {"kind": "llvm", "mcpu": cpu}).name == records
+    target = {"kind": "llvm", "mcpu": cpu}
+    assert records_dir(cfg, input_spec(cfg), target, plan_for(cfg, target).compute).name == records
 
 
 @pytest.mark.parametrize("cpu, computes", [("sapphirerapids", "fp32"), ("znver4", "bf16")])
@@ -119,7 +120,8 @@ def test_mod_json_says_what_the_build_computes_as(cpu, computes, tmp_path):
     (tmp_path / "build.yaml").write_text(yaml.safe_dump(cfg))
     meta = json.loads((compile_model(load_build_config(tmp_path / "build.yaml")) / "mod.json").read_text())
     assert (meta["precision"], meta["compute"]["precision"]) == ("bf16", computes)
-    assert "ToBf16" in meta["kernels"]["pipeline"]["import"]
+    # a bf16 build computing in fp32 is the fp32 build: its pipeline has no bf16 pass
+    assert ("ToBf16" in meta["kernels"]["pipeline"]["import"]) == (computes == "bf16")
 
 
 def test_zen4_gets_the_bf16_rewrite():
