@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import tvm
 
+from tvmzoo.config import PRECISIONS
 from tvmzoo.compile.pipeline import get_pipeline, pass_names, phases
 from tvmzoo.errors import ConfigError
 
@@ -26,5 +27,5 @@ def test_canonicalize_runs_once():
 
 
 def test_unknown_precision_is_a_clear_error():
-    with pytest.raises(ConfigError, match="precision 'bf32' is not one of fp32, fp16, int8"):
+    with pytest.raises(ConfigError, match="precision 'bf32' is not one of " + ", ".join(PRECISIONS)):
         get_pipeline(tvm.target.Target({"kind": "llvm"}), "bf32")

@@ -33,3 +33,5 @@ class ModelFamily:
     # random_state_dict(arch, source, rng, num_classes): a test checkpoint in the layout
     random_state_dict: Callable[[str, str, np.random.Generator, int], dict[str, np.ndarray]]
     weights_path: Callable[[], str] | None = None        # the weights a pip package installs, if any
+    # deploy_state(state, arch, source): the source's own deploy state dict (`tvmzoo reparam`); None: no deploy form
+    deploy_state: Callable[[Mapping[str, np.ndarray], str, str], dict[str, np.ndarray]] | None = None

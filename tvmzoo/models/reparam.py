@@ -49,7 +49,7 @@ def _write(state: dict, source: str, output: Path, meta: dict) -> None:
 def write_deploy_checkpoint(spec: ReparamSpec, output: str | Path) -> Path:
     """Read `spec.weights`, fold it into the source's deploy form and write it to `output` (atomically)."""
     family = get_family(spec.family)
-    if not hasattr(family, "deploy_state"):
+    if family.deploy_state is None:
         raise ConfigError(f"{spec.family} has no train-time branches or BatchNorm to fold in a checkpoint: "
                           f"its checkpoint is already the deploy form.")
     arch = resolve_arch(family, spec.arch)

@@ -325,4 +325,5 @@ FAMILY = ModelFamily(
     expected_shapes=lambda arch, source, n: expected_shapes(arch, source, n),
     check_state=check_state, deploy_onnx=deploy_onnx, default_preprocessing=default_preprocessing,
     param_count=lambda arch, _source, n, deploy: param_count(arch, n, deploy),
-    random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, num_classes=n))
+    random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, num_classes=n),
+    deploy_state=deploy_state)
