@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from .target import bf16_plan
+from . import target as targets  # looked up at call time: benchmarks and tests swap bf16_plan
 
 # Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
 # it). Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
@@ -54,7 +54,7 @@ def plan_precision(precision: str, cpu: str, features: Collection[str]) -> Preci
                              f"fp16: {cpu} has no AVX512-FP16, so LLVM would emulate fp16 (a conversion on every "
                              "use: 7.5x slower than fp32 on Zen 4); this build computes in fp32 (same float32 "
                              "inputs and outputs, fp32 accuracy, fp32 speed)")
-    if precision == "bf16" and bf16_plan(lambda needs: set(needs) <= set(features)) == "fp32":
+    if precision == "bf16" and targets.bf16_plan(lambda needs: set(needs) <= set(features)) == "fp32":
         return PrecisionPlan(precision, "fp32",
                              f"bf16: on {cpu} the bf16 kernels would not beat fp32 (no AVX512-BF16, or AMX whose "
                              "tiles tvmzoo does not use yet: vdpbf16ps measured slower than the fp32 FMAs there); "
