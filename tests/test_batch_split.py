@@ -18,9 +18,9 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 BATCH, CHANNELS, SIZE = 3, 8, 24
 
 
-def _mbconv_net(batch: int) -> tvm.IRModule:
-    """expand 1x1 + relu -> depthwise 3x3 -> project 1x1 -> residual add -> flatten -> classifier:
-    the shape of an EfficientNet block, in NCHW as imported from ONNX."""
+def _mbconv_net(batch: int, blocks: int = 1) -> tvm.IRModule:
+    """(expand 1x1 + relu -> depthwise 3x3 -> project 1x1 -> residual add) x blocks, a stride-2 conv
+    between blocks -> flatten -> classifier: EfficientNet's shape, in NCHW as imported from ONNX."""
     rng = np.random.default_rng(0)
 
     def const(*shape):
@@ -30,12 +30,17 @@ def _mbconv_net(batch: int) -> tvm.IRModule:
     x = relax.Var("input", relax.TensorType((batch, CHANNELS, SIZE, SIZE), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            h = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, const(4 * CHANNELS, CHANNELS, 1, 1))))
-            h = bb.emit(relax.op.nn.conv2d(h, const(4 * CHANNELS, 1, 3, 3), padding=[1] * 4, groups=4 * CHANNELS))
-            h = bb.emit(relax.op.nn.conv2d(h, const(CHANNELS, 4 * CHANNELS, 1, 1)))
-            h = bb.emit(relax.op.add(h, x))
-            flat = bb.emit(relax.op.reshape(h, (batch, CHANNELS * SIZE * SIZE)))
-            out = bb.emit_output(relax.op.matmul(flat, const(CHANNELS * SIZE * SIZE, 10)))
+            h = x
+            for i in range(blocks):
+                if i:
+                    h = bb.emit(relax.op.nn.conv2d(h, const(CHANNELS, CHANNELS, 1, 1), strides=[2, 2]))
+                e = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(h, const(4 * CHANNELS, CHANNELS, 1, 1))))
+                e = bb.emit(relax.op.nn.conv2d(e, const(4 * CHANNELS, 1, 3, 3), padding=[1] * 4, groups=4 * CHANNELS))
+                e = bb.emit(relax.op.nn.conv2d(e, const(CHANNELS, 4 * CHANNELS, 1, 1)))
+                h = bb.emit(relax.op.add(e, h))
+            size = SIZE >> (blocks - 1)
+            flat = bb.emit(relax.op.reshape(h, (batch, CHANNELS * size * size)))
+            out = bb.emit_output(relax.op.matmul(flat, const(CHANNELS * size * size, 10)))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -44,6 +49,7 @@ def _mbconv_net(batch: int) -> tvm.IRModule:
 def small_split(monkeypatch):
     """Split at this test net's size: its expanded activation is 74 KB per image."""
     monkeypatch.setattr(batch_split, "SPLIT_BYTES", 16 << 10)
+    monkeypatch.setattr(batch_split, "BATCHED_BYTES", 16 << 10)
 
 
 def test_cut_at_the_end_of_the_block(small_split):
@@ -57,6 +63,18 @@ def test_cut_at_the_end_of_the_block(small_split):
              if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.GlobalVar)]
     assert len(calls) == BATCH and all(c.op.name_hint == "image_prefix" for c in calls)
     assert split["image_prefix"].params[0].ty.shape.values[0] == 1
+
+
+def test_layers_whose_batch_fits_run_batched(small_split, monkeypatch):
+    """The cut is the end of the last block with a batched conv input over BATCHED_BYTES (the first
+    block's depthwise input: 74 KB per image here), not the end of the per-image ops (the second block)."""
+    monkeypatch.setattr(batch_split, "BATCHED_BYTES", 100 << 10)
+    mod = _mbconv_net(BATCH, blocks=2)
+    ops = [b.value.op.name for b in mod["main"].body.blocks[0].bindings]
+    cut = prefix_cut(mod["main"])
+    assert ops.count("relax.add") == 2 and cut == ops.index("relax.add"), (cut, ops)
+    monkeypatch.setattr(batch_split, "BATCHED_BYTES", 1 << 10)
+    assert cut < prefix_cut(mod["main"]) == len(ops) - 3  # every block image by image: up to the second add
 
 
 def test_modules_without_a_large_early_activation_stay_batched(small_split, monkeypatch):
