@@ -12,6 +12,7 @@ import pytest
 from tvmzoo.io.checkpoint import load_state_dict
 from tvmzoo.errors import CheckpointError
 from tvmzoo.models import efficientnet_lite as el
+from tvmzoo.models import weights_for
 
 torch = pytest.importorskip("torch")
 reference = pytest.importorskip("efficientnet_lite_pytorch")
@@ -34,7 +35,7 @@ def photos() -> tuple[np.ndarray, np.ndarray]:
         pytest.skip(f"{sample} not found")
     wnids = [line.split("\t")[0] for line in (DATA / "imagenet_synsets.txt").read_text().splitlines()]
     files = sorted(sample.glob("*.JPEG"))[::31][:N_PHOTOS]
-    pre = el.default_preprocessing("lite0", "lite_pytorch")
+    pre = weights_for("efficientnet_lite", "lite0", "lite_pytorch").preprocessing
     batch = np.stack([_preprocess(cv2.imread(str(f)), pre) for f in files])
     labels = np.array([wnids.index(f.name.split("_")[0]) for f in files])
     return batch, labels
@@ -113,7 +114,7 @@ def test_wrong_arch_is_reported(state):
         el.deploy_onnx(state, "lite2", "lite_pytorch")
 
 
-def test_default_preprocessing():
-    pre = el.default_preprocessing("lite2", "lite_pytorch")
+def test_weights_entry_preprocessing():
+    pre = weights_for("efficientnet_lite", "lite2", "lite_pytorch").preprocessing
     assert (pre.resize[0], pre.crop, pre.keep_aspect) == (292, (260, 260), True)
     assert (pre.norm, pre.mean, pre.std) == ("DIV255_MINUSMEAN_DIVSTD", (0.5,) * 3, (0.5,) * 3)

@@ -96,7 +96,7 @@ def test_regnetx_vs_pycls_model_zoo(arch):
 
 
 def test_regnetx_400mf_torchvision_and_ppcls():
-    tv = family_info("regnet", "400MF", source="torchvision")
+    tv = family_info("regnet", "400MF_tv", source="torchvision")
     assert tv.params_train == 5_495_976          # torchvision RegNet_X_400MF_Weights meta["num_params"]
     assert abs(tv.macs / 0.4e9 - 1) < 0.05       # its "_ops": 0.4 (one decimal)
     pp = family_info("regnet", "400MF", source="ppcls")
@@ -119,7 +119,8 @@ def test_efficientnet_lite0():
 
 def test_info_for_family_targets():
     assert info_for("repvgg:A0").params_deploy == repvgg.param_count("A0")
-    assert info_for("regnet:RegNetX-400MF:torchvision").params_train == 5_495_976
+    assert info_for("regnet:RegNetX-400MF_tv:torchvision").params_train == 5_495_976
+    assert info_for("regnet:800MF:torchvision.v2").input_shape == (3, 224, 224)
     for bad in ("repvgg", "repvgg:A0:official:x", ":A0"):
         with pytest.raises(ConfigError, match="neither a build YAML nor family:arch"):
             info_for(bad)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import rel_err, run_onnx, write_checkpoint
 from tvmzoo.errors import CheckpointError, ConfigError
-from tvmzoo.models import repvgg
+from tvmzoo.models import repvgg, weights_for
 from tvmzoo.models.repvgg_arch import G4, LAYOUTS, RepVGGArch
 from tvmzoo.io.onnx_graph import GraphBuilder
 
@@ -216,13 +216,17 @@ def test_every_arch_builds_a_deploy_graph(arch, monkeypatch):
 
 # ---------------------------------------------------------------- preprocessing and build configs
 
-def test_default_preprocessing():
-    a0 = repvgg.default_preprocessing("A0", "official")
+def _preprocessing(arch: str, source: str):
+    return weights_for("repvgg", arch, source).preprocessing
+
+
+def test_weights_entries_preprocessing():
+    a0 = _preprocessing("A0", "official")
     assert (a0.resize, a0.crop, a0.keep_aspect) == ((256, 256), (224, 224), True)
     assert a0.mean == (0.485, 0.456, 0.406) and a0.std == (0.229, 0.224, 0.225) and a0.rgb
-    assert repvgg.default_preprocessing("D2se", "official").crop == (320, 320)
-    assert repvgg.default_preprocessing("D2se", "ppcls").crop == (320, 320)
-    assert repvgg.default_preprocessing("D2se", "mmcls").crop == (224, 224)
+    assert _preprocessing("D2se", "official").crop == (320, 320)
+    assert _preprocessing("D2se", "ppcls").crop == (320, 320)
+    assert _preprocessing("D2se", "mmcls").crop == (224, 224)
 
 
 @pytest.mark.parametrize("arch", list(repvgg.ARCHS))
@@ -231,7 +235,7 @@ def test_vdsp_params(arch):
     doc = json.loads(path.read_text())
     assert doc["OpType"] == "FUSION_OP_RGB_RESIZE_CVTCOLOR_CROP_NORM_TENSOR"
     cfg = doc["OpConfig"]
-    pre = repvgg.default_preprocessing(arch, "official")
+    pre = _preprocessing(arch, "official")
     assert (cfg["OimageWidth"], cfg["OimageHeight"]) == pre.crop
     assert (cfg["ResizeWidth"], cfg["ResizeHeight"]) == pre.resize
     assert cfg["CropX"] == cfg["CropY"] == (pre.resize[0] - pre.crop[0]) // 2
@@ -253,7 +257,7 @@ def test_build_yaml(source):
         assert cfg.frontend.checkpoint.name == f"{source}_repvgg_a0.onnx"
         if dtype == "int8":   # calibration sees the same preprocessing as the model's default
             assert Preprocessing.from_process_ops(cfg.dataset.process_ops) == \
-                repvgg.default_preprocessing("A0", source)
+                _preprocessing("A0", source)
 
 
 # ---------------------------------------------------------------- through the real checkpoint reader

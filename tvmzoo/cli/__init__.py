@@ -1,7 +1,7 @@
 """Argument parsing for `tvmzoo`, `vamc` and `vamp`; every command is a thin layer over the library.
 
 One module per stage of the flow holds its commands' parsers (`add_*`) and handlers (`cmd_*`):
-model_cmds (export, reparam, info), compile_cmds (compile, tune, quant-report), run_cmds
+model_cmds (export, reparam, info, models), compile_cmds (compile, tune, quant-report), run_cmds
 (run, bench, image2npz, npz-decode, device, serve, deploy-cpp), eval_cmds (eval-topk, eval, report,
 quickstart); args.py holds the arguments they share.
 """
@@ -17,7 +17,7 @@ from ..errors import TvmzooError
 from .args import add_set_arg
 from .compile_cmds import add_compile_and_tune, cmd_quant_report
 from .eval_cmds import add_eval, add_eval_topk_args, add_report, cmd_quickstart
-from .model_cmds import add_export, add_info, add_reparam
+from .model_cmds import add_export, add_info, add_models, add_reparam
 from .run_cmds import (add_classify_args, add_deploy_cpp, add_device, add_image2npz_args, add_npz_decode_args,
                        add_serve, add_vamp_args)
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quant_report)
 
     add_info(sub)
+    add_models(sub)
     add_serve(sub)
 
     p = sub.add_parser("quickstart", help="compile EfficientNet-Lite0 (real weights) and classify sample photos")

@@ -1,4 +1,4 @@
-"""Step 1 and the model registry: export, reparam, info."""
+"""Step 1 and the model registry: export, reparam, info, models."""
 from __future__ import annotations
 
 from .args import add_checkpoint_args, add_set_arg, overrides, size
@@ -45,7 +45,23 @@ def add_export(sub) -> None:
 
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="parameters, multiply-adds, input size and layers of a model")
-    p.add_argument("model", help="a build YAML or family:arch, e.g. repvgg:A0, regnet:400MF")
+    p.add_argument("model", help="a build YAML, family:arch or a weights key family:arch:source[.tag], "
+                                    "e.g. repvgg:A0, regnet:800MF:torchvision.v2")
     add_set_arg(p)
     p.set_defaults(func=cmd_info)
 
+
+def cmd_models(args) -> int:
+    from ..models import all_weights, get_family
+
+    family = get_family(args.family).name if args.family else None
+    for entry in all_weights():
+        if family in (None, entry.family):
+            print(entry.describe())
+    return 0
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="the weights entries (family:arch:source[.tag]): input size, classes, top-1")
+    p.add_argument("family", nargs="?", help="only this family, e.g. regnet")
+    p.set_defaults(func=cmd_models)

@@ -159,15 +159,17 @@ def build_module(model: onnx.ModelProto, spec: InputSpec, precision: str, target
 
 
 def preprocessing_of(cfg: BuildConfig) -> Preprocessing | None:
-    """What the module expects: the YAML's process_ops, else the model's published default, else unknown."""
+    """What the module expects: the YAML's process_ops, else that of the model's weights entry
+    (tvmzoo.models.weights), else unknown (the runner then asks for a vdsp JSON)."""
     if cfg.dataset is not None and cfg.dataset.process_ops:
         return Preprocessing.from_process_ops(cfg.dataset.process_ops)
     if cfg.model is not None:
-        from ..models import get_family, resolve_arch, resolve_source
+        from ..models import weights_for
 
-        family = get_family(cfg.model.family)
-        return family.default_preprocessing(resolve_arch(family, cfg.model.arch),
-                                            resolve_source(family, cfg.model.source))
+        try:
+            return weights_for(cfg.model.family, cfg.model.arch, cfg.model.source).preprocessing
+        except ConfigError as err:
+            log.warning("%s: no preprocessing recorded in the module (%s)", cfg.path, err)
     return None
 
 
@@ -178,12 +180,12 @@ def output_shapes(model: onnx.ModelProto) -> list[dict]:
     return [{"name": o.name, "shape": dims(o)} for o in model.graph.output]
 
 
-def plan_for(cfg: BuildConfig, target: dict):
+def plan_for(cfg: BuildConfig, target: dict, features: list[str] | None = None):
     """What backend.dtype computes in on this target (tvmzoo.compile.precision); logs what it did and
-    which precisions are fastest on the target's CPU."""
+    which precisions are fastest on the target's CPU. `features`: required_features(target), if known."""
     from .precision import describe_fastest, plan_precision
 
-    features = required_features(target)
+    features = required_features(target) if features is None else features
     plan = plan_precision(cfg.backend.dtype, str(target.get("mcpu", "generic")), features)
     if plan.note:
         log.warning("%s", plan.note)
@@ -201,7 +203,8 @@ def compile_model(cfg: BuildConfig) -> Path:
     target = resolve_target(cfg.backend.target)
     check_build_inputs(cfg)
     out_dir = check_build_output(cfg)  # replaces only an earlier build: never a user's folder
-    plan = plan_for(cfg, target)
+    features = required_features(target)
+    plan = plan_for(cfg, target, features)
     model, onnx_path = prepare_onnx(cfg, spec)
     pre = preprocessing_of(cfg)
     t0 = time.perf_counter()
@@ -222,7 +225,7 @@ def compile_model(cfg: BuildConfig) -> Path:
             "precision": precision,
             "compute": {"precision": plan.compute, "note": plan.note},
             "target": target,
-            "cpu_features": required_features(target),
+            "cpu_features": features,
             "target_choice": "backend.target" if cfg.backend.target else host_cpu().reason,
             "input": {**asdict(spec), "shape": list(spec.shape)},
             "outputs": output_shapes(model),

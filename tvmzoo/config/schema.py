@@ -131,7 +131,7 @@ def _name(value: Any, key: str) -> str:
 
 def _check_model(model: ModelSpec, key: str) -> ModelSpec:
     """Unknown archs and checkpoint layouts fail at load time, naming the key, not at export."""
-    from ..models import get_family, resolve_arch, resolve_source
+    from ..models import get_family, resolve_arch, resolve_source, weights_for
 
     family = get_family(model.family)
     for name, resolve in (("arch", resolve_arch), ("source", resolve_source)):
@@ -139,6 +139,11 @@ def _check_model(model: ModelSpec, key: str) -> ModelSpec:
             resolve(family, getattr(model, name))
         except ConfigError as err:
             raise Bad(f"{key}.{name}", str(err)) from None
+    if "." in model.source:  # a tag names one release: it must be a weights entry
+        try:
+            weights_for(model.family, model.arch, model.source)
+        except ConfigError as err:
+            raise Bad(f"{key}.source", str(err)) from None
     return model
 
 

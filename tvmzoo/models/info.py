@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import ConfigError
-from ..models import get_family, resolve_arch, resolve_source
+from ..models import get_family, resolve_arch, resolve_source, weights_for
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +156,13 @@ def model_info(onnx_model: onnx.ModelProto, *, input_size: tuple[int, int] | Non
 def family_info(family: str, arch: str, num_classes: int = 1000, input_size: tuple[int, int] | None = None,
                 *, source: str | None = None) -> ModelInfo:
     """ModelInfo of a family's arch, counted on its deploy ONNX built from random weights. source: the
-    checkpoint layout (default: the family's reference source); input_size = (H, W)
-    (default: the crop of the source's evaluation preprocessing)."""
+    checkpoint layout[.tag] (default: the family's reference source); input_size = (H, W)
+    (default: the input size of its weights entry, tvmzoo.models.weights)."""
     fam = get_family(family)
     arch = resolve_arch(fam, arch)
-    source = resolve_source(fam, source) if source else fam.reference_source
     if input_size is None:
-        crop_w, crop_h = fam.default_preprocessing(arch, source).crop
-        input_size = (crop_h, crop_w)
+        input_size = weights_for(family, arch, source or fam.reference_source).input_size_hw
+    source = resolve_source(fam, source) if source else fam.reference_source
     state = fam.random_state_dict(arch, source, np.random.default_rng(0), num_classes)
     model = fam.deploy_onnx(state, arch, source, input_size=tuple(input_size), batch=1)
     info = model_info(model, name=f"{fam.name} {arch} ({source} layout)")

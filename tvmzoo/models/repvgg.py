@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..io.onnx_graph import GraphBuilder, batch_dim
+from ..io.onnx_graph import GraphBuilder
 from ..preprocess import Preprocessing
 from .repvgg_arch import (ARCHS, Block, LAYOUTS, Layout, RepVGGArch, SOURCES, _source, arch_name, blocks, get_arch)
 from .family import ModelFamily
+from .weights import Weights
 from .state import check_state as state_check
-from .state import first_mismatch, fold_bn, head_classes, strip_framework_keys
+from .state import fold_bn, guess_hint, strip_framework_keys
+from .state import guess_arch as state_guess
 from .state import random_state_dict as random_state
 
 log = logging.getLogger(__name__)
@@ -75,24 +77,9 @@ def expected_shapes(arch: str | RepVGGArch, source: str, num_classes: int = 1000
 
 
 
-def _fits(state: Mapping[str, np.ndarray], arch: RepVGGArch, source: str) -> bool:
-    n = head_classes(state, LAYOUTS[source].head, LAYOUTS[source].head_transposed)
-    return n is not None and first_mismatch(state, expected_shapes(arch, source, n, deploy=state)) is None
-
-
 def guess_arch(state: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
     """(arch, source) of the first ARCHS entry and layout the state dict fits exactly, else None."""
-    state = strip_framework_keys(state)
-    for source in SOURCES:
-        for name, spec in ARCHS.items():
-            if _fits(state, spec, source):
-                return name, source
-    return None
-
-
-def _guess_hint(state: Mapping[str, np.ndarray]) -> str:
-    guess = guess_arch(state)
-    return f" This looks like RepVGG-{guess[0]} in the {guess[1]} layout." if guess else ""
+    return state_guess(state, LAYOUTS, ARCHS, lambda arch, source, n, s: expected_shapes(arch, source, n, deploy=s))
 
 
 def check_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str) -> tuple[dict, int]:
@@ -100,7 +87,7 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source:
     exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
     spec, lay = get_arch(arch), _source(source)
     return state_check(state, lay, lambda n: expected_shapes(spec, source, n, deploy=strip_framework_keys(state)),
-                       f"{arch_name(spec)} ({source} layout)", _guess_hint,
+                       f"{arch_name(spec)} ({source} layout)", lambda s: guess_hint(guess_arch(s), "RepVGG"),
                        f"Pass the arch and --source ({', '.join(SOURCES)}) the weights were trained with.")
 
 
@@ -221,9 +208,7 @@ def _se(g: GraphBuilder, x: str, se: tuple, name: str) -> str:
 
 
 def _bn_node(g: GraphBuilder, x: str, bn: BN, name: str) -> str:
-    ins = [g.const(a.astype(np.float32), f"{name}.{n}") for a, n in
-           ((bn.gamma, "weight"), (bn.beta, "bias"), (bn.mean, "mean"), (bn.var, "var"))]
-    return g.op("BatchNormalization", [x, *ins], name=name, epsilon=BN_EPS)
+    return g.batch_norm(x, bn.gamma, bn.beta, bn.mean, bn.var, name, BN_EPS)
 
 
 def _train_block(g: GraphBuilder, x: str, w: BlockWeights, name: str) -> str:
@@ -241,13 +226,10 @@ def _train_block(g: GraphBuilder, x: str, w: BlockWeights, name: str) -> str:
 
 
 def _build(state, arch, source, input_size, batch, *, deploy: bool) -> onnx.ModelProto:
-    spec = get_arch(arch)
+    spec, lay, name = get_arch(arch), _source(source), arch_name(arch)
     state, num_classes = check_state(state, spec, source)
-    lay = LAYOUTS[source]
-    name = arch_name(spec)
-    g = GraphBuilder(f"{name}_{'deploy' if deploy else 'train'}".lower().replace("-", "_").replace(" ", "_"))
-    n = batch_dim(batch)
-    x = g.input([n, 3, int(input_size[0]), int(input_size[1])])
+    g = GraphBuilder.for_model(name, "deploy" if deploy else "train")
+    n, x = g.image_input(batch, input_size)
     for w in read_blocks(state, spec, source):
         b = w.block
         block_name = lay.block_prefix(b.stage, b.index)
@@ -259,8 +241,7 @@ def _build(state, arch, source, input_size, batch, *, deploy: bool) -> onnx.Mode
             x = _se(g, x, w.se, block_name)
         x = g.relu(x)
     weight, bias = _read_head(state, lay)
-    x = g.gemm(g.flatten(g.global_avg_pool(x)), weight, bias, lay.head)
-    g.output(x, [n, num_classes])
+    g.classifier(x, weight, bias, lay.head, n, num_classes)
     log.debug("built %s %s graph (%s layout, %d classes)", name, "deploy" if deploy else "train", source,
               num_classes)
     return g.build(doc=f"{name} ({source} layout), {'re-parameterized deploy' if deploy else 'train-time'} graph")
@@ -281,7 +262,7 @@ def train_onnx(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: 
 
 # ---------------------------------------------------------------- preprocessing, sizes, test weights
 
-def default_preprocessing(arch: str | RepVGGArch, source: str) -> Preprocessing:
+def _eval_preprocessing(arch: str, source: str) -> Preprocessing:
     """The evaluation transform of the repository the weights come from (short side resized, centre crop,
     ImageNet mean / std in RGB)."""
     spec, _ = get_arch(arch), _source(source)
@@ -305,6 +286,17 @@ def default_preprocessing(arch: str | RepVGGArch, source: str) -> Preprocessing:
     return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_CV")
 
 
+# Top-1 as the sources publish it in text (the official README's full table is an image): A0 and B1 from its
+# training section, D2se at 320 from its updates (81.82 at 224); mmpretrain's D2se at 224.
+_TOP1 = {("official", "A0"): 72.41, ("official", "B1"): 78.37, ("official", "D2se"): 83.55, ("mmcls", "D2se"): 81.81}
+_WHERE = {"official": "https://github.com/DingXiaoH/RepVGG (Google Drive / Baidu Cloud links)",
+          "mmcls": "https://mmpretrain.readthedocs.io/en/latest/papers/repvgg.html",
+          "ppcls": "https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/RepVGG_{arch}_pretrained.pdparams"}
+WEIGHTS = tuple(Weights("repvgg", arch, source, _eval_preprocessing(arch, source), top1=_TOP1.get((source, arch)),
+                        url=_WHERE[source].format(arch=arch))
+                for source in SOURCES for arch in ARCHS)
+
+
 def param_count(arch: str | RepVGGArch, num_classes: int = 1000, deploy: bool = True) -> int:
     """Trainable parameters (BN running statistics are buffers, not counted): A0 8.31M deploy, 9.11M train."""
     lay = LAYOUTS["official"]
@@ -323,7 +315,7 @@ def random_state_dict(arch: str | RepVGGArch, source: str, rng: np.random.Genera
 FAMILY = ModelFamily(
     name="repvgg", archs=ARCHS, sources=SOURCES, reference_source="official",
     expected_shapes=lambda arch, source, n: expected_shapes(arch, source, n),
-    check_state=check_state, deploy_onnx=deploy_onnx, default_preprocessing=default_preprocessing,
+    check_state=check_state, deploy_onnx=deploy_onnx, weights=WEIGHTS,
     param_count=lambda arch, _source, n, deploy: param_count(arch, n, deploy),
     random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, num_classes=n),
     deploy_state=deploy_state)

@@ -120,6 +120,11 @@ class Preprocessing:
                 f"preprocessing crop {self.crop[0]}x{self.crop[1]}{where} does not fit in the {side}: "
                 f"make the crop smaller or the resize larger.")
 
+    @property
+    def crop_hw(self) -> tuple[int, int]:
+        """The crop as (height, width): the network's input size, in the (H, W) order of NCHW shapes."""
+        return self.crop[1], self.crop[0]
+
     # ---- normalization as an affine map (used by host code and by fused preprocessing) ----
     def scale_offset(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel (scale, offset), float32, with normalized = uint8_value * scale + offset."""
