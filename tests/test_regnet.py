@@ -77,7 +77,7 @@ def test_stage_widths_follow_each_implementation():
 
 
 @pytest.mark.parametrize("arch, published", [
-    ("400MF", 5495976), ("800MF", 7259656), ("1600MF", 9190136), ("3200MF", 15296552),
+    ("400MF_tv", 5495976), ("800MF", 7259656), ("1600MF", 9190136), ("3200MF", 15296552),
     ("8GF", 39572648), ("16GF", 54278536), ("32GF", 107811560)])
 def test_train_param_count_equals_torchvision_num_params(arch, published):
     # torchvision/models/regnet.py RegNet_X_*_Weights meta["num_params"]
@@ -118,7 +118,7 @@ def test_bn_folding_is_exact(arch, source, photos, tmp_path):
     assert [o.name for o in deploy.graph.output] == ["output"]
     assert deploy.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     assert not any(n.op_type == "BatchNormalization" for n in deploy.graph.node)
-    bl = regnet.blocks(arch, source)
+    bl = regnet.blocks(arch)
     assert sum(n.op_type == "Conv" for n in deploy.graph.node) == 1 + 3 * len(bl) + sum(b.has_proj for b in bl)
     groups = [a.i for n in deploy.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
     assert max(groups) == max(b.groups for b in bl) > 1
@@ -146,7 +146,7 @@ def _torch_forward(state: dict[str, np.ndarray], arch: str, x: np.ndarray) -> np
                             t[f"{bn}.bias"], training=False, eps=1e-5)
 
     y = F.relu(conv_bn(torch.from_numpy(x), "stem.conv", "stem.bn", stride=2))
-    for b in regnet.blocks(arch, "pycls"):
+    for b in regnet.blocks(arch):
         p = f"s{b.stage}.b{b.index + 1}"
         f = F.relu(conv_bn(y, f"{p}.f.a", f"{p}.f.a_bn"))
         f = F.relu(conv_bn(f, f"{p}.f.b", f"{p}.f.b_bn", stride=b.stride, groups=b.cout // b.group_w))
