@@ -58,7 +58,7 @@ def test_the_first_wrong_key_is_named(name, source):
 @pytest.mark.parametrize("name, source", CASES)
 def test_class_count_and_batch_come_from_the_checkpoint(name, source):
     model = get_family(name).deploy_onnx(_state(name, source, num_classes=10), SMALL[name], source,
-                                         input_size=(SIZE, SIZE), batch=2)
+                                         size_hw=(SIZE, SIZE), batch=2)
     onnx.checker.check_model(model)
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [2, 10]
 
@@ -67,7 +67,7 @@ def test_class_count_and_batch_come_from_the_checkpoint(name, source):
 def test_deploy_param_count_is_the_graph(name):
     family = get_family(name)
     source = family.reference_source
-    model = family.deploy_onnx(_state(name, source), SMALL[name], source, input_size=(SIZE, SIZE), batch=1)
+    model = family.deploy_onnx(_state(name, source), SMALL[name], source, size_hw=(SIZE, SIZE), batch=1)
     assert family.param_count(SMALL[name], source, 1000, True) == model_info(model).params_deploy
     assert family.param_count(SMALL[name], source, 1000, False) > model_info(model).params_deploy  # BN scales
 
@@ -91,7 +91,6 @@ def test_weights_entry_is_found_by_its_key_and_fits_its_family(key):
     family = get_family(entry.family)
     assert entry.key == key and entry.arch in family.archs and entry.source in family.sources
     assert get_weights(key.upper()) is entry   # names as users write them
-    assert entry.input_size_hw == entry.preprocessing.crop[::-1]
     head = [shape for shape in family.expected_shapes(entry.arch, entry.source, entry.num_classes).values()
             if entry.num_classes in shape]
     assert head, f"{key}: no classifier of {entry.num_classes} classes"
@@ -103,9 +102,9 @@ def test_entry_graph_takes_its_input_size(name):
     entry = next(w for w in get_family(name).weights if w.arch == SMALL[name])
     family = get_family(name)
     state = family.random_state_dict(entry.arch, entry.source, np.random.default_rng(0), entry.num_classes)
-    model = family.deploy_onnx(state, entry.arch, entry.source, input_size=entry.input_size_hw, batch=1)
+    model = family.deploy_onnx(state, entry.arch, entry.source, size_hw=entry.size_hw, batch=1)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, 3, *entry.input_size_hw]
+    assert dims == [1, 3, *entry.size_hw]
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [1, entry.num_classes]
 
 
@@ -113,8 +112,8 @@ def test_torchvision_regnet_v1_and_v2_are_two_entries():
     for arch in ("400MF_tv", "800MF", "32GF"):
         v1, v2 = weights_for("regnet", arch, "torchvision.v1"), weights_for("regnet", arch, "torchvision.v2")
         assert v1 is not v2 and weights_for("regnet", arch, "torchvision") is v1     # no tag: the first release
-        assert (v1.preprocessing.resize, v2.preprocessing.resize) == ((256, 256), (232, 232))
-        assert v1.preprocessing.crop == v2.preprocessing.crop == (224, 224)
+        assert (v1.preprocessing.resize_hw, v2.preprocessing.resize_hw) == ((256, 256), (232, 232))
+        assert v1.preprocessing.crop_hw == v2.preprocessing.crop_hw == (224, 224)
         assert v2.top1 > v1.top1 and v1.url != v2.url
     with pytest.raises(ConfigError, match=r"no published weights regnet:800MF:torchvision.v3\. Known: "
                                           r"regnet:800MF:pycls, .*regnet:800MF:torchvision.v2"):

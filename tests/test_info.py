@@ -54,8 +54,8 @@ def test_counts_on_a_small_graph():
 def test_symbolic_input_needs_a_size():
     with pytest.raises(ConfigError, match="symbolic size"):
         model_info(_small_graph(symbolic=True))
-    assert model_info(_small_graph(symbolic=True), input_size=(20, 20)) == model_info(_small_graph())
-    assert model_info(_small_graph(symbolic=True), input_size=(40, 40)).macs == 4 * (800 * 45) + 60
+    assert model_info(_small_graph(symbolic=True), size_hw=(20, 20)) == model_info(_small_graph())
+    assert model_info(_small_graph(symbolic=True), size_hw=(40, 40)).macs == 4 * (800 * 45) + 60
 
 
 def test_text_format():
@@ -102,7 +102,7 @@ def test_regnetx_400mf_torchvision_and_ppcls():
     pp = family_info("regnet", "400MF", source="ppcls")
     assert pp.input_shape == (3, 256, 256)       # PaddleClas evaluates at 256
     assert pp.params_train == family_info("regnet", "400MF").params_train
-    assert family_info("regnet", "400MF", source="ppcls", input_size=(224, 224)).macs == \
+    assert family_info("regnet", "400MF", source="ppcls", size_hw=(224, 224)).macs == \
         family_info("regnet", "400MF").macs
 
 

@@ -113,7 +113,7 @@ def test_bn_folding_is_exact(arch, source, photos, tmp_path):
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(loaded[key], value)
 
-    deploy = regnet.deploy_onnx(loaded, arch, source, input_size=(SIZE, SIZE))
+    deploy = regnet.deploy_onnx(loaded, arch, source, size_hw=(SIZE, SIZE))
     assert [i.name for i in deploy.graph.input] == ["input"]
     assert [o.name for o in deploy.graph.output] == ["output"]
     assert deploy.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
@@ -123,7 +123,7 @@ def test_bn_folding_is_exact(arch, source, photos, tmp_path):
     groups = [a.i for n in deploy.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
     assert max(groups) == max(b.groups for b in bl) > 1
 
-    unfolded = regnet.unfolded_onnx(loaded, arch, source, input_size=(SIZE, SIZE), batch=len(x))
+    unfolded = regnet.unfolded_onnx(loaded, arch, source, size_hw=(SIZE, SIZE), batch=len(x))
     ref = run_onnx(unfolded, x)
     out = run_onnx(deploy, x)
     assert out.shape == (len(x), 1000)
@@ -161,8 +161,8 @@ def test_graphs_match_torch(arch):
     x = _photos(64, 2)
     state = regnet.random_state_dict(arch, "pycls", np.random.default_rng(1))
     ref = _torch_forward(state, arch, x)
-    assert rel_err(run_onnx(regnet.unfolded_onnx(state, arch, "pycls", input_size=(64, 64)), x), ref) < MAX_REL_ERR
-    assert rel_err(run_onnx(regnet.deploy_onnx(state, arch, "pycls", input_size=(64, 64)), x), ref) < MAX_REL_ERR
+    assert rel_err(run_onnx(regnet.unfolded_onnx(state, arch, "pycls", size_hw=(64, 64)), x), ref) < MAX_REL_ERR
+    assert rel_err(run_onnx(regnet.deploy_onnx(state, arch, "pycls", size_hw=(64, 64)), x), ref) < MAX_REL_ERR
 
 
 def _rename(state: dict[str, np.ndarray], arch: str, old: str, new: str) -> dict[str, np.ndarray]:
@@ -180,8 +180,8 @@ def test_layouts_give_the_same_network(photos):
     pycls = regnet.random_state_dict("600MF", "pycls", np.random.default_rng(2))
     ppcls = _rename(pycls, "600MF", "pycls", "ppcls")
     assert ppcls["out.weight"].shape == (528, 1000) and "s2_b3.conv1._batch_norm._variance" in ppcls
-    a = run_onnx(regnet.deploy_onnx(pycls, "600MF", "pycls", input_size=(SIZE, SIZE)), photos)
-    b = run_onnx(regnet.deploy_onnx(ppcls, "600MF", "ppcls", input_size=(SIZE, SIZE)), photos)
+    a = run_onnx(regnet.deploy_onnx(pycls, "600MF", "pycls", size_hw=(SIZE, SIZE)), photos)
+    b = run_onnx(regnet.deploy_onnx(ppcls, "600MF", "ppcls", size_hw=(SIZE, SIZE)), photos)
     np.testing.assert_array_equal(a, b)
 
 
@@ -196,7 +196,7 @@ def test_torchvision_model_cross_check(photos):
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     with torch.no_grad():
         ref = model(torch.from_numpy(photos)).numpy()
-    assert rel_err(run_onnx(regnet.deploy_onnx(state, "400MF_tv", "torchvision", input_size=(SIZE, SIZE)), photos),
+    assert rel_err(run_onnx(regnet.deploy_onnx(state, "400MF_tv", "torchvision", size_hw=(SIZE, SIZE)), photos),
                    ref) < MAX_REL_ERR
 
 
@@ -211,8 +211,8 @@ def test_pycls_pyth_checkpoint(tmp_path, photos):
     torch.save({"epoch": 99, "model_state": tensors, "optimizer_state": optimizer,
                 "cfg": "MODEL:\n  TYPE: regnet\n"}, path)
     loaded = load_state_dict(path)
-    ref = run_onnx(regnet.unfolded_onnx(state, "200MF", "pycls", input_size=(SIZE, SIZE)), photos)
-    assert rel_err(run_onnx(regnet.deploy_onnx(loaded, "200MF", "pycls", input_size=(SIZE, SIZE)), photos),
+    ref = run_onnx(regnet.unfolded_onnx(state, "200MF", "pycls", size_hw=(SIZE, SIZE)), photos)
+    assert rel_err(run_onnx(regnet.deploy_onnx(loaded, "200MF", "pycls", size_hw=(SIZE, SIZE)), photos),
                    ref) < MAX_REL_ERR
 
 
@@ -255,14 +255,14 @@ def test_wrong_source_is_named(x400):
 
 def test_weights_entries_preprocessing():
     pp = weights_for("regnet", "400MF", "ppcls").preprocessing
-    assert (pp.resize, pp.keep_aspect, pp.crop, pp.interpolation, pp.rgb) == ((256, 256), True, (256, 256),
+    assert (pp.resize_hw, pp.keep_aspect, pp.crop_hw, pp.interpolation, pp.rgb) == ((256, 256), True, (256, 256),
                                                                                "BILINEAR_CV", True)
     py = weights_for("regnet", "400MF", "pycls").preprocessing
-    assert (py.crop, py.rgb, py.mean, py.std) == ((224, 224), False, (0.406, 0.456, 0.485), (0.225, 0.224, 0.229))
+    assert (py.crop_hw, py.rgb, py.mean, py.std) == ((224, 224), False, (0.406, 0.456, 0.485), (0.225, 0.224, 0.229))
     tv = weights_for("regnet", "32GF", "torchvision").preprocessing     # no tag: torchvision's v1
-    assert (tv.resize, tv.crop, tv.interpolation, tv.rgb) == ((256, 256), (224, 224), "BILINEAR_PILLOW", True)
+    assert (tv.resize_hw, tv.crop_hw, tv.interpolation, tv.rgb) == ((256, 256), (224, 224), "BILINEAR_PILLOW", True)
     tv2 = weights_for("regnet", "32GF", "torchvision.v2")
-    assert tv2.preprocessing == dataclasses.replace(tv, resize=(232, 232)) and tv2.top1 == 83.014
+    assert tv2.preprocessing == dataclasses.replace(tv, resize_hw=(232, 232)) and tv2.top1 == 83.014
 
 
 def _vdsp_cases():   # the vdsp JSONs: one per published (source, arch), torchvision's v1 transform
@@ -288,5 +288,5 @@ def test_build_yaml(source):
     assert (cfg.model.family, cfg.model.source) == ("regnet", source)
     pre = weights_for("regnet", cfg.model.arch, source).preprocessing
     assert cfg.dataset.preprocessing == pre
-    assert cfg.frontend.shape == {"input": [1, 3, pre.crop[1], pre.crop[0]]}
+    assert cfg.frontend.shape == {"input": [1, 3, *pre.crop_hw]}
     assert cfg.backend.dtype == "int8"

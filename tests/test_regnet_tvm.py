@@ -79,8 +79,8 @@ def builds(tmp_path_factory, sample_images) -> Builds:
 
 def expected_preprocessing(arch: str, source: str) -> Preprocessing:
     """The source's evaluation transform at the test's size: what the derived YAML's process_ops must say."""
-    return replace(weights_for("regnet", arch, source).preprocessing, resize=(RESIZE_SHORT, RESIZE_SHORT),
-                   crop=(SIZE, SIZE))
+    return replace(weights_for("regnet", arch, source).preprocessing, resize_hw=(RESIZE_SHORT, RESIZE_SHORT),
+                   crop_hw=(SIZE, SIZE))
 
 
 def reference(builds: Builds, arch: str, source: str, model: CompiledModel) -> tuple[np.ndarray, np.ndarray]:

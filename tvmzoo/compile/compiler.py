@@ -47,7 +47,8 @@ class InputSpec:
         return self.shape[0] < 1
 
     @property
-    def image_size(self) -> tuple[int, int]:
+    def size_hw(self) -> tuple[int, int]:
+        """(height, width) of the NCHW image input."""
         return int(self.shape[2]), int(self.shape[3])
 
 
@@ -75,7 +76,7 @@ def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
     log.info("%s not found: exporting it from %s", path, cfg.model.weights)
     try:
         return export_onnx(ExportSpec(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights),
-                                      input_size=spec.image_size), path)
+                                      size_hw=spec.size_hw), path)
     except TvmzooError as exc:  # name the YAML whose model section led here
         raise in_context(exc, f"{cfg.path}: model") from None
 
@@ -231,7 +232,7 @@ def compile_model(cfg: BuildConfig) -> Path:
             "outputs": output_shapes(model),
             "softmax": cfg.graph.extra_ops == "softmax",
             "preprocess": cfg.graph.preprocess,      # fused: the input is the resized uint8 BGR NHWC image
-            "preprocessing": asdict(pre) if pre is not None else None,
+            "preprocessing": pre.to_meta() if pre is not None else None,
             "module_sha256": file_sha256(tmp / MODULE_FILE),  # the runtime refuses a mod.so that differs
             "kernels": kernels,
             "source": {"onnx": str(onnx_path), "sha256": file_sha256(onnx_path),

@@ -203,15 +203,15 @@ class _Net:
 
 
 def deploy_onnx(state: dict[str, np.ndarray], arch: str, source: str, *,
-                input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+                size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The inference graph of `arch` from a lite_pytorch state dict: input 'input' [N,3,H,W] (H, W =
-    input_size), output 'output' [N, num_classes] logits."""
+    size_hw), output 'output' [N, num_classes] logits."""
     _arch(arch)
     _source(source)
     state, num_classes = check_state(state, arch)
     g = GraphBuilder(f"efficientnet_{arch}")
-    n, x = g.image_input(batch, input_size)
-    net = _Net(g, state, (int(input_size[0]), int(input_size[1])))
+    n, x = g.image_input(batch, size_hw)
+    net = _Net(g, state, (int(size_hw[0]), int(size_hw[1])))
     x = net.conv_bn(x, "_conv_stem", "_bn0", stride=2)
     for b in blocks(arch):
         x = net.block(x, b)
@@ -226,8 +226,8 @@ def _eval_preprocessing(arch: str) -> Preprocessing:
     ratio, then a centre crop. Lite0 on 500 ImageNet photos (ONNX Runtime, OpenCV bilinear): top-1 88.8 with
     this, 77.6 with the ImageNet mean/std; a square 256x256 resize gives 88.0, Pillow bilinear 89.0 (a tie)."""
     res = _arch(arch).resolution
-    return Preprocessing(resize=(res + CROP_PADDING, res + CROP_PADDING), keep_aspect=True,
-                         crop=(res, res), interpolation="BILINEAR_CV", norm="DIV255_MINUSMEAN_DIVSTD",
+    return Preprocessing(resize_hw=(res + CROP_PADDING, res + CROP_PADDING), keep_aspect=True,
+                         crop_hw=(res, res), interpolation="BILINEAR_CV", norm="DIV255_MINUSMEAN_DIVSTD",
                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rgb=True)
 
 

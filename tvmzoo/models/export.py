@@ -17,11 +17,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExportSpec:
+    """What `tvmzoo export` writes: the family's arch from a `source`-layout checkpoint (a path, or
+    'package'), its input (height, width) and batch."""
+
     family: str
     arch: str
     source: str
     weights: str
-    input_size: tuple[int, int] = (224, 224)   # (height, width)
+    size_hw: tuple[int, int] = (224, 224)
     batch: int | None = None                   # None: symbolic batch 'N'
 
 
@@ -47,7 +50,7 @@ def build_deploy_onnx(spec: ExportSpec) -> onnx.ModelProto:
     weights = resolve_weights(spec.family, spec.arch, spec.source, spec.weights)
     state = load_state_dict(weights)
     log.info("exporting %s %s (%s layout) from %s", spec.family, arch, source, weights)
-    return family.deploy_onnx(state, arch, source, input_size=spec.input_size, batch=spec.batch)
+    return family.deploy_onnx(state, arch, source, size_hw=spec.size_hw, batch=spec.batch)
 
 
 def export_onnx(spec: ExportSpec, output: str | Path) -> Path:

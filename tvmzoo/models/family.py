@@ -25,7 +25,7 @@ class ModelFamily:
     expected_shapes: Callable[[str, str, int], Shapes]
     # (state without prefixes / framework keys, num_classes), or one CheckpointError
     check_state: Callable[[Mapping[str, np.ndarray], str, str], tuple[dict, int]]
-    # the inference graph, BN / re-param folded: deploy_onnx(state, arch, source, input_size=(H, W), batch=N)
+    # the inference graph, BN / re-param folded: deploy_onnx(state, arch, source, size_hw=(H, W), batch=N)
     deploy_onnx: Callable[..., onnx.ModelProto]
     weights: tuple[Weights, ...]                         # the published checkpoints (tvmzoo.models.weights)
     # trainable parameters: param_count(arch, source, num_classes, deploy)

@@ -295,11 +295,11 @@ class _Writer:
         return self.g.relu(self.g.add(short, y))
 
 
-def _build(state, arch, source, input_size, batch, *, fold: bool) -> onnx.ModelProto:
+def _build(state, arch, source, size_hw, batch, *, fold: bool) -> onnx.ModelProto:
     spec, lay, name = get_arch(arch), _source(source), arch_name(arch)
     state, num_classes = check_state(state, spec, source)
     g = GraphBuilder.for_model(name, "deploy" if fold else "unfolded")
-    n, x = g.image_input(batch, input_size)
+    n, x = g.image_input(batch, size_hw)
     net = _Writer(g, state, lay, fold)
     x = net.conv_bn(x, *lay.stem, stride=2)
     for b in blocks(spec):
@@ -312,16 +312,16 @@ def _build(state, arch, source, input_size, batch, *, fold: bool) -> onnx.ModelP
 
 
 def deploy_onnx(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str, *,
-                input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+                size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The inference graph with every BN folded into its conv: input 'input' [N, 3, H, W] with
-    input_size = (H, W); output 'output' [N, num_classes] logits (num_classes from the checkpoint)."""
-    return _build(state, arch, source, input_size, batch, fold=True)
+    size_hw = (H, W); output 'output' [N, num_classes] logits (num_classes from the checkpoint)."""
+    return _build(state, arch, source, size_hw, batch, fold=True)
 
 
 def unfolded_onnx(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str, *,
-                  input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+                  size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The same network with BatchNormalization nodes kept: the reference for deploy_onnx."""
-    return _build(state, arch, source, input_size, batch, fold=False)
+    return _build(state, arch, source, size_hw, batch, fold=False)
 
 
 # ---------------------------------------------------------------- preprocessing, sizes, test weights
@@ -332,17 +332,18 @@ def _eval_preprocessing(source: str, tag: str = "") -> Preprocessing:
         # PaddleClas ppcls/configs/ImageNet/RegNet/RegNetX_*.yaml Eval: DecodeImage(to_rgb) +
         # ResizeImage(resize_short=256) (cv2 backend, INTER_LINEAR) + CropImage(size=256), i.e. a 256 input
         # although training used 224; NormalizeImage with the ImageNet mean/std.
-        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(256, 256), interpolation="BILINEAR_CV")
+        return Preprocessing(resize_hw=(256, 256), keep_aspect=True, crop_hw=(256, 256), interpolation="BILINEAR_CV")
     if source == "pycls":
         # pycls/datasets/imagenet.py + transforms.scale_and_center_crop: short side to TEST.IM_SIZE 256
         # (cv2 INTER_LINEAR), centre crop TRAIN.IM_SIZE 224, ImageNet mean/std in RGB, then the channels
         # are flipped: pycls networks take BGR input ("CHW/BGR/float"), so mean/std are given in BGR here.
-        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_CV",
+        return Preprocessing(resize_hw=(256, 256), keep_aspect=True, crop_hw=(224, 224), interpolation="BILINEAR_CV",
                              mean=(0.406, 0.456, 0.485), std=(0.225, 0.224, 0.229), rgb=False)
     # torchvision RegNet_X_*_Weights: ImageClassification(crop_size=224[, resize_size=232 for IMAGENET1K_V2]) =
     # Resize(256 | 232, bilinear, antialias: Pillow-style on PIL images) + CenterCrop(224), RGB, ImageNet mean/std.
     short = 232 if tag == "v2" else 256
-    return Preprocessing(resize=(short, short), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_PILLOW")
+    return Preprocessing(resize_hw=(short, short), keep_aspect=True, crop_hw=(224, 224),
+                         interpolation="BILINEAR_PILLOW")
 
 
 # pycls MODEL_ZOO.md (top-1 error, RegNetX table) as top-1; torchvision's RegNet_X_*_Weights meta

@@ -225,11 +225,11 @@ def _train_block(g: GraphBuilder, x: str, w: BlockWeights, name: str) -> str:
     return y
 
 
-def _build(state, arch, source, input_size, batch, *, deploy: bool) -> onnx.ModelProto:
+def _build(state, arch, source, size_hw, batch, *, deploy: bool) -> onnx.ModelProto:
     spec, lay, name = get_arch(arch), _source(source), arch_name(arch)
     state, num_classes = check_state(state, spec, source)
     g = GraphBuilder.for_model(name, "deploy" if deploy else "train")
-    n, x = g.image_input(batch, input_size)
+    n, x = g.image_input(batch, size_hw)
     for w in read_blocks(state, spec, source):
         b = w.block
         block_name = lay.block_prefix(b.stage, b.index)
@@ -248,16 +248,16 @@ def _build(state, arch, source, input_size, batch, *, deploy: bool) -> onnx.Mode
 
 
 def deploy_onnx(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str, *,
-                input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+                size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The deploy graph: one 3x3 conv (+ SE) + ReLU per block, GlobalAveragePool, Flatten, Gemm.
-    input 'input' [N, 3, H, W] with input_size = (H, W); output 'output' [N, num_classes]."""
-    return _build(state, arch, source, input_size, batch, deploy=True)
+    input 'input' [N, 3, H, W] with size_hw = (H, W); output 'output' [N, num_classes]."""
+    return _build(state, arch, source, size_hw, batch, deploy=True)
 
 
 def train_onnx(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str, *,
-               input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+               size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The unfolded graph (three branches with BatchNormalization nodes): the reference for deploy_onnx."""
-    return _build(state, arch, source, input_size, batch, deploy=False)
+    return _build(state, arch, source, size_hw, batch, deploy=False)
 
 
 # ---------------------------------------------------------------- preprocessing, sizes, test weights
@@ -272,18 +272,19 @@ def _eval_preprocessing(arch: str, source: str) -> Preprocessing:
         # Resize(320, BILINEAR) + CenterCrop(320) for RepVGG-D2se (README: "test.py ... -a RepVGG-D2se -r 320").
         # torchvision Resize on PIL images: Pillow bilinear.
         size = 320 if big else 224
-        return Preprocessing(resize=(320, 320) if big else (256, 256), keep_aspect=True, crop=(size, size),
+        return Preprocessing(resize_hw=(320, 320) if big else (256, 256), keep_aspect=True, crop_hw=(size, size),
                              interpolation="BILINEAR_PILLOW")
     if source == "mmcls":
         # mmpretrain configs/_base_/datasets/imagenet_bs*_pil_resize*.py test pipeline:
         # ResizeEdge(scale=256, edge='short', backend='pillow') + CenterCrop(224), for D2se too
         # (its model zoo reports D2se at 224: 81.81% vs the official 81.82% at 224).
-        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_PILLOW")
+        return Preprocessing(resize_hw=(256, 256), keep_aspect=True, crop_hw=(224, 224),
+                             interpolation="BILINEAR_PILLOW")
     # PaddleClas ppcls/configs/ImageNet/RepVGG/RepVGG_*.yaml Eval: ResizeImage(resize_short=256) (cv2 backend,
     # INTER_LINEAR) + CropImage(224); RepVGG_D2se.yaml: resize_short 320, bicubic, pil + CropImage(320).
     if big:
-        return Preprocessing(resize=(320, 320), keep_aspect=True, crop=(320, 320), interpolation="BICUBIC")
-    return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_CV")
+        return Preprocessing(resize_hw=(320, 320), keep_aspect=True, crop_hw=(320, 320), interpolation="BICUBIC")
+    return Preprocessing(resize_hw=(256, 256), keep_aspect=True, crop_hw=(224, 224), interpolation="BILINEAR_CV")
 
 
 # Top-1 as the sources publish it in text (the official README's full table is an image): A0 and B1 from its

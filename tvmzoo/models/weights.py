@@ -29,13 +29,13 @@ class Weights:
         return f"{self.family}:{self.arch}:{self.source}" + (f".{self.tag}" if self.tag else "")
 
     @property
-    def input_size_hw(self) -> tuple[int, int]:
+    def size_hw(self) -> tuple[int, int]:
         """The evaluation input (height, width): the preprocessing's crop."""
         return self.preprocessing.crop_hw
 
     def describe(self) -> str:
         """One line for `tvmzoo models`: key, input, classes, published top-1."""
-        h, w = self.input_size_hw
+        h, w = self.size_hw
         top1 = f"top-1 {self.top1:.2f}%" if self.top1 is not None else "top-1 not published"
         where = "pip package" if self.packaged is not None else (self.url or "see source_code/")
         return f"{self.key:38} {h}x{w}  {self.num_classes} classes  {top1:20}  {where}"
