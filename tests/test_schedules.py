@@ -18,7 +18,7 @@ from tvmzoo.compile.passes.graph_passes import (canonicalize, depthwise_int8_as_
                                                 fold_requantize, qdq_to_elementwise)
 from tvmzoo.compile.pipeline import get_pipeline, run_pipeline, tuning_pipeline
 from tvmzoo.compile.schedules.loops import register_tile, schedule_injective
-from tvmzoo.compile.schedules.operands import PIXEL_SPLIT_BYTES
+from tvmzoo.compile.schedules.operands import FLOAT_SPLIT_BYTES
 from tvmzoo.compile.target import WIDE_VECTORS, resolve_target
 from tvmzoo.run.host import host_cpu_flags
 
@@ -197,7 +197,7 @@ def _single_kernel(call: relax.Expr, x: relax.Var, target) -> str:
 def test_each_core_computes_what_the_next_kernel_reads_on_it(target):
     """The parallel loop runs as one contiguous range per core, so its leading axis decides the
     split: a batched matmul (Winograd's 16 positions) by batch, a conv by output rows while each
-    core can read the whole weight, by channel blocks beyond PIXEL_SPLIT_BYTES."""
+    core can read the whole weight, by channel blocks beyond FLOAT_SPLIT_BYTES (float kernels)."""
     rng = np.random.default_rng(12)
     x = relax.Var("x", relax.TensorType((16, 49, 192), "float32"))
     mm = _single_kernel(relax.op.matmul(x, relax.const(rng.random((16, 192, 192), "float32"))), x, target)
@@ -209,12 +209,12 @@ def test_each_core_computes_what_the_next_kernel_reads_on_it(target):
         weight = relax.const(rng.random((cout, cin, 1, 1), "float32"))
         return _single_kernel(relax.op.nn.conv2d(data, weight), data, target)
 
-    assert 1152 * 192 * 4 <= PIXEL_SPLIT_BYTES < 1280 * 320 * 4
-    small, big = conv(192, 1152), conv(320, 1280)  # weights 0.9 MB and 1.6 MB, both > the 7x7 input
+    assert 480 * 80 * 4 <= FLOAT_SPLIT_BYTES < 1152 * 192 * 4
+    small, big = conv(80, 480), conv(192, 1152)  # weights 150 KB and 0.9 MB, both > the 7x7 input
     rows = _axis_values(small, "conv2d_nhwc_update", "v_yy")
     assert rows == sorted(rows) and rows[0] == 0 and rows[-1] == 6, rows
     channels = _axis_values(big, "conv2d_nhwc_update", "v_ff")
-    assert channels == sorted(channels) and channels[-1] >= 1248, channels
+    assert channels == sorted(channels) and channels[-1] >= 1120, channels
     assert _axis_values(big, "conv2d_nhwc_update", "v_yy") != rows
 
 

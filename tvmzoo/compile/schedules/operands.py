@@ -7,6 +7,10 @@ import math
 from tvm import tirx
 
 PIXEL_SPLIT_BYTES = 1 << 20  # a weight each core may read whole (its L2 is 2 MB here)
+# Float kernels (ScheduleReduction): a net's weights do not stay in L2 between runs, so a weight many
+# times its input is split by channel from 256 KB on (Lite0 fp32 b1, per-call minima: its 1x1 convs at
+# 7x7 and 14x14 12-17 % faster). int8 kernels keep PIXEL_SPLIT_BYTES until measured.
+FLOAT_SPLIT_BYTES = 256 << 10
 
 
 def as_var(expr):
@@ -43,7 +47,8 @@ def _selects_weight(stmt, chan_var, row, var) -> bool:
     return any(_is_weight(read, chan_var, row) and _indexed_by(read, var) for read in stmt.reads)
 
 
-def parallel_order(stmt, chan_var, row, loop_of: dict, others: list, c_out, outer_rows: list) -> list:
+def parallel_order(stmt, chan_var, row, loop_of: dict, others: list, c_out, outer_rows: list,
+                   split_bytes: int = PIXEL_SPLIT_BYTES) -> list:
     """The loops fused into the parallel loop, outermost first. The runtime splits that loop into
     one contiguous range per core, so the leading axes decide which part each core computes:
     - axes that pick the weight (a batched matmul's batch, the 16 Winograd positions): each core
@@ -51,7 +56,7 @@ def parallel_order(stmt, chan_var, row, loop_of: dict, others: list, c_out, oute
     - then the pixels, so each core keeps the rows the next kernel reads on it (a line in the other
       core's cache costs more than one in L3: splitting RepVGG-A0's stage-3 matmuls by channel
       made them 1.4x slower than splitting them by position);
-    - the channel blocks lead only for a weight larger than the inputs and than PIXEL_SPLIT_BYTES,
+    - the channel blocks lead only for a weight larger than the inputs and than `split_bytes`,
       which both cores would otherwise stream whole (A0's 8.8 MB last conv: 1.05 -> 1.50 ms).
     Within a core's range the channel block stays outside the row tiles when the weight is the
     larger operand, so each row tile reuses the weight block from cache."""
@@ -61,7 +66,7 @@ def parallel_order(stmt, chan_var, row, loop_of: dict, others: list, c_out, oute
     weight = _weight_bytes(stmt, chan_var, row)
     if weight <= _input_bytes(stmt, chan_var, row):
         return [*by_weight, *pixels, *outer_rows, c_out]
-    if weight <= PIXEL_SPLIT_BYTES:
+    if weight <= split_bytes:
         return [*by_weight, *pixels, c_out, *outer_rows]
     return [*by_weight, c_out, *pixels, *outer_rows]
 

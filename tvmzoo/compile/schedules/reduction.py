@@ -14,7 +14,7 @@ from tvm.target import Target
 from .base import NotApplicable, ReductionRule, vector_lanes
 from .loops import (is_plain_copy, loop_map, register_tile, repack_weight, schedule_epilogue, schedule_injective,
                     vectorize_innermost)
-from .operands import as_var, converts_input, parallel_order, reads_by_channel
+from .operands import FLOAT_SPLIT_BYTES, as_var, converts_input, parallel_order, reads_by_channel
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ScheduleReduction(ReductionRule):
             tile, outer_rows = [c_vec, c_lane], []
         others = [iv for iv in spatial if iv is not chan and iv is not row]
         red_loops = [loop_of[iv.var] for iv in reduce]
-        outer_order = parallel_order(stmt, chan.var, row, loop_of, others, c_out, outer_rows)
+        outer_order = parallel_order(stmt, chan.var, row, loop_of, others, c_out, outer_rows, FLOAT_SPLIT_BYTES)
         log.debug("%s: tile %d rows x %d x %d lanes", stmt.name_hint, row_tile, vecs, width)
         sch.reorder(*outer_order, *red_loops, *tile)
         outer = sch.fuse(*outer_order)
