@@ -58,9 +58,8 @@ def dot_kernels(mod: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
 def random_args(func: tirx.PrimFunc) -> list:
     rng = np.random.default_rng(1)
     args = []
-    for param in func.params:
-        buf = func.buffer_map[param]
-        shape, dtype = [int(d) for d in buf.shape], str(buf.dtype)
+    for param in func.params:  # TVM 0.27: a buffer parameter is a Var of BufferType
+        shape, dtype = [int(d) for d in param.shape], str(param.dtype)
         if "int" in dtype:
             value = rng.integers(0, 8, shape).astype(dtype)
         elif dtype == "bfloat16":
@@ -74,7 +73,7 @@ def random_args(func: tirx.PrimFunc) -> list:
 def timer(func: tirx.PrimFunc, target: tvm.target.Target):
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     args = random_args(func)
-    evaluator = lib.time_evaluator("main", tvm.cpu(), number=5, repeat=1)
+    evaluator = lib.mod.time_evaluator("main", tvm.cpu(), number=5, repeat=1)
     return lambda: evaluator(*args).mean
 
 

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 
-import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -27,7 +26,6 @@ from tvmzoo.compile.precision import bf16_plan
 from tvmzoo.compile.target import resolve_target
 from tvmzoo.config import load_build_config
 from tvmzoo.io.onnx_graph import GraphBuilder
-from tvmzoo.preprocess import read_image
 from tvmzoo.run.host import host_cpu_flags
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -55,13 +53,6 @@ def bf16_net() -> onnx.ModelProto:
     x = g.flatten(g.global_avg_pool(x))
     g.output(g.gemm(x, _w(rng, 16, 24), _w(rng, 16), "fc"), [None, 16])
     return g.build()
-
-
-@pytest.fixture(scope="module")
-def photos(sample_images) -> np.ndarray:
-    """Four real photos, resized to the net's input, scaled to [-1, 1], NCHW."""
-    images = [cv2.resize(read_image(p), (SIZE, SIZE), interpolation=cv2.INTER_AREA) for p in sample_images[:4]]
-    return np.stack([(im.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1) for im in images])
 
 
 def _imported(model: onnx.ModelProto, batch: int) -> tvm.IRModule:

@@ -8,9 +8,12 @@ for every conv tap and K chunk load A (pixels x input channels, read in place fr
 with the conv stride as the tile's row pitch) and B (the weight, repacked at build time to
 [KH, KW, OC/16, IC/4, 16, 4]) and multiply-add, then store the tiles and release them (amx.py).
 Kernels whose shapes do not fit the tiles (channels not a multiple of 16, fewer than MIN_ROWS pixels
-per row tile) are left to the next rule (VNNI).
+per row tile) or whose reductions are too shallow to pay for them (INT8_MIN_DEPTH) are left to the
+next rule (VNNI).
 """
 from __future__ import annotations
+
+import math
 
 from tvm import DataType, s_tir, tirx
 from tvm.sym.pattern import detect_linear_equation
@@ -24,14 +27,23 @@ from .operands import parallel_order
 
 # Fewer pixels per tile than this (a batch-1 matmul: 1 row) leave most of each tile idle: VNNI is faster.
 MIN_ROWS = 4
+# int8: a reduction shallower than this (multiply-adds per output: taps x input channels) does too little
+# work per macro tile to pay for configuring, zeroing, storing and releasing the tiles. Measured kernel by
+# kernel on EfficientNet-Lite0 (benchmarks/bench_amx.py, Sapphire Rapids): AMX / VNNI time 2.3x for the
+# stem (9 x 4), 1.9x at 16, 1.6x at 24, 1.4x at 40, 1.1x at 32 input channels of a 1x1 conv; 1.0x at 80;
+# 0.5-0.9x from 112 up and on every RepVGG-A0 conv (9 x 48 and up).
+INT8_MIN_DEPTH = 64
 # Macro tiles (row tiles, channel tiles), best first among those with the most output per tile:
 # 4 accumulators with 2 A + 2 B loads per K chunk, then the thinner shapes.
 TILINGS = ((2, 2), (1, 4), (3, 1), (1, 3), (2, 1), (1, 2), (1, 1))
 
 
-def choose_tiles(kind: amx.AmxKind, rows: int, channels: int, k: int, stride: int) -> amx.TileShape:
+def choose_tiles(kind: amx.AmxKind, rows: int, channels: int, k: int, stride: int,
+                 depth: int | None = None) -> amx.TileShape:
     """The macro tile for an output of `rows` pixels (per image row) x `channels`, reducing `k` input
-    channels per tap; NotApplicable when none fits."""
+    channels per tap (`depth` multiply-adds per output in all); NotApplicable when none fits or pays."""
+    if kind is amx.INT8 and (depth or k) < INT8_MIN_DEPTH:
+        raise NotApplicable(f"{depth or k} multiply-adds per output: too few for AMX tiles (VNNI is faster)")
     per_row = 64 // (4 // kind.group)
     chunk = max((d for d in range(kind.group, per_row + 1, kind.group) if k % d == 0), default=0)
     if channels % 16 or not chunk:
@@ -74,8 +86,10 @@ class ScheduleInt8Amx(ScheduleInt8Dot):
         inp, _, chan, rc, row, _ = self._operands(sch, red)
         if row is None or len(sch.get(red).reads[inp].region) < 2:
             raise NotApplicable("no pixel axis to tile")
+        depth = math.prod(int(iv.dom.extent) for iv in sch.get(red).iter_vars
+                          if iv.iter_type == tirx.IterVar.CommReduce)
         shape = choose_tiles(self.kind, int(row.dom.extent), int(chan.dom.extent), int(rc.dom.extent),
-                             input_stride(sch.get(red), inp, row))
+                             input_stride(sch.get(red), inp, row), depth)
         for block in self._inline_producers(sch, red, producers):
             schedule_injective(sch, block, vector_lanes(target, DataType(self.input_dtype).bits))
         inp, wgt, chan, rc, row, w_vars = self._operands(sch, red)
