@@ -16,13 +16,15 @@ from .target import AMX_BF16_FEATURES, AMX_INT8_FEATURES, BF16_FEATURES
 
 # Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
 # it). Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
-# 0.54-0.66x of fp32) and Zen 4 (issue 15: OpenVINO bf16 0.5x, int8 0.3x of fp32). The AMX kernels
-# (int8 / bf16 tiles, issue 15 part B) add their rows here with the measurement that places them.
+# 0.54-0.66x of fp32; AMX int8 0.5x of VNNI int8 on RepVGG-A0, AMX bf16 0.47-0.64x of fp32: notes
+# s7-wt-amx) and Zen 4 (issue 15: OpenVINO bf16 0.5x, int8 0.3x of fp32). AMX-BF16 comes after
+# AVX512-FP16: not measured side by side with it, and fp16 rounds more finely.
 _FAST_PATHS: tuple[tuple[str, frozenset[str], str], ...] = (
     ("int8", frozenset(AMX_INT8_FEATURES), "AMX-INT8"),
     ("int8", frozenset({"avx512vnni"}), "AVX512-VNNI"),
     ("int8", frozenset({"avxvnni"}), "AVX-VNNI"),
     ("fp16", frozenset({"avx512fp16"}), "AVX512-FP16"),
+    ("bf16", frozenset(AMX_BF16_FEATURES), "AMX-BF16"),
     ("bf16", frozenset({"avx512bf16"}), "AVX512-BF16"),
 )
 
