@@ -2,12 +2,13 @@
 a conv / matmul macro tile with, for int8 (`tdpbusd`: u8 x s8 -> s32) and bf16 (`tdpbf16ps`:
 bf16 x bf16 -> fp32).
 
-A macro tile is `m` row tiles (`rows` pixels each) x `n` channel tiles (16 output channels each);
+A macro tile is `m` row tiles (`rows` pixels each) x `n` channel tiles (`lanes` = 16 output channels each,
+8 where the channels are 8 x odd: half-width tiles);
 its m * n accumulator tiles (C) stay in tile registers for the whole reduction:
 
 - begin (the reduction's init block): load this kernel's tile configuration, zero the C tiles;
 - dot (the update, once per conv tap and K chunk): load m A tiles (rows x K chunk of the input) and
-  n B tiles (the weight, packed [.., OC/16, K/group, 16, group] as the VNNI kernels pack it), m * n dots;
+  n B tiles (the weight, packed [.., OC/lanes, K/group, lanes, group]), m * n dots;
 - end (a copy block after the reduction): store the C tiles into the output, release the tiles.
 
 TIR sees three ordinary blocks; the accumulators live in tile registers between them because LLVM's
@@ -27,7 +28,7 @@ from tvm.script.ir_builder.tirx import prim_func as build_prim_func
 
 MAX_TILES = 8
 MAX_ROWS = 16
-ROW_BYTES = 64  # one tile row; a B tile row is 16 output channels x one K group
+ROW_BYTES = 64  # the widest tile row: 16 int32 / float32 accumulators, 64 input bytes
 _IMPORT = "pragma_import_llvm"
 
 
@@ -56,10 +57,12 @@ class TileShape:
     n: int       # channel tiles
     k: int       # K chunk: input channels per A tile row
     stride: int  # input pixels between output pixels (the conv stride; 1 for a matmul)
+    lanes: int = 16  # output channels per channel tile (16, or 8: C and B tile rows of 32 bytes)
 
     def __post_init__(self) -> None:
         if not (1 <= self.rows <= MAX_ROWS and self.k % self.kind.group == 0
-                and self.k * self.elem_bytes <= ROW_BYTES and self.m * self.n + self.m + 1 <= MAX_TILES):
+                and self.k * self.elem_bytes <= ROW_BYTES and self.m * self.n + self.m + 1 <= MAX_TILES
+                and self.lanes in (8, 16)):
             raise ValueError(f"AMX tiles cannot hold {self}")
 
     @property
@@ -68,7 +71,8 @@ class TileShape:
 
     @property
     def key(self) -> str:
-        return f"{self.kind.dot.rsplit('.', 1)[1]}_r{self.rows}_m{self.m}_n{self.n}_k{self.k}_s{self.stride}"
+        return (f"{self.kind.dot.rsplit('.', 1)[1]}_r{self.rows}_m{self.m}_n{self.n}_k{self.k}_s{self.stride}"
+                f"_l{self.lanes}")
 
     @property
     def span(self) -> int:
@@ -90,9 +94,10 @@ class TileShape:
 def config_ir(shape: TileShape) -> tuple[str, str]:
     """(function name, LLVM IR) of `ldtilecfg` with this shape's tiles (palette 1)."""
     name = f"tvmzoo_amx_cfg_{shape.key}"
-    tiles = [(shape.c_tile(r, j), shape.rows, ROW_BYTES) for r in range(shape.m) for j in range(shape.n)]
+    width = 4 * shape.lanes  # bytes of a C row (lanes x 32 bits) and of a B row (lanes x one K group)
+    tiles = [(shape.c_tile(r, j), shape.rows, width) for r in range(shape.m) for j in range(shape.n)]
     tiles += [(shape.a_tile(r), shape.rows, shape.k * shape.elem_bytes) for r in range(shape.m)]
-    tiles += [(t, shape.k // shape.kind.group, ROW_BYTES) for t in sorted({shape.b_tile(j) for j in range(shape.n)})]
+    tiles += [(t, shape.k // shape.kind.group, width) for t in sorted({shape.b_tile(j) for j in range(shape.n)})]
     stores = "".join(f"  %c{t} = getelementptr i8, ptr %cfg, i64 {16 + 2 * t}\n  store i16 {colsb}, ptr %c{t}\n"
                      f"  %r{t} = getelementptr i8, ptr %cfg, i64 {48 + t}\n  store i8 {rows}, ptr %r{t}\n"
                      for t, rows, colsb in tiles)
@@ -154,11 +159,12 @@ _REGISTERED: set[str] = set()
 
 
 def _tile_nest(shape: TileShape, name: str, reduce: bool, block) -> None:
-    """A description's loop nest over the macro tile, as the rule splits it: rows, channel tiles x 16
-    lanes, [K groups x group]; no unit loops (the rule makes none: TVMScript would fold them away).
+    """A description's loop nest over the macro tile, as the rule splits it: rows, channel tiles x lanes,
+    [K groups x group]; no unit loops (the rule makes none: TVMScript would fold them away).
     `block(vi, vj, vk)` writes the block's body."""
     g = shape.kind.group
-    dims = {"i": shape.m * shape.rows, "jt": shape.n, "jl": 16, **({"kg": shape.k // g, "kl": g} if reduce else {})}
+    dims = {"i": shape.m * shape.rows, "jt": shape.n, "jl": shape.lanes,
+            **({"kg": shape.k // g, "kl": g} if reduce else {})}
     kept = [d for d, extent in dims.items() if extent > 1]
 
     def joined(loops: dict, outer: str, inner: str, width: int):
@@ -168,14 +174,14 @@ def _tile_nest(shape: TileShape, name: str, reduce: bool, block) -> None:
         loops = dict(zip(kept, loop_vars))
         with T.sblock(name):
             vi = T.axis.spatial(I64(dims["i"]), loops["i"])
-            vj = T.axis.spatial(I64(shape.n * 16), joined(loops, "jt", "jl", 16))
+            vj = T.axis.spatial(I64(shape.n * shape.lanes), joined(loops, "jt", "jl", shape.lanes))
             vk = T.axis.reduce(I64(shape.k), joined(loops, "kg", "kl", g)) if reduce else None
             block(vi, vj, vk)
 
 
 def begin_intrin(shape: TileShape) -> str:
     """C = 0 on the macro tile: configure the tiles, zero the accumulators."""
-    mr, nc, acc = shape.m * shape.rows, shape.n * 16, shape.kind.acc_dtype
+    mr, nc, acc = shape.m * shape.rows, shape.n * shape.lanes, shape.kind.acc_dtype
     zero = tirx.const(0, acc)  # decompose_reduction's init value
 
     def desc(C) -> None:
@@ -198,12 +204,12 @@ def dot_intrin(shape: TileShape) -> str:
     """C += A x B for one conv tap and K chunk: A [span, k] (every `stride`-th row used), B the packed
     weight [n, k / group, 16, group]."""
     kind, mr, n, k, s, span = shape.kind, shape.m * shape.rows, shape.n, shape.k, shape.stride, shape.span
-    g, acc = kind.group, kind.acc_dtype
+    g, acc, lanes = kind.group, kind.acc_dtype, shape.lanes
 
     def desc(A, B, C) -> None:
         def block(vi, vj, vk):
             a = A[vi * I64(s), vk]
-            b = B[vj // I64(16), vk // I64(g), vj % I64(16), vk % I64(g)]
+            b = B[vj // I64(lanes), vk // I64(g), vj % I64(lanes), vk % I64(g)]
             T.reads(C[vi, vj], a, b)
             T.writes(C[vi, vj])
             T.buffer_store(C, C[vi, vj] + T.cast(a, acc) * T.cast(b, acc), [vi, vj])
@@ -215,20 +221,21 @@ def dot_intrin(shape: TileShape) -> str:
                      _ptr(A, r * shape.rows * s * A.strides[0], 1), _pitch(A, shape.elem_bytes, s))
         for j in range(n):
             _tile_op("llvm.x86.tileloadd64", T.int8(shape.b_tile(j)), _ptr(B, j * B.strides[0], 1),
-                     T.int64(ROW_BYTES))
+                     T.int64(4 * lanes))
             for r in range(shape.m):
                 _tile_op(kind.dot, T.int8(shape.c_tile(r, j)), T.int8(shape.a_tile(r)), T.int8(shape.b_tile(j)))
 
-    params = [("a", (span, k), kind.input_dtype, [1]), ("b", (n, k // g, 16, g), kind.weight_dtype, [16 * g, g, 1]),
-              ("c", (mr, n * 16), acc, [1])]
+    nc = n * lanes
+    params = [("a", (span, k), kind.input_dtype, [1]),
+              ("b", (n, k // g, lanes, g), kind.weight_dtype, [lanes * g, g, 1]), ("c", (mr, nc), acc, [1])]
     return _intrin(f"tvmzoo_amx_dot_{shape.key}", params,
-                   lambda A, B, C: [C[0:mr, 0:n * 16], A[0:span, 0:k], B[0:n, 0:k // g, 0:16, 0:g]],
-                   lambda A, B, C: [C[0:mr, 0:n * 16]], desc, impl)
+                   lambda A, B, C: [C[0:mr, 0:nc], A[0:span, 0:k], B[0:n, 0:k // g, 0:lanes, 0:g]],
+                   lambda A, B, C: [C[0:mr, 0:nc]], desc, impl)
 
 
 def end_intrin(shape: TileShape) -> str:
     """Out = C: store the accumulator tiles into the output, release the tiles."""
-    mr, nc, acc = shape.m * shape.rows, shape.n * 16, shape.kind.acc_dtype
+    mr, nc, acc = shape.m * shape.rows, shape.n * shape.lanes, shape.kind.acc_dtype
 
     def desc(C, O) -> None:
         def block(vi, vj, _):
@@ -241,7 +248,7 @@ def end_intrin(shape: TileShape) -> str:
         for r in range(shape.m):
             for j in range(shape.n):
                 _tile_op("llvm.x86.tilestored64", T.int8(shape.c_tile(r, j)),
-                         _ptr(O, r * shape.rows * O.strides[0] + j * 16, 2), _pitch(O, 4))
+                         _ptr(O, r * shape.rows * O.strides[0] + j * shape.lanes, 2), _pitch(O, 4))
         _tile_op("llvm.x86.tilerelease")
 
     return _intrin(f"tvmzoo_amx_end_{shape.key}", [("c", (mr, nc), acc, [1]), ("o", (mr, nc), acc, [1])],

@@ -3,11 +3,12 @@
 (int8_dot.py), so the outputs are bit-identical to theirs.
 
 The output is cut into macro tiles of m row tiles (pixels of one image row) x n channel tiles (16
-output channels); each parallel iteration computes one: configure + zero the accumulator tiles, then
-for every conv tap and K chunk load A (pixels x input channels, read in place from the padded input
-with the conv stride as the tile's row pitch) and B (the weight, repacked at build time to
-[KH, KW, OC/16, IC/4, 16, 4]) and multiply-add, then store the tiles and release them (amx.py).
-Kernels whose shapes do not fit the tiles (channels not a multiple of 16, fewer than MIN_ROWS pixels
+output channels, 8 for 8 x odd channels); each parallel iteration computes one: configure + zero the
+accumulator tiles, then for every conv tap and K chunk load A (pixels x input channels, read in place
+from the padded input with the conv stride as the tile's row pitch) and B (the weight, repacked at
+build time to [KH, KW, OC/16, IC/4, 16, 4]) and multiply-add, then store the tiles and release them
+(amx.py).
+Kernels whose shapes do not fit the tiles (channels not a multiple of 8, fewer than MIN_ROWS pixels
 per row tile) or whose reductions are too shallow to pay for them (INT8_MIN_DEPTH) are left to the
 next rule (VNNI).
 """
@@ -31,7 +32,7 @@ MIN_ROWS = 4
 # work per macro tile to pay for configuring, zeroing, storing and releasing the tiles. Measured kernel by
 # kernel on EfficientNet-Lite0 (benchmarks/bench_amx.py, Sapphire Rapids): AMX / VNNI time 2.3x for the
 # stem (9 x 4), 1.9x at 16, 1.6x at 24, 1.4x at 40, 1.1x at 32 input channels of a 1x1 conv; 1.0x at 80;
-# 0.5-0.9x from 112 up and on every RepVGG-A0 conv (9 x 48 and up).
+# 0.5-0.9x from 112 up; RepVGG-A0 (every conv 9 x 48 deep and more) runs 0.46-0.52x of its VNNI build.
 INT8_MIN_DEPTH = 64
 # Macro tiles (row tiles, channel tiles), best first among those with the most output per tile:
 # 4 accumulators with 2 A + 2 B loads per K chunk, then the thinner shapes.
@@ -46,15 +47,16 @@ def choose_tiles(kind: amx.AmxKind, rows: int, channels: int, k: int, stride: in
         raise NotApplicable(f"{depth or k} multiply-adds per output: too few for AMX tiles (VNNI is faster)")
     per_row = 64 // (4 // kind.group)
     chunk = max((d for d in range(kind.group, per_row + 1, kind.group) if k % d == 0), default=0)
-    if channels % 16 or not chunk:
+    lanes = 16 if channels % 16 == 0 else 8  # 8 x odd channels (24, 40): half-width tiles
+    if channels % lanes or not chunk:
         raise NotApplicable(f"{channels} output / {k} input channels do not fit AMX tiles")
     best, best_size = None, 0
     for m, n in TILINGS:
         pixels = max((r for r in range(1, amx.MAX_ROWS + 1) if rows % (m * r) == 0), default=0)
-        if (channels // 16) % n or pixels < MIN_ROWS:
+        if (channels // lanes) % n or pixels < MIN_ROWS:
             continue
         if m * n * pixels > best_size:
-            best, best_size = amx.TileShape(kind, pixels, m, n, chunk, stride), m * n * pixels
+            best, best_size = amx.TileShape(kind, pixels, m, n, chunk, stride, lanes), m * n * pixels
     if best is None:
         raise NotApplicable(f"{rows} pixels per row: no AMX row tile of {MIN_ROWS}..{amx.MAX_ROWS}")
     return best
@@ -97,12 +99,12 @@ class ScheduleInt8Amx(ScheduleInt8Dot):
         pos_c = next(i for i, v in enumerate(w_vars) if v.same_as(chan.var))
         pos_k = next(i for i, v in enumerate(w_vars) if v.same_as(rc.var))
         others = [i for i in range(len(w_vars)) if i not in (pos_c, pos_k)]
-        # [.., rc, .., chan, ..] -> [<other axes>, chan/16, rc/G, 16, G]: a B tile's rows are contiguous
-        repack_weight(sch, red, wgt, lambda *idx: (*[idx[i] for i in others], idx[pos_c] // 16, idx[pos_k] // g,
-                                                   idx[pos_c] % 16, idx[pos_k] % g))
+        lanes = shape.lanes  # [.., rc, .., chan, ..] -> [<other axes>, chan/L, rc/G, L, G]: B tiles contiguous
+        repack_weight(sch, red, wgt, lambda *idx: (*[idx[i] for i in others], idx[pos_c] // lanes,
+                                                   idx[pos_k] // g, idx[pos_c] % lanes, idx[pos_k] % g))
         acc = sch.cache_write(red, 0, "global")
         loop_of = loop_map(sch, red)
-        c_out, *c_in = _split(sch, loop_of[chan.var], shape.n, 16)
+        c_out, *c_in = _split(sch, loop_of[chan.var], shape.n, lanes)
         k_out, *k_in = _split(sch, loop_of[rc.var], shape.k // g, g)
         r_out, r_in = sch.split(loop_of[row.var], [None, shape.m * shape.rows])
         tiled = [chan.var, rc.var, row.var]
@@ -116,7 +118,7 @@ class ScheduleInt8Amx(ScheduleInt8Dot):
         sch.reverse_compute_at(acc, outer, preserve_unit_loops=False)
         rows_loop, chan_loop = sch.get_loops(acc)[-2:]
         if shape.n > 1:
-            sch.split(chan_loop, [shape.n, 16])
+            sch.split(chan_loop, [shape.n, lanes])
         init = sch.decompose_reduction(red, (red_loops or [k_out])[0])
         sch.tensorize(r_in, amx.dot_intrin(shape))
         sch.tensorize(sch.get_loops(init)[-1 - len(c_in)], amx.begin_intrin(shape))
