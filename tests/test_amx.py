@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -168,25 +171,64 @@ _BARE_TVM = ("import json, tvm\nfrom tvm import relax\nvm = relax.VirtualMachine
              "sys.argv[1] + '/mod.so'), tvm.cpu())\nout = lambda x: vm['main'](tvm.runtime.tensor(x)).numpy()")
 
 
-@needs_amx_int8
-def test_amx_module_runs_in_a_fresh_process_through_the_loader(tmp_path, sample_images, photos):
-    """tvmzoo's loader asks for AMX state before the first kernel runs; without that request (TVM's bare
-    loader) the same module dies on its first tile instruction: the permission is what makes it run."""
+@pytest.fixture(scope="module")
+def tiny_amx(tmp_path_factory, sample_images, photos):
+    """The tiny int8 RepVGG built by `compile_model` for this host (its convs of 16+ channels on AMX) and
+    one photo saved for a fresh process: (model prefix, photo path)."""
     from conftest import copy_images
     from tiny import build_tiny
 
-    copy_images(sample_images[:8], tmp_path)
-    prefix = build_tiny(tmp_path, "tiny_amx", dtype="int8", size=SIZE)
-    meta = json.loads((prefix.parent / "mod.json").read_text())
-    assert "amx-int8" in meta["cpu_features"]
-    np.save(tmp_path / "x.npy", photos[:1])
+    root = tmp_path_factory.mktemp("tiny_amx")
+    copy_images(sample_images[:8], root)
+    prefix = build_tiny(root, "tiny_amx", dtype="int8", size=SIZE)
+    assert "amx-int8" in json.loads((prefix.parent / "mod.json").read_text())["cpu_features"]
+    np.save(root / "x.npy", photos[:1])
+    return prefix, root / "x.npy"
 
-    def run(load: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", _LOAD.format(load=load), str(prefix.parent),
-                               str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=300)
 
-    ok = run(_WITH_LOADER)
+def _fresh(load: str, prefix, x) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LOAD.format(load=load), str(prefix.parent), str(x)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_amx_int8
+def test_amx_module_runs_in_a_fresh_process_through_the_loader(tiny_amx):
+    """tvmzoo's loader asks for AMX state before the first kernel runs; without that request (TVM's bare
+    loader) the same module dies on its first tile instruction: the permission is what makes it run."""
+    ok = _fresh(_WITH_LOADER, *tiny_amx)
     assert ok.returncode == 0, ok.stderr
     assert np.isfinite(json.loads(ok.stdout.splitlines()[-1])).all()
-    bare = run(_BARE_TVM)
+    bare = _fresh(_BARE_TVM, *tiny_amx)
     assert bare.returncode == -signal.SIGILL, (bare.returncode, bare.stderr[-500:])
+
+
+@needs_amx_int8
+def test_amx_module_runs_on_a_tvmzoo_rpc_device(tiny_amx, tmp_path):
+    """`tvmzoo device serve` asks for AMX state before serving (TVM's own rpc_server does not): the module
+    runs there and gives the local outputs."""
+    from tvm import rpc
+
+    from tvmzoo.run.devices import load_remote
+    from tvmzoo.run.runtime import CompiledModel
+
+    prefix, x = tiny_amx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["timeout", "-s", "KILL", "300", str(Path(sys.executable).parent / "tvmzoo"), "device",
+                               "serve", "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        session = None
+        for _ in range(120):  # the server takes a few seconds to import TVM
+            try:
+                session = rpc.connect("127.0.0.1", port)
+                break
+            except (RuntimeError, OSError):
+                time.sleep(0.5)
+        assert session is not None, "the RPC server did not start"
+        remote = load_remote(prefix, session).run(np.load(x))
+        assert np.array_equal(remote, CompiledModel.load(prefix).run(np.load(x)))
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
