@@ -1,7 +1,7 @@
 """Dynamic batching for one model: requests (each a few rows) wait in one queue; every model instance
-has a thread that takes the oldest request, gathers more until the batch is full or the oldest has
-waited `max_delay_s` (Triton's max_queue_delay), runs them as one batch and hands each request its
-own rows back. One batcher per model, so batches never mix models."""
+has a thread that takes the oldest request, gathers more until the batch has the rows `Arrivals`
+expects or the oldest has waited `max_delay_s` (Triton's max_queue_delay), runs them as one batch and
+hands each request its own rows back. One batcher per model, so batches never mix models."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +21,29 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Arrivals:
+    """How many rows the next batch waits for. Triton waits for a full batch (up to the delay) even when
+    no other request can come: a lone client pays the whole delay and a padded batch on every request.
+    Here a batch waits for as many rows as were in flight together (queued or running) since the
+    previous batch was taken, at most `max_batch`: the clients seen then are the ones that may come back.
+    A lone client runs at once; 8 clients on a batch-8 build get full batches without the delay
+    running out. Before the first batch nothing is known, so it waits for a full one, as Triton does."""
+    max_batch: int
+    expected: int = 0          # rows the next batch waits for (0: set to max_batch)
+    _peak: int = 0             # most rows in flight together since the last batch was taken
+
+    def __post_init__(self) -> None:
+        self.expected = self.expected or self.max_batch
+
+    def submitted(self, in_flight_rows: int) -> None:
+        self._peak = max(self._peak, in_flight_rows)
+
+    def taken(self) -> None:
+        self.expected = min(self.max_batch, max(self._peak, 1))
+        self._peak = 0
+
+
+@dataclass
 class Pending:
     rows: np.ndarray
     future: Future = field(default_factory=Future)
@@ -36,6 +59,8 @@ class DynamicBatcher:
         self.metrics = metrics
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0
+        self._in_flight_rows = 0    # queued or running
+        self._arrivals = Arrivals(max_batch)
         self._cond = threading.Condition()
         warmed = [threading.Event() for _ in instances]
         self._closed = False
@@ -55,6 +80,8 @@ class DynamicBatcher:
                 raise RuntimeError(f"model {self.name} is shutting down")
             self._queue.append(item)
             self._queued_rows += len(rows)
+            self._in_flight_rows += len(rows)
+            self._arrivals.submitted(self._in_flight_rows)
             self._cond.notify()
         return item.future
 
@@ -94,7 +121,8 @@ class DynamicBatcher:
                         return None
                     self._cond.wait()
                 deadline = self._queue[0].enqueued + self.max_delay_s
-                while self._queue and self._queued_rows < self.max_batch and not (self._closed or self._flush):
+                wanted = self._arrivals.expected
+                while self._queue and self._queued_rows < wanted and not (self._closed or self._flush):
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
@@ -109,6 +137,7 @@ class DynamicBatcher:
             rows += len(self._queue[0].rows)
             batch.append(self._queue.popleft())
         self._queued_rows -= rows
+        self._arrivals.taken()
         return batch
 
     def _run(self, model: CompiledModel, batch: list[Pending]) -> None:
@@ -123,6 +152,7 @@ class DynamicBatcher:
             ran = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
+            self._done(batch)
             for item in batch:
                 item.future.set_exception(exc)
             return
@@ -138,8 +168,14 @@ class DynamicBatcher:
         m.inference_count.labels(*labels).inc(len(inputs))
         m.exec_count.labels(*labels).inc()
         m.batch_size.labels(self.name).observe(len(inputs))
+        self._done(batch)
         for item, result in zip(batch, results):
             item.future.set_result(result)
+
+    def _done(self, batch: list[Pending]) -> None:
+        """No longer in flight: counted out before the answers go, since a client may send its next at once."""
+        with self._cond:
+            self._in_flight_rows -= sum(len(item.rows) for item in batch)
 
 
 def _gather(parts: list[np.ndarray]) -> np.ndarray:

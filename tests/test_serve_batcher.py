@@ -1,0 +1,106 @@
+"""How `tvmzoo serve` spends the cores between and around requests: the dynamic batcher waits only for
+clients it has seen (a real compiled batch-4 build), and an idle server's TVM pool does not spin."""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpclient = pytest.importorskip("tritonclient.http")
+
+from serve_client import ServerProcess  # noqa: E402
+from tiny import build_tiny  # noqa: E402
+from tvmzoo.preprocess import apply, read_image  # noqa: E402
+from tvmzoo.run.runtime import CompiledModel  # noqa: E402
+from tvmzoo.run.serve.batcher import Arrivals, DynamicBatcher  # noqa: E402
+from tvmzoo.run.serve.metrics import VERSION, Metrics  # noqa: E402
+
+pytestmark = pytest.mark.reliability
+NAME, DELAY_S = "tiny_b4", 1.5
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("batcher")
+    return build_tiny(root, NAME, resize_short=40, batch=4).parent
+
+
+def test_arrivals_wait_for_the_rows_seen_in_flight_together():
+    arrivals = Arrivals(max_batch=8)
+    assert arrivals.expected == 8             # nothing known yet: a full batch, as Triton waits for
+    arrivals.submitted(1)
+    arrivals.taken()
+    assert arrivals.expected == 1             # a lone client: the next batch runs at once
+    for in_flight in (1, 2, 3, 2, 3, 4, 5):   # 5 clients: some answered, some queued, some running
+        arrivals.submitted(in_flight)
+    arrivals.taken()
+    assert arrivals.expected == 5
+    arrivals.submitted(20)
+    arrivals.taken()
+    assert arrivals.expected == 8             # never more than the batch
+    arrivals.taken()                          # nothing came since (rows left queued by the last take)
+    assert arrivals.expected == 1
+
+
+def test_a_lone_client_does_not_wait_and_concurrent_clients_fill_batches(build, sample_images):
+    model = CompiledModel.load(build)
+    rows = apply(model.preprocessing, read_image(sample_images[0]))[None]
+    expected = model.run(np.repeat(rows, 4, axis=0))[:1]
+    metrics = Metrics.create()
+    metrics.count_model(NAME)
+    batcher = DynamicBatcher(NAME, [model], 4, DELAY_S, metrics)
+
+    def executions() -> float:
+        return metrics.exec_count.value(NAME, VERSION)
+
+    try:
+        start = time.perf_counter()
+        np.testing.assert_array_equal(batcher.submit(rows).result(), expected)
+        assert time.perf_counter() - start >= DELAY_S     # the first request waits for company, as in Triton
+        start = time.perf_counter()
+        for _ in range(5):
+            np.testing.assert_array_equal(batcher.submit(rows).result(), expected)
+        assert time.perf_counter() - start < DELAY_S      # no later one waits out the delay in vain
+        assert executions() == 6
+
+        def client(_: int) -> None:
+            for _ in range(6):
+                np.testing.assert_array_equal(batcher.submit(rows).result(), expected)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(client, range(4)))
+        assert time.perf_counter() - start < DELAY_S      # batches filled up without the delay running out
+        assert executions() - 6 <= 8                      # 24 rows: 6 full batches, a transition or two
+        assert metrics.inference_count.value(NAME, VERSION) == 30
+    finally:
+        batcher.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc (Linux)")
+def test_an_idle_server_does_not_spin_after_a_request(build, sample_images):
+    """TVM's pool workers spin 300000 sched_yield()s after each task by default (50-60 ms of CPU after
+    every request on Lite0 here), taking the cores the event loop and clients need; serve lowers it."""
+    server = ServerProcess.start(build, "--threads", "2")
+    try:
+        model = CompiledModel.load(build)
+        x = apply(model.preprocessing, read_image(sample_images[0]))[None]
+        client = httpclient.InferenceServerClient(server.http)
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        for _ in range(3):
+            client.infer(NAME, [tensor])
+            before = _cpu_seconds(server.proc.pid)
+            time.sleep(0.5)
+            assert _cpu_seconds(server.proc.pid) - before < 0.03
+    finally:
+        assert server.stop() == 0
