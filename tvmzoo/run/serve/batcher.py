@@ -107,11 +107,12 @@ class DynamicBatcher:
         except Exception:  # noqa: BLE001 - TVM's own error types; real requests will report it
             log.exception("model %s: warm-up run failed", self.name)
         warmed.set()
+        buffer = InputBuffer(model, self.max_batch)
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run(model, batch)
+            self._run(model, buffer, batch)
 
     def _next_batch(self) -> list[Pending] | None:
         with self._cond:
@@ -140,13 +141,13 @@ class DynamicBatcher:
         self._arrivals.taken()
         return batch
 
-    def _run(self, model: CompiledModel, batch: list[Pending]) -> None:
+    def _run(self, model: CompiledModel, buffer: InputBuffer, batch: list[Pending]) -> None:
         m, labels = self.metrics, (self.name, VERSION)
         start = time.perf_counter()
         for item in batch:
             m.queue_us.labels(*labels).inc((start - item.enqueued) * 1e6)
         try:
-            inputs = _gather([item.rows for item in batch])
+            inputs, rows = buffer.fill([item.rows for item in batch])
             started = time.perf_counter()
             outputs = model.run(inputs)
             ran = time.perf_counter()
@@ -165,9 +166,9 @@ class DynamicBatcher:
         m.input_us.labels(*labels).inc((started - start) * 1e6 * n)
         m.infer_us.labels(*labels).inc((ran - started) * 1e6 * n)
         m.output_us.labels(*labels).inc((done - ran) * 1e6 * n)
-        m.inference_count.labels(*labels).inc(len(inputs))
+        m.inference_count.labels(*labels).inc(rows)
         m.exec_count.labels(*labels).inc()
-        m.batch_size.labels(self.name).observe(len(inputs))
+        m.batch_size.labels(self.name).observe(rows)
         self._done(batch)
         for item, result in zip(batch, results):
             item.future.set_result(result)
@@ -178,7 +179,22 @@ class DynamicBatcher:
             self._in_flight_rows -= sum(len(item.rows) for item in batch)
 
 
-def _gather(parts: list[np.ndarray]) -> np.ndarray:
-    """The requests' rows in one aligned buffer, which the module reads in place (no extra copy)."""
-    out = aligned_empty((sum(len(p) for p in parts), *parts[0].shape[1:]), parts[0].dtype)
-    return np.concatenate(parts, out=out)
+class InputBuffer:
+    """One instance's input: an aligned buffer of a whole batch, allocated once, which the module reads
+    in place. The requests' rows are copied in once; a fixed-batch build's padding rows are zeroed here
+    instead of `CompiledModel.run` padding into a new, unaligned array that it copies again (two 4.8 MB
+    copies and fresh pages per Lite0 b8 batch)."""
+
+    def __init__(self, model: CompiledModel, max_batch: int) -> None:
+        self.fixed = model.fixed_batch
+        self._buffer = aligned_empty((self.fixed or max_batch, *model.input_shape[1:]), model.input_dtype)
+
+    def fill(self, parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
+        """(the batch to run, its real rows)."""
+        rows = sum(len(p) for p in parts)
+        if rows > len(self._buffer):   # one request larger than a batch: `CompiledModel.run` splits it
+            return np.concatenate(parts), rows
+        batch = self._buffer[:self.fixed or rows]
+        np.concatenate(parts, out=batch[:rows])
+        batch[rows:] = 0
+        return batch, rows
