@@ -215,7 +215,8 @@ def report(results: dict, setup: Setup, load: str) -> str:
         for r in res["rows"]:
             lines.append(f"| {model} | {r.protocol} | {r.concurrency} | {r.images_per_s:.1f} | {r.p50:.2f} | "
                          f"{r.p90:.2f} | {r.p99:.2f} | {r.queue_us:.0f} | {r.compute_us:.0f} | {r.rows_per_exec:.1f} | "
-                         f"{r.client_cpu_ms:.2f} | {r.server_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
+                         f"{r.client_cpu_ms:.2f} | {r.server_cpu_ms:.2f} | "
+                         f"{100 * r.images_per_s / res['vamp_ips']:.0f} % |")
         lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | "
                      f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | 100 % |")
     lines += ["", "Compact (images/s, p50 / p99 ms):", "",
