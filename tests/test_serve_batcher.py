@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,39 +45,33 @@ def test_arrivals_wait_for_the_rows_seen_in_flight_together():
     assert arrivals.expected == 1
 
 
-def test_a_lone_client_does_not_wait_and_concurrent_clients_fill_batches(build, sample_images):
-    model = CompiledModel.load(build)
+def test_a_batch_waits_only_for_the_clients_it_has_seen(build, sample_images):
+    model = CompiledModel.load(build)                 # batch 4
     rows = apply(model.preprocessing, read_image(sample_images[0]))[None]
     expected = model.run(np.repeat(rows, 4, axis=0))[:1]
     metrics = Metrics.create()
     metrics.count_model(NAME)
     batcher = DynamicBatcher(NAME, [model], 4, DELAY_S, metrics)
 
+    def run(clients: int) -> float:
+        """`clients` requests at once; returns the seconds until every answer (each checked) was in."""
+        start = time.perf_counter()
+        for future in [batcher.submit(rows) for _ in range(clients)]:
+            np.testing.assert_array_equal(future.result(), expected)
+        return time.perf_counter() - start
+
     def executions() -> float:
         return metrics.exec_count.value(NAME, VERSION)
 
     try:
-        start = time.perf_counter()
-        np.testing.assert_array_equal(batcher.submit(rows).result(), expected)
-        assert time.perf_counter() - start >= DELAY_S     # the first request waits for company, as in Triton
-        start = time.perf_counter()
-        for _ in range(5):
-            np.testing.assert_array_equal(batcher.submit(rows).result(), expected)
-        assert time.perf_counter() - start < DELAY_S      # no later one waits out the delay in vain
-        assert executions() == 6
-
-        def client(_: int) -> None:
-            for _ in range(6):
-                np.testing.assert_array_equal(batcher.submit(rows).result(), expected)
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(client, range(4)))
-        # batches fill up without the delay running out, but for (at most) once at the end: the client that
-        # got in first finishes first, and the last three wait for the fourth they saw before
-        assert time.perf_counter() - start < 2 * DELAY_S
-        assert executions() - 6 <= 8                      # 24 rows: 6 full batches, a transition or two
-        assert metrics.inference_count.value(NAME, VERSION) == 30
+        assert sum(run(4) for _ in range(3)) < DELAY_S    # 4 clients: full batches, no waiting the delay out
+        assert executions() == 3
+        assert run(1) >= DELAY_S      # 3 of the 4 clients left: the next batch waits for them once, as Triton would
+        assert sum(run(1) for _ in range(5)) < DELAY_S    # a lone client: no later request waits in vain
+        assert executions() == 3 + 1 + 5
+        assert run(4) < 2 * DELAY_S   # 4 again: at most one wait while the batcher learns they are back
+        assert executions() <= 9 + 3
+        assert metrics.inference_count.value(NAME, VERSION) == 12 + 6 + 4
     finally:
         batcher.close()
 
