@@ -36,7 +36,7 @@ class Weights:
     def describe(self) -> str:
         """One line for `tvmzoo models`: key, input, classes, published top-1."""
         h, w = self.size_hw
-        top1 = f"top-1 {self.top1:.2f}%" if self.top1 is not None else "top-1 not published"
+        top1 = f"top-1 {self.top1:.2f}%" if self.top1 is not None else "top-1 not recorded"
         where = "pip package" if self.packaged is not None else (self.url or "no published file known")
         return f"{self.key:38} {h}x{w}  {self.num_classes} classes  {top1:20}  {where}"
 
