@@ -131,7 +131,7 @@ def bench_model(model: str, args, peak: float) -> list[dict]:
     cfg = build_cfg(model, "fp32", 1, args.calib)
     onnx_path = ensure_onnx(cfg, input_spec(cfg))   # exported once (symbolic batch), shared by every build
     fp32 = onnx.load(str(onnx_path))
-    macs = model_info(fp32, input_size=(224, 224)).macs
+    macs = model_info(fp32, size_hw=(224, 224)).macs
     pre = preprocessing_of(cfg)
     photos = sorted(find_images(PHOTOS, ("JPEG",)))[-max(args.batches):]  # not among the calibration images
     images = np.stack([apply(pre, read_image(p)) for p in photos])

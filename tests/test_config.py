@@ -166,15 +166,15 @@ def test_overrides(tmp_path, monkeypatch):
 @pytest.mark.reliability
 @pytest.mark.parametrize("text", ["null", "1.10", "0x1F", "010", "true", "no", "1e3", "[1]"])
 def test_set_value_parsed_once_keeps_a_quoted_string(tmp_path, text):
-    """--set name="'null'" reaches the config as the string null (the CLI reads the value as YAML once,
-    the library uses it as given); a workspace path that looks like a number stays a path."""
-    from tvmzoo.cli import _overrides
+    """--set name="'null'" reaches the config as the string null (parse_set reads the value as YAML once,
+    load_build_config uses it as given); a workspace path that looks like a number stays a path."""
+    from tvmzoo.config import parse_set
 
     path = _write(tmp_path, VENDOR_YAML)
-    cfg = load_build_config(path, _overrides([f"name='{text}'", f"workspace.path='{text}'"]))
+    cfg = load_build_config(path, parse_set([f"name='{text}'", f"workspace.path='{text}'"]))
     assert cfg.name == text and cfg.workspace.name == text
     assert load_build_config(path, {"workspace.path": text}).workspace.name == text   # library: as given
-    assert _overrides(["a=null", "b=010", "c=0x1F", "d=1.10"]) == {"a": None, "b": 8, "c": 31, "d": 1.1}
+    assert parse_set(["a=null", "b=010", "c=0x1F", "d=1.10"]) == {"a": None, "b": 8, "c": 31, "d": 1.1}
 
 
 def _set(data: dict, dotted: str, value) -> dict:

@@ -12,6 +12,7 @@ import pytest
 from tvmzoo.io.checkpoint import load_state_dict
 from tvmzoo.errors import CheckpointError
 from tvmzoo.models import efficientnet_lite as el
+from tvmzoo.models import weights_for
 
 torch = pytest.importorskip("torch")
 reference = pytest.importorskip("efficientnet_lite_pytorch")
@@ -34,19 +35,19 @@ def photos() -> tuple[np.ndarray, np.ndarray]:
         pytest.skip(f"{sample} not found")
     wnids = [line.split("\t")[0] for line in (DATA / "imagenet_synsets.txt").read_text().splitlines()]
     files = sorted(sample.glob("*.JPEG"))[::31][:N_PHOTOS]
-    pre = el.default_preprocessing("lite0", "lite_pytorch")
+    pre = weights_for("efficientnet_lite", "lite0", "lite_pytorch").preprocessing
     batch = np.stack([_preprocess(cv2.imread(str(f)), pre) for f in files])
     labels = np.array([wnids.index(f.name.split("_")[0]) for f in files])
     return batch, labels
 
 
 def _preprocess(bgr: np.ndarray, pre) -> np.ndarray:
-    """Short side to pre.resize[0] (aspect kept), centre crop, (x/255 - mean)/std, RGB CHW."""
+    """Short side to pre.short_side (aspect kept), centre crop, (x/255 - mean)/std, RGB CHW."""
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     h, w = rgb.shape[:2]
-    scale = pre.resize[0] / min(h, w)
+    scale = pre.short_side / min(h, w)
     rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
-    cw, ch = pre.crop
+    ch, cw = pre.crop_hw
     y, x = (rgb.shape[0] - ch) // 2, (rgb.shape[1] - cw) // 2
     x01 = rgb[y:y + ch, x:x + cw].astype(np.float32) / 255
     return ((x01 - np.float32(pre.mean)) / np.float32(pre.std)).transpose(2, 0, 1)
@@ -80,7 +81,7 @@ def test_onnx_equals_reference_on_photos(state, photos):
 def test_same_padding_on_odd_sizes(state):
     """Asymmetric TF 'same' pads computed per layer for a size that is neither square nor even."""
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 97, 130)).astype(np.float32)
-    out = _run_onnx(el.deploy_onnx(state, "lite0", "lite_pytorch", input_size=(97, 130), batch=2), x)
+    out = _run_onnx(el.deploy_onnx(state, "lite0", "lite_pytorch", size_hw=(97, 130), batch=2), x)
     with torch.no_grad():
         ref = _reference(state, [97, 130])(torch.from_numpy(x)).numpy()
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
@@ -113,7 +114,7 @@ def test_wrong_arch_is_reported(state):
         el.deploy_onnx(state, "lite2", "lite_pytorch")
 
 
-def test_default_preprocessing():
-    pre = el.default_preprocessing("lite2", "lite_pytorch")
-    assert (pre.resize[0], pre.crop, pre.keep_aspect) == (292, (260, 260), True)
+def test_weights_entry_preprocessing():
+    pre = weights_for("efficientnet_lite", "lite2", "lite_pytorch").preprocessing
+    assert (pre.short_side, pre.crop_hw, pre.keep_aspect) == (292, (260, 260), True)
     assert (pre.norm, pre.mean, pre.std) == ("DIV255_MINUSMEAN_DIVSTD", (0.5,) * 3, (0.5,) * 3)

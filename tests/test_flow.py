@@ -37,7 +37,7 @@ def project(tmp_path_factory, sample_images):
         "model": {"family": "repvgg", "arch": "A0", "source": "ppcls", "weights": str(weights)},
     }
     (root / "build.yaml").write_text(yaml.safe_dump(cfg))
-    pre = Preprocessing(resize=(73, 73), crop=(SIZE, SIZE), crop_xy=(4, 4))
+    pre = Preprocessing(resize_hw=(73, 73), crop_hw=(SIZE, SIZE), crop_xy=(4, 4))
     (root / "vdsp.json").write_text(json.dumps(pre.to_vdsp()))
     images = copy_images(sample_images[::50], root / "photos")           # 10 photos, 10 classes
     (root / "photos" / "broken.JPEG").write_bytes(b"not a jpeg at all")

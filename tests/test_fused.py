@@ -38,11 +38,11 @@ def built(tmp_path_factory):
 
 
 @pytest.mark.parametrize("pre", [
-    Preprocessing(resize=(40, 40), crop=(SIZE, SIZE)),
-    Preprocessing(resize=(37, 37), keep_aspect=True, crop=(SIZE, SIZE)),
-    Preprocessing(resize=(39, 39), keep_aspect=True, crop=(SIZE, SIZE), crop_xy=(1, 6), rgb=False,
+    Preprocessing(resize_hw=(40, 40), crop_hw=(SIZE, SIZE)),
+    Preprocessing(resize_hw=(37, 37), keep_aspect=True, crop_hw=(SIZE, SIZE)),
+    Preprocessing(resize_hw=(39, 39), keep_aspect=True, crop_hw=(SIZE, SIZE), crop_xy=(1, 6), rgb=False,
                   norm="DIV127_5_MINUSONE"),
-    Preprocessing(resize=(50, 41), crop=(SIZE, SIZE), crop_xy=(5, 2), interpolation="BILINEAR_PILLOW",
+    Preprocessing(resize_hw=(41, 50), crop_hw=(SIZE, SIZE), crop_xy=(5, 2), interpolation="BILINEAR_PILLOW",
                   norm="MINUSMEAN_DIVSTD", mean=(123.7, 116.3, 103.5), std=(58.4, 57.1, 57.4)),
 ], ids=["square", "keep-aspect", "bgr-crop_xy", "pillow-0..255"])
 def test_onnx_prefix_equals_host_pipeline(pre, photos, tmp_path):
@@ -94,7 +94,7 @@ def test_runner_and_vamp_feed_a_fused_module(built, photos, tmp_path):
 
 
 def test_fused_errors_are_clear(built, tmp_path):
-    other = Preprocessing(resize=(48, 48), crop=(SIZE, SIZE))
+    other = Preprocessing(resize_hw=(48, 48), crop_hw=(SIZE, SIZE))
     (tmp_path / "vdsp.json").write_text(json.dumps(other.to_vdsp()))
     proc = run_cli("tvmzoo", "run", "--file_path", tmp_path, "--model_prefix_path", built["fused_sm"],
                    "--vdsp_params_info", tmp_path / "vdsp.json", check=False)

@@ -54,8 +54,8 @@ def test_counts_on_a_small_graph():
 def test_symbolic_input_needs_a_size():
     with pytest.raises(ConfigError, match="symbolic size"):
         model_info(_small_graph(symbolic=True))
-    assert model_info(_small_graph(symbolic=True), input_size=(20, 20)) == model_info(_small_graph())
-    assert model_info(_small_graph(symbolic=True), input_size=(40, 40)).macs == 4 * (800 * 45) + 60
+    assert model_info(_small_graph(symbolic=True), size_hw=(20, 20)) == model_info(_small_graph())
+    assert model_info(_small_graph(symbolic=True), size_hw=(40, 40)).macs == 4 * (800 * 45) + 60
 
 
 def test_text_format():
@@ -96,13 +96,13 @@ def test_regnetx_vs_pycls_model_zoo(arch):
 
 
 def test_regnetx_400mf_torchvision_and_ppcls():
-    tv = family_info("regnet", "400MF", source="torchvision")
+    tv = family_info("regnet", "400MF_tv", source="torchvision")
     assert tv.params_train == 5_495_976          # torchvision RegNet_X_400MF_Weights meta["num_params"]
     assert abs(tv.macs / 0.4e9 - 1) < 0.05       # its "_ops": 0.4 (one decimal)
     pp = family_info("regnet", "400MF", source="ppcls")
     assert pp.input_shape == (3, 256, 256)       # PaddleClas evaluates at 256
     assert pp.params_train == family_info("regnet", "400MF").params_train
-    assert family_info("regnet", "400MF", source="ppcls", input_size=(224, 224)).macs == \
+    assert family_info("regnet", "400MF", source="ppcls", size_hw=(224, 224)).macs == \
         family_info("regnet", "400MF").macs
 
 
@@ -119,7 +119,8 @@ def test_efficientnet_lite0():
 
 def test_info_for_family_targets():
     assert info_for("repvgg:A0").params_deploy == repvgg.param_count("A0")
-    assert info_for("regnet:RegNetX-400MF:torchvision").params_train == 5_495_976
+    assert info_for("regnet:RegNetX-400MF_tv:torchvision").params_train == 5_495_976
+    assert info_for("regnet:800MF:torchvision.v2").input_shape == (3, 224, 224)
     for bad in ("repvgg", "repvgg:A0:official:x", ":A0"):
         with pytest.raises(ConfigError, match="neither a build YAML nor family:arch"):
             info_for(bad)

@@ -66,7 +66,7 @@ def outlier_checkpoint(calib: list[np.ndarray], seed: int = 0) -> dict[str, np.n
     blocks = repvgg.blocks(ARCH)
 
     def deploy() -> onnx.ModelProto:
-        return repvgg.deploy_onnx(state, ARCH, "official", input_size=(SIZE, SIZE))
+        return repvgg.deploy_onnx(state, ARCH, "official", size_hw=(SIZE, SIZE))
 
     for k, b in enumerate(blocks):
         p = lay.block_prefix(b.stage, b.index)
@@ -117,7 +117,7 @@ def photos(photo_paths) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model(calib) -> onnx.ModelProto:
-    return repvgg.deploy_onnx(outlier_checkpoint(calib), ARCH, "official", input_size=(SIZE, SIZE))
+    return repvgg.deploy_onnx(outlier_checkpoint(calib), ARCH, "official", size_hw=(SIZE, SIZE))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from tvmzoo.compile.compiler import compile_model
 from tvmzoo.config import load_build_config
 from tvmzoo.eval.topk import ground_truth_of
 from tvmzoo.models import efficientnet_lite as el
+from tvmzoo.models import weights_for
 from tvmzoo.preprocess import apply, read_image
 from tvmzoo.run.results import top_k
 from tvmzoo.run.runner import classify
@@ -42,7 +43,7 @@ def torch_top1(photos, truth) -> float:
     net = reference.EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict({k: torch.from_numpy(v) for k, v in load_state_dict(el.weights_path()).items()})
     net.eval()
-    pre = el.default_preprocessing("lite0", "lite_pytorch")
+    pre = weights_for("efficientnet_lite", "lite0", "lite_pytorch").preprocessing
     correct = 0
     with torch.no_grad():
         for start in range(0, len(photos), 25):

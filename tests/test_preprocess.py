@@ -53,7 +53,7 @@ def test_vdsp_new_form(tmp_path):
     path = tmp_path / "official-repvgg_a0-vdsp_params.json"
     path.write_text(json.dumps(VDSP_NEW))
     pre = Preprocessing.from_vdsp(path)
-    assert pre.resize == (256, 256) and not pre.keep_aspect and pre.crop == (224, 224)
+    assert pre.resize_hw == (256, 256) and not pre.keep_aspect and pre.crop_hw == (224, 224)
     assert pre.crop_xy is None  # (16, 16) is the centre of 256 -> 224
     assert pre.norm == "DIV255_MINUSMEAN_DIVSTD" and pre.rgb and pre.interpolation == "BILINEAR_CV"
     assert pre.mean == (0.485107421875, 0.4560546875, 0.406005859375)
@@ -66,7 +66,7 @@ def test_vdsp_legacy_list_form_fp16_bits():
     assert pre.mean == pytest.approx((0.485107421875, 0.4560546875, 0.406005859375), abs=0)
     assert pre.std == pytest.approx((0.22900390625, 0.2239990234375, 0.2249755859375), abs=0)
     assert pre.mean[0] == pytest.approx(0.485, abs=2e-4)
-    assert pre.keep_aspect and pre.resize == (256, 256) and pre.crop == (224, 224) and pre.rgb
+    assert pre.keep_aspect and pre.resize_hw == (256, 256) and pre.crop_hw == (224, 224) and pre.rgb
     # the new form of the same file gives the same preprocessing, but for keep-aspect
     assert Preprocessing.from_vdsp(VDSP_NEW) == Preprocessing(**{**pre.__dict__, "keep_aspect": False})
 
@@ -77,7 +77,7 @@ def test_vdsp_legacy_flat_numeric_form():
             "crop_size": 256, "meanr": 22459, "meang": 22340, "meanb": 22136,
             "stdr": 21325, "stdg": 21284, "stdb": 21292, "norma_type": 3}
     pre = Preprocessing.from_vdsp(flat)
-    assert pre.norm == "MINUSMEAN_DIVSTD" and pre.crop == (256, 256) and pre.resize == (288, 288)
+    assert pre.norm == "MINUSMEAN_DIVSTD" and pre.crop_hw == (256, 256) and pre.resize_hw == (288, 288)
     assert pre.mean == pytest.approx((123.675, 116.28, 103.53), abs=0.07)
     assert pre.std == pytest.approx((58.395, 57.12, 57.375), abs=0.04)
     with pytest.raises(ConfigError, match="resize_type.*write the name"):
@@ -118,7 +118,7 @@ def test_vdsp_keep_aspect_extension():
 def test_vdsp_resize_only_op():
     cfg = {k: v for k, v in VDSP_NEW["OpConfig"].items() if not k.startswith(("Crop", "Resize"))}
     pre = Preprocessing.from_vdsp({"OpType": "FUSION_OP_RGB_RESIZE_CVTCOLOR_NORM_TENSOR", "OpConfig": cfg})
-    assert pre.resize == pre.crop == (224, 224) and pre.interpolation == "BILINEAR_CV"
+    assert pre.resize_hw == pre.crop_hw == (224, 224) and pre.interpolation == "BILINEAR_CV"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -170,11 +170,11 @@ def test_process_ops_variants():
     ops = [{"type": "Resize", "resize_short": 256}, {"type": "CenterCrop", "crop_size": 224},
            {"type": "Normalize", "div255": True, "mean": [0, 0, 0], "std": [1, 1, 1]}]
     pre = Preprocessing.from_process_ops(ops)
-    assert pre.keep_aspect and pre.resize[0] == 256 and pre.crop == (224, 224) and pre.norm == "DIV255"
+    assert pre.keep_aspect and pre.short_side == 256 and pre.crop_hw == (224, 224) and pre.norm == "DIV255"
     plain = Preprocessing.from_process_ops([{"type": "Resize", "size": [224, 224]},
                                             {"type": "Normalize", "mean": [123.675, 116.28, 103.53],
                                              "std": [58.395, 57.12, 57.375]}])
-    assert plain.norm == "MINUSMEAN_DIVSTD" and plain.crop == (224, 224)
+    assert plain.norm == "MINUSMEAN_DIVSTD" and plain.crop_hw == (224, 224)
 
 
 @pytest.mark.parametrize("ops, message", [
@@ -200,14 +200,15 @@ def _reference(pre: Preprocessing, bgr: np.ndarray) -> np.ndarray:
     """A deliberately plain re-implementation: cv2 resize, slicing, the textbook formulas."""
     h, w = bgr.shape[:2]
     if pre.keep_aspect:
-        s = pre.resize[0]
-        size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        s = pre.short_side
+        size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)   # (width, height), as cv2 takes it
     else:
-        size = pre.resize
+        size = pre.resize_hw[::-1]
     img = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR)
-    x0 = (size[0] - pre.crop[0]) // 2 if pre.crop_xy is None else pre.crop_xy[0]
-    y0 = (size[1] - pre.crop[1]) // 2 if pre.crop_xy is None else pre.crop_xy[1]
-    img = img[y0:y0 + pre.crop[1], x0:x0 + pre.crop[0]]
+    ch, cw = pre.crop_hw
+    x0 = (size[0] - cw) // 2 if pre.crop_xy is None else pre.crop_xy[0]
+    y0 = (size[1] - ch) // 2 if pre.crop_xy is None else pre.crop_xy[1]
+    img = img[y0:y0 + ch, x0:x0 + cw]
     if pre.rgb:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     x = img.astype(np.float64)
@@ -220,15 +221,15 @@ def _reference(pre: Preprocessing, bgr: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("pre", [
     Preprocessing(),
-    Preprocessing(keep_aspect=True, crop=(224, 200), rgb=False),
-    Preprocessing(resize=(300, 280), crop=(224, 224), crop_xy=(70, 3), norm="MINUSMEAN_DIVSTD",
+    Preprocessing(keep_aspect=True, crop_hw=(200, 224), rgb=False),
+    Preprocessing(resize_hw=(280, 300), crop_hw=(224, 224), crop_xy=(70, 3), norm="MINUSMEAN_DIVSTD",
                   mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)),
     Preprocessing(norm="NORMAL_EQUAL"), Preprocessing(norm="DIV127_5_MINUSONE"), Preprocessing(norm="DIV255"),
 ], ids=["vendor", "keep-aspect-bgr", "offset-crop-255", "equal", "div127", "div255"])
 def test_apply_matches_reference_on_photos(pre, photos):
     for bgr in photos:
         out = apply(pre, bgr)
-        assert out.dtype == np.float32 and out.shape == (3, pre.crop[1], pre.crop[0])
+        assert out.dtype == np.float32 and out.shape == (3, *pre.crop_hw)
         np.testing.assert_allclose(out, _reference(pre, bgr), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(out, normalize(pre, resize_and_crop_uint8(pre, bgr)))
 
@@ -252,12 +253,12 @@ def test_crop_offsets_pick_the_right_pixels():
     # A gradient image: the value at (y, x) encodes the position, so the crop offset is visible.
     ys, xs = np.mgrid[0:256, 0:256]
     img = np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)  # B = x, G = y
-    pre = Preprocessing(resize=(256, 256), crop=(10, 20), crop_xy=(30, 40), rgb=False, norm="NORMAL_EQUAL")
+    pre = Preprocessing(resize_hw=(256, 256), crop_hw=(20, 10), crop_xy=(30, 40), rgb=False, norm="NORMAL_EQUAL")
     out = resize_and_crop_uint8(pre, img)
     assert out.shape == (20, 10, 3) and out[0, 0, 0] == 30 and out[0, 0, 1] == 40 and out[-1, -1, 0] == 39
-    centred = resize_and_crop_uint8(Preprocessing(resize=(256, 256), crop=(224, 223), rgb=False), img)
+    centred = resize_and_crop_uint8(Preprocessing(resize_hw=(256, 256), crop_hw=(223, 224), rgb=False), img)
     assert centred[0, 0, 0] == 16 and centred[0, 0, 1] == 16  # (256 - 223) // 2 = 16
-    rgb = resize_and_crop_uint8(Preprocessing(resize=(256, 256), crop=(10, 20), crop_xy=(30, 40)), img)
+    rgb = resize_and_crop_uint8(Preprocessing(resize_hw=(256, 256), crop_hw=(20, 10), crop_xy=(30, 40)), img)
     np.testing.assert_array_equal(rgb, out[:, :, ::-1])
 
 

@@ -3,6 +3,7 @@ tvmzoo.io.checkpoint), BN folding (deploy graph vs BatchNormalization graph on O
 reference), checkpoint validation messages, preprocessing and build configs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import rel_err, run_onnx, write_checkpoint
 from tvmzoo.io.checkpoint import load_state_dict
 from tvmzoo.errors import CheckpointError, ConfigError
-from tvmzoo.models import get_family, regnet, resolve_arch
+from tvmzoo.models import get_family, regnet, resolve_arch, weights_for
 from tvmzoo.preprocess import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +58,16 @@ def test_stage_widths_follow_each_implementation():
     # Widths and depths as pycls generate_regnet + adjust_block_compatibility compute them (also PaddleClas').
     assert [(s.width, s.depth, s.group_w) for s in regnet.stages("200MF")] == [
         (24, 1, 8), (56, 1, 8), (152, 4, 8), (368, 7, 8)]
-    assert [s.width for s in regnet.stages("400MF", "pycls")] == [32, 64, 160, 384]
-    assert regnet.stages("400MF", "ppcls") == regnet.stages("400MF", "pycls")
-    # torchvision's _make_divisible rounds 392 up to 400 (its regnet_x_400mf has 5,495,976 parameters)
-    assert [s.width for s in regnet.stages("400MF", "torchvision")] == [32, 64, 160, 400]
-    assert [s.width for s in regnet.stages("4GF", "torchvision")] == [120, 240, 560, 1360]
+    assert [s.width for s in regnet.stages("400MF")] == [32, 64, 160, 384]
+    # torchvision's _make_divisible rounds 392 up to 400 (its regnet_x_400mf has 5,495,976 parameters): its own
+    # arch 400MF_tv; for 4GF it would round 96 to 120 (torchvision has no 4GF); its other archs are pycls's
+    assert [s.width for s in regnet.stages("400MF_tv")] == [32, 64, 160, 400]
+    tv_4gf = dataclasses.replace(regnet.ARCHS["4GF"], make_divisible=True)
+    assert [s.width for s in regnet.stages(tv_4gf)] == [120, 240, 560, 1360]
+    for entry in regnet.WEIGHTS:
+        if entry.source == "torchvision" and entry.arch != "400MF_tv":
+            assert regnet.stages(dataclasses.replace(regnet.ARCHS[entry.arch], make_divisible=True)) == \
+                regnet.stages(entry.arch)
     # group width capped by the stage width (8GF stage 1: 80 < 120)
     assert [s.group_w for s in regnet.stages("8GF")] == [80, 120, 120, 120]
     assert [s.depth for s in regnet.stages("32GF")] == [2, 7, 13, 1]
@@ -71,7 +77,7 @@ def test_stage_widths_follow_each_implementation():
 
 
 @pytest.mark.parametrize("arch, published", [
-    ("400MF", 5495976), ("800MF", 7259656), ("1600MF", 9190136), ("3200MF", 15296552),
+    ("400MF_tv", 5495976), ("800MF", 7259656), ("1600MF", 9190136), ("3200MF", 15296552),
     ("8GF", 39572648), ("16GF", 54278536), ("32GF", 107811560)])
 def test_train_param_count_equals_torchvision_num_params(arch, published):
     # torchvision/models/regnet.py RegNet_X_*_Weights meta["num_params"]
@@ -107,17 +113,17 @@ def test_bn_folding_is_exact(arch, source, photos, tmp_path):
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(loaded[key], value)
 
-    deploy = regnet.deploy_onnx(loaded, arch, source, input_size=(SIZE, SIZE))
+    deploy = regnet.deploy_onnx(loaded, arch, source, size_hw=(SIZE, SIZE))
     assert [i.name for i in deploy.graph.input] == ["input"]
     assert [o.name for o in deploy.graph.output] == ["output"]
     assert deploy.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     assert not any(n.op_type == "BatchNormalization" for n in deploy.graph.node)
-    bl = regnet.blocks(arch, source)
+    bl = regnet.blocks(arch)
     assert sum(n.op_type == "Conv" for n in deploy.graph.node) == 1 + 3 * len(bl) + sum(b.has_proj for b in bl)
     groups = [a.i for n in deploy.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
     assert max(groups) == max(b.groups for b in bl) > 1
 
-    unfolded = regnet.unfolded_onnx(loaded, arch, source, input_size=(SIZE, SIZE), batch=len(x))
+    unfolded = regnet.unfolded_onnx(loaded, arch, source, size_hw=(SIZE, SIZE), batch=len(x))
     ref = run_onnx(unfolded, x)
     out = run_onnx(deploy, x)
     assert out.shape == (len(x), 1000)
@@ -140,7 +146,7 @@ def _torch_forward(state: dict[str, np.ndarray], arch: str, x: np.ndarray) -> np
                             t[f"{bn}.bias"], training=False, eps=1e-5)
 
     y = F.relu(conv_bn(torch.from_numpy(x), "stem.conv", "stem.bn", stride=2))
-    for b in regnet.blocks(arch, "pycls"):
+    for b in regnet.blocks(arch):
         p = f"s{b.stage}.b{b.index + 1}"
         f = F.relu(conv_bn(y, f"{p}.f.a", f"{p}.f.a_bn"))
         f = F.relu(conv_bn(f, f"{p}.f.b", f"{p}.f.b_bn", stride=b.stride, groups=b.cout // b.group_w))
@@ -155,8 +161,8 @@ def test_graphs_match_torch(arch):
     x = _photos(64, 2)
     state = regnet.random_state_dict(arch, "pycls", np.random.default_rng(1))
     ref = _torch_forward(state, arch, x)
-    assert rel_err(run_onnx(regnet.unfolded_onnx(state, arch, "pycls", input_size=(64, 64)), x), ref) < MAX_REL_ERR
-    assert rel_err(run_onnx(regnet.deploy_onnx(state, arch, "pycls", input_size=(64, 64)), x), ref) < MAX_REL_ERR
+    assert rel_err(run_onnx(regnet.unfolded_onnx(state, arch, "pycls", size_hw=(64, 64)), x), ref) < MAX_REL_ERR
+    assert rel_err(run_onnx(regnet.deploy_onnx(state, arch, "pycls", size_hw=(64, 64)), x), ref) < MAX_REL_ERR
 
 
 def _rename(state: dict[str, np.ndarray], arch: str, old: str, new: str) -> dict[str, np.ndarray]:
@@ -174,8 +180,8 @@ def test_layouts_give_the_same_network(photos):
     pycls = regnet.random_state_dict("600MF", "pycls", np.random.default_rng(2))
     ppcls = _rename(pycls, "600MF", "pycls", "ppcls")
     assert ppcls["out.weight"].shape == (528, 1000) and "s2_b3.conv1._batch_norm._variance" in ppcls
-    a = run_onnx(regnet.deploy_onnx(pycls, "600MF", "pycls", input_size=(SIZE, SIZE)), photos)
-    b = run_onnx(regnet.deploy_onnx(ppcls, "600MF", "ppcls", input_size=(SIZE, SIZE)), photos)
+    a = run_onnx(regnet.deploy_onnx(pycls, "600MF", "pycls", size_hw=(SIZE, SIZE)), photos)
+    b = run_onnx(regnet.deploy_onnx(ppcls, "600MF", "ppcls", size_hw=(SIZE, SIZE)), photos)
     np.testing.assert_array_equal(a, b)
 
 
@@ -185,12 +191,12 @@ def test_torchvision_model_cross_check(photos):
     except (ImportError, RuntimeError) as exc:
         pytest.skip(f"torchvision does not import with this torch ({type(exc).__name__}: {str(exc)[:80]})")
     import torch
-    state = regnet.random_state_dict("400MF", "torchvision", np.random.default_rng(3))
+    state = regnet.random_state_dict("400MF_tv", "torchvision", np.random.default_rng(3))
     model = torchvision.models.regnet_x_400mf().eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     with torch.no_grad():
         ref = model(torch.from_numpy(photos)).numpy()
-    assert rel_err(run_onnx(regnet.deploy_onnx(state, "400MF", "torchvision", input_size=(SIZE, SIZE)), photos),
+    assert rel_err(run_onnx(regnet.deploy_onnx(state, "400MF_tv", "torchvision", size_hw=(SIZE, SIZE)), photos),
                    ref) < MAX_REL_ERR
 
 
@@ -205,8 +211,8 @@ def test_pycls_pyth_checkpoint(tmp_path, photos):
     torch.save({"epoch": 99, "model_state": tensors, "optimizer_state": optimizer,
                 "cfg": "MODEL:\n  TYPE: regnet\n"}, path)
     loaded = load_state_dict(path)
-    ref = run_onnx(regnet.unfolded_onnx(state, "200MF", "pycls", input_size=(SIZE, SIZE)), photos)
-    assert rel_err(run_onnx(regnet.deploy_onnx(loaded, "200MF", "pycls", input_size=(SIZE, SIZE)), photos),
+    ref = run_onnx(regnet.unfolded_onnx(state, "200MF", "pycls", size_hw=(SIZE, SIZE)), photos)
+    assert rel_err(run_onnx(regnet.deploy_onnx(loaded, "200MF", "pycls", size_hw=(SIZE, SIZE)), photos),
                    ref) < MAX_REL_ERR
 
 
@@ -227,13 +233,16 @@ def test_wrong_arch_names_the_key_and_the_right_arch(x400):
 
 
 def test_torchvision_400mf_is_not_pycls_400mf(x400):
-    tv = regnet.random_state_dict("400MF", "torchvision", np.random.default_rng(7))
-    assert regnet.guess_arch(tv) == ("400MF", "torchvision")
+    tv = regnet.random_state_dict("400MF_tv", "torchvision", np.random.default_rng(7))
+    assert regnet.guess_arch(tv) == ("400MF_tv", "torchvision")
     # pycls 400MF weights renamed to torchvision's keys do not fit torchvision's 400MF (384 vs 400 channels)
-    with pytest.raises(CheckpointError, match=r"RegNetX-400MF \(torchvision layout\): key "
+    with pytest.raises(CheckpointError, match=r"RegNetX-400MF_tv \(torchvision layout\): key "
                                               r"'trunk_output\.block4\.block4-0\.proj\.0\.weight' has shape "
                                               r"\[384, 160, 1, 1\], expected \[400, 160, 1, 1\]"):
-        regnet.check_state(_rename(x400, "400MF", "pycls", "torchvision"), "400MF", "torchvision")
+        regnet.check_state(_rename(x400, "400MF", "pycls", "torchvision"), "400MF_tv", "torchvision")
+    # and torchvision's 400MF under the pycls arch name says which arch it is
+    with pytest.raises(CheckpointError, match=r"looks like RegNetX-400MF_tv in the torchvision layout"):
+        regnet.check_state(tv, "400MF", "torchvision")
 
 
 def test_wrong_source_is_named(x400):
@@ -244,27 +253,28 @@ def test_wrong_source_is_named(x400):
 
 # ---------------------------------------------------------------- preprocessing and build configs
 
-def test_default_preprocessing():
-    pp = regnet.default_preprocessing("400MF", "ppcls")
-    assert (pp.resize, pp.keep_aspect, pp.crop, pp.interpolation, pp.rgb) == ((256, 256), True, (256, 256),
+def test_weights_entries_preprocessing():
+    pp = weights_for("regnet", "400MF", "ppcls").preprocessing
+    assert (pp.resize_hw, pp.keep_aspect, pp.crop_hw, pp.interpolation, pp.rgb) == ((256, 256), True, (256, 256),
                                                                                "BILINEAR_CV", True)
-    py = regnet.default_preprocessing("400MF", "pycls")
-    assert (py.crop, py.rgb, py.mean, py.std) == ((224, 224), False, (0.406, 0.456, 0.485), (0.225, 0.224, 0.229))
-    tv = regnet.default_preprocessing("32GF", "torchvision")
-    assert (tv.resize, tv.crop, tv.interpolation, tv.rgb) == ((256, 256), (224, 224), "BILINEAR_PILLOW", True)
+    py = weights_for("regnet", "400MF", "pycls").preprocessing
+    assert (py.crop_hw, py.rgb, py.mean, py.std) == ((224, 224), False, (0.406, 0.456, 0.485), (0.225, 0.224, 0.229))
+    tv = weights_for("regnet", "32GF", "torchvision").preprocessing     # no tag: torchvision's v1
+    assert (tv.resize_hw, tv.crop_hw, tv.interpolation, tv.rgb) == ((256, 256), (224, 224), "BILINEAR_PILLOW", True)
+    tv2 = weights_for("regnet", "32GF", "torchvision.v2")
+    assert tv2.preprocessing == dataclasses.replace(tv, resize_hw=(232, 232)) and tv2.top1 == 83.014
 
 
-def _vdsp_cases():
-    for source in regnet.SOURCES:
-        for arch in (regnet.TORCHVISION_ARCHS if source == "torchvision" else regnet.ARCHS):
-            yield source, arch
+def _vdsp_cases():   # the vdsp JSONs: one per published (source, arch), torchvision's v1 transform
+    return [(w.source, w.arch) for w in regnet.WEIGHTS if w.tag in ("", "v1")]
 
 
-@pytest.mark.parametrize("source, arch", list(_vdsp_cases()))
+@pytest.mark.parametrize("source, arch", _vdsp_cases())
 def test_vdsp_params(source, arch):
-    path = REPO / "build_in" / "vdsp_params" / f"{source}-regnetx_{arch.lower()}-vdsp_params.json"
+    name = arch.lower().removesuffix("_tv")
+    path = REPO / "build_in" / "vdsp_params" / f"{source}-regnetx_{name}-vdsp_params.json"
     cfg = json.loads(path.read_text())["OpConfig"]
-    want = regnet.default_preprocessing(arch, source)
+    want = weights_for("regnet", arch, source).preprocessing
     assert cfg["Mean"] == [float(np.float16(m)) for m in want.mean]     # the vendor files' fp16 rounding
     assert cfg["Std"] == [float(np.float16(s)) for s in want.std]
     got = Preprocessing.from_vdsp(path)
@@ -276,7 +286,7 @@ def test_build_yaml(source):
     from tvmzoo.config import load_build_config
     cfg = load_build_config(REPO / "build_in" / "build" / f"{source}_regnet.yaml")
     assert (cfg.model.family, cfg.model.source) == ("regnet", source)
-    pre = regnet.default_preprocessing(cfg.model.arch, source)
+    pre = weights_for("regnet", cfg.model.arch, source).preprocessing
     assert cfg.dataset.preprocessing == pre
-    assert cfg.frontend.shape == {"input": [1, 3, pre.crop[1], pre.crop[0]]}
+    assert cfg.frontend.shape == {"input": [1, 3, *pre.crop_hw]}
     assert cfg.backend.dtype == "int8"

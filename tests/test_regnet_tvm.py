@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, SHARED_DATA, copy_images, cosine, run_cli, write_checkpoint
-from tvmzoo.models import regnet
+from tvmzoo.models import regnet, weights_for
 from tvmzoo.preprocess import Preprocessing, apply, read_image
 from tvmzoo.run.results import read_results
 from tvmzoo.run.runtime import CompiledModel
@@ -26,7 +26,7 @@ from tvmzoo.run.runtime import CompiledModel
 SIZE = 64
 RESIZE_SHORT = 73
 # One checkpoint per file format; torchvision's 400MF is also the arch whose widths differ from pycls's.
-CASES = [("200MF", "ppcls"), ("400MF", "torchvision")]
+CASES = [("200MF", "ppcls"), ("400MF_tv", "torchvision")]
 CHECKPOINT_NAMES = {"ppcls": "RegNetX_{arch}_pretrained.pdparams", "torchvision": "regnet_x_{arch}.pth"}
 
 
@@ -79,7 +79,8 @@ def builds(tmp_path_factory, sample_images) -> Builds:
 
 def expected_preprocessing(arch: str, source: str) -> Preprocessing:
     """The source's evaluation transform at the test's size: what the derived YAML's process_ops must say."""
-    return replace(regnet.default_preprocessing(arch, source), resize=(RESIZE_SHORT, RESIZE_SHORT), crop=(SIZE, SIZE))
+    return replace(weights_for("regnet", arch, source).preprocessing, resize_hw=(RESIZE_SHORT, RESIZE_SHORT),
+                   crop_hw=(SIZE, SIZE))
 
 
 def reference(builds: Builds, arch: str, source: str, model: CompiledModel) -> tuple[np.ndarray, np.ndarray]:

@@ -81,7 +81,7 @@ def root(tmp_path_factory) -> Path:
 def tiny_onnx(root) -> Path:
     state = repvgg.random_state_dict(NARROW, "official", np.random.default_rng(0))
     path = root / "tiny.onnx"
-    onnx.save(repvgg.deploy_onnx(state, NARROW, "official", input_size=(SIZE, SIZE), batch=1), str(path))
+    onnx.save(repvgg.deploy_onnx(state, NARROW, "official", size_hw=(SIZE, SIZE), batch=1), str(path))
     return path
 
 
@@ -112,7 +112,7 @@ def compiled(root, tiny_onnx) -> Path:
 @pytest.fixture(scope="module")
 def vdsp(root) -> Path:
     path = root / "vdsp.json"
-    pre = Preprocessing(resize=(36, 36), keep_aspect=True, crop=(SIZE, SIZE))
+    pre = Preprocessing(resize_hw=(36, 36), keep_aspect=True, crop_hw=(SIZE, SIZE))
     path.write_text(json.dumps(pre.to_vdsp()))
     return path
 
@@ -248,7 +248,7 @@ def test_mutated_yaml_text_gives_config_or_one_clear_error(ops):
 
 
 # ---- vdsp params JSON, through classification.py ----
-VDSP = Preprocessing(resize=(36, 36), crop=(SIZE, SIZE)).to_vdsp()
+VDSP = Preprocessing(resize_hw=(36, 36), crop_hw=(SIZE, SIZE)).to_vdsp()
 
 
 def _opconfig(**changes):
@@ -319,7 +319,7 @@ def test_mutated_vdsp_gives_preprocessing_or_config_error(changes):
         assert str(err).startswith("vdsp params: ")
     else:
         out = apply(pre, np.zeros((40, 50, 3), np.uint8))
-        assert out.shape == (3, pre.crop[1], pre.crop[0]) and out.dtype == np.float32
+        assert out.shape == (3, *pre.crop_hw) and out.dtype == np.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,12 +562,12 @@ def test_huge_images_refused_with_bounded_memory(image_folder):
 
 
 def test_keep_aspect_strip_is_refused_not_allocated():
-    pre = Preprocessing(resize=(36, 36), keep_aspect=True, crop=(SIZE, SIZE))
+    pre = Preprocessing(resize_hw=(36, 36), keep_aspect=True, crop_hw=(SIZE, SIZE))
     with pytest.raises(ImageError, match=r"would be 36x3600000, above the limit"):
         apply(pre, np.zeros((100_000, 1, 3), np.uint8))
     assert apply(pre, np.zeros((1000, 1, 3), np.uint8)).shape == (3, SIZE, SIZE)
     with pytest.raises(ConfigError, match=r"resize 20000x20000 is above the limit"):
-        Preprocessing(resize=(20000, 20000), crop=(SIZE, SIZE))
+        Preprocessing(resize_hw=(20000, 20000), crop_hw=(SIZE, SIZE))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,8 +261,8 @@ def test_resume_refuses_a_result_file_of_other_settings(change, model, other_mod
         vdsp = tmp_path / "vdsp.json"
         meta = json.loads((model.parent / "mod.json").read_text())
         from tvmzoo.preprocess import Preprocessing
-        pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
-        vdsp.write_text(json.dumps(Preprocessing(resize=(48, 48), crop=pre.crop).to_vdsp()))
+        pre = Preprocessing.from_meta(meta["preprocessing"])
+        vdsp.write_text(json.dumps(Preprocessing(resize_hw=(48, 48), crop_hw=pre.crop_hw).to_vdsp()))
         extra += ["--vdsp_params_info", vdsp]
     elif change == "module":
         extra = ["--model_prefix_path", other_model]

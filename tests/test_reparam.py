@@ -71,8 +71,8 @@ def test_pdparams_writer_is_a_plain_numpy_pickle(tmp_path):
 def _photos(size: int, count: int = 2) -> np.ndarray:
     if not SAMPLE_DIR.is_dir():
         pytest.skip(f"{SAMPLE_DIR} is not here")
-    pre = preprocess.Preprocessing(resize=(size + size // 7, size + size // 7), keep_aspect=True,
-                                   crop=(size, size))
+    pre = preprocess.Preprocessing(resize_hw=(size + size // 7, size + size // 7), keep_aspect=True,
+                                   crop_hw=(size, size))
     paths = sorted(SAMPLE_DIR.glob("*.JPEG"))[:: 250][:count]
     return preprocess.batch(pre, [preprocess.read_image(p) for p in paths])
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import rel_err, run_onnx, write_checkpoint
 from tvmzoo.errors import CheckpointError, ConfigError
-from tvmzoo.models import repvgg
+from tvmzoo.models import repvgg, weights_for
 from tvmzoo.models.repvgg_arch import G4, LAYOUTS, RepVGGArch
 from tvmzoo.io.onnx_graph import GraphBuilder
 
@@ -80,8 +80,8 @@ def deploy_state(state: dict[str, np.ndarray], arch, source: str) -> dict[str, n
 def test_deploy_matches_train_graph(arch, source, photos, tmp_path):
     state = repvgg.random_state_dict(arch, source, np.random.default_rng(0))
     state = load_checkpoint(state, source, tmp_path)
-    deploy = repvgg.deploy_onnx(state, arch, source, input_size=(SIZE, SIZE))
-    train = repvgg.train_onnx(state, arch, source, input_size=(SIZE, SIZE))
+    deploy = repvgg.deploy_onnx(state, arch, source, size_hw=(SIZE, SIZE))
+    train = repvgg.train_onnx(state, arch, source, size_hw=(SIZE, SIZE))
     assert [i.name for i in deploy.graph.input] == ["input"]
     assert [o.name for o in deploy.graph.output] == ["output"]
     assert deploy.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
@@ -97,7 +97,7 @@ def test_deploy_matches_train_graph(arch, source, photos, tmp_path):
     assert rel_err(out, ref) < MAX_REL_ERR
     # a deploy-form checkpoint (rbr_reparam / branch_reparam) gives the same output
     from_deploy = run_onnx(repvgg.deploy_onnx(deploy_state(state, arch, source), arch, source,
-                                         input_size=(SIZE, SIZE)), photos)
+                                         size_hw=(SIZE, SIZE)), photos)
     assert rel_err(from_deploy, ref) < MAX_REL_ERR
 
 
@@ -133,7 +133,7 @@ def _torch_reference(state: dict[str, np.ndarray], arch: RepVGGArch, x: np.ndarr
 def test_train_graph_matches_torch(arch, photos):
     state = repvgg.random_state_dict(arch, "official", np.random.default_rng(1))
     ref = _torch_reference(state, arch, photos)
-    out = run_onnx(repvgg.train_onnx(state, arch, "official", input_size=(SIZE, SIZE)), photos)
+    out = run_onnx(repvgg.train_onnx(state, arch, "official", size_hw=(SIZE, SIZE)), photos)
     assert rel_err(out, ref) < MAX_REL_ERR
 
 
@@ -207,7 +207,7 @@ def test_every_arch_builds_a_deploy_graph(arch, monkeypatch):
     real_check = onnx.checker.check_model
     monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: (checked.append(m), real_check(m, *a, **k)))
     state = repvgg.random_state_dict(arch, "official", np.random.default_rng(8), deploy=True)
-    model = repvgg.deploy_onnx(state, arch, "official", input_size=(32, 32), batch=1)
+    model = repvgg.deploy_onnx(state, arch, "official", size_hw=(32, 32), batch=1)
     assert checked and checked[-1] is model
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [1, 1000]
     n_convs = sum(n.op_type == "Conv" for n in model.graph.node)
@@ -216,13 +216,17 @@ def test_every_arch_builds_a_deploy_graph(arch, monkeypatch):
 
 # ---------------------------------------------------------------- preprocessing and build configs
 
-def test_default_preprocessing():
-    a0 = repvgg.default_preprocessing("A0", "official")
-    assert (a0.resize, a0.crop, a0.keep_aspect) == ((256, 256), (224, 224), True)
+def _preprocessing(arch: str, source: str):
+    return weights_for("repvgg", arch, source).preprocessing
+
+
+def test_weights_entries_preprocessing():
+    a0 = _preprocessing("A0", "official")
+    assert (a0.resize_hw, a0.crop_hw, a0.keep_aspect) == ((256, 256), (224, 224), True)
     assert a0.mean == (0.485, 0.456, 0.406) and a0.std == (0.229, 0.224, 0.225) and a0.rgb
-    assert repvgg.default_preprocessing("D2se", "official").crop == (320, 320)
-    assert repvgg.default_preprocessing("D2se", "ppcls").crop == (320, 320)
-    assert repvgg.default_preprocessing("D2se", "mmcls").crop == (224, 224)
+    assert _preprocessing("D2se", "official").crop_hw == (320, 320)
+    assert _preprocessing("D2se", "ppcls").crop_hw == (320, 320)
+    assert _preprocessing("D2se", "mmcls").crop_hw == (224, 224)
 
 
 @pytest.mark.parametrize("arch", list(repvgg.ARCHS))
@@ -231,10 +235,10 @@ def test_vdsp_params(arch):
     doc = json.loads(path.read_text())
     assert doc["OpType"] == "FUSION_OP_RGB_RESIZE_CVTCOLOR_CROP_NORM_TENSOR"
     cfg = doc["OpConfig"]
-    pre = repvgg.default_preprocessing(arch, "official")
-    assert (cfg["OimageWidth"], cfg["OimageHeight"]) == pre.crop
-    assert (cfg["ResizeWidth"], cfg["ResizeHeight"]) == pre.resize
-    assert cfg["CropX"] == cfg["CropY"] == (pre.resize[0] - pre.crop[0]) // 2
+    pre = _preprocessing(arch, "official")
+    assert (cfg["OimageHeight"], cfg["OimageWidth"]) == pre.crop_hw
+    assert (cfg["ResizeHeight"], cfg["ResizeWidth"]) == pre.resize_hw
+    assert cfg["CropX"] == cfg["CropY"] == (pre.resize_hw[1] - pre.crop_hw[1]) // 2
     assert cfg["Mean"] == [float(np.float16(m)) for m in pre.mean]
     assert cfg["Std"] == [float(np.float16(s)) for s in pre.std]
     assert (cfg["NormaType"], cfg["ColorCvtCode"], cfg["ResizeType"]) == (
@@ -253,7 +257,7 @@ def test_build_yaml(source):
         assert cfg.frontend.checkpoint.name == f"{source}_repvgg_a0.onnx"
         if dtype == "int8":   # calibration sees the same preprocessing as the model's default
             assert Preprocessing.from_process_ops(cfg.dataset.process_ops) == \
-                repvgg.default_preprocessing("A0", source)
+                _preprocessing("A0", source)
 
 
 # ---------------------------------------------------------------- through the real checkpoint reader

@@ -16,7 +16,7 @@ import pytest
 from conftest import copy_images, run_cli
 from tiny import build_tiny
 from tvmzoo.run.devices import RemoteSpec
-from tvmzoo.run.runner import classify_sharded
+from tvmzoo.run.sharded import classify_sharded
 from tvmzoo.run.runner import resolve_preprocessing
 
 KEY = "tvmzoo-test"

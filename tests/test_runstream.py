@@ -3,10 +3,12 @@ the 500 sample photos, a failing image is reported while the rest go on, and an 
 resumes (--resume) to the same file as an uninterrupted one."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +72,34 @@ def test_a_failing_image_is_reported_and_the_rest_go_on(tiny, sample_images, mod
     assert [path for path, _ in summary.failed] == [str(paths[4])]
     assert "kernel crashed" in summary.failed[0][1]
     assert summary.predictions == good[:4] + good[5:]
+
+
+class NotesCores:
+    """A real compiled model that notes, after each run, the cores its calling thread is left on: TVM's
+    pool runs its first task on the calling thread, so a pinned pool leaves the thread on its first core."""
+
+    def __init__(self, model: CompiledModel, seen: dict[int, set[int]]) -> None:
+        self.model, self.seen, self.fused = model, seen, model.fused
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        out = self.model.run(batch)
+        self.seen[threading.get_ident()] = os.sched_getaffinity(0)
+        return out
+
+
+def test_async_instances_each_get_their_own_cores(tiny, sample_images):
+    """--instances 2: each inference thread's TVM pool is on its own cores (unpinned, both pools would
+    take the same first cores: two threads, each free to run anywhere)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("one usable core: two instances can only share it")
+    seen: dict[int, set[int]] = {}
+    models = [NotesCores(CompiledModel.load(tiny), seen) for _ in range(2)]
+    summary = classify(models, sample_images[:40], resolve_preprocessing(tiny, None), mode="async", progress=False)
+    assert len(summary.predictions) == 40 and len(seen) == 2
+    first, second = seen.values()
+    assert len(first) == len(second) == len(cores) // 2
+    assert not first & second and first | second <= set(cores)
 
 
 def _ctrl_c_as_in_a_terminal() -> None:

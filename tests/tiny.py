@@ -18,7 +18,7 @@ ARCH = repvgg.RepVGGArch((1, 1, 1, 1), (0.25, 0.25, 0.25, 0.25))
 def tiny_onnx(path: Path, size: int = 32, seed: int = 0) -> Path:
     state = repvgg.random_state_dict(ARCH, "official", np.random.default_rng(seed))
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(repvgg.deploy_onnx(state, ARCH, "official", input_size=(size, size)), str(path))
+    onnx.save(repvgg.deploy_onnx(state, ARCH, "official", size_hw=(size, size)), str(path))
     return path
 
 

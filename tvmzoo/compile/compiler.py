@@ -47,7 +47,8 @@ class InputSpec:
         return self.shape[0] < 1
 
     @property
-    def image_size(self) -> tuple[int, int]:
+    def size_hw(self) -> tuple[int, int]:
+        """(height, width) of the NCHW image input."""
         return int(self.shape[2]), int(self.shape[3])
 
 
@@ -75,7 +76,7 @@ def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
     log.info("%s not found: exporting it from %s", path, cfg.model.weights)
     try:
         return export_onnx(ExportSpec(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights),
-                                      input_size=spec.image_size), path)
+                                      size_hw=spec.size_hw), path)
     except TvmzooError as exc:  # name the YAML whose model section led here
         raise in_context(exc, f"{cfg.path}: model") from None
 
@@ -159,15 +160,17 @@ def build_module(model: onnx.ModelProto, spec: InputSpec, precision: str, target
 
 
 def preprocessing_of(cfg: BuildConfig) -> Preprocessing | None:
-    """What the module expects: the YAML's process_ops, else the model's published default, else unknown."""
+    """What the module expects: the YAML's process_ops, else that of the model's weights entry
+    (tvmzoo.models.weights), else unknown (the runner then asks for a vdsp JSON)."""
     if cfg.dataset is not None and cfg.dataset.process_ops:
         return Preprocessing.from_process_ops(cfg.dataset.process_ops)
     if cfg.model is not None:
-        from ..models import get_family, resolve_arch, resolve_source
+        from ..models import weights_for
 
-        family = get_family(cfg.model.family)
-        return family.default_preprocessing(resolve_arch(family, cfg.model.arch),
-                                            resolve_source(family, cfg.model.source))
+        try:
+            return weights_for(cfg.model.family, cfg.model.arch, cfg.model.source).preprocessing
+        except ConfigError as err:
+            log.warning("%s: no preprocessing recorded in the module (%s)", cfg.path, err)
     return None
 
 
@@ -178,12 +181,12 @@ def output_shapes(model: onnx.ModelProto) -> list[dict]:
     return [{"name": o.name, "shape": dims(o)} for o in model.graph.output]
 
 
-def plan_for(cfg: BuildConfig, target: dict):
+def plan_for(cfg: BuildConfig, target: dict, features: list[str] | None = None):
     """What backend.dtype computes in on this target (tvmzoo.compile.precision); logs what it did and
-    which precisions are fastest on the target's CPU."""
+    which precisions are fastest on the target's CPU. `features`: required_features(target), if known."""
     from .precision import describe_fastest, plan_precision
 
-    features = required_features(target)
+    features = required_features(target) if features is None else features
     plan = plan_precision(cfg.backend.dtype, str(target.get("mcpu", "generic")), features)
     if plan.note:
         log.warning("%s", plan.note)
@@ -201,7 +204,8 @@ def compile_model(cfg: BuildConfig) -> Path:
     target = resolve_target(cfg.backend.target)
     check_build_inputs(cfg)
     out_dir = check_build_output(cfg)  # replaces only an earlier build: never a user's folder
-    plan = plan_for(cfg, target)
+    features = required_features(target)
+    plan = plan_for(cfg, target, features)
     model, onnx_path = prepare_onnx(cfg, spec)
     pre = preprocessing_of(cfg)
     t0 = time.perf_counter()
@@ -222,13 +226,13 @@ def compile_model(cfg: BuildConfig) -> Path:
             "precision": precision,
             "compute": {"precision": plan.compute, "note": plan.note},
             "target": target,
-            "cpu_features": required_features(target),
+            "cpu_features": features,
             "target_choice": "backend.target" if cfg.backend.target else host_cpu().reason,
             "input": {**asdict(spec), "shape": list(spec.shape)},
             "outputs": output_shapes(model),
             "softmax": cfg.graph.extra_ops == "softmax",
             "preprocess": cfg.graph.preprocess,      # fused: the input is the resized uint8 BGR NHWC image
-            "preprocessing": asdict(pre) if pre is not None else None,
+            "preprocessing": pre.to_meta() if pre is not None else None,
             "module_sha256": file_sha256(tmp / MODULE_FILE),  # the runtime refuses a mod.so that differs
             "kernels": kernels,
             "source": {"onnx": str(onnx_path), "sha256": file_sha256(onnx_path),

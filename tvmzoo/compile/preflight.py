@@ -40,9 +40,8 @@ def _check_weights(cfg: BuildConfig) -> None:
         ensure_onnx(cfg, None)  # raises its "export it first" error: nothing to export from
         return
     from ..models.export import resolve_weights
-    from ..models import get_family
 
     try:
-        resolve_weights(get_family(cfg.model.family), str(cfg.model.weights))
+        resolve_weights(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights))
     except TvmzooError as exc:
         raise type(exc)(f"{cfg.path}: model: {exc}") from None

@@ -24,6 +24,11 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._counts: dict[str, int] = {}
 
+    @classmethod
+    def for_model(cls, model: str, kind: str) -> GraphBuilder:
+        """A graph named after the model and its form: 'RegNetX-400MF', 'deploy' -> regnetx_400mf_deploy."""
+        return cls(f"{model}_{kind}".lower().replace("-", "_").replace(" ", "_"))
+
     def _unique(self, hint: str) -> str:
         n = self._counts.get(hint, 0)
         self._counts[hint] = n + 1
@@ -33,6 +38,11 @@ class GraphBuilder:
               elem_type: int = TensorProto.FLOAT) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
+
+    def image_input(self, batch: int | None, size_hw: Sequence[int]) -> tuple[int | str, str]:
+        """The model input [N, 3, H, W] (N symbolic when batch is None): (N, input name)."""
+        n = batch_dim(batch)
+        return n, self.input([n, 3, int(size_hw[0]), int(size_hw[1])])
 
     def const(self, value: np.ndarray, name: str) -> str:
         name = self._unique(name)
@@ -55,6 +65,13 @@ class GraphBuilder:
             inputs.append(self.const(bias.astype(np.float32), f"{name}.bias"))
         return self.op("Conv", inputs, name=name, kernel_shape=[kh, kw], strides=[stride, stride],
                        pads=list(pads), group=groups)
+
+    def batch_norm(self, x: str, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+                   name: str, eps: float) -> str:
+        """An unfolded BatchNormalization node (the reference graphs keep BN to check the folding)."""
+        ins = [self.const(np.asarray(a).astype(np.float32), f"{name}.{n}")
+               for a, n in ((gamma, "weight"), (beta, "bias"), (mean, "mean"), (var, "var"))]
+        return self.op("BatchNormalization", [x, *ins], name=name, epsilon=eps)
 
     def gemm(self, x: str, weight: np.ndarray, bias: np.ndarray, name: str) -> str:
         """y = x @ weight.T + bias, weight as [out, in] (torch Linear layout)."""
@@ -88,6 +105,12 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [x], [name], name=name))
         self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
         return name
+
+    def classifier(self, x: str, weight: np.ndarray, bias: np.ndarray, name: str, batch: int | str,
+                   num_classes: int) -> str:
+        """The head every family ends with: global average pool, flatten, Linear (Gemm), exposed as the
+        graph output [batch, num_classes]."""
+        return self.output(self.gemm(self.flatten(self.global_avg_pool(x)), weight, bias, name), [batch, num_classes])
 
     def build(self, doc: str = "") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)

@@ -1,7 +1,8 @@
 """One registry of model families. Each family module implements the `ModelFamily` interface
 (tvmzoo.models.family) as its `FAMILY`: arch table, checkpoint key layouts ("sources"), expected
-shapes, state check, BN / re-param folding into a deploy ONNX, default preprocessing, parameter
-count and random test weights.
+shapes, state check, BN / re-param folding into a deploy ONNX, parameter count, random test weights
+and its weights entries (tvmzoo.models.weights: `family:arch:source[.tag]`, each with the
+preprocessing, input size, class count and published figures of one released checkpoint).
 
 `state` is a {name: np.ndarray} dict from tvmzoo.io.checkpoint.load_state_dict; the class count
 comes from the checkpoint's classifier weight, never from a constant.
@@ -13,6 +14,7 @@ import re
 
 from ..errors import ConfigError, did_you_mean
 from .family import ModelFamily
+from .weights import Weights, split_source
 
 FAMILIES: dict[str, str] = {
     "repvgg": "tvmzoo.models.repvgg",
@@ -48,8 +50,37 @@ def resolve_arch(family: ModelFamily, arch: str) -> str:
 
 
 def resolve_source(family: ModelFamily, source: str) -> str:
-    key = source.lower()
+    """The checkpoint layout of `source` ('torchvision.v2' -> 'torchvision': a tag names one release)."""
+    key = split_source(source.lower())[0]
     if key not in family.sources:
         raise ConfigError(f"unknown checkpoint layout '{source}' for {family.name}."
                           f"{did_you_mean(key, family.sources)} Known layouts: {', '.join(family.sources)}.")
     return key
+
+
+def all_weights() -> list[Weights]:
+    """Every weights entry of every family, in registry order."""
+    return [w for name in FAMILIES for w in get_family(name).weights]
+
+
+def weights_for(family: str, arch: str, source: str) -> Weights:
+    """The entry `family:arch:source[.tag]` (names as the user writes them); without a tag, the source's
+    first release (torchvision: v1). One ConfigError naming the entries there are otherwise."""
+    fam = get_family(family)
+    arch, layout = resolve_arch(fam, arch), resolve_source(fam, source)
+    tag = split_source(source.lower())[1]
+    found = [w for w in fam.weights if w.arch == arch and w.source == layout and (not tag or w.tag == tag)]
+    if not found:
+        known = [w.key for w in fam.weights if w.arch == arch] or [w.key for w in fam.weights[:6]]
+        raise ConfigError(f"no published weights {fam.name}:{arch}:{source}. Known: {', '.join(known)}"
+                          f"{' ...' if len(known) == 6 else ''} (`tvmzoo models` lists them all).")
+    return found[0]
+
+
+def get_weights(key: str) -> Weights:
+    """The entry for a key 'family:arch:source[.tag]' (e.g. 'regnet:800MF:torchvision.v2')."""
+    parts = key.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise ConfigError(f"'{key}' is not a weights key family:arch:source[.tag] (e.g. repvgg:A0:official, "
+                          "regnet:800MF:torchvision.v2).")
+    return weights_for(*parts)

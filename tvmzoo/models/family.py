@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..preprocess import Preprocessing
+from .weights import Weights
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -25,13 +25,12 @@ class ModelFamily:
     expected_shapes: Callable[[str, str, int], Shapes]
     # (state without prefixes / framework keys, num_classes), or one CheckpointError
     check_state: Callable[[Mapping[str, np.ndarray], str, str], tuple[dict, int]]
-    # the inference graph, BN / re-param folded: deploy_onnx(state, arch, source, input_size=(H, W), batch=N)
+    # the inference graph, BN / re-param folded: deploy_onnx(state, arch, source, size_hw=(H, W), batch=N)
     deploy_onnx: Callable[..., onnx.ModelProto]
-    default_preprocessing: Callable[[str, str], Preprocessing]
+    weights: tuple[Weights, ...]                         # the published checkpoints (tvmzoo.models.weights)
     # trainable parameters: param_count(arch, source, num_classes, deploy)
     param_count: Callable[[str, str, int, bool], int]
     # random_state_dict(arch, source, rng, num_classes): a test checkpoint in the layout
     random_state_dict: Callable[[str, str, np.random.Generator, int], dict[str, np.ndarray]]
-    weights_path: Callable[[], str] | None = None        # the weights a pip package installs, if any
     # deploy_state(state, arch, source): the source's own deploy state dict (`tvmzoo reparam`); None: no deploy form
     deploy_state: Callable[[Mapping[str, np.ndarray], str, str], dict[str, np.ndarray]] | None = None

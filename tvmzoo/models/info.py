@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import ConfigError
-from ..models import get_family, resolve_arch, resolve_source
+from ..models import get_family, resolve_arch, resolve_source, weights_for
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,15 @@ def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
-def _input_shape(value: onnx.ValueInfoProto, input_size: tuple[int, int] | None) -> list[int]:
-    """[1, C, H, W]: a symbolic batch becomes 1; symbolic H, W come from input_size = (H, W)."""
+def _input_shape(value: onnx.ValueInfoProto, size_hw: tuple[int, int] | None) -> list[int]:
+    """[1, C, H, W]: a symbolic batch becomes 1; symbolic H, W come from size_hw = (H, W)."""
     dims = value.type.tensor_type.shape.dim
     if len(dims) != 4:
         raise ConfigError(f"ONNX input '{value.name}' has {len(dims)} dimensions; expected N x C x H x W.")
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     shape[0] = 1
-    if input_size is not None:
-        shape[2:] = [int(v) for v in input_size]
+    if size_hw is not None:
+        shape[2:] = [int(v) for v in size_hw]
     if None in shape:
         raise ConfigError(f"ONNX input '{value.name}' has a symbolic size {[d.dim_param or d.dim_value for d in dims]}: "
                           f"give the input size (frontend.shape in the build YAML).")
@@ -128,11 +128,11 @@ def _constants(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return consts
 
 
-def model_info(onnx_model: onnx.ModelProto, *, input_size: tuple[int, int] | None = None,
+def model_info(onnx_model: onnx.ModelProto, *, size_hw: tuple[int, int] | None = None,
                name: str | None = None) -> ModelInfo:
     """Parameters, multiply-adds and layer counts of a deploy ONNX graph at its input size (or at
-    input_size = (H, W) when given or when the graph's spatial size is symbolic)."""
-    shape = _input_shape(_graph_input(onnx_model), input_size)
+    size_hw = (H, W) when given or when the graph's spatial size is symbolic)."""
+    shape = _input_shape(_graph_input(onnx_model), size_hw)
     consts = _constants(onnx_model)
     shapes = {**{k: list(v) for k, v in consts.items()}, **_shapes(_skeleton(onnx_model, shape))}
     weights: set[str] = set()
@@ -153,19 +153,18 @@ def model_info(onnx_model: onnx.ModelProto, *, input_size: tuple[int, int] | Non
 
 
 
-def family_info(family: str, arch: str, num_classes: int = 1000, input_size: tuple[int, int] | None = None,
+def family_info(family: str, arch: str, num_classes: int = 1000, size_hw: tuple[int, int] | None = None,
                 *, source: str | None = None) -> ModelInfo:
     """ModelInfo of a family's arch, counted on its deploy ONNX built from random weights. source: the
-    checkpoint layout (default: the family's reference source); input_size = (H, W)
-    (default: the crop of the source's evaluation preprocessing)."""
+    checkpoint layout[.tag] (default: the family's reference source); size_hw = (H, W)
+    (default: the input size of its weights entry, tvmzoo.models.weights)."""
     fam = get_family(family)
     arch = resolve_arch(fam, arch)
+    if size_hw is None:
+        size_hw = weights_for(family, arch, source or fam.reference_source).size_hw
     source = resolve_source(fam, source) if source else fam.reference_source
-    if input_size is None:
-        crop_w, crop_h = fam.default_preprocessing(arch, source).crop
-        input_size = (crop_h, crop_w)
     state = fam.random_state_dict(arch, source, np.random.default_rng(0), num_classes)
-    model = fam.deploy_onnx(state, arch, source, input_size=tuple(input_size), batch=1)
+    model = fam.deploy_onnx(state, arch, source, size_hw=tuple(size_hw), batch=1)
     info = model_info(model, name=f"{fam.name} {arch} ({source} layout)")
     return ModelInfo(**{**info.__dict__, "params_train": fam.param_count(arch, source, num_classes, False)})
 
@@ -198,7 +197,7 @@ def _yaml_info(path: Path, overrides: dict | None = None) -> ModelInfo:
     model = cfg.model
     if cfg.frontend.checkpoint.is_file():
         onnx_model = onnx.load(str(cfg.frontend.checkpoint))
-        info = model_info(onnx_model, input_size=size, name=cfg.name)
+        info = model_info(onnx_model, size_hw=size, name=cfg.name)
         if model is not None:
             fam = get_family(model.family)
             arch, source = resolve_arch(fam, model.arch), resolve_source(fam, model.source)
@@ -211,7 +210,7 @@ def _yaml_info(path: Path, overrides: dict | None = None) -> ModelInfo:
                           f"{{family, arch, source, weights}}.")
     log.info("%s: %s not exported yet; counting %s %s from the model section", path,
              cfg.frontend.checkpoint, model.family, model.arch)
-    info = family_info(model.family, model.arch, input_size=size, source=model.source)
+    info = family_info(model.family, model.arch, size_hw=size, source=model.source)
     return ModelInfo(**{**info.__dict__, "name": cfg.name})
 
 

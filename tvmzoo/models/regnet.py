@@ -20,11 +20,13 @@ import numpy as np
 import onnx
 
 from ..errors import ConfigError
-from ..io.onnx_graph import GraphBuilder, batch_dim
+from ..io.onnx_graph import GraphBuilder
 from ..preprocess import Preprocessing
 from .family import ModelFamily
+from .weights import Weights
 from .state import check_state as state_check
-from .state import first_mismatch, fold_bn, head_classes, lookup, strip_framework_keys
+from .state import fold_bn, guess_hint, lookup
+from .state import guess_arch as state_guess
 from .state import random_state_dict as random_state
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ class RegNetArch:
     wa: float
     wm: float
     group_w: int
+    # stage widths rounded to a multiple of the group width as torchvision's _make_divisible does (half up,
+    # never more than 10% down) instead of pycls's round half to even (timm's *_tv archs)
+    make_divisible: bool = False
 
 
 # Keys as PaddleClas names its models (RegNetX_<key>); pycls calls 1600MF "1.6GF", 3200MF "3.2GF", ...
@@ -61,13 +66,13 @@ ARCHS: dict[str, RegNetArch] = {
     "16GF": RegNetArch(22, 216, 55.59, 2.1, 128),
     "32GF": RegNetArch(23, 320, 69.86, 2.0, 168),
 }
+# torchvision's regnet_x_400mf: the one torchvision arch whose widths differ (last stage 400, not 384)
+ARCHS["400MF_tv"] = RegNetArch(22, 24, 24.48, 2.54, 16, make_divisible=True)
 PYCLS_NAMES = {"1600MF": "1.6GF", "3200MF": "3.2GF", "4GF": "4.0GF", "6400MF": "6.4GF", "8GF": "8.0GF"}
 
 SOURCES = ("ppcls", "pycls", "torchvision")
 # The source whose model zoo defines the published figures (pycls MODEL_ZOO.md); tvmzoo.models.info uses it.
 REFERENCE_SOURCE = "pycls"
-# torchvision ships ImageNet weights for these RegNetX archs only (torchvision.models.regnet_x_*).
-TORCHVISION_ARCHS = ("400MF", "800MF", "1600MF", "3200MF", "8GF", "16GF", "32GF")
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ def get_arch(arch: str | RegNetArch) -> RegNetArch:
         return arch
     wanted = str(arch).upper().replace("REGNETX", "").replace("REGNET", "").strip("-_ ")
     for name in ARCHS:
-        if wanted in (name, PYCLS_NAMES.get(name)):
+        if wanted in (name.upper(), PYCLS_NAMES.get(name)):
             return ARCHS[name]
     raise ConfigError(f"unknown RegNetX arch '{arch}'. Known archs: {', '.join(ARCHS)} "
                       f"(pycls names {', '.join(PYCLS_NAMES.values())} are accepted too).")
@@ -169,20 +174,19 @@ def block_widths(arch: str | RegNetArch) -> list[int]:
     return [int(w) for w in widths]
 
 
-def _round_width(width: int, group_w: int, source: str) -> int:
+def _round_width(width: int, group_w: int, make_divisible: bool) -> int:
     """The stage width as a multiple of its group width. pycls (round, at least one group) and
     PaddleClas (quantize_float) round half to even; torchvision uses _make_divisible, which rounds half
     up and never goes more than 10% down. They differ for 400MF (392 -> 384 vs 400, so torchvision's
-    regnet_x_400mf has 5.50 M parameters, pycls's 5.16 M) and 4GF (96 -> 80 vs 120)."""
-    if source == "torchvision":
+    regnet_x_400mf, arch 400MF_tv here, has 5.50 M parameters, pycls's 5.16 M) and 4GF (96 -> 80 vs 120)."""
+    if make_divisible:
         out = max(group_w, int(width + group_w / 2) // group_w * group_w)
         return out + group_w if out < 0.9 * width else out
     return max(group_w, int(round(width / group_w) * group_w))
 
 
-def stages(arch: str | RegNetArch, source: str = REFERENCE_SOURCE) -> list[Stage]:
-    """Width, depth and group width of each stage as `source`'s implementation computes them."""
-    _source(source)
+def stages(arch: str | RegNetArch) -> list[Stage]:
+    """Width, depth and group width of each stage."""
     spec = get_arch(arch)
     runs: list[list[int]] = []                    # [width, depth]: consecutive equal widths form one stage
     for w in block_widths(spec):
@@ -193,14 +197,14 @@ def stages(arch: str | RegNetArch, source: str = REFERENCE_SOURCE) -> list[Stage
     out = []
     for width, depth in runs:
         gw = min(spec.group_w, width)
-        out.append(Stage(_round_width(width, gw, source), depth, gw))
+        out.append(Stage(_round_width(width, gw, spec.make_divisible), depth, gw))
     return out
 
 
-def blocks(arch: str | RegNetArch, source: str = REFERENCE_SOURCE) -> list[Block]:
+def blocks(arch: str | RegNetArch) -> list[Block]:
     """Every bottleneck block in forward order."""
     out, cin = [], STEM_WIDTH
-    for s, st in enumerate(stages(arch, source), start=1):
+    for s, st in enumerate(stages(arch), start=1):
         for i in range(st.depth):
             out.append(Block(s, i, cin, st.width, STAGE_STRIDE if i == 0 else 1, st.group_w))
             cin = st.width
@@ -219,7 +223,7 @@ def expected_shapes(arch: str | RegNetArch, source: str, num_classes: int = 1000
     """Every weight key of a `source` checkpoint of `arch` and its shape (framework counters aside)."""
     lay = _source(source)
     keys = _conv_bn_keys(*lay.stem, STEM_WIDTH, 3, 3, lay)
-    bl = blocks(arch, source)
+    bl = blocks(arch)
     for b in bl:
         p = b.prefix(lay)
         conv = {part: (f"{p}.{c}", f"{p}.{n}") for part, (c, n) in lay.parts.items()}
@@ -234,28 +238,9 @@ def expected_shapes(arch: str | RegNetArch, source: str, num_classes: int = 1000
     return keys
 
 
-
-
-
-
-
-
 def guess_arch(state: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
     """(arch, source) of the first ARCHS entry and layout the state dict fits exactly, else None."""
-    state = strip_framework_keys(state)
-    for source in SOURCES:
-        n = head_classes(state, LAYOUTS[source].head, LAYOUTS[source].head_transposed)
-        if n is None:
-            continue
-        for name in ARCHS:
-            if first_mismatch(state, expected_shapes(name, source, n)) is None:
-                return name, source
-    return None
-
-
-def _guess_hint(state: Mapping[str, np.ndarray]) -> str:
-    guess = guess_arch(state)
-    return f" This looks like RegNetX-{guess[0]} in the {guess[1]} layout." if guess else ""
+    return state_guess(state, LAYOUTS, ARCHS, lambda arch, source, n, _state: expected_shapes(arch, source, n))
 
 
 def check_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str) -> tuple[dict, int]:
@@ -263,8 +248,8 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source:
     exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
     spec, lay = get_arch(arch), _source(source)
     return state_check(state, lay, lambda n: expected_shapes(spec, source, n), f"{arch_name(spec)} ({source} layout)",
-                       _guess_hint, f"Set model.arch and model.source ({', '.join(SOURCES)}) to what the weights "
-                       "were trained with.")
+                       lambda s: guess_hint(guess_arch(s), "RegNetX"),
+                       f"Set model.arch and model.source ({', '.join(SOURCES)}) to what the weights were trained with.")
 
 
 def deploy_state(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str) -> dict[str, np.ndarray]:
@@ -296,10 +281,8 @@ class _Writer:
         if self.fold:
             y = self.g.conv(x, *fold_bn(w, gamma, beta, mean, var, BN_EPS), conv, stride=stride, groups=groups)
         else:
-            y = self.g.conv(x, w, None, conv, stride=stride, groups=groups)
-            ins = [self.g.const(a.astype(np.float32), f"{bn}.{n}")
-                   for a, n in ((gamma, "weight"), (beta, "bias"), (mean, "mean"), (var, "var"))]
-            y = self.g.op("BatchNormalization", [y, *ins], name=bn, epsilon=BN_EPS)
+            y = self.g.batch_norm(self.g.conv(x, w, None, conv, stride=stride, groups=groups),
+                                  gamma, beta, mean, var, bn, BN_EPS)
         return self.g.relu(y) if relu else y
 
     def block(self, x: str, b: Block) -> str:
@@ -312,59 +295,81 @@ class _Writer:
         return self.g.relu(self.g.add(short, y))
 
 
-def _build(state, arch, source, input_size, batch, *, fold: bool) -> onnx.ModelProto:
-    spec = get_arch(arch)
+def _build(state, arch, source, size_hw, batch, *, fold: bool) -> onnx.ModelProto:
+    spec, lay, name = get_arch(arch), _source(source), arch_name(arch)
     state, num_classes = check_state(state, spec, source)
-    lay = LAYOUTS[source]
-    name = arch_name(spec)
-    g = GraphBuilder(f"{name}_{'deploy' if fold else 'unfolded'}".lower().replace("-", "_").replace(" ", "_"))
-    n = batch_dim(batch)
+    g = GraphBuilder.for_model(name, "deploy" if fold else "unfolded")
+    n, x = g.image_input(batch, size_hw)
     net = _Writer(g, state, lay, fold)
-    x = net.conv_bn(g.input([n, 3, int(input_size[0]), int(input_size[1])]), *lay.stem, stride=2)
-    for b in blocks(spec, source):
+    x = net.conv_bn(x, *lay.stem, stride=2)
+    for b in blocks(spec):
         x = net.block(x, b)
     w, bias = np.asarray(state[f"{lay.head}.weight"]), np.asarray(state[f"{lay.head}.bias"])
-    x = g.gemm(g.flatten(g.global_avg_pool(x)), w.T if lay.head_transposed else w, bias, lay.head)
-    g.output(x, [n, num_classes])
+    g.classifier(x, w.T if lay.head_transposed else w, bias, lay.head, n, num_classes)
     log.debug("built %s %s graph (%s layout, %d classes)", name, "deploy" if fold else "unfolded", source,
               num_classes)
     return g.build(doc=f"{name} ({source} layout), {'BN folded' if fold else 'BatchNormalization kept'}")
 
 
 def deploy_onnx(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str, *,
-                input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+                size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The inference graph with every BN folded into its conv: input 'input' [N, 3, H, W] with
-    input_size = (H, W); output 'output' [N, num_classes] logits (num_classes from the checkpoint)."""
-    return _build(state, arch, source, input_size, batch, fold=True)
+    size_hw = (H, W); output 'output' [N, num_classes] logits (num_classes from the checkpoint)."""
+    return _build(state, arch, source, size_hw, batch, fold=True)
 
 
 def unfolded_onnx(state: Mapping[str, np.ndarray], arch: str | RegNetArch, source: str, *,
-                  input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+                  size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The same network with BatchNormalization nodes kept: the reference for deploy_onnx."""
-    return _build(state, arch, source, input_size, batch, fold=False)
+    return _build(state, arch, source, size_hw, batch, fold=False)
 
 
 # ---------------------------------------------------------------- preprocessing, sizes, test weights
 
-def default_preprocessing(arch: str | RegNetArch, source: str) -> Preprocessing:
+def _eval_preprocessing(source: str, tag: str = "") -> Preprocessing:
     """The evaluation transform of the repository the weights come from."""
-    get_arch(arch)
-    _source(source)
     if source == "ppcls":
         # PaddleClas ppcls/configs/ImageNet/RegNet/RegNetX_*.yaml Eval: DecodeImage(to_rgb) +
         # ResizeImage(resize_short=256) (cv2 backend, INTER_LINEAR) + CropImage(size=256), i.e. a 256 input
         # although training used 224; NormalizeImage with the ImageNet mean/std.
-        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(256, 256), interpolation="BILINEAR_CV")
+        return Preprocessing(resize_hw=(256, 256), keep_aspect=True, crop_hw=(256, 256), interpolation="BILINEAR_CV")
     if source == "pycls":
         # pycls/datasets/imagenet.py + transforms.scale_and_center_crop: short side to TEST.IM_SIZE 256
         # (cv2 INTER_LINEAR), centre crop TRAIN.IM_SIZE 224, ImageNet mean/std in RGB, then the channels
         # are flipped: pycls networks take BGR input ("CHW/BGR/float"), so mean/std are given in BGR here.
-        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_CV",
+        return Preprocessing(resize_hw=(256, 256), keep_aspect=True, crop_hw=(224, 224), interpolation="BILINEAR_CV",
                              mean=(0.406, 0.456, 0.485), std=(0.225, 0.224, 0.229), rgb=False)
-    # torchvision RegNet_X_*_Weights.IMAGENET1K_V1: ImageClassification(crop_size=224) = Resize(256, bilinear,
-    # antialias: Pillow-style on PIL images) + CenterCrop(224), RGB, ImageNet mean/std. The IMAGENET1K_V2
-    # weights (torchvision's default) were evaluated with resize_size=232 instead: set resize to 232 for them.
-    return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_PILLOW")
+    # torchvision RegNet_X_*_Weights: ImageClassification(crop_size=224[, resize_size=232 for IMAGENET1K_V2]) =
+    # Resize(256 | 232, bilinear, antialias: Pillow-style on PIL images) + CenterCrop(224), RGB, ImageNet mean/std.
+    short = 232 if tag == "v2" else 256
+    return Preprocessing(resize_hw=(short, short), keep_aspect=True, crop_hw=(224, 224),
+                         interpolation="BILINEAR_PILLOW")
+
+
+# pycls MODEL_ZOO.md (top-1 error, RegNetX table) as top-1; torchvision's RegNet_X_*_Weights meta
+# (acc@1, acc@5) for IMAGENET1K_V1 and _V2; PaddleClas publishes its figures in its docs (not recorded here).
+_PYCLS_TOP1 = {"200MF": 68.9, "400MF": 72.7, "600MF": 74.1, "800MF": 75.2, "1600MF": 77.0, "3200MF": 78.3,
+               "4GF": 78.6, "6400MF": 79.2, "8GF": 79.3, "12GF": 79.7, "16GF": 80.0, "32GF": 80.5}
+_TORCHVISION = {  # arch: (torchvision name, {tag: (file hash, acc@1, acc@5)})
+    "400MF_tv": ("400mf", {"v1": ("adf1edd5", 72.834, 90.950), "v2": ("62229a5f", 74.864, 92.322)}),
+    "800MF": ("800mf", {"v1": ("ad17e45c", 75.212, 92.348), "v2": ("94a99ebd", 77.522, 93.826)}),
+    "1600MF": ("1_6gf", {"v1": ("e3633e7f", 77.040, 93.440), "v2": ("a12f2b72", 79.668, 94.922)}),
+    "3200MF": ("3_2gf", {"v1": ("f342aeae", 78.364, 93.992), "v2": ("7071aa85", 81.196, 95.430)}),
+    "8GF": ("8gf", {"v1": ("03ceed89", 79.344, 94.686), "v2": ("2b70d774", 81.682, 95.678)}),
+    "16GF": ("16gf", {"v1": ("2007eb11", 80.058, 94.944), "v2": ("ba3796d7", 82.716, 96.196)}),
+    "32GF": ("32gf", {"v1": ("9d47f8d0", 80.622, 95.248), "v2": ("6eb8fdc6", 83.014, 96.288)}),
+}
+WEIGHTS = (
+    *(Weights("regnet", arch, "pycls", _eval_preprocessing("pycls"), top1=_PYCLS_TOP1[arch],
+              url="https://dl.fbaipublicfiles.com/pycls/dds_baselines/ (pycls MODEL_ZOO.md)")
+      for arch in ARCHS if arch in _PYCLS_TOP1),
+    *(Weights("regnet", arch, "ppcls", _eval_preprocessing("ppcls"),
+              url=f"https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/RegNetX_{arch}_pretrained.pdparams")
+      for arch in ARCHS if arch in _PYCLS_TOP1),
+    *(Weights("regnet", arch, "torchvision", _eval_preprocessing("torchvision", tag), tag, top1=top1, top5=top5,
+              url=f"https://download.pytorch.org/models/regnet_x_{name}-{sha}.pth")
+      for arch, (name, releases) in _TORCHVISION.items() for tag, (sha, top1, top5) in releases.items()),
+)
 
 
 def param_count(arch: str | RegNetArch, num_classes: int = 1000, deploy: bool = True,
@@ -389,7 +394,7 @@ def random_state_dict(arch: str | RegNetArch, source: str, rng: np.random.Genera
 FAMILY = ModelFamily(
     name="regnet", archs=ARCHS, sources=SOURCES, reference_source=REFERENCE_SOURCE,
     expected_shapes=expected_shapes, check_state=check_state, deploy_onnx=deploy_onnx,
-    default_preprocessing=default_preprocessing,
+    weights=WEIGHTS,
     param_count=lambda arch, source, n, deploy: param_count(arch, n, deploy, source),
     random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, num_classes=n),
     deploy_state=deploy_state)

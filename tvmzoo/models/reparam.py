@@ -54,7 +54,7 @@ def write_deploy_checkpoint(spec: ReparamSpec, output: str | Path) -> Path:
                           f"its checkpoint is already the deploy form.")
     arch = resolve_arch(family, spec.arch)
     source = resolve_source(family, spec.source)
-    weights = resolve_weights(family, spec.weights)
+    weights = resolve_weights(spec.family, spec.arch, spec.source, spec.weights)
     state = family.deploy_state(load_state_dict(weights), arch, source)
     # mmpretrain's converter keeps the checkpoint's other entries; its meta (classes, versions) is kept here
     meta = {**read_metadata(weights), "reparameterized": True, "converted_by": "tvmzoo reparam", "arch": arch}

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..io.onnx_graph import GraphBuilder, batch_dim
+from ..io.onnx_graph import GraphBuilder
 from ..preprocess import Preprocessing
 from .repvgg_arch import (ARCHS, Block, LAYOUTS, Layout, RepVGGArch, SOURCES, _source, arch_name, blocks, get_arch)
 from .family import ModelFamily
+from .weights import Weights
 from .state import check_state as state_check
-from .state import first_mismatch, fold_bn, head_classes, strip_framework_keys
+from .state import fold_bn, guess_hint, strip_framework_keys
+from .state import guess_arch as state_guess
 from .state import random_state_dict as random_state
 
 log = logging.getLogger(__name__)
@@ -75,24 +77,9 @@ def expected_shapes(arch: str | RepVGGArch, source: str, num_classes: int = 1000
 
 
 
-def _fits(state: Mapping[str, np.ndarray], arch: RepVGGArch, source: str) -> bool:
-    n = head_classes(state, LAYOUTS[source].head, LAYOUTS[source].head_transposed)
-    return n is not None and first_mismatch(state, expected_shapes(arch, source, n, deploy=state)) is None
-
-
 def guess_arch(state: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
     """(arch, source) of the first ARCHS entry and layout the state dict fits exactly, else None."""
-    state = strip_framework_keys(state)
-    for source in SOURCES:
-        for name, spec in ARCHS.items():
-            if _fits(state, spec, source):
-                return name, source
-    return None
-
-
-def _guess_hint(state: Mapping[str, np.ndarray]) -> str:
-    guess = guess_arch(state)
-    return f" This looks like RepVGG-{guess[0]} in the {guess[1]} layout." if guess else ""
+    return state_guess(state, LAYOUTS, ARCHS, lambda arch, source, n, s: expected_shapes(arch, source, n, deploy=s))
 
 
 def check_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str) -> tuple[dict, int]:
@@ -100,7 +87,7 @@ def check_state(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source:
     exactly (every key used, every shape right), else one CheckpointError naming the first problem."""
     spec, lay = get_arch(arch), _source(source)
     return state_check(state, lay, lambda n: expected_shapes(spec, source, n, deploy=strip_framework_keys(state)),
-                       f"{arch_name(spec)} ({source} layout)", _guess_hint,
+                       f"{arch_name(spec)} ({source} layout)", lambda s: guess_hint(guess_arch(s), "RepVGG"),
                        f"Pass the arch and --source ({', '.join(SOURCES)}) the weights were trained with.")
 
 
@@ -221,9 +208,7 @@ def _se(g: GraphBuilder, x: str, se: tuple, name: str) -> str:
 
 
 def _bn_node(g: GraphBuilder, x: str, bn: BN, name: str) -> str:
-    ins = [g.const(a.astype(np.float32), f"{name}.{n}") for a, n in
-           ((bn.gamma, "weight"), (bn.beta, "bias"), (bn.mean, "mean"), (bn.var, "var"))]
-    return g.op("BatchNormalization", [x, *ins], name=name, epsilon=BN_EPS)
+    return g.batch_norm(x, bn.gamma, bn.beta, bn.mean, bn.var, name, BN_EPS)
 
 
 def _train_block(g: GraphBuilder, x: str, w: BlockWeights, name: str) -> str:
@@ -240,14 +225,11 @@ def _train_block(g: GraphBuilder, x: str, w: BlockWeights, name: str) -> str:
     return y
 
 
-def _build(state, arch, source, input_size, batch, *, deploy: bool) -> onnx.ModelProto:
-    spec = get_arch(arch)
+def _build(state, arch, source, size_hw, batch, *, deploy: bool) -> onnx.ModelProto:
+    spec, lay, name = get_arch(arch), _source(source), arch_name(arch)
     state, num_classes = check_state(state, spec, source)
-    lay = LAYOUTS[source]
-    name = arch_name(spec)
-    g = GraphBuilder(f"{name}_{'deploy' if deploy else 'train'}".lower().replace("-", "_").replace(" ", "_"))
-    n = batch_dim(batch)
-    x = g.input([n, 3, int(input_size[0]), int(input_size[1])])
+    g = GraphBuilder.for_model(name, "deploy" if deploy else "train")
+    n, x = g.image_input(batch, size_hw)
     for w in read_blocks(state, spec, source):
         b = w.block
         block_name = lay.block_prefix(b.stage, b.index)
@@ -259,29 +241,28 @@ def _build(state, arch, source, input_size, batch, *, deploy: bool) -> onnx.Mode
             x = _se(g, x, w.se, block_name)
         x = g.relu(x)
     weight, bias = _read_head(state, lay)
-    x = g.gemm(g.flatten(g.global_avg_pool(x)), weight, bias, lay.head)
-    g.output(x, [n, num_classes])
+    g.classifier(x, weight, bias, lay.head, n, num_classes)
     log.debug("built %s %s graph (%s layout, %d classes)", name, "deploy" if deploy else "train", source,
               num_classes)
     return g.build(doc=f"{name} ({source} layout), {'re-parameterized deploy' if deploy else 'train-time'} graph")
 
 
 def deploy_onnx(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str, *,
-                input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+                size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The deploy graph: one 3x3 conv (+ SE) + ReLU per block, GlobalAveragePool, Flatten, Gemm.
-    input 'input' [N, 3, H, W] with input_size = (H, W); output 'output' [N, num_classes]."""
-    return _build(state, arch, source, input_size, batch, deploy=True)
+    input 'input' [N, 3, H, W] with size_hw = (H, W); output 'output' [N, num_classes]."""
+    return _build(state, arch, source, size_hw, batch, deploy=True)
 
 
 def train_onnx(state: Mapping[str, np.ndarray], arch: str | RepVGGArch, source: str, *,
-               input_size: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
+               size_hw: tuple[int, int] = (224, 224), batch: int | None = None) -> onnx.ModelProto:
     """The unfolded graph (three branches with BatchNormalization nodes): the reference for deploy_onnx."""
-    return _build(state, arch, source, input_size, batch, deploy=False)
+    return _build(state, arch, source, size_hw, batch, deploy=False)
 
 
 # ---------------------------------------------------------------- preprocessing, sizes, test weights
 
-def default_preprocessing(arch: str | RepVGGArch, source: str) -> Preprocessing:
+def _eval_preprocessing(arch: str, source: str) -> Preprocessing:
     """The evaluation transform of the repository the weights come from (short side resized, centre crop,
     ImageNet mean / std in RGB)."""
     spec, _ = get_arch(arch), _source(source)
@@ -291,18 +272,34 @@ def default_preprocessing(arch: str | RepVGGArch, source: str) -> Preprocessing:
         # Resize(320, BILINEAR) + CenterCrop(320) for RepVGG-D2se (README: "test.py ... -a RepVGG-D2se -r 320").
         # torchvision Resize on PIL images: Pillow bilinear.
         size = 320 if big else 224
-        return Preprocessing(resize=(320, 320) if big else (256, 256), keep_aspect=True, crop=(size, size),
+        return Preprocessing(resize_hw=(320, 320) if big else (256, 256), keep_aspect=True, crop_hw=(size, size),
                              interpolation="BILINEAR_PILLOW")
     if source == "mmcls":
         # mmpretrain configs/_base_/datasets/imagenet_bs*_pil_resize*.py test pipeline:
         # ResizeEdge(scale=256, edge='short', backend='pillow') + CenterCrop(224), for D2se too
         # (its model zoo reports D2se at 224: 81.81% vs the official 81.82% at 224).
-        return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_PILLOW")
+        return Preprocessing(resize_hw=(256, 256), keep_aspect=True, crop_hw=(224, 224),
+                             interpolation="BILINEAR_PILLOW")
     # PaddleClas ppcls/configs/ImageNet/RepVGG/RepVGG_*.yaml Eval: ResizeImage(resize_short=256) (cv2 backend,
     # INTER_LINEAR) + CropImage(224); RepVGG_D2se.yaml: resize_short 320, bicubic, pil + CropImage(320).
     if big:
-        return Preprocessing(resize=(320, 320), keep_aspect=True, crop=(320, 320), interpolation="BICUBIC")
-    return Preprocessing(resize=(256, 256), keep_aspect=True, crop=(224, 224), interpolation="BILINEAR_CV")
+        return Preprocessing(resize_hw=(320, 320), keep_aspect=True, crop_hw=(320, 320), interpolation="BICUBIC")
+    return Preprocessing(resize_hw=(256, 256), keep_aspect=True, crop_hw=(224, 224), interpolation="BILINEAR_CV")
+
+
+# Top-1 as the sources publish it in text (the official README's full table is an image): A0 and B1 from its
+# training section, D2se at 320 from its updates (81.82 at 224); mmpretrain's D2se at 224.
+# Official figures from DingXiaoH's README; PaddleClas's from its RepVGG model page (its own re-evaluation).
+_TOP1 = {("official", "A0"): 72.41, ("official", "A1"): 74.46, ("official", "A2"): 76.48, ("official", "B0"): 75.14,
+         ("official", "B1"): 78.37, ("official", "B2"): 78.78, ("official", "D2se"): 83.55, ("mmcls", "D2se"): 81.81,
+         ("ppcls", "A0"): 71.31, ("ppcls", "A1"): 73.80, ("ppcls", "A2"): 75.71, ("ppcls", "B0"): 74.50,
+         ("ppcls", "B1"): 77.73, ("ppcls", "B2"): 78.13}
+_WHERE = {"official": "https://github.com/DingXiaoH/RepVGG (Google Drive / Baidu Cloud links)",
+          "mmcls": "https://mmpretrain.readthedocs.io/en/latest/papers/repvgg.html",
+          "ppcls": "https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/RepVGG_{arch}_pretrained.pdparams"}
+WEIGHTS = tuple(Weights("repvgg", arch, source, _eval_preprocessing(arch, source), top1=_TOP1.get((source, arch)),
+                        url=_WHERE[source].format(arch=arch))
+                for source in SOURCES for arch in ARCHS)
 
 
 def param_count(arch: str | RepVGGArch, num_classes: int = 1000, deploy: bool = True) -> int:
@@ -323,7 +320,7 @@ def random_state_dict(arch: str | RepVGGArch, source: str, rng: np.random.Genera
 FAMILY = ModelFamily(
     name="repvgg", archs=ARCHS, sources=SOURCES, reference_source="official",
     expected_shapes=lambda arch, source, n: expected_shapes(arch, source, n),
-    check_state=check_state, deploy_onnx=deploy_onnx, default_preprocessing=default_preprocessing,
+    check_state=check_state, deploy_onnx=deploy_onnx, weights=WEIGHTS,
     param_count=lambda arch, _source, n, deploy: param_count(arch, n, deploy),
     random_state_dict=lambda arch, source, rng, n: random_state_dict(arch, source, rng, num_classes=n),
     deploy_state=deploy_state)

@@ -3,7 +3,7 @@ against the architecture (naming the first key that does not fit), fold BatchNor
 make random test checkpoints."""
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -84,6 +84,26 @@ def check_state(state: Mapping[str, np.ndarray], lay: Layout, expected: Callable
     if problem:
         raise CheckpointError(f"checkpoint does not fit {what}: {problem}.{hint(state)} {fix}")
     return state, num_classes
+
+
+def guess_arch(state: Mapping[str, np.ndarray], layouts: Mapping[str, Layout], archs: Iterable[str],
+               expected: Callable[[str, str, int, dict], Mapping[str, tuple]]) -> tuple[str, str] | None:
+    """(arch, source) of the first arch and layout a state dict fits exactly, else None.
+    `expected(arch, source, n, state)` gives the keys and shapes for n classes."""
+    state = strip_framework_keys(state)
+    for source, lay in layouts.items():
+        n = head_classes(state, lay.head, lay.head_transposed)
+        if n is None:
+            continue
+        for arch in archs:
+            if first_mismatch(state, expected(arch, source, n, state)) is None:
+                return arch, source
+    return None
+
+
+def guess_hint(guess: tuple[str, str] | None, model: str) -> str:
+    """" This looks like <model>-<arch> in the <source> layout." for a guess_arch result, '' for None."""
+    return f" This looks like {model}-{guess[0]} in the {guess[1]} layout." if guess else ""
 
 
 def fold_bn(weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,

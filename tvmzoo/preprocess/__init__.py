@@ -6,7 +6,10 @@ The pipeline is the vendor's fused vdsp step: decode (BGR, uint8) -> resize -> c
 (what a fused, on-device normalization consumes); `apply` = `normalize(resize_and_crop_uint8(...))`.
 
 Conventions (the training repos differ by a pixel here and there; these are ours):
-- keep-aspect resize: the short side becomes `resize[0]`, the long side `int(size * long / short)`
+- sizes are (height, width), as in NCHW shapes, and named `*_hw`; points are (x, y) (`crop_xy`). The
+  files keep their own forms: vdsp JSON Width / Height keys, mod.json's `resize` / `crop` as
+  [width, height] (`to_meta`, read by the runtime and the C++ runner).
+- keep-aspect resize: the short side becomes `short_side`, the long side `int(size * long / short)`
   (torchvision's rule).
 - centred crop: top-left corner `((W - w) // 2, (H - h) // 2)` (PaddleClas' rule, and the vdsp
   CropX/CropY the vendor writes for 256 -> 224).
@@ -14,7 +17,7 @@ Conventions (the training repos differ by a pixel here and there; these are ours
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,8 @@ RESIZE_TYPES = ("BILINEAR_CV", "BILINEAR", "BILINEAR_PILLOW", "NEAREST", "BICUBI
 COLOR_CVT_CODES = ("NO_CHANGE", "BGR2RGB", "RGB2BGR")
 # Norm types whose formula uses mean/std.
 _USES_MEAN_STD = ("MINUSMEAN_DIVSTD", "DIV255_MINUSMEAN_DIVSTD")
+# mod.json names of the (height, width) fields, written [width, height] as vdsp and OpenCV do
+_META_NAMES = {"resize_hw": "resize", "crop_hw": "crop"}
 
 def _suggest(name: str, choices: Sequence[str]) -> str:
     return f"{did_you_mean(str(name).upper(), choices)} Allowed: {', '.join(choices)}."
@@ -48,14 +53,14 @@ def _choice(value: Any, choices: Sequence[str], what: str, *, prefix: str = "") 
     raise ConfigError(f"unknown {what} {value!r}.{_suggest(str(value), choices)}")
 
 
-def _int_pair(name: str, value: Any, minimum: int) -> tuple[int, int]:
+def _int_pair(name: str, value: Any, minimum: int, order: str = "height, width") -> tuple[int, int]:
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
         pair = (int(value[0]), int(value[1]))
         if min(pair) >= minimum:
             return pair
     kind = "positive" if minimum > 0 else "non-negative"
-    raise ConfigError(f"preprocessing {name} must be two {kind} integers (width, height), got {value!r}.")
+    raise ConfigError(f"preprocessing {name} must be two {kind} integers ({order}), got {value!r}.")
 
 
 def _triple(name: str, value: Any) -> tuple[float, float, float]:
@@ -69,9 +74,10 @@ def _triple(name: str, value: Any) -> tuple[float, float, float]:
 class Preprocessing:
     """How an image becomes the network's input tensor.
 
-    resize: (width, height) of a plain resize when keep_aspect is False; with keep_aspect the
-        short side is resized to resize[0] and the aspect ratio kept (the training repos' way).
-    crop: (width, height) of the crop; crop_xy its top-left corner, None = centred.
+    resize_hw: (height, width) of a plain resize when keep_aspect is False; with keep_aspect the
+        short side is resized to `short_side` and the aspect ratio kept (the training repos' way).
+    crop_hw: (height, width) of the crop: the network's input size; crop_xy its top-left corner
+        (x, y), None = centred.
     mean / std: in the scale of the normalization (0..1 for DIV255_MINUSMEAN_DIVSTD), in the
         network's channel order; NORMAL_EQUAL, DIV127_5_MINUSONE and DIV255 ignore them.
     rgb: True when the network expects RGB channel order (images are decoded as BGR by OpenCV).
@@ -79,9 +85,9 @@ class Preprocessing:
     Every instance is validated on construction (ConfigError).
     """
 
-    resize: tuple[int, int] = (256, 256)
+    resize_hw: tuple[int, int] = (256, 256)
     keep_aspect: bool = False
-    crop: tuple[int, int] = (224, 224)
+    crop_hw: tuple[int, int] = (224, 224)
     crop_xy: tuple[int, int] | None = None
     interpolation: str = "BILINEAR_CV"
     norm: str = "DIV255_MINUSMEAN_DIVSTD"
@@ -91,10 +97,10 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # frozen: normalise lists to tuples once, here
-        fix(self, "resize", _int_pair("resize", self.resize, 1))
-        fix(self, "crop", _int_pair("crop", self.crop, 1))
+        fix(self, "resize_hw", _int_pair("resize_hw", self.resize_hw, 1))
+        fix(self, "crop_hw", _int_pair("crop_hw", self.crop_hw, 1))
         if self.crop_xy is not None:
-            fix(self, "crop_xy", _int_pair("crop_xy", self.crop_xy, 0))
+            fix(self, "crop_xy", _int_pair("crop_xy", self.crop_xy, 0, "x, y"))
         fix(self, "interpolation", _choice(self.interpolation, RESIZE_TYPES, "ResizeType"))
         fix(self, "norm", _choice(self.norm, NORM_TYPES, "NormaType", prefix="NORMAL_"))
         fix(self, "mean", _triple("mean", self.mean))
@@ -104,21 +110,44 @@ class Preprocessing:
                 raise ConfigError(f"preprocessing {name} must be true or false, got {getattr(self, name)!r}.")
         if self.norm in _USES_MEAN_STD and any(s <= 0 for s in self.std):
             raise ConfigError(f"preprocessing std must be positive for {self.norm}, got {self.std}.")
-        if self.resize[0] * self.resize[1] > MAX_PIXELS:
-            raise ConfigError(f"preprocessing resize {self.resize[0]}x{self.resize[1]} is above the limit of "
+        if self.resize_hw[0] * self.resize_hw[1] > MAX_PIXELS:
+            raise ConfigError(f"preprocessing resize {self.resize_hw[1]}x{self.resize_hw[0]} is above the limit of "
                               f"{MAX_PIXELS} pixels: networks take a few hundred pixels a side.")
         self._check_crop_fits()
 
+    @property
+    def short_side(self) -> int:
+        """With keep_aspect: what the short side is resized to (the width entry, vdsp's ResizeWidth)."""
+        return self.resize_hw[1]
+
+    @property
+    def resized_hw(self) -> tuple[int, int]:
+        """(height, width) the crop is taken from, at least: with keep_aspect the short side on both."""
+        return (self.short_side, self.short_side) if self.keep_aspect else self.resize_hw
+
     def _check_crop_fits(self) -> None:
-        # With keep_aspect the resized image is at least resize[0] on both sides.
-        room = (self.resize[0], self.resize[0]) if self.keep_aspect else self.resize
+        (room_h, room_w), (crop_h, crop_w) = self.resized_hw, self.crop_hw
         x, y = self.crop_xy or (0, 0)
-        if x + self.crop[0] > room[0] or y + self.crop[1] > room[1]:
+        if x + crop_w > room_w or y + crop_h > room_h:
             where = f" at ({x}, {y})" if self.crop_xy else ""
-            side = f"short side {room[0]}" if self.keep_aspect else f"resize {room[0]}x{room[1]}"
+            side = f"short side {room_w}" if self.keep_aspect else f"resize {room_w}x{room_h}"
             raise ConfigError(
-                f"preprocessing crop {self.crop[0]}x{self.crop[1]}{where} does not fit in the {side}: "
+                f"preprocessing crop {crop_w}x{crop_h}{where} does not fit in the {side}: "
                 f"make the crop smaller or the resize larger.")
+
+    # ---- mod.json: sizes as [width, height] under 'resize' / 'crop' (the runtime and the C++ runner) ----
+    def to_meta(self) -> dict[str, Any]:
+        return {_META_NAMES.get(f.name, f.name): getattr(self, f.name)[::-1] if f.name in _META_NAMES
+                else getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> Preprocessing:
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}
+        for field_name, key in _META_NAMES.items():
+            if key in kw:
+                value = kw.pop(key)
+                kw[field_name] = value[::-1] if isinstance(value, tuple) else value
+        return cls(**kw)
 
     # ---- normalization as an affine map (used by host code and by fused preprocessing) ----
     def scale_offset(self) -> tuple[np.ndarray, np.ndarray]:
@@ -145,12 +174,12 @@ class Preprocessing:
 
     def to_vdsp(self) -> dict[str, Any]:
         """The `OpType`/`OpConfig` form; keep-aspect adds our optional `ResizeKeepAspect: true`."""
-        rw, rh = (self.resize[0], self.resize[0]) if self.keep_aspect else self.resize
-        cx, cy = self.crop_xy or ((rw - self.crop[0]) // 2, (rh - self.crop[1]) // 2)
+        (rh, rw), (ch, cw) = self.resized_hw, self.crop_hw
+        cx, cy = self.crop_xy or ((rw - cw) // 2, (rh - ch) // 2)
         cfg: dict[str, Any] = {
             "IimageFormat": "RGB_PLANAR" if self.rgb else "BGR888",
             "IimageWidth": rw, "IimageHeight": rh,
-            "OimageWidth": self.crop[0], "OimageHeight": self.crop[1],
+            "OimageWidth": cw, "OimageHeight": ch,
             "CropX": cx, "CropY": cy,
             "ResizeWidth": rw, "ResizeHeight": rh,
             "IimageWidthPitch": rw, "IimageHeightPitch": rh,

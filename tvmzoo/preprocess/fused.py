@@ -26,12 +26,13 @@ INPUT_LAYOUT = "NHWC"
 
 def fused_input_size(pre: Preprocessing) -> tuple[int, int]:
     """(width, height) of the uint8 image a fused module takes."""
-    return (pre.resize[0], pre.resize[0]) if pre.keep_aspect else pre.resize
+    height, width = pre.resized_hw
+    return width, height
 
 
 def _module_crop_xy(pre: Preprocessing) -> tuple[int, int]:
     width, height = fused_input_size(pre)
-    return pre.crop_xy or ((width - pre.crop[0]) // 2, (height - pre.crop[1]) // 2)
+    return pre.crop_xy or ((width - pre.crop_hw[1]) // 2, (height - pre.crop_hw[0]) // 2)
 
 
 def fused_input(pre: Preprocessing, image_bgr: np.ndarray) -> np.ndarray:
@@ -42,7 +43,7 @@ def fused_input(pre: Preprocessing, image_bgr: np.ndarray) -> np.ndarray:
     if not pre.keep_aspect:
         return np.ascontiguousarray(resized)
     # The window starts where the host crop starts, minus the module's fixed crop offset.
-    x, y = pre.crop_xy or ((rw - pre.crop[0]) // 2, (rh - pre.crop[1]) // 2)
+    x, y = pre.crop_xy or ((rw - pre.crop_hw[1]) // 2, (rh - pre.crop_hw[0]) // 2)
     mx, my = _module_crop_xy(pre)
     width, height = fused_input_size(pre)
     return np.ascontiguousarray(resized[y - my:y - my + height, x - mx:x - mx + width])
@@ -67,7 +68,7 @@ def fuse_preprocessing(model: onnx.ModelProto, input_name: str, batch: int | str
     ordered = "pre_float"
     nodes = [
         helper.make_node("Slice", [input_name, const("starts", np.array([y, x], np.int64)),
-                                   const("ends", np.array([y + pre.crop[1], x + pre.crop[0]], np.int64)),
+                                   const("ends", np.array([y + pre.crop_hw[0], x + pre.crop_hw[1]], np.int64)),
                                    const("axes", np.array([1, 2], np.int64))], ["pre_crop"]),
         helper.make_node("Cast", ["pre_crop"], ["pre_float"], to=TensorProto.FLOAT),
     ]
@@ -98,9 +99,9 @@ def fuse_for_build(model: onnx.ModelProto, spec, pre: Preprocessing | None, wher
     if pre is None:
         raise ConfigError(f"{where}: graph.preprocess: fused needs the preprocessing: add dataset.process_ops "
                           "or a model: section (whose family knows its default preprocessing).")
-    height, width = spec.image_size
-    if tuple(pre.crop) != (width, height):
-        raise ConfigError(f"{where}: graph.preprocess: fused crops {pre.crop[0]}x{pre.crop[1]} but the network "
+    height, width = spec.size_hw
+    if pre.crop_hw != (height, width):
+        raise ConfigError(f"{where}: graph.preprocess: fused crops {pre.crop_hw[1]}x{pre.crop_hw[0]} but the network "
                           f"input is {width}x{height}; make the crop (CenterCrop crop_size) match frontend.shape.")
     batch = "N" if spec.dynamic_batch else spec.shape[0]
     fw, fh = fused_input_size(pre)

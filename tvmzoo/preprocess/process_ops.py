@@ -11,6 +11,15 @@ from . import _suggest_exact, _triple
 
 log = logging.getLogger(__name__)
 
+
+def _size_hw(size: Any) -> Any:
+    """A YAML size (one number, or [width, height] as the vendor writes it) as (height, width); anything
+    else as given, for Preprocessing to reject with its message."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    return (size[1], size[0]) if isinstance(size, (list, tuple)) and len(size) == 2 else size
+
+
 def _no_args(args: dict, kw: dict) -> None:
     if args:
         raise ConfigError(f"unexpected keys {sorted(map(str, args))}.")
@@ -40,12 +49,11 @@ def _op_resize(args: dict, kw: dict) -> None:
     if ("size" in args) == ("resize_short" in args):
         raise ConfigError("give exactly one of size: [width, height] or resize_short: <short side>.")
     if "size" in args:
-        size = args["size"]
-        kw["resize"] = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+        kw["resize_hw"] = _size_hw(args["size"])
         kw["keep_aspect"] = False
     else:
         short = args["resize_short"]
-        kw["resize"] = (short, short)
+        kw["resize_hw"] = (short, short)
         kw["keep_aspect"] = True
     if "interpolation" in args:
         name = args["interpolation"]
@@ -56,8 +64,7 @@ def _op_center_crop(args: dict, kw: dict) -> None:
     extra = set(args) - {"crop_size"}
     if extra or "crop_size" not in args:
         raise ConfigError("expected exactly one key, crop_size: [width, height].")
-    size = args["crop_size"]
-    kw["crop"] = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    kw["crop_hw"] = _size_hw(args["crop_size"])
     kw["crop_xy"] = None
 
 
@@ -109,7 +116,7 @@ def read_process_ops(ops: Sequence[Mapping[str, Any]], where: str = "process_ops
     """The build YAML's `dataset.process_ops` list -> Preprocessing keyword arguments."""
     if not isinstance(ops, (list, tuple)) or not ops:
         raise ConfigError(f"{where} must be a non-empty list of {{type: ...}} steps, got {ops!r}.")
-    kw: dict[str, Any] = {"crop": None}
+    kw: dict[str, Any] = {"crop_hw": None}
     for i, op in enumerate(ops):
         here = f"{where}[{i}]"
         if not isinstance(op, Mapping) or "type" not in op:
@@ -123,12 +130,12 @@ def read_process_ops(ops: Sequence[Mapping[str, Any]], where: str = "process_ops
             handler(args, kw)
         except ConfigError as err:
             raise ConfigError(f"{here} ({kind}): {err}") from None
-    if "resize" not in kw:
+    if "resize_hw" not in kw:
         raise ConfigError(f"{where}: no Resize step: add `- type: Resize` with `size: [256, 256]` "
                           "or `resize_short: 256`.")
-    if kw["crop"] is None:
+    if kw["crop_hw"] is None:
         if kw.get("keep_aspect"):
             raise ConfigError(f"{where}: a resize_short Resize keeps the aspect ratio, so the input "
                               "size varies: add a CenterCrop step (crop_size: [224, 224]).")
-        kw["crop"] = kw["resize"]
+        kw["crop_hw"] = kw["resize_hw"]
     return kw

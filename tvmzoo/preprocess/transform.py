@@ -82,8 +82,8 @@ def resize_uint8(image: np.ndarray, size: tuple[int, int], interpolation: str) -
 def resized_size(pre: Preprocessing, width: int, height: int) -> tuple[int, int]:
     """(width, height) an image of the given size has after pre's resize."""
     if not pre.keep_aspect:
-        return pre.resize
-    short = pre.resize[0]
+        return pre.resize_hw[1], pre.resize_hw[0]
+    short = pre.short_side
     if width <= height:
         return short, int(short * height / width)
     return int(short * width / height), short
@@ -105,7 +105,7 @@ def resize_and_crop_uint8(pre: Preprocessing, image_bgr: np.ndarray) -> np.ndarr
         raise ImageError(f"a {image_bgr.shape[1]}x{image_bgr.shape[0]} image resized to keep its aspect ratio "
                          f"would be {rw}x{rh}, above the limit of {MAX_PIXELS} pixels; crop it first.")
     resized = resize_uint8(image_bgr, (rw, rh), pre.interpolation)
-    cw, ch = pre.crop
+    ch, cw = pre.crop_hw
     x, y = pre.crop_xy or ((rw - cw) // 2, (rh - ch) // 2)
     cropped = resized[y:y + ch, x:x + cw]
     if pre.rgb:

@@ -146,7 +146,7 @@ def _opconfig(op: str, cfg: Mapping[str, Any]) -> Preprocessing:
               sorted(k for k in cfg if k.startswith("Iimage") or k.startswith("TensorType")))
     try:
         return Preprocessing(
-            resize=(rw, rh), keep_aspect=keep, crop=(ow, oh),
+            resize_hw=(rh, rw), keep_aspect=keep, crop_hw=(oh, ow),
             crop_xy=None if (cx, cy) == centred else (cx, cy),
             interpolation=_choice(_get(cfg, "ResizeType", str, "BILINEAR_CV"), RESIZE_TYPES, "ResizeType"),
             norm=norm, mean=mean, std=std, rgb=_rgb_from(fmt, cvt))
@@ -211,13 +211,13 @@ def _from_legacy(data: Mapping[str, Any]) -> Preprocessing:
     resize_type = _legacy_enum(props, "resize_type", RESIZE_TYPES, _LEGACY_RESIZE_CODES, "BILINEAR_CV")
     if "short_edge_threshold" in props:
         short = _get(props, "short_edge_threshold", int)
-        resize, keep = (short, short), True
+        resize_hw, keep = (short, short), True
     else:
-        resize, keep = (_get(props, "oimage_width", int), _get(props, "oimage_height", int)), False
+        resize_hw, keep = (_get(props, "oimage_height", int), _get(props, "oimage_width", int)), False
     crop = _get(props, "crop_size", int, None)
     stats = [[_fp16_value(props, dtypes, f"{s}{c}") for c in "rgb"] for s in ("mean", "std")] \
         if norm in _USES_MEAN_STD else [[0, 0, 0], [1, 1, 1]]
-    return Preprocessing(resize=resize, keep_aspect=keep, crop=(crop, crop) if crop else resize,
+    return Preprocessing(resize_hw=resize_hw, keep_aspect=keep, crop_hw=(crop, crop) if crop else resize_hw,
                          interpolation=resize_type, norm=norm, mean=stats[0], std=stats[1],
                          rgb=_rgb_from(fmt, cvt))
 

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from ..io.atomic import write_text
@@ -35,7 +34,7 @@ def claim(result: Path) -> Iterator[None]:
 def run_settings(meta: dict, preprocessing, names: Sequence[str], top_k: int) -> dict:
     """What a result file's lines depend on: the module (its checksum), the preprocessing, the labels."""
     settings = {"module_sha256": meta.get("module_sha256"), "module": meta.get("name"),
-                "precision": meta.get("precision"), "preprocessing": asdict(preprocessing),
+                "precision": meta.get("precision"), "preprocessing": preprocessing.to_meta(),
                 "labels_sha256": hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest(),
                 "top_k": top_k}
     return json.loads(json.dumps(settings))  # as it reads back (tuples -> lists)

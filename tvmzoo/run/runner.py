@@ -4,14 +4,13 @@
 a pool of threads, inference on `instances` model instances (one thread each), both through bounded
 windows of in-flight work, results consumed in input order, so both modes write the same file.
 A fused module (graph.preprocess: fused) gets the resized uint8 image; the rest happens inside it.
-With a RemoteSpec the images are sharded across TVM RPC devices (tvmzoo.run.devices).
+With a RemoteSpec the images are sharded across TVM RPC devices (tvmzoo.run.sharded).
 """
 from __future__ import annotations
 
+import itertools
 import logging
-import math
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,13 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ..io.atomic import write_text
-from .devices import RemoteSpec, checked_module, load_remote, open_sessions
-from ..errors import ConfigError, ImageError, ModuleError
+from ..errors import ConfigError, ImageError
 from ..io.outputs import check_output_file
 from ..preprocess import Preprocessing, apply, read_image
 from .results import TOP_K, Prediction, format_prediction, predictions, read_results
 from .claim import SettingsRecord, claim, run_settings
 from .runtime import CompiledModel, stack_aligned
+from .threads import instance_cores, pin_this_thread_pool, threads_per_instance
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ def classify(model: CompiledModel | Sequence[CompiledModel], paths: Sequence[Pat
             outcomes = (_infer(models[0], b, isolate_failures) for b in batches)
         else:
             decode = ThreadPoolExecutor(workers, thread_name_prefix="decode")
-            infer = ThreadPoolExecutor(len(models), thread_name_prefix="infer")
+            infer = _inference_threads(len(models))
             pools += [decode, infer]
             free: queue.Queue[CompiledModel] = queue.Queue()
             for instance in models:
@@ -195,81 +194,18 @@ def classify(model: CompiledModel | Sequence[CompiledModel], paths: Sequence[Pat
     return summary
 
 
-# ---------------------------------------------------------------- sharded across RPC devices
+def _inference_threads(instances: int) -> ThreadPoolExecutor:
+    """One inference thread per model instance. With several, each thread's TVM pool is pinned to its own
+    cores (tvmzoo.run.threads, as vamp's throughput mode does): unpinned, every pool would take the same
+    first cores."""
+    if instances < 2:
+        return ThreadPoolExecutor(instances, thread_name_prefix="infer")
+    threads, numbers = threads_per_instance(instances, None), itertools.count()
 
+    def pin() -> None:
+        pin_this_thread_pool(instance_cores(next(numbers), threads))
 
-@dataclass
-class ShardedRun:
-    predictions: list[Prediction]
-    failed: list[tuple[str, str]]
-    seconds: float
-    devices: int
-    reassigned: int             # shards re-run on another device after theirs dropped out
-
-
-def classify_sharded(prefix: str | Path, paths: Sequence[Path], pre: Preprocessing, spec: RemoteSpec, *,
-                     batch: int = 1, shard_size: int | None = None, progress: bool = True,
-                     on_prediction: Callable[[Prediction], None] | None = None) -> ShardedRun:
-    """Classify `paths` across every device of `spec`; results in input order. Shards are handed out
-    from one queue; a device that fails puts its unfinished shard back for another device, and a
-    shard's results count only once it completes, so nothing is lost or duplicated."""
-    checked_module(prefix)  # a damaged or foreign module is one clear error, not every device dropping out
-    sessions = open_sessions(spec)
-    size = shard_size or max(batch, min(256, math.ceil(len(paths) / (4 * len(sessions)))))
-    shards = [list(paths[i:i + size]) for i in range(0, len(paths), size)]
-    log.info("%d images in %d shards on %d device(s) under %s", len(paths), len(shards), len(sessions),
-             spec.describe())
-    todo: queue.Queue[int] = queue.Queue()
-    for index in range(len(shards)):
-        todo.put(index)
-    done: dict[int, object] = {}
-    lock = threading.Lock()
-    reassigned = 0
-    bar = tqdm(total=len(paths), disable=not progress or len(paths) < 20, unit="img")
-
-    def device_loop(number: int, session) -> None:
-        nonlocal reassigned
-        try:
-            model = load_remote(prefix, session)
-        except Exception as exc:  # noqa: BLE001 - a device that cannot load the module takes no shard
-            log.warning("device %d: cannot load the module (%s); continuing without it", number, exc)
-            return
-        while len(done) < len(shards):
-            try:
-                index = todo.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            try:
-                summary = classify(model, shards[index], pre, batch=batch, progress=False, isolate_failures=False)
-            except Exception as exc:  # noqa: BLE001 - TVM's RPC errors have no common type
-                with lock:
-                    reassigned += 1
-                todo.put(index)
-                log.warning("device %d dropped out (%s); its shard of %d images goes to another device",
-                            number, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                            len(shards[index]))
-                return
-            with lock:
-                done[index] = summary
-                bar.update(len(shards[index]))
-                if on_prediction is not None:
-                    for pred in summary.predictions:
-                        on_prediction(pred)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=device_loop, args=(n, s), daemon=True) for n, s in enumerate(sessions)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    bar.close()
-    if len(done) < len(shards):
-        missing = sum(len(shards[i]) for i in range(len(shards)) if i not in done)
-        raise ModuleError(f"every device under {spec.describe()} dropped out; {missing} images were not "
-                          "classified. Restart the servers and run again with --resume to finish.")
-    ordered = [done[i] for i in range(len(shards))]
-    return ShardedRun([p for s in ordered for p in s.predictions], [f for s in ordered for f in s.failed],
-                      time.perf_counter() - t0, len(sessions), reassigned)
+    return ThreadPoolExecutor(instances, thread_name_prefix="infer", initializer=pin)
 
 
 def resolve_preprocessing(model_prefix: str | Path, vdsp: str | Path | None) -> Preprocessing:
@@ -347,6 +283,7 @@ def _run_claimed(model_prefix: str | Path, paths: Sequence[Path], pre: Preproces
     completed = False
     try:
         if options.remote is not None:
+            from .sharded import classify_sharded
 
             run = classify_sharded(model_prefix, todo, pre, options.remote, batch=options.batch,
                                    progress=options.progress, on_prediction=results.add)

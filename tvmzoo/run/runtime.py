@@ -188,8 +188,7 @@ class CompiledModel:
     @staticmethod
     def preprocessing_from_meta(meta: dict) -> Preprocessing | None:
         pre = meta.get("preprocessing")
-        return None if pre is None else Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                                         for k, v in pre.items()})
+        return None if pre is None else Preprocessing.from_meta(pre)
 
     @property
     def preprocessing(self) -> Preprocessing | None:

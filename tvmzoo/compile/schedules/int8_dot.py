@@ -18,26 +18,23 @@ def dot_intrin(lanes: int, group: int, dtypes: tuple[str, str, str], dot) -> tup
     = (A, B, C); the impl's value is `dot(A, B, C)` (one instruction: vpdpbusd, vdpbf16ps)."""
     a_dtype, b_dtype, acc = dtypes
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
-             C: T.Buffer((lanes,), acc, offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, group):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], acc) * T.cast(B[vi, vk], acc)
+    def intrin(describe: bool) -> tirx.PrimFunc:  # one signature: desc and impl must declare the same buffers
+        @T.prim_func(s_tir=True)
+        def func(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
+                 C: T.Buffer((lanes,), acc, offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+                T.writes(C[0:lanes])
+                if describe:  # a Python bool: TVMScript keeps only the branch taken
+                    for i, k in T.grid(lanes, group):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk], acc) * T.cast(B[vi, vk], acc)
+                else:
+                    C[T.ramp(T.int32(0), 1, lanes)] = dot(A, B, C)
+        return func.with_attr("global_symbol", "desc" if describe else "impl")
 
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
-             C: T.Buffer((lanes,), acc, offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
-            T.writes(C[0:lanes])
-            C[T.ramp(T.int32(0), 1, lanes)] = dot(A, B, C)
-
-    return desc, impl
+    return intrin(True), intrin(False)
 
 
 def _vnni_dot(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
