@@ -3,7 +3,7 @@
 the shipped build YAMLs + overrides -> compile_model (shipped tuning records applied) -> CompiledModel.
 
     .venv/bin/python benchmarks/vs_onnxruntime.py [--models lite0 a0] [--batches 1 8]
-        [--precisions fp32 fp16 bf16 int8] [--rounds 10] [--quick] [--reuse]
+        [--precisions fp32 fp16 bf16 int8] [--no-amx-too] [--rounds 10] [--quick] [--reuse]
 
 Variants are timed round robin (every round runs each one for ~0.25 s, in alternating order), so
 background load hits them all alike. Both runtimes get 2 threads. Writes benchmarks/results/vs_onnxruntime.md
@@ -89,6 +89,15 @@ def build_cfg(model: str, precision: str, batch: int, calib: int, extra: dict | 
     return load_build_config(ROOT / "build_in" / "build" / YAMLS[model], {**overrides, **(extra or {})})
 
 
+def no_amx(model: str, precision: str, batch: int) -> dict:
+    """Overrides building for this host's CPU with AMX off (the kernels the CPU would use without it)."""
+    from tvmzoo.compile.target import resolve_target
+
+    target = resolve_target(None)
+    target["mattr"] = [*target.get("mattr", []), "-amx-int8", "-amx-bf16", "-amx-tile"]
+    return {"name": f"{model}_{precision}_noamx_b{batch}", "backend.target": target}
+
+
 def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
@@ -134,14 +143,16 @@ def bench_model(model: str, args, peak: float) -> list[dict]:
         x = stack_aligned(list(images[:batch]))  # both engines read it in place (tvmzoo: when aligned)
         runs = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})[0]) for name, s in sessions.items()}
         kernels, build_s = {}, {}
-        for precision in args.precisions:
-            bcfg = build_cfg(model, precision, batch, args.calib)
+        variants = [(f"tvmzoo {p}", build_cfg(model, p, batch, args.calib)) for p in args.precisions]
+        if args.no_amx_too:  # the same builds with AMX off in the target: VNNI int8, vdpbf16ps bf16
+            variants += [(f"tvmzoo {p} (no AMX)", build_cfg(model, p, batch, args.calib, no_amx(model, p, batch)))
+                         for p in args.precisions if p in ("int8", "bf16")]
+        for name, bcfg in variants:
             directory = bcfg.output_dir
             if not (args.reuse and (directory / "mod.json").is_file()):
                 print(f"compiling {bcfg.name} ...", flush=True)
                 directory = compile_model(bcfg)
             cm = CompiledModel.load(directory)
-            name = f"tvmzoo {precision}"
             runs[name] = lambda cm=cm: cm.run(x)
             kernels[name] = "{tuned}/{default}".format(**cm.meta["kernels"])
             build_s[name] = f"{cm.meta.get('build_seconds', float('nan')):.0f}"
@@ -169,6 +180,10 @@ def bars(rows: list[dict]) -> list[str]:
             for num, den, bar, ok in (("tvmzoo fp32", "ORT fp32", "<= 1.0", lambda v: v <= 1.0),
                                       ("tvmzoo int8", "ORT fp32", "<= 0.5", lambda v: v <= 0.5),
                                       ("tvmzoo int8", "tvmzoo fp32", "< 1", lambda v: v < 1.0),
+                                      ("tvmzoo int8", "tvmzoo int8 (no AMX)", "<= 1, AMX never slower",
+                                       lambda v: v <= 1.0),
+                                      ("tvmzoo bf16", "tvmzoo bf16 (no AMX)", "<= 1, AMX never slower",
+                                       lambda v: v <= 1.0),
                                       ("tvmzoo bf16", "tvmzoo fp32", "<= 1.0, issue 15", lambda v: v <= 1.0),
                                       ("tvmzoo bf16", "tvmzoo fp32", "<= 0.6 with AVX512-BF16, issue 15",
                                        lambda v: v <= 0.6)):
@@ -232,8 +247,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=list(YAMLS), default=list(YAMLS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    ap.add_argument("--bf16-dot", action="store_true",
-                    help="bf16 on vdpbf16ps kernels even where bf16_plan picks fp32 (Sapphire Rapids): to measure them")
+    ap.add_argument("--no-amx-too", action="store_true",
+                    help="also time the int8 / bf16 builds with AMX off in the target (VNNI, vdpbf16ps kernels)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=16, help="calibration photos for int8")
     ap.add_argument("--quick", action="store_true", help="3 rounds: proves the run, numbers are rough")
@@ -242,9 +257,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
         args.rounds = min(args.rounds, 3)
-    if args.bf16_dot:
-        from tvmzoo.compile import target
-        target.bf16_plan = lambda _has_features: "avx512bf16"
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     peak, peak_how = nominal_peak()
     print(f"peak: {peak_how}", flush=True)

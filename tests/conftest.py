@@ -76,3 +76,19 @@ def run_onnx(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def photo_batch(paths, size: int) -> np.ndarray:
+    """Real photos resized to size x size, scaled to [-1, 1], NCHW float32."""
+    import cv2
+
+    from tvmzoo.preprocess import read_image
+
+    images = [cv2.resize(read_image(p), (size, size), interpolation=cv2.INTER_AREA) for p in paths]
+    return np.stack([(im.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1) for im in images])
+
+
+@pytest.fixture(scope="module")
+def photos(sample_images, request) -> np.ndarray:
+    """The test module's N_PHOTOS real photos (default 4) at its input SIZE, scaled to [-1, 1], NCHW."""
+    return photo_batch(sample_images[:getattr(request.module, "N_PHOTOS", 4)], request.module.SIZE)

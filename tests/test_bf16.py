@@ -1,14 +1,13 @@
-"""bf16 precision: the Relax pass, the vdpbf16ps kernels (where the CPU has AVX512-BF16) against ONNX
-Runtime fp32 on real photos, and which path each CPU gets (on paper, from LLVM's own CPU tables)."""
+"""bf16 precision: the Relax pass, the AMX-BF16 (where the CPU has it) and vdpbf16ps kernels (where it has
+AVX512-BF16) against ONNX Runtime fp32 on real photos, and which path each CPU gets (on paper, from LLVM's
+own CPU tables)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 
-import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,19 +19,21 @@ from tvm.relax.frontend.onnx import from_onnx
 from tvm.target.codegen import target_has_features
 
 from conftest import ROOT, cosine
-from tvmzoo.compile import target as targets
 from tvmzoo.compile.compiler import compile_model, input_spec, plan_for, records_dir
+from tvmzoo.compile.cpu import features_of
 from tvmzoo.compile.pipeline import get_pipeline, import_passes
-from tvmzoo.compile.target import bf16_plan, resolve_target
+from tvmzoo.compile.precision import bf16_plan
+from tvmzoo.compile.target import resolve_target
 from tvmzoo.config import load_build_config
 from tvmzoo.io.onnx_graph import GraphBuilder
-from tvmzoo.preprocess import read_image
 from tvmzoo.run.host import host_cpu_flags
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 SIZE = 24
 HAS_BF16 = "avx512_bf16" in host_cpu_flags()
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="host CPU has no AVX512-BF16 (vdpbf16ps)")
+needs_amx_bf16 = pytest.mark.skipif("amx_bf16" not in host_cpu_flags(), reason="host CPU has no AMX-BF16 (tdpbf16ps)")
+NO_AMX = ["-amx-bf16", "-amx-int8", "-amx-tile"]
 
 
 def _w(rng, *shape):
@@ -54,13 +55,6 @@ def bf16_net() -> onnx.ModelProto:
     return g.build()
 
 
-@pytest.fixture(scope="module")
-def photos(sample_images) -> np.ndarray:
-    """Four real photos, resized to the net's input, scaled to [-1, 1], NCHW."""
-    images = [cv2.resize(read_image(p), (SIZE, SIZE), interpolation=cv2.INTER_AREA) for p in sample_images[:4]]
-    return np.stack([(im.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1) for im in images])
-
-
 def _imported(model: onnx.ModelProto, batch: int) -> tvm.IRModule:
     return from_onnx(model, shape_dict={"input": [batch, 3, SIZE, SIZE]}, keep_params_in_input=False)
 
@@ -71,37 +65,34 @@ def _lowered(model: onnx.ModelProto, target: tvm.target.Target, batch: int) -> t
         return tvm.transform.Sequential(import_passes("bf16"))(_imported(model, batch))
 
 
-@contextlib.contextmanager
-def forced_vdpbf16ps():
-    """The vdpbf16ps rewrite whatever bf16_plan says for the target (Sapphire Rapids: fp32)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(targets, "bf16_plan", lambda _has_features: "avx512bf16")
-        yield
-
-
 @pytest.mark.parametrize("cpu, plan", [
-    ("sapphirerapids", "fp32"),         # AVX512-BF16 and AMX-BF16: vdpbf16ps measured slower than fp32 FMAs
+    ("sapphirerapids", "amx-bf16"),     # AMX-BF16 tiles (it has AVX512-BF16 too: the kernels AMX cannot hold)
     ("znver4", "avx512bf16"),           # AMD Zen 4: AVX512-BF16, no AMX
     ("cooperlake", "avx512bf16"),
     ("icelake-server", "fp32"),         # AVX-512 without BF16
     ("haswell", "fp32"),                # AVX2 only
 ])
 def test_bf16_plan_per_cpu(cpu, plan):
-    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
-    assert bf16_plan(lambda features: target_has_features(features, target)) == plan
+    assert bf16_plan(features_of(cpu)) == plan
 
 
-@pytest.mark.parametrize("cpu", ["haswell", "sapphirerapids"])
+@pytest.mark.parametrize("cpu", ["haswell", "icelake-server"])
 def test_where_bf16_does_not_pay_the_build_stays_fp32(cpu, caplog):
-    """No AVX512-BF16 (operands converted on every use) or AMX (vdpbf16ps slower than FMAs): fp32, logged."""
-    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
-    with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.passes.bf16"):
-        mod = _lowered(bf16_net(), target, 1)
-    assert "bfloat16" not in mod.script()
-    assert f"bf16 on {cpu}: computing in float32" in caplog.text
+    """No AVX512-BF16 nor AMX-BF16 (operands converted on every use): the plan computes in fp32, logged."""
+    cfg = load_build_config(ROOT / "build_in" / "build" / "official_repvgg.yaml", {"backend.dtype": "bf16"})
+    with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.compiler"):
+        plan = plan_for(cfg, {"kind": "llvm", "mcpu": cpu})
+    assert (plan.requested, plan.compute) == ("bf16", "fp32")
+    assert f"bf16: {cpu} has no AVX512-BF16 or AMX-BF16" in caplog.text
 
 
-@pytest.mark.parametrize("cpu, records", [("sapphirerapids", "fp32-b1-224x224"), ("znver4", "bf16-b1-224x224")])
+def test_the_bf16_pass_rewrites_whenever_it_runs():
+    """The plan alone decides: the pass does not second-guess the target (here one without BF16)."""
+    assert "bfloat16" in _lowered(bf16_net(), tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}), 1).script()
+
+
+@pytest.mark.parametrize("cpu, records", [("haswell", "fp32-b1-224x224"), ("znver4", "bf16-b1-224x224"),
+                                          ("sapphirerapids", "bf16-b1-224x224")])
 def test_bf16_builds_use_the_records_of_what_they_compute(cpu, records):
     """A bf16 build that computes in fp32 is the fp32 build, tuned kernels included (never slower)."""
     cfg = load_build_config(ROOT / "build_in" / "build" / "official_repvgg.yaml", {"backend.dtype": "bf16"})
@@ -109,7 +100,7 @@ def test_bf16_builds_use_the_records_of_what_they_compute(cpu, records):
     assert records_dir(cfg, input_spec(cfg), target, plan_for(cfg, target).compute).name == records
 
 
-@pytest.mark.parametrize("cpu, computes", [("sapphirerapids", "fp32"), ("znver4", "bf16")])
+@pytest.mark.parametrize("cpu, computes", [("haswell", "fp32"), ("znver4", "bf16")])
 def test_mod_json_says_what_the_build_computes_as(cpu, computes, tmp_path):
     """`vamc compile` of a bf16 YAML records the precision asked for and the one it computes in."""
     onnx.save(bf16_net(), str(tmp_path / "bf16.onnx"))
@@ -124,11 +115,6 @@ def test_mod_json_says_what_the_build_computes_as(cpu, computes, tmp_path):
     assert ("ToBf16" in meta["kernels"]["pipeline"]["import"]) == (computes == "bf16")
 
 
-def test_zen4_gets_the_bf16_rewrite():
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
-    assert "bfloat16" in _lowered(bf16_net(), target, 1).script()
-
-
 def test_bf16_pass_converts_dense_layers_only():
     target = tvm.target.Target(resolve_target({"kind": "llvm", "mcpu": "znver4"}))
     text = _lowered(bf16_net(), target, 1).script()
@@ -138,22 +124,34 @@ def test_bf16_pass_converts_dense_layers_only():
     assert text.count('R.astype(') >= 4 and "bfloat16" in text
 
 
-def host_bf16_target() -> tvm.target.Target:
-    """This host's target, with AVX512-BF16 enabled when the target name does not imply it (tvmzoo's
-    CPU table names a Zen 4 'icelake-server'; the host has the instructions: the tests are skipped otherwise)."""
+def host_bf16_target(amx: bool) -> tvm.target.Target:
+    """This host's target, with AVX512-BF16 enabled when the target name does not imply it (the host has
+    the instructions: the tests are skipped otherwise); without AMX: the vdpbf16ps kernels."""
     spec = resolve_target(None)
     if not target_has_features(["avx512bf16"], tvm.target.Target(spec)):
         spec["mattr"] = [*spec.get("mattr", []), "+avx512bf16", "+avx512vl"]
+    if not amx:
+        spec["mattr"] = [*spec.get("mattr", []), *NO_AMX]
     return tvm.target.Target(spec)
+
+
+def _bf16_build(amx: bool):
+    target = host_bf16_target(amx)
+    model = bf16_net()
+    return model, target, tvm.compile(get_pipeline(target, "bf16")(_imported(model, 4)), target)
 
 
 @pytest.fixture(scope="module")
 def bf16_build():
-    target = host_bf16_target()
-    model = bf16_net()
-    with forced_vdpbf16ps():
-        mod = get_pipeline(target, "bf16")(_imported(model, 4))
-    return model, target, tvm.compile(mod, target)
+    return _bf16_build(amx=False)
+
+
+@pytest.fixture(scope="module")
+def amx_bf16_build():
+    from tvmzoo.run.host import request_amx
+
+    assert request_amx()
+    return _bf16_build(amx=True)
 
 
 @needs_bf16
@@ -165,9 +163,8 @@ def test_bf16_kernels_use_vdpbf16ps(bf16_build):
     assert not re.search(r"call[^\n]*tvmzoo_dpbf16ps", asm), "the wrapper is inlined"
 
 
-@needs_bf16
-def test_bf16_matches_onnxruntime_fp32_on_photos(bf16_build, photos):
-    model, _, ex = bf16_build
+def _matches_onnxruntime_fp32(build, photos) -> None:
+    model, _, ex = build
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"input": photos})[0]
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(photos)).numpy()
@@ -176,3 +173,15 @@ def test_bf16_matches_onnxruntime_fp32_on_photos(bf16_build, photos):
         assert cosine(o, r) > 0.999
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
     assert not np.allclose(out, ref, rtol=1e-6, atol=1e-6), "bf16 rounding should show: is it really bf16?"
+
+
+@needs_bf16
+def test_bf16_matches_onnxruntime_fp32_on_photos(bf16_build, photos):
+    _matches_onnxruntime_fp32(bf16_build, photos)
+
+
+@needs_amx_bf16
+def test_amx_bf16_kernels_use_tdpbf16ps_and_match_onnxruntime_fp32(amx_bf16_build, photos):
+    asm = amx_bf16_build[2].mod.imports[0].inspect_source("asm")
+    assert len(re.findall(r"\ttdpbf16ps\t", asm)) >= 3 and "ldtilecfg" in asm and "tilerelease" in asm
+    _matches_onnxruntime_fp32(amx_bf16_build, photos)

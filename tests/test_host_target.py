@@ -24,7 +24,7 @@ from conftest import run_cli
 from tiny import tiny_onnx
 
 # (LLVM name, vendor, fp16 native, fastest precision, int8 instructions)
-CPUS = [("sapphirerapids", "intel", True, "int8", "AVX512-VNNI"), ("znver4", "amd", False, "int8", "AVX512-VNNI"),
+CPUS = [("sapphirerapids", "intel", True, "int8", "AMX-INT8"), ("znver4", "amd", False, "int8", "AVX512-VNNI"),
         ("icelake-server", "intel", False, "int8", "AVX512-VNNI"), ("cascadelake", "intel", False, "int8", "AVX512-VNNI"),
         ("haswell", "intel", False, "fp32", None), ("znver2", "amd", False, "fp32", None)]
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")

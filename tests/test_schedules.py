@@ -336,9 +336,16 @@ def _int8_lowered(target, n_calib: int) -> tuple[onnx.ModelProto, tvm.IRModule]:
 
 
 @pytest.fixture(scope="module")
-def int8_build(target):
-    qdq, mod = _int8_lowered(target, 8)
-    return qdq, get_pipeline(target, "int8")(mod)
+def vnni_target() -> tvm.target.Target:
+    """The host's target without AMX: the VNNI kernels (tests/test_amx.py covers the AMX ones)."""
+    spec = resolve_target(None)
+    return tvm.target.Target({**spec, "mattr": [*spec.get("mattr", []), "-amx-int8", "-amx-bf16", "-amx-tile"]})
+
+
+@pytest.fixture(scope="module")
+def int8_build(vnni_target):
+    qdq, mod = _int8_lowered(vnni_target, 8)
+    return qdq, get_pipeline(vnni_target, "int8")(mod)
 
 
 def _vnni_host() -> bool:
@@ -352,8 +359,8 @@ def _kernels(mod: tvm.IRModule) -> dict[str, str]:
 
 
 @pytest.mark.skipif(not _vnni_host(), reason="host has no AVX512-VNNI")
-def test_int8_convs_and_matmul_run_on_vnni_and_match_onnxruntime(int8_build, target):
-    qdq, mod = int8_build
+def test_int8_convs_and_matmul_run_on_vnni_and_match_onnxruntime(int8_build, vnni_target):
+    qdq, mod, target = *int8_build, vnni_target
     vnni = [name for name, text in _kernels(mod).items() if "vpdpbusd" in text]
     # stem (RGB + a zero channel) and c3x3 (16 lanes), pw24 and pw_res (8 lanes), fc: every dense layer
     assert len([n for n in vnni if "conv2d" in n]) == 4 and len([n for n in vnni if "matmul" in n]) == 1, vnni
@@ -553,9 +560,9 @@ def test_default_schedule_traces_replay_from_the_database(target, tmp_path):
             sch = default_schedule(workload.mod["main"], target)
             assert sch is not None and is_default_trace(sch.trace)
             db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-3], target, []))
-            seeded.append("vpdpbusd" in sch.mod.script())
+            seeded.append(any(dot in sch.mod.script() for dot in ("vpdpbusd", "tdpbusd")))  # VNNI, AMX tiles
             expected.append((workload.mod, sch.mod))
-    assert sum(seeded) >= 4, seeded  # stem, c3x3, pw24, pw_res (VNNI)
+    assert sum(seeded) >= 4, seeded  # stem, c3x3 (AMX where the host has it), pw24, pw_res (VNNI)
     del db
     db = ms.database.JSONDatabase(work_dir=str(tmp_path))  # read back from the files
     for workload_mod, scheduled in expected:

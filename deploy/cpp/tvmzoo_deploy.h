@@ -5,6 +5,8 @@
 #pragma once
 
 #include <openssl/evp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <tvm/ffi/extra/json.h>
 #include <tvm/runtime/base.h>  // TVM_VERSION of the headers this runner is built with
 
@@ -173,6 +175,19 @@ inline void check_cpu(const ModelMeta& meta, const fs::path& dir) {
   if (!missing.empty())
     throw Error(dir.string() + " was built for " + meta.mcpu + " and needs CPU features this host lacks (" + missing +
                 "); running it would crash with an illegal instruction. Recompile it for this CPU");
+}
+
+// AMX: a Linux process must ask for the tile data state before its first tile instruction (else SIGILL);
+// tvmzoo/run/host.py request_amx. Asked when mod.json's features include AMX; false where refused.
+inline bool request_amx(const ModelMeta& meta) {
+  bool amx = std::any_of(meta.cpu_features.begin(), meta.cpu_features.end(),
+                         [](const std::string& f) { return f.rfind("amx", 0) == 0; });
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (amx && host_cpu_flags().count("amx-tile"))
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#endif
+  return false;
 }
 
 // A module runs on the TVM runtime it was built with: 0.27.0.post1 on the 0.27.0 runtime, not on 0.28.

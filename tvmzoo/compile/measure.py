@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from tvm.s_tir import meta_schedule as ms
 
 from ..errors import ConfigError, ModuleError
+from ..run.host import request_amx
 
 if TYPE_CHECKING:
     from ..run.devices import RemoteSpec
@@ -23,7 +24,8 @@ BUILD_TIMEOUT_S = 120.0
 def make_runner(remote: RemoteSpec | None = None) -> ms.runner.Runner:
     """Where candidates are measured: this machine, or the RPC device(s) of `remote`."""
     if remote is None:
-        return ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
+        # its worker processes run AMX kernels (the default schedules seeded into tuning) where the CPU has AMX
+        return ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S, initializer=request_amx)
     if remote.server is not None:  # no tracker: RPCConfig's tracker fields carry the server's address
         config = ms.runner.RPCConfig(*remote.server, "server", session_timeout_sec=int(BUILD_TIMEOUT_S))
         return ms.runner.RPCRunner(config, f_create_session=connect_server, max_workers=1)

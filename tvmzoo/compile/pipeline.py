@@ -49,7 +49,7 @@ def import_passes(precision: str) -> list[tvm.transform.Pass]:
     passes.append(canonicalize)  # before ToMixedPrecision, which rejects the opaque kernels ONNX Clip imports as
     if precision == "fp16":
         passes.append(relax.transform.ToMixedPrecision(out_dtype="float16"))
-    if precision == "bf16":  # only where it pays (tvmzoo.compile.target.bf16_plan): fp32 elsewhere, logged
+    if precision == "bf16":  # asked by the precision plan only where it pays (tvmzoo.compile.precision)
         passes.append(to_bf16)
     return passes
 

@@ -12,16 +12,19 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from . import target as targets  # looked up at call time: benchmarks and tests swap bf16_plan
+from .target import AMX_BF16_FEATURES, AMX_INT8_FEATURES, BF16_FEATURES
 
 # Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
 # it). Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
-# 0.54-0.66x of fp32) and Zen 4 (issue 15: OpenVINO bf16 0.5x, int8 0.3x of fp32). The AMX kernels
-# (int8 / bf16 tiles, issue 15 part B) add their rows here with the measurement that places them.
+# 0.54-0.66x of fp32; AMX int8 0.5x of VNNI int8 on RepVGG-A0, AMX bf16 0.47-0.64x of fp32: notes
+# s7-wt-amx) and Zen 4 (issue 15: OpenVINO bf16 0.5x, int8 0.3x of fp32). AMX-BF16 comes after
+# AVX512-FP16: not measured side by side with it, and fp16 rounds more finely.
 _FAST_PATHS: tuple[tuple[str, frozenset[str], str], ...] = (
+    ("int8", frozenset(AMX_INT8_FEATURES), "AMX-INT8"),
     ("int8", frozenset({"avx512vnni"}), "AVX512-VNNI"),
     ("int8", frozenset({"avxvnni"}), "AVX-VNNI"),
     ("fp16", frozenset({"avx512fp16"}), "AVX512-FP16"),
+    ("bf16", frozenset(AMX_BF16_FEATURES), "AMX-BF16"),
     ("bf16", frozenset({"avx512bf16"}), "AVX512-BF16"),
 )
 
@@ -47,16 +50,28 @@ def describe_fastest(features: Collection[str], accepted: Collection[str]) -> st
     return ", ".join(f"{p} ({how})" for p, how in fastest_precisions(features, accepted))
 
 
+def bf16_plan(features: Collection[str]) -> str:
+    """The kernels of a bf16 build on a CPU with LLVM features `features`:
+    - 'amx-bf16': AMX tiles (`tdpbf16ps`) where the CPU has AMX-BF16 (Sapphire Rapids);
+    - 'avx512bf16': `vdpbf16ps` where it has AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake: Zen 4 is
+      where OpenVINO's bf16 ran 1.8-2.1x faster than fp32);
+    - 'fp32' elsewhere: the float32 build (without AVX512-BF16 every bf16 operand would be converted to
+      float32 on each use)."""
+    if set(AMX_BF16_FEATURES) <= set(features):
+        return "amx-bf16"
+    return "avx512bf16" if set(BF16_FEATURES) <= set(features) else "fp32"
+
+
 def plan_precision(precision: str, cpu: str, features: Collection[str]) -> PrecisionPlan:
-    """How a build of `precision` computes on `cpu` (with LLVM features `features`)."""
+    """How a build of `precision` computes on `cpu` (with LLVM features `features`): the one place that
+    decides; the pipeline then builds `compute` as asked (ToBf16 always rewrites a bf16 build)."""
     if precision == "fp16" and "avx512fp16" not in features:
         return PrecisionPlan(precision, "fp32",
                              f"fp16: {cpu} has no AVX512-FP16, so LLVM would emulate fp16 (a conversion on every "
                              "use: 7.5x slower than fp32 on Zen 4); this build computes in fp32 (same float32 "
                              "inputs and outputs, fp32 accuracy, fp32 speed)")
-    if precision == "bf16" and targets.bf16_plan(lambda needs: set(needs) <= set(features)) == "fp32":
+    if precision == "bf16" and bf16_plan(features) == "fp32":
         return PrecisionPlan(precision, "fp32",
-                             f"bf16: on {cpu} the bf16 kernels would not beat fp32 (no AVX512-BF16, or AMX whose "
-                             "tiles tvmzoo does not use yet: vdpbf16ps measured slower than the fp32 FMAs there); "
-                             "this build computes in fp32")
+                             f"bf16: {cpu} has no AVX512-BF16 or AMX-BF16, so bf16 would be emulated (a conversion "
+                             "on every use); this build computes in fp32")
     return PrecisionPlan(precision, precision, "")

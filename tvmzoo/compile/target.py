@@ -1,11 +1,7 @@
 """The TVM target: the host CPU named explicitly (TVM 0.27's `mcpu=native` silently means no vector
 extensions) as LLVM names it (tvmzoo.compile.cpu), its instruction sets recorded so a module is never
-loaded on a CPU that lacks them; and what a bf16 build computes as on a target (`bf16_plan`,
-`computes_as`)."""
+loaded on a CPU that lacks them; and the features each kernel family needs."""
 from __future__ import annotations
-
-from tvm.target import Target
-from tvm.target.codegen import target_has_features
 
 from ..errors import ConfigError
 from ..run.host import num_cores
@@ -81,24 +77,6 @@ def required_features(target: dict) -> list[str]:
 
 # bf16: the LLVM features of the vdpbf16ps kernels (tvmzoo.compile.schedules.bf16_dot)
 BF16_FEATURES = ("avx512bf16", "avx512vl")
-
-
-def bf16_plan(has_features) -> str:
-    """How a bf16 build computes on a target, `has_features(list) -> bool` asking it:
-    - 'avx512bf16': vdpbf16ps kernels, where the CPU has AVX512-BF16 but no AMX (AMD Zen 4, Intel
-      Cooper Lake: Zen 4 is where OpenVINO's vdpbf16ps bf16 ran 1.8-2.1x faster than fp32);
-    - 'fp32' everywhere else: the float32 build (never slower than it). On Sapphire Rapids (AMX-BF16)
-      the same vdpbf16ps kernels measured 1.4-2x slower than the fp32 FMA kernels, kernel by kernel
-      (its vdpbf16ps issues on one port; the FMAs on two), and AMX tiles are not used yet;
-      without AVX512-BF16 every bf16 operand would be converted to float32 on each use."""
-    if has_features(["amx-bf16"]) or not has_features(list(BF16_FEATURES)):
-        return "fp32"
-    return "avx512bf16"
-
-
-def computes_as(precision: str, target: Target) -> str:
-    """The precision a `precision` build on `target` computes in: a bf16 build computes in fp32 where
-    `bf16_plan` says bf16 does not pay (it is then the fp32 build: its tuning records, its kernels)."""
-    if precision == "bf16" and bf16_plan(lambda features: target_has_features(features, target)) == "fp32":
-        return "fp32"
-    return precision
+# AMX: the LLVM features of the tile kernels (tvmzoo.compile.schedules.int8_amx, bf16_amx)
+AMX_INT8_FEATURES = ("amx-int8", "amx-tile")
+AMX_BF16_FEATURES = ("amx-bf16", "amx-tile")

@@ -2,7 +2,7 @@
 uploaded to each and run there; a dataset sharded across every device registered under a key.
 
 `tvmzoo device tracker` / `tvmzoo device serve` are thin wrappers over `python -m tvm.exec.rpc_tracker`
-and `python -m tvm.exec.rpc_server`.
+and `python -m tvm.exec.rpc_server` (through tvmzoo.run.rpc_server, which asks for AMX state first).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def serve_command(tracker: str | None, key: str | None, host: str = "127.0.0.1",
     """Without a tracker, a --key makes TVM's server accept only clients that send the same key
     (`--rpc host:port --rpc-key KEY`); through a tracker the key only names the device kind."""
     # the server takes the first free port from `port` (several servers can share a host)
-    cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port),
+    cmd = [sys.executable, "-m", "tvmzoo.run.rpc_server", "--host", host, "--port", str(port),  # AMX allowed
            "--port-end", str(port + 100)]
     if tracker is not None:
         parse_address(tracker, "--tracker")

@@ -2,9 +2,15 @@
 target (which CPU to compile for) and the runtime (can this module run here)."""
 from __future__ import annotations
 
+import ctypes
 import functools
+import logging
 import os
+import platform
+from collections.abc import Iterable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -46,3 +52,32 @@ def missing_features(required: list[str]) -> list[str]:
     run here)."""
     flags = host_cpu_flags()
     return sorted(llvm_names(required) - llvm_names(flags)) if flags else []
+
+
+# Linux x86-64: a process may execute AMX instructions only after asking the kernel for the tile data
+# state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); without it the first tile load dies with
+# SIGILL. TVM 0.27 has no `runtime.amx_init`, so tvmzoo asks itself (deploy/cpp/tvmzoo_deploy.h too).
+_SYS_ARCH_PRCTL = 158
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+
+def uses_amx(features: Iterable[str]) -> bool:
+    """Does a module with these recorded features (LLVM or /proc/cpuinfo names) need AMX tile state?"""
+    return any(f.startswith(("amx-", "amx_")) for f in features)
+
+
+@functools.cache
+def request_amx() -> bool:
+    """Ask the kernel, once per process, for AMX tile state (all threads share it). True when granted;
+    False (logged) where the CPU, the OS or the kernel (before Linux 5.16) has none: an AMX kernel
+    would then crash, so the caller should not run one."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") \
+            or "amx_tile" not in host_cpu_flags():
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        log.warning("the kernel refused AMX tile state (arch_prctl: %s); AMX kernels cannot run in this process",
+                    os.strerror(ctypes.get_errno()))
+        return False
+    return True

@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import ConfigError, ModuleError, printable
 from ..limits import check_text_size, json_nesting_problem
 from ..preprocess import Preprocessing
-from .host import missing_features
+from .host import missing_features, request_amx, uses_amx
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ class CompiledModel:
         meta = read_meta(directory)
         check_compatible(meta, directory)
         check_module_file(meta, directory)
+        if uses_amx(meta["cpu_features"]):  # before any kernel runs: AMX without it is SIGILL
+            request_amx()
         try:
             lib = tvm.runtime.load_module(str(directory / MODULE_FILE))
             vm = relax.VirtualMachine(lib, tvm.cpu())

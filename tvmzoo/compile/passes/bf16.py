@@ -9,8 +9,9 @@ the kernel that produces the activation, so activations feeding a conv are store
 bytes); weights are bf16 constants. Winograd (tvmzoo.compile.passes.winograd) keeps working on such
 convs: its input transform is computed in float32 and stored as bf16, its GEMMs run bf16 x bf16 -> float32.
 
-Only where it pays (tvmzoo.compile.target.bf16_plan: AVX512-BF16 without AMX); elsewhere the pass
-leaves the module float32 and says so in the log, so a bf16 build is never slower than the fp32 one.
+Where bf16 pays is decided by the precision plan (tvmzoo.compile.precision.bf16_plan), before the
+pipeline is chosen: a bf16 build that computes in fp32 never runs this pass, and the pass rewrites
+whenever it runs. The kernels then follow the target: AMX tiles, else vdpbf16ps (tvmzoo.compile.schedules).
 """
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
-from tvm.target import Target
-
-from .. import target as targets
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +77,12 @@ class _ToBf16(relax.PyExprMutator):
         return relax.op.matmul(_bf16(data), relax.const(w.astype(ml_dtypes.bfloat16), BF16), out_dtype="float32")
 
 
-def apply_bf16(mod: IRModule) -> IRModule:
-    """The bf16 rewrite itself, whatever the target (see the module doc)."""
+@tvm.transform.module_pass(opt_level=0, name="ToBf16")
+def to_bf16(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+    """The bf16 rewrite (see the module doc)."""
     mutator = _ToBf16(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    log.info("bf16: %d conv2d / matmul now bf16 x bf16 -> float32 (vdpbf16ps)", mutator.count)
+    log.info("bf16: %d conv2d / matmul now bf16 x bf16 -> float32", mutator.count)
     return mutator.builder_.get()
-
-
-@tvm.transform.module_pass(opt_level=0, name="ToBf16")
-def to_bf16(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    """The bf16 precision on the current target: `apply_bf16` where `bf16_plan` says it pays."""
-    target = Target.current(allow_none=True)
-    if target is None or targets.computes_as("bf16", target) == "fp32":
-        log.warning("bf16 on %s: computing in float32, the faster build on this CPU (vdpbf16ps is slower than "
-                    "fp32 FMAs where the CPU has AMX, and emulated where it has no AVX512-BF16)",
-                    target.attrs.get("mcpu") if target is not None else "no target")
-        return mod
-    return apply_bf16(mod)

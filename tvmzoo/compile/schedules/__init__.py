@@ -5,10 +5,13 @@ rule for convolutions. The rules here fill that gap for conv nets, one rule per 
 classes of `base.py` (dlight's ScheduleRule shape); `DefaultSchedules` gives every kernel not
 scheduled yet (by tuning records) the first rule in `RULES` that applies:
 
+- `ScheduleInt8Amx` (int8_amx.py, AMX-INT8 targets): uint8 x int8 conv / matmul on AMX tiles
+  (`tdpbusd`; amx.py holds the tile pieces), where the shapes fit the tiles.
 - `ScheduleInt8Dot` (int8_dot.py, AVX512-VNNI targets): uint8 x int8 conv / matmul, the weight
   repacked to [OC/L, KH, KW, IC/4, L, 4] and the reduction tensorized with `vpdpbusd`.
+- `ScheduleBf16Amx` (bf16_amx.py, AMX-BF16 targets): the AMX rule on bf16 x bf16 -> float32 (`tdpbf16ps`).
 - `ScheduleBf16Dot` (bf16_dot.py, AVX512-BF16 targets): the same on bf16 x bf16 -> float32, with
-  `vdpbf16ps` on input-channel pairs (what the bf16 precision pass leaves where bf16_plan says it pays).
+  `vdpbf16ps` on input-channel pairs (where the target has no AMX-BF16, or the shapes do not fit its tiles).
 - `ScheduleReduction` (reduction.py): every kernel with one reduction block (conv, depthwise,
   grouped conv, matmul, pooling, mean): a register tile of `rows x channel vectors` accumulators,
   parallel outer loops, the epilogue computed right after each tile.
@@ -26,14 +29,17 @@ from tvm.ir import IRModule
 from tvm.s_tir import dlight
 from tvm.target import Target
 
+from .bf16_amx import ScheduleBf16Amx
 from .bf16_dot import ScheduleBf16Dot
 from .fallback import ScheduleFallback
 from .injective import ScheduleInjective
+from .int8_amx import ScheduleInt8Amx
 from .int8_dot import ScheduleInt8Dot
 from .reduction import ScheduleReduction
 
-RULES: tuple[dlight.ScheduleRule, ...] = (ScheduleInt8Dot(), ScheduleBf16Dot(), ScheduleReduction(),
-                                          ScheduleInjective(), dlight.cpu.Reduction(), ScheduleFallback())
+RULES: tuple[dlight.ScheduleRule, ...] = (ScheduleInt8Amx(), ScheduleInt8Dot(), ScheduleBf16Amx(), ScheduleBf16Dot(),
+                                          ScheduleReduction(), ScheduleInjective(), dlight.cpu.Reduction(),
+                                          ScheduleFallback())
 
 
 def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:

@@ -19,6 +19,12 @@ from .tensors import ServeError
 
 log = logging.getLogger(__name__)
 
+# TVM's pool workers spin TVM_THREAD_POOL_SPIN_COUNT sched_yield()s (300000 by default, tens of ms)
+# after every parallel task before they sleep: between requests that burns the cores the event loop
+# and the clients need (50-60 ms of CPU after each Lite0 request here). 1000 still covers the gaps
+# between one inference's kernels: from 300 up, a run makes no more futex sleeps than with 300000.
+POOL_SPIN_COUNT = "1000"
+
 
 @dataclass
 class ModelEntry:
@@ -133,6 +139,7 @@ class Repository:
     def load(cls, cfg: ServeConfig, metrics: Metrics) -> Repository:
         if cfg.threads:  # TVM sizes each instance thread's pool from this when the thread first runs
             os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", POOL_SPIN_COUNT)   # read at the first pool's start
         dirs = build_dirs(Path(cfg.repository))
         if not dirs:
             raise ConfigError(f"model repository {cfg.repository} holds no build: give a folder of compiled builds "

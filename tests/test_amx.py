@@ -1,0 +1,234 @@
+"""AMX tiles: which CPUs get them (on paper, from LLVM's own CPU tables), the int8 kernels on real photos
+(bit-identical to the VNNI kernels, close to ONNX Runtime's QDQ reference) where the host has AMX-INT8,
+and the runtime's AMX permission (a module with AMX kernels runs in a fresh process through the loader)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from tvm import relax, tirx
+from tvm.relax.frontend.onnx import from_onnx
+
+from conftest import cosine
+from tvmzoo.compile.cpu import features_of
+from tvmzoo.compile.pipeline import get_pipeline
+from tvmzoo.compile.precision import fastest_precisions
+from tvmzoo.compile.schedules import amx
+from tvmzoo.compile.schedules.base import NotApplicable
+from tvmzoo.compile.schedules.int8_amx import choose_tiles
+from tvmzoo.config import PRECISIONS, Quantize
+from tvmzoo.io.onnx_graph import GraphBuilder
+from tvmzoo.run.host import host_cpu_flags
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+SIZE, BATCH, N_PHOTOS = 32, 4, 12
+HAS_AMX_INT8 = "amx_int8" in host_cpu_flags()
+needs_amx_int8 = pytest.mark.skipif(not HAS_AMX_INT8, reason="host CPU has no AMX-INT8 (tdpbusd)")
+# every CPU kind the code must serve: Sapphire Rapids (AMX), Zen 4 and Ice Lake (VNNI, no AMX), AVX2 only
+CPUS = {"sapphirerapids": "tdpbusd", "znver4": "vpdpbusd", "icelake-server": "vpdpbusd", "haswell": None}
+NO_AMX = ["-amx-int8", "-amx-tile", "-amx-bf16"]
+LAYERS = [("stem", 16, 3, 1), ("down", 32, 3, 2), ("pw", 32, 1, 1), ("c48", 48, 3, 1), ("c24", 24, 3, 1),
+          ("c64", 64, 3, 2)]
+
+
+def _w(rng, *shape):
+    return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+
+def amx_net() -> onnx.ModelProto:
+    """Convs whose shapes take each kind of AMX macro tile (stride 2 on 2 x 2 tiles, three channel tiles,
+    three 8-channel tiles, 2 x 2 tiles of 4 pixels) or are too shallow for it (the RGB stem, 4 channels
+    after padding; a 1x1 of 32 channels); GAP and a Gemm (4 rows at batch 4)."""
+    rng = np.random.default_rng(5)
+    g = GraphBuilder("amx")
+    x, cin = g.input([BATCH, 3, SIZE, SIZE]), 3
+    for name, cout, kernel, stride in LAYERS:
+        y = g.conv(x, _w(rng, cout, cin, kernel, kernel), _w(rng, cout), name, stride=stride)
+        x, cin = (g.add(x, y) if name == "pw" else g.relu(y)), cout  # pw: a residual add in the epilogue
+    x = g.flatten(g.global_avg_pool(x))
+    g.output(g.gemm(x, _w(rng, 16, 64), _w(rng, 16), "fc"), [BATCH, 16])
+    return g.build()
+
+
+@pytest.fixture(scope="module")
+def qdq(photos) -> onnx.ModelProto:
+    from tvmzoo.compile.quant.quantize import quantize_model
+
+    return quantize_model(amx_net(), [photos[i:i + BATCH] for i in range(4, 12, BATCH)],
+                          Quantize(keep_first_last_float=False))
+
+
+def _scheduled(qdq: onnx.ModelProto, target: tvm.target.Target) -> tvm.IRModule:
+    return get_pipeline(target, "int8")(from_onnx(qdq, shape_dict={"input": [BATCH, 3, SIZE, SIZE]},
+                                                  keep_params_in_input=False))
+
+
+def _dots(mod: tvm.IRModule) -> dict[str, str]:
+    """Kernel name -> the dot instruction its TIR calls ("" for none)."""
+    found = {}
+    for gv, f in mod.functions_items():
+        if isinstance(f, tirx.PrimFunc):
+            text = f.script()
+            found[gv.name_hint] = next((d for d in ("tdpbusd", "vpdpbusd") if d in text), "")
+    return found
+
+
+# ---------------------------------------------------------------- on paper
+
+
+@pytest.mark.parametrize("rows, channels, k, stride, taps, expected", [
+    (56, 192, 192, 1, 9, (14, 2, 2, 64, 16)),  # RepVGG-A0 stage 3: 2 x 2 tiles of 14 pixels
+    (7, 1280, 192, 2, 9, (7, 1, 4, 64, 16)),   # its last conv: one row tile of 7, four channel tiles
+    (112, 48, 48, 2, 9, (16, 1, 3, 48, 16)),   # 48 channels: three channel tiles, a 48-byte K chunk
+    (28, 144, 96, 1, 1, (14, 1, 3, 48, 16)),   # EfficientNet-Lite0's 1x1 24 -> 144 at batch 4 (96 deep: AMX)
+    (56, 24, 144, 1, 1, (14, 1, 3, 48, 8)),    # its 144 -> 24 projection: three half-width (8-channel) tiles
+])
+def test_macro_tile_per_shape(rows, channels, k, stride, taps, expected):
+    shape = choose_tiles(amx.INT8, rows, channels, k, stride, taps * k)
+    assert (shape.rows, shape.m, shape.n, shape.k, shape.lanes) == expected
+    assert shape.m * shape.n + shape.m + 1 <= amx.MAX_TILES and rows % (shape.m * shape.rows) == 0
+
+
+@pytest.mark.parametrize("rows, channels, k, depth", [(1, 1024, 1280, 1280), (56, 20, 96, 96), (56, 32, 6, 54),
+                                                     (112, 96, 16, 16), (112, 32, 4, 36)])
+def test_shapes_amx_cannot_hold_or_that_do_not_pay_go_to_the_next_rule(rows, channels, k, depth):
+    """A batch-1 matmul (1 row), 20 channels (not 8 x n), 6 input channels (not 4 x n); a 1x1 conv
+    of 16 input channels and a 4-channel stem: too shallow for int8 tiles (measured slower than VNNI)."""
+    with pytest.raises(NotApplicable):
+        choose_tiles(amx.INT8, rows, channels, k, 1, depth)
+
+
+def test_bf16_tiles_take_half_the_channels_per_row():
+    assert choose_tiles(amx.BF16, 56, 192, 192, 1).k == 32  # 64 bytes of bf16
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_int8_kernels_per_cpu(cpu, qdq):
+    """AMX where the CPU has AMX-INT8, VNNI where it has only that, neither on AVX2; the precision list
+    names what makes int8 fast there."""
+    dots = _dots(_scheduled(qdq, tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+    convs = {name: dot for name, dot in dots.items() if "conv2d" in name}
+    assert len(convs) == len(LAYERS), dots
+    if CPUS[cpu] == "tdpbusd":  # the stem (9 x 4 deep) and pw (32 deep) too shallow for int8 tiles: VNNI
+        assert sorted(convs.values()) == ["tdpbusd"] * 4 + ["vpdpbusd"] * 2, convs
+    else:
+        assert set(dots.values()) <= {CPUS[cpu] or "", ""} and set(convs.values()) == {CPUS[cpu] or ""}, dots
+    ranked = dict(fastest_precisions(features_of(cpu), PRECISIONS))
+    assert ranked.get("int8") == {"tdpbusd": "AMX-INT8", "vpdpbusd": "AVX512-VNNI", None: None}[CPUS[cpu]]
+
+
+def test_amx_off_in_the_target_means_vnni(qdq):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": NO_AMX})
+    convs = {n: d for n, d in _dots(_scheduled(qdq, target)).items() if "conv2d" in n}
+    assert set(convs.values()) == {"vpdpbusd"}, convs
+
+
+# ---------------------------------------------------------------- on this host, where it has AMX
+
+
+def _run(mod: tvm.IRModule, target: tvm.target.Target, photos: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    return np.concatenate([vm["main"](tvm.runtime.tensor(photos[i:i + BATCH])).numpy()
+                           for i in range(0, len(photos), BATCH)])
+
+
+@needs_amx_int8
+def test_amx_int8_is_bit_identical_to_vnni_and_matches_onnxruntime(qdq, photos):
+    from tvmzoo.compile.quant.quantize import run_ort
+    from tvmzoo.run.host import request_amx
+
+    assert request_amx()
+    host = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+    vnni = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2, "mattr": NO_AMX})
+    amx_mod = _scheduled(qdq, host)
+    assert "tdpbusd" in _dots(amx_mod).values()
+    out_amx, out_vnni = _run(amx_mod, host, photos), _run(_scheduled(qdq, vnni), vnni, photos)
+    assert np.array_equal(out_amx, out_vnni)  # the same integer arithmetic, the same float epilogue
+    ref = run_ort(qdq, [photos[i:i + BATCH] for i in range(0, len(photos), BATCH)])
+    for o, r in zip(out_amx, ref):
+        assert cosine(o, r) > 0.9999
+    assert (out_amx.argmax(1) == ref.argmax(1)).all()
+
+
+_LOAD = """
+import sys, numpy as np
+{load}
+x = np.load(sys.argv[2])
+print(json.dumps(out(x).tolist()))
+"""
+_WITH_LOADER = "import json\nfrom tvmzoo.run.runtime import CompiledModel\nout = CompiledModel.load(sys.argv[1]).run"
+_BARE_TVM = ("import json, tvm\nfrom tvm import relax\nvm = relax.VirtualMachine(tvm.runtime.load_module("
+             "sys.argv[1] + '/mod.so'), tvm.cpu())\nout = lambda x: vm['main'](tvm.runtime.tensor(x)).numpy()")
+
+
+@pytest.fixture(scope="module")
+def tiny_amx(tmp_path_factory, sample_images, photos):
+    """The tiny int8 RepVGG built by `compile_model` for this host (its convs of 16+ channels on AMX) and
+    one photo saved for a fresh process: (model prefix, photo path)."""
+    from conftest import copy_images
+    from tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny_amx")
+    copy_images(sample_images[:8], root)
+    prefix = build_tiny(root, "tiny_amx", dtype="int8", size=SIZE)
+    assert "amx-int8" in json.loads((prefix.parent / "mod.json").read_text())["cpu_features"]
+    np.save(root / "x.npy", photos[:1])
+    return prefix, root / "x.npy"
+
+
+def _fresh(load: str, prefix, x) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LOAD.format(load=load), str(prefix.parent), str(x)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_amx_int8
+def test_amx_module_runs_in_a_fresh_process_through_the_loader(tiny_amx):
+    """tvmzoo's loader asks for AMX state before the first kernel runs; without that request (TVM's bare
+    loader) the same module dies on its first tile instruction: the permission is what makes it run."""
+    ok = _fresh(_WITH_LOADER, *tiny_amx)
+    assert ok.returncode == 0, ok.stderr
+    assert np.isfinite(json.loads(ok.stdout.splitlines()[-1])).all()
+    bare = _fresh(_BARE_TVM, *tiny_amx)
+    assert bare.returncode == -signal.SIGILL, (bare.returncode, bare.stderr[-500:])
+
+
+@needs_amx_int8
+def test_amx_module_runs_on_a_tvmzoo_rpc_device(tiny_amx, tmp_path):
+    """`tvmzoo device serve` asks for AMX state before serving (TVM's own rpc_server does not): the module
+    runs there and gives the local outputs."""
+    from tvm import rpc
+
+    from tvmzoo.run.devices import load_remote
+    from tvmzoo.run.runtime import CompiledModel
+
+    prefix, x = tiny_amx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["timeout", "-s", "KILL", "300", str(Path(sys.executable).parent / "tvmzoo"), "device",
+                               "serve", "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        session = None
+        for _ in range(120):  # the server takes a few seconds to import TVM
+            try:
+                session = rpc.connect("127.0.0.1", port)
+                break
+            except (RuntimeError, OSError):
+                time.sleep(0.5)
+        assert session is not None, "the RPC server did not start"
+        remote = load_remote(prefix, session).run(np.load(x))
+        assert np.array_equal(remote, CompiledModel.load(prefix).run(np.load(x)))
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)

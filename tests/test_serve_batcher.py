@@ -1,0 +1,117 @@
+"""How `tvmzoo serve` spends the cores between and around requests: the dynamic batcher waits only for
+clients it has seen (a real compiled batch-4 build), and an idle server's TVM pool does not spin."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpclient = pytest.importorskip("tritonclient.http")
+
+from serve_client import ServerProcess  # noqa: E402
+from tiny import build_tiny  # noqa: E402
+from tvmzoo.preprocess import apply, read_image  # noqa: E402
+from tvmzoo.run.runtime import ALIGNMENT, CompiledModel  # noqa: E402
+from tvmzoo.run.serve.batcher import Arrivals, DynamicBatcher, InputBuffer  # noqa: E402
+from tvmzoo.run.serve.metrics import VERSION, Metrics  # noqa: E402
+
+pytestmark = pytest.mark.reliability
+NAME, DELAY_S = "tiny_b4", 1.5
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("batcher")
+    return build_tiny(root, NAME, resize_short=40, batch=4).parent
+
+
+def test_arrivals_wait_for_the_rows_seen_in_flight_together():
+    arrivals = Arrivals(max_batch=8)
+    assert arrivals.expected == 8             # nothing known yet: a full batch, as Triton waits for
+    arrivals.submitted(1)
+    arrivals.taken()
+    assert arrivals.expected == 1             # a lone client: the next batch runs at once
+    for in_flight in (1, 2, 3, 2, 3, 4, 5):   # 5 clients: some answered, some queued, some running
+        arrivals.submitted(in_flight)
+    arrivals.taken()
+    assert arrivals.expected == 5
+    arrivals.submitted(20)
+    arrivals.taken()
+    assert arrivals.expected == 8             # never more than the batch
+    arrivals.taken()                          # nothing came since (rows left queued by the last take)
+    assert arrivals.expected == 1
+
+
+def test_a_batch_waits_only_for_the_clients_it_has_seen(build, sample_images):
+    model = CompiledModel.load(build)                 # batch 4
+    rows = apply(model.preprocessing, read_image(sample_images[0]))[None]
+    expected = model.run(np.repeat(rows, 4, axis=0))[:1]
+    metrics = Metrics.create()
+    metrics.count_model(NAME)
+    batcher = DynamicBatcher(NAME, [model], 4, DELAY_S, metrics)
+
+    def run(clients: int) -> float:
+        """`clients` requests at once; returns the seconds until every answer (each checked) was in."""
+        start = time.perf_counter()
+        for future in [batcher.submit(rows) for _ in range(clients)]:
+            np.testing.assert_array_equal(future.result(), expected)
+        return time.perf_counter() - start
+
+    def executions() -> float:
+        return metrics.exec_count.value(NAME, VERSION)
+
+    try:
+        assert sum(run(4) for _ in range(3)) < DELAY_S    # 4 clients: full batches, no waiting the delay out
+        assert executions() == 3
+        assert run(1) >= DELAY_S      # 3 of the 4 clients left: the next batch waits for them once, as Triton would
+        assert sum(run(1) for _ in range(5)) < DELAY_S    # a lone client: no later request waits in vain
+        assert executions() == 3 + 1 + 5
+        assert run(4) < 2 * DELAY_S   # 4 again: at most one wait while the batcher learns they are back
+        assert executions() <= 9 + 3
+        assert metrics.inference_count.value(NAME, VERSION) == 12 + 6 + 4
+    finally:
+        batcher.close()
+
+
+def test_the_input_buffer_is_aligned_padded_and_reused(build, sample_images):
+    model = CompiledModel.load(build)                 # batch 4
+    parts = [np.stack([apply(model.preprocessing, read_image(p)) for p in sample_images[i:j]])
+             for i, j in ((0, 1), (1, 3))]
+    buffer = InputBuffer(model, max_batch=4)
+    batch, rows = buffer.fill(parts)
+    assert rows == 3 and batch.shape[0] == 4 and batch.ctypes.data % ALIGNMENT == 0
+    np.testing.assert_array_equal(batch[:3], np.concatenate(parts))
+    assert not batch[3:].any()                        # the padding row is zeros
+    np.testing.assert_array_equal(model.run(batch)[:3], model.run(np.concatenate(parts)))
+    again, rows = buffer.fill(parts[:1])
+    assert rows == 1 and again.ctypes.data == batch.ctypes.data and not again[1:].any()
+    big, rows = buffer.fill(parts * 2)                # 6 rows: more than a batch, run() splits them
+    assert rows == 6 and len(big) == 6
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc (Linux)")
+def test_an_idle_server_does_not_spin_after_a_request(build, sample_images):
+    """TVM's pool workers spin 300000 sched_yield()s after each task by default (50-60 ms of CPU after
+    every request on Lite0 here), taking the cores the event loop and clients need; serve lowers it."""
+    server = ServerProcess.start(build, "--threads", "2")
+    try:
+        model = CompiledModel.load(build)
+        x = apply(model.preprocessing, read_image(sample_images[0]))[None]
+        client = httpclient.InferenceServerClient(server.http)
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        for _ in range(3):
+            client.infer(NAME, [tensor])
+            before = _cpu_seconds(server.proc.pid)
+            time.sleep(0.5)
+            assert _cpu_seconds(server.proc.pid) - before < 0.03
+    finally:
+        assert server.stop() == 0
