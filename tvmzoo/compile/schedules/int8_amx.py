@@ -20,6 +20,7 @@ from tvm import DataType, s_tir, tirx
 from tvm.sym.pattern import detect_linear_equation
 from tvm.target import Target
 
+from ..target import AMX_INT8_FEATURES
 from . import amx
 from .base import NotApplicable, vector_lanes
 from .int8_dot import ScheduleInt8Dot
@@ -80,7 +81,7 @@ def _split(sch: s_tir.Schedule, loop, tiles: int, width: int) -> list:
 class ScheduleInt8Amx(ScheduleInt8Dot):
     """uint8 x int8 -> int32 conv2d / matmul on AMX tiles (see the module doc)."""
 
-    features = ("amx-int8", "amx-tile")
+    features = AMX_INT8_FEATURES
     kind = amx.INT8
 
     def schedule_reduction(self, sch: s_tir.Schedule, red, producers: list, consumers: list,
