@@ -42,7 +42,7 @@ def _w(rng, *shape):
 
 def bf16_net() -> onnx.ModelProto:
     """RGB stem (odd channels: stays fp32), a 64-channel 3x3 conv (Winograd, bf16 GEMMs), a 1x1 conv
-    (48: zmm lanes), a depthwise conv (stays fp32), a 3x3/2 conv to 24 channels (ymm lanes), GAP, Gemm."""
+    (48: zmm lanes), a depthwise conv (bf16 input, fp32 weight), a 3x3/2 conv to 24 channels (ymm lanes), GAP, Gemm."""
     rng = np.random.default_rng(0)
     g = GraphBuilder("bf16")
     x = g.relu(g.conv(g.input([None, 3, SIZE, SIZE]), _w(rng, 64, 3, 3, 3), _w(rng, 64), "stem"))
@@ -115,13 +115,24 @@ def test_mod_json_says_what_the_build_computes_as(cpu, computes, tmp_path):
     assert ("ToBf16" in meta["kernels"]["pipeline"]["import"]) == (computes == "bf16")
 
 
-def test_bf16_pass_converts_dense_layers_only():
+def test_bf16_pass_converts_dense_layers_and_depthwise_inputs():
+    """Dense convs and the Gemm: bf16 x bf16 -> float32; the depthwise conv: bf16 input, float32 weight
+    (no channel pairs to dot: only its traffic halves); the RGB stem (3 channels) stays float32."""
     target = tvm.target.Target(resolve_target({"kind": "llvm", "mcpu": "znver4"}))
-    text = _lowered(bf16_net(), target, 1).script()
-    bf16_convs = re.findall(r"R\.nn\.conv2d\([^\n]*out_dtype=\"float32\"", text)
-    assert len(bf16_convs) == 3, text          # wino, pw, c24: not the RGB stem, not the depthwise
+    mod = _lowered(bf16_net(), target, 1)
+    convs = []
+    for binding in mod["main"].body.blocks[0].bindings:
+        if isinstance(binding.value, relax.Call) and getattr(binding.value.op, "name", "") == "relax.nn.conv2d":
+            data, weight = binding.value.args
+            convs.append((int(binding.value.attrs.groups), str(data.ty.dtype), str(weight.ty.dtype),
+                          str(binding.value.ty.dtype)))
+    assert convs == [(1, "float32", "float32", "float32"),       # stem: odd channels
+                     *[(1, "bfloat16", "bfloat16", "float32")] * 2,  # wino, pw
+                     (48, "bfloat16", "float32", "float32"),     # depthwise: bf16 storage only
+                     (1, "bfloat16", "bfloat16", "float32")], convs  # c24
+    text = mod.script()
     assert len(re.findall(r"R\.matmul\([^\n]*out_dtype=\"float32\"", text)) == 1
-    assert text.count('R.astype(') >= 4 and "bfloat16" in text
+    assert text.count('R.astype(') >= 5
 
 
 def host_bf16_target(amx: bool) -> tvm.target.Target:

@@ -2,10 +2,13 @@
 
 TVM 0.27's ToMixedPrecision knows only float16. This pass is narrower on purpose: a conv2d (not
 grouped, an even number of input channels) or matmul with a constant float32 weight becomes
-`op(astype(x, bf16), bf16 weight, out_dtype=float32)`. Everything else (bias, activations,
-depthwise convs, pooling, residual adds, softmax) stays float32: those are memory-bound or have no
-bf16 instruction, and keeping them in float32 costs no accuracy. FuseOps puts each `astype` into
-the kernel that produces the activation, so activations feeding a conv are stored as bf16 (half the
+`op(astype(x, bf16), bf16 weight, out_dtype=float32)`. A depthwise / grouped conv has no channel pairs
+for a dot instruction: it becomes `conv2d(astype(x, bf16), float32 weight, out_dtype=float32)`, so only
+its input is stored as bf16 (it is memory-bound: the wide activations between an expansion 1x1 conv and
+the depthwise conv are half the bytes; the weight and the arithmetic stay float32). Everything else
+(bias, activations, pooling, residual adds, softmax) stays float32: those are memory-bound or have no
+bf16 instruction, and keeping them in float32 costs no accuracy. FuseOps puts each `astype` into the
+kernel that produces the activation, so activations feeding a conv are stored as bf16 (half the
 bytes); weights are bf16 constants. Winograd (tvmzoo.compile.passes.winograd) keeps working on such
 convs: its input transform is computed in float32 and stored as bf16, its GEMMs run bf16 x bf16 -> float32.
 
@@ -38,6 +41,14 @@ def _bf16(x: relax.Expr) -> relax.Expr:
     return x if str(x.ty.dtype) == BF16 else relax.op.astype(x, BF16)
 
 
+def _conv2d_like(call: relax.Call, data: relax.Expr, weight: relax.Expr) -> relax.Expr:
+    """`call`'s conv2d on new operands, accumulating in float32."""
+    a = call.attrs
+    return relax.op.nn.conv2d(data, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                              groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                              out_layout=a.out_layout, out_dtype="float32")
+
+
 @relax.expr_functor.mutator
 class _ToBf16(relax.PyExprMutator):
     def __init__(self, mod: IRModule) -> None:
@@ -60,13 +71,13 @@ class _ToBf16(relax.PyExprMutator):
     def _conv2d(call: relax.Call) -> relax.Expr:
         data, weight = call.args
         w, a = _const_f32(weight), call.attrs
-        if w is None or str(data.ty.dtype) != "float32" or int(a.groups) != 1 \
-                or w.shape[a.kernel_layout.index("I")] % 2 or str(a.out_dtype or "float32") != "float32":
-            return call  # depthwise / grouped (no channel pairs), odd channels (the RGB stem)
-        return relax.op.nn.conv2d(_bf16(data), relax.const(w.astype(ml_dtypes.bfloat16), BF16),
-                                  strides=a.strides, padding=a.padding, dilation=a.dilation, groups=1,
-                                  data_layout=a.data_layout, kernel_layout=a.kernel_layout,
-                                  out_layout=a.out_layout, out_dtype="float32")
+        if w is None or str(data.ty.dtype) != "float32" or str(a.out_dtype or "float32") != "float32":
+            return call
+        if int(a.groups) != 1:  # depthwise / grouped: no channel pairs to dot; bf16 input, fp32 weight and math
+            return _conv2d_like(call, _bf16(data), weight)
+        if w.shape[a.kernel_layout.index("I")] % 2:
+            return call  # odd channels (the RGB stem)
+        return _conv2d_like(call, _bf16(data), relax.const(w.astype(ml_dtypes.bfloat16), BF16))
 
     @staticmethod
     def _matmul(call: relax.Call) -> relax.Expr:
@@ -84,5 +95,5 @@ def to_bf16(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    log.info("bf16: %d conv2d / matmul now bf16 x bf16 -> float32", mutator.count)
+    log.info("bf16: %d conv2d / matmul now read bf16 and accumulate in float32", mutator.count)
     return mutator.builder_.get()

@@ -41,9 +41,10 @@ TILINGS = ((2, 2), (1, 4), (3, 1), (1, 3), (2, 1), (1, 2), (1, 1))
 
 
 def choose_tiles(kind: amx.AmxKind, rows: int, channels: int, k: int, stride: int,
-                 depth: int | None = None) -> amx.TileShape:
+                 depth: int | None = None, tilings: tuple[tuple[int, int], ...] = TILINGS) -> amx.TileShape:
     """The macro tile for an output of `rows` pixels (per image row) x `channels`, reducing `k` input
-    channels per tap (`depth` multiply-adds per output in all); NotApplicable when none fits or pays."""
+    channels per tap (`depth` multiply-adds per output in all), the largest of `tilings`; NotApplicable
+    when none fits or pays."""
     if kind is amx.INT8 and (depth or k) < INT8_MIN_DEPTH:
         raise NotApplicable(f"{depth or k} multiply-adds per output: too few for AMX tiles (VNNI is faster)")
     per_row = 64 // (4 // kind.group)
@@ -52,7 +53,7 @@ def choose_tiles(kind: amx.AmxKind, rows: int, channels: int, k: int, stride: in
     if channels % lanes or not chunk:
         raise NotApplicable(f"{channels} output / {k} input channels do not fit AMX tiles")
     best, best_size = None, 0
-    for m, n in TILINGS:
+    for m, n in tilings:
         pixels = max((r for r in range(1, amx.MAX_ROWS + 1) if rows % (m * r) == 0), default=0)
         if (channels // lanes) % n or pixels < MIN_ROWS:
             continue
@@ -83,6 +84,7 @@ class ScheduleInt8Amx(ScheduleInt8Dot):
 
     features = AMX_INT8_FEATURES
     kind = amx.INT8
+    tilings = TILINGS
 
     def schedule_reduction(self, sch: s_tir.Schedule, red, producers: list, consumers: list,
                            target: Target) -> None:
@@ -92,7 +94,7 @@ class ScheduleInt8Amx(ScheduleInt8Dot):
         depth = math.prod(int(iv.dom.extent) for iv in sch.get(red).iter_vars
                           if iv.iter_type == tirx.IterVar.CommReduce)
         shape = choose_tiles(self.kind, int(row.dom.extent), int(chan.dom.extent), int(rc.dom.extent),
-                             input_stride(sch.get(red), inp, row), depth)
+                             input_stride(sch.get(red), inp, row), depth, self.tilings)
         for block in self._inline_producers(sch, red, producers):
             schedule_injective(sch, block, vector_lanes(target, DataType(self.input_dtype).bits))
         inp, wgt, chan, rc, row, w_vars = self._operands(sch, red)
