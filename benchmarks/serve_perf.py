@@ -60,6 +60,7 @@ class Row:
     p50: float
     p90: float
     p99: float
+    request_us: float       # the server's receipt to response (/metrics); p50 minus it: front end, transport, client
     queue_us: float
     compute_us: float
     rows_per_exec: float
@@ -99,7 +100,7 @@ def measure(server: ServerProcess, protocol: str, client: str, model: str, x: np
     ms = np.asarray(latencies) * 1e3
     return Row(model, protocol, client, concurrency, len(latencies) * len(x) / elapsed,
                *(float(np.percentile(ms, q)) for q in (50, 90, 99)),
-               per_request("nv_inference_queue_duration_us"),
+               per_request("nv_inference_request_duration_us"), per_request("nv_inference_queue_duration_us"),
                per_request("nv_inference_compute_infer_duration_us"),
                (after["nv_inference_count"] - before["nv_inference_count"])
                / max(after["nv_inference_exec_count"] - before["nv_inference_exec_count"], 1),
@@ -197,8 +198,8 @@ def ceiling(res: dict, r: Row) -> str:
     per image (server + client); served / vamp images/s cannot exceed it with the client on the same cores."""
     in_process = res["vamp_cpu_ms"]
     served = (r.server_cpu_ms + r.client_cpu_ms) / res["rows_per_request"]
-    return (f"{r.protocol} {r.client} CPU / image {served:.2f} ms (server {r.server_cpu_ms:.2f} + client {r.client_cpu_ms:.2f}) "
-            f"vs {in_process:.2f} in-process: ceiling {100 * in_process / served:.0f} %")
+    return (f"{r.protocol} {r.client} CPU / image {served:.2f} ms (server {r.server_cpu_ms:.2f} + client "
+            f"{r.client_cpu_ms:.2f}) vs {in_process:.2f} in-process: ceiling {100 * in_process / served:.0f} %")
 
 
 def report(results: dict, setup: Setup, load: str) -> str:
@@ -209,17 +210,18 @@ def report(results: dict, setup: Setup, load: str) -> str:
              "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
              "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), tritonclient = its asyncio clients. "
              "CPU ms / request: the client's process and the whole server's.", "",
-             "| build | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server queue us | "
-             "server compute us | rows / exec | client CPU ms / req | server CPU ms / req | served / vamp images/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| build | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
+             "server queue us | server compute us | rows / exec | client CPU ms / req | server CPU ms / req | "
+             "served / vamp images/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, res in results.items():
         for r in res["rows"]:
-            lines.append(f"| {model} | {r.protocol} | {r.client} | {r.concurrency} | {r.images_per_s:.1f} | {r.p50:.2f} | "
-                         f"{r.p90:.2f} | {r.p99:.2f} | {r.queue_us:.0f} | {r.compute_us:.0f} | {r.rows_per_exec:.1f} | "
-                         f"{r.client_cpu_ms:.2f} | {r.server_cpu_ms:.2f} | "
-                         f"{100 * r.images_per_s / res['vamp_ips']:.0f} % |")
+            lines.append(f"| {model} | {r.protocol} | {r.client} | {r.concurrency} | {r.images_per_s:.1f} | "
+                         f"{r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.request_us:.0f} | {r.queue_us:.0f} | "
+                         f"{r.compute_us:.0f} | {r.rows_per_exec:.1f} | {r.client_cpu_ms:.2f} | "
+                         f"{r.server_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
         lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | | "
-                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | 100 % |")
+                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | 100 % |")
     return "\n".join(lines + compact(results) + bars(results))
 
 
