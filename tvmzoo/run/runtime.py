@@ -237,7 +237,8 @@ class CompiledModel:
         """The rows of `parts` copied once into an aligned buffer kept between calls, which `run` reads in
         place (a deployment's input binding), zero-padded to a fixed-batch build's batch. More rows than
         one fixed batch (or `max_rows`) come back as one new array (`run` splits it). A new padded array
-        each call cost Lite0 int8 b8 ~1 ms per batch over the in-place run: two 4.8 MB copies, fresh pages."""
+        each call, copied again into TVM's staging tensor, cost Lite0 b8 with one row 74.7 vs 72.1 ms of CPU
+        (fp32), 33.1 vs 32.7 (int8) per call (benchmarks/results/serve_perf_clients.md)."""
         rows = sum(len(p) for p in parts)
         capacity = self.fixed_batch or max_rows or rows
         row_shape = self.input_shape[1:]
