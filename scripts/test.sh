@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
 export TVM_NUM_THREADS="${TVM_NUM_THREADS:-2}"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -247,3 +247,27 @@ def test_amx_module_runs_on_a_tvmzoo_rpc_device(tiny_amx, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
+
+
+@needs_amx_int8
+def test_a_module_with_amx_kernels_is_refused_where_linux_denies_tile_state(tiny_amx, tmp_path, monkeypatch):
+    """mod.json counts the kernels on AMX tiles; where the kernel refuses tile state such a module stops
+    with one clear message before any kernel runs, while a module without them (and an older module that
+    does not say) loads as before."""
+    import shutil
+
+    from tvmzoo.errors import ModuleError
+    from tvmzoo.run import runtime
+
+    prefix, x = tiny_amx
+    meta = json.loads((prefix.parent / "mod.json").read_text())
+    assert meta["amx_kernels"] == meta["kernels"]["rules"]["ScheduleInt8Amx"] > 0
+    monkeypatch.setattr(runtime, "request_amx", lambda: False)
+    with pytest.raises(ModuleError, match=r"kernels on AMX tiles.*mattr: \[-amx-tile"):
+        runtime.CompiledModel.load(prefix)
+    for amx_kernels in (0, None):  # no tile kernels; a module from before the count
+        copy = tmp_path / f"copy{amx_kernels}"
+        shutil.copytree(prefix.parent, copy)
+        meta.pop("amx_kernels") if amx_kernels is None else meta.update(amx_kernels=amx_kernels)
+        (copy / "mod.json").write_text(json.dumps(meta))
+        assert runtime.CompiledModel.load(copy).meta["cpu_features"] == meta["cpu_features"]

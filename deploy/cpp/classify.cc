@@ -96,7 +96,7 @@ tvmzoo::ModelMeta checked_meta(const fs::path& dir) {  // refused before any mac
   tvmzoo::check_tvm_version(meta, dir);
   tvmzoo::check_cpu(meta, dir);
   tvmzoo::check_module_file(meta, dir / "mod.so");
-  tvmzoo::request_amx(meta);  // before any kernel runs
+  tvmzoo::check_amx(meta, dir);  // before any kernel runs
   return meta;
 }
 

@@ -53,6 +53,7 @@ struct ModelMeta {
   std::vector<int64_t> shape;  // the input shape; shape[0] <= 0: any batch
   std::string dtype = "float32", mcpu, module_sha256, tvm_version;
   std::vector<std::string> cpu_features;
+  int64_t amx_kernels = -1;  // kernels on AMX tiles; -1: a module from before mod.json said
   bool fused = false;
   Preprocessing pre;
 };
@@ -133,6 +134,7 @@ inline ModelMeta read_meta(const fs::path& dir) {
   meta.fused = text(*top, "preprocess") == "fused";
   if (auto it = top->find("cpu_features"); it != top->end())
     for (const auto& v : (*it).second.cast<json::Array>()) meta.cpu_features.push_back(std::string(v.cast<tvm::ffi::String>()));
+  if (auto it = top->find("amx_kernels"); it != top->end()) meta.amx_kernels = static_cast<int64_t>(number((*it).second));
   meta.pre = read_preprocessing(object_at(*top, "preprocessing", path.string()));
   return meta;
 }
@@ -188,6 +190,15 @@ inline bool request_amx(const ModelMeta& meta) {
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #endif
   return false;
+}
+
+// A module with kernels on AMX tiles is refused where the tile state is denied (run/runtime.py check_amx).
+inline void check_amx(const ModelMeta& meta, const fs::path& dir) {
+  if (request_amx(meta) || meta.amx_kernels <= 0) return;
+  throw Error(dir.string() + " runs " + std::to_string(meta.amx_kernels) + " kernels on AMX tiles, but Linux refused "
+              "this process the AMX tile state; its first tile instruction would crash. Run it where AMX is allowed, "
+              "or recompile without AMX: backend.target: {kind: llvm, mcpu: " + meta.mcpu +
+              ", mattr: [-amx-tile, -amx-int8, -amx-bf16]}");
 }
 
 // A module runs on the TVM runtime it was built with: 0.27.0.post1 on the 0.27.0 runtime, not on 0.28.

@@ -24,6 +24,7 @@ from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .cpu import host_cpu
 from .pipeline import KernelCount, pass_names, run_pipeline
+from .schedules import amx_rules
 from .preflight import check_build_inputs, check_build_output
 from .target import required_features, resolve_target
 
@@ -146,6 +147,7 @@ def build_module(model: onnx.ModelProto, spec: InputSpec, precision: str, target
         mod, _ = run_pipeline(to_relax(model, spec), tvm_target, precision, records, count)
         built = True
         return tvm.compile(mod, tvm_target), {"tuned": count.tuned, "default": count.default,
+                                              "rules": count.rules,
                                               "records": str(records) if records else None,
                                               "pipeline": pass_names(precision, records)}
     except TvmzooError:
@@ -227,6 +229,7 @@ def compile_model(cfg: BuildConfig) -> Path:
             "compute": {"precision": plan.compute, "note": plan.note},
             "target": target,
             "cpu_features": features,
+            "amx_kernels": sum(n for rule, n in kernels["rules"].items() if rule in amx_rules()),
             "target_choice": "backend.target" if cfg.backend.target else host_cpu().reason,
             "input": {**asdict(spec), "shape": list(spec.shape)},
             "outputs": output_shapes(model),
@@ -240,10 +243,22 @@ def compile_model(cfg: BuildConfig) -> Path:
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("compiled %s (%s, %s) in %.1fs -> %s; kernels: %d from tuning records, %d on default schedules",
-             cfg.name, precision, target.get("mcpu"), time.perf_counter() - t0, out_dir,
-             kernels["tuned"], kernels["default"])
+    log.info("compiled %s (%s, %s) in %.1fs -> %s; kernels: %s", cfg.name, precision, target.get("mcpu"),
+             time.perf_counter() - t0, out_dir, describe_kernels(kernels))
     return out_dir
+
+
+def describe_kernels(kernels: dict) -> str:
+    """How the kernels were scheduled, in words: records pin only the kernels where tuning beat the
+    default schedule, so "none from records" is not a failure."""
+    rules = ", ".join(f"{rule.removeprefix('Schedule')} {n}" for rule, n in sorted(kernels["rules"].items()))
+    if kernels["records"] is None:
+        source = "no tuning records for this target"
+    elif kernels["tuned"] == 0:
+        source = "the tuning records beat none of the default schedules"
+    else:
+        source = f"{kernels['tuned']} from tuning records"
+    return f"{kernels['default']} on default schedules ({rules}); {source}"
 
 
 def _carry_over(old_dir: Path, new_dir: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import tvm
@@ -32,7 +33,7 @@ from .passes.graph_passes import canonicalize, pad_int8_channels
 from .passes.lower_int8 import lower_int8
 from .passes.winograd import winograd
 from .records import ApplyTuningRecords
-from .schedules import default_schedules
+from .schedules import RULE_ATTR, default_schedules
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class KernelCount:
 
     def __init__(self) -> None:
         self.tuned = self.default = 0
+        self.rules: dict[str, int] = {}  # default-schedule rule name -> kernels it scheduled
         self.current = ""
         self._started = 0.0
 
@@ -136,6 +138,8 @@ class KernelCount:
             self.tuned = len(_scheduled(mod))
         elif info.name == "DefaultSchedules":
             self.default = len(_scheduled(mod)) - self.tuned
+            self.rules = dict(Counter(str(f.attrs[RULE_ATTR]) for _, f in mod.functions_items()
+                                      if isinstance(f, tirx.PrimFunc) and RULE_ATTR in f.attrs))
 
 
 def run_pipeline(mod: IRModule, target: Target, precision: str = "fp32",

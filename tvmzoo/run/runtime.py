@@ -149,6 +149,19 @@ def check_compatible(meta: dict, directory: Path) -> None:
                           "Recompile it here (backend.target: host) or for this CPU.")
 
 
+def check_amx(meta: dict, directory: Path) -> None:
+    """Ask Linux for AMX tile state before any kernel runs (an AMX instruction without it is SIGILL);
+    refuse a module with AMX kernels where it is denied. Modules before `amx_kernels` was recorded
+    (0.x builds) only ask."""
+    if not uses_amx(meta["cpu_features"]) or request_amx() or not meta.get("amx_kernels"):
+        return
+    raise ModuleError(
+        f"{directory} runs {meta['amx_kernels']} kernels on AMX tiles, but Linux refused this process the "
+        "AMX tile state (a kernel before 5.16, or a sandbox that blocks arch_prctl); its first tile "
+        "instruction would crash. Run it where AMX is allowed, or recompile without AMX: backend.target: "
+        "{kind: llvm, mcpu: " + str(meta["target"].get("mcpu")) + ", mattr: [-amx-tile, -amx-int8, -amx-bf16]}")
+
+
 @dataclass
 class CompiledModel:
     directory: Path
@@ -166,8 +179,7 @@ class CompiledModel:
         meta = read_meta(directory)
         check_compatible(meta, directory)
         check_module_file(meta, directory)
-        if uses_amx(meta["cpu_features"]):  # before any kernel runs: AMX without it is SIGILL
-            request_amx()
+        check_amx(meta, directory)
         try:
             lib = tvm.runtime.load_module(str(directory / MODULE_FILE))
             vm = relax.VirtualMachine(lib, tvm.cpu())

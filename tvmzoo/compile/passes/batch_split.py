@@ -18,6 +18,7 @@ independently; the result is the same arithmetic, image by image.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -87,29 +88,36 @@ def prefix_cut(func: relax.Function) -> int:
     if len(params) != 1 or not isinstance(func.body, relax.SeqExpr) or len(func.body.blocks) != 1:
         return -1
     batch = _batch_of(params[0].ty)
-    bindings = list(func.body.blocks[0].bindings)
     if batch < 2:
         return -1
-    last_use = {params[0]: -1}
+    bindings = list(func.body.blocks[0].bindings)
+    prefix = list(itertools.takewhile(lambda b: _per_image(b, batch), bindings))
+    cuts = _cut_points(func, bindings, len(prefix), batch)
+    if not cuts:
+        return -1
+    # the last cut before the conv after the last large one: that conv's epilogue stays with it
+    sizes = [_conv_input_bytes(b) for b in prefix]
+    last_large = max((i for i, size in enumerate(sizes) if size > BATCHED_BYTES), default=-1)
+    next_conv = next((i for i, size in enumerate(sizes) if size and i > last_large), len(bindings))
+    return max((c for c in cuts if last_large <= c < next_conv), default=cuts[-1])
+
+
+def _cut_points(func: relax.Function, bindings: list, prefix_len: int, batch: int) -> list[int]:
+    """The prefix's bindings after which only their own result is live (the one tensor the per-image part
+    would hand to the batched rest), from the first conv reading more than SPLIT_BYTES per image on."""
+    last_use = {func.params[0]: -1}
     for i, b in enumerate(bindings):
         for v in _used_vars(b.value):
             last_use[v] = i
     for v in _used_vars(func.body.body):
         last_use[v] = len(bindings)
-    cuts, big_seen, live, large, convs = [], False, {params[0]}, [-1], []
-    for i, b in enumerate(bindings):
-        if not _per_image(b, batch):
-            break
-        size = _conv_input_bytes(b)
-        big_seen |= size // batch > SPLIT_BYTES
-        large += [i] if size > BATCHED_BYTES else []
-        convs += [i] if size else []
+    cuts, live, big_seen = [], {func.params[0]}, False
+    for i, b in enumerate(bindings[:prefix_len]):
+        big_seen |= _conv_input_bytes(b) // batch > SPLIT_BYTES
         live = {v for v in live | {b.var} if last_use.get(v, -1) > i}
         if live == {b.var} and big_seen:
             cuts.append(i)
-    # the last cut before the conv after the last large one: that conv's epilogue stays with it
-    next_conv = next((c for c in convs if c > large[-1]), len(bindings))
-    return max((c for c in cuts if large[-1] <= c < next_conv), default=cuts[-1] if cuts else -1)
+    return cuts
 
 
 def _split(mod: IRModule, func: relax.Function, cut: int) -> IRModule:

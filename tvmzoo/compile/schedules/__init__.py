@@ -42,28 +42,45 @@ RULES: tuple[dlight.ScheduleRule, ...] = (ScheduleInt8Amx(), ScheduleInt8Dot(), 
                                           ScheduleFallback())
 
 
-def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-    """The schedule of the first rule in RULES that applies to `func` (None: none does)."""
+RULE_ATTR = "tvmzoo.schedule_rule"
+
+
+def first_rule(func: tirx.PrimFunc, target: Target) -> tuple[dlight.ScheduleRule, s_tir.Schedule] | None:
+    """The first rule in RULES that applies to `func`, and its schedule (None: none does)."""
     with target:
         for rule in RULES:
             sch = rule.apply(func, target, False)
             if isinstance(sch, list):
                 sch = sch[0] if sch else None
             if sch is not None:
-                return sch
+                return rule, sch
     return None
+
+
+def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+    """The schedule of the first rule in RULES that applies to `func` (None: none does)."""
+    found = first_rule(func, target)
+    return found[1] if found else None
+
+
+def amx_rules() -> frozenset[str]:
+    """The names of the rules whose kernels run AMX tile instructions (a process must ask Linux first)."""
+    return frozenset(type(r).__name__ for r in RULES if getattr(r, "uses_amx", False))
 
 
 @tvm.transform.module_pass(opt_level=0, name="DefaultSchedules")
 def default_schedules(mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-    """Every PrimFunc not scheduled yet (e.g. by tuning records) gets its default schedule."""
+    """Every PrimFunc not scheduled yet (e.g. by tuning records) gets its default schedule, tagged with
+    the rule's name (`RULE_ATTR`: what compile records in mod.json)."""
     target = Target.current(allow_none=False)
     updated = {}
     for gv, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False):
-            sch = default_schedule(func, func.attrs.get("target") or target)
-            if sch is not None:
-                updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            found = first_rule(func, func.attrs.get("target") or target)
+            if found is not None:
+                rule, sch = found
+                updated[gv] = sch.mod["main"].with_attrs({"tirx.is_scheduled": True,
+                                                          RULE_ATTR: type(rule).__name__})
     for gv, func in updated.items():
         mod[gv] = func
     return mod

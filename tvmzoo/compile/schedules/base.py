@@ -39,6 +39,11 @@ class CPURule(dlight.ScheduleRule):
 
     features: tuple[str, ...] = ()
 
+    @property
+    def uses_amx(self) -> bool:
+        """Its kernels run AMX tile instructions (a process must ask Linux for tile state first)."""
+        return any(f.startswith("amx-") for f in self.features)
+
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm" \
                 or (self.features and not target_has_features(list(self.features), target)):
