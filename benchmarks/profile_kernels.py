@@ -28,9 +28,9 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
 from tvmzoo.compile.pipeline import run_pipeline  # noqa: E402
+from tvmzoo.compile.target import resolve_target  # noqa: E402
 from tvmzoo.run.host import request_amx  # noqa: E402
 
-TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
 
 
 def _signature(func) -> str:
@@ -46,7 +46,7 @@ def kernel_times(onnx_path: Path, batch: int, records: Path | None, rounds: int,
     model = onnx.load(str(onnx_path))
     name = model.graph.input[0].name
     mod = from_onnx(model, shape_dict={name: [batch, 3, 224, 224]}, keep_params_in_input=False)
-    target = tvm.target.Target(TARGET)
+    target = tvm.target.Target(resolve_target(None))  # the host, as `vamc compile` builds for it
     mod, _ = run_pipeline(mod, target, precision, records)
     shapes = {gv.name_hint: _signature(f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
