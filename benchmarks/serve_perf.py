@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -266,6 +267,9 @@ def main() -> None:
                         f"{', '.join(CLIENTS)} (benchmarks/serve_load.py)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     args = parser.parse_args()
+    # `timeout` / kill send SIGTERM: exit through the `finally:` that stops the server child (the default
+    # handler would leave it running)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # this process's in-process runs alternate with served ones: its TVM pool must not spin through the
     # served blocks any more than the server's does (TVM reads it once, at the first pool's start)
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", POOL_SPIN_COUNT)
