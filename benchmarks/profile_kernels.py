@@ -2,7 +2,11 @@
 optionally beside OpenVINO's per-layer counters on the same ONNX.
 
     TVM_NUM_THREADS=2 .venv/bin/python benchmarks/profile_kernels.py ONNX --batch 8 [--records DIR]
-        [--precision fp32|bf16|...] [--rounds 5] [--top 25] [--openvino]
+        [--rounds 5] [--top 25] [--openvino] [--precision int8|bf16]
+
+int8: ONNX is a QDQ model (benchmarks/vs_peers.py saves ONNX Runtime's as workspace/bench_vs_ort/onnx/
+MODEL_qdq.onnx); OpenVINO runs it at its default precision (its int8 layers). bf16: the fp32 ONNX, OpenVINO
+at its bf16 hint.
 
 Each kernel's time is the minimum over `rounds` profiled runs (robust while others use the CPU).
 """
@@ -25,9 +29,9 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
 from tvmzoo.compile.pipeline import run_pipeline  # noqa: E402
+from tvmzoo.compile.target import resolve_target  # noqa: E402
 from tvmzoo.run.host import request_amx  # noqa: E402
 
-TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
 
 
 def _signature(func) -> str:
@@ -43,7 +47,7 @@ def kernel_times(onnx_path: Path, batch: int, records: Path | None, rounds: int,
     model = onnx.load(str(onnx_path))
     name = model.graph.input[0].name
     mod = from_onnx(model, shape_dict={name: [batch, 3, 224, 224]}, keep_params_in_input=False)
-    target = tvm.target.Target(TARGET)
+    target = tvm.target.Target(resolve_target(None))  # the host, as `vamc compile` builds for it
     mod, _ = run_pipeline(mod, target, precision, records)
     shapes = {gv.name_hint: _signature(f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
@@ -71,14 +75,17 @@ def kernel_times(onnx_path: Path, batch: int, records: Path | None, rounds: int,
     return {f"{k} [{shapes.get(k, '')}]": v for k, v in best.items() if not k.startswith("vm.builtin")}
 
 
-def openvino_layers(onnx_path: Path, batch: int, rounds: int, precision: str = "f32") -> list[tuple[str, str, float]]:
+def openvino_layers(onnx_path: Path, batch: int, rounds: int, precision: str = "fp32") -> list[tuple[str, str, float]]:
     """(layer, type + exec type, min ms) from OpenVINO's per-layer counters (benchmark_app -pc)."""
     import openvino as ov
     core = ov.Core()
     model = core.read_model(str(onnx_path))
     model.reshape({model.inputs[0].get_any_name(): [batch, 3, 224, 224]})
-    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2,
-                                                 "INFERENCE_PRECISION_HINT": precision, "PERF_COUNT": True})
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2, "PERF_COUNT": True}
+    hint = {"fp32": "f32", "bf16": "bf16"}.get(precision)  # int8: OpenVINO's default (its int8 layers)
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    compiled = core.compile_model(model, "CPU", config)
     req = compiled.create_infer_request()
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype("float32")
     best: dict[str, tuple[str, float]] = {}
@@ -99,20 +106,19 @@ def main() -> None:
     ap.add_argument("--records", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--precision", default="fp32", help="the build's precision (as the pipeline runs it)")
     ap.add_argument("--openvino", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "int8", "bf16"], default="fp32")
     args = ap.parse_args()
-    request_amx()  # AMX kernels of an int8 / bf16 build need the permission
+    request_amx()
     times = kernel_times(args.onnx, args.batch, args.records, args.rounds, args.precision)
     total = sum(ms for ms, _ in times.values())
     print(f"tvmzoo: {total:.2f} ms per run (sum of per-kernel minima), {len(times)} kernels")
     for k, (ms, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"  {ms:8.3f} ms {100 * ms / total:5.1f} %  x{n:<3d} {k}")
     if args.openvino:
-        ov_precision = "bf16" if args.precision == "bf16" else "f32"
-        layers = openvino_layers(args.onnx, args.batch, args.rounds, ov_precision)
+        layers = openvino_layers(args.onnx, args.batch, args.rounds, args.precision)
         ov_total = sum(ms for _, _, ms in layers)
-        print(f"OpenVINO {ov_precision}: {ov_total:.2f} ms per run (sum of per-layer minima)")
+        print(f"OpenVINO {args.precision}: {ov_total:.2f} ms per run (sum of per-layer minima)")
         for name, kind, ms in layers[:args.top]:
             print(f"  {ms:8.3f} ms {100 * ms / ov_total:5.1f} %  {kind:40s} {name}")
 

@@ -2,13 +2,15 @@
 server queue vs compute time from /metrics), against vamp's in-process images/s and latency of the same
 build, measured in the same run (vamp before and after each model's sweep, averaged).
 
-The load generator is tritonclient's asyncio clients (HTTP binary tensors, gRPC) at a fixed concurrency
-in this process; the server is `tvmzoo serve` in another. Both share the machine's cores, as a
+The load generator (benchmarks/serve_load.py) runs a fixed concurrency in this process; by default it builds
+each request once, as perf_analyzer does (`--clients raw,tritonclient` adds tritonclient's asyncio clients,
+interleaved point by point); the server is `tvmzoo serve` in another process. Both share the machine's cores, as a
 perf_analyzer run on the server host would, so each point also reports the CPU time per request of the
 client and of the server: with the cores the bottleneck, served images/s can reach at most the in-process
 CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups 1x2,2x1]
+        [--clients raw,tritonclient] [--concurrency 1,8]
 
 WORKSPACE holds compiled builds (<name>/mod.so + mod.json), e.g. Lite0 fp32 / int8 at batch 1 and 8.
 """
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -25,15 +28,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc as grpcclient
-import tritonclient.grpc.aio as grpc_aio
-import tritonclient.http as httpclient
-import tritonclient.http.aio as http_aio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from serve_client import ServerProcess, scrape  # noqa: E402
+from serve_load import closed_loop, make_calls  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
 from tvmzoo.run.bench import BenchConfig, benchmark  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
@@ -41,6 +41,8 @@ from tvmzoo.run.runtime import CompiledModel, stack_aligned  # noqa: E402
 
 PHOTO = ROOT.parent / "shared" / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
 CONCURRENCY = (1, 2, 4, 8, 16)
+PROTOCOLS = ("http", "grpc")
+CLIENTS = ("raw", "tritonclient")
 
 
 def cpu_name() -> str:
@@ -53,11 +55,13 @@ def cpu_name() -> str:
 class Row:
     model: str
     protocol: str
+    client: str             # serve_load: raw (requests built once) or tritonclient
     concurrency: int
     images_per_s: float
     p50: float
     p90: float
     p99: float
+    request_us: float       # the server's receipt to response (/metrics); p50 minus it: front end, transport, client
     queue_us: float
     compute_us: float
     rows_per_exec: float
@@ -71,38 +75,23 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _load(protocol: str, url: str, model: str, x: np.ndarray, concurrency: int,
-                seconds: float, server_pid: int) -> tuple[list[float], float, float, float]:
-    module = grpc_aio if protocol == "grpc" else http_aio
-    client = module.InferenceServerClient(url) if protocol == "grpc" else \
-        module.InferenceServerClient(url, conn_limit=concurrency)
-    tensor = module.InferInput("input", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x)
-    latencies: list[float] = []
-
-    async def worker(until: float, record: bool) -> None:
-        while time.perf_counter() < until:
-            start = time.perf_counter()
-            await client.infer(model, [tensor])
-            if record:
-                latencies.append(time.perf_counter() - start)
-
-    warm_end = time.perf_counter() + 1.0
-    await asyncio.gather(*(worker(warm_end, False) for _ in range(concurrency)))
-    cpu, server_cpu, start = time.process_time(), process_cpu_s(server_pid), time.perf_counter()
-    await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    cpu, server_cpu = time.process_time() - cpu, process_cpu_s(server_pid) - server_cpu
-    await client.close()
-    return latencies, elapsed, cpu, server_cpu
-
-
-def measure(server: ServerProcess, protocol: str, model: str, x: np.ndarray, concurrency: int,
-            seconds: float) -> Row:
-    before = scrape(server.http, model)
+def measure(server: ServerProcess, protocol: str, client: str, model: str, x: np.ndarray, top: int,
+            concurrency: int, seconds: float) -> Row:
     url = server.grpc if protocol == "grpc" else server.http
-    latencies, elapsed, cpu, server_cpu = asyncio.run(_load(protocol, url, model, x, concurrency, seconds,
-                                                            server.proc.pid))
+
+    async def load() -> tuple[list[float], float, float, float]:
+        calls, shared = make_calls(client, protocol, url, model, x, top, concurrency)
+        server_cpu = process_cpu_s(server.proc.pid)
+        latencies, elapsed, cpu = await closed_loop(calls, seconds)
+        server_cpu = process_cpu_s(server.proc.pid) - server_cpu   # warm-up included, as in `done`
+        for call in calls:
+            await call.close()
+        if shared is not None:
+            await shared.close()
+        return latencies, elapsed, cpu, server_cpu
+
+    before = scrape(server.http, model)
+    latencies, elapsed, cpu, server_cpu = asyncio.run(load())
     after = scrape(server.http, model)
     done = after["nv_inference_request_success"] - before["nv_inference_request_success"]
 
@@ -110,13 +99,13 @@ def measure(server: ServerProcess, protocol: str, model: str, x: np.ndarray, con
         return (after[name] - before[name]) / max(done, 1)
 
     ms = np.asarray(latencies) * 1e3
-    return Row(model, protocol, concurrency, len(latencies) * len(x) / elapsed,
+    return Row(model, protocol, client, concurrency, len(latencies) * len(x) / elapsed,
                *(float(np.percentile(ms, q)) for q in (50, 90, 99)),
-               per_request("nv_inference_queue_duration_us"),
+               per_request("nv_inference_request_duration_us"), per_request("nv_inference_queue_duration_us"),
                per_request("nv_inference_compute_infer_duration_us"),
                (after["nv_inference_count"] - before["nv_inference_count"])
                / max(after["nv_inference_exec_count"] - before["nv_inference_exec_count"], 1),
-               1e3 * cpu / max(len(latencies), 1), 1e3 * server_cpu / max(len(latencies), 1))
+               1e3 * cpu / max(len(latencies), 1), 1e3 * server_cpu / max(done, 1))
 
 
 @dataclass(frozen=True)
@@ -130,26 +119,35 @@ class Setup:
                 "--max-queue-delay-us", str(delay_us)]
 
 
-def paired_latency(server: ServerProcess, protocol: str, model: str, compiled: CompiledModel, x: np.ndarray,
-                   seconds: float, block: int = 20) -> tuple[float, float]:
+def paired_latency(server: ServerProcess, protocol: str, client: str, model: str, compiled: CompiledModel,
+                   x: np.ndarray, top: int, seconds: float, block: int = 20) -> tuple[float, float]:
     """Concurrency 1, robust to a shared machine's drift: blocks of served requests alternate with blocks
     of in-process runs of the same build (aligned input, as vamp feeds it); the first call of each block is
     dropped, since the other side's TVM pool is still spinning then. (p50 served ms, p50 in-process ms)."""
-    module = grpcclient if protocol == "grpc" else httpclient
-    client = module.InferenceServerClient(server.grpc if protocol == "grpc" else server.http)
-    tensor = module.InferInput("input", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x)
     batch = stack_aligned(list(np.repeat(x, compiled.fixed_batch or 1, axis=0)))
-    calls = {"served": lambda: client.infer(model, [tensor]), "local": lambda: compiled.run(batch)}
-    times: dict[str, list[float]] = {"served": [], "local": []}
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times["local"]) < 2 * block:
-        for name, call in calls.items():
-            for i in range(block):
-                t0 = time.perf_counter()
-                call()
-                if i:
-                    times[name].append(time.perf_counter() - t0)
+
+    async def alternate() -> dict[str, list[float]]:
+        calls, shared = make_calls(client, protocol, server.grpc if protocol == "grpc" else server.http,
+                                   model, x, top, 1)
+
+        async def local() -> None:
+            compiled.run(batch)
+
+        times: dict[str, list[float]] = {"served": [], "local": []}
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or len(times["local"]) < 2 * block:
+            for name, call in (("served", calls[0]), ("local", local)):
+                for i in range(block):
+                    t0 = time.perf_counter()
+                    await call()
+                    if i:
+                        times[name].append(time.perf_counter() - t0)
+        await calls[0].close()
+        if shared is not None:
+            await shared.close()
+        return times
+
+    times = asyncio.run(alternate())
     return float(np.median(times["served"]) * 1e3), float(np.median(times["local"]) * 1e3)
 
 
@@ -172,19 +170,22 @@ def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float,
     return report.throughput_qps, alone, cpu_ms
 
 
-def sweep(workspace: Path, model: str, setup: Setup, seconds: float) -> dict:
+def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: list[str],
+          concurrency: list[int]) -> dict:
     """One build: vamp, a server of it alone, the load points, the alternated c1 latency, vamp again."""
     compiled = CompiledModel.load(workspace / model)
     x = apply(compiled.preprocessing, read_image(PHOTO))[None]
+    top = int(compiled.run(x)[0].argmax())   # every served answer must have it
     batch = compiled.fixed_batch or 1
     before = vamp(workspace / model, batch, setup, seconds)
     delay = setup.delay_us if setup.delay_us is not None else int(1000 * before[1]) if batch > 1 else 0
     server = ServerProcess.start(workspace / model, *setup.flags(delay))
     try:
-        rows = [measure(server, protocol, model, x, c, seconds) for c in CONCURRENCY for protocol in ("http", "grpc")]
+        ways = [(protocol, client) for protocol in PROTOCOLS for client in clients]   # interleaved per point
+        rows = [measure(server, protocol, client, model, x, top, c, seconds)
+                for c in concurrency for protocol, client in ways]
         os.environ["TVM_NUM_THREADS"] = str(setup.threads)   # the in-process runs alternate with the served ones
-        paired = {protocol: paired_latency(server, protocol, model, compiled, x, 2 * seconds)
-                  for protocol in ("http", "grpc")}
+        paired = {way: paired_latency(server, *way, model, compiled, x, top, 2 * seconds) for way in ways}
     finally:
         server.stop()
     after = vamp(workspace / model, batch, setup, seconds)
@@ -198,45 +199,59 @@ def ceiling(res: dict, r: Row) -> str:
     per image (server + client); served / vamp images/s cannot exceed it with the client on the same cores."""
     in_process = res["vamp_cpu_ms"]
     served = (r.server_cpu_ms + r.client_cpu_ms) / res["rows_per_request"]
-    return (f"{r.protocol} CPU / image {served:.2f} ms (server {r.server_cpu_ms:.2f} + client {r.client_cpu_ms:.2f}) "
-            f"vs {in_process:.2f} in-process: ceiling {100 * in_process / served:.0f} %")
+    return (f"{r.protocol} {r.client} CPU / image {served:.2f} ms (server {r.server_cpu_ms:.2f} + client "
+            f"{r.client_cpu_ms:.2f}) vs {in_process:.2f} in-process: ceiling {100 * in_process / served:.0f} %")
 
 
 def report(results: dict, setup: Setup, load: str) -> str:
     lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {load} (1 / 5 / 15 min) when the run began. "
              f"Server: {setup.instances} instance(s) x {setup.threads} TVM thread(s); vamp with the same instances "
              "and threads, in the load generator's process; TVM_THREAD_POOL_SPIN_COUNT="
-             f"{os.environ['TVM_THREAD_POOL_SPIN_COUNT']} in both; client: tritonclient asyncio (HTTP binary / gRPC) "
-             "in another process on the same cores. CPU ms / request: the client's process and the whole server's.", "",
-             "| build | protocol | concurrency | images/s | p50 ms | p90 ms | p99 ms | server queue us | "
-             "server compute us | rows / exec | client CPU ms / req | server CPU ms / req | served / vamp images/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{os.environ['TVM_THREAD_POOL_SPIN_COUNT']} in both; load generator (benchmarks/serve_load.py) in "
+             "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
+             "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), tritonclient = its asyncio clients. "
+             "CPU ms / request: the client's process and the whole server's.", "",
+             "| build | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
+             "server queue us | server compute us | rows / exec | client CPU ms / req | server CPU ms / req | "
+             "served / vamp images/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, res in results.items():
         for r in res["rows"]:
-            lines.append(f"| {model} | {r.protocol} | {r.concurrency} | {r.images_per_s:.1f} | {r.p50:.2f} | "
-                         f"{r.p90:.2f} | {r.p99:.2f} | {r.queue_us:.0f} | {r.compute_us:.0f} | {r.rows_per_exec:.1f} | "
-                         f"{r.client_cpu_ms:.2f} | {r.server_cpu_ms:.2f} | "
-                         f"{100 * r.images_per_s / res['vamp_ips']:.0f} % |")
-        lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | "
-                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | 100 % |")
-    lines += ["", "Compact (images/s, p50 / p99 ms):", "",
-              "| build | protocol | " + " | ".join(f"c{c}" for c in CONCURRENCY) + " | vamp in-process |",
-              "|---|---|" + "---|" * (len(CONCURRENCY) + 1)]
+            lines.append(f"| {model} | {r.protocol} | {r.client} | {r.concurrency} | {r.images_per_s:.1f} | "
+                         f"{r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.request_us:.0f} | {r.queue_us:.0f} | "
+                         f"{r.compute_us:.0f} | {r.rows_per_exec:.1f} | {r.client_cpu_ms:.2f} | "
+                         f"{r.server_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
+        lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | | "
+                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | 100 % |")
+    return "\n".join(lines + compact(results) + bars(results))
+
+
+def compact(results: dict) -> list[str]:
+    concurrency = sorted({r.concurrency for res in results.values() for r in res["rows"]})
+    lines = ["", "Compact (images/s, p50 / p99 ms):", "",
+             "| build | protocol | client | " + " | ".join(f"c{c}" for c in concurrency) + " | vamp in-process |",
+             "|---|---|---|" + "---|" * (len(concurrency) + 1)]
     for model, res in results.items():
-        for protocol in ("http", "grpc"):
-            cells = [f"{r.images_per_s:.0f} ({r.p50:.1f} / {r.p99:.1f})" for r in res["rows"] if r.protocol == protocol]
-            lines.append(f"| {model} | {protocol} | " + " | ".join(cells)
+        for protocol, client in res["paired"]:
+            cells = [f"{r.images_per_s:.0f} ({r.p50:.1f} / {r.p99:.1f})" for r in res["rows"]
+                     if (r.protocol, r.client) == (protocol, client)]
+            lines.append(f"| {model} | {protocol} | {client} | " + " | ".join(cells)
                          + f" | {res['vamp_ips']:.0f} ({res['vamp_p50']:.1f}) |")
-    lines += ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of in-process."]
+    return lines
+
+
+def bars(results: dict) -> list[str]:
+    lines = ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of in-process."]
     for model, res in results.items():
+        c8 = [r for r in res["rows"] if r.concurrency == 8]
         lines.append(f"- {model} (--max-queue-delay-us {res['delay_us']}): c8 " + ", ".join(
-            f"{r.protocol} {100 * r.images_per_s / res['vamp_ips']:.1f} %" for r in res["rows"] if r.concurrency == 8)
+            f"{r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" for r in c8)
             + " of vamp; c1 p50 with served and in-process runs alternated: " + ", ".join(
-            f"{protocol} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
-            for protocol, (served, local) in res["paired"].items()))
-        lines.append("  - c8 " + "; ".join(ceiling(res, r)
-                                          for r in res["rows"] if r.concurrency == 8))
-    return "\n".join(lines)
+            f"{protocol} {client} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
+            for (protocol, client), (served, local) in res["paired"].items()))
+        if c8:
+            lines.append("  - c8 " + "; ".join(ceiling(res, r) for r in c8))
+    return lines
 
 
 def main() -> None:
@@ -248,7 +263,13 @@ def main() -> None:
                         help="server --max-queue-delay-us (default: one batch's in-process time for batch > 1 "
                              "builds; a batch waits only for as many requests as were in flight together)")
     parser.add_argument("--setups", default="1x2,2x1", help="instances x threads per instance, comma-separated")
+    parser.add_argument("--clients", default="raw", help="load generators, comma-separated, interleaved per point: "
+                        f"{', '.join(CLIENTS)} (benchmarks/serve_load.py)")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     args = parser.parse_args()
+    # `timeout` / kill send SIGTERM: exit through the `finally:` that stops the server child (the default
+    # handler would leave it running)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # this process's in-process runs alternate with served ones: its TVM pool must not spin through the
     # served blocks any more than the server's does (TVM reads it once, at the first pool's start)
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", POOL_SPIN_COUNT)
@@ -257,7 +278,8 @@ def main() -> None:
     for text in args.setups.split(","):
         instances, threads = (int(v) for v in text.split("x"))
         setup = Setup(instances, threads, args.delay_us)
-        results = {name: sweep(args.workspace, name, setup, args.seconds) for name in names}
+        results = {name: sweep(args.workspace, name, setup, args.seconds, args.clients.split(","),
+                               [int(c) for c in args.concurrency.split(",")]) for name in names}
         print(report(results, setup, load), "\n", flush=True)
 
 

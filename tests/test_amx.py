@@ -38,7 +38,7 @@ needs_amx_int8 = pytest.mark.skipif(not HAS_AMX_INT8, reason="host CPU has no AM
 CPUS = {"sapphirerapids": "tdpbusd", "znver4": "vpdpbusd", "icelake-server": "vpdpbusd", "haswell": None}
 NO_AMX = ["-amx-int8", "-amx-tile", "-amx-bf16"]
 LAYERS = [("stem", 16, 3, 1), ("down", 32, 3, 2), ("pw", 32, 1, 1), ("c48", 48, 3, 1), ("c24", 24, 3, 1),
-          ("c64", 64, 3, 2)]
+          ("c96", 96, 3, 2), ("c96b", 96, 3, 1)]
 
 
 def _w(rng, *shape):
@@ -47,8 +47,9 @@ def _w(rng, *shape):
 
 def amx_net() -> onnx.ModelProto:
     """Convs whose shapes take each kind of AMX macro tile (stride 2 on 2 x 2 tiles, three channel tiles,
-    three 8-channel tiles, 2 x 2 tiles of 4 pixels) or are too shallow for it (the RGB stem, 4 channels
-    after padding; a 1x1 of 32 channels); GAP and a Gemm (4 rows at batch 4)."""
+    three 8-channel tiles, 2 x 2 tiles of 4 pixels, a pad of 96 channels: wider than a register) or are too
+    shallow for it (the RGB stem, 4 channels after padding; a 1x1 of 32 channels); GAP and a Gemm (4 rows
+    at batch 4)."""
     rng = np.random.default_rng(5)
     g = GraphBuilder("amx")
     x, cin = g.input([BATCH, 3, SIZE, SIZE]), 3
@@ -56,7 +57,7 @@ def amx_net() -> onnx.ModelProto:
         y = g.conv(x, _w(rng, cout, cin, kernel, kernel), _w(rng, cout), name, stride=stride)
         x, cin = (g.add(x, y) if name == "pw" else g.relu(y)), cout  # pw: a residual add in the epilogue
     x = g.flatten(g.global_avg_pool(x))
-    g.output(g.gemm(x, _w(rng, 16, 64), _w(rng, 16), "fc"), [BATCH, 16])
+    g.output(g.gemm(x, _w(rng, 16, cin), _w(rng, 16), "fc"), [BATCH, 16])
     return g.build()
 
 
@@ -120,7 +121,7 @@ def test_int8_kernels_per_cpu(cpu, qdq):
     convs = {name: dot for name, dot in dots.items() if "conv2d" in name}
     assert len(convs) == len(LAYERS), dots
     if CPUS[cpu] == "tdpbusd":  # the stem (9 x 4 deep) and pw (32 deep) too shallow for int8 tiles: VNNI
-        assert sorted(convs.values()) == ["tdpbusd"] * 4 + ["vpdpbusd"] * 2, convs
+        assert sorted(convs.values()) == ["tdpbusd"] * 5 + ["vpdpbusd"] * 2, convs
     else:
         assert set(dots.values()) <= {CPUS[cpu] or "", ""} and set(convs.values()) == {CPUS[cpu] or ""}, dots
     ranked = dict(fastest_precisions(features_of(cpu), PRECISIONS))
@@ -131,6 +132,20 @@ def test_amx_off_in_the_target_means_vnni(qdq):
     target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": NO_AMX})
     convs = {n: d for n, d in _dots(_scheduled(qdq, target)).items() if "conv2d" in n}
     assert set(convs.values()) == {"vpdpbusd"}, convs
+
+
+def test_pads_wider_than_a_register_compile_to_vectors(qdq):
+    """The conv kernels' pads (96 uint8 channels in c96b) load and store whole vectors: as one vector
+    over all the channels LLVM moved them byte by byte (vpextrb / vpinsrb)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    mod = _scheduled(qdq, target)
+    padded = {gv.name_hint: f for gv, f in mod.functions_items()
+              if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint and "pad_temp" in f.script()}
+    assert len(padded) >= 4, list(padded)
+    for name, f in padded.items():
+        asm = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target).mod
+        text = asm.inspect_source("asm")
+        assert "vpextrb" not in text and "vpinsrb" not in text, name
 
 
 # ---------------------------------------------------------------- on this host, where it has AMX

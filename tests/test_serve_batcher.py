@@ -15,7 +15,7 @@ from serve_client import ServerProcess  # noqa: E402
 from tiny import build_tiny  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.run.runtime import ALIGNMENT, CompiledModel  # noqa: E402
-from tvmzoo.run.serve.batcher import Arrivals, DynamicBatcher, InputBuffer  # noqa: E402
+from tvmzoo.run.serve.batcher import Arrivals, DynamicBatcher  # noqa: E402
 from tvmzoo.run.serve.metrics import VERSION, Metrics  # noqa: E402
 
 pytestmark = pytest.mark.reliability
@@ -76,20 +76,26 @@ def test_a_batch_waits_only_for_the_clients_it_has_seen(build, sample_images):
         batcher.close()
 
 
-def test_the_input_buffer_is_aligned_padded_and_reused(build, sample_images):
+def test_short_batches_are_staged_aligned_padded_and_reused(build, sample_images):
+    """`CompiledModel.stage` (the server's batches, and `run`'s padding of a short batch for everyone):
+    one aligned buffer of a whole batch, zero padding rows, the same outputs as a batch padded by hand."""
     model = CompiledModel.load(build)                 # batch 4
     parts = [np.stack([apply(model.preprocessing, read_image(p)) for p in sample_images[i:j]])
              for i, j in ((0, 1), (1, 3))]
-    buffer = InputBuffer(model, max_batch=4)
-    batch, rows = buffer.fill(parts)
-    assert rows == 3 and batch.shape[0] == 4 and batch.ctypes.data % ALIGNMENT == 0
-    np.testing.assert_array_equal(batch[:3], np.concatenate(parts))
+    three = np.concatenate(parts)
+    padded_by_hand = model.run(np.concatenate([three, np.zeros_like(three[:1])]))[:3]   # a full batch: no staging
+    batch = model.stage(parts)
+    assert batch.shape[0] == 4 and batch.ctypes.data % ALIGNMENT == 0
+    np.testing.assert_array_equal(batch[:3], three)
     assert not batch[3:].any()                        # the padding row is zeros
-    np.testing.assert_array_equal(model.run(batch)[:3], model.run(np.concatenate(parts)))
-    again, rows = buffer.fill(parts[:1])
-    assert rows == 1 and again.ctypes.data == batch.ctypes.data and not again[1:].any()
-    big, rows = buffer.fill(parts * 2)                # 6 rows: more than a batch, run() splits them
-    assert rows == 6 and len(big) == 6
+    np.testing.assert_array_equal(model.run(batch)[:3], padded_by_hand)
+    np.testing.assert_array_equal(model.run(three), padded_by_hand)          # run pads through the same buffer
+    np.testing.assert_array_equal(model.run(parts[0]), padded_by_hand[:1])
+    again = model.stage(parts[:1])
+    assert again.ctypes.data == batch.ctypes.data and not again[1:].any()
+    big = model.stage(parts * 2)                      # 6 rows: more than a batch, run() splits them
+    assert len(big) == 6
+    np.testing.assert_array_equal(model.run(big), np.concatenate([padded_by_hand] * 2))
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from tvm import DataType, s_tir, tirx
+from tvm import s_tir, tirx
 from tvm.sym.pattern import detect_linear_equation
 from tvm.target import Target
 
@@ -24,7 +24,7 @@ from ..target import AMX_INT8_FEATURES
 from . import amx
 from .base import NotApplicable, vector_lanes
 from .int8_dot import ScheduleInt8Dot
-from .loops import loop_map, repack_weight, schedule_epilogue, schedule_injective
+from .loops import loop_map, repack_weight, schedule_epilogue
 from .operands import parallel_order
 
 # Fewer pixels per tile than this (a batch-1 matmul: 1 row) leave most of each tile idle: VNNI is faster.
@@ -95,8 +95,7 @@ class ScheduleInt8Amx(ScheduleInt8Dot):
                           if iv.iter_type == tirx.IterVar.CommReduce)
         shape = choose_tiles(self.kind, int(row.dom.extent), int(chan.dom.extent), int(rc.dom.extent),
                              input_stride(sch.get(red), inp, row), depth, self.tilings)
-        for block in self._inline_producers(sch, red, producers):
-            schedule_injective(sch, block, vector_lanes(target, DataType(self.input_dtype).bits))
+        self._schedule_producers(sch, red, producers, target)
         inp, wgt, chan, rc, row, w_vars = self._operands(sch, red)
         stmt, g = sch.get(red), self.kind.group
         pos_c = next(i for i, v in enumerate(w_vars) if v.same_as(chan.var))

@@ -8,7 +8,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .base import NotApplicable, ReductionRule, vector_lanes
-from .loops import (is_plain_copy, loop_map, register_tile, repack_weight, schedule_epilogue, schedule_injective,
+from .loops import (is_plain_copy, loop_map, register_tile, repack_weight, schedule_epilogue, schedule_pad,
                     vectorize_innermost)
 from .operands import as_var, parallel_order
 
@@ -110,8 +110,7 @@ class ScheduleInt8Dot(ReductionRule):
                            target: Target) -> None:
         self._operands(sch, red)  # applicable at all?
         group = self.group
-        for block in self._inline_producers(sch, red, producers):
-            schedule_injective(sch, block, vector_lanes(target, DataType(self.input_dtype).bits))
+        self._schedule_producers(sch, red, producers, target)
         inp, wgt, chan, rc, row, w_vars = self._operands(sch, red)
         stmt = sch.get(red)
         c_ext, k_ext = int(chan.dom.extent), int(rc.dom.extent)
@@ -157,6 +156,11 @@ class ScheduleInt8Dot(ReductionRule):
 
     def annotate(self, sch: s_tir.Schedule, outer) -> None:
         """Hook for rules whose intrinsic needs the kernel annotated (bf16: its LLVM import)."""
+
+    def _schedule_producers(self, sch, red, producers: list, target: Target) -> None:
+        """Producers inlined; the pads left in vectors of the input's lanes (loops.schedule_pad)."""
+        for block in self._inline_producers(sch, red, producers):
+            schedule_pad(sch, block, vector_lanes(target, DataType(self.input_dtype).bits))
 
     @staticmethod
     def _inline_producers(sch, red, producers) -> list:

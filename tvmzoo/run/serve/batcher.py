@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..runtime import CompiledModel, aligned_empty
+from ..runtime import CompiledModel
 
 from .metrics import VERSION, Metrics
 
@@ -107,12 +107,11 @@ class DynamicBatcher:
         except Exception:  # noqa: BLE001 - TVM's own error types; real requests will report it
             log.exception("model %s: warm-up run failed", self.name)
         warmed.set()
-        buffer = InputBuffer(model, self.max_batch)
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run(model, buffer, batch)
+            self._run(model, batch)
 
     def _next_batch(self) -> list[Pending] | None:
         with self._cond:
@@ -141,13 +140,14 @@ class DynamicBatcher:
         self._arrivals.taken()
         return batch
 
-    def _run(self, model: CompiledModel, buffer: InputBuffer, batch: list[Pending]) -> None:
+    def _run(self, model: CompiledModel, batch: list[Pending]) -> None:
         m, labels = self.metrics, (self.name, VERSION)
         start = time.perf_counter()
         for item in batch:
             m.queue_us.labels(*labels).inc((start - item.enqueued) * 1e6)
         try:
-            inputs, rows = buffer.fill([item.rows for item in batch])
+            inputs = model.stage([item.rows for item in batch], self.max_batch)   # copied once, padded
+            rows = sum(len(item.rows) for item in batch)
             started = time.perf_counter()
             outputs = model.run(inputs)
             ran = time.perf_counter()
@@ -178,23 +178,3 @@ class DynamicBatcher:
         with self._cond:
             self._in_flight_rows -= sum(len(item.rows) for item in batch)
 
-
-class InputBuffer:
-    """One instance's input: an aligned buffer of a whole batch, allocated once, which the module reads
-    in place. The requests' rows are copied in once; a fixed-batch build's padding rows are zeroed here
-    instead of `CompiledModel.run` padding into a new, unaligned array that it copies again (two 4.8 MB
-    copies and fresh pages per Lite0 b8 batch)."""
-
-    def __init__(self, model: CompiledModel, max_batch: int) -> None:
-        self.fixed = model.fixed_batch
-        self._buffer = aligned_empty((self.fixed or max_batch, *model.input_shape[1:]), model.input_dtype)
-
-    def fill(self, parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
-        """(the batch to run, its real rows)."""
-        rows = sum(len(p) for p in parts)
-        if rows > len(self._buffer):   # one request larger than a batch: `CompiledModel.run` splits it
-            return np.concatenate(parts), rows
-        batch = self._buffer[:self.fixed or rows]
-        np.concatenate(parts, out=batch[:rows])
-        batch[rows:] = 0
-        return batch, rows
