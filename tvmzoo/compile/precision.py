@@ -3,15 +3,18 @@
 fp16 never loses to fp32: LLVM emulates fp16 arithmetic on a CPU without AVX512-FP16 (a convert on
 every use: RepVGG-A0 116 ms / image on Zen 4, 7.5x its fp32 build), so there an fp16 build computes in
 fp32. Its inputs and outputs stay what every tvmzoo build takes and returns (float32; ToMixedPrecision
-casts at the edges); only the arithmetic differs, and fp32 is at least as accurate. bf16 would be
-faster than fp32 on AVX512-BF16 CPUs but rounds more coarsely than fp16 (8 mantissa bits, not 11), so
+casts at the edges); only the arithmetic differs, and fp32 is at least as accurate. bf16 is
+faster than fp32 on AMX-BF16 CPUs but rounds more coarsely than fp16 (8 mantissa bits, not 11), so
 a user who asked for fp16 accuracy gets fp32, and the log points at bf16 and int8 where they are faster.
 
 bf16 never loses either: it computes in bf16 only on AMX-BF16 CPUs (Sapphire Rapids: 0.43-0.61x of fp32).
 On CPUs with AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake) tvmzoo's `vdpbf16ps` kernels
 (schedules/bf16_dot.py) measured 1.2-1.4x SLOWER than its fp32 kernels (Sapphire Rapids with AMX off in
-the target, the only stand-in measured: notes s7-wt-amx, s8-wt-bf16dot), so there a bf16 build computes
-in fp32 and the log names the precision that is faster there (int8 on VNNI).
+the target, the only stand-in measured: benchmarks/bf16_dot_vs_fp32.py), so there a bf16 build computes
+in fp32 and the log names the precision that is faster there (int8 on VNNI). The stand-in is pessimistic:
+this Sapphire Rapids VM retires about half as many multiply-adds per second with vdpbf16ps as with fp32
+FMAs (a microbenchmark), while Zen 4 is reported to do twice as many (not verified here): a Zen 4 run of
+that benchmark decides.
 """
 from __future__ import annotations
 
