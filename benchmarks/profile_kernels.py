@@ -41,6 +41,24 @@ def _signature(func) -> str:
     return " ".join(m.replace(", ", "x") for m in re.findall(r"T\.Buffer\(\(([^)]*)\)", header))
 
 
+def profiled(vm: relax.VirtualMachine, x) -> list[tuple[str, float]]:
+    """One run of vm["main"](x): (called symbol, ms) of every Call instruction, in order."""
+    calls: list[tuple[str, float]] = []
+    started = [0.0]
+
+    def instrument(_func, symbol, before, _ret, *_args):  # the VM calls it around every Call instruction
+        if before:
+            started[0] = time.perf_counter()
+        else:
+            calls.append((str(symbol), (time.perf_counter() - started[0]) * 1e3))
+        return 0
+
+    vm.set_instrument(tvm.runtime.convert(instrument))
+    vm["main"](x)
+    vm.set_instrument(None)
+    return calls
+
+
 def kernel_times(onnx_path: Path, batch: int, records: Path | None, rounds: int,
                  precision: str = "fp32") -> dict[str, tuple[float, int]]:
     """kernel name -> (min over rounds of its summed ms per run, calls per run)."""
@@ -54,20 +72,9 @@ def kernel_times(onnx_path: Path, batch: int, records: Path | None, rounds: int,
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype("float32"))
     vm["main"](x)
     calls: list[tuple[str, float]] = []
-    started = [0.0]
-
-    def instrument(_func, symbol, before, _ret, *_args):  # the VM calls it around every Call instruction
-        if before:
-            started[0] = time.perf_counter()
-        else:
-            calls.append((str(symbol), (time.perf_counter() - started[0]) * 1e3))
-        return 0
-
-    vm.set_instrument(tvm.runtime.convert(instrument))
     fastest: list[float] = []
     for _ in range(rounds):  # the minimum of every call over the rounds: robust to other users' load
-        calls.clear()
-        vm["main"](x)
+        calls = profiled(vm, x)
         fastest = [min(ms, fastest[i]) for i, (_, ms) in enumerate(calls)] if fastest else [ms for _, ms in calls]
     best: dict[str, tuple[float, int]] = {}
     for (k, _), ms in zip(calls, fastest):

@@ -144,7 +144,7 @@ def bench_model(model: str, args, peak: float) -> list[dict]:
         runs = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})[0]) for name, s in sessions.items()}
         kernels, build_s = {}, {}
         variants = [(f"tvmzoo {p}", build_cfg(model, p, batch, args.calib)) for p in args.precisions]
-        if args.no_amx_too:  # the same builds with AMX off in the target: VNNI int8, vdpbf16ps bf16
+        if args.no_amx_too:  # the same builds with AMX off in the target: VNNI int8, bf16 = fp32 (precision.py)
             variants += [(f"tvmzoo {p} (no AMX)", build_cfg(model, p, batch, args.calib, no_amx(model, p, batch)))
                          for p in args.precisions if p in ("int8", "bf16")]
         for name, bcfg in variants:
@@ -248,7 +248,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--no-amx-too", action="store_true",
-                    help="also time the int8 / bf16 builds with AMX off in the target (VNNI, vdpbf16ps kernels)")
+                    help="also time the int8 / bf16 builds with AMX off in the target (VNNI int8; bf16 computes in fp32 there: benchmarks/bench_amx.py times the vdpbf16ps kernels)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=16, help="calibration photos for int8")
     ap.add_argument("--quick", action="store_true", help="3 rounds: proves the run, numbers are rough")

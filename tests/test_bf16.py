@@ -67,8 +67,8 @@ def _lowered(model: onnx.ModelProto, target: tvm.target.Target, batch: int) -> t
 
 @pytest.mark.parametrize("cpu, plan", [
     ("sapphirerapids", "amx-bf16"),     # AMX-BF16 tiles (it has AVX512-BF16 too: the kernels AMX cannot hold)
-    ("znver4", "avx512bf16"),           # AMD Zen 4: AVX512-BF16, no AMX
-    ("cooperlake", "avx512bf16"),
+    ("znver4", "fp32"),                 # AMD Zen 4: AVX512-BF16, no AMX: vdpbf16ps loses to fp32
+    ("cooperlake", "fp32"),
     ("icelake-server", "fp32"),         # AVX-512 without BF16
     ("haswell", "fp32"),                # AVX2 only
 ])
@@ -76,14 +76,22 @@ def test_bf16_plan_per_cpu(cpu, plan):
     assert bf16_plan(features_of(cpu)) == plan
 
 
-@pytest.mark.parametrize("cpu", ["haswell", "icelake-server"])
-def test_where_bf16_does_not_pay_the_build_stays_fp32(cpu, caplog):
-    """No AVX512-BF16 nor AMX-BF16 (operands converted on every use): the plan computes in fp32, logged."""
+@pytest.mark.parametrize("cpu, why", [
+    ("haswell", "has no AVX512-BF16 or AMX-BF16"),       # operands converted on every use
+    ("icelake-server", "has no AVX512-BF16 or AMX-BF16"),
+    ("znver4", "has AVX512-BF16 but no AMX-BF16"),        # vdpbf16ps measured slower than fp32
+    ("cooperlake", "has AVX512-BF16 but no AMX-BF16"),
+])
+def test_where_bf16_does_not_pay_the_build_stays_fp32(cpu, why, caplog):
+    """Without AMX-BF16 the plan computes in fp32 and logs why (and, with AVX512-BF16, what is faster)."""
     cfg = load_build_config(ROOT / "build_in" / "build" / "official_repvgg.yaml", {"backend.dtype": "bf16"})
     with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.compiler"):
         plan = plan_for(cfg, {"kind": "llvm", "mcpu": cpu})
     assert (plan.requested, plan.compute) == ("bf16", "fp32")
-    assert f"bf16: {cpu} has no AVX512-BF16 or AMX-BF16" in caplog.text
+    assert f"bf16: {cpu} {why}" in caplog.text
+    assert ("faster on " in caplog.text) == ("but no AMX" in why)
+    if "but no AMX" in why:
+        assert "int8 (AVX512-VNNI)" in caplog.text
 
 
 def test_the_bf16_pass_rewrites_whenever_it_runs():
@@ -91,7 +99,7 @@ def test_the_bf16_pass_rewrites_whenever_it_runs():
     assert "bfloat16" in _lowered(bf16_net(), tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}), 1).script()
 
 
-@pytest.mark.parametrize("cpu, records", [("haswell", "fp32-b1-224x224"), ("znver4", "bf16-b1-224x224"),
+@pytest.mark.parametrize("cpu, records", [("haswell", "fp32-b1-224x224"), ("znver4", "fp32-b1-224x224"),
                                           ("sapphirerapids", "bf16-b1-224x224")])
 def test_bf16_builds_use_the_records_of_what_they_compute(cpu, records):
     """A bf16 build that computes in fp32 is the fp32 build, tuned kernels included (never slower)."""
@@ -100,19 +108,31 @@ def test_bf16_builds_use_the_records_of_what_they_compute(cpu, records):
     assert records_dir(cfg, input_spec(cfg), target, plan_for(cfg, target).compute).name == records
 
 
-@pytest.mark.parametrize("cpu, computes", [("haswell", "fp32"), ("znver4", "bf16")])
+def _compiled(tmp_path, cpu: str, dtype: str):
+    """`vamc compile` of bf16_net for `cpu` at `dtype`: the model directory."""
+    onnx.save(bf16_net(), str(tmp_path / "bf16.onnx"))
+    cfg = {"name": f"net_{dtype}", "frontend": {"shape": {"input": [1, 3, SIZE, SIZE]}, "type": "onnx",
+                                                "checkpoint": str(tmp_path / "bf16.onnx")},
+           "backend": {"type": "tvm", "dtype": dtype, "target": {"kind": "llvm", "mcpu": cpu}},
+           "workspace": {"path": str(tmp_path / "ws")}}
+    (tmp_path / f"{dtype}.yaml").write_text(yaml.safe_dump(cfg))
+    return compile_model(load_build_config(tmp_path / f"{dtype}.yaml"))
+
+
+@pytest.mark.parametrize("cpu, computes", [("haswell", "fp32"), ("znver4", "fp32"), ("sapphirerapids", "bf16")])
 def test_mod_json_says_what_the_build_computes_as(cpu, computes, tmp_path):
     """`vamc compile` of a bf16 YAML records the precision asked for and the one it computes in."""
-    onnx.save(bf16_net(), str(tmp_path / "bf16.onnx"))
-    cfg = {"name": "net", "frontend": {"shape": {"input": [1, 3, SIZE, SIZE]}, "type": "onnx",
-                                       "checkpoint": str(tmp_path / "bf16.onnx")},
-           "backend": {"type": "tvm", "dtype": "bf16", "target": {"kind": "llvm", "mcpu": cpu}},
-           "workspace": {"path": str(tmp_path / "ws")}}
-    (tmp_path / "build.yaml").write_text(yaml.safe_dump(cfg))
-    meta = json.loads((compile_model(load_build_config(tmp_path / "build.yaml")) / "mod.json").read_text())
+    meta = json.loads((_compiled(tmp_path, cpu, "bf16") / "mod.json").read_text())
     assert (meta["precision"], meta["compute"]["precision"]) == ("bf16", computes)
     # a bf16 build computing in fp32 is the fp32 build: its pipeline has no bf16 pass
     assert ("ToBf16" in meta["kernels"]["pipeline"]["import"]) == (computes == "bf16")
+
+
+@pytest.mark.parametrize("cpu", ["znver4", "cooperlake"])
+def test_without_amx_a_bf16_build_is_the_fp32_build(cpu, tmp_path):
+    """AVX512-BF16 without AMX: the bf16 build's module is byte for byte the fp32 build's (so never slower)."""
+    bf16, fp32 = (_compiled(tmp_path, cpu, dtype) for dtype in ("bf16", "fp32"))
+    assert (bf16 / "mod.so").read_bytes() == (fp32 / "mod.so").read_bytes()
 
 
 def test_bf16_pass_converts_dense_layers_and_depthwise_inputs():
