@@ -271,3 +271,14 @@ def test_a_module_with_amx_kernels_is_refused_where_linux_denies_tile_state(tiny
         meta.pop("amx_kernels") if amx_kernels is None else meta.update(amx_kernels=amx_kernels)
         (copy / "mod.json").write_text(json.dumps(meta))
         assert runtime.CompiledModel.load(copy).meta["cpu_features"] == meta["cpu_features"]
+
+
+def test_every_conv_and_gemm_of_an_int8_build_gets_a_dot_rule(tiny_amx):
+    """A dot rule that fails for a bug looks like "not applicable" and the kernel silently goes to the
+    generic float rule (A0 int8 once ran 11x slower so): mod.json's per-rule counts must give every conv and
+    the Gemm of the int8 build an int8 dot rule (AMX tiles where they pay, VNNI for the rest)."""
+    prefix, _ = tiny_amx
+    model = onnx.load(prefix.parent.parent.parent / "tiny.onnx")
+    dense = sum(node.op_type in ("Conv", "Gemm", "MatMul") for node in model.graph.node)
+    rules = json.loads((prefix.parent / "mod.json").read_text())["kernels"]["rules"]
+    assert rules.get("ScheduleInt8Amx", 0) + rules.get("ScheduleInt8Dot", 0) == dense > 0, rules
