@@ -24,7 +24,7 @@ from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .cpu import host_cpu
 from .pipeline import KernelCount, pass_names, run_pipeline
-from .schedules import amx_rules
+from .schedules import AMX_RULES
 from .preflight import check_build_inputs, check_build_output
 from .target import required_features, resolve_target
 
@@ -229,7 +229,7 @@ def compile_model(cfg: BuildConfig) -> Path:
             "compute": {"precision": plan.compute, "note": plan.note},
             "target": target,
             "cpu_features": features,
-            "amx_kernels": sum(n for rule, n in kernels["rules"].items() if rule in amx_rules()),
+            "amx_kernels": sum(n for rule, n in kernels["rules"].items() if rule in AMX_RULES),
             "target_choice": "backend.target" if cfg.backend.target else host_cpu().reason,
             "input": {**asdict(spec), "shape": list(spec.shape)},
             "outputs": output_shapes(model),

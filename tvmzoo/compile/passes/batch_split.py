@@ -92,19 +92,20 @@ def prefix_cut(func: relax.Function) -> int:
         return -1
     bindings = list(func.body.blocks[0].bindings)
     prefix = list(itertools.takewhile(lambda b: _per_image(b, batch), bindings))
-    cuts = _cut_points(func, bindings, len(prefix), batch)
+    sizes = [_conv_input_bytes(b) for b in prefix]  # 0 for a binding that is not a conv
+    cuts = _cut_points(func, bindings, sizes, batch)
     if not cuts:
         return -1
     # the last cut before the conv after the last large one: that conv's epilogue stays with it
-    sizes = [_conv_input_bytes(b) for b in prefix]
     last_large = max((i for i, size in enumerate(sizes) if size > BATCHED_BYTES), default=-1)
     next_conv = next((i for i, size in enumerate(sizes) if size and i > last_large), len(bindings))
     return max((c for c in cuts if last_large <= c < next_conv), default=cuts[-1])
 
 
-def _cut_points(func: relax.Function, bindings: list, prefix_len: int, batch: int) -> list[int]:
-    """The prefix's bindings after which only their own result is live (the one tensor the per-image part
-    would hand to the batched rest), from the first conv reading more than SPLIT_BYTES per image on."""
+def _cut_points(func: relax.Function, bindings: list, sizes: list[int], batch: int) -> list[int]:
+    """The prefix's bindings (`sizes`: their conv input bytes) after which only their own result is live
+    (the one tensor the per-image part would hand to the batched rest), from the first conv reading more
+    than SPLIT_BYTES per image on."""
     last_use = {func.params[0]: -1}
     for i, b in enumerate(bindings):
         for v in _used_vars(b.value):
@@ -112,8 +113,8 @@ def _cut_points(func: relax.Function, bindings: list, prefix_len: int, batch: in
     for v in _used_vars(func.body.body):
         last_use[v] = len(bindings)
     cuts, live, big_seen = [], {func.params[0]}, False
-    for i, b in enumerate(bindings[:prefix_len]):
-        big_seen |= _conv_input_bytes(b) // batch > SPLIT_BYTES
+    for i, (b, size) in enumerate(zip(bindings, sizes)):
+        big_seen |= size // batch > SPLIT_BYTES
         live = {v for v in live | {b.var} if last_use.get(v, -1) > i}
         if live == {b.var} and big_seen:
             cuts.append(i)

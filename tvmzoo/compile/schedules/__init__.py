@@ -43,6 +43,8 @@ RULES: tuple[dlight.ScheduleRule, ...] = (ScheduleInt8Amx(), ScheduleInt8Dot(), 
 
 
 RULE_ATTR = "tvmzoo.schedule_rule"
+# The rules whose kernels run AMX tile instructions (a process must ask Linux for tile state first).
+AMX_RULES = frozenset(type(r).__name__ for r in RULES if getattr(r, "uses_amx", False))
 
 
 def first_rule(func: tirx.PrimFunc, target: Target) -> tuple[dlight.ScheduleRule, s_tir.Schedule] | None:
@@ -61,11 +63,6 @@ def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | No
     """The schedule of the first rule in RULES that applies to `func` (None: none does)."""
     found = first_rule(func, target)
     return found[1] if found else None
-
-
-def amx_rules() -> frozenset[str]:
-    """The names of the rules whose kernels run AMX tile instructions (a process must ask Linux first)."""
-    return frozenset(type(r).__name__ for r in RULES if getattr(r, "uses_amx", False))
 
 
 @tvm.transform.module_pass(opt_level=0, name="DefaultSchedules")

@@ -14,6 +14,8 @@ from tvm.s_tir import dlight
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
+from ...run.host import uses_amx
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +44,7 @@ class CPURule(dlight.ScheduleRule):
     @property
     def uses_amx(self) -> bool:
         """Its kernels run AMX tile instructions (a process must ask Linux for tile state first)."""
-        return any(f.startswith("amx-") for f in self.features)
+        return uses_amx(self.features)
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm" \

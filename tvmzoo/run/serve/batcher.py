@@ -145,15 +145,15 @@ class DynamicBatcher:
         start = time.perf_counter()
         for item in batch:
             m.queue_us.labels(*labels).inc((start - item.enqueued) * 1e6)
+        rows = sum(len(item.rows) for item in batch)
         try:
             inputs = model.stage([item.rows for item in batch], self.max_batch)   # copied once, padded
-            rows = sum(len(item.rows) for item in batch)
             started = time.perf_counter()
             outputs = model.run(inputs)
             ran = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
-            self._done(batch)
+            self._done(rows)
             for item in batch:
                 item.future.set_exception(exc)
             return
@@ -169,12 +169,13 @@ class DynamicBatcher:
         m.inference_count.labels(*labels).inc(rows)
         m.exec_count.labels(*labels).inc()
         m.batch_size.labels(self.name).observe(rows)
-        self._done(batch)
+        self._done(rows)
         for item, result in zip(batch, results):
             item.future.set_result(result)
 
-    def _done(self, batch: list[Pending]) -> None:
-        """No longer in flight: counted out before the answers go, since a client may send its next at once."""
+    def _done(self, rows: int) -> None:
+        """A batch's rows are no longer in flight: counted out before the answers go, since a client may
+        send its next at once."""
         with self._cond:
-            self._in_flight_rows -= sum(len(item.rows) for item in batch)
+            self._in_flight_rows -= rows
 
