@@ -29,6 +29,7 @@ from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_amx import MODELS, NO_AMX  # noqa: E402
 from benchmarks.profile_kernels import _signature, profiled  # noqa: E402
+from benchmarks.vs_onnxruntime import cpu_name  # noqa: E402
 from tvmzoo.compile.pipeline import run_pipeline  # noqa: E402
 from tvmzoo.compile.target import resolve_target  # noqa: E402
 
@@ -83,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = resolve_target(None)
     target = tvm.target.Target({**spec, "mattr": [*spec.get("mattr", []), *NO_AMX]})
-    print(f"target {spec.get('mcpu')} without AMX; load average {os.getloadavg()[0]:.2f}")
+    print(f"CPU {cpu_name()}; target {spec.get('mcpu')} without AMX; load average {os.getloadavg()[0]:.2f}")
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype("float32"))
     for model in args.models:
         built = {p: build(model, args.batch, p, target) for p in PRECISIONS}

@@ -202,7 +202,7 @@ def begin_intrin(shape: TileShape) -> str:
 
 def dot_intrin(shape: TileShape) -> str:
     """C += A x B for one conv tap and K chunk: A [span, k] (every `stride`-th row used), B the packed
-    weight [n, k / group, 16, group]."""
+    weight [n, k / group, lanes, group]."""
     kind, mr, n, k, s, span = shape.kind, shape.m * shape.rows, shape.n, shape.k, shape.stride, shape.span
     g, acc, lanes = kind.group, kind.acc_dtype, shape.lanes
 

@@ -6,7 +6,7 @@ The output is cut into macro tiles of m row tiles (pixels of one image row) x n 
 output channels, 8 for 8 x odd channels); each parallel iteration computes one: configure + zero the
 accumulator tiles, then for every conv tap and K chunk load A (pixels x input channels, read in place
 from the padded input with the conv stride as the tile's row pitch) and B (the weight, repacked at
-build time to [KH, KW, OC/16, IC/4, 16, 4]) and multiply-add, then store the tiles and release them
+build time to [KH, KW, OC/L, IC/4, L, 4], L = 16 or 8) and multiply-add, then store the tiles and release them
 (amx.py).
 Kernels whose shapes do not fit the tiles (channels not a multiple of 8, fewer than MIN_ROWS pixels
 per row tile) or whose reductions are too shallow to pay for them (INT8_MIN_DEPTH) are left to the
