@@ -25,7 +25,7 @@ from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .cpu import host_cpu
 from .pipeline import KernelCount, pass_names, run_pipeline
 from .schedules import AMX_RULES
-from .preflight import check_build_inputs, check_build_output
+from .preflight import check_build_inputs, check_build_output, check_onnx_source
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -67,13 +67,10 @@ def input_spec(cfg: BuildConfig) -> InputSpec:
 
 def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
     """The deploy ONNX of the YAML; exported first (step 1) when it does not exist and a model section says how."""
+    check_onnx_source(cfg)
     path = Path(cfg.frontend.checkpoint)
     if path.is_file():
         return path
-    if cfg.model is None:
-        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} does not exist. Export it first "
-                          "(tvmzoo export ...) or add a 'model:' section (family, arch, source, weights) "
-                          "so that compile exports it.")
     log.info("%s not found: exporting it from %s", path, cfg.model.weights)
     try:
         return export_onnx(ExportSpec(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights),
@@ -99,6 +96,9 @@ def prepare_onnx(cfg: BuildConfig, spec: InputSpec) -> tuple[onnx.ModelProto, Pa
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError and friends
         raise ConfigError(f"{path} is not a readable ONNX model ({exc}). Re-export it with tvmzoo export.") from exc
+    if not model.graph.node:  # protobuf reads an empty file (or one of zeros) as an empty model
+        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} holds no ONNX graph ({path.stat().st_size} "
+                          "bytes): it is empty or not an ONNX model. Re-export it with tvmzoo export.")
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if names != [spec.name]:
         raise ConfigError(f"{cfg.path}: frontend.shape names input '{spec.name}' but {path} has inputs {names}. "

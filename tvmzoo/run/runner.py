@@ -308,10 +308,12 @@ def classify_to_file(model_prefix: str | Path, file_path: str | Path, result_txt
                      vdsp: str | Path | None = None, labels: str | Path | None = None,
                      save_dir: str | Path = ".", options: RunOptions = RunOptions()) -> RunSummary:
     """The runstream job: classify an image or folder and (re)write the five-line result file."""
-    from ..io.images import find_images, load_labels
+    from ..io.images import check_label_count, find_images, load_labels
+    from .runtime import model_dir, output_classes, read_meta
 
     pre = resolve_preprocessing(model_prefix, vdsp)
     names = load_labels(labels).names
+    check_label_count(names, output_classes(read_meta(model_dir(model_prefix))), labels, model_prefix)
     paths = find_images(Path(file_path))
     if not paths:
         raise ConfigError(f"no images found at {file_path} (looked for .jpg/.jpeg/.png/.bmp/.webp, recursively).")

@@ -75,6 +75,15 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
+def output_classes(meta: dict) -> int | None:
+    """Scores per image (the last axis of the module's first output); None when mod.json does not say."""
+    try:
+        last = meta["outputs"][0]["shape"][-1]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return last if isinstance(last, int) and not isinstance(last, bool) and last > 0 else None
+
+
 def _meta_problem(meta) -> str | None:
     if not isinstance(meta, dict):
         return f"expected a JSON object, got {type(meta).__name__}"
