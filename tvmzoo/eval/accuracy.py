@@ -15,7 +15,8 @@ from ..errors import ConfigError
 from .topk import ground_truth_of
 from ..io.outputs import check_output_file
 from ..run.results import Prediction, read_results, top_k
-from ..run.runner import RunOptions, resolve_preprocessing, run_to_file
+from ..run.runner import RunOptions, resolve_preprocessing
+from ..run.runstream import run_to_file
 
 log = logging.getLogger(__name__)
 
