@@ -18,8 +18,12 @@ import yaml
 from conftest import ROOT, copy_images, run_cli
 from test_reliability import one_error, run_main
 from test_reliability_outputs import root, tiny  # noqa: F401 - fixtures
+from tiny import build_tiny
 from tvmzoo.cli import classification_main, image2npz_main, main
 from tvmzoo.io.images import Labels
+from tvmzoo.preprocess import read_image
+from tvmzoo.preprocess.fused import fused_input
+from tvmzoo.run.runtime import CompiledModel
 from tvmzoo.run.serve.repository import model_labels
 
 pytestmark = pytest.mark.reliability
@@ -186,3 +190,24 @@ def test_an_empty_image_in_an_npz_names_the_file(tiny, tmp_path):
     (tmp_path / "list.txt").write_text(f"{npz}\n")
     one_error(run_cli("vamp", "-m", tiny, "--datalist", tmp_path / "list.txt", "--path_output", tmp_path / "out",
                       check=False), f"cannot read {npz}", "shape (3, 0, 32)", "written by image2npz.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# library callers: an input of the wrong kind is refused, never truncated into the module's dtype
+# ---------------------------------------------------------------------------------------------
+def test_a_float_input_into_a_uint8_module_is_refused_not_truncated(root, tiny, sample_images):
+    fused = CompiledModel.load(build_tiny(root, "fused", preprocess="fused"))
+    images = np.stack([fused_input(fused.preprocessing, read_image(p)) for p in sample_images[:2]])
+    assert images.dtype == np.uint8
+    want = fused.run(images)
+    for call in (lambda x: fused.stage([x]), fused.run):
+        with pytest.raises(ValueError, match="takes uint8 input .*got float32"):
+            call(images.astype(np.float32) + 0.7)   # truncated, this would have run as `images`
+    np.testing.assert_array_equal(fused.run(fused.stage([images])), want)
+
+    host = CompiledModel.load(tiny)                 # float32: float64 and uint8 inputs convert exactly as before
+    x = np.random.default_rng(0).standard_normal((2, *host.input_shape[1:]))
+    np.testing.assert_array_equal(host.run(x), host.run(x.astype(np.float32)))
+    np.testing.assert_array_equal(host.run(host.stage([x])), host.run(x.astype(np.float32)))
+    with pytest.raises(ValueError, match="takes float32 input, got complex128"):
+        host.run(x + 1j)
