@@ -211,3 +211,19 @@ def test_a_float_input_into_a_uint8_module_is_refused_not_truncated(root, tiny, 
     np.testing.assert_array_equal(host.run(host.stage([x])), host.run(x.astype(np.float32)))
     with pytest.raises(ValueError, match="takes float32 input, got complex128"):
         host.run(x + 1j)
+
+
+def test_quant_report_of_an_fp32_yaml_uses_the_int8_defaults(root, tiny, photos, tmp_path):
+    """An fp32 YAML has no backend.quantize (was: AttributeError traceback): the report quantizes as its int8
+    build would, with the default settings."""
+    proc = run_cli("tvmzoo", "quant-report", root / "tiny.yaml", "--set", f"dataset.path={photos}",
+                   "--output", tmp_path / "report", check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = (tmp_path / "report" / "quant_report.csv").read_text().splitlines()
+    assert len(rows) > 2 and "percentile" in (tmp_path / "report" / "quant_report.md").read_text()
+
+
+def test_eval_limit_below_one_says_so(root, tiny, photos):
+    """Was: `no images found at <folder>` for a folder full of images."""
+    one_error(run_cli("tvmzoo", "eval", root / "tiny.yaml", "--images", photos, "--precisions", "fp32", "--limit", 0,
+                      check=False), "--limit must be at least 1", "got 0")

@@ -17,7 +17,7 @@ from onnx import helper
 from .. import __version__
 from ..io.atomic import atomic_dir
 from ..io.package_data import build_in
-from ..config import PRECISIONS, BuildConfig
+from ..config import PRECISIONS, BuildConfig, Quantize
 from ..errors import ConfigError, ModuleError, TvmzooError, in_context
 from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
@@ -307,10 +307,11 @@ def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, P
     if cfg.dataset is None or pre is None:
         raise ConfigError(f"{cfg.path}: the int8 report needs a dataset section with process_ops.")
     out_dir = Path(out_dir) if out_dir else Path(cfg.workspace) / f"{cfg.name}_quant_report"
+    qcfg = cfg.backend.quantize or Quantize()   # an fp32 / fp16 YAML: the defaults its int8 build would use
     batches = calibration_batches(cfg.dataset, pre)
-    qdq = quantize_model(model, batches, cfg.backend.quantize, out_dir / "calib.json")
+    qdq = quantize_model(model, batches, qcfg, out_dir / "calib.json")
     paths = out_dir / "quant_report.csv", out_dir / "quant_report.md"
-    write_report(layer_report(model, qdq, batches, cfg.backend.quantize.calibrate_mode), *paths)
+    write_report(layer_report(model, qdq, batches, qcfg.calibrate_mode), *paths)
     return paths
 
 

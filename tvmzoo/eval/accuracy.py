@@ -46,6 +46,8 @@ def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: S
     from ..io.images import load_labels
 
     options = options or RunOptions(mode=mode)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1 (the number of images to use), got {limit}.")
     names = load_labels(None).names
     paths = find_images(Path(images))[:limit]
     if not paths:
