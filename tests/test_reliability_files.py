@@ -227,3 +227,18 @@ def test_eval_limit_below_one_says_so(root, tiny, photos):
     """Was: `no images found at <folder>` for a folder full of images."""
     one_error(run_cli("tvmzoo", "eval", root / "tiny.yaml", "--images", photos, "--precisions", "fp32", "--limit", 0,
                       check=False), "--limit must be at least 1", "got 0")
+
+
+def test_an_empty_datalist_is_one_error_at_each_step(tiny, tmp_path, capsys):
+    """An empty image folder (the wrong --dataset_path) was an empty datalist, exit 0; then vamp wrote nothing
+    (exit 0) and npz decode died with `ValueError: need at least one array to stack`."""
+    (tmp_path / "empty").mkdir()
+    one_error(run_main(image2npz_main, "--dataset_path", tmp_path / "empty", "--target_path", tmp_path / "npz",
+                       "--text_path", tmp_path / "list.txt", capsys=capsys), "no images found at", "empty")
+    assert not (tmp_path / "list.txt").exists()
+    (tmp_path / "list.txt").write_text("")
+    one_error(run_cli(DECODE, tmp_path / "list.txt", tmp_path / "out", tmp_path / "result.txt", check=False),
+              "lists no npz files")
+    one_error(run_cli("vamp", "-m", tiny, "--datalist", tmp_path / "list.txt", "--path_output", tmp_path / "out",
+                      check=False), "lists no npz files")
+    assert not (tmp_path / "result.txt").exists() and not (tmp_path / "out").exists()

@@ -36,6 +36,9 @@ def images_to_npz(images: Sequence[Path], target: Path, text_path: Path, progres
     """Each image as uint8 RGB CHW at its original size in `target/<its path under root>.npz` (so two
     photos named alike in different folders stay two files); the list of absolute npz paths goes to
     `text_path`, any file name escaped (run/filenames.py). Returns (written, failed)."""
+    if not images:
+        raise ConfigError(f"no images found at {root if root is not None else 'the given paths'} (looked for "
+                          ".jpg/.jpeg/.png/.bmp/.webp, recursively): an empty datalist would be written.")
     check_output_dir(target, "--target_path")
     check_output_file(text_path, "--text_path")
     written, failed = [], []
@@ -62,7 +65,10 @@ def read_datalist(path: Path) -> list[Path]:
     if not Path(path).is_file():
         raise ConfigError(f"datalist not found: {path}. Write it with image2npz.py --text_path.")
     check_text_size(path, "datalist")
-    return [Path(unquote_path(line)) for line in read_lines(path) if line.strip()]
+    items = [Path(unquote_path(line)) for line in read_lines(path) if line.strip()]
+    if not items:
+        raise ConfigError(f"datalist {path} lists no npz files: write it with image2npz.py from a folder of images.")
+    return items
 
 
 def load_input(path: Path) -> np.ndarray:
