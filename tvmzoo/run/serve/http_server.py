@@ -68,7 +68,7 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.pending: deque[Request | Response] = deque()   # complete requests, or a refusal, in order
-        self.answering = False      # a task is answering self.pending
+        self.answering: asyncio.Task | None = None   # the task answering self.pending (referenced: not collected)
         self.in_message = False     # a request is partly received
         self.closing = False        # close after the pending answers
         self.broken = False         # the parser failed: ignore what follows
@@ -162,8 +162,7 @@ class Connection(asyncio.Protocol):
                 self.paused = True
                 self.transport.pause_reading()
         else:
-            self.answering = True
-            asyncio.get_running_loop().create_task(self._answer())
+            self.answering = asyncio.get_running_loop().create_task(self._answer())
 
     async def _answer(self) -> None:
         try:
@@ -183,7 +182,7 @@ class Connection(asyncio.Protocol):
                     self.transport.close()
                     return
         finally:
-            self.answering = False
+            self.answering = None
         if self.paused and not self.transport.is_closing():
             self.paused = False
             self.transport.resume_reading()
