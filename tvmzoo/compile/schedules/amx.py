@@ -30,6 +30,8 @@ MAX_TILES = 8
 MAX_ROWS = 16
 ROW_BYTES = 64  # the widest tile row: 16 int32 / float32 accumulators, 64 input bytes
 _IMPORT = "pragma_import_llvm"
+CONFIG_PREFIX = "tvmzoo_amx_cfg_"  # the tile configuration functions (passes/amx_tasks.py finds them by it)
+RELEASE = tirx.call_llvm_intrin("void", "llvm.x86.tilerelease")
 
 
 def I64(value: int):  # noqa: N802 - Relax legalizes with int64 loops: the descriptions match them
@@ -93,7 +95,7 @@ class TileShape:
 
 def config_ir(shape: TileShape) -> tuple[str, str]:
     """(function name, LLVM IR) of `ldtilecfg` with this shape's tiles (palette 1)."""
-    name = f"tvmzoo_amx_cfg_{shape.key}"
+    name = f"{CONFIG_PREFIX}{shape.key}"
     width = 4 * shape.lanes  # bytes of a C row (lanes x 32 bits) and of a B row (lanes x one K group)
     tiles = [(shape.c_tile(r, j), shape.rows, width) for r in range(shape.m) for j in range(shape.n)]
     tiles += [(shape.a_tile(r), shape.rows, shape.k * shape.elem_bytes) for r in range(shape.m)]
