@@ -169,16 +169,46 @@ def tile_setup(func: tirx.PrimFunc) -> dict[str, int]:
 
 
 def _without_hoist(precision: str, target: tvm.target.Target) -> tvm.transform.Pass:
-    """The pipeline as before HoistAmxTileConfig (the tiles configured per macro tile)."""
+    """The pipeline as before HoistAmxTileSetup (the tiles configured per macro tile)."""
     named = phases(precision)
-    named["schedule"] = [p for p in named["schedule"] if p.info.name != "HoistAmxTileConfig"]
+    named["schedule"] = [p for p in named["schedule"] if p.info.name != "HoistAmxTileSetup"]
     return _sequence(target, named, f"tvmzoo_{precision}_no_hoist")
+
+
+def workspaces_per_call(func: tirx.PrimFunc, target: tvm.target.Target) -> int:
+    """How many TVMBackendAllocWorkspace calls one call of `func` makes, as TVM lowers it (each call
+    counted times the extents of the loops around it)."""
+    lowered: list = []
+
+    @tvm.ir.instrument.pass_instrument
+    class Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "tirx.LowerTVMBuiltin":
+                lowered.extend(f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+    with tvm.transform.PassContext(instruments=[Capture()]):
+        tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    times, total = [1], [0]
+
+    def loop(stmt, visitor) -> None:
+        times.append(times[-1] * int(stmt.extent))
+        visitor.default_visit(stmt)
+        times.pop()
+
+    def call(expr, visitor) -> None:
+        total[0] += times[-1] if expr.op.name == "tirx.TVMBackendAllocWorkspace" else 0
+        visitor.default_visit(expr)
+
+    for f in lowered:
+        tvm_ffi.structural_visit(f.body, [(tirx.For, loop), (tvm.ir.expr.Call, call)])
+    return total[0]
 
 
 def test_amx_tiles_are_configured_once_per_parallel_task(qdq):
     """Each AMX kernel configures (ldtilecfg) and releases its tiles once, at the launch point of its parallel
-    loop (once per thread), not in the loop (once per macro tile, ~60 ns each: thousands per conv)."""
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    loop (once per thread), not in the loop (once per macro tile, ~60 ns each: thousands per conv); the
+    accumulator buffer comes from the workspace pool once per chunk of macro tiles, not per macro tile."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
     imported = from_onnx(qdq, shape_dict={"input": [BATCH, 3, SIZE, SIZE]}, keep_params_in_input=False)
     kernels = {gv.name_hint: f for gv, f in _scheduled(qdq, target).functions_items()
                if isinstance(f, tirx.PrimFunc) and "tdpbusd" in f.script()}
@@ -188,6 +218,10 @@ def test_amx_tiles_are_configured_once_per_parallel_task(qdq):
     before = _without_hoist("int8", target)(imported)
     for name in kernels:
         assert tile_setup(before[name])["in loops"] == 2, name
+    chunked = {n: workspaces_per_call(f, target) for n, f in kernels.items()}
+    per_tile = {n: workspaces_per_call(before[n], target) for n in kernels}
+    assert all(chunked[n] <= per_tile[n] for n in kernels) and sum(chunked.values()) * 2 <= sum(per_tile.values()), \
+        (chunked, per_tile)
 
 
 # ---------------------------------------------------------------- on this host, where it has AMX

@@ -220,7 +220,7 @@ def test_amx_bf16_kernels_use_tdpbf16ps_and_match_onnxruntime_fp32(amx_bf16_buil
 
 @needs_amx_bf16
 def test_amx_bf16_tiles_configured_once_per_task_change_no_output(amx_bf16_build, photos):
-    """HoistAmxTileConfig moves where the tiles are configured, not the arithmetic: outputs bit-identical to
+    """HoistAmxTileSetup moves where the tiles are configured, not the arithmetic: outputs bit-identical to
     the build that configures them per macro tile."""
     from test_amx import _without_hoist, tile_setup
 

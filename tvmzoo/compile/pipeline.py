@@ -7,7 +7,8 @@ module ready for `tvm.compile(mod, target)` comes out.
   layout     NHWC / HWIO, the int8 RGB stem's fourth channel, Winograd, batch split
   legalize   Relax ops -> fused TIR kernels, weight buffers marked layout-free
   schedule   tuning records where they won, then the default schedules (tvmzoo.compile.schedules);
-             AMX tiles configured once per parallel task (HoistAmxTileConfig)
+             AMX tiles configured once per parallel task, their accumulator buffers allocated once per
+             chunk of macro tiles (HoistAmxTileSetup)
   prepack    weight layout rewrites folded into the constants at build time
 
 MetaSchedule tunes the module after `legalize` (`tuning_pipeline`), so the kernels it tunes are
@@ -28,7 +29,7 @@ from tvm.target import Target
 
 from ..config import PRECISIONS
 from ..errors import ConfigError
-from .passes.amx_tasks import hoist_tile_config
+from .passes.amx_tasks import hoist_tile_setup
 from .passes.batch_split import split_batch_prefix
 from .passes.bf16 import to_bf16
 from .passes.graph_passes import canonicalize, pad_int8_channels
@@ -73,8 +74,9 @@ def legalize_passes() -> list[tvm.transform.Pass]:
 
 def schedule_passes(records: Path | None) -> list[tvm.transform.Pass]:
     """Tuned schedules from `records` where they beat the default, default schedules elsewhere; the AMX
-    kernels' tile configuration then hoisted to once per parallel task."""
-    return [ApplyTuningRecords(records), default_schedules, hoist_tile_config]
+    kernels' tile setup then hoisted (configuration once per parallel task, accumulator workspace once per
+    chunk of macro tiles)."""
+    return [ApplyTuningRecords(records), default_schedules, hoist_tile_setup]
 
 
 def prepack_passes() -> list[tvm.transform.Pass]:
