@@ -13,8 +13,9 @@ its m * n accumulator tiles (C) stay in tile registers for the whole reduction:
 
 TIR sees three ordinary blocks; the accumulators live in tile registers between them because LLVM's
 explicit AMX intrinsics name tiles by immediates (LLVM neither allocates nor reorders them). The
-tiles are configured once per macro tile (one parallel iteration) and released after it, not per
-instruction: a thread preempted with tiles live costs an 8 KiB tile-state save (notes/issue-15b.md).
+intrinsics configure the tiles per macro tile (one parallel iteration) and release them after it; the
+pipeline's HoistAmxTileSetup (passes/amx_tasks.py) then moves both to once per thread of a kernel call
+(a thread preempted with tiles live costs an 8 KiB tile-state save, notes/issue-15b.md: a kernel call is short).
 A process runs these kernels only after asking the kernel for AMX state (tvmzoo.run.host.request_amx).
 """
 from __future__ import annotations
