@@ -22,7 +22,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from conftest import cosine
 from tvmzoo.compile.cpu import features_of
-from tvmzoo.compile.passes.amx_tasks import LAUNCH_POINT
+from tvmzoo.compile.passes.amx_tasks import LAUNCH_POINT, _chunk
 from tvmzoo.compile.pipeline import _sequence, get_pipeline, phases
 from tvmzoo.compile.precision import fastest_precisions
 from tvmzoo.compile.schedules import amx
@@ -202,6 +202,13 @@ def workspaces_per_call(func: tirx.PrimFunc, target: tvm.target.Target) -> int:
     for f in lowered:
         tvm_ffi.structural_visit(f.body, [(tirx.For, loop), (tvm.ir.expr.Call, call)])
     return total[0]
+
+
+@pytest.mark.parametrize("tiles, cores, chunk", [(784, 2, 8), (14, 2, 7), (9, 2, 1), (9, 1, 3), (48, 4, 6)])
+def test_chunks_keep_every_threads_share(tiles, cores, chunk):
+    """Macro tiles per workspace allocation: at most 8, dividing the parallel loop, the chunks a multiple of
+    the cores (TVM gives each thread a contiguous equal share)."""
+    assert _chunk(tiles, cores) == chunk
 
 
 def test_amx_tiles_are_configured_once_per_parallel_task(qdq):
