@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from machine import cpu_name  # noqa: E402
 from serve_client import ServerProcess, scrape  # noqa: E402
 from serve_load import closed_loop, make_calls  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
@@ -46,12 +45,6 @@ PHOTO = ROOT.parent / "shared" / "data" / "imagenet-sample" / "n01440764_tench.J
 CONCURRENCY = (1, 2, 4, 8, 16)
 PROTOCOLS = ("http", "grpc")
 CLIENTS = ("raw", "tritonclient")
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.processor()
 
 
 @dataclass
