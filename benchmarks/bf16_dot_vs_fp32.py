@@ -29,7 +29,7 @@ from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_amx import MODELS, NO_AMX  # noqa: E402
 from benchmarks.profile_kernels import _signature, profiled  # noqa: E402
-from benchmarks.vs_onnxruntime import cpu_name  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 from tvmzoo.compile.pipeline import run_pipeline  # noqa: E402
 from tvmzoo.compile.target import resolve_target  # noqa: E402
 

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import cpu_name  # noqa: E402
 from tvmzoo.io.checkpoint import save_npz  # noqa: E402
 from tvmzoo.compile.compiler import compile_model  # noqa: E402
 from tvmzoo.config import load_build_config  # noqa: E402
@@ -103,11 +104,6 @@ def runner_round(prefix: Path, program: Path, photos: Path) -> dict[str, tuple[f
     if (WORK / "py" / "r.txt").read_text() != (WORK / "cpp" / "r.txt").read_text():
         raise SystemExit("the C++ and Python result files differ")
     return out
-
-
-def cpu_name() -> str:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
 
 
 def main() -> None:

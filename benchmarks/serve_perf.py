@@ -10,7 +10,10 @@ client and of the server: with the cores the bottleneck, served images/s can rea
 CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups 1x2,2x1]
-        [--clients raw,tritonclient] [--concurrency 1,8]
+        [--clients raw,tritonclient] [--concurrency 1,8] [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
+
+`--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
+point by point, each idle while another is measured.
 
 WORKSPACE holds compiled builds (<name>/mod.so + mod.json), e.g. Lite0 fp32 / int8 at batch 1 and 8.
 """
@@ -19,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from machine import cpu_name  # noqa: E402
 from serve_client import ServerProcess, scrape  # noqa: E402
 from serve_load import closed_loop, make_calls  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
@@ -45,15 +47,10 @@ PROTOCOLS = ("http", "grpc")
 CLIENTS = ("raw", "tritonclient")
 
 
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.processor()
-
-
 @dataclass
 class Row:
     model: str
+    server: str             # --servers label
     protocol: str
     client: str             # serve_load: raw (requests built once) or tritonclient
     concurrency: int
@@ -75,7 +72,7 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(server: ServerProcess, protocol: str, client: str, model: str, x: np.ndarray, top: int,
+def measure(label: str, server: ServerProcess, protocol: str, client: str, model: str, x: np.ndarray, top: int,
             concurrency: int, seconds: float) -> Row:
     url = server.grpc if protocol == "grpc" else server.http
 
@@ -99,7 +96,7 @@ def measure(server: ServerProcess, protocol: str, client: str, model: str, x: np
         return (after[name] - before[name]) / max(done, 1)
 
     ms = np.asarray(latencies) * 1e3
-    return Row(model, protocol, client, concurrency, len(latencies) * len(x) / elapsed,
+    return Row(model, label, protocol, client, concurrency, len(latencies) * len(x) / elapsed,
                *(float(np.percentile(ms, q)) for q in (50, 90, 99)),
                per_request("nv_inference_request_duration_us"), per_request("nv_inference_queue_duration_us"),
                per_request("nv_inference_compute_infer_duration_us"),
@@ -171,23 +168,28 @@ def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float,
 
 
 def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: list[str],
-          concurrency: list[int]) -> dict:
-    """One build: vamp, a server of it alone, the load points, the alternated c1 latency, vamp again."""
+          concurrency: list[int], executables: dict[str, str | None]) -> dict:
+    """One build: vamp, the servers of it alone, the load points, the alternated c1 latency, vamp again."""
     compiled = CompiledModel.load(workspace / model)
     x = apply(compiled.preprocessing, read_image(PHOTO))[None]
     top = int(compiled.run(x)[0].argmax())   # every served answer must have it
     batch = compiled.fixed_batch or 1
     before = vamp(workspace / model, batch, setup, seconds)
     delay = setup.delay_us if setup.delay_us is not None else int(1000 * before[1]) if batch > 1 else 0
-    server = ServerProcess.start(workspace / model, *setup.flags(delay))
+    servers: dict[str, ServerProcess] = {}
     try:
-        ways = [(protocol, client) for protocol in PROTOCOLS for client in clients]   # interleaved per point
-        rows = [measure(server, protocol, client, model, x, top, c, seconds)
-                for c in concurrency for protocol, client in ways]
+        for label, executable in executables.items():
+            servers[label] = ServerProcess.start(workspace / model, *setup.flags(delay), executable=executable)
+        ways = [(label, protocol, client) for protocol in PROTOCOLS for client in clients
+                for label in servers]   # interleaved per point
+        rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds)
+                for c in concurrency for label, protocol, client in ways]
         os.environ["TVM_NUM_THREADS"] = str(setup.threads)   # the in-process runs alternate with the served ones
-        paired = {way: paired_latency(server, *way, model, compiled, x, top, 2 * seconds) for way in ways}
+        paired = {way: paired_latency(servers[way[0]], *way[1:], model, compiled, x, top, 2 * seconds)
+                  for way in ways}
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     after = vamp(workspace / model, batch, setup, seconds)
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
@@ -199,7 +201,7 @@ def ceiling(res: dict, r: Row) -> str:
     per image (server + client); served / vamp images/s cannot exceed it with the client on the same cores."""
     in_process = res["vamp_cpu_ms"]
     served = (r.server_cpu_ms + r.client_cpu_ms) / res["rows_per_request"]
-    return (f"{r.protocol} {r.client} CPU / image {served:.2f} ms (server {r.server_cpu_ms:.2f} + client "
+    return (f"{r.server} {r.protocol} {r.client} CPU / image {served:.2f} ms (server {r.server_cpu_ms:.2f} + client "
             f"{r.client_cpu_ms:.2f}) vs {in_process:.2f} in-process: ceiling {100 * in_process / served:.0f} %")
 
 
@@ -211,17 +213,17 @@ def report(results: dict, setup: Setup, load: str) -> str:
              "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
              "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), tritonclient = its asyncio clients. "
              "CPU ms / request: the client's process and the whole server's.", "",
-             "| build | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
+             "| build | server | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
              "server queue us | server compute us | rows / exec | client CPU ms / req | server CPU ms / req | "
              "served / vamp images/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, res in results.items():
         for r in res["rows"]:
-            lines.append(f"| {model} | {r.protocol} | {r.client} | {r.concurrency} | {r.images_per_s:.1f} | "
+            lines.append(f"| {model} | {r.server} | {r.protocol} | {r.client} | {r.concurrency} | {r.images_per_s:.1f} | "
                          f"{r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.request_us:.0f} | {r.queue_us:.0f} | "
                          f"{r.compute_us:.0f} | {r.rows_per_exec:.1f} | {r.client_cpu_ms:.2f} | "
                          f"{r.server_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
-        lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | | "
+        lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | | | "
                      f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | 100 % |")
     return "\n".join(lines + compact(results) + bars(results))
 
@@ -229,13 +231,13 @@ def report(results: dict, setup: Setup, load: str) -> str:
 def compact(results: dict) -> list[str]:
     concurrency = sorted({r.concurrency for res in results.values() for r in res["rows"]})
     lines = ["", "Compact (images/s, p50 / p99 ms):", "",
-             "| build | protocol | client | " + " | ".join(f"c{c}" for c in concurrency) + " | vamp in-process |",
-             "|---|---|---|" + "---|" * (len(concurrency) + 1)]
+             "| build | server | protocol | client | " + " | ".join(f"c{c}" for c in concurrency) + " | vamp in-process |",
+             "|---|---|---|---|" + "---|" * (len(concurrency) + 1)]
     for model, res in results.items():
-        for protocol, client in res["paired"]:
+        for label, protocol, client in res["paired"]:
             cells = [f"{r.images_per_s:.0f} ({r.p50:.1f} / {r.p99:.1f})" for r in res["rows"]
-                     if (r.protocol, r.client) == (protocol, client)]
-            lines.append(f"| {model} | {protocol} | {client} | " + " | ".join(cells)
+                     if (r.server, r.protocol, r.client) == (label, protocol, client)]
+            lines.append(f"| {model} | {label} | {protocol} | {client} | " + " | ".join(cells)
                          + f" | {res['vamp_ips']:.0f} ({res['vamp_p50']:.1f}) |")
     return lines
 
@@ -245,10 +247,10 @@ def bars(results: dict) -> list[str]:
     for model, res in results.items():
         c8 = [r for r in res["rows"] if r.concurrency == 8]
         lines.append(f"- {model} (--max-queue-delay-us {res['delay_us']}): c8 " + ", ".join(
-            f"{r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" for r in c8)
+            f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" for r in c8)
             + " of vamp; c1 p50 with served and in-process runs alternated: " + ", ".join(
-            f"{protocol} {client} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
-            for (protocol, client), (served, local) in res["paired"].items()))
+            f"{label} {protocol} {client} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
+            for (label, protocol, client), (served, local) in res["paired"].items()))
         if c8:
             lines.append("  - c8 " + "; ".join(ceiling(res, r) for r in c8))
     return lines
@@ -266,7 +268,11 @@ def main() -> None:
     parser.add_argument("--clients", default="raw", help="load generators, comma-separated, interleaved per point: "
                         f"{', '.join(CLIENTS)} (benchmarks/serve_load.py)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
+    parser.add_argument("--servers", default="",
+                        help="label=tvmzoo executable, comma-separated, interleaved per point (default: this "
+                             "checkout's alone)")
     args = parser.parse_args()
+    executables = dict(item.split("=", 1) for item in args.servers.split(",")) if args.servers else {"this": None}
     # `timeout` / kill send SIGTERM: exit through the `finally:` that stops the server child (the default
     # handler would leave it running)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -279,7 +285,7 @@ def main() -> None:
         instances, threads = (int(v) for v in text.split("x"))
         setup = Setup(instances, threads, args.delay_us)
         results = {name: sweep(args.workspace, name, setup, args.seconds, args.clients.split(","),
-                               [int(c) for c in args.concurrency.split(",")]) for name in names}
+                               [int(c) for c in args.concurrency.split(",")], executables) for name in names}
         print(report(results, setup, load), "\n", flush=True)
 
 

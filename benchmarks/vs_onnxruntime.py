@@ -29,6 +29,7 @@ import onnxruntime as ort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import cpu_name  # noqa: E402
 from tvmzoo.io.checkpoint import save_npz  # noqa: E402
 from tvmzoo.compile.compiler import compile_model, ensure_onnx, input_spec, preprocessing_of  # noqa: E402
 from tvmzoo.config import PRECISIONS, load_build_config  # noqa: E402
@@ -62,15 +63,6 @@ def nominal_peak() -> tuple[float, str]:
     return peak, (f"{cores} cores x {ghz:.2f} GHz ({source}) x {2 * lanes * 2} FLOP/cycle ({isa} fp32 FMA: "
                   f"2 FMA units x {lanes} lanes x 2) = {peak:.0f} GFLOP/s, nominal (turbo, AVX-512 clock "
                   f"offsets and shared cores move the real figure)")
-
-
-def cpu_name() -> str:
-    """The CPU model name and the ISA extensions the low-precision builds use (from /proc/cpuinfo)."""
-    text = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
-    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(isa) or 'no AVX-512'})"
 
 
 def build_cfg(model: str, precision: str, batch: int, calib: int, extra: dict | None = None):

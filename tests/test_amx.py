@@ -17,12 +17,14 @@ import numpy as np
 import onnx
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import from_onnx
 
 from conftest import cosine
 from tvmzoo.compile.cpu import features_of
-from tvmzoo.compile.pipeline import get_pipeline
+from tvmzoo.compile.passes.amx_tasks import LAUNCH_POINT, _chunk
+from tvmzoo.compile.pipeline import _sequence, get_pipeline, phases
 from tvmzoo.compile.precision import fastest_precisions
 from tvmzoo.compile.schedules import amx
 from tvmzoo.compile.schedules.base import NotApplicable
@@ -180,6 +182,87 @@ def test_small_images_tile_two_whole_image_rows(qdq):
             across[key.group(1)] = (text.count("llvm.x86.tileloadd64"), text.count("llvm.x86.tdpbusd"))
     assert sorted(k[-2:] for k in across if "_r8_m2_n2_" in k) == ["a1", "a2"], across
     assert len(across) == 3 and all(loads == dots == 4 for loads, dots in across.values()), across
+
+
+def tile_setup(func: tirx.PrimFunc) -> dict[str, int]:
+    """How often a kernel's TIR configures and releases the AMX tiles: in all, inside a loop (once per
+    iteration: per macro tile), and the launch points (TVM's once-per-thread code before a parallel loop)."""
+    def calls(stmt) -> list[str]:
+        found: list[str] = []
+        tvm_ffi.structural_walk(stmt, (tvm.ir.expr.Call, lambda c: found.append(str(c.args[0]))
+                                       if c.op.name in ("tirx.call_extern", "tirx.call_llvm_intrin") else None))
+        return [c for c in found if "tvmzoo_amx_cfg" in c or c == str(amx.RELEASE.args[0])]
+
+    loops: list = []
+    points: list = []
+    tvm_ffi.structural_walk(func.body, [(tirx.For, loops.append),
+                                        (tirx.AttrStmt, lambda a: points.append(a) if a.attr_key == LAUNCH_POINT
+                                         else None)])
+    return {"calls": len(calls(func.body)), "in loops": sum(len(calls(loop.body)) for loop in loops),
+            "launch points": len(points)}
+
+
+def _without_hoist(precision: str, target: tvm.target.Target) -> tvm.transform.Pass:
+    """The pipeline as before HoistAmxTileSetup (the tiles configured per macro tile)."""
+    named = phases(precision)
+    named["schedule"] = [p for p in named["schedule"] if p.info.name != "HoistAmxTileSetup"]
+    return _sequence(target, named, f"tvmzoo_{precision}_no_hoist")
+
+
+def workspaces_per_call(func: tirx.PrimFunc, target: tvm.target.Target) -> int:
+    """How many TVMBackendAllocWorkspace calls one call of `func` makes, as TVM lowers it (each call
+    counted times the extents of the loops around it)."""
+    lowered: list = []
+
+    @tvm.ir.instrument.pass_instrument
+    class Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "tirx.LowerTVMBuiltin":
+                lowered.extend(f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+    with tvm.transform.PassContext(instruments=[Capture()]):
+        tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    times, total = [1], [0]
+
+    def loop(stmt, visitor) -> None:
+        times.append(times[-1] * int(stmt.extent))
+        visitor.default_visit(stmt)
+        times.pop()
+
+    def call(expr, visitor) -> None:
+        total[0] += times[-1] if expr.op.name == "tirx.TVMBackendAllocWorkspace" else 0
+        visitor.default_visit(expr)
+
+    for f in lowered:
+        tvm_ffi.structural_visit(f.body, [(tirx.For, loop), (tvm.ir.expr.Call, call)])
+    return total[0]
+
+
+@pytest.mark.parametrize("tiles, cores, chunk", [(784, 2, 8), (14, 2, 7), (9, 2, 1), (9, 1, 3), (48, 4, 6)])
+def test_chunks_keep_every_threads_share(tiles, cores, chunk):
+    """Macro tiles per workspace allocation: at most 8, dividing the parallel loop, the chunks a multiple of
+    the cores (TVM gives each thread a contiguous equal share)."""
+    assert _chunk(tiles, cores) == chunk
+
+
+def test_amx_tiles_are_configured_once_per_parallel_task(qdq):
+    """Each AMX kernel configures (ldtilecfg) and releases its tiles once, at the launch point of its parallel
+    loop (once per thread), not in the loop (once per macro tile, ~60 ns each: thousands per conv); the
+    accumulator buffer comes from the workspace pool once per chunk of macro tiles, not per macro tile."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+    imported = from_onnx(qdq, shape_dict={"input": [BATCH, 3, SIZE, SIZE]}, keep_params_in_input=False)
+    kernels = {gv.name_hint: f for gv, f in _scheduled(qdq, target).functions_items()
+               if isinstance(f, tirx.PrimFunc) and "tdpbusd" in f.script()}
+    assert len(kernels) >= 5
+    for name, func in kernels.items():
+        assert tile_setup(func) == {"calls": 2, "in loops": 0, "launch points": 1}, name
+    before = _without_hoist("int8", target)(imported)
+    for name in kernels:
+        assert tile_setup(before[name])["in loops"] == 2, name
+    chunked = {n: workspaces_per_call(f, target) for n, f in kernels.items()}
+    per_tile = {n: workspaces_per_call(before[n], target) for n in kernels}
+    assert all(chunked[n] <= per_tile[n] for n in kernels) and sum(chunked.values()) * 2 <= sum(per_tile.values()), \
+        (chunked, per_tile)
 
 
 # ---------------------------------------------------------------- on this host, where it has AMX

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import tvm
 import yaml
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.target.codegen import target_has_features
 
@@ -216,3 +216,18 @@ def test_amx_bf16_kernels_use_tdpbf16ps_and_match_onnxruntime_fp32(amx_bf16_buil
     asm = amx_bf16_build[2].mod.imports[0].inspect_source("asm")
     assert len(re.findall(r"\ttdpbf16ps\t", asm)) >= 3 and "ldtilecfg" in asm and "tilerelease" in asm
     _matches_onnxruntime_fp32(amx_bf16_build, photos)
+
+
+@needs_amx_bf16
+def test_amx_bf16_tiles_configured_once_per_task_change_no_output(amx_bf16_build, photos):
+    """HoistAmxTileSetup moves where the tiles are configured, not the arithmetic: outputs bit-identical to
+    the build that configures them per macro tile."""
+    from test_amx import _without_hoist, tile_setup
+
+    model, target, ex = amx_bf16_build
+    scheduled = get_pipeline(target, "bf16")(_imported(model, 4))
+    kernels = [f for _, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc) and "tdpbf16ps" in f.script()]
+    assert kernels and all(tile_setup(f) == {"calls": 2, "in loops": 0, "launch points": 1} for f in kernels)
+    before = tvm.compile(_without_hoist("bf16", target)(_imported(model, 4)), target)
+    out, ref = (relax.VirtualMachine(e, tvm.cpu())["main"](tvm.runtime.tensor(photos)).numpy() for e in (ex, before))
+    assert np.array_equal(out, ref)

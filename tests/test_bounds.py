@@ -448,7 +448,7 @@ def test_vamp_sizes_are_checked_first(args, words, compiled):
 
 def test_vamp_datalist_batch_checked(compiled, tmp_path):
     datalist = tmp_path / "list.txt"
-    datalist.write_text("")
+    datalist.write_text(f"{tmp_path / 'never_read.npz'}\n")  # -b is refused before any npz is read
     refused(["vamp", "-m", compiled / "mod", "--datalist", datalist, "--path_output", tmp_path / "out", "-b", "0"],
             "-b/--batch must be an integer >= 1, got 0")
 

@@ -61,7 +61,8 @@ def test_compile_writes_module_and_metadata(compiled, project):
     assert len(meta["source"]["sha256"]) == 64 and meta["target"]["kind"] == "llvm"
     pipeline = meta["kernels"]["pipeline"]  # the named phases and passes the build ran
     assert list(pipeline) == ["import", "layout", "legalize", "schedule", "prepack"]
-    assert pipeline["import"] == ["Canonicalize"] and pipeline["schedule"] == ["ApplyTuningRecords", "DefaultSchedules"]
+    assert pipeline["import"] == ["Canonicalize"] and pipeline["schedule"] == ["ApplyTuningRecords", "DefaultSchedules",
+                                                                               "HoistAmxTileSetup"]
     assert meta["kernels"]["default"] >= 1
     assert not list(compiled.parent.parent.glob(".*.tmp")), "a temporary build directory was left behind"
 

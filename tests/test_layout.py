@@ -17,24 +17,24 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _runtime_nodes(tree: ast.AST):
+def _runtime_nodes(tree: ast.AST, type_only_too: bool = False):
     """Every node except those under `if TYPE_CHECKING:` (annotations only, never executed)."""
     todo = [tree]
     while todo:
         node = todo.pop()
         yield node
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if not type_only_too and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             todo.extend(node.orelse)
             continue
         todo.extend(ast.iter_child_nodes(node))
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, type_only_too: bool = False) -> set[str]:
     """Absolute names of every module `path` imports (`from a import b` counts as a and a.b)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path)), type_only_too):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -100,3 +100,30 @@ def test_the_library_never_imports_the_cli():
 
 def test_the_checker_sees_a_violation():
     assert _violations("tvmzoo.compile", ("tvmzoo.run",))   # compile uses run's module format: an arrow exists
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles among modules (package __init__s aside: a package imports its own modules)."""
+    packages = {m for m in graph if (PACKAGE.parent / m.replace(".", "/") / "__init__.py").is_file()}
+    edges = {m: sorted(i for i in imports if i in graph and i not in packages and i != m)
+             for m, imports in graph.items() if m not in packages}
+    found, done = [], set()
+
+    def walk(path: list[str]) -> None:
+        for nxt in edges.get(path[-1], ()):
+            if nxt == path[0]:
+                found.append([*path, nxt])
+            elif nxt not in path and nxt not in done:
+                walk([*path, nxt])
+
+    for start in sorted(edges):
+        walk([start])
+        done.add(start)
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """Two modules that import each other (lazily, or only for type hints) are one module split in two:
+    the shared piece belongs in one of them, or in a third both import."""
+    every_import = {_module_name(p): _imports(p, type_only_too=True) for p in PACKAGE.rglob("*.py")}
+    assert _cycles(every_import) == []

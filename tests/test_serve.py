@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -213,6 +214,59 @@ def test_every_bad_input_gets_its_status_and_the_server_goes_on(server, models, 
     failures = sum(scrape(server.http, name).get("nv_inference_request_failure", 0)
                    - before[name].get("nv_inference_request_failure", 0) for name in (HOST, FUSED))
     assert failures == sum(counted for *_, counted in cases)
+
+
+def _read_response(stream, head: bool = False) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 response from a socket's file: (status, headers by lower-case name, body)."""
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline().rstrip(b"\r\n")):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, b"" if head else stream.read(int(headers.get("content-length", 0)))
+
+
+def _raw(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test", f"Content-Length: {len(body)}"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def test_http_keep_alive_pipelining_continue_and_refusals(server, models):
+    """What curl and load balancers rely on, over raw sockets: 100-continue before a large body, many
+    requests on one connection, pipelined answers in order, 405, and refusals that close the connection."""
+    x = np.full((1, 3, 32, 32), 0.25, np.float32)
+    header = json.dumps({"parameters": {"binary_data_output": True}, "inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "parameters": {"binary_data_size": x.nbytes}}]
+    }).encode()
+    infer = _raw("POST", f"/v2/models/{HOST}/infer", header + x.tobytes(),
+                 Inference_Header_Content_Length=str(len(header)))
+    expected = models[HOST].run(x)
+    host, port = server.http.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock, sock.makefile("rb") as stream:
+        head, body = infer.split(b"\r\n\r\n", 1)
+        sock.sendall(head + b"\r\nExpect: 100-continue\r\n\r\n")
+        assert stream.readline() == b"HTTP/1.1 100 Continue\r\n" and stream.readline() == b"\r\n"
+        sock.sendall(body)
+        pipelined = [infer, _raw("GET", "/v2/health/live"), _raw("GET", f"/v2/models/{HOST}/infer"),
+                     _raw("GET", "/v2/nothing"), infer, _raw("HEAD", f"/v2/models/{HOST}")]
+        sock.sendall(b"".join(pipelined))   # all at once: answered in order on the same connection
+        answers = [_read_response(stream, head=i == len(pipelined)) for i in range(len(pipelined) + 1)]
+        assert [status for status, *_ in answers] == [200, 200, 200, 405, 404, 200, 200]
+        for status, headers, data in (answers[0], answers[1], answers[5]):
+            json_length = int(headers["inference-header-content-length"])
+            assert json.loads(data[:json_length])["outputs"][0]["datatype"] == "FP32"
+            np.testing.assert_array_equal(np.frombuffer(data[json_length:], np.float32), expected.ravel())
+        assert int(answers[-1][1]["content-length"]) > 0   # HEAD: headers only (the next read would hang if not)
+        assert all("connection" not in headers for _, headers, _ in answers)          # kept alive
+    for request, status in ((b"NOT HTTP AT ALL\r\n\r\n", 400),
+                            (_raw("POST", f"/v2/models/{HOST}/infer").replace(b"Length: 0", b"Length: 99999999"),
+                             413)):   # over 4 x --max-request-bytes: refused before the body is sent
+        with socket.create_connection((host, int(port)), timeout=30) as sock, sock.makefile("rb") as stream:
+            sock.sendall(request)
+            got, headers, data = _read_response(stream)
+            assert (got, headers["connection"]) == (status, "close") and json.loads(data)["error"]
+            assert stream.read() == b""     # the server closed it
 
 
 def test_grpc_errors_have_protocol_codes(server):

@@ -23,6 +23,10 @@ class ImageError(TvmzooError):
     """An image cannot be decoded or is out of the supported range."""
 
 
+class OutputError(TvmzooError):
+    """An output cannot be written there: a special file in its place, a full disk."""
+
+
 class ModuleError(TvmzooError):
     """A compiled module is missing, corrupt or was built for another machine or version."""
 

@@ -12,13 +12,13 @@ from .args import add_rpc_args, add_run_args, remote_spec, size
 
 
 def cmd_classify(args) -> int:
-    from ..run import runner
+    from ..run import runner, runstream
 
     options = runner.RunOptions(mode=args.infer_mode, batch=args.batch, instances=args.instances,
                                 resume=args.resume, remote=remote_spec(args))
-    summary = runner.classify_to_file(args.model_prefix_path, args.file_path, args.save_result_txt,
-                                      vdsp=args.vdsp_params_info, labels=args.label_txt,
-                                      save_dir=args.save_dir, options=options)
+    summary = runstream.classify_to_file(args.model_prefix_path, args.file_path, args.save_result_txt,
+                                         vdsp=args.vdsp_params_info, labels=args.label_txt,
+                                         save_dir=args.save_dir, options=options)
     for path, reason in summary.failed:
         print(f"failed: {quote_path(path)}: {reason}", file=sys.stderr)
     if summary.skipped:

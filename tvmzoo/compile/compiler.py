@@ -17,7 +17,7 @@ from onnx import helper
 from .. import __version__
 from ..io.atomic import atomic_dir
 from ..io.package_data import build_in
-from ..config import PRECISIONS, BuildConfig
+from ..config import PRECISIONS, BuildConfig, Quantize
 from ..errors import ConfigError, ModuleError, TvmzooError, in_context
 from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
@@ -25,7 +25,7 @@ from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .cpu import host_cpu
 from .pipeline import KernelCount, pass_names, run_pipeline
 from .schedules import AMX_RULES
-from .preflight import check_build_inputs, check_build_output
+from .preflight import check_build_inputs, check_build_output, check_onnx_source
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -67,13 +67,10 @@ def input_spec(cfg: BuildConfig) -> InputSpec:
 
 def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
     """The deploy ONNX of the YAML; exported first (step 1) when it does not exist and a model section says how."""
+    check_onnx_source(cfg)
     path = Path(cfg.frontend.checkpoint)
     if path.is_file():
         return path
-    if cfg.model is None:
-        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} does not exist. Export it first "
-                          "(tvmzoo export ...) or add a 'model:' section (family, arch, source, weights) "
-                          "so that compile exports it.")
     log.info("%s not found: exporting it from %s", path, cfg.model.weights)
     try:
         return export_onnx(ExportSpec(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights),
@@ -99,6 +96,9 @@ def prepare_onnx(cfg: BuildConfig, spec: InputSpec) -> tuple[onnx.ModelProto, Pa
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError and friends
         raise ConfigError(f"{path} is not a readable ONNX model ({exc}). Re-export it with tvmzoo export.") from exc
+    if not model.graph.node:  # protobuf reads an empty file (or one of zeros) as an empty model
+        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} holds no ONNX graph ({path.stat().st_size} "
+                          "bytes): it is empty or not an ONNX model. Re-export it with tvmzoo export.")
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if names != [spec.name]:
         raise ConfigError(f"{cfg.path}: frontend.shape names input '{spec.name}' but {path} has inputs {names}. "
@@ -307,10 +307,11 @@ def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, P
     if cfg.dataset is None or pre is None:
         raise ConfigError(f"{cfg.path}: the int8 report needs a dataset section with process_ops.")
     out_dir = Path(out_dir) if out_dir else Path(cfg.workspace) / f"{cfg.name}_quant_report"
+    qcfg = cfg.backend.quantize or Quantize()   # an fp32 / fp16 YAML: the defaults its int8 build would use
     batches = calibration_batches(cfg.dataset, pre)
-    qdq = quantize_model(model, batches, cfg.backend.quantize, out_dir / "calib.json")
+    qdq = quantize_model(model, batches, qcfg, out_dir / "calib.json")
     paths = out_dir / "quant_report.csv", out_dir / "quant_report.md"
-    write_report(layer_report(model, qdq, batches, cfg.backend.quantize.calibrate_mode), *paths)
+    write_report(layer_report(model, qdq, batches, qcfg.calibrate_mode), *paths)
     return paths
 
 

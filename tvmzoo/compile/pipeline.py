@@ -6,7 +6,9 @@ module ready for `tvm.compile(mod, target)` comes out.
   import     LowerInt8 (int8), Canonicalize, ToMixedPrecision (fp16), ToBf16 (bf16)
   layout     NHWC / HWIO, the int8 RGB stem's fourth channel, Winograd, batch split
   legalize   Relax ops -> fused TIR kernels, weight buffers marked layout-free
-  schedule   tuning records where they won, then the default schedules (tvmzoo.compile.schedules)
+  schedule   tuning records where they won, then the default schedules (tvmzoo.compile.schedules);
+             AMX tiles configured once per parallel task, their accumulator buffers allocated once per
+             chunk of macro tiles (HoistAmxTileSetup)
   prepack    weight layout rewrites folded into the constants at build time
 
 MetaSchedule tunes the module after `legalize` (`tuning_pipeline`), so the kernels it tunes are
@@ -27,6 +29,7 @@ from tvm.target import Target
 
 from ..config import PRECISIONS
 from ..errors import ConfigError
+from .passes.amx_tasks import hoist_tile_setup
 from .passes.batch_split import split_batch_prefix
 from .passes.bf16 import to_bf16
 from .passes.graph_passes import canonicalize, pad_int8_channels
@@ -70,8 +73,10 @@ def legalize_passes() -> list[tvm.transform.Pass]:
 
 
 def schedule_passes(records: Path | None) -> list[tvm.transform.Pass]:
-    """Tuned schedules from `records` where they beat the default, default schedules elsewhere."""
-    return [ApplyTuningRecords(records), default_schedules]
+    """Tuned schedules from `records` where they beat the default, default schedules elsewhere; the AMX
+    kernels' tile setup then hoisted (configuration once per parallel task, accumulator workspace once per
+    chunk of macro tiles)."""
+    return [ApplyTuningRecords(records), default_schedules, hoist_tile_setup]
 
 
 def prepack_passes() -> list[tvm.transform.Pass]:

@@ -15,8 +15,21 @@ def check_build_output(cfg: BuildConfig) -> Path:
     return check_replaceable(Path(cfg.workspace) / cfg.name, META_FILE, f"{cfg.path}: workspace.path / name:")
 
 
+def check_onnx_source(cfg: BuildConfig) -> None:
+    """frontend.checkpoint is an ONNX file, or missing with a model section to export it from."""
+    path = Path(cfg.frontend.checkpoint)
+    if path.is_dir():
+        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} is a folder: set it to the deploy .onnx file "
+                          "(or to where a 'model:' section should export it).")
+    if not path.is_file() and cfg.model is None:
+        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} does not exist. Export it first "
+                          "(tvmzoo export ...) or add a 'model:' section (family, arch, source, weights) "
+                          "so that compile exports it.")
+
+
 def check_build_inputs(cfg: BuildConfig, calibrate: bool | None = None) -> None:
     """The ONNX (or the checkpoint it is exported from) and, for int8 (`calibrate`), the calibration images."""
+    check_onnx_source(cfg)
     if not Path(cfg.frontend.checkpoint).is_file():
         _check_weights(cfg)
     if calibrate is None:
@@ -35,10 +48,6 @@ def check_build_inputs(cfg: BuildConfig, calibrate: bool | None = None) -> None:
 
 
 def _check_weights(cfg: BuildConfig) -> None:
-    if cfg.model is None:
-        from .compiler import ensure_onnx
-        ensure_onnx(cfg, None)  # raises its "export it first" error: nothing to export from
-        return
     from ..models.export import resolve_weights
 
     try:

@@ -15,7 +15,8 @@ from ..errors import ConfigError
 from .topk import ground_truth_of
 from ..io.outputs import check_output_file
 from ..run.results import Prediction, read_results, top_k
-from ..run.runner import RunOptions, resolve_preprocessing, run_to_file
+from ..run.runner import RunOptions, resolve_preprocessing
+from ..run.runstream import run_to_file
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def evaluate_precisions(yaml_path: str | Path, images: str | Path, precisions: S
     from ..io.images import load_labels
 
     options = options or RunOptions(mode=mode)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1 (the number of images to use), got {limit}.")
     names = load_labels(None).names
     paths = find_images(Path(images))[:limit]
     if not paths:

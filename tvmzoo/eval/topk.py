@@ -31,11 +31,14 @@ def evaluate_result_file(result: str | Path, gt_file: str | Path | None = None,
 
 def decode_npz_outputs(datalist: Path, out_dir: Path, result: Path, labels: str | Path | None = None) -> int:
     """vamp --datalist outputs -> the five-line result file; pairs outputs with datalist lines by position."""
-    from ..io.images import load_labels
+    from ..io.images import check_label_count, load_labels
     from ..io.outputs import check_output_file
 
     check_output_file(result, "result file")
     items = read_datalist(datalist)
-    preds = predictions([str(p) for p in items], read_outputs(items, out_dir))
-    write_results(result, preds, load_labels(labels).names)
+    scores = read_outputs(items, out_dir)
+    names = load_labels(labels).names
+    check_label_count(names, scores.shape[1] if len(scores) else None, labels, f"vamp (its outputs in {out_dir})")
+    preds = predictions([str(p) for p in items], scores)
+    write_results(result, preds, names)
     return len(preds)

@@ -18,7 +18,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import OutputError
+from .outputs import check_file_place
+
 log = logging.getLogger(__name__)
+
+# a full disk, a quota, a file-size limit (ulimit -f), a read-only file system
+_NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+            errno.EROFS: "the file system is read-only"}
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -35,9 +43,29 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def _room_to_write(path: Path) -> Iterator[None]:
+    """A full disk (or the like) while writing `path` is one OutputError that says so, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _NO_ROOM:
+            raise
+        raise OutputError(f"cannot write {path}: {_NO_ROOM[err.errno]} ({err.strerror}); nothing was replaced. "
+                          "Free some space there or write the output somewhere else.") from None
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary file path beside `path`; on success it replaces `path`, on error it is removed.
+    `path` must be missing or a regular file (a device or a folder in its place is refused)."""
     path = Path(path)
+    check_file_place(path, "output")
+    with _room_to_write(path), _atomic_path(path) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the usual permissions
@@ -103,7 +131,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
+    with open(path.parent / f".{path.name}.lock", "w") as lock, _room_to_write(path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

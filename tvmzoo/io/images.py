@@ -75,6 +75,10 @@ class Labels:
                 lines.pop()
             if not lines:
                 raise ConfigError(f"label file {path} is empty: it needs one class name per line.")
+            blank = next((i for i, line in enumerate(lines) if not line.strip()), None)
+            if blank is not None:
+                raise ConfigError(f"label file {path}, line {blank + 1} is blank: line n names class n - 1, so "
+                                  "every class after it would get the wrong name. Remove the line or name the class.")
             _check_class_count(len(lines), path)
             split = [line.split("\t", 1) for line in lines]
             if all(len(s) == 2 and _WNID.fullmatch(s[0]) for s in split):
@@ -89,10 +93,13 @@ class Labels:
 def _read_text(path: Path, what: str) -> str:
     check_text_size(path, what)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist: check the path.") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}): save it as UTF-8.") from None
+    except OSError as err:
         raise ConfigError(f"cannot read {what} {path}: {err}.") from None
 
 
@@ -142,6 +149,16 @@ def _read_wnids(path: Path, count: int) -> list[str]:
     if len(wnids) != count:
         raise ConfigError(f"wnid list {path} has {len(wnids)} entries but the label file has {count} classes.")
     return wnids
+
+
+def check_label_count(names: Sequence[str], classes: int | None, labels: str | Path | None, model: object) -> None:
+    """The label list names as many classes as the model scores (`classes`; None: not recorded)."""
+    if classes is None or len(names) == classes:
+        return
+    given = f"label file {labels} names" if labels is not None else "the default ImageNet-1k labels name"
+    raise ConfigError(f"{given} {len(names)} classes but {model} gives {classes} scores per image: each "
+                      f"result would get the wrong class name. Pass the label file of this model ({classes} "
+                      "lines, one class name per line).")
 
 
 def default_labels() -> Labels:

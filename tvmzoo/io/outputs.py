@@ -4,9 +4,13 @@ kernel compiles, not after."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
+
+_SPECIAL = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a named pipe",
+            stat.S_IFSOCK: "a socket"}
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -26,11 +30,25 @@ def _check_can_create_in(folder: Path, what: str, target: Path) -> None:
                           "file system); choose a folder you can write to.")
 
 
+def check_file_place(path: Path, what: str) -> None:
+    """`path` is missing or a regular file: an output is written beside it and renamed over it, which would
+    replace a device (/dev/null, /dev/stdout), a pipe or a socket with a plain file (as root, for everyone)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"{what} {path} is a folder: give the path of a file to write.")
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{what} {path} is {_SPECIAL.get(stat.S_IFMT(mode), 'not a regular file')}, not a "
+                          "regular file: writing the output would replace it with one. Give the path of a "
+                          "file to write.")
+
+
 def check_output_file(path: str | os.PathLike, what: str) -> Path:
-    """A file the work will (re)write: not a folder, writable, its folder creatable."""
+    """A file the work will (re)write: not a folder or a special file, writable, its folder creatable."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{what} {path} is a folder: give the path of a file to write.")
+    check_file_place(path, what)
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{what} {path} exists and cannot be written (permission denied); "
                           "choose another file or fix its permissions.")

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from ..io.atomic import atomic_path
+from ..io.outputs import check_output_file
 from ..io.checkpoint import load_state_dict
 from ..errors import CheckpointError
 from . import PACKAGED_WEIGHTS, get_family, resolve_arch, resolve_source, weights_for
@@ -55,8 +56,8 @@ def build_deploy_onnx(spec: ExportSpec) -> onnx.ModelProto:
 
 def export_onnx(spec: ExportSpec, output: str | Path) -> Path:
     """Write the deploy ONNX for `spec` to `output` (atomically) and return its path."""
+    output = check_output_file(output, "ONNX output")
     model = build_deploy_onnx(spec)
-    output = Path(output)
     with atomic_path(output) as tmp:
         onnx.save(model, str(tmp))
     log.info("wrote %s", output)

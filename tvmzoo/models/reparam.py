@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..io.checkpoint import load_state_dict, read_metadata
+from ..io.outputs import check_output_file
 from ..io.pdparams_writer import save_pdparams
 from ..io.pth_writer import save_torch
 from . import get_family, resolve_arch, resolve_source
@@ -48,6 +49,7 @@ def _write(state: dict, source: str, output: Path, meta: dict) -> None:
 
 def write_deploy_checkpoint(spec: ReparamSpec, output: str | Path) -> Path:
     """Read `spec.weights`, fold it into the source's deploy form and write it to `output` (atomically)."""
+    output = check_output_file(output, "output")
     family = get_family(spec.family)
     if family.deploy_state is None:
         raise ConfigError(f"{spec.family} has no train-time branches or BatchNorm to fold in a checkpoint: "
@@ -62,7 +64,6 @@ def write_deploy_checkpoint(spec: ReparamSpec, output: str | Path) -> Path:
         log.warning("PaddleClas's re-parameterized RepVGGBlock.forward skips its SE block (ppcls repvgg.py, "
                     "`if self.is_repped: return self.nonlinearity(self.rbr_reparam(inputs))`): PaddleClas itself "
                     "computes a D2se deploy model without SE. The file holds the SE weights; tvmzoo export uses them.")
-    output = Path(output)
     _write(state, source, output, meta)
     log.info("wrote %s (%s %s, %s layout, %d tensors)", output, spec.family, arch, source, len(state))
     return output

@@ -14,13 +14,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .bench_checks import check_counts, check_memory, input_shape
+from ..errors import ConfigError
+from .bench_checks import check_memory, input_shape
 from .npz import load_input, output_path, save_npz
 from ..preprocess import Preprocessing
 from .runtime import CompiledModel, stack_aligned
 from .threads import instance_cores, pin_this_thread_pool, threads_per_instance
 
 log = logging.getLogger(__name__)
+
+_FLAGS = {"instances": "-i/--instance", "batch": "-b/--batch", "iterations": "--iterations",
+          "warmup": "--warmup", "threads": "-t/--threads"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,16 @@ class BenchConfig:
     threads: int | None = None  # per instance; None: the usable cores shared out among the instances
 
     def __post_init__(self) -> None:
-        check_counts(self)
+        """Counts >= 1 (warm-up >= 0), a C,H,W shape: refused before the module is even loaded."""
+        for name, flag in _FLAGS.items():
+            value, least = getattr(self, name), 0 if name == "warmup" else 1
+            if value is None and name == "threads":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"vamp: {flag} must be an integer >= {least}, got {value!r}.")
+        if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 1):
+            raise ConfigError(f"vamp: -s/--shape must be three sizes >= 1 (C,H,W), got "
+                              f"{','.join(map(str, self.shape))}.")
 
 
 @dataclass(frozen=True)
@@ -167,7 +180,7 @@ def run_datalist(prefix: str | Path, datalist: Sequence[Path], out_dir: Path, pr
     from ..io.outputs import check_output_dir
     from .runner import model_input
 
-    check_counts(BenchConfig(batch=batch))
+    BenchConfig(batch=batch)  # -b checked as the timing mode checks it
     check_output_dir(out_dir, "--path_output")
     model = load_models(prefix, 1, remote)[0]
     done = 0

@@ -1,5 +1,5 @@
-"""vamp's sizes checked before anything is allocated: counts >= 1, the input shape against the module's,
-the input buffers against the memory available now."""
+"""vamp's input checked against the module and the machine before anything is allocated: the shape against
+the module's, the input buffers against the memory available now. (BenchConfig checks its own counts.)"""
 from __future__ import annotations
 
 import math
@@ -11,23 +11,7 @@ from ..errors import ConfigError
 from ..limits import MEMORY_SHARE, available_memory, gib
 
 if TYPE_CHECKING:
-    from .bench import BenchConfig
     from .runtime import CompiledModel
-
-_FLAGS = {"instances": "-i/--instance", "batch": "-b/--batch", "iterations": "--iterations",
-          "warmup": "--warmup", "threads": "-t/--threads"}
-
-
-def check_counts(cfg: BenchConfig) -> None:
-    for name, flag in _FLAGS.items():
-        value, least = getattr(cfg, name), 0 if name == "warmup" else 1
-        if value is None and name == "threads":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"vamp: {flag} must be an integer >= {least}, got {value!r}.")
-    if cfg.shape is not None and (len(cfg.shape) != 3 or min(cfg.shape) < 1):
-        raise ConfigError(f"vamp: -s/--shape must be three sizes >= 1 (C,H,W), got "
-                          f"{','.join(map(str, cfg.shape))}.")
 
 
 def input_shape(model: CompiledModel, shape: tuple[int, ...] | None) -> tuple[int, ...]:

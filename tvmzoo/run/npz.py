@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError, OutputError
 from ..io.atomic import write_bytes, write_text
 from ..io.npz_read import NpzProblem, read_array
 from ..io.outputs import check_output_dir, check_output_file
@@ -36,6 +36,9 @@ def images_to_npz(images: Sequence[Path], target: Path, text_path: Path, progres
     """Each image as uint8 RGB CHW at its original size in `target/<its path under root>.npz` (so two
     photos named alike in different folders stay two files); the list of absolute npz paths goes to
     `text_path`, any file name escaped (run/filenames.py). Returns (written, failed)."""
+    if not images:
+        raise ConfigError(f"no images found at {root if root is not None else 'the given paths'} (looked for "
+                          ".jpg/.jpeg/.png/.bmp/.webp, recursively): an empty datalist would be written.")
     check_output_dir(target, "--target_path")
     check_output_file(text_path, "--text_path")
     written, failed = [], []
@@ -48,9 +51,10 @@ def images_to_npz(images: Sequence[Path], target: Path, text_path: Path, progres
             bgr = read_image(image)
             out = (target / name).resolve()
             save_npz(out, **{INPUT_KEY: np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))})
-        except (ImageError, OSError) as exc:  # OSError: a name too long for the file system, a full disk
+        except (ImageError, OutputError, OSError) as exc:  # OSError: a name too long for the file system
             log.warning("skipped %s: %s", image, exc)
-            failed.append((str(image), str(exc) if isinstance(exc, ImageError) else f"cannot write its npz: {exc}"))
+            failed.append((str(image), str(exc) if isinstance(exc, (ImageError, OutputError))
+                           else f"cannot write its npz: {exc}"))
             continue
         written.append(out)
     write_text(text_path, "".join(f"{quote_path(str(p))}\n" for p in written))
@@ -61,7 +65,10 @@ def read_datalist(path: Path) -> list[Path]:
     if not Path(path).is_file():
         raise ConfigError(f"datalist not found: {path}. Write it with image2npz.py --text_path.")
     check_text_size(path, "datalist")
-    return [Path(unquote_path(line)) for line in read_lines(path) if line.strip()]
+    items = [Path(unquote_path(line)) for line in read_lines(path) if line.strip()]
+    if not items:
+        raise ConfigError(f"datalist {path} lists no npz files: write it with image2npz.py from a folder of images.")
+    return items
 
 
 def load_input(path: Path) -> np.ndarray:
@@ -75,7 +82,7 @@ def load_input(path: Path) -> np.ndarray:
 
 
 def _image_header_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
-    if len(shape) != 3 or shape[0] != 3 or dtype != np.uint8:
+    if len(shape) != 3 or shape[0] != 3 or dtype != np.uint8 or 0 in shape:
         return f"'{INPUT_KEY}' is {dtype} of shape {shape}"
     if shape[1] * shape[2] > MAX_PIXELS:
         return f"{shape[2]}x{shape[1]} pixels is above the limit of {MAX_PIXELS} pixels"

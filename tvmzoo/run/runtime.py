@@ -75,6 +75,15 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
+def output_classes(meta: dict) -> int | None:
+    """Scores per image (the last axis of the module's first output); None when mod.json does not say."""
+    try:
+        last = meta["outputs"][0]["shape"][-1]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return last if isinstance(last, int) and not isinstance(last, bool) and last > 0 else None
+
+
 def _meta_problem(meta) -> str | None:
     if not isinstance(meta, dict):
         return f"expected a JSON object, got {type(meta).__name__}"
@@ -223,6 +232,7 @@ class CompiledModel:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Outputs (logits, or probabilities with extra_ops softmax) for a batch of any size: NCHW float32,
         or NHWC uint8 for a fused module. A fixed-batch build's short batch is padded in `stage`."""
+        self._check_dtype(batch)
         batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         step = self.fixed_batch
         if step is None or len(batch) == step:
@@ -239,6 +249,8 @@ class CompiledModel:
         one fixed batch (or `max_rows`) come back as one new array (`run` splits it). A new padded array
         each call, copied again into TVM's staging tensor, cost Lite0 b8 with one row 74.7 vs 72.1 ms of CPU
         (fp32), 33.1 vs 32.7 (int8) per call (benchmarks/results/serve_perf_clients.md)."""
+        for part in parts:
+            self._check_dtype(part)
         rows = sum(len(p) for p in parts)
         capacity = self.fixed_batch or max_rows or rows
         row_shape = self.input_shape[1:]
@@ -247,9 +259,18 @@ class CompiledModel:
         if self._rows is None or len(self._rows) < capacity:
             self._rows = aligned_empty((capacity, *row_shape), self.input_dtype)
         batch = self._rows[:self.fixed_batch or rows]
-        np.concatenate(parts, out=batch[:rows], casting="unsafe")
+        np.concatenate(parts, out=batch[:rows], casting="same_kind")
         batch[rows:] = 0
         return batch
+
+    def _check_dtype(self, array: np.ndarray) -> None:
+        """Inputs are converted to the module's dtype only within their kind (float64 -> float32, uint8 ->
+        float32): a float array into a uint8 (fused-preprocessing) module would be silently truncated."""
+        given = np.asarray(array).dtype
+        if not np.can_cast(given, self.input_dtype, casting="same_kind"):
+            hint = (" (the resized uint8 image: tvmzoo.preprocess.fused.fused_input)" if self.fused else "")
+            raise ValueError(f"{self.directory} takes {self.input_dtype} input{hint}, got {given}: converting "
+                             f"{given} to {self.input_dtype} would change the values. Pass {self.input_dtype}.")
 
     def _run_exact(self, batch: np.ndarray) -> np.ndarray:
         out = self.vm["main"](self._input_tensor(batch))

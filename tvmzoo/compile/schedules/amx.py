@@ -13,8 +13,9 @@ its m * n accumulator tiles (C) stay in tile registers for the whole reduction:
 
 TIR sees three ordinary blocks; the accumulators live in tile registers between them because LLVM's
 explicit AMX intrinsics name tiles by immediates (LLVM neither allocates nor reorders them). The
-tiles are configured once per macro tile (one parallel iteration) and released after it, not per
-instruction: a thread preempted with tiles live costs an 8 KiB tile-state save (notes/issue-15b.md).
+intrinsics configure the tiles per macro tile (one parallel iteration) and release them after it; the
+pipeline's HoistAmxTileSetup (passes/amx_tasks.py) then moves both to once per thread of a kernel call
+(a thread preempted with tiles live costs an 8 KiB tile-state save, notes/issue-15b.md: a kernel call is short).
 A process runs these kernels only after asking the kernel for AMX state (tvmzoo.run.host.request_amx).
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ MAX_TILES = 8
 MAX_ROWS = 16
 ROW_BYTES = 64  # the widest tile row: 16 int32 / float32 accumulators, 64 input bytes
 _IMPORT = "pragma_import_llvm"
+CONFIG_PREFIX = "tvmzoo_amx_cfg_"  # the tile configuration functions (passes/amx_tasks.py finds them by it)
+RELEASE = tirx.call_llvm_intrin("void", "llvm.x86.tilerelease")
 
 
 def I64(value: int):  # noqa: N802 - Relax legalizes with int64 loops: the descriptions match them
@@ -108,7 +111,7 @@ class TileShape:
 
 def config_ir(shape: TileShape) -> tuple[str, str]:
     """(function name, LLVM IR) of `ldtilecfg` with this shape's tiles (palette 1)."""
-    name = f"tvmzoo_amx_cfg_{shape.key}"
+    name = f"{CONFIG_PREFIX}{shape.key}"
     width = 4 * shape.lanes  # bytes of a C row (lanes x 32 bits) and of a B row (lanes x one K group)
     tiles = [(shape.c_tile(r, j), shape.rows, width) for r in range(shape.m) for j in range(shape.n)]
     tiles += [(shape.a_tile(r), shape.rows, shape.k * shape.elem_bytes) for r in range(shape.m)]

@@ -6,7 +6,8 @@ tensors     protocol tensors <-> numpy, datatypes, Triton's BYTES encoding, erro
 inference   one request: validate, decode images, batch, outputs and the classification extension
 batcher     dynamic batching over model instances
 metrics     Prometheus metrics named like Triton's
-http_app    the HTTP/REST front end (tornado), with Triton's binary tensor extension
+http_app    the HTTP/REST endpoints, with Triton's binary tensor extension
+http_server HTTP/1.1 connections (asyncio + httptools): keep-alive, pipelining, 100-continue, limits
 grpc_service the gRPC GRPCInferenceService (stubs from tritonclient's generated protobuf)
 server      configuration, start, SIGTERM drain
 """

@@ -1,11 +1,15 @@
-"""The HTTP/REST front end (tornado): the protocol's health, metadata, ready and infer endpoints,
-Triton's model config, and Prometheus /metrics. Errors are {"error": "..."} with the status code."""
+"""The HTTP/REST endpoints: the protocol's health, metadata, ready and infer, Triton's model config and
+statistics, and Prometheus /metrics (connections are http_server's). Errors are {"error": "..."} with the
+status code; every endpoint but health needs the bearer token when one is set."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-
-import tornado.web
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from .http_codec import HEADER_LENGTH, encode_response, parse_infer
 from .state import EXTENSIONS, SERVER_NAME, AppState
@@ -16,144 +20,145 @@ log = logging.getLogger(__name__)
 MODEL = r"/v2/models/([^/]+)(?:/versions/([^/]+))?"
 
 
-class Base(tornado.web.RequestHandler):
-    public = False      # health endpoints answer without the token
-
-    @property
-    def state(self) -> AppState:
-        return self.application.settings["state"]
-
-    def prepare(self) -> None:
-        if not self.public and not self.state.authorized(self.request.headers.get("Authorization")):
-            self.set_header("WWW-Authenticate", 'Bearer realm="tvmzoo"')
-            raise ServeError("UNAUTHENTICATED", "missing or wrong bearer token (Authorization: Bearer <token>)")
-
-    def send_json(self, doc: dict) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(doc, separators=(",", ":")))
-
-    def write_error(self, status_code: int, **kwargs) -> None:
-        exc = kwargs.get("exc_info", (None, None))[1]
-        if isinstance(exc, ServeError):  # raised by a handler: its status, not tornado's 500
-            self.set_status(exc.http_code)
-        self.send_json({"error": str(exc) if isinstance(exc, ServeError) else self._reason})
-
-    def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, ServeError):  # the client's error, not a server fault: no traceback
-            log.info("%s %s -> %d: %s", self.request.method, self.request.path, value.http_code, value)
-        else:
-            super().log_exception(typ, value, tb)
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]     # lower-case names
+    body: bytes                 # empty when the body was over the limit (read and dropped)
+    size: int                   # body bytes received
+    keep_alive: bool = True
 
 
-class Live(Base):
-    public = True
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    close: bool = False         # close the connection after it
 
-    def get(self) -> None:
-        self.set_status(200)
+    @classmethod
+    def json(cls, doc: dict, status: int = 200, **kwargs) -> Response:
+        return cls(status, json.dumps(doc, separators=(",", ":")).encode(),
+                   [("Content-Type", "application/json"), *kwargs.pop("headers", [])], **kwargs)
 
-
-class Ready(Base):
-    public = True
-
-    def get(self) -> None:
-        self.set_status(200 if self.state.repository.ready and not self.state.draining else 400)
-
-
-class ServerMetadata(Base):
-    def get(self) -> None:
-        self.send_json({"name": SERVER_NAME, "version": self.state.version, "extensions": EXTENSIONS})
+    @classmethod
+    def error(cls, status: int, message: str, **kwargs) -> Response:
+        return cls.json({"error": message}, status, **kwargs)
 
 
-class ModelMetadata(Base):
-    def get(self, name: str, version: str | None) -> None:
-        entry = self.state.repository.get(name, version or "")
-        if entry.meta is None:
-            raise ServeError("UNAVAILABLE", f"model '{name}' is not ready: {entry.problem}")
-        self.send_json(entry.metadata())
+Handler = Callable[..., Response]   # (state, request, *path groups); infer is async
 
 
-class ModelReady(Base):
-    def get(self, name: str, version: str | None) -> None:
-        entry = self.state.repository.get(name, version or "")
-        self.set_status(200 if entry.ready else 400)
+def live(state: AppState, request: Request) -> Response:
+    return Response(200)
 
 
-class ModelConfig(Base):
-    def get(self, name: str, version: str | None) -> None:
-        entry = self.state.repository.get_ready(name, version or "")
-        self.send_json(entry.config(entry.batcher.max_batch))
+def ready(state: AppState, request: Request) -> Response:
+    return Response(200 if state.repository.ready and not state.draining else 400)
 
 
-@tornado.web.stream_request_body
-class Infer(Base):
-    """POST .../infer. The body streams in; past --max-request-bytes it is read and dropped, then
-    413 (answering before the client finished sending would break its connection)."""
+def server_metadata(state: AppState, request: Request) -> Response:
+    return Response.json({"name": SERVER_NAME, "version": state.version, "extensions": EXTENSIONS})
 
-    def prepare(self) -> None:
-        super().prepare()
-        if self.state.draining:
-            self.set_header("Connection", "close")
-            raise ServeError("UNAVAILABLE", "the server is shutting down")
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.request.connection.set_max_body_size(4 * self.state.max_request_bytes)
 
-    def data_received(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size <= self.state.max_request_bytes:
-            self._chunks.append(chunk)
-        else:
-            self._chunks.clear()
+def model_metadata(state: AppState, request: Request, name: str, version: str) -> Response:
+    entry = state.repository.get(name, version)
+    if entry.meta is None:
+        raise ServeError("UNAVAILABLE", f"model '{name}' is not ready: {entry.problem}")
+    return Response.json(entry.metadata())
 
-    async def post(self, name: str, version: str | None) -> None:
-        if self._size > self.state.max_request_bytes:
-            raise ServeError("RESOURCE_EXHAUSTED", f"request body of {self._size} bytes is over the limit of "
-                             f"{self.state.max_request_bytes} (--max-request-bytes)")
-        header = self.request.headers.get(HEADER_LENGTH)
+
+def model_ready(state: AppState, request: Request, name: str, version: str) -> Response:
+    return Response(200 if state.repository.get(name, version).ready else 400)
+
+
+def model_config(state: AppState, request: Request, name: str, version: str) -> Response:
+    entry = state.repository.get_ready(name, version)
+    return Response.json(entry.config(entry.batcher.max_batch))
+
+
+def statistics(state: AppState, request: Request, name: str = "", version: str = "") -> Response:
+    return Response.json(state.statistics(name, version))
+
+
+def metrics(state: AppState, request: Request) -> Response:
+    body, content_type = state.metrics.exposition()
+    return Response(200, body, [("Content-Type", content_type)])
+
+
+async def infer(state: AppState, request: Request, name: str, version: str) -> Response:
+    if state.draining:
+        raise ServeError("UNAVAILABLE", "the server is shutting down")
+    if request.size > state.max_request_bytes:
+        raise ServeError("RESOURCE_EXHAUSTED", f"request body of {request.size} bytes is over the limit of "
+                         f"{state.max_request_bytes} (--max-request-bytes)")
+    header = request.headers.get(HEADER_LENGTH.lower())
+    try:
+        header_length = None if header is None else int(header)
+    except ValueError:
+        raise ServeError("INVALID_ARGUMENT", f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
+    parsed = parse_infer(request.body, header_length, name, version)
+    outputs = await state.inference.infer(parsed)
+    body, json_length = encode_response(parsed, outputs)
+    if json_length is None:
+        return Response(200, body, [("Content-Type", "application/json")])
+    return Response(200, body, [("Content-Type", "application/octet-stream"), (HEADER_LENGTH, str(json_length))])
+
+
+@dataclass(frozen=True)
+class Route:
+    pattern: re.Pattern
+    method: str
+    handler: Handler
+    public: bool = False        # health: answers without the token
+
+
+ROUTES = [Route(re.compile(pattern + "$"), method, handler, public) for pattern, method, handler, public in (
+    (r"/v2/health/live", "GET", live, True),
+    (r"/v2/health/ready", "GET", ready, True),
+    (r"/v2/?", "GET", server_metadata, False),
+    (r"/v2/models/stats", "GET", statistics, False),   # before the model routes: "stats" is not a model name here
+    (MODEL + r"/?", "GET", model_metadata, False),
+    (MODEL + r"/ready", "GET", model_ready, False),
+    (MODEL + r"/config", "GET", model_config, False),
+    (MODEL + r"/infer", "POST", infer, False),
+    (MODEL + r"/stats", "GET", statistics, False),
+    (r"/metrics", "GET", metrics, False),
+)]
+
+
+class HttpApp:
+    """Request -> Response: route, token, handler; a ServeError becomes its status, anything else a 500."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def __call__(self, request: Request) -> Response:
         try:
-            header_length = None if header is None else int(header)
-        except ValueError:
-            raise ServeError("INVALID_ARGUMENT", f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
-        request = parse_infer(b"".join(self._chunks), header_length, name, version or "")
-        self._chunks = []
-        outputs = await self.state.inference.infer(request)
-        body, json_length = encode_response(request, outputs)
-        if json_length is None:
-            self.set_header("Content-Type", "application/json")
-        else:
-            self.set_header("Content-Type", "application/octet-stream")
-            self.set_header(HEADER_LENGTH, str(json_length))
-        self.finish(body)
+            return await self._handle(request)
+        except ServeError as exc:   # the client's error, not a server fault: no traceback
+            log.info("%s %s -> %d: %s", request.method, request.path, exc.http_code, exc)
+            return self._error(exc, request)
+        except Exception:
+            log.exception("%s %s", request.method, request.path)
+            return Response.error(500, "internal server error")
 
+    async def _handle(self, request: Request) -> Response:
+        route, match = next(((r, m) for r in ROUTES if (m := r.pattern.match(request.path))), (None, None))
+        if (route is None or not route.public) and not self.state.authorized(request.headers.get("authorization")):
+            raise ServeError("UNAUTHENTICATED", "missing or wrong bearer token (Authorization: Bearer <token>)")
+        if route is None:
+            raise ServeError("NOT_FOUND", f"no endpoint {request.method} {request.path}")
+        if request.method not in (route.method, "HEAD" if route.method == "GET" else route.method):
+            return Response.error(405, f"{request.method} {request.path}: use {route.method}",
+                                  headers=[("Allow", route.method)])
+        args = [unquote(group or "") for group in match.groups()]
+        result = route.handler(self.state, request, *args)
+        return await result if inspect.isawaitable(result) else result
 
-class Statistics(Base):
-    def get(self, name: str | None = None, version: str | None = None) -> None:
-        self.send_json(self.state.statistics(name or "", version or ""))
-
-
-class MetricsHandler(Base):
-    def get(self) -> None:
-        body, content_type = self.state.metrics.exposition()
-        self.set_header("Content-Type", content_type)
-        self.finish(body)
-
-
-class NotFound(Base):
-    def prepare(self) -> None:
-        super().prepare()
-        raise ServeError("NOT_FOUND", f"no endpoint {self.request.method} {self.request.path}")
-
-
-def make_app(state: AppState) -> tornado.web.Application:
-    return tornado.web.Application([
-        (r"/v2/health/live", Live),
-        (r"/v2/health/ready", Ready),
-        (r"/v2/?", ServerMetadata),
-        (r"/v2/models/stats", Statistics),     # before the model routes: "stats" is not a model name here
-        (MODEL + r"/?", ModelMetadata),
-        (MODEL + r"/ready", ModelReady),
-        (MODEL + r"/config", ModelConfig),
-        (MODEL + r"/infer", Infer),
-        (MODEL + r"/stats", Statistics),
-        (r"/metrics", MetricsHandler),
-    ], default_handler_class=NotFound, state=state)
+    def _error(self, exc: ServeError, request: Request) -> Response:
+        headers = [("WWW-Authenticate", 'Bearer realm="tvmzoo"')] if exc.status == "UNAUTHENTICATED" else []
+        close = exc.status == "UNAVAILABLE" and self.state.draining   # the client should reconnect elsewhere
+        return Response.error(exc.http_code, str(exc), headers=headers, close=close)

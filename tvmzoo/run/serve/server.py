@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import tornado.httpserver
 import tornado.netutil
 
 from ... import __version__
@@ -19,7 +18,8 @@ from ... import __version__
 from ...errors import ConfigError
 from .config import ServeConfig
 from .grpc_service import make_server
-from .http_app import make_app
+from .http_app import HttpApp
+from .http_server import HttpServer
 from .inference import Inference
 from .metrics import Metrics
 from .repository import Repository
@@ -47,15 +47,13 @@ class Server:
 
     async def start(self) -> tuple[int, int]:
         """Listen on both front ends; returns the (HTTP, gRPC) ports (useful with port 0)."""
-        self.http = tornado.httpserver.HTTPServer(make_app(self.state), max_body_size=self.cfg.max_request_bytes,
-                                                  max_buffer_size=self.cfg.max_request_bytes + (1 << 20),
-                                                  chunk_size=1 << 20)  # a 224x224 FP32 image is 602 KB
-        try:
+        self.http = HttpServer(HttpApp(self.state), self.cfg.max_request_bytes)
+        try:   # tornado binds every address of the host on one port (port 0 too)
             sockets = tornado.netutil.bind_sockets(self.cfg.http_port, address=self.cfg.host)
         except OSError as exc:
             raise ConfigError(f"cannot listen for HTTP on {self.cfg.host}:{self.cfg.http_port} ({exc.strerror}); "
                               "pick another --http-port (0: any free one) or --host.") from None
-        self.http.add_sockets(sockets)
+        await self.http.listen(sockets)
         try:
             self.grpc, grpc_port = make_server(self.state, _grpc_address(self.cfg.host, self.cfg.grpc_port),
                                                self.cfg.max_request_bytes)
@@ -85,6 +83,7 @@ class Server:
             await asyncio.wait_for(self.http.close_all_connections(), timeout=max(deadline - time.monotonic(), 1.0))
         except asyncio.TimeoutError:
             log.warning("closing HTTP connections timed out; stopping anyway")
+            self.http.abort()
         self.repository.close(timeout=self.cfg.drain_seconds)
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         return in_flight
@@ -109,6 +108,5 @@ class Server:
 
 def serve(cfg: ServeConfig, say: Callable[[str], None]) -> None:
     """Serve until SIGTERM / SIGINT; `say` gets the ready line (with the ports) and the stop lines."""
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
     server = Server(cfg)
     asyncio.run(server.run(say))

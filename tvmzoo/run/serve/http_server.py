@@ -1,0 +1,224 @@
+"""HTTP/1.1 connections of the REST front end: an asyncio.Protocol on httptools (the parser uvicorn runs).
+
+Written on httptools rather than run under uvicorn: uvicorn's ASGI receive hands the app a 602 KB tensor body
+in many chunks, each one a wake-up of the app's task, and cost ~0.3 ms more CPU per request at concurrency 1
+(README, Serving). What this module does: parses each request (URL, headers, body; chunked bodies are decoded
+by httptools), answers a connection's requests in order (pipelining), keeps connections alive unless the
+client or the server says close, sends `100 Continue` to a client that waits for it, reads and drops a body
+past the limit (the app answers 413: answering before the client finished sending would break its
+connection; past 4 x the limit the connection is closed), refuses headers over 64 KB (431) and malformed
+requests (400), and on shutdown stops listening, closes idle connections and closes busy ones after their
+answer. The routes and the protocol's bodies are in http_app.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+
+import httptools
+
+from .http_app import Request, Response
+
+log = logging.getLogger(__name__)
+
+HEADER_LIMIT = 64 << 10
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+           405: "Method Not Allowed", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable"}
+App = Callable[[Request], Awaitable[Response]]
+
+
+class _Refused(Exception):
+    """Raised from a parser callback: answer `response` and close the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.response = Response.error(status, message, close=True)
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+    second, value = 0, b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second, cls.value = second, formatdate(second, usegmt=True).encode()
+        return cls.value
+
+
+def encode(response: Response, head_only: bool, keep_alive: bool) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (response.status, REASONS.get(response.status, "Unknown").encode()),
+             b"Server: tvmzoo", b"Date: " + _Date.now(), b"Content-Length: %d" % len(response.body)]
+    lines += [f"{name}: {value}".encode("latin-1") for name, value in response.headers]
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else response.body)
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[Request | Response] = deque()   # complete requests, or a refusal, in order
+        self.answering: asyncio.Task | None = None   # the task answering self.pending (referenced: not collected)
+        self.in_message = False     # a request is partly received
+        self.closing = False        # close after the pending answers
+        self.broken = False         # the parser failed: ignore what follows
+        self.paused = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport   # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.pending.clear()
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__ if isinstance(exc.__context__, _Refused) else None
+            if refused is None:
+                raise
+            self._refuse(refused.response)
+        except httptools.HttpParserUpgrade:
+            self._refuse(Response.error(400, "protocol upgrades are not supported", close=True))
+        except httptools.HttpParserError as exc:
+            self._refuse(Response.error(400, f"malformed HTTP request: {exc}", close=True))
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.url, self.headers, self.chunks, self.size, self.head_bytes = b"", {}, [], 0, 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        length = self.headers.get("content-length", "0")
+        if length.isdigit() and int(length) > 4 * self.server.max_body:
+            raise _Refused(413, f"request body of {length} bytes is over the limit of {self.server.max_body} "
+                           "(--max-request-bytes)")
+        if self.headers.get("expect", "").lower() == "100-continue" and not self.pending and not self.answering:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size <= self.server.max_body:
+            self.chunks.append(body)
+        elif self.size > 4 * self.server.max_body:    # a chunked body has no Content-Length to refuse early
+            raise _Refused(413, f"request body over 4 x the limit of {self.server.max_body} (--max-request-bytes)")
+        else:
+            self.chunks.clear()   # read and dropped: the app answers 413
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        path, _, query = self.url.decode("latin-1").partition("?")
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks = []
+        self._enqueue(Request(self.parser.get_method().decode("latin-1"), path, query, self.headers, body,
+                              self.size, self.parser.should_keep_alive()))
+
+    def _count_head(self, n: int) -> None:
+        self.head_bytes += n
+        if self.head_bytes > HEADER_LIMIT:
+            raise _Refused(431, f"request line and headers over {HEADER_LIMIT} bytes")
+
+    def _refuse(self, response: Response) -> None:
+        self.in_message = False
+        self.closing = self.broken = True
+        self.transport.pause_reading()
+        self._enqueue(response)
+
+    def _enqueue(self, item: Request | Response) -> None:
+        self.pending.append(item)
+        if self.answering:
+            if not self.paused and not self.closing:   # a pipelining client waits until its turn
+                self.paused = True
+                self.transport.pause_reading()
+        else:
+            self.answering = asyncio.get_running_loop().create_task(self._answer())
+
+    async def _answer(self) -> None:
+        try:
+            while self.pending:
+                item = self.pending.popleft()
+                response = item if isinstance(item, Response) else await self.server.app(item)
+                last = self.closing and not self.pending and not self.in_message   # shutting down
+                keep_alive = isinstance(item, Request) and item.keep_alive and not (response.close or last)
+                if not self.writable.is_set():
+                    await self.writable.wait()
+                if self.transport.is_closing():
+                    return
+                self.transport.write(encode(response, isinstance(item, Request) and item.method == "HEAD",
+                                            keep_alive))
+                if not keep_alive:
+                    self.closing = True
+                    self.transport.close()
+                    return
+        finally:
+            self.answering = None
+        if self.paused and not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        """Close now if idle, else after the answers due."""
+        self.closing = True
+        if not (self.in_message or self.pending or self.answering):
+            self.transport.close()
+
+
+class HttpServer:
+    """The listening sockets and their connections (stop listening, then close connections as they go idle)."""
+
+    def __init__(self, app: App, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+        self.connections: set[Connection] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+
+    async def listen(self, sockets: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            self.servers.append(await loop.create_server(lambda: Connection(self), sock=sock))
+
+    def stop(self) -> None:
+        """Stop accepting connections."""
+        for server in self.servers:
+            server.close()
+
+    async def close_all_connections(self) -> None:
+        """Close idle connections now and busy ones after their answers; returns when all are closed."""
+        for connection in list(self.connections):
+            connection.shutdown()
+        while self.connections:
+            await asyncio.sleep(0.01)
+
+    def abort(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.abort()
