@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,6 +103,20 @@ def test_macro_tile_per_shape(rows, channels, k, stride, taps, expected):
     assert shape.m * shape.n + shape.m + 1 <= amx.MAX_TILES and rows % (shape.m * shape.rows) == 0
 
 
+@pytest.mark.parametrize("rows, height, across, channels, k, expected", [
+    (14, 14, 1, 192, 192, (14, 2, 2, 1)),  # RepVGG-A0 stage 3: two whole image rows x 2 channel tiles, not 1 x 4
+    (14, 14, 2, 192, 96, (14, 2, 2, 2)),   # its stride-2 entry: the A tiles two input rows apart
+    (14, 14, 1, 112, 480, (14, 2, 1, 1)),  # Lite0's 480 -> 112 (7 channel tiles): two rows, not 2 tiles of 7 pixels
+    (28, 28, 1, 96, 96, (14, 2, 2, 0)),    # 28 pixels: 2 x 2 within the row as before (as large, as few loads)
+    (7, 7, 1, 1280, 192, (7, 1, 4, 0)),    # an odd height: within the row
+])
+def test_macro_tile_across_image_rows(rows, height, across, channels, k, expected):
+    shape = choose_tiles(amx.INT8, rows, channels, k, across, 9 * k, height=height, across=across)
+    assert (shape.rows, shape.m, shape.n, shape.across) == expected
+    assert shape.m * shape.n + shape.m + 1 <= amx.MAX_TILES
+    assert height % shape.m == 0 if shape.across else rows % (shape.m * shape.rows) == 0
+
+
 @pytest.mark.parametrize("rows, channels, k, depth", [(1, 1024, 1280, 1280), (56, 20, 96, 96), (56, 32, 6, 54),
                                                      (112, 96, 16, 16), (112, 32, 4, 36)])
 def test_shapes_amx_cannot_hold_or_that_do_not_pay_go_to_the_next_rule(rows, channels, k, depth):
@@ -138,16 +153,35 @@ def test_amx_off_in_the_target_means_vnni(qdq):
 
 def test_pads_wider_than_a_register_compile_to_vectors(qdq):
     """The conv kernels' pads (96 uint8 channels in c96b) load and store whole vectors: as one vector
-    over all the channels LLVM moved them byte by byte (vpextrb / vpinsrb)."""
+    over all the channels LLVM moved them byte by byte (vpextrb / vpinsrb). Nor do the VNNI convs'
+    requantizing epilogues (stem, pw: 16 / 32 channels): as a loop over the tile's rows LLVM vectorized
+    them across the rows, gathering the accumulators and storing byte by byte."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
     mod = _scheduled(qdq, target)
-    padded = {gv.name_hint: f for gv, f in mod.functions_items()
-              if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint and "pad_temp" in f.script()}
-    assert len(padded) >= 4, list(padded)
-    for name, f in padded.items():
+    convs = {gv.name_hint: f for gv, f in mod.functions_items()
+             if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint}
+    assert sum("pad_temp" in f.script() for f in convs.values()) >= 4, list(convs)
+    assert sum("ScheduleInt8Dot" in f.script() for f in convs.values()) == 2, list(convs)
+    for name, f in convs.items():
         asm = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target).mod
         text = asm.inspect_source("asm")
-        assert "vpextrb" not in text and "vpinsrb" not in text, name
+        assert not re.search(r"vpextrb|vpinsrb|vpgather", text), name
+
+
+def test_small_images_tile_two_whole_image_rows(qdq):
+    """c96 / c96b (8 x 8 outputs, 96 channels: 6 channel tiles) take 2 x 2 macro tiles of two image rows
+    (stride 2 and 1 between the input rows their A tiles read): 2 A + 2 B tile loads per 4 `tdpbusd`,
+    where a 1 x 3 tile of one row (1 A + 3 B per 3 dots) was the choice before; so does `down` (16 x 16 x 32,
+    1 x 2 of one row before)."""
+    mod = _scheduled(qdq, tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"}))
+    across = {}
+    for gv, f in mod.functions_items():
+        text = f.script() if isinstance(f, tirx.PrimFunc) else ""
+        key = re.search(r"tvmzoo_amx_cfg_(\w+)", text)
+        if key and key.group(1).endswith(("_a1", "_a2")):
+            across[key.group(1)] = (text.count("llvm.x86.tileloadd64"), text.count("llvm.x86.tdpbusd"))
+    assert sorted(k[-2:] for k in across if "_r8_m2_n2_" in k) == ["a1", "a2"], across
+    assert len(across) == 3 and all(loads == dots == 4 for loads, dots in across.values()), across
 
 
 def tile_setup(func: tirx.PrimFunc) -> dict[str, int]:

@@ -61,6 +61,10 @@ class TileShape:
     k: int       # K chunk: input channels per A tile row
     stride: int  # input pixels between output pixels (the conv stride; 1 for a matmul)
     lanes: int = 16  # output channels per channel tile (16, or 8: C and B tile rows of 32 bytes)
+    # Input rows between the row tiles when the m row tiles are m consecutive output rows of the image
+    # (the conv's vertical stride): C [m, rows, n * lanes], A [across * (m - 1) + 1, row span, k].
+    # 0: the m row tiles split one output row (C [m * rows, n * lanes]).
+    across: int = 0
 
     def __post_init__(self) -> None:
         if not (1 <= self.rows <= MAX_ROWS and self.k % self.kind.group == 0
@@ -75,12 +79,23 @@ class TileShape:
     @property
     def key(self) -> str:
         return (f"{self.kind.dot.rsplit('.', 1)[1]}_r{self.rows}_m{self.m}_n{self.n}_k{self.k}_s{self.stride}"
-                f"_l{self.lanes}")
+                f"_l{self.lanes}" + (f"_a{self.across}" if self.across else ""))
 
     @property
     def span(self) -> int:
-        """Input pixels an A tile group reads (every `stride`-th is used)."""
-        return self.stride * (self.m * self.rows - 1) + 1
+        """Input pixels of one image row an A tile group reads (every `stride`-th is used)."""
+        return self.stride * ((self.rows if self.across else self.m * self.rows) - 1) + 1
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The accumulators' shape: [m * rows, n * lanes], or [m, rows, n * lanes] across image rows."""
+        nc = self.n * self.lanes
+        return (self.m, self.rows, nc) if self.across else (self.m * self.rows, nc)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """The input region a dot reads: [span, k], or [rows of the image, span, k] across image rows."""
+        return ((self.across * (self.m - 1) + 1,) if self.across else ()) + (self.span, self.k)
 
     def c_tile(self, r: int, j: int) -> int:
         return r * self.n + j
@@ -125,22 +140,27 @@ def _ptr(buf, offset, mode: int):
 
 
 def _pitch(buf, elem_bytes: int, times: int = 1):
-    """A tile's row pitch in bytes: `times` rows of `buf`."""
-    return T.Cast("int64", buf.strides[0] * (elem_bytes * times))
+    """A tile's row pitch in bytes: `times` pixels of `buf` (its second-innermost axis)."""
+    return T.Cast("int64", buf.strides[-2] * (elem_bytes * times))
 
 
 def _tile_op(name: str, *args) -> None:
     T.evaluate(T.call_llvm_intrin("void", name, *args))
 
 
+def _whole(buf):
+    return buf[tuple(slice(0, int(d)) for d in buf.shape)]
+
+
 def _func(params: list[tuple[str, tuple, str, list]], reads, writes, body, strided: bool) -> tirx.PrimFunc:
     """A tensor intrinsic's description (strided False) or impl, built with TVM's IR builder: `params`
-    (name, shape, dtype, inner strides: the impl's row pitch is bound by tensorize), `reads` / `writes` /
-    `body` take the buffers."""
+    (name, shape, dtype, inner strides: the impl's outer strides are bound by tensorize), `reads` /
+    `writes` / `body` take the buffers."""
     with IRBuilder() as ib:
         with build_prim_func():
             handles = [T.arg(name, T.handle()) for name, *_ in params]
-            bufs = [T.match_buffer(h, shape, dtype, offset_factor=1, strides=[T.int32(), *inner] if strided else None)
+            bufs = [T.match_buffer(h, shape, dtype, offset_factor=1,
+                                   strides=[T.int32() for _ in shape[len(inner):]] + inner if strided else None)
                     for h, (_, shape, dtype, inner) in zip(handles, params)]
             with T.sblock("root"):
                 T.reads(*reads(*bufs))
@@ -162,12 +182,12 @@ _REGISTERED: set[str] = set()
 
 
 def _tile_nest(shape: TileShape, name: str, reduce: bool, block) -> None:
-    """A description's loop nest over the macro tile, as the rule splits it: rows, channel tiles x lanes,
-    [K groups x group]; no unit loops (the rule makes none: TVMScript would fold them away).
-    `block(vi, vj, vk)` writes the block's body."""
+    """A description's loop nest over the macro tile, as the rule splits it: [image rows], rows,
+    channel tiles x lanes, [K groups x group]; no unit loops (the rule makes none: TVMScript would fold
+    them away). `block(rows, vj, vk)` writes the block's body (`rows`: the C index before the channel)."""
     g = shape.kind.group
-    dims = {"i": shape.m * shape.rows, "jt": shape.n, "jl": shape.lanes,
-            **({"kg": shape.k // g, "kl": g} if reduce else {})}
+    dims = {**({"h": shape.m, "i": shape.rows} if shape.across else {"i": shape.m * shape.rows}),
+            "jt": shape.n, "jl": shape.lanes, **({"kg": shape.k // g, "kl": g} if reduce else {})}
     kept = [d for d, extent in dims.items() if extent > 1]
 
     def joined(loops: dict, outer: str, inner: str, width: int):
@@ -176,22 +196,25 @@ def _tile_nest(shape: TileShape, name: str, reduce: bool, block) -> None:
     with T.grid(*[I64(dims[d]) for d in kept]) as loop_vars:
         loops = dict(zip(kept, loop_vars))
         with T.sblock(name):
-            vi = T.axis.spatial(I64(dims["i"]), loops["i"])
+            rows = [T.axis.spatial(I64(dims[d]), loops[d]) for d in ("h", "i") if d in dims]
             vj = T.axis.spatial(I64(shape.n * shape.lanes), joined(loops, "jt", "jl", shape.lanes))
             vk = T.axis.reduce(I64(shape.k), joined(loops, "kg", "kl", g)) if reduce else None
-            block(vi, vj, vk)
+            block(rows, vj, vk)
+
+
+def _c_param(name: str, shape: TileShape) -> tuple:
+    return name, shape.out_shape, shape.kind.acc_dtype, [1]
 
 
 def begin_intrin(shape: TileShape) -> str:
     """C = 0 on the macro tile: configure the tiles, zero the accumulators."""
-    mr, nc, acc = shape.m * shape.rows, shape.n * shape.lanes, shape.kind.acc_dtype
-    zero = tirx.const(0, acc)  # decompose_reduction's init value
+    zero = tirx.const(0, shape.kind.acc_dtype)  # decompose_reduction's init value
 
     def desc(C) -> None:
-        def block(vi, vj, _):
+        def block(rows, vj, _):
             T.reads()
-            T.writes(C[vi, vj])
-            T.buffer_store(C, zero, [vi, vj])
+            T.writes(C[(*rows, vj)])
+            T.buffer_store(C, zero, [*rows, vj])
         _tile_nest(shape, "init", False, block)
 
     def impl(C) -> None:
@@ -199,63 +222,67 @@ def begin_intrin(shape: TileShape) -> str:
         for t in range(shape.m * shape.n):
             _tile_op("llvm.x86.tilezero", T.int8(t))
 
-    return _intrin(f"tvmzoo_amx_begin_{shape.key}", [("c", (mr, nc), acc, [1])], lambda C: [],
-                   lambda C: [C[0:mr, 0:nc]], desc, impl)
+    return _intrin(f"tvmzoo_amx_begin_{shape.key}", [_c_param("c", shape)], lambda C: [],
+                   lambda C: [_whole(C)], desc, impl)
+
+
+def _row_offset(buf, shape: TileShape, r: int, step: int):
+    """Elements of `buf` from the macro tile's first row tile to row tile `r`: `step` rows of `buf`
+    per output row (across image rows) or pixel (within one)."""
+    return r * step * buf.strides[0] * (1 if shape.across else shape.rows)
 
 
 def dot_intrin(shape: TileShape) -> str:
-    """C += A x B for one conv tap and K chunk: A [span, k] (every `stride`-th row used), B the packed
-    weight [n, k / group, lanes, group]."""
-    kind, mr, n, k, s, span = shape.kind, shape.m * shape.rows, shape.n, shape.k, shape.stride, shape.span
+    """C += A x B for one conv tap and K chunk: A the input region (`in_shape`; every `stride`-th pixel
+    used), B the packed weight [n, k / group, lanes, group]."""
+    kind, n, k, s, across = shape.kind, shape.n, shape.k, shape.stride, shape.across
     g, acc, lanes = kind.group, kind.acc_dtype, shape.lanes
 
     def desc(A, B, C) -> None:
-        def block(vi, vj, vk):
-            a = A[vi * I64(s), vk]
+        def block(rows, vj, vk):
+            pixel = [rows[0] * I64(across), rows[1] * I64(s)] if across else [rows[0] * I64(s)]
+            a = A[(*pixel, vk)]
             b = B[vj // I64(lanes), vk // I64(g), vj % I64(lanes), vk % I64(g)]
-            T.reads(C[vi, vj], a, b)
-            T.writes(C[vi, vj])
-            T.buffer_store(C, C[vi, vj] + T.cast(a, acc) * T.cast(b, acc), [vi, vj])
+            T.reads(C[(*rows, vj)], a, b)
+            T.writes(C[(*rows, vj)])
+            T.buffer_store(C, C[(*rows, vj)] + T.cast(a, acc) * T.cast(b, acc), [*rows, vj])
         _tile_nest(shape, "update", True, block)
 
     def impl(A, B, C) -> None:
         for r in range(shape.m):
             _tile_op("llvm.x86.tileloadd64", T.int8(shape.a_tile(r)),
-                     _ptr(A, r * shape.rows * s * A.strides[0], 1), _pitch(A, shape.elem_bytes, s))
+                     _ptr(A, _row_offset(A, shape, r, across or s), 1), _pitch(A, shape.elem_bytes, s))
         for j in range(n):
             _tile_op("llvm.x86.tileloadd64", T.int8(shape.b_tile(j)), _ptr(B, j * B.strides[0], 1),
                      T.int64(4 * lanes))
             for r in range(shape.m):
                 _tile_op(kind.dot, T.int8(shape.c_tile(r, j)), T.int8(shape.a_tile(r)), T.int8(shape.b_tile(j)))
 
-    nc = n * lanes
-    params = [("a", (span, k), kind.input_dtype, [1]),
-              ("b", (n, k // g, lanes, g), kind.weight_dtype, [lanes * g, g, 1]), ("c", (mr, nc), acc, [1])]
+    params = [("a", shape.in_shape, kind.input_dtype, [1]),
+              ("b", (n, k // g, lanes, g), kind.weight_dtype, [lanes * g, g, 1]), _c_param("c", shape)]
     return _intrin(f"tvmzoo_amx_dot_{shape.key}", params,
-                   lambda A, B, C: [C[0:mr, 0:nc], A[0:span, 0:k], B[0:n, 0:k // g, 0:lanes, 0:g]],
-                   lambda A, B, C: [C[0:mr, 0:nc]], desc, impl)
+                   lambda A, B, C: [_whole(C), _whole(A), _whole(B)], lambda A, B, C: [_whole(C)], desc, impl)
 
 
 def end_intrin(shape: TileShape) -> str:
     """Out = C: store the accumulator tiles into the output, release the tiles."""
-    mr, nc, acc = shape.m * shape.rows, shape.n * shape.lanes, shape.kind.acc_dtype
 
     def desc(C, O) -> None:
-        def block(vi, vj, _):
-            T.reads(C[vi, vj])
-            T.writes(O[vi, vj])
-            T.buffer_store(O, C[vi, vj], [vi, vj])
+        def block(rows, vj, _):
+            T.reads(C[(*rows, vj)])
+            T.writes(O[(*rows, vj)])
+            T.buffer_store(O, C[(*rows, vj)], [*rows, vj])
         _tile_nest(shape, "store", False, block)
 
     def impl(C, O) -> None:
         for r in range(shape.m):
             for j in range(shape.n):
                 _tile_op("llvm.x86.tilestored64", T.int8(shape.c_tile(r, j)),
-                         _ptr(O, r * shape.rows * O.strides[0] + j * shape.lanes, 2), _pitch(O, 4))
+                         _ptr(O, _row_offset(O, shape, r, 1) + j * shape.lanes, 2), _pitch(O, 4))
         _tile_op("llvm.x86.tilerelease")
 
-    return _intrin(f"tvmzoo_amx_end_{shape.key}", [("c", (mr, nc), acc, [1]), ("o", (mr, nc), acc, [1])],
-                   lambda C, O: [C[0:mr, 0:nc]], lambda C, O: [O[0:mr, 0:nc]], desc, impl)
+    return _intrin(f"tvmzoo_amx_end_{shape.key}", [_c_param("c", shape), _c_param("o", shape)],
+                   lambda C, O: [_whole(C)], lambda C, O: [_whole(O)], desc, impl)
 
 
 def link_config(sch: s_tir.Schedule, loop, shape: TileShape) -> None:

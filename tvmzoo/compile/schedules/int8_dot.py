@@ -54,6 +54,10 @@ def _vnni_dot(lanes: int) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     return dot_intrin(lanes, 4, ("uint8", "int8", "int32"), vpdpbusd)
 
 
+# The epilogue's loops over the register tile (rows x vectors) unrolled up to this many iterations: as a
+# loop, LLVM vectorized it across the rows (gathers, byte-wise stores: `vpextrb`); Lite0's 1x1 conv 32 -> 16
+# at 112 x 112 (batch 8) 0.56 -> 0.29 ms.
+EPILOGUE_UNROLL = 16
 VNNI_INTRINS = {lanes: f"tvmzoo_dot_{lanes}x4_vnni" for lanes in (16, 8)}
 for _lanes, _name in VNNI_INTRINS.items():
     s_tir.TensorIntrin.register(_name, *_vnni_dot(_lanes))
@@ -152,7 +156,7 @@ class ScheduleInt8Dot(ReductionRule):
         vectorize_innermost(sch, sch.get_loops(init)[-1], lanes)
         sch.tensorize(c_lane, self.intrins[lanes])
         self.annotate(sch, outer)
-        schedule_epilogue(sch, outer, consumers, vector_lanes(target, 32))
+        schedule_epilogue(sch, outer, consumers, vector_lanes(target, 32), EPILOGUE_UNROLL)
 
     def annotate(self, sch: s_tir.Schedule, outer) -> None:
         """Hook for rules whose intrinsic needs the kernel annotated (bf16: its LLVM import)."""
