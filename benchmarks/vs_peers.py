@@ -37,7 +37,6 @@ from tvmzoo.run.runtime import stack_aligned  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "vs_peers.md"
 THROUGHPUT_SECONDS = 2.0
-SHARED = "The machine (2 cores) was shared by ~7 developers working at the same time"
 
 
 def cpu_description(target: str | None) -> tuple[str, str]:
@@ -48,9 +47,8 @@ def cpu_description(target: str | None) -> tuple[str, str]:
     choice = host_cpu()
     mcpu = target or choice.name
     long = (f"CPU: {model} ({len(os.sched_getaffinity(0))} cores; LLVM target {choice.name}: {choice.reason}); "
-            f"ISA features used: {isa}. tvmzoo built for -mcpu={mcpu}{' (backend.target)' if target else ''}. "
-            f"{SHARED}.")
-    short = (f"{model}, {len(os.sched_getaffinity(0))} cores shared by ~7 developers; tvmzoo -mcpu={mcpu}\n"
+            f"ISA features used: {isa}. tvmzoo built for -mcpu={mcpu}{' (backend.target)' if target else ''}.")
+    short = (f"{model}, {len(os.sched_getaffinity(0))} cores; tvmzoo -mcpu={mcpu}\n"
              f"ISA: {isa}")
     return long, short
 
