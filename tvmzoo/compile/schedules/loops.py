@@ -72,6 +72,11 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
     return int(extent.value) if isinstance(extent, tirx.IntImm) else 0
 
 
+def parallel_fused(sch: s_tir.Schedule, loops: list) -> None:
+    """`loops` (outermost first) fused into one parallel loop; a single loop made parallel as it is."""
+    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
 def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Outer loops fused and parallel; the innermost axis (the channels, in NHWC) vectorized.
 
@@ -97,7 +102,7 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
     if vectorized:
         sch.vectorize(vec)
     if outer:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        parallel_fused(sch, outer)
     elif n > 1 and not vectorized:
         sch.parallel(vec)
 
@@ -117,7 +122,7 @@ def schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
         return
     _, vec = sch.split(loops[-1], [None, width])
     sch.vectorize(vec)
-    sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 2 else loops[0])
+    parallel_fused(sch, loops[:-2] or loops[:1])
 
 
 def _vectorize_across(sch: s_tir.Schedule, loops: list, short: int) -> bool:
@@ -132,7 +137,7 @@ def _vectorize_across(sch: s_tir.Schedule, loops: list, short: int) -> bool:
         # No vector width divides W (A0's 226-wide padded input): rows in parallel, C unrolled, W a plain
         # loop that LLVM vectorizes; vectors across (W, C) with a div / mod per lane took 6.7x the time.
         sch.unroll(loops[-1])
-        sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0])
+        parallel_fused(sch, loops[:-2])
         return True
     if not width or _extent(sch, across) == width:
         return False
@@ -143,7 +148,7 @@ def _vectorize_across(sch: s_tir.Schedule, loops: list, short: int) -> bool:
     outer = [*loops[:-2], rows]
     if math.prod(_extent(sch, lp) for lp in loops[:-2]) >= 64:  # rows, not vectors, per parallel task
         outer = outer[:-1]
-    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    parallel_fused(sch, outer)
     return True
 
 
