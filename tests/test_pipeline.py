@@ -17,6 +17,8 @@ def test_phases_by_name(precision, first):
     assert list(names) == ["import", "layout", "legalize", "schedule", "prepack"]
     assert names["import"] == first
     assert "Winograd" in names["layout"] and "SplitBatchPrefix" in names["layout"]
+    # after the batch split: an op before the cut would move it (tvmzoo.compile.passes.batch_split)
+    assert names["layout"].index("PadConvLanes") > names["layout"].index("SplitBatchPrefix")
     assert names["legalize"][-1] == "AttachAttrLayoutFreeBuffers"
     assert all(isinstance(p, tvm.transform.Pass) for passes in phases(precision).values() for p in passes)
 

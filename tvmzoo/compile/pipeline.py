@@ -4,7 +4,8 @@ benchmarks all run. A Relax module as imported from ONNX (weights bound as const
 module ready for `tvm.compile(mod, target)` comes out.
 
   import     LowerInt8 (int8), Canonicalize, ToMixedPrecision (fp16), ToBf16 (bf16)
-  layout     NHWC / HWIO, the int8 RGB stem's fourth channel, Winograd, batch split
+  layout     NHWC / HWIO, the int8 RGB stem's fourth channel, Winograd, batch split, float convs padded
+             to whole vector registers of output channels
   legalize   Relax ops -> fused TIR kernels, weight buffers marked layout-free
   schedule   tuning records where they won, then the default schedules (tvmzoo.compile.schedules);
              AMX tiles configured once per parallel task, their accumulator buffers allocated once per
@@ -32,7 +33,7 @@ from ..errors import ConfigError
 from .passes.amx_tasks import hoist_tile_setup
 from .passes.batch_split import split_batch_prefix
 from .passes.bf16 import to_bf16
-from .passes.graph_passes import canonicalize, pad_int8_channels
+from .passes.graph_passes import canonicalize, pad_conv_lanes, pad_int8_channels
 from .passes.lower_int8 import lower_int8
 from .passes.winograd import winograd
 from .records import ApplyTuningRecords
@@ -60,9 +61,10 @@ def import_passes(precision: str) -> list[tvm.transform.Pass]:
 
 def layout_passes() -> list[tvm.transform.Pass]:
     """Convolutions and pooling to NHWC / HWIO (the weight transposes fold into the constants);
-    a batch's high-resolution layers image by image (tvmzoo.compile.passes.batch_split)."""
+    a batch's high-resolution layers image by image (tvmzoo.compile.passes.batch_split); float convs
+    computed on whole vector registers of channels (graph_passes.pad_conv_lanes)."""
     return [relax.transform.ConvertLayout(NHWC_LAYOUTS), relax.transform.CanonicalizeBindings(),
-            relax.transform.FoldConstant(), pad_int8_channels, winograd, split_batch_prefix]
+            relax.transform.FoldConstant(), pad_int8_channels, winograd, split_batch_prefix, pad_conv_lanes]
 
 
 def legalize_passes() -> list[tvm.transform.Pass]:

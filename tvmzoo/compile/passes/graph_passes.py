@@ -1,7 +1,7 @@
 """Relax graph passes of the import and layout phases (tvmzoo.compile.pipeline): `canonicalize`
 (inference forms, Clip and per-tensor quantize / dequantize as elementwise ops, divisions by
-constants as multiplications, int8 requantize folded to one multiply-add) and the int8 RGB stem's
-fourth channel (`pad_int8_channels`)."""
+constants as multiplications, int8 requantize folded to one multiply-add), the int8 RGB stem's
+fourth channel (`pad_int8_channels`) and float convs widened to whole vector registers (`pad_conv_lanes`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +9,10 @@ import tvm
 from tvm import relax
 from tvm.ir import IRModule
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.target import Target
+
+from ..schedules.base import vector_lanes
+from ..schedules.loops import vector_width
 
 
 @relax.expr_functor.mutator
@@ -233,3 +237,45 @@ class _PadInt8Channels(relax.PyExprMutator):
 
 
 pad_int8_channels = _mutator_pass("PadInt8Channels", _PadInt8Channels)
+
+
+def padded_channels(channels: int, lanes: int) -> int:
+    """The output channels a float conv computes: the next multiple of `lanes` where that costs fewer
+    vector instructions than the narrower vectors that divide `channels` (24 of 16 lanes: 2 x 16 lanes
+    instead of 3 x 8), else `channels`."""
+    padded = -(-channels // lanes) * lanes
+    return padded if padded * vector_width(channels, lanes) < channels * lanes else channels
+
+
+def _pad_conv_lanes():
+    """conv2d(x, W) + b with C output channels -> slice(conv2d(x, W') + b', channels 0..C), W' and b' zero
+    past C. Exact: each kept channel is the same sum in the same order. FuseOps keeps the slice in the
+    conv's kernel (with its residual add), which computes whole registers of channels and stores the C
+    real ones, so the consumers read the tensor they read before. Float32 NHWC convs only (int8 / bf16
+    have their own tiles); run after SplitBatchPrefix, whose cut an extra op before it would move."""
+    conv = is_op("relax.nn.conv2d")(wildcard(), is_const())
+    bias = is_const()
+    pattern = is_op("relax.add")(conv, bias)
+
+    def rewrite(call: relax.Call, m) -> relax.Expr:
+        c, target = m[conv], Target.current(allow_none=True)
+        data, weight = c.args
+        a = c.attrs
+        if (target is None or int(a.groups) != 1 or (a.data_layout, a.kernel_layout) != ("NHWC", "HWIO")
+                or any(str(t.dtype) != "float32" for t in (data.ty, weight.ty, c.ty))):
+            return call
+        w, b = weight.value.numpy(), m[bias].value.numpy()
+        channels = w.shape[3]
+        padded = padded_channels(channels, vector_lanes(target, 32))
+        if padded == channels or b.shape != (1, 1, 1, channels):
+            return call
+        w = np.concatenate([w, np.zeros((*w.shape[:3], padded - channels), w.dtype)], axis=3)
+        b = np.concatenate([b, np.zeros((1, 1, 1, padded - channels), b.dtype)], axis=3)
+        y = relax.op.nn.conv2d(data, relax.const(w), a.strides, a.padding, a.dilation, 1, "NHWC", "HWIO",
+                               a.out_layout, a.out_dtype)
+        return relax.op.strided_slice(relax.op.add(y, relax.const(b)), [3], [0], [channels])
+
+    return pattern, rewrite
+
+
+pad_conv_lanes = _pattern_pass("PadConvLanes", _pad_conv_lanes)
