@@ -18,9 +18,9 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 BATCH, CHANNELS, SIZE = 3, 8, 24
 
 
-def _mbconv_net(batch: int, blocks: int = 1) -> tvm.IRModule:
-    """(expand 1x1 + relu -> depthwise 3x3 -> project 1x1 -> residual add) x blocks, a stride-2 conv
-    between blocks -> flatten -> classifier: EfficientNet's shape, in NCHW as imported from ONNX."""
+def _mbconv_net(batch: int, blocks: int = 1, stem: bool = False) -> tvm.IRModule:
+    """[3x3 stem conv ->] (expand 1x1 + relu -> depthwise 3x3 -> project 1x1 -> residual add) x blocks, a
+    stride-2 conv between blocks -> flatten -> classifier: EfficientNet's shape, in NCHW as from ONNX."""
     rng = np.random.default_rng(0)
 
     def const(*shape):
@@ -30,7 +30,7 @@ def _mbconv_net(batch: int, blocks: int = 1) -> tvm.IRModule:
     x = relax.Var("input", relax.TensorType((batch, CHANNELS, SIZE, SIZE), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            h = x
+            h = bb.emit(relax.op.nn.conv2d(x, const(CHANNELS, CHANNELS, 3, 3), padding=[1] * 4)) if stem else x
             for i in range(blocks):
                 if i:
                     h = bb.emit(relax.op.nn.conv2d(h, const(CHANNELS, CHANNELS, 1, 1), strides=[2, 2]))
@@ -83,14 +83,15 @@ def test_modules_without_a_large_early_activation_stay_batched(small_split, monk
     assert prefix_cut(_mbconv_net(BATCH)["main"]) == -1                  # nothing large
 
 
-def test_split_module_computes_the_same(small_split, monkeypatch):
+@pytest.mark.parametrize("stem", [False, True])  # with a stem the input transpose moves to `main`
+def test_split_module_computes_the_same(small_split, monkeypatch, stem):
     """Bit-identical to the batched build: the same kernels' arithmetic, image by image."""
     target = tvm.target.Target(resolve_target(None))
     x = np.random.default_rng(1).standard_normal((BATCH, CHANNELS, SIZE, SIZE)).astype(np.float32)
-    split = get_pipeline(target)(_mbconv_net(BATCH))
+    split = get_pipeline(target)(_mbconv_net(BATCH, stem=stem))
     assert "image_prefix" in [gv.name_hint for gv in split.get_global_vars()]
     monkeypatch.setattr(batch_split, "SPLIT_BYTES", 1 << 30)
-    batched = get_pipeline(target)(_mbconv_net(BATCH))
+    batched = get_pipeline(target)(_mbconv_net(BATCH, stem=stem))
     assert "image_prefix" not in [gv.name_hint for gv in batched.get_global_vars()]
     outs = [relax.VirtualMachine(tvm.compile(m, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
             for m in (split, batched)]
@@ -117,3 +118,13 @@ def test_a_fully_convolutional_net_splits_whole(small_split):
     out = vm["main"](tvm.runtime.tensor(image)).numpy()
     ref = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())["main"](tvm.runtime.tensor(image)).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_input_transpose_reads_each_image_in_place(small_split):
+    """Each image's slice of the NCHW batch and its transpose to NHWC are one kernel (not a copy, then a
+    transpose of the copy); the per-image function starts at the stem conv."""
+    mod = get_pipeline(tvm.target.Target(resolve_target(None)))(_mbconv_net(BATCH, stem=True))
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    slices = [k for k in kernels if "strided_slice" in k]
+    assert len(slices) == BATCH and all("transpose" in k for k in slices), kernels
+    assert mod["image_prefix"].params[0].ty.shape.values[-1] == CHANNELS  # NHWC
