@@ -86,7 +86,7 @@ def test_a_cross_compile_is_not_measured_unless_the_user_says(monkeypatch, caplo
     assert not runs_here(znver4)
     with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.compiler"):
         assert plan_for(_cfg(), znver4).compute == "fp32"
-    assert "nothing measured" in caplog.text and "backend.bf16_compute: bf16" in caplog.text
+    assert "not measured here" in caplog.text and "backend.bf16_compute: bf16" in caplog.text
     forced = plan_for(_cfg(**{"backend.bf16_compute": "bf16"}), znver4)
     assert forced.compute == "bf16" and "backend.bf16_compute is bf16" in forced.note
     with pytest.raises(ConfigError, match="bf16_compute"):
@@ -107,6 +107,16 @@ def test_the_probe_times_vdpbf16ps_against_fp32_on_this_host():
     assert probe.rounds == 6 and 0.01 < probe.fp32_ms < 1000 and 0.01 < probe.bf16_ms < 1000
     assert len(probe.block_ratios) == 3 and all(math.isfinite(r) and r > 0 for r in probe.block_ratios)
     assert probe.ratio == max(probe.block_ratios) >= probe.bf16_ms / probe.fp32_ms * 0.999
+
+
+@needs_bf16
+def test_a_failed_probe_keeps_fp32(monkeypatch):
+    def broken(target):
+        raise RuntimeError("TVMError: cannot build the probe")
+
+    monkeypatch.setattr(bf16_probe, "builds", broken)
+    plan = plan_for(_cfg(), no_amx_host_target())
+    assert plan.compute == "fp32" and plan.probe is None and "not measured here" in plan.note
 
 
 def _injected(monkeypatch, ratio: float) -> None:

@@ -112,8 +112,9 @@ def _bf16_note(cpu: str, features: Collection[str], kernels: str, probe: Bf16Pro
     elif choice == "bf16":
         head += "backend.bf16_compute is bf16 (not measured), so "
     else:
-        head += ("nothing measured (the build is not for this host); tvmzoo's vdpbf16ps kernels were 1.2-1.4x "
-                 "slower than its fp32 kernels on the one such CPU measured (Sapphire Rapids with AMX off), so ")
+        head += ("not measured here (a cross-compile, an RPC device or a failed probe); tvmzoo's vdpbf16ps kernels "
+                 "were 1.2-1.4x slower than its fp32 kernels on the one such CPU measured (Sapphire Rapids with AMX "
+                 "off), so ")
     if kernels == "avx512bf16":
         return head + "this build computes in bf16 (vdpbf16ps)"
     faster = [f"{p} ({how})" for p, how in fastest_precisions(features, ("int8", "fp16")) if p != "fp32"]

@@ -16,8 +16,8 @@ from ..models import FAMILIES, PACKAGED_WEIGHTS
 from ..preprocess import Preprocessing
 from .overrides import apply_overrides
 from .spec import (BACKEND_ALIASES, BACKEND_TYPES, BF16_CHOICES, CALIBRATE_ALIASES, CALIBRATE_MODES, DATASET_TYPES,
-                   EXTRA_OPS, FRONTEND_TYPES, PERCENTILE_RANGE, PRECISIONS, PREPROCESS_MODES, Backend, BuildConfig, Dataset,
-                   Frontend, Graph, ModelSpec, Quantize)
+                   EXTRA_OPS, FRONTEND_TYPES, PERCENTILE_RANGE, PRECISIONS, PREPROCESS_MODES, Backend, BuildConfig,
+                   Dataset, Frontend, Graph, ModelSpec, Quantize)
 from .validate import (Bad, Validator, any_of, as_bool, as_float, as_int, as_list, as_path, as_str, kind, mapping,
                        optional, section, show)
 
