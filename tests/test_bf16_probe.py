@@ -99,8 +99,8 @@ def test_the_probe_times_vdpbf16ps_against_fp32_on_this_host():
     target = no_amx_host_target()
     assert runs_here(target) and bf16_needs_probe(features_of(target["mcpu"], tuple(target["mattr"])))
     runs = bf16_probe.builds(target)
-    x = tvm.runtime.tensor(np.random.default_rng(2).standard_normal((1, *bf16_probe.NET[:1],
-                                                                      *bf16_probe.NET[3:] * 2)).astype(np.float32))
+    size = bf16_probe.SIZE
+    x = tvm.runtime.tensor(np.random.default_rng(2).standard_normal((1, bf16_probe.C_IN, size, size)).astype(np.float32))
     fp32, bf16 = (runs[p](x).numpy() for p in ("fp32", "bf16"))
     assert cosine(bf16.ravel(), fp32.ravel()) > 0.999 and not np.allclose(bf16, fp32, rtol=1e-5, atol=1e-5)
     probe = bf16_probe.time_builds(runs, rounds=6)
