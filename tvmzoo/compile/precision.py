@@ -25,7 +25,8 @@ from .bf16_probe import Bf16Probe
 from .target import AMX_BF16_FEATURES, AMX_INT8_FEATURES, BF16_FEATURES
 
 # A bf16 build on AVX512-BF16 without AMX computes in bf16 when the probe's bf16 / fp32 time is at most
-# this: a clear win, beyond the probe's noise and the probe-to-model gap (notes/s10-wt-bf16probe.md).
+# this: a clear win, beyond the probe's noise and the probe-to-model gap (benchmarks/results/bf16_dot_vs_fp32.md:
+# models win about as much as the probe, and lose 0.45-0.67 as much, so 0.9 means a model at ~0.95x or under).
 BF16_MAX_RATIO = 0.9
 
 # Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
