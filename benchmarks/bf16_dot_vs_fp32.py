@@ -1,14 +1,15 @@
-"""bf16 on vdpbf16ps (AVX512-BF16 without AMX) against fp32, on this host: the check that decides
-`precision.bf16_plan` for Zen 4 / Cooper Lake (there a bf16 build computes in fp32 because these kernels
-lost on the one stand-in measured, Sapphire Rapids with AMX off). Both builds of RepVGG-A0 /
-EfficientNet-Lite0 (random weights) are lowered for this host's target with AMX off, through the pipeline
-directly (bypassing the plan), without tuning records; whole model and kernel by kernel (conv / matmul
-kernels paired by call order), interleaved in one process, min (and median) over rounds.
+"""bf16 on vdpbf16ps (AVX512-BF16 without AMX) against fp32, on this host, whole models: the ground truth for
+the compile-time probe (tvmzoo.compile.bf16_probe) that decides a bf16 build on Zen 4 / Cooper Lake. Both
+builds of RepVGG-A0 / EfficientNet-Lite0 (random weights) are lowered for this host's target with AMX off,
+through the pipeline directly (bypassing the plan), without tuning records; whole model and kernel by
+kernel (conv / matmul kernels paired by call order), interleaved in one process, min (and median) over
+rounds; the probe's own ratio is taken before each model, in the same process.
 
     TVM_NUM_THREADS=2 .venv/bin/python benchmarks/bf16_dot_vs_fp32.py [--models a0 lite0] [--batch 1]
         [--rounds 15]
 
-If bf16 / fp32 is below 1 on a Zen 4, `bf16_plan` should return 'avx512bf16' there again.
+A bf16 build computes in bf16 where the probe's ratio is at most precision.BF16_MAX_RATIO; this shows
+whether that threshold keeps the whole models at or under fp32.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_amx import MODELS, NO_AMX  # noqa: E402
 from benchmarks.profile_kernels import _signature, profiled  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
+from tvmzoo.compile import bf16_probe  # noqa: E402
 from tvmzoo.compile.pipeline import run_pipeline  # noqa: E402
 from tvmzoo.compile.target import resolve_target  # noqa: E402
 
@@ -83,14 +85,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
     spec = resolve_target(None)
-    target = tvm.target.Target({**spec, "mattr": [*spec.get("mattr", []), *NO_AMX]})
+    no_amx = {**spec, "mattr": [*spec.get("mattr", []), *NO_AMX]}
+    target = tvm.target.Target(no_amx)
     print(f"CPU {cpu_name()}; target {spec.get('mcpu')} without AMX; load average {os.getloadavg()[0]:.2f}")
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype("float32"))
+    probe = bf16_probe.builds(no_amx)
     for model in args.models:
         built = {p: build(model, args.batch, p, target) for p in PRECISIONS}
         vms = {p: vm for p, (vm, _) in built.items()}
         for vm in vms.values():
             vm["main"](x)
+        print(f"probe before {model}: bf16 / fp32 {bf16_probe.time_builds(probe).ratio:.2f}")
         whole, calls = interleaved(vms, x, args.rounds)
         report(model, args.batch, whole, calls, built["bf16"][1])
     print(f"load average {os.getloadavg()[0]:.2f} at the end")

@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--no-amx-too", action="store_true",
-                    help="also time the int8 / bf16 builds with AMX off in the target (VNNI int8; bf16 computes in fp32 there: benchmarks/bench_amx.py times the vdpbf16ps kernels)")
+                    help="also time the int8 / bf16 builds with AMX off in the target (VNNI int8; bf16 as the probe chooses there, fp32 on this CPU: benchmarks/bf16_dot_vs_fp32.py times the vdpbf16ps kernels)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=16, help="calibration photos for int8")
     ap.add_argument("--quick", action="store_true", help="3 rounds: proves the run, numbers are rough")

@@ -108,12 +108,13 @@ def test_bf16_builds_use_the_records_of_what_they_compute(cpu, records):
     assert records_dir(cfg, input_spec(cfg), target, plan_for(cfg, target).compute).name == records
 
 
-def _compiled(tmp_path, cpu: str, dtype: str):
-    """`vamc compile` of bf16_net for `cpu` at `dtype`: the model directory."""
+def _compiled(tmp_path, cpu: str | dict, dtype: str, batch: int = 1):
+    """`vamc compile` of bf16_net for `cpu` (a name, or a whole target) at `dtype`: the model directory."""
     onnx.save(bf16_net(), str(tmp_path / "bf16.onnx"))
-    cfg = {"name": f"net_{dtype}", "frontend": {"shape": {"input": [1, 3, SIZE, SIZE]}, "type": "onnx",
+    target = cpu if isinstance(cpu, dict) else {"kind": "llvm", "mcpu": cpu}
+    cfg = {"name": f"net_{dtype}", "frontend": {"shape": {"input": [batch, 3, SIZE, SIZE]}, "type": "onnx",
                                                 "checkpoint": str(tmp_path / "bf16.onnx")},
-           "backend": {"type": "tvm", "dtype": dtype, "target": {"kind": "llvm", "mcpu": cpu}},
+           "backend": {"type": "tvm", "dtype": dtype, "target": target},
            "workspace": {"path": str(tmp_path / "ws")}}
     (tmp_path / f"{dtype}.yaml").write_text(yaml.safe_dump(cfg))
     return compile_model(load_build_config(tmp_path / f"{dtype}.yaml"))

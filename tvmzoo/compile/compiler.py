@@ -22,7 +22,7 @@ from ..errors import ConfigError, ModuleError, TvmzooError, in_context
 from ..models.export import ExportSpec, export_onnx
 from ..preprocess import Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
-from .cpu import host_cpu
+from .cpu import host_cpu, host_flags
 from .pipeline import KernelCount, pass_names, run_pipeline
 from .schedules import AMX_RULES
 from .preflight import check_build_inputs, check_build_output, check_onnx_source
@@ -183,18 +183,34 @@ def output_shapes(model: onnx.ModelProto) -> list[dict]:
     return [{"name": o.name, "shape": dims(o)} for o in model.graph.output]
 
 
-def plan_for(cfg: BuildConfig, target: dict, features: list[str] | None = None):
+def plan_for(cfg: BuildConfig, target: dict, features: list[str] | None = None, measure: bool = True):
     """What backend.dtype computes in on this target (tvmzoo.compile.precision); logs what it did and
-    which precisions are fastest on the target's CPU. `features`: required_features(target), if known."""
-    from .precision import describe_fastest, plan_precision
+    which precisions are fastest on the target's CPU. `features`: required_features(target), if known.
+    A bf16 build on AVX512-BF16 without AMX is measured on this host (tvmzoo.compile.bf16_probe) when
+    `measure` and the target is this host's CPU."""
+    from .precision import bf16_needs_probe, describe_fastest, plan_precision
 
     features = required_features(target) if features is None else features
-    plan = plan_precision(cfg.backend.dtype, str(target.get("mcpu", "generic")), features)
+    cpu, choice = str(target.get("mcpu", "generic")), cfg.backend.bf16_compute
+    probe = None
+    if cfg.backend.dtype == "bf16" and bf16_needs_probe(features, choice) and measure and runs_here(target):
+        from . import bf16_probe
+
+        probe = bf16_probe.measure(target)
+    plan = plan_precision(cfg.backend.dtype, cpu, features, probe, choice)
     if plan.note:
         log.warning("%s", plan.note)
-    log.info("precisions on %s, fastest first: %s", target.get("mcpu", "generic"),
-             describe_fastest(features, PRECISIONS))
+    log.info("precisions on %s, fastest first: %s", cpu,
+             describe_fastest(features, PRECISIONS, bf16_fast=probe is not None and plan.compute == "bf16"))
     return plan
+
+
+def runs_here(target: dict) -> bool:
+    """Whether `target` is this host's CPU (the one LLVM and the CPU flags name), with no instruction set
+    the host lacks: a module built for it can be timed here. Cross-compiles cannot."""
+    host = host_flags()
+    return (target.get("kind") == "llvm" and target.get("mcpu") == host_cpu().name and host is not None
+            and set(required_features(target)) <= host)
 
 
 def compile_model(cfg: BuildConfig) -> Path:
@@ -226,7 +242,8 @@ def compile_model(cfg: BuildConfig) -> Path:
             "tvm_version": tvm.__version__,
             "name": cfg.name,
             "precision": precision,
-            "compute": {"precision": plan.compute, "note": plan.note},
+            "compute": {"precision": plan.compute, "note": plan.note,
+                        "measured": plan.probe.to_meta() if plan.probe else None},
             "target": target,
             "cpu_features": features,
             "amx_kernels": sum(n for rule, n in kernels["rules"].items() if rule in AMX_RULES),
@@ -332,7 +349,7 @@ def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None,
         raise ConfigError(f"{cfg.path}: frontend.shape has a dynamic batch; MetaSchedule tunes static shapes "
                           "only. Set the batch size you deploy with (e.g. [1, 3, 224, 224]).")
     target = resolve_target(cfg.backend.target)
-    plan = plan_for(cfg, target)
+    plan = plan_for(cfg, target, measure=remote is None)  # an RPC device's CPU is not measured here
     records = records_dir(cfg, spec, target, plan.compute, nearest=False)  # this CPU's own records
     if records is None:
         raise ConfigError(f"{cfg.path}: no place for tuning records: add a model: section or tuning.records.")

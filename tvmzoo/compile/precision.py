@@ -7,28 +7,34 @@ casts at the edges); only the arithmetic differs, and fp32 is at least as accura
 faster than fp32 on AMX-BF16 CPUs but rounds more coarsely than fp16 (8 mantissa bits, not 11), so
 a user who asked for fp16 accuracy gets fp32, and the log points at bf16 and int8 where they are faster.
 
-bf16 never loses either: it computes in bf16 only on AMX-BF16 CPUs (Sapphire Rapids: 0.43-0.61x of fp32).
-On CPUs with AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake) tvmzoo's `vdpbf16ps` kernels
-(schedules/bf16_dot.py) measured 1.2-1.4x SLOWER than its fp32 kernels (Sapphire Rapids with AMX off in
-the target, the only stand-in measured: benchmarks/bf16_dot_vs_fp32.py), so there a bf16 build computes
-in fp32 and the log names the precision that is faster there (int8 on VNNI). The stand-in is pessimistic:
-this Sapphire Rapids VM retires about half as many multiply-adds per second with vdpbf16ps as with fp32
-FMAs (a microbenchmark), while Zen 4 is reported to do twice as many (not verified here): a Zen 4 run of
-that benchmark decides.
+bf16 never loses either: it computes in bf16 on AMX-BF16 CPUs (Sapphire Rapids: 0.43-0.61x of fp32).
+On CPUs with AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake) it depends on the core: tvmzoo's
+`vdpbf16ps` kernels (schedules/bf16_dot.py) were 1.2-1.4x SLOWER than its fp32 kernels on the one such
+CPU measured (Sapphire Rapids with AMX off in the target: vdpbf16ps retires 0.42x the multiply-adds of
+fp32 FMAs there), while Zen 4 may differ. So a bf16 build for this host measures (tvmzoo.compile.bf16_probe:
+a 3x3 and a 1x1 conv, both builds, ~2 s) and computes in bf16 only when the probe's bf16 / fp32 time is at
+most BF16_MAX_RATIO; a cross-compile (or an RPC device) cannot measure and computes in fp32, unless
+`backend.bf16_compute: bf16` says otherwise. The log names the precisions that are faster.
 """
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from .bf16_probe import Bf16Probe
 from .target import AMX_BF16_FEATURES, AMX_INT8_FEATURES, BF16_FEATURES
+
+# A bf16 build on AVX512-BF16 without AMX computes in bf16 when the probe's bf16 / fp32 time is at most
+# this: a clear win, beyond the probe's noise and the probe-to-model gap (benchmarks/results/bf16_dot_vs_fp32.md:
+# models win about as much as the probe, and lose 0.45-0.67 as much, so 0.9 means a model at ~0.95x or under).
+BF16_MAX_RATIO = 0.9
 
 # Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
 # it). Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
 # 0.54-0.66x of fp32; AMX int8 0.5x of VNNI int8 on RepVGG-A0, AMX bf16 0.47-0.64x of fp32: notes
 # s7-wt-amx) and Zen 4 (issue 15: OpenVINO int8 0.3x of fp32). AMX-BF16 comes after AVX512-FP16: not
-# measured side by side with it, and fp16 rounds more finely. AVX512-BF16 alone is not here: tvmzoo's
-# vdpbf16ps kernels lose to its fp32 kernels (see the module doc), so bf16 builds as fp32 there.
+# measured side by side with it, and fp16 rounds more finely. AVX512-BF16 alone is not here: it is fast
+# only where the probe measured it so (`bf16_fast`).
 _FAST_PATHS: tuple[tuple[str, frozenset[str], str], ...] = (
     ("int8", frozenset(AMX_INT8_FEATURES), "AMX-INT8"),
     ("int8", frozenset({"avx512vnni"}), "AVX512-VNNI"),
@@ -36,6 +42,7 @@ _FAST_PATHS: tuple[tuple[str, frozenset[str], str], ...] = (
     ("fp16", frozenset({"avx512fp16"}), "AVX512-FP16"),
     ("bf16", frozenset(AMX_BF16_FEATURES), "AMX-BF16"),
 )
+_FP32 = "same float32 inputs and outputs, fp32 accuracy, fp32 speed"
 
 
 @dataclass(frozen=True)
@@ -43,52 +50,93 @@ class PrecisionPlan:
     requested: str   # backend.dtype
     compute: str     # what the kernels compute in
     note: str        # for the compile log and mod.json ("" when compute == requested, nothing to say)
+    probe: Bf16Probe | None = None   # what was measured to decide (bf16 on AVX512-BF16 without AMX)
 
 
-def fastest_precisions(features: Collection[str], accepted: Collection[str]) -> list[tuple[str, str]]:
+def fastest_precisions(features: Collection[str], accepted: Collection[str],
+                       bf16_fast: bool = False) -> list[tuple[str, str]]:
     """(precision, the instructions that make it fast) for this CPU, fastest first, among `accepted`;
-    fp32 last. fp16 without AVX512-FP16 is left out: it builds as fp32."""
+    fp32 last. fp16 without AVX512-FP16 is left out: it builds as fp32. `bf16_fast`: vdpbf16ps was
+    measured faster than fp32 on this CPU (the probe)."""
     ranked: list[tuple[str, str]] = []
     for precision, needs, name in _FAST_PATHS:
         if precision in accepted and needs <= set(features) and precision not in dict(ranked):
             ranked.append((precision, name))
+    if bf16_fast and "bf16" in accepted and "bf16" not in dict(ranked):
+        ranked.append(("bf16", "AVX512-BF16, measured"))
     return [*ranked, ("fp32", "FMA" if "fma" in features else "SSE")]
 
 
-def describe_fastest(features: Collection[str], accepted: Collection[str]) -> str:
-    return ", ".join(f"{p} ({how})" for p, how in fastest_precisions(features, accepted))
+def describe_fastest(features: Collection[str], accepted: Collection[str], bf16_fast: bool = False) -> str:
+    return ", ".join(f"{p} ({how})" for p, how in fastest_precisions(features, accepted, bf16_fast))
 
 
-def bf16_plan(features: Collection[str]) -> str:
-    """The kernels of a bf16 build on a CPU with LLVM features `features`:
+def _avx512bf16_only(features: Collection[str]) -> bool:
+    return set(BF16_FEATURES) <= set(features) and not set(AMX_BF16_FEATURES) <= set(features)
+
+
+def bf16_needs_probe(features: Collection[str], choice: str = "auto") -> bool:
+    """Whether a bf16 build's kernels depend on a measurement: AVX512-BF16 without AMX, choice 'auto'."""
+    return choice == "auto" and _avx512bf16_only(features)
+
+
+def bf16_plan(features: Collection[str], ratio: float | None = None, choice: str = "auto") -> str:
+    """The kernels of a bf16 build on a CPU with LLVM features `features`, given the probe's bf16 / fp32
+    time `ratio` (None: not measured) and backend.bf16_compute `choice`:
     - 'amx-bf16': AMX tiles (`tdpbf16ps`) where the CPU has AMX-BF16 (Sapphire Rapids);
-    - 'fp32' elsewhere: the float32 build. Without AVX512-BF16 every bf16 operand would be converted to
-      float32 on each use; with AVX512-BF16 but no AMX (Zen 4, Cooper Lake) the `vdpbf16ps` kernels are
-      slower than the fp32 ones (module doc). They stay in the schedules (a pipeline that runs ToBf16 on
-      such a target uses them: benchmarks/bench_amx.py, tests/test_bf16.py) for when they win."""
-    return "amx-bf16" if set(AMX_BF16_FEATURES) <= set(features) else "fp32"
+    - 'avx512bf16': `vdpbf16ps` where the CPU has AVX512-BF16 but no AMX and they were measured at most
+      BF16_MAX_RATIO of fp32 here (or the user chose bf16);
+    - 'fp32' elsewhere: the float32 build (without AVX512-BF16 every bf16 operand would be converted on
+      each use; not measured, or measured too slow, vdpbf16ps may lose: module doc)."""
+    if choice == "fp32":
+        return "fp32"
+    if set(AMX_BF16_FEATURES) <= set(features):
+        return "amx-bf16"
+    if not _avx512bf16_only(features):
+        return "fp32"
+    if choice == "bf16" or (ratio is not None and ratio <= BF16_MAX_RATIO):
+        return "avx512bf16"
+    return "fp32"
 
 
-def _bf16_as_fp32(cpu: str, features: Collection[str]) -> str:
-    """The compile log's line for a bf16 build that computes in fp32 on `cpu`."""
+def _bf16_note(cpu: str, features: Collection[str], kernels: str, probe: Bf16Probe | None, choice: str) -> str:
+    """The compile log's line for a bf16 build that does not run on AMX tiles."""
+    if choice == "fp32":
+        return f"bf16: backend.bf16_compute is fp32, so this build computes in fp32 ({_FP32})"
     if not set(BF16_FEATURES) <= set(features):
         return (f"bf16: {cpu} has no AVX512-BF16 or AMX-BF16, so bf16 would be emulated (a conversion on every "
                 "use); this build computes in fp32")
+    head = f"bf16: {cpu} has AVX512-BF16 but no AMX-BF16; "
+    if probe is not None:
+        head += (f"measured on this CPU ({probe.net}): tvmzoo's vdpbf16ps kernels take {probe.ratio:.2f}x the "
+                 f"time of its fp32 kernels (bf16 needs at most {BF16_MAX_RATIO}x), so ")
+    elif choice == "bf16":
+        head += "backend.bf16_compute is bf16 (not measured), so "
+    else:
+        head += ("not measured here (a cross-compile, an RPC device or a failed probe); tvmzoo's vdpbf16ps kernels "
+                 "were 1.2-1.4x slower than its fp32 kernels on the one such CPU measured (Sapphire Rapids with AMX "
+                 "off), so ")
+    if kernels == "avx512bf16":
+        return head + "this build computes in bf16 (vdpbf16ps)"
     faster = [f"{p} ({how})" for p, how in fastest_precisions(features, ("int8", "fp16")) if p != "fp32"]
-    return (f"bf16: {cpu} has AVX512-BF16 but no AMX-BF16; tvmzoo's vdpbf16ps kernels are 1.2-1.4x slower than "
-            "its fp32 kernels there (measured on Sapphire Rapids with AMX off), so this build computes in fp32 "
-            "(same float32 inputs and outputs, fp32 accuracy, fp32 speed)"
-            + (f"; faster on {cpu}: {', '.join(faster)}" if faster else ""))
+    return (head + f"this build computes in fp32 ({_FP32})" + (f"; faster on {cpu}: {', '.join(faster)}" if faster
+                                                               else "")
+            + ("" if probe else "; backend.bf16_compute: bf16 builds the vdpbf16ps kernels anyway"))
 
 
-def plan_precision(precision: str, cpu: str, features: Collection[str]) -> PrecisionPlan:
-    """How a build of `precision` computes on `cpu` (with LLVM features `features`): the one place that
-    decides; the pipeline then builds `compute` as asked (ToBf16 always rewrites a bf16 build)."""
+def plan_precision(precision: str, cpu: str, features: Collection[str], probe: Bf16Probe | None = None,
+                   bf16_choice: str = "auto") -> PrecisionPlan:
+    """How a build of `precision` computes on `cpu` (with LLVM features `features`; `probe`: the bf16
+    measurement on this host, if one was taken): the one place that decides; the pipeline then builds
+    `compute` as asked (ToBf16 always rewrites a bf16 build)."""
     if precision == "fp16" and "avx512fp16" not in features:
         return PrecisionPlan(precision, "fp32",
                              f"fp16: {cpu} has no AVX512-FP16, so LLVM would emulate fp16 (a conversion on every "
-                             "use: 7.5x slower than fp32 on Zen 4); this build computes in fp32 (same float32 "
-                             "inputs and outputs, fp32 accuracy, fp32 speed)")
-    if precision == "bf16" and bf16_plan(features) == "fp32":
-        return PrecisionPlan(precision, "fp32", _bf16_as_fp32(cpu, features))
-    return PrecisionPlan(precision, precision, "")
+                             f"use: 7.5x slower than fp32 on Zen 4); this build computes in fp32 ({_FP32})")
+    if precision != "bf16":
+        return PrecisionPlan(precision, precision, "")
+    kernels = bf16_plan(features, probe.ratio if probe else None, bf16_choice)
+    if kernels == "amx-bf16":
+        return PrecisionPlan(precision, precision, "")
+    return PrecisionPlan(precision, "fp32" if kernels == "fp32" else "bf16",
+                         _bf16_note(cpu, features, kernels, probe, bf16_choice), probe)

@@ -15,9 +15,9 @@ from ..limits import check_text_size, load_yaml
 from ..models import FAMILIES, PACKAGED_WEIGHTS
 from ..preprocess import Preprocessing
 from .overrides import apply_overrides
-from .spec import (BACKEND_ALIASES, BACKEND_TYPES, CALIBRATE_ALIASES, CALIBRATE_MODES, DATASET_TYPES, EXTRA_OPS,
-                   FRONTEND_TYPES, PERCENTILE_RANGE, PRECISIONS, PREPROCESS_MODES, Backend, BuildConfig, Dataset,
-                   Frontend, Graph, ModelSpec, Quantize)
+from .spec import (BACKEND_ALIASES, BACKEND_TYPES, BF16_CHOICES, CALIBRATE_ALIASES, CALIBRATE_MODES, DATASET_TYPES,
+                   EXTRA_OPS, FRONTEND_TYPES, PERCENTILE_RANGE, PRECISIONS, PREPROCESS_MODES, Backend, BuildConfig,
+                   Dataset, Frontend, Graph, ModelSpec, Quantize)
 from .validate import (Bad, Validator, any_of, as_bool, as_float, as_int, as_list, as_path, as_str, kind, mapping,
                        optional, section, show)
 
@@ -174,6 +174,7 @@ _SCHEMA = section(BuildConfig, {
         "dtype": as_str(PRECISIONS),
         "target": optional(any_of(as_str(numbers=False), mapping, what="a target string (e.g. 'llvm -mcpu=native') "
                                                                        "or a mapping (e.g. {kind: llvm, mcpu: native})")),
+        "bf16_compute": as_str(BF16_CHOICES),
         "compile": _compile_knobs,
         "quantize": optional(_QUANTIZE),
     }, finish=_backend_finish),

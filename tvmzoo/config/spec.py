@@ -10,6 +10,8 @@ from ..preprocess import Preprocessing
 BACKEND_TYPES = ("tvm",)
 BACKEND_ALIASES = {"tvm_vacc": "tvm"}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # backend.dtype
+# backend.bf16_compute: what a bf16 build computes in on AVX512-BF16 without AMX (tvmzoo.compile.precision)
+BF16_CHOICES = ("auto", "bf16", "fp32")
 CALIBRATE_MODES = ("max", "percentile", "kl", "mse")
 CALIBRATE_ALIASES = {"kl_divergence": "kl", "minmax": "max"}
 PERCENTILE_RANGE = (50.0, 100.0)  # backend.quantize.percentile: the share of values kept, in (50, 100]
@@ -44,6 +46,7 @@ class Backend:
     type: str = "tvm"
     dtype: str = "fp32"
     target: str | dict | None = None
+    bf16_compute: str = "auto"
     compile: dict = field(default_factory=dict)
     quantize: Quantize | None = None
 
