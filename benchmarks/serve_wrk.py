@@ -7,7 +7,8 @@ wrk's latency histogram (1 us buckets) so serve_perf takes the same percentiles 
 
 wrk sends one body to every connection (no per-client tag), so before it is used `check` sends one request
 and compares the answer's logits with `CompiledModel.run`'s. gRPC has no such C client here (perf_analyzer
-is not installable, ghz, a Go tool, is neither packaged nor buildable without a Go toolchain): gRPC stays on the Python clients.
+is not installable; ghz, a Go tool, is neither packaged nor buildable without a Go toolchain): gRPC stays on
+the Python clients.
 """
 from __future__ import annotations
 
