@@ -12,7 +12,8 @@ client and of the server: with the cores the bottleneck, served images/s can rea
 CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups 1x2,2x1]
-        [--clients raw,wrk,tritonclient] [--concurrency 1,8] [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
+        [--clients raw,wrk,tritonclient] [--concurrency 1,8]
+        [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
 point by point, each idle while another is measured.
