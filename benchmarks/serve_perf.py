@@ -2,15 +2,18 @@
 server queue vs compute time from /metrics), against vamp's in-process images/s and latency of the same
 build, measured in the same run (vamp before and after each model's sweep, averaged).
 
-The load generator (benchmarks/serve_load.py) runs a fixed concurrency in this process; by default it builds
-each request once, as perf_analyzer does (`--clients raw,tritonclient` adds tritonclient's asyncio clients,
-interleaved point by point); the server is `tvmzoo serve` in another process. Both share the machine's cores, as a
+The load generators run a fixed concurrency: `raw` (benchmarks/serve_load.py, in this process) builds each
+request once, as perf_analyzer does; `wrk` (benchmarks/serve_wrk.py, HTTP only, used by default when
+installed) is a C client in a child process that takes about half the raw client's CPU per request;
+`tritonclient` is tritonclient's asyncio clients. Several are interleaved point by point; the server is
+`tvmzoo serve` in another process. Both share the machine's cores, as a
 perf_analyzer run on the server host would, so each point also reports the CPU time per request of the
 client and of the server: with the cores the bottleneck, served images/s can reach at most the in-process
 CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups 1x2,2x1]
-        [--clients raw,tritonclient] [--concurrency 1,8] [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
+        [--clients raw,wrk,tritonclient] [--concurrency 1,8]
+        [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
 point by point, each idle while another is measured.
@@ -35,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from machine import cpu_name  # noqa: E402
 from serve_client import ServerProcess, scrape  # noqa: E402
-from serve_load import closed_loop, make_calls  # noqa: E402
+from serve_load import Call, closed_loop, make_calls  # noqa: E402
+from serve_wrk import Wrk, available as wrk_available  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
 from tvmzoo.run.bench import BenchConfig, benchmark  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
@@ -44,7 +48,7 @@ from tvmzoo.run.runtime import CompiledModel, stack_aligned  # noqa: E402
 PHOTO = ROOT.parent / "shared" / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
 CONCURRENCY = (1, 2, 4, 8, 16)
 PROTOCOLS = ("http", "grpc")
-CLIENTS = ("raw", "tritonclient")
+CLIENTS = ("raw", "wrk", "tritonclient")
 
 
 @dataclass
@@ -72,23 +76,39 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(label: str, server: ServerProcess, protocol: str, client: str, model: str, x: np.ndarray, top: int,
-            concurrency: int, seconds: float) -> Row:
+def python_load(server: ServerProcess, protocol: str, client: str, model: str, x: np.ndarray, top: int,
+                concurrency: int, seconds: float) -> tuple[list[float], float, float]:
+    """serve_load's clients in this process: (latencies s, measured wall s, client CPU s)."""
     url = server.grpc if protocol == "grpc" else server.http
 
-    async def load() -> tuple[list[float], float, float, float]:
+    async def load() -> tuple[list[float], float, float]:
         calls, shared = make_calls(client, protocol, url, model, x, top, concurrency)
-        server_cpu = process_cpu_s(server.proc.pid)
-        latencies, elapsed, cpu = await closed_loop(calls, seconds)
-        server_cpu = process_cpu_s(server.proc.pid) - server_cpu   # warm-up included, as in `done`
+        result = await closed_loop(calls, seconds)
         for call in calls:
             await call.close()
         if shared is not None:
             await shared.close()
-        return latencies, elapsed, cpu, server_cpu
+        return result
 
+    return asyncio.run(load())
+
+
+def wrk_load(wrk: Wrk, concurrency: int, seconds: float) -> tuple[list[float], float, float]:
+    """wrk in a child process, a 1 s warm-up run first: (latencies s, measured wall s, wrk's CPU s)."""
+    wrk.run(concurrency, 1.0)
+    result = wrk.run(concurrency, seconds)
+    return list(result.latencies_s), result.elapsed_s, result.cpu_s
+
+
+def measure(label: str, server: ServerProcess, protocol: str, client: str, model: str, x: np.ndarray, top: int,
+            concurrency: int, seconds: float, wrk: Wrk | None) -> Row:
     before = scrape(server.http, model)
-    latencies, elapsed, cpu, server_cpu = asyncio.run(load())
+    server_cpu = process_cpu_s(server.proc.pid)
+    if client == "wrk":
+        latencies, elapsed, cpu = wrk_load(wrk, concurrency, seconds)
+    else:
+        latencies, elapsed, cpu = python_load(server, protocol, client, model, x, top, concurrency, seconds)
+    server_cpu = process_cpu_s(server.proc.pid) - server_cpu   # warm-up included, as in `done`
     after = scrape(server.http, model)
     done = after["nv_inference_request_success"] - before["nv_inference_request_success"]
 
@@ -117,29 +137,36 @@ class Setup:
 
 
 def paired_latency(server: ServerProcess, protocol: str, client: str, model: str, compiled: CompiledModel,
-                   x: np.ndarray, top: int, seconds: float, block: int = 20) -> tuple[float, float]:
+                   x: np.ndarray, top: int, seconds: float, wrk: Wrk | None, block: int = 20) -> tuple[float, float]:
     """Concurrency 1, robust to a shared machine's drift: blocks of served requests alternate with blocks
     of in-process runs of the same build (aligned input, as vamp feeds it); the first call of each block is
-    dropped, since the other side's TVM pool is still spinning then. (p50 served ms, p50 in-process ms)."""
+    dropped, since the other side's TVM pool is still spinning then (wrk's blocks are 1 s runs, whose first
+    request is one of 100-300). (p50 served ms, p50 in-process ms)."""
     batch = stack_aligned(list(np.repeat(x, compiled.fixed_batch or 1, axis=0)))
 
     async def alternate() -> dict[str, list[float]]:
         calls, shared = make_calls(client, protocol, server.grpc if protocol == "grpc" else server.http,
-                                   model, x, top, 1)
+                                   model, x, top, 1) if wrk is None else ([], None)
 
         async def local() -> None:
             compiled.run(batch)
 
+        async def timed(call: Call) -> list[float]:
+            times = []
+            for i in range(block):
+                t0 = time.perf_counter()
+                await call()
+                if i:
+                    times.append(time.perf_counter() - t0)
+            return times
+
         times: dict[str, list[float]] = {"served": [], "local": []}
         start = time.perf_counter()
         while time.perf_counter() - start < seconds or len(times["local"]) < 2 * block:
-            for name, call in (("served", calls[0]), ("local", local)):
-                for i in range(block):
-                    t0 = time.perf_counter()
-                    await call()
-                    if i:
-                        times[name].append(time.perf_counter() - t0)
-        await calls[0].close()
+            times["served"] += list(wrk.run(1, 1.0).latencies_s) if wrk else await timed(calls[0])
+            times["local"] += await timed(local)
+        for call in calls:
+            await call.close()
         if shared is not None:
             await shared.close()
         return times
@@ -177,19 +204,28 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
     before = vamp(workspace / model, batch, setup, seconds)
     delay = setup.delay_us if setup.delay_us is not None else int(1000 * before[1]) if batch > 1 else 0
     servers: dict[str, ServerProcess] = {}
+    wrks: dict[str, Wrk] = {}
     try:
         for label, executable in executables.items():
             servers[label] = ServerProcess.start(workspace / model, *setup.flags(delay), executable=executable)
         ways = [(label, protocol, client) for protocol in PROTOCOLS for client in clients
-                for label in servers]   # interleaved per point
-        rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds)
+                for label in servers if not (client == "wrk" and protocol == "grpc")]   # interleaved per point
+        if "wrk" in clients:
+            for label, server in servers.items():   # wrk's answers carry no tag: one is checked first
+                wrks[label] = Wrk(server.http, model, x)
+                wrks[label].check(compiled.run(x))
+        rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds,
+                        wrks.get(label) if client == "wrk" else None)
                 for c in concurrency for label, protocol, client in ways]
         os.environ["TVM_NUM_THREADS"] = str(setup.threads)   # the in-process runs alternate with the served ones
-        paired = {way: paired_latency(servers[way[0]], *way[1:], model, compiled, x, top, 2 * seconds)
+        paired = {way: paired_latency(servers[way[0]], *way[1:], model, compiled, x, top, 2 * seconds,
+                                      wrks.get(way[0]) if way[2] == "wrk" else None)
                   for way in ways}
     finally:
         for server in servers.values():
             server.stop()
+        for wrk in wrks.values():
+            wrk.close()
     after = vamp(workspace / model, batch, setup, seconds)
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
@@ -265,13 +301,21 @@ def main() -> None:
                         help="server --max-queue-delay-us (default: one batch's in-process time for batch > 1 "
                              "builds; a batch waits only for as many requests as were in flight together)")
     parser.add_argument("--setups", default="1x2,2x1", help="instances x threads per instance, comma-separated")
-    parser.add_argument("--clients", default="raw", help="load generators, comma-separated, interleaved per point: "
-                        f"{', '.join(CLIENTS)} (benchmarks/serve_load.py)")
+    parser.add_argument("--clients", default="raw,wrk" if wrk_available() else "raw",
+                        help="load generators, comma-separated, interleaved per point: raw, tritonclient "
+                        "(benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py; default raw,wrk "
+                        "when wrk is installed, else raw)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     parser.add_argument("--servers", default="",
                         help="label=tvmzoo executable, comma-separated, interleaved per point (default: this "
                              "checkout's alone)")
     args = parser.parse_args()
+    clients = args.clients.split(",")
+    if "wrk" in clients and not wrk_available():
+        print("wrk is not installed (apt-get install wrk): measuring without it", file=sys.stderr)
+        clients.remove("wrk")
+    if unknown := set(clients) - set(CLIENTS):
+        parser.error(f"unknown client(s) {', '.join(sorted(unknown))}: use {', '.join(CLIENTS)}")
     executables = dict(item.split("=", 1) for item in args.servers.split(",")) if args.servers else {"this": None}
     # `timeout` / kill send SIGTERM: exit through the `finally:` that stops the server child (the default
     # handler would leave it running)
@@ -284,7 +328,7 @@ def main() -> None:
     for text in args.setups.split(","):
         instances, threads = (int(v) for v in text.split("x"))
         setup = Setup(instances, threads, args.delay_us)
-        results = {name: sweep(args.workspace, name, setup, args.seconds, args.clients.split(","),
+        results = {name: sweep(args.workspace, name, setup, args.seconds, clients,
                                [int(c) for c in args.concurrency.split(",")], executables) for name in names}
         print(report(results, setup, load), "\n", flush=True)
 

@@ -2,6 +2,7 @@
 clients it has seen (a real compiled batch-4 build), and an idle server's TVM pool does not spin."""
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from serve_client import ServerProcess  # noqa: E402
 from tiny import build_tiny  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.run.runtime import ALIGNMENT, CompiledModel  # noqa: E402
-from tvmzoo.run.serve.batcher import Arrivals, DynamicBatcher  # noqa: E402
+from tvmzoo.run.serve.batcher import Arrivals, Closed, DynamicBatcher  # noqa: E402
 from tvmzoo.run.serve.metrics import VERSION, Metrics  # noqa: E402
 
 pytestmark = pytest.mark.reliability
@@ -74,6 +75,40 @@ def test_a_batch_waits_only_for_the_clients_it_has_seen(build, sample_images):
         assert metrics.inference_count.value(NAME, VERSION) == 12 + 6 + 4
     finally:
         batcher.close()
+
+
+def test_asyncio_callers_get_their_own_rows_by_one_hand_back_per_batch(build, sample_images):
+    """`DynamicBatcher.infer` (the server's path): 4 requests on one event loop run as one batch and are
+    settled by one call_soon_threadsafe; a caller cancelled meanwhile is skipped; a closed batcher refuses."""
+    model = CompiledModel.load(build)                 # batch 4
+    rows = [apply(model.preprocessing, read_image(p))[None] for p in (sample_images * 4)[:4]]
+    rows[3] = rows[3][:, :, ::-1].copy()               # 4 distinct inputs, whatever the sample count
+    expected = model.run(np.concatenate(rows))
+    metrics = Metrics.create()
+    batcher = DynamicBatcher(NAME, [model], 4, DELAY_S, metrics)
+
+    async def main() -> tuple[list, int]:
+        loop = asyncio.get_running_loop()
+        calls = []
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args, **kw: calls.append(args[0]) or original(*args, **kw)
+        tasks = [asyncio.create_task(batcher.infer(r)) for r in rows]
+        await asyncio.sleep(0)                          # all four queued: a full batch runs at once
+        tasks[1].cancel()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        await asyncio.sleep(0.05)                       # the hand-back of the cancelled one, if any, has run
+        return results, len(calls)
+
+    try:
+        results, hand_backs = asyncio.run(main())
+        assert isinstance(results[1], asyncio.CancelledError)
+        for i in (0, 2, 3):
+            np.testing.assert_array_equal(results[i], expected[i:i + 1])
+        assert metrics.exec_count.value(NAME, VERSION) == 1 and hand_backs == 1
+    finally:
+        batcher.close()
+    with pytest.raises(Closed):
+        asyncio.run(batcher.infer(rows[0]))
 
 
 def test_short_batches_are_staged_aligned_padded_and_reused(build, sample_images):

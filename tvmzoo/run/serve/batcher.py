@@ -1,9 +1,14 @@
 """Dynamic batching for one model: requests (each a few rows) wait in one queue; every model instance
 has a thread that takes the oldest request, gathers more until the batch has the rows `Arrivals`
 expects or the oldest has waited `max_delay_s` (Triton's max_queue_delay), runs them as one batch and
-hands each request its own rows back. One batcher per model, so batches never mix models."""
+hands each request its own rows back. One batcher per model, so batches never mix models.
+
+An asyncio caller (`infer`) gets its answer on its event loop: one `call_soon_threadsafe` per batch settles
+the futures of all its requests, instead of a concurrent Future per request chained to the loop (a lock,
+callbacks and a wake-up of the loop each)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -15,9 +20,13 @@ import numpy as np
 
 from ..runtime import CompiledModel
 
-from .metrics import VERSION, Metrics
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class Closed(RuntimeError):
+    """The batcher takes no more requests (the server is draining)."""
 
 
 @dataclass
@@ -46,8 +55,23 @@ class Arrivals:
 @dataclass
 class Pending:
     rows: np.ndarray
-    future: Future = field(default_factory=Future)
+    future: Future | asyncio.Future
+    loop: asyncio.AbstractEventLoop | None = None    # the asyncio future's loop; None: a concurrent Future
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+def _settle(future: Future | asyncio.Future, outcome: np.ndarray | BaseException) -> None:
+    if future.done():   # an asyncio caller that was cancelled (its client went away)
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _settle_all(pairs: list[tuple[Future | asyncio.Future, np.ndarray | BaseException]]) -> None:
+    for future, outcome in pairs:
+        _settle(future, outcome)
 
 
 class DynamicBatcher:
@@ -74,16 +98,27 @@ class DynamicBatcher:
 
     def submit(self, rows: np.ndarray) -> Future:
         """Queue `rows` (leading axis = batch); the future gets their outputs, or the run's exception."""
-        item = Pending(rows)
+        item = Pending(rows, Future())
+        self._enqueue(item)
+        return item.future
+
+    async def infer(self, rows: np.ndarray) -> np.ndarray:
+        """`submit` for a caller on an event loop: the outputs of `rows`, settled on this loop."""
+        loop = asyncio.get_running_loop()
+        item = Pending(rows, loop.create_future(), loop)
+        self._enqueue(item)
+        return await item.future
+
+    def _enqueue(self, item: Pending) -> None:
+        rows = item.rows
         with self._cond:
             if self._closed:
-                raise RuntimeError(f"model {self.name} is shutting down")
+                raise Closed(f"model {self.name} is shutting down")
             self._queue.append(item)
             self._queued_rows += len(rows)
             self._in_flight_rows += len(rows)
             self._arrivals.submitted(self._in_flight_rows)
             self._cond.notify()
-        return item.future
 
     def flush(self) -> None:
         """From now on run queued requests at once (SIGTERM: no request waits for company that won't come)."""
@@ -141,10 +176,9 @@ class DynamicBatcher:
         return batch
 
     def _run(self, model: CompiledModel, batch: list[Pending]) -> None:
-        m, labels = self.metrics, (self.name, VERSION)
+        m = self.metrics.series(self.name)
         start = time.perf_counter()
-        for item in batch:
-            m.queue_us.labels(*labels).inc((start - item.enqueued) * 1e6)
+        m.queue_us.inc(sum(start - item.enqueued for item in batch) * 1e6)
         rows = sum(len(item.rows) for item in batch)
         try:
             inputs = model.stage([item.rows for item in batch], self.max_batch)   # copied once, padded
@@ -154,8 +188,7 @@ class DynamicBatcher:
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
             self._done(rows)
-            for item in batch:
-                item.future.set_exception(exc)
+            self._hand_back(batch, [exc] * len(batch))
             return
         offset, results = 0, []
         for item in batch:
@@ -163,15 +196,29 @@ class DynamicBatcher:
             offset += len(item.rows)
         done = time.perf_counter()
         n = len(batch)   # counted before the results are handed over: a client that got its answer sees it counted
-        m.input_us.labels(*labels).inc((started - start) * 1e6 * n)
-        m.infer_us.labels(*labels).inc((ran - started) * 1e6 * n)
-        m.output_us.labels(*labels).inc((done - ran) * 1e6 * n)
-        m.inference_count.labels(*labels).inc(rows)
-        m.exec_count.labels(*labels).inc()
-        m.batch_size.labels(self.name).observe(rows)
+        m.input_us.inc((started - start) * 1e6 * n)
+        m.infer_us.inc((ran - started) * 1e6 * n)
+        m.output_us.inc((done - ran) * 1e6 * n)
+        m.inference_count.inc(rows)
+        m.exec_count.inc()
+        m.batch_size.observe(rows)
         self._done(rows)
-        for item, result in zip(batch, results):
-            item.future.set_result(result)
+        self._hand_back(batch, results)
+
+    @staticmethod
+    def _hand_back(batch: list[Pending], outcomes: list) -> None:
+        """Each request its outcome: concurrent futures at once, asyncio ones by one call per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for item, outcome in zip(batch, outcomes):
+            if item.loop is None:
+                _settle(item.future, outcome)
+            else:
+                by_loop.setdefault(item.loop, []).append((item.future, outcome))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, pairs)
+            except RuntimeError:   # the loop is closed: nobody waits for these any more
+                log.warning("model answers dropped: their event loop is closed")
 
     def _done(self, rows: int) -> None:
         """A batch's rows are no longer in flight: counted out before the answers go, since a client may

@@ -14,6 +14,7 @@ from ...errors import ImageError
 from ...preprocess import decode_image
 from ..runner import model_input
 
+from .batcher import Closed
 from .metrics import VERSION, Metrics
 from .repository import ModelEntry, Repository
 from .tensors import BYTES, InferRequest, InputTensor, OutputTensor, ServeError, invalid, object_array
@@ -116,24 +117,24 @@ class Inference:
     async def infer(self, request: InferRequest) -> list[OutputTensor]:
         start = time.perf_counter()
         entry = self.repository.get_ready(request.model, request.version)
-        labels = (entry.name, VERSION)
-        self.metrics.pending.labels(*labels).inc()
+        series = self.metrics.series(entry.name)
+        series.pending.inc()
         self.in_flight += 1
         try:
             outputs = await self._infer(entry, request)
         except ServeError as exc:
-            self.metrics.failure.labels(*labels, _REASONS.get(exc.status, "OTHER")).inc()
+            self.metrics.failure.labels(entry.name, VERSION, _REASONS.get(exc.status, "OTHER")).inc()
             raise
         except Exception as exc:  # noqa: BLE001 - a failed run: the client gets 500, the server goes on
             log.exception("model %s: inference failed", entry.name)
-            self.metrics.failure.labels(*labels, "BACKEND").inc()
+            self.metrics.failure.labels(entry.name, VERSION, "BACKEND").inc()
             raise ServeError("INTERNAL", f"model '{entry.name}' failed on this request: {exc}") from None
         finally:
-            self.metrics.pending.labels(*labels).dec()
+            series.pending.dec()
             self.in_flight -= 1
-        self.metrics.success.labels(*labels).inc()
+        series.success.inc()
         self.metrics.last_inference[entry.name] = time.time()
-        self.metrics.request_us.labels(*labels).inc((time.perf_counter() - start) * 1e6)
+        series.request_us.inc((time.perf_counter() - start) * 1e6)
         return outputs
 
     async def _infer(self, entry: ModelEntry, request: InferRequest) -> list[OutputTensor]:
@@ -145,8 +146,7 @@ class Inference:
         else:
             rows = check_tensor(entry, tensor)
         try:
-            future = entry.batcher.submit(rows)
-        except RuntimeError as exc:  # closed: the server is draining
+            result = await entry.batcher.infer(rows)
+        except Closed as exc:  # the server is draining
             raise ServeError("UNAVAILABLE", str(exc)) from None
-        result = await asyncio.wrap_future(future)
         return build_outputs(entry, request, result)

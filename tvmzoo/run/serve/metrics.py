@@ -58,6 +58,21 @@ class _Bound:
         self.counter.add(self.values, amount)
 
 
+@dataclass(frozen=True)
+class ModelSeries:
+    """One model's series, bound once: `labels()` on every request costs a lock and a lookup each."""
+    success: _Bound
+    inference_count: _Bound
+    exec_count: _Bound
+    request_us: _Bound
+    queue_us: _Bound
+    input_us: _Bound
+    infer_us: _Bound
+    output_us: _Bound
+    pending: object         # prometheus_client's bound Gauge
+    batch_size: object      # and Histogram
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry
@@ -73,6 +88,7 @@ class Metrics:
     pending: Gauge
     batch_size: Histogram
     last_inference: dict[str, float] = field(default_factory=dict)   # model -> time.time() of its last success
+    _series: dict[str, ModelSeries] = field(default_factory=dict)
 
     @classmethod
     def create(cls) -> Metrics:
@@ -100,10 +116,18 @@ class Metrics:
 
     def count_model(self, model: str) -> None:
         """Make a model's series exist (at 0) from the start, as Triton's do."""
-        for metric in (self.success, self.inference_count, self.exec_count, self.request_us, self.queue_us,
-                       self.infer_us, self.input_us, self.output_us):
-            metric.labels(model, VERSION)
-        self.pending.labels(model, VERSION)
+        self.series(model)
+
+    def series(self, model: str) -> ModelSeries:
+        found = self._series.get(model)
+        if found is None:
+            labels = (model, VERSION)
+            found = self._series[model] = ModelSeries(
+                *(metric.labels(*labels) for metric in (
+                    self.success, self.inference_count, self.exec_count, self.request_us, self.queue_us,
+                    self.input_us, self.infer_us, self.output_us, self.pending)),
+                self.batch_size.labels(model))
+        return found
 
     def statistics(self, model: str) -> dict:
         """Triton's statistics extension for one model (what perf_analyzer reads for its server-side
