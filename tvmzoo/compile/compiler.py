@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -20,12 +21,12 @@ from ..io.package_data import build_in
 from ..config import PRECISIONS, BuildConfig, Quantize
 from ..errors import ConfigError, ModuleError, TvmzooError, in_context
 from ..models.export import ExportSpec, export_onnx
-from ..preprocess import Preprocessing
+from ..preprocess import MAX_PIXELS, Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .cpu import host_cpu
 from .pipeline import KernelCount, pass_names, run_pipeline
 from .schedules import AMX_RULES
-from .preflight import check_build_inputs, check_build_output, check_onnx_source
+from .preflight import check_build_inputs, check_build_output
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -62,12 +63,16 @@ def input_spec(cfg: BuildConfig) -> InputSpec:
     if len(dims) != 4 or dims[1] != 3 or min(dims[1:]) < 1:
         raise ConfigError(f"{cfg.path}: frontend.shape.{name} is {list(shape)}; expected [N, 3, H, W] "
                           "with N a batch size (or -1 for any) and H, W the input size.")
+    if dims[2] * dims[3] > MAX_PIXELS or abs(math.prod(dims)) >= 2 ** 31:   # TVM indexes tensors with int32
+        raise ConfigError(f"{cfg.path}: frontend.shape.{name} is {list(shape)}: too large to compile (at most "
+                          f"{MAX_PIXELS} pixels per image and 2^31 values per batch; the models here take "
+                          "e.g. 224 x 224). Set the input size the model was trained at.")
     return InputSpec(name, dims)
 
 
 def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
-    """The deploy ONNX of the YAML; exported first (step 1) when it does not exist and a model section says how."""
-    check_onnx_source(cfg)
+    """The deploy ONNX of the YAML; exported first (step 1) when it does not exist and a model section says how.
+    Callers run check_build_inputs first (it checks the ONNX or the model section, once per build)."""
     path = Path(cfg.frontend.checkpoint)
     if path.is_file():
         return path

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError, ModuleError
 from ..preprocess import Preprocessing, apply, read_image
 from .results import Prediction, predictions
 from .runtime import CompiledModel, model_dir, read_meta, stack_aligned
@@ -121,6 +121,8 @@ def _infer(model: CompiledModel, item: Batch, isolate: bool) -> Outcome:
     indices, names, inputs = item
     try:
         return indices, predictions(names, model.run(inputs)), []
+    except ModuleError:   # the module, not this batch, is wrong: no image would get through
+        raise
     except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
         if not isolate:
             raise

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,10 +274,30 @@ class CompiledModel:
                              f"{given} to {self.input_dtype} would change the values. Pass {self.input_dtype}.")
 
     def _run_exact(self, batch: np.ndarray) -> np.ndarray:
-        out = self.vm["main"](self._input_tensor(batch))
+        try:
+            out = self.vm["main"](self._input_tensor(batch))
+        except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
+            refused = self._signature_error(exc, batch)
+            if refused is None:
+                raise
+            raise refused from None
         if isinstance(out, (list, tuple)) or not hasattr(out, "numpy"):
             out = out[0]
         return out.numpy().astype(np.float32)
+
+    def _signature_error(self, exc: Exception, batch: np.ndarray) -> Exception | None:
+        """TVM's check of the input against the compiled signature (`match_cast error ... annotation=R.Tensor(..)`)
+        as an error that says whose mistake it is: a batch that fits mod.json means mod.json does not
+        describe mod.so (edited by hand, or copied from another build); else the caller passed another shape."""
+        found = re.search(r"loc=param\[0\].*?annotation=(R\.Tensor\(.*?\))\)", str(exc))
+        if found is None:
+            return None
+        takes = found.group(1)
+        if batch.shape[1:] == self.input_shape[1:] and len(batch) == (self.fixed_batch or len(batch)):
+            return ModuleError(f"{self.directory}: mod.json says the module takes {self.input_dtype} "
+                               f"{list(self.input_shape)} but mod.so takes {takes}: mod.json was edited or comes "
+                               "from another build. Recompile the model with `vamc compile`.")
+        return ValueError(f"{self.directory} takes {takes}, got {batch.dtype} {list(batch.shape)}.")
 
     def _input_tensor(self, batch: np.ndarray):
         """The batch as the VM's input: in place when it is aligned (see `aligned_empty`), else copied into a

@@ -1,0 +1,113 @@
+"""Reliability, session 10: build YAMLs and model folders that still broke the tools. A backend.target
+TVM refuses or that is no CPU (was: a traceback, or a CUDA module written that cannot load), an input size
+TVM cannot index (was: "report it" after the compile), a mod.json edited by hand (was: a TVM traceback in
+vamp, every image failed in run). Real CLIs on real files, the tiny compiled model of
+test_reliability_outputs. The serve cases are in test_serve.py (`_bad_requests`) and below."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_reliability import one_error, run_main
+from test_reliability_outputs import photos, root, tiny  # noqa: F401 - fixtures
+from tvmzoo.cli import classification_main, vamc_main, vamp_main
+from tvmzoo.run.serve import http_server
+from tvmzoo.run.serve.http_app import Response
+
+pytestmark = pytest.mark.reliability
+
+
+def _yaml(root: Path, tmp_path: Path, **changes) -> Path:
+    """The tiny model's YAML with `changes` (dotted keys), building into tmp_path/ws."""
+    cfg = yaml.safe_load((root / "tiny.yaml").read_text())
+    cfg["workspace"]["path"] = str(tmp_path / "ws")
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path = tmp_path / "build.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("target, words", [
+    ("cuda", ["kind 'cuda' is not a CPU target", "Leave backend.target out"]),
+    ("avx512", ["kind 'avx512' is not a CPU target"]),
+    ("llvm -mcpu=skylake -opt=3", ["TVM refuses it", "Unknown config option 'opt'"]),
+    ({"kind": "llvm", "mcpu": "skylake", "num-cores": "four"}, ["TVM refuses it", "num-cores"]),
+])
+def test_a_target_tvm_refuses_or_no_cpu_is_one_error(target, words, tiny, root, tmp_path, capsys):
+    proc = run_main(vamc_main, "compile", _yaml(root, tmp_path, **{"backend.target": target}), capsys=capsys)
+    assert "backend.target" in one_error(proc, *words)
+    assert not (tmp_path / "ws" / "tiny").exists()
+
+
+def test_mattr_in_the_target_string_compiles(tiny, root, tmp_path, capsys):
+    """'llvm -mcpu=... -mattr=+a,+b' (the vendor form): TVM takes mattr as a list (was: a traceback)."""
+    path = _yaml(root, tmp_path, **{"backend.target": "llvm -mcpu=x86-64 -mattr=+sse4.2,+popcnt"})
+    proc = run_main(vamc_main, "compile", path, capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "ws" / "tiny" / "mod.json").read_text())
+    assert meta["target"]["mattr"] == ["+sse4.2", "+popcnt"]
+
+
+@pytest.mark.parametrize("shape", [[1, 3, 100000, 100000], [100000, 3, 224, 224]])
+def test_an_input_size_tvm_cannot_index_is_refused_before_compiling(shape, tiny, root, tmp_path, capsys):
+    proc = run_main(vamc_main, "compile", _yaml(root, tmp_path, **{"frontend.shape.input": shape}), capsys=capsys)
+    one_error(proc, "frontend.shape.input", "too large to compile", "input size the model was trained at")
+
+
+@pytest.mark.parametrize("edit", ["batch", "image size"])
+def test_a_mod_json_edited_by_hand_is_named_not_a_tvm_error(edit, tiny, photos, tmp_path, capsys):
+    folder = Path(shutil.copytree(tiny.parent, tmp_path / "edited"))
+    meta = json.loads((folder / "mod.json").read_text())
+    meta["input"]["shape"] = [4, 3, 32, 32] if edit == "batch" else [1, 3, 64, 64]
+    (folder / "mod.json").write_text(json.dumps(meta))
+    words = ["mod.json says the module takes float32", "but mod.so takes R.Tensor((1, 3, 32, 32)",
+             "Recompile"]
+    proc = run_main(vamp_main, "-m", folder / "mod", "--iterations", "2", capsys=capsys)
+    one_error(proc, *words)
+    if edit == "batch":   # run preprocesses to the recorded crop (32 x 32): only the batch disagrees there
+        proc = run_main(classification_main, "--file_path", photos, "--model_prefix_path", folder / "mod",
+                        "--save_dir", tmp_path / "out", capsys=capsys)
+        one_error(proc, *words)
+        assert "failed:" not in proc.stderr and not (tmp_path / "out" / "result.txt").exists()
+
+
+def test_an_error_inside_the_http_parser_gets_a_400_answer(monkeypatch):
+    """A fault of ours while a request is parsed (an exception in an httptools callback other than the
+    size refusals) is answered 400 with its reason, then the connection closes (was: closed, no answer)."""
+    def broken_on_url(self, url: bytes) -> None:
+        raise UnicodeDecodeError("utf-8", url, 0, 1, "a fault while reading the URL")
+
+    monkeypatch.setattr(http_server.Connection, "on_url", broken_on_url)
+
+    async def app(request) -> Response:
+        return Response.json({"ok": True})
+
+    async def exchange() -> bytes:
+        server = http_server.HttpServer(app, max_body=1 << 20)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        await server.listen([sock])
+        reader, writer = await asyncio.open_connection(*sock.getsockname())
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)   # until the server closes
+        writer.close()
+        server.stop()
+        await server.close_all_connections()
+        return answer
+
+    answer = asyncio.run(exchange())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head, answer
+    assert "a fault while reading the URL" in json.loads(body)["error"]
