@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT
 from test_reliability import one_error, run_main
 from test_reliability_outputs import photos, root, tiny  # noqa: F401 - fixtures
 from tvmzoo.cli import classification_main, vamc_main, vamp_main
@@ -111,3 +112,26 @@ def test_an_error_inside_the_http_parser_gets_a_400_answer(monkeypatch):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head, answer
     assert "a fault while reading the URL" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not JSON", "workload of another kind", "missing folder"])
+def test_tuning_records_that_cannot_be_read_are_named(damage, tiny, root, tmp_path, capsys):
+    """A damaged records folder (was: `TVM could not compile the model … Try another backend.dtype`), a
+    tuning.records path with a typo (was: an untuned build, without a word)."""
+    shipped = ROOT / "tvmzoo" / "build_in" / "tuning" / "repvgg-a0" / "llvm-sapphirerapids" / "fp32-b1-224x224"
+    records = tmp_path / "records"
+    if damage != "missing folder":
+        shutil.copytree(shipped, records)
+        workloads, tuned = records / "database_workload.json", records / "database_tuning_record.json"
+        if damage == "truncated":   # a copy cut short
+            tuned.write_bytes(tuned.read_bytes()[:500])
+        elif damage == "not JSON":
+            workloads.write_text("<html>404</html>\n")
+        else:
+            workloads.write_text("[1, 2]\n")
+    words = ["tuning.records", str(records)]
+    words += ["does not exist", "vamc tune"] if damage == "missing folder" else ["cannot be read", "corrupt"]
+    proc = run_main(vamc_main, "compile", _yaml(root, tmp_path, **{"tuning": {"records": str(records)}}),
+                    capsys=capsys)
+    one_error(proc, *words)
+    assert not (tmp_path / "ws" / "tiny").exists()

@@ -133,6 +133,16 @@ def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict, precision: str 
     return records_for(root, target, build) if nearest else root / target_key(target) / build
 
 
+def _check_records(cfg: BuildConfig, records: Path | None) -> None:
+    from .records import records_problem
+
+    named = bool(cfg.tuning and cfg.tuning.get("records"))
+    problem = records and records_problem(records, named)
+    if problem:
+        raise ConfigError(f"{cfg.path}: {'tuning.records' if named else 'the shipped tuning records'} "
+                          f"{records} {problem}.")
+
+
 def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -215,12 +225,13 @@ def compile_model(cfg: BuildConfig) -> Path:
     plan = plan_for(cfg, target, features)
     model, onnx_path = prepare_onnx(cfg, spec)
     pre = preprocessing_of(cfg)
+    records = records_dir(cfg, spec, target, plan.compute)  # the same kernels with fused preprocessing
+    _check_records(cfg, records)
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         _carry_over(out_dir, tmp)
         if precision == "int8":
             model = quantize_for_build(cfg, model, spec, pre, tmp / "calib.json")
-        records = records_dir(cfg, spec, target, plan.compute)  # the same kernels with fused preprocessing
         if cfg.graph.preprocess == "fused":  # crop / normalize / layout inside the module (tvmzoo.preprocess.fused)
             from ..preprocess.fused import fuse_for_build
             model, spec = fuse_for_build(model, spec, pre, cfg.path)
