@@ -9,6 +9,8 @@ import asyncio
 import json
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,16 @@ def test_tuning_records_that_cannot_be_read_are_named(damage, tiny, root, tmp_pa
                     capsys=capsys)
     one_error(proc, *words)
     assert not (tmp_path / "ws" / "tiny").exists()
+
+
+@pytest.mark.parametrize("flags", [["vamp", "-i", "1000000"], ["vamp", "-t", "100000"],
+                                   ["tvmzoo", "run", "--infer_mode", "async", "--instances", "100000"],
+                                   ["tvmzoo", "serve", "--instances", "100000"]])
+def test_instances_or_threads_far_beyond_the_cores_are_refused_at_once(flags, tiny, photos, tmp_path):
+    """Each instance is a loaded model and a thread (was: the process hung loading a million of them)."""
+    where = {"vamp": ["-m", tiny, "--iterations", "1"],
+             "run": ["--file_path", photos, "--model_prefix_path", tiny, "--save_dir", tmp_path / "out"],
+             "serve": [tiny.parent, "--http-port", "0", "--grpc-port", "0"]}[flags[1] if flags[0] == "tvmzoo" else "vamp"]
+    program = str(Path(sys.executable).parent / flags[0])
+    proc = subprocess.run([program, *flags[1:], *map(str, where)], capture_output=True, text=True, timeout=120)
+    assert "cores this process may use" in one_error(proc, "Use at most")

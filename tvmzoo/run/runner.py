@@ -25,7 +25,7 @@ from ..errors import ConfigError, ImageError, ModuleError
 from ..preprocess import Preprocessing, apply, read_image
 from .results import Prediction, predictions
 from .runtime import CompiledModel, model_dir, read_meta, stack_aligned
-from .threads import instance_cores, pin_this_thread_pool, threads_per_instance
+from .threads import check_per_core, instance_cores, pin_this_thread_pool, threads_per_instance
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class RunOptions:
         for name in ("batch", "instances", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.remote is None:   # over RPC one instance runs per device
+            check_per_core("--instances", self.instances)
 
 
 def model_input(pre: Preprocessing, image_bgr: np.ndarray, fused: bool) -> np.ndarray:
