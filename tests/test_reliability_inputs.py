@@ -150,3 +150,26 @@ def test_instances_or_threads_far_beyond_the_cores_are_refused_at_once(flags, ti
     program = str(Path(sys.executable).parent / flags[0])
     proc = subprocess.run([program, *flags[1:], *map(str, where)], capture_output=True, text=True, timeout=120)
     assert "cores this process may use" in one_error(proc, "Use at most")
+
+
+@pytest.mark.parametrize("key", ["frontend.checkpoint", "dataset.path"])
+def test_a_path_beside_the_yaml_run_from_elsewhere_is_pointed_at(key, tiny, root, photos, tmp_path, monkeypatch,
+                                                                capsys):
+    """Paths in a build YAML are read from the current folder; run from elsewhere, the message said only
+    'does not exist. Export it first' (the file was there, beside the YAML). Now it names where it is."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(root / "tiny.onnx", folder / "tiny.onnx")
+    shutil.copytree(photos, folder / "calib")
+    cfg = yaml.safe_load((root / "tiny.yaml").read_text())
+    cfg["frontend"]["checkpoint"] = "tiny.onnx" if key == "frontend.checkpoint" else str(folder / "tiny.onnx")
+    cfg["dataset"]["path"] = "calib"
+    cfg["backend"]["dtype"] = "int8" if key == "dataset.path" else "fp32"
+    cfg["workspace"]["path"] = str(tmp_path / "ws")
+    (folder / "build.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    proc = run_main(vamc_main, "compile", "model/build.yaml", capsys=capsys)
+    wanted = folder / ("tiny.onnx" if key == "frontend.checkpoint" else "calib")
+    one_error(proc, key, "read from the current folder", f"{wanted} is beside the YAML")
+    monkeypatch.chdir(folder)
+    assert run_main(vamc_main, "compile", "build.yaml", capsys=capsys).returncode == 0

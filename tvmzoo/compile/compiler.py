@@ -26,7 +26,7 @@ from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .cpu import host_cpu
 from .pipeline import KernelCount, pass_names, run_pipeline
 from .schedules import AMX_RULES
-from .preflight import check_build_inputs, check_build_output
+from .preflight import beside_yaml, check_build_inputs, check_build_output
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def _check_records(cfg: BuildConfig, records: Path | None) -> None:
     problem = records and records_problem(records, named)
     if problem:
         raise ConfigError(f"{cfg.path}: {'tuning.records' if named else 'the shipped tuning records'} "
-                          f"{records} {problem}.")
+                          f"{records} {problem}{beside_yaml(cfg, records)}.")
 
 
 def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
