@@ -19,7 +19,7 @@ import yaml
 from conftest import ROOT
 from test_reliability import one_error, run_main
 from test_reliability_outputs import photos, root, tiny  # noqa: F401 - fixtures
-from tvmzoo.cli import classification_main, vamc_main, vamp_main
+from tvmzoo.cli import classification_main, eval_topk_main, vamc_main, vamp_main
 from tvmzoo.run.serve import http_server
 from tvmzoo.run.serve.http_app import Response
 
@@ -173,3 +173,15 @@ def test_a_path_beside_the_yaml_run_from_elsewhere_is_pointed_at(key, tiny, root
     one_error(proc, key, "read from the current folder", f"{wanted} is beside the YAML")
     monkeypatch.chdir(folder)
     assert run_main(vamc_main, "compile", "build.yaml", capsys=capsys).returncode == 0
+
+
+def test_a_ground_truth_file_of_other_images_is_refused(tiny, photos, tmp_path, capsys):
+    """eval_topk --gt naming none of the results' images (was: a top-1 from the wnids in the file names,
+    exit 0, as if the ground-truth file had been used)."""
+    result = tmp_path / "result.txt"
+    assert run_main(classification_main, "--file_path", photos, "--model_prefix_path", tiny,
+                    "--save_result_txt", result, capsys=capsys).returncode == 0
+    gt = tmp_path / "val_gt.txt"
+    gt.write_text("ILSVRC2012_val_00000001.JPEG 65\nILSVRC2012_val_00000002.JPEG 970\n")
+    proc = run_main(eval_topk_main, result, "--gt", gt, capsys=capsys)
+    one_error(proc, str(gt), "names none of the 6 images", "ground-truth file of these images")
