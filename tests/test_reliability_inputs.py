@@ -185,3 +185,15 @@ def test_a_ground_truth_file_of_other_images_is_refused(tiny, photos, tmp_path, 
     gt.write_text("ILSVRC2012_val_00000001.JPEG 65\nILSVRC2012_val_00000002.JPEG 970\n")
     proc = run_main(eval_topk_main, result, "--gt", gt, capsys=capsys)
     one_error(proc, str(gt), "names none of the 6 images", "ground-truth file of these images")
+
+
+def test_a_mod_json_whose_preprocessing_contradicts_its_input_is_refused(tiny, photos, tmp_path, capsys):
+    """`preprocess: fused` written into a host-preprocessed build's mod.json (was: every image failed with a
+    TVM shape error, exit 1)."""
+    folder = Path(shutil.copytree(tiny.parent, tmp_path / "edited"))
+    meta = json.loads((folder / "mod.json").read_text())
+    (folder / "mod.json").write_text(json.dumps({**meta, "preprocess": "fused"}))
+    proc = run_main(classification_main, "--file_path", photos, "--model_prefix_path", folder / "mod",
+                    "--save_dir", tmp_path / "out", capsys=capsys)
+    one_error(proc, "is not a tvmzoo module description", "'preprocess' is 'fused' but the input is float32 NCHW")
+    assert "failed:" not in proc.stderr

@@ -99,7 +99,19 @@ def _meta_problem(meta) -> str | None:
             return f"'{key}' must be a {kind.__name__}, got {printable(repr(meta[key]), 60)}"
     if not all(isinstance(f, str) for f in meta["cpu_features"]):
         return "'cpu_features' must be a list of strings"
-    return _input_problem(meta["input"]) or _preprocessing_problem(meta.get("preprocessing"))
+    return (_input_problem(meta["input"]) or _fused_problem(meta)
+            or _preprocessing_problem(meta.get("preprocessing")))
+
+
+def _fused_problem(meta: dict) -> str | None:
+    """A fused module takes the resized uint8 NHWC image, a host-preprocessed one an NCHW tensor: a
+    mod.json saying otherwise was edited (every image would fail with a TVM shape error)."""
+    fused = meta.get("preprocess") == "fused"
+    dtype, layout = np.dtype(meta["input"].get("dtype", "float32")), meta["input"].get("layout", "NCHW")
+    if fused != (layout == "NHWC") or (fused and dtype != np.uint8):
+        return (f"'preprocess' is {meta.get('preprocess', 'host')!r} but the input is {dtype} {layout}; a fused "
+                "module takes uint8 NHWC, a host-preprocessed one NCHW")
+    return None
 
 
 def _input_problem(spec: dict) -> str | None:
