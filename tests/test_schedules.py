@@ -526,7 +526,7 @@ def test_avx512_targets_build_full_width_vectors():
     assert resolve_target("llvm -mcpu=sapphirerapids")["mattr"] == [WIDE_VECTORS]
     assert resolve_target({"kind": "llvm", "mcpu": "skylake-avx512"})["mattr"] == [WIDE_VECTORS]
     assert "mattr" not in resolve_target("llvm -mcpu=haswell")
-    assert resolve_target("llvm -mcpu=cascadelake -mattr=+avx512f")["mattr"] == "+avx512f"  # the user's choice
+    assert resolve_target("llvm -mcpu=cascadelake -mattr=+avx512f")["mattr"] == ["+avx512f"]  # the user's choice
     if "avx512f" not in host_cpu_flags():
         pytest.skip("host has no AVX-512")
 

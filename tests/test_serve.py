@@ -170,6 +170,12 @@ def _binary_images(item: bytes) -> tuple[bytes, dict]:
     return header + blob, {"Inference-Header-Content-Length": str(len(header))}
 
 
+def _binary_floats(x: np.ndarray) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
 def _bad_requests(sample_images) -> list[tuple[str, str, bytes, dict, int, bool]]:
     """(what, model, body, headers, HTTP status, counted as the model's failure)"""
     good = {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}
@@ -191,6 +197,17 @@ def _bad_requests(sample_images) -> list[tuple[str, str, bytes, dict, int, bool]
         ("no inputs", HOST, b'{"outputs": []}', {}, 400, False),
         ("binary size past the end", HOST, body({**good, "data": None, "parameters": {"binary_data_size": 12288}}),
          {"Inference-Header-Content-Length": "0"}, 400, False),
+        # session 10 (was: 500, or 200 with meaningless scores)
+        ("a boolean in the shape", HOST, body({**good, "shape": [True, 3, 32, 32]}), {}, 400, False),
+        ("an integer beyond 64 bits as FP32 data", HOST, body({**good, "data": [10 ** 400]}), {}, 400, False),
+        ("booleans as FP32 data", HOST, body({**good, "data": [True] * 3072}), {}, 400, False),
+        ("300 as UINT8 data", HOST, body({**good, "datatype": "UINT8", "data": [300] * 3072}), {}, 400, False),
+        ("JSON nested 100000 deep", HOST, b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}", {}, 400, False),
+        ("classification: true", HOST, json.dumps({"inputs": [good], "outputs": [
+            {"name": "output", "parameters": {"classification": True}}]}).encode(), {}, 400, False),
+        ("NaN in JSON data", HOST, body({**good, "data": [float("nan")] * 3072}), {}, 400, True),
+        ("1e300 as FP32 (infinite)", HOST, body({**good, "data": [1e300] * 3072}), {}, 400, True),
+        ("NaN in binary data", HOST, *_binary_floats(np.full(3072, np.nan, np.float32)), 400, True),
         ("unknown model", "nope", body(good), {}, 404, False),
         ("unknown version", f"{HOST}/versions/7", body(good), {}, 404, False),
     ]

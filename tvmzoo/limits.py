@@ -20,6 +20,7 @@ IMAGE_BYTES_PER_PIXEL = 8    # most an encoded pixel can take: 16-bit RGBA store
 IMAGE_EXTRA_BYTES = 16 << 20  # bytes an image file may hold beyond its pixels (EXIF, ICC profile, thumbnails)
 IMAGE_HEADER_BYTES = 1 << 20  # how far into a file its size must be found (JPEG EXIF / ICC segments first)
 MAX_NPZ_ARRAY_BYTES = 1 << 30  # one array read from an npz (an image2npz input at the pixel limit: 300 MB)
+PER_CORE = 8                 # model instances, or threads per instance, per usable core (-i, -t, --instances)
 MEMORY_SHARE = 0.5           # share of the memory available now that vamp's input buffers may take
 
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -20,12 +21,12 @@ from ..io.package_data import build_in
 from ..config import PRECISIONS, BuildConfig, Quantize
 from ..errors import ConfigError, ModuleError, TvmzooError, in_context
 from ..models.export import ExportSpec, export_onnx
-from ..preprocess import Preprocessing
+from ..preprocess import MAX_PIXELS, Preprocessing
 from ..run.runtime import META_FILE, MODULE_FILE, file_sha256
 from .cpu import host_cpu, host_flags
 from .pipeline import KernelCount, pass_names, run_pipeline
 from .schedules import AMX_RULES
-from .preflight import check_build_inputs, check_build_output, check_onnx_source
+from .preflight import beside_yaml, check_build_inputs, check_build_output
 from .target import required_features, resolve_target
 
 if TYPE_CHECKING:
@@ -62,12 +63,16 @@ def input_spec(cfg: BuildConfig) -> InputSpec:
     if len(dims) != 4 or dims[1] != 3 or min(dims[1:]) < 1:
         raise ConfigError(f"{cfg.path}: frontend.shape.{name} is {list(shape)}; expected [N, 3, H, W] "
                           "with N a batch size (or -1 for any) and H, W the input size.")
+    if dims[2] * dims[3] > MAX_PIXELS or abs(math.prod(dims)) >= 2 ** 31:   # TVM indexes tensors with int32
+        raise ConfigError(f"{cfg.path}: frontend.shape.{name} is {list(shape)}: too large to compile (at most "
+                          f"{MAX_PIXELS} pixels per image and 2^31 values per batch; the models here take "
+                          "e.g. 224 x 224). Set the input size the model was trained at.")
     return InputSpec(name, dims)
 
 
 def ensure_onnx(cfg: BuildConfig, spec: InputSpec) -> Path:
-    """The deploy ONNX of the YAML; exported first (step 1) when it does not exist and a model section says how."""
-    check_onnx_source(cfg)
+    """The deploy ONNX of the YAML; exported first (step 1) when it does not exist and a model section says how.
+    Callers run check_build_inputs first (it checks the ONNX or the model section, once per build)."""
     path = Path(cfg.frontend.checkpoint)
     if path.is_file():
         return path
@@ -126,6 +131,16 @@ def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict, precision: str 
     root = TUNING_ROOT / f"{cfg.model.family}-{arch}".lower()
     build = f"{precision or cfg.backend.dtype}-{batch}-{spec.shape[2]}x{spec.shape[3]}"
     return records_for(root, target, build) if nearest else root / target_key(target) / build
+
+
+def _check_records(cfg: BuildConfig, records: Path | None) -> None:
+    from .records import records_problem
+
+    named = bool(cfg.tuning and cfg.tuning.get("records"))
+    problem = records and records_problem(records, named)
+    if problem:
+        raise ConfigError(f"{cfg.path}: {'tuning.records' if named else 'the shipped tuning records'} "
+                          f"{records} {problem}{beside_yaml(cfg, records)}.")
 
 
 def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
@@ -226,12 +241,13 @@ def compile_model(cfg: BuildConfig) -> Path:
     plan = plan_for(cfg, target, features)
     model, onnx_path = prepare_onnx(cfg, spec)
     pre = preprocessing_of(cfg)
+    records = records_dir(cfg, spec, target, plan.compute)  # the same kernels with fused preprocessing
+    _check_records(cfg, records)
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         _carry_over(out_dir, tmp)
         if precision == "int8":
             model = quantize_for_build(cfg, model, spec, pre, tmp / "calib.json")
-        records = records_dir(cfg, spec, target, plan.compute)  # the same kernels with fused preprocessing
         if cfg.graph.preprocess == "fused":  # crop / normalize / layout inside the module (tvmzoo.preprocess.fused)
             from ..preprocess.fused import fuse_for_build
             model, spec = fuse_for_build(model, spec, pre, cfg.path)

@@ -15,6 +15,21 @@ def check_build_output(cfg: BuildConfig) -> Path:
     return check_replaceable(Path(cfg.workspace) / cfg.name, META_FILE, f"{cfg.path}: workspace.path / name:")
 
 
+def beside_yaml(cfg: BuildConfig, path: Path | str | None) -> str:
+    """A hint when `path` is missing but the same relative path exists beside the YAML: paths in a build YAML
+    are read from the current folder (as the vendor flow reads them), which surprises a YAML run from elsewhere."""
+    if path is None or cfg.path is None:
+        return ""
+    path, cwd = Path(path), Path.cwd()
+    if path.exists() or not path.is_relative_to(cwd):
+        return ""
+    there = Path(cfg.path).resolve().parent / path.relative_to(cwd)
+    if not there.exists():
+        return ""
+    return (f" (paths in a build YAML are read from the current folder, {cwd}; {there} is beside the YAML: "
+            "run from the YAML's folder, or write the path from here or as an absolute path)")
+
+
 def check_onnx_source(cfg: BuildConfig) -> None:
     """frontend.checkpoint is an ONNX file, or missing with a model section to export it from."""
     path = Path(cfg.frontend.checkpoint)
@@ -22,7 +37,7 @@ def check_onnx_source(cfg: BuildConfig) -> None:
         raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} is a folder: set it to the deploy .onnx file "
                           "(or to where a 'model:' section should export it).")
     if not path.is_file() and cfg.model is None:
-        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} does not exist. Export it first "
+        raise ConfigError(f"{cfg.path}: frontend.checkpoint {path} does not exist{beside_yaml(cfg, path)}. Export it first "
                           "(tvmzoo export ...) or add a 'model:' section (family, arch, source, weights) "
                           "so that compile exports it.")
 
@@ -44,7 +59,8 @@ def check_build_inputs(cfg: BuildConfig, calibrate: bool | None = None) -> None:
     try:
         calibration_images(cfg.dataset)
     except ConfigError as exc:
-        raise ConfigError(f"{cfg.path}: {exc} (or pass --set dataset.path=<folder>)") from None
+        raise ConfigError(f"{cfg.path}: {exc}{beside_yaml(cfg, cfg.dataset.path)} (or pass --set "
+                          "dataset.path=<folder>)") from None
 
 
 def _check_weights(cfg: BuildConfig) -> None:
@@ -53,4 +69,4 @@ def _check_weights(cfg: BuildConfig) -> None:
     try:
         resolve_weights(cfg.model.family, cfg.model.arch, cfg.model.source, str(cfg.model.weights))
     except TvmzooError as exc:
-        raise type(exc)(f"{cfg.path}: model: {exc}") from None
+        raise type(exc)(f"{cfg.path}: model: {exc}{beside_yaml(cfg, cfg.model.weights)}") from None

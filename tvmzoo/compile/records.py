@@ -116,6 +116,24 @@ def has_records(work_dir: Path) -> bool:
     return (Path(work_dir) / WORKLOAD_FILE).is_file() and (Path(work_dir) / RECORD_FILE).is_file()
 
 
+def records_problem(work_dir: Path, named: bool) -> str | None:
+    """Why the records in `work_dir` cannot be applied, or None. TVM's own parse errors name neither the
+    folder nor a fix; a folder the YAML names (`named`) must exist: a typo would build untuned without a word."""
+    if not work_dir.exists():
+        return "does not exist: fix the path, or run `vamc tune` to create it" if named else None
+    if not work_dir.is_dir():
+        return "is not a folder: set it to the folder holding database_workload.json and database_tuning_record.json"
+    if not has_records(work_dir):
+        return None
+    try:
+        ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=False)
+    except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return (f"cannot be read ({reason}): a records file is corrupt or truncated. Move the folder away and "
+                "run `vamc tune` again, or remove tuning.records to build with the default schedules")
+    return None
+
+
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyTuningRecords")

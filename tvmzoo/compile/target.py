@@ -44,14 +44,33 @@ def resolve_target(spec: str | dict | None) -> dict:
 
 
 def _checked(target: dict) -> dict:
-    """An -mcpu LLVM does not know is an error (LLVM would build a generic module without a word)."""
-    if target["kind"] == "llvm" and target.get("mcpu"):
+    """A CPU (LLVM) target TVM accepts. An -mcpu LLVM does not know is an error (LLVM would build a generic
+    module without a word); so is another kind (a CUDA module would be written, then fail to load)."""
+    if target["kind"] != "llvm":
+        raise ConfigError(f"backend.target: kind '{target['kind']}' is not a CPU target: tvmzoo compiles for CPUs "
+                          "with LLVM. Leave backend.target out (this CPU) or write e.g. 'llvm -mcpu=skylake-avx512'.")
+    if isinstance(target.get("mattr"), str):   # the string form's -mattr=+a,+b
+        target["mattr"] = target["mattr"].split(",")
+    if target.get("mcpu"):
         if target["mcpu"] == "native":
             target["mcpu"] = detect_mcpu()
         problem = check_cpu(str(target["mcpu"]))
         if problem:
             raise ConfigError(f"backend.target: {problem}")
+    _tvm_accepts(target)
     return target
+
+
+def _tvm_accepts(target: dict) -> None:
+    """TVM's own check of the options (an unknown key, a value of the wrong type), as one clear error."""
+    import tvm
+
+    try:
+        tvm.target.Target(target)
+    except (ValueError, TypeError, RuntimeError) as exc:   # TVM raises ValueError for unknown options
+        reason = str(exc).strip().splitlines()[-1]
+        raise ConfigError(f"backend.target {target}: TVM refuses it ({reason}). Write e.g. "
+                          "'llvm -mcpu=skylake-avx512 -num-cores=4'.") from None
 
 
 def _with_wide_vectors(target: dict) -> dict:

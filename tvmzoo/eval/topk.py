@@ -1,10 +1,14 @@
 """eval_topk and npz decode: result files in, accuracy or result files out."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..run.npz import read_datalist, read_outputs
 from ..run.results import TopK, predictions, read_results, top_k, write_results
+
+log = logging.getLogger(__name__)
 
 
 def ground_truth_of(paths, gt_file: str | Path | None = None, wnids: str | Path | None = None) -> dict[str, int]:
@@ -12,6 +16,10 @@ def ground_truth_of(paths, gt_file: str | Path | None = None, wnids: str | Path 
     from ..io.images import ground_truth, load_ground_truth_file, load_labels
 
     by_name = load_ground_truth_file(gt_file) if gt_file else {}
+    if gt_file and paths and not any(Path(path).name in by_name for path in paths):
+        raise ConfigError(f"ground-truth file {gt_file} names none of the {len(paths)} images in the results "
+                          f"(e.g. {Path(paths[0]).name}): it is the ground truth of other images. Pass the "
+                          "ground-truth file of these images.")
     wnid_index = {w: i for i, w in enumerate(load_labels(None, wnids=wnids).wnids)}
     truth = {}
     for path in paths:
@@ -26,7 +34,11 @@ def ground_truth_of(paths, gt_file: str | Path | None = None, wnids: str | Path 
 def evaluate_result_file(result: str | Path, gt_file: str | Path | None = None,
                          wnids: str | Path | None = None) -> TopK:
     preds = read_results(result)
-    return top_k(preds, ground_truth_of([p.path for p in preds], gt_file, wnids))
+    score = top_k(preds, ground_truth_of([p.path for p in preds], gt_file, wnids))
+    if score.skipped:
+        log.warning("%d of the %d images in %s have no ground truth and are not scored", score.skipped,
+                    len(preds), result)
+    return score
 
 
 def decode_npz_outputs(datalist: Path, out_dir: Path, result: Path, labels: str | Path | None = None) -> int:

@@ -19,7 +19,7 @@ from .bench_checks import check_memory, input_shape
 from .npz import load_input, output_path, save_npz
 from ..preprocess import Preprocessing
 from .runtime import CompiledModel, stack_aligned
-from .threads import instance_cores, pin_this_thread_pool, threads_per_instance
+from .threads import check_per_core, instance_cores, pin_this_thread_pool, threads_per_instance
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class BenchConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"vamp: {flag} must be an integer >= {least}, got {value!r}.")
+        check_per_core(_FLAGS["instances"], self.instances)
+        check_per_core(_FLAGS["threads"], self.threads)
         if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 1):
             raise ConfigError(f"vamp: -s/--shape must be three sizes >= 1 (C,H,W), got "
                               f"{','.join(map(str, self.shape))}.")

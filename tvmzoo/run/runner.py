@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError, ModuleError
 from ..preprocess import Preprocessing, apply, read_image
 from .results import Prediction, predictions
 from .runtime import CompiledModel, model_dir, read_meta, stack_aligned
-from .threads import instance_cores, pin_this_thread_pool, threads_per_instance
+from .threads import check_per_core, instance_cores, pin_this_thread_pool, threads_per_instance
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class RunOptions:
         for name in ("batch", "instances", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.remote is None:   # over RPC one instance runs per device
+            check_per_core("--instances", self.instances)
 
 
 def model_input(pre: Preprocessing, image_bgr: np.ndarray, fused: bool) -> np.ndarray:
@@ -121,6 +123,8 @@ def _infer(model: CompiledModel, item: Batch, isolate: bool) -> Outcome:
     indices, names, inputs = item
     try:
         return indices, predictions(names, model.run(inputs)), []
+    except ModuleError:   # the module, not this batch, is wrong: no image would get through
+        raise
     except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
         if not isolate:
             raise

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,19 @@ def _meta_problem(meta) -> str | None:
             return f"'{key}' must be a {kind.__name__}, got {printable(repr(meta[key]), 60)}"
     if not all(isinstance(f, str) for f in meta["cpu_features"]):
         return "'cpu_features' must be a list of strings"
-    return _input_problem(meta["input"]) or _preprocessing_problem(meta.get("preprocessing"))
+    return (_input_problem(meta["input"]) or _fused_problem(meta)
+            or _preprocessing_problem(meta.get("preprocessing")))
+
+
+def _fused_problem(meta: dict) -> str | None:
+    """A fused module takes the resized uint8 NHWC image, a host-preprocessed one an NCHW tensor: a
+    mod.json saying otherwise was edited (every image would fail with a TVM shape error)."""
+    fused = meta.get("preprocess") == "fused"
+    dtype, layout = np.dtype(meta["input"].get("dtype", "float32")), meta["input"].get("layout", "NCHW")
+    if fused != (layout == "NHWC") or (fused and dtype != np.uint8):
+        return (f"'preprocess' is {meta.get('preprocess', 'host')!r} but the input is {dtype} {layout}; a fused "
+                "module takes uint8 NHWC, a host-preprocessed one NCHW")
+    return None
 
 
 def _input_problem(spec: dict) -> str | None:
@@ -278,10 +291,30 @@ class CompiledModel:
                              f"{given} to {self.input_dtype} would change the values. Pass {self.input_dtype}.")
 
     def _run_exact(self, batch: np.ndarray) -> np.ndarray:
-        out = self.vm["main"](self._input_tensor(batch))
+        try:
+            out = self.vm["main"](self._input_tensor(batch))
+        except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
+            refused = self._signature_error(exc, batch)
+            if refused is None:
+                raise
+            raise refused from None
         if isinstance(out, (list, tuple)) or not hasattr(out, "numpy"):
             out = out[0]
         return out.numpy().astype(np.float32)
+
+    def _signature_error(self, exc: Exception, batch: np.ndarray) -> Exception | None:
+        """TVM's check of the input against the compiled signature (`match_cast error ... annotation=R.Tensor(..)`)
+        as an error that says whose mistake it is: a batch that fits mod.json means mod.json does not
+        describe mod.so (edited by hand, or copied from another build); else the caller passed another shape."""
+        found = re.search(r"loc=param\[0\].*?annotation=(R\.Tensor\(.*?\))\)", str(exc))
+        if found is None:
+            return None
+        takes = found.group(1)
+        if batch.shape[1:] == self.input_shape[1:] and len(batch) == (self.fixed_batch or len(batch)):
+            return ModuleError(f"{self.directory}: mod.json says the module takes {self.input_dtype} "
+                               f"{list(self.input_shape)} but mod.so takes {takes}: mod.json was edited or comes "
+                               "from another build. Recompile the model with `vamc compile`.")
+        return ValueError(f"{self.directory} takes {takes}, got {batch.dtype} {list(batch.shape)}.")
 
     def _input_tensor(self, batch: np.ndarray):
         """The batch as the VM's input: in place when it is aligned (see `aligned_empty`), else copied into a

@@ -9,9 +9,23 @@ from __future__ import annotations
 
 import os
 
+from ..errors import ConfigError
+from ..limits import PER_CORE
+
 
 def usable_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def check_per_core(flag: str, value: int | None) -> None:
+    """Instances or threads beyond PER_CORE x the usable cores are refused before any model loads: each
+    instance is a loaded model with its threads (`vamp -i 1000000` hung the machine), and on fewer cores
+    they only take turns."""
+    cores = len(usable_cores())
+    if value is not None and value > PER_CORE * cores:
+        raise ConfigError(f"{flag} {value} is more than {PER_CORE} x the {cores} cores this process may use: "
+                          f"instances and threads beyond the cores only take turns. Use at most {cores} "
+                          "(instances x threads <= cores runs each on its own cores).")
 
 
 def threads_per_instance(instances: int, threads: int | None) -> int:

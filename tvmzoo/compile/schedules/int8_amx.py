@@ -142,7 +142,7 @@ class ScheduleInt8Amx(ScheduleInt8Dot):
         loop_of = loop_map(sch, red)
         c_out, *c_in = _split(sch, loop_of[chan.var], shape.n, lanes)
         k_out, *k_in = _split(sch, loop_of[rc.var], shape.k // g, g)
-        r_out, *r_in = self._split_rows(sch, loop_of, row, image_rows(stmt, inp)[0], shape)
+        r_out, *r_in = self._split_rows(sch, loop_of, row, height, shape)
         tiled = [chan.var, rc.var, row.var]
         rest = [iv for iv in stmt.iter_vars if not any(iv.var.same_as(v) for v in tiled)]
         spatial = [iv for iv in rest if iv.iter_type == tirx.IterVar.DataPar]

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
+from ..threads import check_per_core
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20   # a batch of 64 FP32 224x224 images is 38.5 MB
 
@@ -32,6 +33,8 @@ class ServeConfig:
             raise ConfigError(f"--max-queue-delay-us must be 0 or more, got {self.max_queue_delay_us}.")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}.")
+        check_per_core("--instances", self.instances)
+        check_per_core("--threads", self.threads)
         for name in ("http_port", "grpc_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a TCP port (0-65535), "

@@ -18,6 +18,9 @@ def _header(body: bytes, header_length: int | None) -> dict:
         doc = json.loads(body[:header_length] if header_length is not None else body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"malformed JSON in the inference request: {exc}") from None
+    except RecursionError:
+        raise invalid("malformed JSON in the inference request: it nests too deep (an infer request nests "
+                      "4 levels, plus the data's dimensions)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise invalid('the inference request must be a JSON object with a non-empty "inputs" list')
     return doc
@@ -41,7 +44,7 @@ def _input(item, body: memoryview, offset: int) -> tuple[InputTensor, int]:
         if "data" not in item:
             raise invalid(f"input '{name}' has neither data nor a binary_data_size parameter")
         return from_list(name, datatype, shape, item["data"]), offset
-    if not isinstance(size, int) or size < 0 or offset + size > len(body):
+    if type(size) is not int or size < 0 or offset + size > len(body):
         raise invalid(f"input '{name}': binary_data_size {size!r} runs past the {len(body)}-byte body")
     return from_buffer(name, datatype, shape, body[offset:offset + size]), offset + size
 
@@ -51,7 +54,7 @@ def _output(item) -> RequestedOutput:
         raise invalid('each requested output must be a JSON object with a "name"')
     params = _parameters(item, f"output '{item['name']}'")
     k = params.get("classification", 0)
-    if not isinstance(k, int):
+    if type(k) is not int:
         raise invalid(f"output '{item['name']}': classification must be an integer, got {k!r}")
     return RequestedOutput(item["name"], k, bool(params.get("binary_data", False)))
 

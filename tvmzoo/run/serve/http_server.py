@@ -96,10 +96,12 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            refused = exc.__context__ if isinstance(exc.__context__, _Refused) else None
-            if refused is None:
-                raise
-            self._refuse(refused.response)
+            cause = exc.__context__
+            if isinstance(cause, _Refused):
+                self._refuse(cause.response)
+            else:   # a fault of ours while reading the request: still an answer, not a silent close
+                log.error("cannot read a request: %r", cause, exc_info=cause)
+                self._refuse(Response.error(400, f"cannot read the HTTP request ({cause or exc})", close=True))
         except httptools.HttpParserUpgrade:
             self._refuse(Response.error(400, "protocol upgrades are not supported", close=True))
         except httptools.HttpParserError as exc:

@@ -78,7 +78,7 @@ def datatype_of(array: np.ndarray) -> str:
 
 
 def check_shape(name: str, shape: Sequence) -> tuple[int, ...]:
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
         raise invalid(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
     return tuple(shape)
 
@@ -117,13 +117,31 @@ def from_list(name: str, datatype: str, shape: tuple[int, ...], data) -> InputTe
             raise invalid(f"input '{name}': BYTES data must be strings")
         array = object_array([x.encode() if isinstance(x, str) else x for x in flat])
     else:
-        try:
-            array = np.asarray(data, dtype=DATATYPES[datatype]).ravel()
-        except (TypeError, ValueError) as exc:
-            raise invalid(f"input '{name}': data is not a list of {datatype} numbers ({exc})") from None
+        array = _numbers(name, datatype, data)
     if array.size != math.prod(shape):
         raise _count_error(name, array.size, shape, "elements")
     return InputTensor(name, datatype, shape, array if datatype == BYTES else array.reshape(shape))
+
+
+def _numbers(name: str, datatype: str, data) -> np.ndarray:
+    """JSON numbers as a flat array of `datatype`, refusing what the conversion would change: strings,
+    booleans for a number type, fractions for an integer type, values outside the type's range."""
+    dtype = DATATYPES[datatype]
+    try:
+        given = np.asarray(data).ravel()
+    except (TypeError, ValueError, OverflowError) as exc:   # ragged lists, integers beyond 64 bits
+        raise invalid(f"input '{name}': data is not a list of {datatype} numbers ({exc})") from None
+    kinds = {"b": "b", "u": "biu", "i": "biu", "f": "iuf"}[dtype.kind] if given.size else given.dtype.kind
+    if given.dtype.kind not in kinds:
+        raise invalid(f"input '{name}': data is not a list of {datatype} numbers (it holds {given.dtype.name} "
+                      f"values such as {str(given[0])[:30]})")
+    if dtype.kind in "iu" and given.size and given.dtype.kind != "b":
+        info = np.iinfo(dtype)
+        low, high = given.min(), given.max()
+        if low < info.min or high > info.max:
+            raise invalid(f"input '{name}': {datatype} values must be {info.min}..{info.max}, got "
+                          f"{low if low < info.min else high}")
+    return given.astype(dtype)
 
 
 def deserialize_bytes(name: str, buf: bytes | memoryview) -> np.ndarray:
