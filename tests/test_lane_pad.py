@@ -14,7 +14,6 @@ from tvm.relax.frontend.onnx import from_onnx
 
 import tvmzoo.compile.pipeline as pipeline
 from test_schedules import _for_loops, _w
-from tvmzoo.compile.passes import graph_passes
 from tvmzoo.compile.passes.graph_passes import padded_channels
 from tvmzoo.compile.target import resolve_target
 from tvmzoo.io.onnx_graph import GraphBuilder
@@ -65,10 +64,10 @@ def test_padded_channels(channels, lanes, padded):
     assert padded_channels(channels, lanes) == padded
 
 
-def _conv_channels(model) -> list[int]:
-    """The output channels of every conv2d after the layout phase for an AVX-512 CPU."""
+def _conv_channels(model, cpu: str) -> list[int]:
+    """The output channels of every conv2d after the layout phase for `cpu`."""
     mod = from_onnx(model, shape_dict={"input": list(SHAPE)}, keep_params_in_input=False)
-    with tvm.target.Target(resolve_target({"kind": "llvm", "mcpu": "sapphirerapids"})):
+    with tvm.target.Target(resolve_target({"kind": "llvm", "mcpu": cpu})):
         for p in pipeline.import_passes("fp32") + pipeline.layout_passes():
             mod = p(mod)
     found: list[int] = []
@@ -78,12 +77,13 @@ def _conv_channels(model) -> list[int]:
     return found
 
 
-def test_only_avx512_targets_pad(model, monkeypatch):
+@pytest.mark.parametrize("cpu, avx512", [("sapphirerapids", True), ("znver4", True), ("haswell", False),
+                                         ("znver3", False)])
+def test_only_avx512_targets_pad(model, cpu, avx512):
     """(Graph only, no CPU feature needed.) The depthwise conv and the 16 / 96-channel convs keep their width;
-    with AVX2's 8 float lanes (TVM asks the host LLVM for the width, so an AVX2 host is simulated) none pads."""
-    assert sorted(_conv_channels(model)) == [16, 32, 32, 48, 96, 96]
-    monkeypatch.setattr(graph_passes, "vector_lanes", lambda _target, bits: 256 // bits)
-    assert sorted(_conv_channels(model)) == [16, 24, 24, 40, 96, 96]
+    with an AVX2 target's 8 float lanes (whatever the host has) none pads."""
+    expected = [16, 32, 32, 48, 96, 96] if avx512 else [16, 24, 24, 40, 96, 96]
+    assert sorted(_conv_channels(model, cpu)) == expected
 
 
 @pytest.fixture(scope="module")

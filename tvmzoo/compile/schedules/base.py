@@ -12,7 +12,7 @@ import logging
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width, target_has_features
+from tvm.target.codegen import target_has_features
 
 from ...run.host import uses_amx
 
@@ -23,9 +23,19 @@ class NotApplicable(RuntimeError):
     """A rule does not fit this kernel (ScheduleError is a RuntimeError too)."""
 
 
+# (LLVM feature, the vector register width it brings), widest first
+_VECTOR_ISA = (("avx512f", 512), ("avx2", 256))
+
+
+def vector_bits(target: Target) -> int:
+    """The vector width of the target's own ISA (its -mcpu / -mattr as LLVM reads them): 512 with AVX-512,
+    256 with AVX2, else 128. Not TVM's `llvm_get_vector_width`: that answers for the host CPU, so an AVX2
+    target cross-compiled on an AVX-512 host got 16-float vectors (and the reverse on an AVX2 host)."""
+    return next((bits for feature, bits in _VECTOR_ISA if target_has_features(feature, target)), 128)
+
+
 def vector_lanes(target: Target, dtype_bits: int) -> int:
-    bits = llvm_get_vector_width(target)
-    return max((bits if bits > 0 else 128) // dtype_bits, 2)
+    return max(vector_bits(target) // dtype_bits, 2)
 
 
 def root_blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
