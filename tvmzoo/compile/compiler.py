@@ -228,6 +228,18 @@ def runs_here(target: dict) -> bool:
             and set(required_features(target)) <= host)
 
 
+def _check_tuning_here(target: dict) -> None:
+    """Tuning measures candidates on this CPU: for another CPU's target, an error where this one cannot
+    run its code, else a warning (the records are stored under that CPU's name, measured on this one)."""
+    missing = sorted(set(required_features(target)) - (host_flags() or set()))
+    mcpu = target.get("mcpu")
+    if missing:
+        raise ConfigError(f"cannot tune for -mcpu={mcpu} here: this CPU lacks {', '.join(missing)}, so the "
+                          "candidates cannot run. Tune on such a CPU, or measure there with --rpc / --rpc-tracker.")
+    log.warning("tuning for -mcpu=%s on this CPU (%s): the records are measured here, not on a %s; tune there "
+                "(or with --rpc) for records that fit it", mcpu, host_cpu().name, mcpu)
+
+
 def compile_model(cfg: BuildConfig) -> Path:
     """Compile the YAML's model; returns the model directory holding mod.so and mod.json."""
     precision = cfg.backend.dtype
@@ -365,6 +377,8 @@ def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None,
         raise ConfigError(f"{cfg.path}: frontend.shape has a dynamic batch; MetaSchedule tunes static shapes "
                           "only. Set the batch size you deploy with (e.g. [1, 3, 224, 224]).")
     target = resolve_target(cfg.backend.target)
+    if remote is None and not runs_here(target):
+        _check_tuning_here(target)
     plan = plan_for(cfg, target, measure=remote is None)  # an RPC device's CPU is not measured here
     records = records_dir(cfg, spec, target, plan.compute, nearest=False)  # this CPU's own records
     if records is None:
