@@ -18,6 +18,15 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE_DIR = SHARED_DATA / "imagenet-sample"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """Tests never read or write the user's cache (~/.cache/tvmzoo: the bf16 probe's answers)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield Path(os.environ["XDG_CACHE_HOME"])
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def sample_images() -> list[Path]:
     if not SAMPLE_DIR.is_dir():

@@ -140,3 +140,46 @@ def test_where_the_probe_chose_fp32_the_build_is_the_fp32_build(monkeypatch, tmp
     meta = json.loads((bf16 / "mod.json").read_text())
     assert meta["compute"]["precision"] == "fp32" and meta["compute"]["measured"]["ratio"] == 1.6
     assert (bf16 / "mod.so").read_bytes() == (fp32 / "mod.so").read_bytes()
+
+
+def _counted_probe(monkeypatch, ratio: float = 0.8) -> list:
+    """The probe's builds and timing replaced (no CPU needed): returns the list of targets measured."""
+    measured: list = []
+    monkeypatch.setattr(bf16_probe, "builds", lambda target: measured.append(target) or {})
+    monkeypatch.setattr(bf16_probe, "time_builds", lambda runs: Bf16Probe(1.0, ratio, 30, (ratio, ratio - 0.1)))
+    return measured
+
+
+def test_the_answer_is_kept_per_cpu_and_features(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = _counted_probe(monkeypatch)
+    znver4 = {"kind": "llvm", "mcpu": "znver4"}
+    first = bf16_probe.measure(znver4)
+    again = bf16_probe.measure(dict(znver4))
+    assert len(measured) == 1 and again.ratio == pytest.approx(first.ratio) == pytest.approx(0.8)
+    assert list(json.loads((tmp_path / "tvmzoo" / "bf16_probe.json").read_text())) == [bf16_probe._cache_key(znver4)]
+    bf16_probe.measure({**znver4, "mattr": ["-avx512bf16"]})   # other features: another CPU
+    bf16_probe.measure({"kind": "llvm", "mcpu": "cooperlake"})
+    assert len(measured) == 3 and len(json.loads(bf16_probe.cache_path().read_text())) == 3
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"KEY": {"fp32_ms": 1.0}}'])
+def test_a_corrupt_cache_is_ignored_with_a_warning(monkeypatch, tmp_path, caplog, text):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = _counted_probe(monkeypatch, 0.7)
+    znver4 = {"kind": "llvm", "mcpu": "znver4"}
+    bf16_probe.cache_path().parent.mkdir(parents=True)
+    bf16_probe.cache_path().write_text(text.replace("KEY", bf16_probe._cache_key(znver4)))
+    with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.bf16_probe"):
+        assert bf16_probe.measure(znver4).ratio == pytest.approx(0.7)
+    assert len(measured) == 1 and "ignoring the bf16 probe cache" in caplog.text
+    assert bf16_probe.measure(znver4).ratio == pytest.approx(0.7) and len(measured) == 1   # rewritten whole
+
+
+def test_an_unwritable_cache_does_not_fail_the_build(monkeypatch, tmp_path, caplog):
+    (tmp_path / "tvmzoo").write_text("a file where the cache folder goes")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _counted_probe(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="tvmzoo.compile.bf16_probe"):
+        assert bf16_probe.measure({"kind": "llvm", "mcpu": "znver4"}).ratio == pytest.approx(0.8)
+    assert "cannot keep the bf16 probe's answer" in caplog.text

@@ -7,15 +7,20 @@ built by the pipeline twice (fp32 and bf16, the target's own schedules, no tunin
 expansion conv (as EfficientNet's) and a 3x3 conv (Winograd, as RepVGG's), batch 1, alternating
 the two builds, minima over rounds in three blocks; the worst block's ratio counts (the machine may be
 shared). The precision plan (tvmzoo.compile.precision) turns the ratio into a choice; this module only
-measures.
+measures. The answer is kept per CPU (its LLVM name and features) and tvmzoo / TVM version in the user's
+cache (`$XDG_CACHE_HOME/tvmzoo/bf16_probe.json`, default ~/.cache): the next build there does not pay
+the ~2.5 s again. Delete the file to measure again.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +51,55 @@ class Bf16Probe:
         return {"net": self.net, "fp32_ms": round(self.fp32_ms, 4), "bf16_ms": round(self.bf16_ms, 4),
                 "ratio": round(self.ratio, 3), "block_ratios": [round(r, 3) for r in self.block_ratios],
                 "rounds": self.rounds}
+
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Bf16Probe:
+        return cls(float(meta["fp32_ms"]), float(meta["bf16_ms"]), int(meta["rounds"]),
+                   tuple(float(r) for r in meta["block_ratios"]), str(meta["net"]))
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tvmzoo" / "bf16_probe.json"
+
+
+def _cache_key(target: dict) -> str:
+    import tvm
+
+    from .. import __version__
+    from .target import required_features
+
+    return f"{target.get('mcpu')} [{' '.join(required_features(target))}] tvmzoo {__version__} tvm {tvm.__version__}"
+
+
+def _read_cache() -> dict:
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(cache, dict):
+            raise ValueError("not a JSON object")
+        return cache
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the bf16 probe cache %s (%s): measuring again", path, exc)
+        return {}
+
+
+def _cached(cache: dict, key: str) -> Bf16Probe | None:
+    try:
+        return Bf16Probe.from_meta(cache[key]) if key in cache else None
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("ignoring the bf16 probe cache's entry for %s (%s): measuring again", key, exc)
+        return None
+
+
+def _write_cache(cache: dict) -> None:
+    from ..io.atomic import write_text
+
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write_text(cache_path(), json.dumps(cache, indent=1) + "\n")
+    except Exception as exc:  # an unwritable cache must not fail the build (OSError, tvmzoo's OutputError)
+        log.warning("cannot keep the bf16 probe's answer in %s: %s", cache_path(), exc)
 
 
 def probe_net():
@@ -126,6 +180,11 @@ def time_builds(runs: dict, rounds: int = 300, budget_s: float = 1.5, blocks: in
 def measure(target: dict) -> Bf16Probe | None:
     """Build and time the probe for `target` on this host (which must be able to run it): ~2 s. None
     (logged) when it cannot be built or run: the plan then keeps the safe default, fp32."""
+    cache, key = _read_cache(), _cache_key(target)
+    probe = _cached(cache, key)
+    if probe is not None:
+        log.info("bf16 probe: bf16 / fp32 %.2fx on %s (cached in %s)", probe.ratio, key, cache_path())
+        return probe
     t0 = time.perf_counter()
     try:
         probe = time_builds(builds(target))
@@ -135,4 +194,5 @@ def measure(target: dict) -> Bf16Probe | None:
     log.info("bf16 probe (%s): fp32 %.3f ms, bf16 %.3f ms (minima); bf16 / fp32 %.2fx (worst of blocks %s), "
              "%d rounds; %.1fs with its builds", PROBE, probe.fp32_ms, probe.bf16_ms, probe.ratio,
              " ".join(f"{r:.2f}" for r in probe.block_ratios), probe.rounds, time.perf_counter() - t0)
+    _write_cache({**cache, key: probe.to_meta()})
     return probe
