@@ -29,6 +29,7 @@ from tvmzoo.compile.precision import bf16_plan, plan_precision
 from tvmzoo.compile.schedules.base import vector_bits, vector_lanes
 from tvmzoo.compile.schedules.int8_amx import ScheduleInt8Amx
 from tvmzoo.compile.schedules.int8_dot import ScheduleInt8Dot
+from tvmzoo.compile.schedules.loops import max_accumulators, register_tile
 from tvmzoo.compile.target import resolve_target
 from tvmzoo.config import load_build_config
 from tvmzoo.errors import ConfigError
@@ -93,6 +94,17 @@ def test_register_tiles_are_the_targets_vectors(cpu, caplog):
     AVX-512 build 16-float ones where the channels allow."""
     lanes = _tile_lanes(cpu, caplog)
     assert len(lanes) >= 5 and max(lanes) == CPUS[cpu][0] // 32, lanes
+
+
+@pytest.mark.parametrize("cpu, most", [("haswell", 12), ("znver3", 12), ("znver4", 15), ("sapphirerapids", 15)])
+def test_register_tiles_fit_the_targets_registers(cpu, most):
+    """AVX2 has 16 vector registers, AVX-512 32: RepVGG-A0's 192-channel conv at 14x14 gets 12 / 15
+    accumulators at most (2 rows x 4 ymm / 7 rows x 2 zmm); outside a target, the AVX-512 budget."""
+    with _target(cpu):
+        rows, vecs, width = register_tile(192, 14, vector_lanes(_target(cpu), 32))
+    assert max_accumulators(_target(cpu)) == most and rows * vecs <= most
+    assert (rows, vecs, width) == ((2, 4, 8) if most == 12 else (7, 2, 16))
+    assert register_tile(192, 14, 16) == (7, 2, 16)
 
 
 
