@@ -3,6 +3,7 @@ same order as ScheduleReduction's schedule (bit-identical), close to ONNX Runtim
 loop structure that lets each loaded input vector serve every tap that reads it."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -39,6 +40,7 @@ def test_depthwise_tile(channels, width, kernel, lanes, tile):
     assert depthwise_tile(channels, width, kernel, lanes) == tile
 
 
+@functools.cache
 def depthwise_net():
     """MBConv-like depthwise convs of every tile shape above: 3x3 and 5x5, stride 1 and 2, rows 56 to 7 wide,
     32 to 144 channels, each with its bias and ReLU6."""
@@ -59,17 +61,12 @@ def depthwise_net():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return depthwise_net()
-
-
-@pytest.fixture(scope="module")
 def target():
     return tvm.target.Target(resolve_target(None))
 
 
-def _build(model, target, precision: str, depthwise_rule: bool) -> tvm.IRModule:
-    mod = from_onnx(model, shape_dict={"input": [1, 3, SIZE, SIZE]}, keep_params_in_input=False)
+def _build(target, precision: str, depthwise_rule: bool) -> tvm.IRModule:
+    mod = from_onnx(depthwise_net(), shape_dict={"input": [1, 3, SIZE, SIZE]}, keep_params_in_input=False)
     rules = schedules.RULES if depthwise_rule else tuple(r for r in schedules.RULES
                                                           if not isinstance(r, ScheduleDepthwise))
     mp = pytest.MonkeyPatch()
@@ -91,8 +88,8 @@ def _depthwise_kernels(mod: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
 
 
 @pytest.fixture(scope="module")
-def fp32_builds(model, target):
-    return _build(model, target, "fp32", True), _build(model, target, "fp32", False)
+def fp32_builds(target):
+    return _build(target, "fp32", True), _build(target, "fp32", False)
 
 
 def test_every_depthwise_conv_gets_the_rule(fp32_builds):
@@ -101,11 +98,11 @@ def test_every_depthwise_conv_gets_the_rule(fp32_builds):
     assert not _depthwise_kernels(old)
 
 
-def test_bit_identical_and_matches_onnxruntime_on_photos(fp32_builds, model, target, photos):
+def test_bit_identical_and_matches_onnxruntime_on_photos(fp32_builds, target, photos):
     new, old = fp32_builds
     out = _run(new, target, photos)
     np.testing.assert_array_equal(out, _run(old, target, photos))
-    reference = np.concatenate([run_onnx(model, p[None]) for p in photos])
+    reference = np.concatenate([run_onnx(depthwise_net(), p[None]) for p in photos])
     assert cosine(out, reference) > 0.99999
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4)
 
@@ -122,12 +119,12 @@ def test_each_input_vector_serves_its_taps(fp32_builds):
         assert any(lp.loop_var.name == "rx" for lp in _for_loops(pixels[0])), name
 
 
-def test_bf16_depthwise_bit_identical(model, target, photos):
+def test_bf16_depthwise_bit_identical(target, photos):
     """bf16 builds' depthwise convs (bf16 input, float32 weights and sums) gain most: each input vector is
     converted once for all its taps."""
     if "avx512_bf16" not in host_cpu_flags():
         pytest.skip("host has no AVX512-BF16")
-    new = _build(model, target, "bf16", True)
+    new = _build(target, "bf16", True)
     assert _depthwise_kernels(new)
-    np.testing.assert_array_equal(_run(new, target, photos), _run(_build(model, target, "bf16", False), target,
+    np.testing.assert_array_equal(_run(new, target, photos), _run(_build(target, "bf16", False), target,
                                                                   photos))
