@@ -495,7 +495,7 @@ def test_int8_depthwise_runs_exactly_in_float(target):
     want = sum(padded[:, :, i:i + 12, j:j + 12] * w[:, 0, i, j].astype(np.int64)[None, :, None, None]
                for i in range(5) for j in range(5))
     scheduled = get_pipeline(target)(mod)
-    assert _tap_loop_kinds(scheduled) == {tirx.ForKind.UNROLLED}  # each converted input serves every tap
+    assert _tap_loop_kinds(scheduled) == {"ry": tirx.ForKind.SERIAL, "rx": tirx.ForKind.UNROLLED}
     vm = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(out, want.astype(np.float32))
@@ -503,14 +503,17 @@ def test_int8_depthwise_runs_exactly_in_float(target):
     assert "int32" in depthwise_int8_as_float(_int8_depthwise(23, huge)).script()
 
 
-def _tap_loop_kinds(mod: tvm.IRModule) -> set[tirx.ForKind]:
-    """How the depthwise conv kernel of `mod` runs its loops over the kernel taps (ry, rx)."""
-    return {tirx.ForKind(int(loop.kind)) for _, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)
-            for loop in _for_loops(func) if loop.loop_var.name in ("ry", "rx")}
+def _tap_loop_kinds(mod: tvm.IRModule) -> dict[str, tirx.ForKind]:
+    """How the depthwise conv kernel of `mod` runs its loops over the kernel rows (ry) and columns (rx)."""
+    kinds = {loop.loop_var.name: tirx.ForKind(int(loop.kind)) for _, func in mod.functions_items()
+             if isinstance(func, tirx.PrimFunc) for loop in _for_loops(func) if loop.loop_var.name in ("ry", "rx")}
+    assert len(kinds) == 2, kinds
+    return kinds
 
 
-def test_float_depthwise_keeps_its_tap_loops(target):
-    """A float input goes into the FMA straight from memory: unrolled taps would only spill registers."""
+def test_float_depthwise_unrolls_its_kernel_columns(target):
+    """ScheduleDepthwise (tvmzoo.compile.schedules.depthwise): kernel rows a loop, columns unrolled inside the
+    tile's pixels (each input vector loaded once for the taps that read it); tests/test_depthwise.py."""
     w = np.random.default_rng(3).standard_normal((16, 1, 5, 5)).astype(np.float32)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 16, 12, 12), "float32"))
@@ -518,7 +521,7 @@ def test_float_depthwise_keeps_its_tap_loops(target):
         with bb.dataflow():
             out = bb.emit_output(relax.op.nn.conv2d(x, relax.const(w), padding=[2] * 4, groups=16))
         bb.emit_func_output(out)
-    assert _tap_loop_kinds(get_pipeline(target)(bb.get())) == {tirx.ForKind.SERIAL}
+    assert _tap_loop_kinds(get_pipeline(target)(bb.get())) == {"ry": tirx.ForKind.SERIAL, "rx": tirx.ForKind.UNROLLED}
 
 
 def test_avx512_targets_build_full_width_vectors():

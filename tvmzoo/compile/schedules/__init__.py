@@ -12,6 +12,8 @@ scheduled yet (by tuning records) the first rule in `RULES` that applies:
 - `ScheduleBf16Amx` (bf16_amx.py, AMX-BF16 targets): the AMX rule on bf16 x bf16 -> float32 (`tdpbf16ps`).
 - `ScheduleBf16Dot` (bf16_dot.py, AVX512-BF16 targets): the same on bf16 x bf16 -> float32, with
   `vdpbf16ps` on input-channel pairs (where the target has no AMX-BF16, or the shapes do not fit its tiles).
+- `ScheduleDepthwise` (depthwise.py): NHWC depthwise convs as ScheduleReduction schedules them, with a
+  tile of one row of output pixels x channel vectors whose taps reuse each loaded input vector.
 - `ScheduleReduction` (reduction.py): every kernel with one reduction block (conv, depthwise,
   grouped conv, matmul, pooling, mean): a register tile of `rows x channel vectors` accumulators,
   parallel outer loops, the epilogue computed right after each tile.
@@ -31,6 +33,7 @@ from tvm.target import Target
 
 from .bf16_amx import ScheduleBf16Amx
 from .bf16_dot import ScheduleBf16Dot
+from .depthwise import ScheduleDepthwise
 from .fallback import ScheduleFallback
 from .injective import ScheduleInjective
 from .int8_amx import ScheduleInt8Amx
@@ -38,8 +41,8 @@ from .int8_dot import ScheduleInt8Dot
 from .reduction import ScheduleReduction
 
 RULES: tuple[dlight.ScheduleRule, ...] = (ScheduleInt8Amx(), ScheduleInt8Dot(), ScheduleBf16Amx(), ScheduleBf16Dot(),
-                                          ScheduleReduction(), ScheduleInjective(), dlight.cpu.Reduction(),
-                                          ScheduleFallback())
+                                          ScheduleDepthwise(), ScheduleReduction(), ScheduleInjective(),
+                                          dlight.cpu.Reduction(), ScheduleFallback())
 
 
 RULE_ATTR = "tvmzoo.schedule_rule"

@@ -53,9 +53,10 @@ class ScheduleReduction(ReductionRule):
         spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
         reduce = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
         chan, row = _output_axes(stmt, spatial)
+        self.check(stmt, chan, row, reduce)
         c_ext = int(chan.dom.extent)
         r_ext = int(row.dom.extent) if row is not None else 1
-        row_tile, vecs, width = register_tile(c_ext, r_ext, lanes)
+        row_tile, vecs, width = self.tile_shape(stmt, c_ext, r_ext, lanes)
 
         self._prepack_weight(sch, red, chan, row, vecs * width)
         c_out, c_vec, c_lane = sch.split(loop_of[chan.var], [None, vecs, width])
@@ -68,15 +69,16 @@ class ScheduleReduction(ReductionRule):
         red_loops = [loop_of[iv.var] for iv in reduce]
         outer_order = parallel_order(stmt, chan.var, row, loop_of, others, c_out, outer_rows, FLOAT_SPLIT_BYTES)
         log.debug("%s: tile %d rows x %d x %d lanes", stmt.name_hint, row_tile, vecs, width)
-        sch.reorder(*outer_order, *red_loops, *tile)
+        inner = self.inner_order(red_loops, tile)
+        sch.reorder(*outer_order, *inner)
         outer = sch.fuse(*outer_order)
         sch.parallel(outer)
         if width > 1:
             sch.vectorize(c_lane)
-        for loop in tile[:-1]:
+        for loop in inner[inner.index(tile[0]):-1]:
             sch.unroll(loop)
         channelwise = reads_by_channel(stmt, chan.var)
-        if channelwise and converts_input(stmt):
+        if channelwise and converts_input(stmt) and inner[:len(red_loops)] == red_loops:
             for loop in red_loops:
                 sch.unroll(loop)
         if red_loops:
@@ -84,7 +86,20 @@ class ScheduleReduction(ReductionRule):
             vectorize_innermost(sch, sch.get_loops(init)[-1], lanes)
         for block in producers:
             self._schedule_producer(sch, block, lanes, inline_pads=channelwise)
-        schedule_epilogue(sch, outer, consumers, lanes)
+        schedule_epilogue(sch, outer, consumers, lanes, self.epilogue_unroll)
+
+    epilogue_unroll = 0  # schedule_epilogue's `unroll`: the epilogue's loops over the tile stay loops
+
+    def check(self, stmt, chan, row, reduce: list) -> None:
+        """Raise NotApplicable for kernels the rule leaves to the next one (here: none)."""
+
+    def tile_shape(self, stmt, c_ext: int, r_ext: int, lanes: int) -> tuple[int, int, int]:
+        """(rows, vectors per row, vector width) of the accumulator tile."""
+        return register_tile(c_ext, r_ext, lanes)
+
+    def inner_order(self, red_loops: list, tile: list) -> list:
+        """The loops inside the parallel loop, outermost first: every reduction loop outside the tile."""
+        return [*red_loops, *tile]
 
     @staticmethod
     def _prepack_weight(sch, red, chan, row, block: int) -> None:
