@@ -3,6 +3,12 @@ has a thread that takes the oldest request, gathers more until the batch has the
 expects or the oldest has waited `max_delay_s` (Triton's max_queue_delay), runs them as one batch and
 hands each request its own rows back. One batcher per model, so batches never mix models.
 
+Threads (`Lanes`): with fixed threads each instance's TVM pool is as TVM sizes it. Adaptive (`cores` given, the
+server's default): an instance runs a batch on all the cores when nothing else runs or waits (a lone client
+gets the lowest latency) and on its own share of them otherwise, so under load the instances run side by
+side, each on its own core, instead of one pool whose threads wait for each other at every kernel whenever the
+event loop or a client takes one of its cores.
+
 An asyncio caller (`infer`) gets its answer on its event loop: one `call_soon_threadsafe` per batch settles
 the futures of all its requests, instead of a concurrent Future per request chained to the loop (a lock,
 callbacks and a wake-up of the loop each)."""
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..runtime import CompiledModel
+from ..threads import instance_cores, pin_this_thread_pool
 
 from .metrics import Metrics
 
@@ -52,6 +59,18 @@ class Arrivals:
         self._peak = 0
 
 
+@dataclass(frozen=True)
+class Lanes:
+    """One instance's cores in adaptive mode: its own share (`narrow`) and all of them, its own first (`wide`)."""
+    narrow: list[int]
+    wide: list[int]
+
+    @classmethod
+    def of(cls, index: int, instances: int, cores: list[int]) -> Lanes:
+        narrow = instance_cores(index, max(1, len(cores) // instances), cores)
+        return cls(narrow, narrow + [c for c in cores if c not in narrow])
+
+
 @dataclass
 class Pending:
     rows: np.ndarray
@@ -76,7 +95,8 @@ def _settle_all(pairs: list[tuple[Future | asyncio.Future, np.ndarray | BaseExce
 
 class DynamicBatcher:
     def __init__(self, name: str, instances: list[CompiledModel], max_batch: int, max_delay_s: float,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, threads: int = 1, cores: list[int] | None = None) -> None:
+        """`threads`: each instance's TVM threads (fixed), or `cores`: adaptive on these cores (`Lanes`)."""
         self.name = name
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -85,13 +105,18 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._in_flight_rows = 0    # queued or running
         self._arrivals = Arrivals(max_batch)
+        self._threads = threads
+        self._cores = cores
+        self._busy_cores = 0        # adaptive: cores taken by running batches
         self._cond = threading.Condition()
         warmed = [threading.Event() for _ in instances]
         self._closed = False
         self._flush = False     # draining: run what is queued without waiting for fuller batches
-        self._threads = [threading.Thread(target=self._worker, args=(model, warm), name=f"{name}-instance{i}",
-                                          daemon=True) for i, (model, warm) in enumerate(zip(instances, warmed))]
-        for thread in self._threads:
+        lanes = [Lanes.of(i, len(instances), cores) if cores else None for i in range(len(instances))]
+        self._workers = [threading.Thread(target=self._worker, args=(model, warm, lane), name=f"{name}-instance{i}",
+                                          daemon=True)
+                         for i, (model, warm, lane) in enumerate(zip(instances, warmed, lanes))]
+        for thread in self._workers:
             thread.start()
         for event in warmed:
             event.wait()
@@ -131,24 +156,33 @@ class DynamicBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for thread in self._threads:
+        for thread in self._workers:
             thread.join(timeout)
 
-    def _worker(self, model: CompiledModel, warmed: threading.Event) -> None:
+    def _worker(self, model: CompiledModel, warmed: threading.Event, lanes: Lanes | None) -> None:
         """Run batches on one instance. A first run on zeros warms it (memory, this thread's TVM pool),
         so the model is ready when the first client's request comes."""
+        cores = None
+        if lanes is not None:   # the pool is made with a thread per core, then narrowed or widened per batch
+            cores = lanes.wide
+            pin_this_thread_pool(cores)
         try:
             model.run(np.zeros((model.fixed_batch or 1, *model.input_shape[1:]), model.input_dtype))
         except Exception:  # noqa: BLE001 - TVM's own error types; real requests will report it
             log.exception("model %s: warm-up run failed", self.name)
         warmed.set()
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            taken = self._next_batch()
+            if taken is None:
                 return
-            self._run(model, batch)
+            batch, width = taken
+            if lanes is not None and width != len(cores):
+                cores = lanes.wide if width == len(lanes.wide) else lanes.narrow
+                pin_this_thread_pool(cores)
+            self._run(model, batch, width)
 
-    def _next_batch(self) -> list[Pending] | None:
+    def _next_batch(self) -> tuple[list[Pending], int] | None:
+        """The next batch and the TVM threads to run it with."""
         with self._cond:
             while True:
                 while not self._queue:
@@ -163,7 +197,25 @@ class DynamicBatcher:
                         break
                     self._cond.wait(remaining)
                 if self._queue:  # another instance may have taken everything while this one waited
-                    return self._take()
+                    batch = self._take()
+                    return batch, self._claim_cores()
+
+    def _claim_cores(self) -> int:
+        """Adaptive: all the cores when no other batch runs or waits, else this instance's share, once
+        free (a wide run holds them all). Fixed: the instances' threads."""
+        if self._cores is None:
+            return self._threads
+        narrow = max(1, len(self._cores) // len(self._workers))
+        while True:
+            if self._busy_cores == 0 and not self._queue:
+                width = len(self._cores)
+            elif self._busy_cores + narrow <= len(self._cores):
+                width = narrow
+            else:
+                self._cond.wait()
+                continue
+            self._busy_cores += width
+            return width
 
     def _take(self) -> list[Pending]:
         batch = [self._queue.popleft()]
@@ -175,7 +227,7 @@ class DynamicBatcher:
         self._arrivals.taken()
         return batch
 
-    def _run(self, model: CompiledModel, batch: list[Pending]) -> None:
+    def _run(self, model: CompiledModel, batch: list[Pending], threads: int) -> None:
         m = self.metrics.series(self.name)
         start = time.perf_counter()
         m.queue_us.inc(sum(start - item.enqueued for item in batch) * 1e6)
@@ -187,7 +239,7 @@ class DynamicBatcher:
             ran = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
-            self._done(rows)
+            self._done(rows, threads)
             self._hand_back(batch, [exc] * len(batch))
             return
         offset, results = 0, []
@@ -202,7 +254,8 @@ class DynamicBatcher:
         m.inference_count.inc(rows)
         m.exec_count.inc()
         m.batch_size.observe(rows)
-        self._done(rows)
+        m.threads.observe(threads)
+        self._done(rows, threads)
         self._hand_back(batch, results)
 
     @staticmethod
@@ -220,9 +273,12 @@ class DynamicBatcher:
             except RuntimeError:   # the loop is closed: nobody waits for these any more
                 log.warning("model answers dropped: their event loop is closed")
 
-    def _done(self, rows: int) -> None:
-        """A batch's rows are no longer in flight: counted out before the answers go, since a client may
-        send its next at once."""
+    def _done(self, rows: int, threads: int) -> None:
+        """A batch's rows are no longer in flight and its cores are free: counted out before the answers
+        go, since a client may send its next at once."""
         with self._cond:
             self._in_flight_rows -= rows
+            if self._cores is not None:
+                self._busy_cores -= threads
+                self._cond.notify_all()
 
