@@ -108,7 +108,11 @@ class DynamicBatcher:
         self._threads = threads
         self._cores = cores
         self._busy_cores = 0        # adaptive: cores taken by running batches
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)   # waits for a fuller batch or for cores
+        # idle instances, the last to go idle on top: a new request wakes it, whose TVM pool threads are still
+        # awake (Condition.notify wakes the longest waiter: a lone client's requests alternated instances)
+        self._idle: list[threading.Condition] = []
         warmed = [threading.Event() for _ in instances]
         self._closed = False
         self._flush = False     # draining: run what is queued without waiting for fuller batches
@@ -143,21 +147,28 @@ class DynamicBatcher:
             self._queued_rows += len(rows)
             self._in_flight_rows += len(rows)
             self._arrivals.submitted(self._in_flight_rows)
-            self._cond.notify()
+            if self._idle:
+                self._idle.pop().notify()
+            self._cond.notify_all()
 
     def flush(self) -> None:
         """From now on run queued requests at once (SIGTERM: no request waits for company that won't come)."""
         with self._cond:
             self._flush = True
-            self._cond.notify_all()
+            self._wake_all()
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests; the instances finish everything already queued, then stop."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._wake_all()
         for thread in self._workers:
             thread.join(timeout)
+
+    def _wake_all(self) -> None:
+        while self._idle:
+            self._idle.pop().notify()
+        self._cond.notify_all()
 
     def _worker(self, model: CompiledModel, warmed: threading.Event, lanes: Lanes | None) -> None:
         """Run batches on one instance. A first run on zeros warms it (memory, this thread's TVM pool),
@@ -171,8 +182,9 @@ class DynamicBatcher:
         except Exception:  # noqa: BLE001 - TVM's own error types; real requests will report it
             log.exception("model %s: warm-up run failed", self.name)
         warmed.set()
+        wake = threading.Condition(self._lock)
         while True:
-            taken = self._next_batch()
+            taken = self._next_batch(wake)
             if taken is None:
                 return
             batch, width = taken
@@ -181,14 +193,17 @@ class DynamicBatcher:
                 pin_this_thread_pool(cores)
             self._run(model, batch, width)
 
-    def _next_batch(self) -> tuple[list[Pending], int] | None:
-        """The next batch and the TVM threads to run it with."""
+    def _next_batch(self, wake: threading.Condition) -> tuple[list[Pending], int] | None:
+        """The next batch and the TVM threads to run it with (`wake`: this instance's, while idle)."""
         with self._cond:
             while True:
                 while not self._queue:
                     if self._closed:
                         return None
-                    self._cond.wait()
+                    self._idle.append(wake)
+                    wake.wait()
+                    if wake in self._idle:
+                        self._idle.remove(wake)
                 deadline = self._queue[0].enqueued + self.max_delay_s
                 wanted = self._arrivals.expected
                 while self._queue and self._queued_rows < wanted and not (self._closed or self._flush):
