@@ -3,11 +3,11 @@ has a thread that takes the oldest request, gathers more until the batch has the
 expects or the oldest has waited `max_delay_s` (Triton's max_queue_delay), runs them as one batch and
 hands each request its own rows back. One batcher per model, so batches never mix models.
 
-Threads (`Lanes`): with fixed threads each instance's TVM pool is as TVM sizes it. Adaptive (`cores` given, the
-server's default): an instance runs a batch on all the cores when nothing else runs or waits (a lone client
-gets the lowest latency) and on its own share of them otherwise, so under load the instances run side by
-side, each on its own core, instead of one pool whose threads wait for each other at every kernel whenever the
-event loop or a client takes one of its cores.
+Threads (`Lanes`): with fixed threads each instance's TVM pool is as TVM sizes it. Adaptive (`cores` given,
+the server's default): instance 0 runs a batch on all the cores when nothing else runs or waits (a lone
+client gets the lowest latency), and every instance runs on its own share of them otherwise, so under load
+the instances run side by side, each on its own core, instead of one pool whose threads wait for each other
+at every kernel whenever the event loop or a client takes one of its cores.
 
 An asyncio caller (`infer`) gets its answer on its event loop: one `call_soon_threadsafe` per batch settles
 the futures of all its requests, instead of a concurrent Future per request chained to the loop (a lock,
@@ -110,14 +110,16 @@ class DynamicBatcher:
         self._busy_cores = 0        # adaptive: cores taken by running batches
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)   # waits for a fuller batch or for cores
-        # idle instances, the last to go idle on top: a new request wakes it, whose TVM pool threads are still
-        # awake (Condition.notify wakes the longest waiter: a lone client's requests alternated instances)
-        self._idle: list[threading.Condition] = []
+        # idle instances by index: a new request wakes the first, unless an instance is gathering a batch.
+        # Only instance 0 runs wide, so one pool's threads spin after a wide run, not an idle pool's on the
+        # cores a busy one uses (Condition.notify wakes the longest waiter: a lone client alternated pools)
+        self._idle: dict[int, threading.Condition] = {}
+        self._gathering = 0
         warmed = [threading.Event() for _ in instances]
         self._closed = False
         self._flush = False     # draining: run what is queued without waiting for fuller batches
         lanes = [Lanes.of(i, len(instances), cores) if cores else None for i in range(len(instances))]
-        self._workers = [threading.Thread(target=self._worker, args=(model, warm, lane), name=f"{name}-instance{i}",
+        self._workers = [threading.Thread(target=self._worker, args=(i, model, warm, lane), name=f"{name}-instance{i}",
                                           daemon=True)
                          for i, (model, warm, lane) in enumerate(zip(instances, warmed, lanes))]
         for thread in self._workers:
@@ -147,8 +149,7 @@ class DynamicBatcher:
             self._queued_rows += len(rows)
             self._in_flight_rows += len(rows)
             self._arrivals.submitted(self._in_flight_rows)
-            if self._idle:
-                self._idle.pop().notify()
+            self._wake_one()
             self._cond.notify_all()
 
     def flush(self) -> None:
@@ -165,12 +166,17 @@ class DynamicBatcher:
         for thread in self._workers:
             thread.join(timeout)
 
+    def _wake_one(self) -> None:
+        if self._idle and not self._gathering:
+            self._idle.pop(min(self._idle)).notify()
+
     def _wake_all(self) -> None:
-        while self._idle:
-            self._idle.pop().notify()
+        for wake in self._idle.values():
+            wake.notify()
+        self._idle.clear()
         self._cond.notify_all()
 
-    def _worker(self, model: CompiledModel, warmed: threading.Event, lanes: Lanes | None) -> None:
+    def _worker(self, index: int, model: CompiledModel, warmed: threading.Event, lanes: Lanes | None) -> None:
         """Run batches on one instance. A first run on zeros warms it (memory, this thread's TVM pool),
         so the model is ready when the first client's request comes."""
         cores = None
@@ -184,7 +190,7 @@ class DynamicBatcher:
         warmed.set()
         wake = threading.Condition(self._lock)
         while True:
-            taken = self._next_batch(wake)
+            taken = self._next_batch(index, wake)
             if taken is None:
                 return
             batch, width = taken
@@ -193,36 +199,39 @@ class DynamicBatcher:
                 pin_this_thread_pool(cores)
             self._run(model, batch, width)
 
-    def _next_batch(self, wake: threading.Condition) -> tuple[list[Pending], int] | None:
-        """The next batch and the TVM threads to run it with (`wake`: this instance's, while idle)."""
+    def _next_batch(self, index: int, wake: threading.Condition) -> tuple[list[Pending], int] | None:
+        """Instance `index`'s next batch and the TVM threads to run it with (`wake`: its, while idle)."""
         with self._cond:
             while True:
                 while not self._queue:
                     if self._closed:
                         return None
-                    self._idle.append(wake)
+                    self._idle[index] = wake
                     wake.wait()
-                    if wake in self._idle:
-                        self._idle.remove(wake)
+                    self._idle.pop(index, None)
                 deadline = self._queue[0].enqueued + self.max_delay_s
                 wanted = self._arrivals.expected
+                self._gathering += 1
                 while self._queue and self._queued_rows < wanted and not (self._closed or self._flush):
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
+                self._gathering -= 1
                 if self._queue:  # another instance may have taken everything while this one waited
                     batch = self._take()
-                    return batch, self._claim_cores()
+                    if self._queue:   # rows left for the next batch
+                        self._wake_one()
+                    return batch, self._claim_cores(index)
 
-    def _claim_cores(self) -> int:
-        """Adaptive: all the cores when no other batch runs or waits, else this instance's share, once
-        free (a wide run holds them all). Fixed: the instances' threads."""
+    def _claim_cores(self, index: int) -> int:
+        """Adaptive: all the cores for instance 0 when no other batch runs or waits, else the instance's
+        share, once free (a wide run holds them all). Fixed: the instances' threads."""
         if self._cores is None:
             return self._threads
         narrow = max(1, len(self._cores) // len(self._workers))
         while True:
-            if self._busy_cores == 0 and not self._queue:
+            if index == 0 and self._busy_cores == 0 and not self._queue:
                 width = len(self._cores)
             elif self._busy_cores + narrow <= len(self._cores):
                 width = narrow
