@@ -115,6 +115,7 @@ class DynamicBatcher:
         # cores a busy one uses (Condition.notify wakes the longest waiter: a lone client alternated pools)
         self._idle: dict[int, threading.Condition] = {}
         self._gathering = 0
+        self._running: set[int] = set()     # instances running a batch
         warmed = [threading.Event() for _ in instances]
         self._closed = False
         self._flush = False     # draining: run what is queued without waiting for fuller batches
@@ -167,8 +168,13 @@ class DynamicBatcher:
             thread.join(timeout)
 
     def _wake_one(self) -> None:
-        if self._idle and not self._gathering:
-            self._idle.pop(min(self._idle)).notify()
+        """Wake the first idle instance; adaptive, none while instance 0 is between two batches: it takes
+        the request in a moment, on all the cores if nothing else comes (another would run it on its one)."""
+        if not self._idle or self._gathering:
+            return
+        if self._cores is not None and 0 not in self._idle and 0 not in self._running:
+            return
+        self._idle.pop(min(self._idle)).notify()
 
     def _wake_all(self) -> None:
         for wake in self._idle.values():
@@ -197,7 +203,7 @@ class DynamicBatcher:
             if lanes is not None and width != len(cores):
                 cores = lanes.wide if width == len(lanes.wide) else lanes.narrow
                 pin_this_thread_pool(cores)
-            self._run(model, batch, width)
+            self._run(model, batch, width, index)
 
     def _next_batch(self, index: int, wake: threading.Condition) -> tuple[list[Pending], int] | None:
         """Instance `index`'s next batch and the TVM threads to run it with (`wake`: its, while idle)."""
@@ -220,9 +226,11 @@ class DynamicBatcher:
                 self._gathering -= 1
                 if self._queue:  # another instance may have taken everything while this one waited
                     batch = self._take()
+                    width = self._claim_cores(index)
+                    self._running.add(index)
                     if self._queue:   # rows left for the next batch
                         self._wake_one()
-                    return batch, self._claim_cores(index)
+                    return batch, width
 
     def _claim_cores(self, index: int) -> int:
         """Adaptive: all the cores for instance 0 when no other batch runs or waits, else the instance's
@@ -251,7 +259,7 @@ class DynamicBatcher:
         self._arrivals.taken()
         return batch
 
-    def _run(self, model: CompiledModel, batch: list[Pending], threads: int) -> None:
+    def _run(self, model: CompiledModel, batch: list[Pending], threads: int, index: int) -> None:
         m = self.metrics.series(self.name)
         start = time.perf_counter()
         m.queue_us.inc(sum(start - item.enqueued for item in batch) * 1e6)
@@ -263,7 +271,7 @@ class DynamicBatcher:
             ran = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
-            self._done(rows, threads)
+            self._done(rows, threads, index)
             self._hand_back(batch, [exc] * len(batch))
             return
         offset, results = 0, []
@@ -279,7 +287,7 @@ class DynamicBatcher:
         m.exec_count.inc()
         m.batch_size.observe(rows)
         m.threads.observe(threads)
-        self._done(rows, threads)
+        self._done(rows, threads, index)
         self._hand_back(batch, results)
 
     @staticmethod
@@ -297,11 +305,12 @@ class DynamicBatcher:
             except RuntimeError:   # the loop is closed: nobody waits for these any more
                 log.warning("model answers dropped: their event loop is closed")
 
-    def _done(self, rows: int, threads: int) -> None:
+    def _done(self, rows: int, threads: int, index: int) -> None:
         """A batch's rows are no longer in flight and its cores are free: counted out before the answers
         go, since a client may send its next at once."""
         with self._cond:
             self._in_flight_rows -= rows
+            self._running.discard(index)
             if self._cores is not None:
                 self._busy_cores -= threads
                 self._cond.notify_all()
