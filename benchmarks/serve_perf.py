@@ -206,16 +206,17 @@ def _vamp_run(prefix: Path, batch: int, instances: int, threads: int, seconds: f
     return report, 1e3 * (time.process_time() - cpu) / report.samples   # loads and warm-up included
 
 
-def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float, float, float]:
+def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float, float, float, dict[str, float]]:
     """In this process, as vamp: images/s with the server's instances and threads (`vamp -i I -t T -b B`;
     adaptive: the better of -i 1 -t <cores> and -i <cores> -t 1), p50 ms per call of one instance alone
     (`-i 1`, all the cores when adaptive), the latency a single client could get, and the CPU ms per image
-    of the images/s run."""
+    of the images/s run; and the images/s of each -i / -t."""
     runs = [_vamp_run(prefix, batch, i, t, seconds) for i, t in setup.vamp_setups()]
     report, cpu_ms = max(runs, key=lambda run: run[0].throughput_qps)
     threads = setup.vamp_setups()[0][1]
     alone = _vamp_run(prefix, batch, 1, threads, seconds / 2)[0].latency_ms["p50"]
-    return report.throughput_qps, alone, cpu_ms
+    each = {f"-i {i} -t {t}": run[0].throughput_qps for (i, t), run in zip(setup.vamp_setups(), runs)}
+    return report.throughput_qps, alone, cpu_ms, each
 
 
 def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: list[str],
@@ -255,6 +256,7 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
     after = vamp(workspace / model, batch, setup, seconds)
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
+            "vamp_each": {flags: (ips + after[3][flags]) / 2 for flags, ips in before[3].items()},
             "batch": batch, "delay_us": delay, "paired": paired, "rows_per_request": len(x)}
 
 
@@ -305,12 +307,21 @@ def compact(results: dict) -> list[str]:
     return lines
 
 
+def each(res: dict, r: Row) -> str:
+    """Served images/s against each vamp setup, when there are several (the adaptive server)."""
+    if len(res["vamp_each"]) < 2:
+        return ""
+    return " (" + ", ".join(f"{100 * r.images_per_s / ips:.0f} % of vamp {flags}"
+                            for flags, ips in res["vamp_each"].items()) + ")"
+
+
 def bars(results: dict) -> list[str]:
     lines = ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of in-process."]
     for model, res in results.items():
         c8 = [r for r in res["rows"] if r.concurrency == 8]
         lines.append(f"- {model} (--max-queue-delay-us {res['delay_us']}): c8 " + ", ".join(
-            f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" for r in c8)
+            f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" + each(res, r)
+            for r in c8)
             + " of vamp; c1 p50 with served and in-process runs alternated: " + ", ".join(
             f"{label} {protocol} {client} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
             for (label, protocol, client), (served, local) in res["paired"].items()))
