@@ -17,6 +17,7 @@ from tiny import build_tiny  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.run.runtime import ALIGNMENT, CompiledModel  # noqa: E402
 from tvmzoo.run.serve.batcher import Arrivals, Closed, DynamicBatcher  # noqa: E402
+from tvmzoo.run.serve.config import ADAPTIVE_INSTANCES, ServeConfig  # noqa: E402
 from tvmzoo.run.serve.metrics import VERSION, Metrics  # noqa: E402
 from tvmzoo.run.threads import usable_cores  # noqa: E402
 
@@ -142,6 +143,17 @@ def test_adaptive_threads_run_a_lone_batch_on_all_cores_and_a_crowd_side_by_side
         assert _runs_on(metrics, 1) + _runs_on(metrics, 2) == 4 + 3
     finally:
         batcher.close()
+
+
+def test_the_default_is_adaptive_with_an_instance_per_core_at_most_four(build, monkeypatch):
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    cores = usable_cores()
+    default = ServeConfig(build)
+    assert default.cores == cores and default.instance_count == min(len(cores), ADAPTIVE_INSTANCES)
+    fixed = ServeConfig(build, threads=1)
+    assert fixed.cores is None and fixed.instance_count == 1
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")              # the cores to use: the first one
+    assert ServeConfig(build).cores == cores[:1] and ServeConfig(build).instance_count == 1
 
 
 def test_short_batches_are_staged_aligned_padded_and_reused(build, sample_images):

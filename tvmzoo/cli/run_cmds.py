@@ -196,7 +196,7 @@ def add_serve(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="0: any free port (printed)")
     p.add_argument("--grpc-port", type=int, default=8001, help="0: any free port (printed)")
     p.add_argument("--instances", type=int, default=None,
-                   help="model instances per model (default: one per core without --threads, else 1)")
+                   help="model instances per model (default: one per core, at most 4, without --threads; else 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="TVM threads per instance, fixed (default: adaptive, a batch runs on all cores when "
                         "nothing else runs or waits, else on its instance's share)")

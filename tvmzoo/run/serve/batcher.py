@@ -186,8 +186,8 @@ class DynamicBatcher:
         """Run batches on one instance. A first run on zeros warms it (memory, this thread's TVM pool),
         so the model is ready when the first client's request comes."""
         cores = None
-        if lanes is not None:   # the pool is made with a thread per core, then narrowed or widened per batch
-            cores = lanes.wide
+        if lanes is not None:   # instance 0's pool gets a thread per core (narrowed or widened per batch),
+            cores = lanes.wide if index == 0 else lanes.narrow   # the others' only their share: never wide
             pin_this_thread_pool(cores)
         try:
             model.run(np.zeros((model.fixed_batch or 1, *model.input_shape[1:]), model.input_dtype))

@@ -9,6 +9,7 @@ from ...errors import ConfigError
 from ..threads import check_per_core, usable_cores
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20   # a batch of 64 FP32 224x224 images is 38.5 MB
+ADAPTIVE_INSTANCES = 4      # default instances per model at most (each a loaded model): on many cores, a share each
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     http_port: int = 8000                  # 0: any free port (printed when serving)
     grpc_port: int = 8001
-    instances: int | None = None           # model instances per model; None: one per core, or 1 with --threads
+    instances: int | None = None           # per model; None: one per core (at most 4), or 1 with --threads
     threads: int | None = None             # TVM threads per instance, fixed; None: adaptive (batcher.Lanes)
     max_queue_delay_us: int = 0            # how long the oldest request waits for a fuller batch
     max_batch: int = 8                     # rows per batch for builds with a dynamic batch dimension
@@ -58,7 +59,7 @@ class ServeConfig:
     def instance_count(self) -> int:
         if self.instances is not None:
             return self.instances
-        return len(self.cores) if self.cores else 1
+        return min(len(self.cores), ADAPTIVE_INSTANCES) if self.cores else 1
 
 
 def read_token(path: str | Path) -> str:
