@@ -11,7 +11,7 @@ perf_analyzer run on the server host would, so each point also reports the CPU t
 client and of the server: with the cores the bottleneck, served images/s can reach at most the in-process
 CPU per image over (server + client) CPU per request of vamp's images/s.
 
-    .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups 1x2,2x1]
+    .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups auto,1x2,2x1]
         [--clients raw,wrk,tritonclient] [--concurrency 1,8]
         [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
 
@@ -42,6 +42,7 @@ from serve_load import Call, closed_loop, make_calls  # noqa: E402
 from serve_wrk import Wrk, available as wrk_available  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
 from tvmzoo.run.bench import BenchConfig, benchmark  # noqa: E402
+from tvmzoo.run.threads import usable_cores  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.run.runtime import CompiledModel, stack_aligned  # noqa: E402
 
@@ -127,13 +128,33 @@ def measure(label: str, server: ServerProcess, protocol: str, client: str, model
 
 @dataclass(frozen=True)
 class Setup:
-    instances: int
+    instances: int          # 0 with threads 0: the server's default, adaptive threads (one instance per core)
     threads: int
     delay_us: int | None    # None: one batch's in-process time for fixed-batch builds > 1, else 0
 
+    @classmethod
+    def parse(cls, text: str, delay_us: int | None) -> Setup:
+        """`IxT` (instances x threads) or `auto` (no --instances / --threads)."""
+        return cls(0, 0, delay_us) if text == "auto" else cls(*(int(v) for v in text.split("x")), delay_us)
+
+    @property
+    def auto(self) -> bool:
+        return self.threads == 0
+
     def flags(self, delay_us: int) -> list[str]:
-        return ["--instances", str(self.instances), "--threads", str(self.threads),
-                "--max-queue-delay-us", str(delay_us)]
+        fixed = [] if self.auto else ["--instances", str(self.instances), "--threads", str(self.threads)]
+        return [*fixed, "--max-queue-delay-us", str(delay_us)]
+
+    def vamp_setups(self) -> list[tuple[int, int]]:
+        """vamp's -i / -t to compare with: the same, or for `auto` both ends (-i 1 -t <cores>, -i <cores> -t 1)."""
+        cores = len(usable_cores())
+        return [(1, cores), (cores, 1)] if self.auto else [(self.instances, self.threads)]
+
+    def describe(self) -> str:
+        if self.auto:
+            return ("adaptive threads (the server's default: one instance per core, a batch on all cores when "
+                    "nothing else runs or waits, else on its own core)")
+        return f"{self.instances} instance(s) x {self.threads} TVM thread(s)"
 
 
 def paired_latency(server: ServerProcess, protocol: str, client: str, model: str, compiled: CompiledModel,
@@ -185,13 +206,17 @@ def _vamp_run(prefix: Path, batch: int, instances: int, threads: int, seconds: f
     return report, 1e3 * (time.process_time() - cpu) / report.samples   # loads and warm-up included
 
 
-def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float, float, float]:
-    """In this process, as vamp: images/s with the server's instances and threads (`vamp -i I -t T -b B`),
-    p50 ms per call of one instance alone (`-i 1`), the latency a single client could get, and the CPU
-    ms per image of the images/s run."""
-    report, cpu_ms = _vamp_run(prefix, batch, setup.instances, setup.threads, seconds)
-    alone = _vamp_run(prefix, batch, 1, setup.threads, seconds / 2)[0].latency_ms["p50"]
-    return report.throughput_qps, alone, cpu_ms
+def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float, float, float, dict[str, float]]:
+    """In this process, as vamp: images/s with the server's instances and threads (`vamp -i I -t T -b B`;
+    adaptive: the better of -i 1 -t <cores> and -i <cores> -t 1), p50 ms per call of one instance alone
+    (`-i 1`, all the cores when adaptive), the latency a single client could get, and the CPU ms per image
+    of the images/s run; and the images/s of each -i / -t."""
+    runs = [_vamp_run(prefix, batch, i, t, seconds) for i, t in setup.vamp_setups()]
+    report, cpu_ms = max(runs, key=lambda run: run[0].throughput_qps)
+    threads = setup.vamp_setups()[0][1]
+    alone = _vamp_run(prefix, batch, 1, threads, seconds / 2)[0].latency_ms["p50"]
+    each = {f"-i {i} -t {t}": run[0].throughput_qps for (i, t), run in zip(setup.vamp_setups(), runs)}
+    return report.throughput_qps, alone, cpu_ms, each
 
 
 def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: list[str],
@@ -202,6 +227,9 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
     top = int(compiled.run(x)[0].argmax())   # every served answer must have it
     batch = compiled.fixed_batch or 1
     before = vamp(workspace / model, batch, setup, seconds)
+    # vamp set it to its last run's threads; the servers (adaptive: their cores) and the in-process runs
+    # alternated with the served ones read it
+    os.environ["TVM_NUM_THREADS"] = str(setup.vamp_setups()[0][1])
     delay = setup.delay_us if setup.delay_us is not None else int(1000 * before[1]) if batch > 1 else 0
     servers: dict[str, ServerProcess] = {}
     wrks: dict[str, Wrk] = {}
@@ -217,7 +245,6 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
         rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds,
                         wrks.get(label) if client == "wrk" else None)
                 for c in concurrency for label, protocol, client in ways]
-        os.environ["TVM_NUM_THREADS"] = str(setup.threads)   # the in-process runs alternate with the served ones
         paired = {way: paired_latency(servers[way[0]], *way[1:], model, compiled, x, top, 2 * seconds,
                                       wrks.get(way[0]) if way[2] == "wrk" else None)
                   for way in ways}
@@ -229,6 +256,7 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
     after = vamp(workspace / model, batch, setup, seconds)
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
+            "vamp_each": {flags: (ips + after[3][flags]) / 2 for flags, ips in before[3].items()},
             "batch": batch, "delay_us": delay, "paired": paired, "rows_per_request": len(x)}
 
 
@@ -243,8 +271,8 @@ def ceiling(res: dict, r: Row) -> str:
 
 def report(results: dict, setup: Setup, load: str) -> str:
     lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {load} (1 / 5 / 15 min) when the run began. "
-             f"Server: {setup.instances} instance(s) x {setup.threads} TVM thread(s); vamp with the same instances "
-             "and threads, in the load generator's process; TVM_THREAD_POOL_SPIN_COUNT="
+             f"Server: {setup.describe()}; vamp with the same instances and threads (adaptive: the better of "
+             "-i 1 -t <cores> and -i <cores> -t 1), in the load generator's process; TVM_THREAD_POOL_SPIN_COUNT="
              f"{os.environ['TVM_THREAD_POOL_SPIN_COUNT']} in both; load generator (benchmarks/serve_load.py) in "
              "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
              "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), tritonclient = its asyncio clients. "
@@ -259,7 +287,8 @@ def report(results: dict, setup: Setup, load: str) -> str:
                          f"{r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.request_us:.0f} | {r.queue_us:.0f} | "
                          f"{r.compute_us:.0f} | {r.rows_per_exec:.1f} | {r.client_cpu_ms:.2f} | "
                          f"{r.server_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
-        lines.append(f"| {model} | vamp (-i {setup.instances} -t {setup.threads} -b {res['batch']}; p50: -i 1) | | | | "
+        flags = " or ".join(f"-i {i} -t {t}" for i, t in setup.vamp_setups())
+        lines.append(f"| {model} | vamp ({flags} -b {res['batch']}; p50: -i 1) | | | | "
                      f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | 100 % |")
     return "\n".join(lines + compact(results) + bars(results))
 
@@ -278,12 +307,21 @@ def compact(results: dict) -> list[str]:
     return lines
 
 
+def each(res: dict, r: Row) -> str:
+    """Served images/s against each vamp setup, when there are several (the adaptive server)."""
+    if len(res["vamp_each"]) < 2:
+        return ""
+    return " (" + ", ".join(f"{100 * r.images_per_s / ips:.0f} % of vamp {flags}"
+                            for flags, ips in res["vamp_each"].items()) + ")"
+
+
 def bars(results: dict) -> list[str]:
     lines = ["", "Bars: concurrency 8 served >= 85 % of vamp images/s; concurrency 1 p50 within 1 ms of in-process."]
     for model, res in results.items():
         c8 = [r for r in res["rows"] if r.concurrency == 8]
         lines.append(f"- {model} (--max-queue-delay-us {res['delay_us']}): c8 " + ", ".join(
-            f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" for r in c8)
+            f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" + each(res, r)
+            for r in c8)
             + " of vamp; c1 p50 with served and in-process runs alternated: " + ", ".join(
             f"{label} {protocol} {client} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
             for (label, protocol, client), (served, local) in res["paired"].items()))
@@ -300,7 +338,8 @@ def main() -> None:
     parser.add_argument("--delay-us", type=int, default=None,
                         help="server --max-queue-delay-us (default: one batch's in-process time for batch > 1 "
                              "builds; a batch waits only for as many requests as were in flight together)")
-    parser.add_argument("--setups", default="1x2,2x1", help="instances x threads per instance, comma-separated")
+    parser.add_argument("--setups", default="auto,1x2,2x1",
+                        help="instances x threads per instance, or auto (the server's default), comma-separated")
     parser.add_argument("--clients", default="raw,wrk" if wrk_available() else "raw",
                         help="load generators, comma-separated, interleaved per point: raw, tritonclient "
                         "(benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py; default raw,wrk "
@@ -326,8 +365,7 @@ def main() -> None:
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     names = args.models.split(",") if args.models else sorted(p.parent.name for p in args.workspace.glob("*/mod.json"))
     for text in args.setups.split(","):
-        instances, threads = (int(v) for v in text.split("x"))
-        setup = Setup(instances, threads, args.delay_us)
+        setup = Setup.parse(text, args.delay_us)
         results = {name: sweep(args.workspace, name, setup, args.seconds, clients,
                                [int(c) for c in args.concurrency.split(",")], executables) for name in names}
         print(report(results, setup, load), "\n", flush=True)

@@ -17,7 +17,9 @@ from tiny import build_tiny  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.run.runtime import ALIGNMENT, CompiledModel  # noqa: E402
 from tvmzoo.run.serve.batcher import Arrivals, Closed, DynamicBatcher  # noqa: E402
+from tvmzoo.run.serve.config import ADAPTIVE_INSTANCES, ServeConfig  # noqa: E402
 from tvmzoo.run.serve.metrics import VERSION, Metrics  # noqa: E402
+from tvmzoo.run.threads import usable_cores  # noqa: E402
 
 pytestmark = pytest.mark.reliability
 NAME, DELAY_S = "tiny_b4", 1.5
@@ -111,6 +113,49 @@ def test_asyncio_callers_get_their_own_rows_by_one_hand_back_per_batch(build, sa
         asyncio.run(batcher.infer(rows[0]))
 
 
+def _runs_on(metrics: Metrics, threads: int) -> float:
+    """Executions run with `threads` TVM threads (the tvmzoo_inference_threads histogram)."""
+    def at_most(n: int) -> float:
+        return metrics.registry.get_sample_value("tvmzoo_inference_threads_bucket",
+                                                 {"model": NAME, "le": f"{float(n)}"}) or 0.0
+    return at_most(threads) - at_most(threads - 1)
+
+
+@pytest.mark.skipif(len(usable_cores()) < 2, reason="adaptive threads need 2 cores")
+def test_adaptive_threads_run_a_lone_batch_on_all_cores_and_a_crowd_side_by_side(build, sample_images):
+    """Without --threads (batcher.Lanes): a batch runs on both cores when nothing else runs or waits,
+    and on its instance's one core when others wait; the answers are the same exactly either way."""
+    model = CompiledModel.load(build)                 # batch 4
+    x = np.stack([apply(model.preprocessing, read_image(p)) for p in (sample_images * 4)[:4]])
+    expected = model.run(x)
+    metrics = Metrics.create()
+    batcher = DynamicBatcher(NAME, [CompiledModel.load(build) for _ in range(2)], 4, DELAY_S, metrics,
+                             cores=usable_cores()[:2])
+    try:
+        for i in range(4):                            # one client at a time: every batch on both cores
+            np.testing.assert_array_equal(batcher.submit(x[i:i + 1]).result(timeout=60), expected[i:i + 1])
+        assert _runs_on(metrics, 2) == 4 and _runs_on(metrics, 1) == 0
+        with batcher._cond:                           # 12 rows queued before any instance looks
+            futures = [batcher.submit(x) for _ in range(3)]
+        for future in futures:
+            np.testing.assert_array_equal(future.result(timeout=60), expected)
+        assert _runs_on(metrics, 1) >= 2              # the first two batches had company: one core each
+        assert _runs_on(metrics, 1) + _runs_on(metrics, 2) == 4 + 3
+    finally:
+        batcher.close()
+
+
+def test_the_default_is_adaptive_with_an_instance_per_core_at_most_four(build, monkeypatch):
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    cores = usable_cores()
+    default = ServeConfig(build)
+    assert default.cores == cores and default.instance_count == min(len(cores), ADAPTIVE_INSTANCES)
+    fixed = ServeConfig(build, threads=1)
+    assert fixed.cores is None and fixed.instance_count == 1
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")              # the cores to use: the first one
+    assert ServeConfig(build).cores == cores[:1] and ServeConfig(build).instance_count == 1
+
+
 def test_short_batches_are_staged_aligned_padded_and_reused(build, sample_images):
     """`CompiledModel.stage` (the server's batches, and `run`'s padding of a short batch for everyone):
     one aligned buffer of a whole batch, zero padding rows, the same outputs as a batch padded by hand."""
@@ -139,10 +184,11 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc (Linux)")
-def test_an_idle_server_does_not_spin_after_a_request(build, sample_images):
+@pytest.mark.parametrize("flags", [("--threads", "2"), ()], ids=["threads2", "adaptive"])
+def test_an_idle_server_does_not_spin_after_a_request(build, sample_images, flags):
     """TVM's pool workers spin 300000 sched_yield()s after each task by default (50-60 ms of CPU after
     every request on Lite0 here), taking the cores the event loop and clients need; serve lowers it."""
-    server = ServerProcess.start(build, "--threads", "2")
+    server = ServerProcess.start(build, *flags)
     try:
         model = CompiledModel.load(build)
         x = apply(model.preprocessing, read_image(sample_images[0]))[None]

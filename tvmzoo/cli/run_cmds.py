@@ -195,8 +195,11 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--http-port", type=int, default=8000, help="0: any free port (printed)")
     p.add_argument("--grpc-port", type=int, default=8001, help="0: any free port (printed)")
-    p.add_argument("--instances", type=int, default=1, help="model instances per model")
-    p.add_argument("--threads", type=int, default=None, help="TVM threads per instance (default: all cores)")
+    p.add_argument("--instances", type=int, default=None,
+                   help="model instances per model (default: one per core, at most 4, without --threads; else 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="TVM threads per instance, fixed (default: adaptive, a batch runs on all cores when "
+                        "nothing else runs or waits, else on its instance's share)")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="dynamic batching: how long a request may wait for a fuller batch")
     p.add_argument("--max-batch", type=int, default=8, help="batch size for builds with a dynamic batch axis")

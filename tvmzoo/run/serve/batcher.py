@@ -3,6 +3,12 @@ has a thread that takes the oldest request, gathers more until the batch has the
 expects or the oldest has waited `max_delay_s` (Triton's max_queue_delay), runs them as one batch and
 hands each request its own rows back. One batcher per model, so batches never mix models.
 
+Threads (`Lanes`): with fixed threads each instance's TVM pool is as TVM sizes it. Adaptive (`cores` given,
+the server's default): instance 0 runs a batch on all the cores when nothing else runs or waits (a lone
+client gets the lowest latency), and every instance runs on its own share of them otherwise, so under load
+the instances run side by side, each on its own core, instead of one pool whose threads wait for each other
+at every kernel whenever the event loop or a client takes one of its cores.
+
 An asyncio caller (`infer`) gets its answer on its event loop: one `call_soon_threadsafe` per batch settles
 the futures of all its requests, instead of a concurrent Future per request chained to the loop (a lock,
 callbacks and a wake-up of the loop each)."""
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..runtime import CompiledModel
+from ..threads import instance_cores, pin_this_thread_pool
 
 from .metrics import Metrics
 
@@ -52,6 +59,18 @@ class Arrivals:
         self._peak = 0
 
 
+@dataclass(frozen=True)
+class Lanes:
+    """One instance's cores in adaptive mode: its own share (`narrow`) and all of them, its own first (`wide`)."""
+    narrow: list[int]
+    wide: list[int]
+
+    @classmethod
+    def of(cls, index: int, instances: int, cores: list[int]) -> Lanes:
+        narrow = instance_cores(index, max(1, len(cores) // instances), cores)
+        return cls(narrow, narrow + [c for c in cores if c not in narrow])
+
+
 @dataclass
 class Pending:
     rows: np.ndarray
@@ -76,7 +95,8 @@ def _settle_all(pairs: list[tuple[Future | asyncio.Future, np.ndarray | BaseExce
 
 class DynamicBatcher:
     def __init__(self, name: str, instances: list[CompiledModel], max_batch: int, max_delay_s: float,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, threads: int = 1, cores: list[int] | None = None) -> None:
+        """`threads`: each instance's TVM threads (fixed), or `cores`: adaptive on these cores (`Lanes`)."""
         self.name = name
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -85,13 +105,25 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._in_flight_rows = 0    # queued or running
         self._arrivals = Arrivals(max_batch)
-        self._cond = threading.Condition()
+        self._threads = threads
+        self._cores = cores
+        self._busy_cores = 0        # adaptive: cores taken by running batches
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)   # waits for a fuller batch or for cores
+        # idle instances by index: a new request wakes the first, unless an instance is gathering a batch.
+        # Only instance 0 runs wide, so one pool's threads spin after a wide run, not an idle pool's on the
+        # cores a busy one uses (Condition.notify wakes the longest waiter: a lone client alternated pools)
+        self._idle: dict[int, threading.Condition] = {}
+        self._gathering = 0
+        self._running: set[int] = set()     # instances running a batch
         warmed = [threading.Event() for _ in instances]
         self._closed = False
         self._flush = False     # draining: run what is queued without waiting for fuller batches
-        self._threads = [threading.Thread(target=self._worker, args=(model, warm), name=f"{name}-instance{i}",
-                                          daemon=True) for i, (model, warm) in enumerate(zip(instances, warmed))]
-        for thread in self._threads:
+        lanes = [Lanes.of(i, len(instances), cores) if cores else None for i in range(len(instances))]
+        self._workers = [threading.Thread(target=self._worker, args=(i, model, warm, lane), name=f"{name}-instance{i}",
+                                          daemon=True)
+                         for i, (model, warm, lane) in enumerate(zip(instances, warmed, lanes))]
+        for thread in self._workers:
             thread.start()
         for event in warmed:
             event.wait()
@@ -118,52 +150,104 @@ class DynamicBatcher:
             self._queued_rows += len(rows)
             self._in_flight_rows += len(rows)
             self._arrivals.submitted(self._in_flight_rows)
-            self._cond.notify()
+            self._wake_one()
+            self._cond.notify_all()
 
     def flush(self) -> None:
         """From now on run queued requests at once (SIGTERM: no request waits for company that won't come)."""
         with self._cond:
             self._flush = True
-            self._cond.notify_all()
+            self._wake_all()
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests; the instances finish everything already queued, then stop."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
-        for thread in self._threads:
+            self._wake_all()
+        for thread in self._workers:
             thread.join(timeout)
 
-    def _worker(self, model: CompiledModel, warmed: threading.Event) -> None:
+    def _wake_one(self) -> None:
+        """Wake the first idle instance; adaptive, none while instance 0 is between two batches: it takes
+        the request in a moment, on all the cores if nothing else comes (another would run it on its one)."""
+        if not self._idle or self._gathering:
+            return
+        if self._cores is not None and 0 not in self._idle and 0 not in self._running:
+            return
+        self._idle.pop(min(self._idle)).notify()
+
+    def _wake_all(self) -> None:
+        for wake in self._idle.values():
+            wake.notify()
+        self._idle.clear()
+        self._cond.notify_all()
+
+    def _worker(self, index: int, model: CompiledModel, warmed: threading.Event, lanes: Lanes | None) -> None:
         """Run batches on one instance. A first run on zeros warms it (memory, this thread's TVM pool),
         so the model is ready when the first client's request comes."""
+        cores = None
+        if lanes is not None:   # instance 0's pool gets a thread per core (narrowed or widened per batch),
+            cores = lanes.wide if index == 0 else lanes.narrow   # the others' only their share: never wide
+            pin_this_thread_pool(cores)
         try:
             model.run(np.zeros((model.fixed_batch or 1, *model.input_shape[1:]), model.input_dtype))
         except Exception:  # noqa: BLE001 - TVM's own error types; real requests will report it
             log.exception("model %s: warm-up run failed", self.name)
         warmed.set()
+        wake = threading.Condition(self._lock)
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            taken = self._next_batch(index, wake)
+            if taken is None:
                 return
-            self._run(model, batch)
+            batch, width = taken
+            if lanes is not None and width != len(cores):
+                cores = lanes.wide if width == len(lanes.wide) else lanes.narrow
+                pin_this_thread_pool(cores)
+            self._run(model, batch, width, index)
 
-    def _next_batch(self) -> list[Pending] | None:
+    def _next_batch(self, index: int, wake: threading.Condition) -> tuple[list[Pending], int] | None:
+        """Instance `index`'s next batch and the TVM threads to run it with (`wake`: its, while idle)."""
         with self._cond:
             while True:
                 while not self._queue:
                     if self._closed:
                         return None
-                    self._cond.wait()
+                    self._idle[index] = wake
+                    wake.wait()
+                    self._idle.pop(index, None)
                 deadline = self._queue[0].enqueued + self.max_delay_s
                 wanted = self._arrivals.expected
+                self._gathering += 1
                 while self._queue and self._queued_rows < wanted and not (self._closed or self._flush):
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
+                self._gathering -= 1
                 if self._queue:  # another instance may have taken everything while this one waited
-                    return self._take()
+                    batch = self._take()
+                    width = self._claim_cores(index)
+                    self._running.add(index)
+                    if self._queue:   # rows left for the next batch
+                        self._wake_one()
+                    return batch, width
+
+    def _claim_cores(self, index: int) -> int:
+        """Adaptive: all the cores for instance 0 when no other batch runs or waits, else the instance's
+        share, once free (a wide run holds them all). Fixed: the instances' threads."""
+        if self._cores is None:
+            return self._threads
+        narrow = max(1, len(self._cores) // len(self._workers))
+        while True:
+            if index == 0 and self._busy_cores == 0 and not self._queue:
+                width = len(self._cores)
+            elif self._busy_cores + narrow <= len(self._cores):
+                width = narrow
+            else:
+                self._cond.wait()
+                continue
+            self._busy_cores += width
+            return width
 
     def _take(self) -> list[Pending]:
         batch = [self._queue.popleft()]
@@ -175,7 +259,7 @@ class DynamicBatcher:
         self._arrivals.taken()
         return batch
 
-    def _run(self, model: CompiledModel, batch: list[Pending]) -> None:
+    def _run(self, model: CompiledModel, batch: list[Pending], threads: int, index: int) -> None:
         m = self.metrics.series(self.name)
         start = time.perf_counter()
         m.queue_us.inc(sum(start - item.enqueued for item in batch) * 1e6)
@@ -187,7 +271,7 @@ class DynamicBatcher:
             ran = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
-            self._done(rows)
+            self._done(rows, threads, index)
             self._hand_back(batch, [exc] * len(batch))
             return
         offset, results = 0, []
@@ -202,7 +286,8 @@ class DynamicBatcher:
         m.inference_count.inc(rows)
         m.exec_count.inc()
         m.batch_size.observe(rows)
-        self._done(rows)
+        m.threads.observe(threads)
+        self._done(rows, threads, index)
         self._hand_back(batch, results)
 
     @staticmethod
@@ -220,9 +305,13 @@ class DynamicBatcher:
             except RuntimeError:   # the loop is closed: nobody waits for these any more
                 log.warning("model answers dropped: their event loop is closed")
 
-    def _done(self, rows: int) -> None:
-        """A batch's rows are no longer in flight: counted out before the answers go, since a client may
-        send its next at once."""
+    def _done(self, rows: int, threads: int, index: int) -> None:
+        """A batch's rows are no longer in flight and its cores are free: counted out before the answers
+        go, since a client may send its next at once."""
         with self._cond:
             self._in_flight_rows -= rows
+            self._running.discard(index)
+            if self._cores is not None:
+                self._busy_cores -= threads
+                self._cond.notify_all()
 

@@ -1,13 +1,15 @@
 """What `tvmzoo serve` is told: the model repository, addresses, batching and limits."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
-from ..threads import check_per_core
+from ..threads import check_per_core, usable_cores
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20   # a batch of 64 FP32 224x224 images is 38.5 MB
+ADAPTIVE_INSTANCES = 4      # default instances per model at most (each a loaded model): on many cores, a share each
 
 
 @dataclass(frozen=True)
@@ -16,8 +18,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     http_port: int = 8000                  # 0: any free port (printed when serving)
     grpc_port: int = 8001
-    instances: int = 1                     # model instances per model, one thread each
-    threads: int | None = None             # TVM threads per instance; None: TVM_NUM_THREADS or all cores
+    instances: int | None = None           # per model; None: one per core (at most 4), or 1 with --threads
+    threads: int | None = None             # TVM threads per instance, fixed; None: adaptive (batcher.Lanes)
     max_queue_delay_us: int = 0            # how long the oldest request waits for a fuller batch
     max_batch: int = 8                     # rows per batch for builds with a dynamic batch dimension
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -27,7 +29,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("instances", "max_batch", "max_request_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.max_queue_delay_us < 0:
             raise ConfigError(f"--max-queue-delay-us must be 0 or more, got {self.max_queue_delay_us}.")
@@ -42,6 +44,22 @@ class ServeConfig:
         if not Path(self.repository).exists():
             raise ConfigError(f"model repository {self.repository} does not exist: give a folder of compiled "
                               "builds (<name>/mod.so + mod.json) or one build folder.")
+
+    @property
+    def cores(self) -> list[int] | None:
+        """Adaptive threads (no --threads): the cores the instances share, the first TVM_NUM_THREADS of
+        those this process may use when it is set. None: fixed threads."""
+        if self.threads is not None:
+            return None
+        cores = usable_cores()
+        limit = os.environ.get("TVM_NUM_THREADS", "")
+        return cores[:int(limit)] if limit.isdigit() and int(limit) > 0 else cores
+
+    @property
+    def instance_count(self) -> int:
+        if self.instances is not None:
+            return self.instances
+        return min(len(self.cores), ADAPTIVE_INSTANCES) if self.cores else 1
 
 
 def read_token(path: str | Path) -> str:

@@ -70,7 +70,8 @@ class ModelSeries:
     infer_us: _Bound
     output_us: _Bound
     pending: object         # prometheus_client's bound Gauge
-    batch_size: object      # and Histogram
+    batch_size: object      # and Histograms
+    threads: object
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Metrics:
     output_us: TritonCounter
     pending: Gauge
     batch_size: Histogram
+    threads: Histogram
     last_inference: dict[str, float] = field(default_factory=dict)   # model -> time.time() of its last success
     _series: dict[str, ModelSeries] = field(default_factory=dict)
 
@@ -112,6 +114,8 @@ class Metrics:
                    Gauge("nv_inference_pending_request_count", "Requests waiting in the queue or running", LABELS,
                          registry=reg),
                    Histogram("tvmzoo_inference_batch_size", "Rows per model execution", ("model",),
+                             buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg),
+                   Histogram("tvmzoo_inference_threads", "TVM threads per model execution", ("model",),
                              buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg))
 
     def count_model(self, model: str) -> None:
@@ -126,7 +130,7 @@ class Metrics:
                 *(metric.labels(*labels) for metric in (
                     self.success, self.inference_count, self.exec_count, self.request_us, self.queue_us,
                     self.input_us, self.infer_us, self.output_us, self.pending)),
-                self.batch_size.labels(model))
+                self.batch_size.labels(model), self.threads.labels(model))
         return found
 
     def statistics(self, model: str) -> dict:

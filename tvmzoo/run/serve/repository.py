@@ -108,7 +108,7 @@ def model_labels(directory: Path, classes: int, labels_file: Path | None) -> tup
 def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntry:
     entry = ModelEntry(directory.name, directory)
     try:
-        entry.instances = [CompiledModel.load(directory) for _ in range(cfg.instances)]
+        entry.instances = [CompiledModel.load(directory) for _ in range(cfg.instance_count)]
         entry.meta = entry.instances[0].meta
         entry.labels = model_labels(directory, entry.classes, cfg.labels)
     except TvmzooError as exc:
@@ -119,9 +119,11 @@ def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntr
     fixed = entry.instances[0].fixed_batch
     metrics.count_model(entry.name)
     entry.batcher = DynamicBatcher(entry.name, entry.instances, fixed or cfg.max_batch,
-                                   cfg.max_queue_delay_us * 1e-6, metrics)
-    log.info("model %s ready: %s %s, batch %s, %d instance(s)", entry.name, entry.input_datatype,
-             list(entry.meta["input"]["shape"]), fixed or f"1-{cfg.max_batch}", cfg.instances)
+                                   cfg.max_queue_delay_us * 1e-6, metrics, cfg.threads or 1,
+                                   cfg.cores)
+    log.info("model %s ready: %s %s, batch %s, %d instance(s) x %s", entry.name, entry.input_datatype,
+             list(entry.meta["input"]["shape"]), fixed or f"1-{cfg.max_batch}", cfg.instance_count,
+             f"{cfg.threads} thread(s)" if cfg.threads else f"1-{len(cfg.cores)} threads (adaptive)")
     return entry
 
 
