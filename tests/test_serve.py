@@ -325,6 +325,29 @@ def test_grpc_stream_answers_each_request_and_reports_a_bad_one_in_the_stream(se
         np.testing.assert_array_equal(results[tag].as_numpy("output"), models[name].run(x))
 
 
+def test_sigterm_ends_an_open_grpc_stream_instead_of_waiting_for_it(repo, models, sample_images):
+    """A client holding a stream open (idle after its answer) must not keep a draining server alive for
+    --drain-seconds: the stream ends and the server exits at once."""
+    server = ServerProcess.start(repo, "--drain-seconds", "60")
+    answers: queue.Queue = queue.Queue()
+    g = grpcclient.InferenceServerClient(server.grpc)
+    try:
+        g.start_stream(callback=lambda result, error: answers.put((result, error)))
+        x = _tensor(models[FUSED], sample_images[310])[None]
+        tensor = grpcclient.InferInput("input", list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x)
+        g.async_stream_infer(FUSED, [tensor], request_id="before")
+        result, error = answers.get(timeout=60)
+        assert error is None and result.get_response().id == "before"
+        start = time.monotonic()
+        server.terminate()
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - start < 15   # not the 60 s a stream left open would have held it
+    finally:
+        g.stop_stream()
+        server.stop()
+
+
 def test_bearer_token_and_sigterm_under_load_lose_no_accepted_request(repo, models, sample_images, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")

@@ -124,7 +124,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator: AsyncIterator, context) -> None:
         """One stream, many requests: each is answered as soon as it is done (requests in flight together
         batch like separate calls), a refused one by its `error_message` while the stream goes on, as
-        Triton does. Cheaper per request than ModelInfer: no call to set up, no status to send."""
+        Triton does. Cheaper per request than ModelInfer: no call to set up, no status to send. On SIGTERM
+        the stream stops reading, answers what it took and ends (as idle HTTP connections are closed)."""
         await self._guard(context)
         writing = asyncio.Lock()
         pending: set[asyncio.Task] = set()
@@ -138,14 +139,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             async with writing:   # one message at a time on the stream
                 await context.write(response)
 
-        try:
+        async def read() -> None:
             async for request in request_iterator:
                 task = asyncio.ensure_future(answer(request))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+
+        reader, stopping = asyncio.ensure_future(read()), asyncio.ensure_future(self.state.stopping.wait())
+        try:
+            await asyncio.wait((reader, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                reader.result()   # a failed read ends the call with its error
             await asyncio.gather(*pending)
-        finally:   # the client went away or the server stops: drop what is left
-            for task in pending:
+        finally:   # done, or the client went away: drop what is left
+            for task in (reader, stopping, *pending):
                 task.cancel()
 
 
