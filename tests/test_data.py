@@ -6,11 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tvmzoo.compile.quant.calibration import calibration_batches, sample_calibration
 from tvmzoo.config import Dataset
-from tvmzoo.io.images import (
-    Labels, calibration_batches, default_labels, find_images, ground_truth, load_ground_truth_file, load_labels,
-    sample_calibration,
-)
+from tvmzoo.io.images import Labels, default_labels, find_images, ground_truth, load_ground_truth_file, load_labels
 from tvmzoo.errors import ConfigError
 from tvmzoo.preprocess import Preprocessing, apply, read_image
 

@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
+from tvmzoo.config.model_info import info_for
 from tvmzoo.errors import ConfigError
-from tvmzoo.models.info import ModelInfo, family_info, info_for, model_info
+from tvmzoo.models.info import ModelInfo, family_info, model_info
 from tvmzoo.models import regnet, repvgg
 from tvmzoo.io.onnx_graph import GraphBuilder
 

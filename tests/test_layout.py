@@ -1,5 +1,6 @@
 """The import rule, read from the source with `ast`: run never imports compile or models (a deployed
-module needs neither), models never import TVM, the library never imports the CLI. Imports inside
+module needs neither), models never import TVM or the build YAML's config (config reads the model
+registry), io imports none of the packages above it, the library never imports the CLI. Imports inside
 functions count too (a lazy import is still an arrow; `if TYPE_CHECKING:` imports do not), and so
 do imports reached through other tvmzoo modules: run may not reach compile by way of a third package."""
 from __future__ import annotations
@@ -87,7 +88,8 @@ def test_the_graph_is_read():
 
 @pytest.mark.parametrize("sources, forbidden", [
     ("tvmzoo.run", ("tvmzoo.compile", "tvmzoo.models")),
-    ("tvmzoo.models", ("tvm", "tvm_ffi")),
+    ("tvmzoo.models", ("tvm", "tvm_ffi", "tvmzoo.config")),
+    ("tvmzoo.io", ("tvmzoo.config", "tvmzoo.models", "tvmzoo.compile", "tvmzoo.run")),
 ])
 def test_import_rule(sources, forbidden):
     assert _violations(sources, forbidden) == []

@@ -23,7 +23,7 @@ def cmd_reparam(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ..models.info import info_for
+    from ..config.model_info import info_for
 
     print(info_for(args.model, overrides(args)).text())
     return 0

@@ -305,7 +305,7 @@ def quantize_for_build(cfg: BuildConfig, model: onnx.ModelProto, spec: InputSpec
                        pre: Preprocessing | None, cache: Path) -> onnx.ModelProto:
     """Calibrate and insert QDQ; with backend.quantize.max_drop, hold out a quarter of the calibration
     images and keep the worst layers in float until the top-1 drop on them is within bound."""
-    from ..io.images import calibration_batches
+    from .quant.calibration import calibration_batches
     from .quant.quant_report import quantize_with_fallback
     from .quant.quantize import quantize_model
 
@@ -329,7 +329,7 @@ def quantize_for_build(cfg: BuildConfig, model: onnx.ModelProto, spec: InputSpec
 
 def quant_report(cfg: BuildConfig, out_dir: Path | None = None) -> tuple[Path, Path]:
     """`tvmzoo quant-report`: quantize as compile would and write the per-layer table (CSV and markdown)."""
-    from ..io.images import calibration_batches
+    from .quant.calibration import calibration_batches
     from .quant.quant_report import layer_report, write_report
     from .quant.quantize import quantize_model
 

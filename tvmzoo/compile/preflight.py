@@ -54,7 +54,7 @@ def check_build_inputs(cfg: BuildConfig, calibrate: bool | None = None) -> None:
     if cfg.dataset is None or cfg.dataset.preprocessing is None:
         raise ConfigError(f"{cfg.path}: int8 calibration needs a dataset section with dataset.path and "
                           "dataset.process_ops.")
-    from ..io.images import calibration_images
+    from .quant.calibration import calibration_images
 
     try:
         calibration_images(cfg.dataset)

@@ -1,4 +1,4 @@
-"""Model size and cost, counted from a deploy ONNX graph (`tvmzoo info <yaml | family:arch[:source]>`).
+"""Model size and cost, counted from a deploy ONNX graph (`tvmzoo info`; a build YAML's model: config/model_info.py).
 
 Conventions (those of the public model tables):
 - parameters: elements of the initializers that Conv, Gemm and MatMul nodes read (weights and biases);
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -169,52 +168,7 @@ def family_info(family: str, arch: str, num_classes: int = 1000, size_hw: tuple[
     return ModelInfo(**{**info.__dict__, "params_train": fam.param_count(arch, source, num_classes, False)})
 
 
-def _parse_target(target: str) -> tuple[str, str, str | None]:
-    parts = target.split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ConfigError(f"'{target}' is neither a build YAML nor family:arch[:source] "
-                          f"(e.g. repvgg:A0, regnet:400MF, regnet:400MF:torchvision).")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
-
-
-def info_for(target: str, overrides: dict | None = None) -> ModelInfo:
-    """ModelInfo for `tvmzoo info TARGET`: a build YAML (its deploy ONNX when frontend.checkpoint exists,
-    else its model: section; `overrides` are the CLI's --set) or family:arch[:source]."""
-    path = Path(target)
-    if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
-        return _yaml_info(path, overrides)
-    if overrides:
-        raise ConfigError(f"--set changes a build YAML; {target} is a family:arch name. Drop --set.")
-    family, arch, source = _parse_target(target)
-    return family_info(family, arch, source=source)
-
-
-def _yaml_info(path: Path, overrides: dict | None = None) -> ModelInfo:
-    from ..config import load_build_config   # the config module imports the model registry; keep it lazy
-    cfg = load_build_config(path, overrides)
-    shape = next(iter(cfg.frontend.shape.values()), None)
-    size = (int(shape[2]), int(shape[3])) if shape is not None and len(shape) == 4 else None
-    model = cfg.model
-    if cfg.frontend.checkpoint.is_file():
-        onnx_model = onnx.load(str(cfg.frontend.checkpoint))
-        info = model_info(onnx_model, size_hw=size, name=cfg.name)
-        if model is not None:
-            fam = get_family(model.family)
-            arch, source = resolve_arch(fam, model.arch), resolve_source(fam, model.source)
-            train = fam.param_count(arch, source, _num_classes(onnx_model), False)
-            info = ModelInfo(**{**info.__dict__, "params_train": train})
-        return info
-    if model is None:
-        raise ConfigError(f"{path}: frontend.checkpoint {cfg.frontend.checkpoint} does not exist and there is no "
-                          f"model: section to build it from; run the export step first or add model: "
-                          f"{{family, arch, source, weights}}.")
-    log.info("%s: %s not exported yet; counting %s %s from the model section", path,
-             cfg.frontend.checkpoint, model.family, model.arch)
-    info = family_info(model.family, model.arch, size_hw=size, source=model.source)
-    return ModelInfo(**{**info.__dict__, "name": cfg.name})
-
-
-def _num_classes(model: onnx.ModelProto) -> int:
+def num_classes(model: onnx.ModelProto) -> int:
     """The class count of a classifier ONNX: the last dimension of its first output (1000 if symbolic)."""
     dims = model.graph.output[0].type.tensor_type.shape.dim
     return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else 1000
