@@ -3,9 +3,11 @@ before it sends again (perf_analyzer's closed loop).
 
 `raw` (the default) builds each request once, as perf_analyzer does: HTTP, the binary-tensor request (headers
 and body) sent as-is over one keep-alive connection per slot with asyncio streams; gRPC, the serialized
-ModelInferRequest sent through a bytes-in / bytes-out method on one grpc.aio channel. Every answer is still
-checked: status, the request's own id (a tag per slot), the output's shape and its top class against the
-reference answer. `tritonclient` is tritonclient's asyncio clients, which encode 602 KB per request in Python.
+ModelInferRequest sent through a bytes-in / bytes-out method on one grpc.aio channel. `stream` (gRPC only) sends
+the same bytes on Triton's bidirectional ModelStreamInfer, one stream per slot, as perf_analyzer --streaming
+does: no call to set up per request. Every answer is still checked: status, the request's own id (a tag per
+slot), the output's shape and its top class against the reference answer. `tritonclient` is tritonclient's
+asyncio clients, which encode 602 KB per request in Python.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import tritonclient.http.aio as http_aio
 from tritonclient.grpc import service_pb2
 
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 Call = Callable[[], Awaitable[None]]
 
 
@@ -64,14 +67,18 @@ class RawHttp:
             self.streams[1].close()
 
 
+def _infer_request(model: str, x: np.ndarray, tag: str) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name=model, id=tag, raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    return request.SerializeToString()
+
+
 class RawGrpc:
     """One prebuilt, serialized ModelInferRequest sent through a bytes-in / bytes-out method."""
 
     def __init__(self, channel: grpc.aio.Channel, model: str, x: np.ndarray, tag: str, top: int) -> None:
         self.tag, self.top = tag, top
-        request = service_pb2.ModelInferRequest(model_name=model, id=tag, raw_input_contents=[x.tobytes()])
-        request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-        self.request = request.SerializeToString()
+        self.request = _infer_request(model, x, tag)
         self.method = channel.unary_unary(GRPC_INFER)   # no serializers: the bytes go as they are
 
     async def __call__(self) -> None:
@@ -80,6 +87,31 @@ class RawGrpc:
 
     async def close(self) -> None:
         pass
+
+
+class RawGrpcStream:
+    """The same prebuilt request on one ModelStreamInfer stream: write it, read its answer, again."""
+
+    def __init__(self, channel: grpc.aio.Channel, model: str, x: np.ndarray, tag: str, top: int) -> None:
+        self.tag, self.top = tag, top
+        self.request = _infer_request(model, x, tag)
+        self.method = channel.stream_stream(GRPC_STREAM)
+        self.stream: grpc.aio.StreamStreamCall | None = None
+
+    async def __call__(self) -> None:
+        if self.stream is None:
+            self.stream = self.method()
+        await self.stream.write(self.request)
+        answer = service_pb2.ModelStreamInferResponse.FromString(await self.stream.read())
+        if answer.error_message:
+            raise AssertionError(f"{self.tag}: {answer.error_message}")
+        out = answer.infer_response
+        _check(self.tag, out.id, list(out.outputs[0].shape), out.raw_output_contents[0], self.top)
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            await self.stream.done_writing()
+            await self.stream.code()   # the server ends the stream once our side is closed
 
 
 class Tritonclient:
@@ -102,6 +134,16 @@ def grpc_channel(url: str) -> grpc.aio.Channel:
                                                    ("grpc.max_receive_message_length", -1)])
 
 
+def streams(url: str) -> bool:
+    """Whether the server answers ModelStreamInfer (servers before it answer UNIMPLEMENTED)."""
+    async def probe() -> bool:
+        async with grpc_channel(url) as channel:
+            call = channel.stream_stream(GRPC_STREAM)()
+            await call.done_writing()
+            return await call.code() == grpc.StatusCode.OK
+    return asyncio.run(probe())
+
+
 def make_calls(kind: str, protocol: str, url: str, model: str, x: np.ndarray, top: int, n: int):
     """n callables (one per slot) and the shared connection to close after (or None)."""
     if kind == "tritonclient":
@@ -111,7 +153,8 @@ def make_calls(kind: str, protocol: str, url: str, model: str, x: np.ndarray, to
         return [Tritonclient(shared, model, x, module) for _ in range(n)], shared
     if protocol == "grpc":
         shared = grpc_channel(url)
-        return [RawGrpc(shared, model, x, f"slot{i}", top) for i in range(n)], shared
+        kind_class = RawGrpcStream if kind == "stream" else RawGrpc
+        return [kind_class(shared, model, x, f"slot{i}", top) for i in range(n)], shared
     return [RawHttp(url, model, x, f"slot{i}", top) for i in range(n)], None
 
 

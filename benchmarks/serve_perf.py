@@ -3,7 +3,8 @@ server queue vs compute time from /metrics), against vamp's in-process images/s 
 build, measured in the same run (vamp before and after each model's sweep, averaged).
 
 The load generators run a fixed concurrency: `raw` (benchmarks/serve_load.py, in this process) builds each
-request once, as perf_analyzer does; `wrk` (benchmarks/serve_wrk.py, HTTP only, used by default when
+request once, as perf_analyzer does; `stream` (gRPC only) sends the same request on Triton's ModelStreamInfer,
+one stream per client, as perf_analyzer --streaming; `wrk` (benchmarks/serve_wrk.py, HTTP only, used by default when
 installed) is a C client in a child process that takes about half the raw client's CPU per request;
 `tritonclient` is tritonclient's asyncio clients. Several are interleaved point by point; the server is
 `tvmzoo serve` in another process. Both share the machine's cores, as a
@@ -12,7 +13,7 @@ client and of the server: with the cores the bottleneck, served images/s can rea
 CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups auto,1x2,2x1]
-        [--clients raw,wrk,tritonclient] [--concurrency 1,8]
+        [--clients raw,stream,wrk,tritonclient] [--concurrency 1,8]
         [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from machine import cpu_name  # noqa: E402
 from serve_client import ServerProcess, scrape  # noqa: E402
-from serve_load import Call, closed_loop, make_calls  # noqa: E402
+from serve_load import Call, closed_loop, make_calls, streams  # noqa: E402
 from serve_wrk import Wrk, available as wrk_available  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
 from tvmzoo.run.bench import BenchConfig, benchmark  # noqa: E402
@@ -49,7 +50,8 @@ from tvmzoo.run.runtime import CompiledModel, stack_aligned  # noqa: E402
 PHOTO = ROOT.parent / "shared" / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
 CONCURRENCY = (1, 2, 4, 8, 16)
 PROTOCOLS = ("http", "grpc")
-CLIENTS = ("raw", "wrk", "tritonclient")
+CLIENTS = ("raw", "stream", "wrk", "tritonclient")
+ONLY = {"wrk": "http", "stream": "grpc"}   # clients of one protocol
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Row:
     model: str
     server: str             # --servers label
     protocol: str
-    client: str             # serve_load: raw (requests built once) or tritonclient
+    client: str             # serve_load: raw (requests built once), stream (gRPC), tritonclient; wrk
     concurrency: int
     images_per_s: float
     p50: float
@@ -237,7 +239,8 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
         for label, executable in executables.items():
             servers[label] = ServerProcess.start(workspace / model, *setup.flags(delay), executable=executable)
         ways = [(label, protocol, client) for protocol in PROTOCOLS for client in clients
-                for label in servers if not (client == "wrk" and protocol == "grpc")]   # interleaved per point
+                for label in servers if ONLY.get(client, protocol) == protocol   # interleaved per point
+                and (client != "stream" or streams(servers[label].grpc))]
         if "wrk" in clients:
             for label, server in servers.items():   # wrk's answers carry no tag: one is checked first
                 wrks[label] = Wrk(server.http, model, x)
@@ -275,7 +278,8 @@ def report(results: dict, setup: Setup, load: str) -> str:
              "-i 1 -t <cores> and -i <cores> -t 1), in the load generator's process; TVM_THREAD_POOL_SPIN_COUNT="
              f"{os.environ['TVM_THREAD_POOL_SPIN_COUNT']} in both; load generator (benchmarks/serve_load.py) in "
              "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
-             "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), tritonclient = its asyncio clients. "
+             "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), stream = the same on ModelStreamInfer, one "
+             "stream per client, tritonclient = its asyncio clients. "
              "CPU ms / request: the client's process and the whole server's.", "",
              "| build | server | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
              "server queue us | server compute us | rows / exec | client CPU ms / req | server CPU ms / req | "
@@ -340,10 +344,10 @@ def main() -> None:
                              "builds; a batch waits only for as many requests as were in flight together)")
     parser.add_argument("--setups", default="auto,1x2,2x1",
                         help="instances x threads per instance, or auto (the server's default), comma-separated")
-    parser.add_argument("--clients", default="raw,wrk" if wrk_available() else "raw",
-                        help="load generators, comma-separated, interleaved per point: raw, tritonclient "
-                        "(benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py; default raw,wrk "
-                        "when wrk is installed, else raw)")
+    parser.add_argument("--clients", default="raw,stream,wrk" if wrk_available() else "raw,stream",
+                        help="load generators, comma-separated, interleaved per point: raw, stream (gRPC only), "
+                        "tritonclient (benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py; default "
+                        "raw,stream,wrk when wrk is installed, else raw,stream)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     parser.add_argument("--servers", default="",
                         help="label=tvmzoo executable, comma-separated, interleaved per point (default: this "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
 import re
 import shutil
 import socket
@@ -297,6 +298,54 @@ def test_grpc_errors_have_protocol_codes(server):
             _infer(g, grpcclient, name, x)
         assert err.value.status() == status, err.value
         assert _infer(g, grpcclient, HOST, np.zeros((1, 3, 32, 32), np.float32)).as_numpy("output").shape == (1, 1000)
+
+
+def test_grpc_stream_answers_each_request_and_reports_a_bad_one_in_the_stream(server, models, sample_images):
+    """Triton's ModelStreamInfer as tritonclient drives it: requests sent back to back on one stream are
+    answered by id (exactly CompiledModel.run), a bad one gets its error_message and the stream goes on."""
+    sent = {f"s{i}": (name, _tensor(models[name], p)[None])
+            for i, (name, p) in enumerate(zip([HOST, FUSED] * 4, sample_images[300:308]))}
+    answers: queue.Queue = queue.Queue()
+    g = grpcclient.InferenceServerClient(server.grpc)
+    g.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for tag, (name, x) in [*list(sent.items())[:4], ("bad", (HOST, np.zeros((1, 3, 31, 32), np.float32))),
+                               *list(sent.items())[4:]]:
+            tensor = grpcclient.InferInput("input", list(x.shape), "UINT8" if x.dtype == np.uint8 else "FP32")
+            tensor.set_data_from_numpy(x)
+            g.async_stream_infer(name, [tensor], request_id=tag)
+        got = [answers.get(timeout=60) for _ in range(len(sent) + 1)]
+    finally:
+        g.stop_stream()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1 and "shape [1, 3, 31, 32]" in errors[0].message(), errors
+    results = {result.get_response().id: result for result, error in got if error is None}
+    assert sorted(results) == sorted(sent)
+    for tag, (name, x) in sent.items():
+        np.testing.assert_array_equal(results[tag].as_numpy("output"), models[name].run(x))
+
+
+def test_sigterm_ends_an_open_grpc_stream_instead_of_waiting_for_it(repo, models, sample_images):
+    """A client holding a stream open (idle after its answer) must not keep a draining server alive for
+    --drain-seconds: the stream ends and the server exits at once."""
+    server = ServerProcess.start(repo, "--drain-seconds", "60")
+    answers: queue.Queue = queue.Queue()
+    g = grpcclient.InferenceServerClient(server.grpc)
+    try:
+        g.start_stream(callback=lambda result, error: answers.put((result, error)))
+        x = _tensor(models[FUSED], sample_images[310])[None]
+        tensor = grpcclient.InferInput("input", list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x)
+        g.async_stream_infer(FUSED, [tensor], request_id="before")
+        result, error = answers.get(timeout=60)
+        assert error is None and result.get_response().id == "before"
+        start = time.monotonic()
+        server.terminate()
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - start < 15   # not the 60 s a stream left open would have held it
+    finally:
+        g.stop_stream()
+        server.stop()
 
 
 def test_bearer_token_and_sigterm_under_load_lose_no_accepted_request(repo, models, sample_images, tmp_path):

@@ -1,9 +1,11 @@
 """The gRPC front end: the protocol's GRPCInferenceService on grpc.aio, with the servicer base class and
-messages that tritonclient generates from Triton's grpc_service.proto (nothing copied here). Methods not
-implemented here (repository control, shared memory, streaming, trace / log settings) answer UNIMPLEMENTED."""
+messages that tritonclient generates from Triton's grpc_service.proto (nothing copied here). ModelInfer and
+Triton's bidirectional ModelStreamInfer (perf_analyzer --streaming, tritonclient's stream_infer) infer;
+methods not implemented here (repository control, shared memory, trace / log settings) answer UNIMPLEMENTED."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -110,13 +112,48 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
         return await self._call(context, run)
 
+    async def _infer(self, request) -> service_pb2.ModelInferResponse:
+        if self.state.draining:
+            raise ServeError("UNAVAILABLE", "the server is shutting down")
+        parsed = parse_request(request)
+        return encode_response(parsed, await self.state.inference.infer(parsed))
+
     async def ModelInfer(self, request, context):
-        async def run():
-            if self.state.draining:
-                raise ServeError("UNAVAILABLE", "the server is shutting down")
-            parsed = parse_request(request)
-            return encode_response(parsed, await self.state.inference.infer(parsed))
-        return await self._call(context, run)
+        return await self._call(context, lambda: self._infer(request))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator, context) -> None:
+        """One stream, many requests: each is answered as soon as it is done (requests in flight together
+        batch like separate calls), a refused one by its `error_message` while the stream goes on, as
+        Triton does. Cheaper per request than ModelInfer: no call to set up, no status to send. On SIGTERM
+        the stream stops reading, answers what it took and ends (as idle HTTP connections are closed)."""
+        await self._guard(context)
+        writing = asyncio.Lock()
+        pending: set[asyncio.Task] = set()
+
+        async def answer(request) -> None:
+            try:
+                response = service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except ServeError as exc:
+                response = service_pb2.ModelStreamInferResponse(error_message=str(exc), infer_response=dict(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id))
+            async with writing:   # one message at a time on the stream
+                await context.write(response)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        reader, stopping = asyncio.ensure_future(read()), asyncio.ensure_future(self.state.stopping.wait())
+        try:
+            await asyncio.wait((reader, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                reader.result()   # a failed read ends the call with its error
+            await asyncio.gather(*pending)
+        finally:   # done, or the client went away: drop what is left
+            for task in (reader, stopping, *pending):
+                task.cancel()
 
 
 def make_server(state: AppState, address: str, max_request_bytes: int) -> tuple[grpc.aio.Server, int]:

@@ -67,7 +67,7 @@ class Server:
 
     async def drain(self) -> int:
         """Graceful stop; returns how many requests were still in flight when it began."""
-        self.state.draining = True
+        self.state.stopping.set()   # draining: new requests refused, open gRPC streams end
         self.http.stop()
         self.repository.flush()
         grpc_stopped = asyncio.ensure_future(self.grpc.stop(grace=self.cfg.drain_seconds))

@@ -1,8 +1,9 @@
 """What both front ends share: the repository, the request path, metrics, the token, draining."""
 from __future__ import annotations
 
+import asyncio
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .inference import Inference
 from .metrics import Metrics
@@ -20,7 +21,11 @@ class AppState:
     version: str
     auth_token: str | None
     max_request_bytes: int
-    draining: bool = False
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)   # SIGTERM: refuse new requests, end streams
+
+    @property
+    def draining(self) -> bool:
+        return self.stopping.is_set()
 
     def statistics(self, name: str, version: str) -> dict:
         """Triton's statistics response: one model, or every model when `name` is empty."""
