@@ -262,7 +262,7 @@ def test_bad_files(tmp_path):
             load_build_config(_write(tmp_path, text, "odd.yaml"), {"name": "x"})
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ConfigError, match="cannot read build config"):
+    with pytest.raises(ConfigError, match="binary.yaml is not UTF-8 text"):
         load_build_config(binary)
 
 

@@ -61,6 +61,20 @@ class _DepthLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is refused (PyYAML keeps the last silently: a second `backend:`
+        section replaced the first). Keys merged in with `<<` may still be overridden."""
+        first: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice in one mapping (first at line {first[key] + 1}); "
+                        "YAML would keep only the last: remove one or merge them", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
 
 def load_yaml(text: str) -> Any:
     """yaml.safe_load with nesting bounded by MAX_NESTING (raises yaml.YAMLError above it)."""

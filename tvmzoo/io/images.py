@@ -88,6 +88,8 @@ def _read_text(path: Path, what: str) -> str:
         return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist: check the path.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder: give the file itself.") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
                           f"{err.start}): save it as UTF-8.") from None
@@ -175,16 +177,21 @@ def ground_truth(path: str | Path, wnid_to_index: Mapping[str, int]) -> int | No
 def load_ground_truth_file(path: str | Path) -> dict[str, int]:
     """`<file name> <class index>` per line (flat ILSVRC2012_val folders) -> {file name: index}."""
     path = Path(path)
-    table: dict[str, int] = {}
+    table: dict[str, tuple[int, int]] = {}   # file name -> (class, line)
     for number, line in enumerate(_read_text(path, "ground-truth file").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].isdigit():
+        if len(parts) != 2 or not parts[1].isdecimal():   # isdigit() also takes '²', which int() refuses
             raise ConfigError(f"ground-truth file {path}, line {number}: expected '<file name> <class index>', "
                               f"got {line.strip()!r}.")
-        table[Path(parts[0].strip()).name] = int(parts[1])
-    return table
+        name, label = Path(parts[0].strip()).name, int(parts[1])
+        if table.get(name, (label,))[0] != label:
+            raise ConfigError(f"ground-truth file {path}, line {number} gives {name} class {label} but line "
+                              f"{table[name][1]} gave it class {table[name][0]}: an image has one class (images are "
+                              "matched by file name). Remove the wrong line.")
+        table.setdefault(name, (label, number))
+    return {name: label for name, (label, _) in table.items()}
 
 
 def load_labels(path: str | Path | None = None, wnids: str | Path | None = None) -> Labels:
