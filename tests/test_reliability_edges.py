@@ -13,7 +13,7 @@ from tvmzoo.cli import eval_topk_main, main, vamc_main
 from tvmzoo.config import load_build_config
 from tvmzoo.errors import CheckpointError, ConfigError
 from tvmzoo.io.checkpoint import load_state_dict
-from tvmzoo.io.images import default_labels, load_ground_truth_file
+from tvmzoo.io.images import Labels, default_labels, load_ground_truth_file
 from tvmzoo.run.results import predictions, write_results
 
 pytestmark = pytest.mark.reliability
@@ -119,6 +119,21 @@ def test_a_ground_truth_file_giving_an_image_two_classes_is_refused(tmp_path):
     gt.write_text("a.JPEG \u00b2\n")                        # isdigit() but not int() (was: ValueError)
     with pytest.raises(ConfigError, match="line 1: expected '<file name> <class index>'"):
         load_ground_truth_file(gt)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{0: 'tench', 0: 'goldfish', 1: 'shark'}\n", "class 0 is named twice ('tench' and 'goldfish'): keep one"),
+    ("n01440764\ttench\nn01443537\tgoldfish\nn01440764\tshark\n",
+     "wnid n01440764 is given to class 0 and class 2 (lines 1 and 3)"),
+])
+def test_a_label_file_naming_a_class_twice_is_refused(text, words, tmp_path):
+    """A dict literal giving one index two names, a synset list giving one wnid two classes (was: the last kept
+    silently; every image of that synset then scored against the wrong class)."""
+    path = tmp_path / "labels.txt"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Labels.load(path)
+    assert str(path) in str(info.value) and words in str(info.value)
 
 
 @pytest.mark.parametrize("flags, words", [

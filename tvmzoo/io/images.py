@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, printable
 from ..limits import MAX_CLASSES, check_text_size
 from .package_data import data
 
@@ -79,6 +79,7 @@ class Labels:
                 names, wnids = lines, None
         if wnids_path is not None:
             wnids = _read_wnids(Path(wnids_path), len(names))
+        _check_unique_wnids(wnids, wnids_path or path)
         return cls(tuple(names), tuple(wnids) if wnids is not None else None)
 
 
@@ -116,8 +117,12 @@ def _parse_dict_literal(text: str, path: Path) -> list[str]:
             line = text.count("\n", 0, text.index("{") + 1 + pos + len(rest) - len(rest.lstrip())) + 1
             raise ConfigError(f"label file {path}, line {line}: expected a dict of class index -> name like "
                               f"{{0: 'tench, Tinca tinca', 1: ...}}, found {rest.strip()[:40]!r}.")
-        name = entry.group(2)
-        table[int(entry.group(1))] = ast.literal_eval(name) if "\\" in name else name[1:-1]  # a string, never code
+        name, index = entry.group(2), int(entry.group(1))
+        name = ast.literal_eval(name) if "\\" in name else name[1:-1]  # a string, never code
+        if index in table:   # (was: the last kept silently)
+            raise ConfigError(f"label file {path}: class {index} is named twice ({printable(table[index], 60)!r} "
+                              f"and {printable(name, 60)!r}): keep one.")
+        table[index] = name
         pos = entry.end()
     if not table:
         raise ConfigError(f"label file {path}: the dict names no classes.")
@@ -127,6 +132,15 @@ def _parse_dict_literal(text: str, path: Path) -> list[str]:
         raise ConfigError(f"label file {path}: class indices must be 0..{len(table) - 1} without gaps "
                           f"(missing e.g. {missing}; the largest given is {max(table)}).")
     return [table[i] for i in range(len(table))]
+
+
+def _check_unique_wnids(wnids: list[str] | None, path: str | Path) -> None:
+    """Images are classed by their wnid: one given to two classes would score every such image as the last."""
+    first: dict[str, int] = {}
+    for i, wnid in enumerate(wnids or ()):
+        if first.setdefault(wnid, i) != i:
+            raise ConfigError(f"{path}: wnid {wnid} is given to class {first[wnid]} and class {i} (lines "
+                              f"{first[wnid] + 1} and {i + 1}): each class has its own wnid. Fix the list.")
 
 
 def _check_class_count(count: int, path: Path) -> None:
