@@ -8,12 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from test_reliability import one_error, run_main
 from tvmzoo.cli import eval_topk_main, main, vamc_main
 from tvmzoo.config import load_build_config
 from tvmzoo.errors import CheckpointError, ConfigError
 from tvmzoo.io.checkpoint import load_state_dict
 from tvmzoo.io.images import Labels, default_labels, load_ground_truth_file
+from tvmzoo.preprocess.vdsp import read_vdsp
 from tvmzoo.run.results import predictions, write_results
 
 pytestmark = pytest.mark.reliability
@@ -176,3 +178,21 @@ def test_an_npz_checkpoint_of_python_objects_says_so(tmp_path):
     message = str(info.value)
     assert "tensor 'meta'" in message and "holds Python objects" in message and "numeric arrays" in message
     assert "truncated" not in message
+
+
+@pytest.mark.parametrize("case", ["a key twice", "a folder", "Latin-1"])
+def test_vdsp_json_mistakes_are_named(case, tmp_path):
+    """A key pasted beside the old one (was: the last kept silently: here a 999-wide crop became 224 again, or
+    the other way round), a folder, a Latin-1 file (was: `[Errno 21]` / a codec message)."""
+    shipped = (ROOT / "tvmzoo" / "build_in" / "vdsp_params" / "official-repvgg_a0-vdsp_params.json").read_text()
+    path = tmp_path / "vdsp.json"
+    if case == "a key twice":
+        path.write_text(shipped.replace('"OimageWidth": 224', '"OimageWidth": 999, "OimageWidth": 224'))
+    elif case == "Latin-1":
+        path.write_bytes(shipped.replace('"RGB_PLANAR"', '"RGB_PLANARé"').encode("latin-1"))
+    else:
+        path.mkdir()
+    words = {"a key twice": "'OimageWidth' is given twice in one object", "a folder": "is a folder: give the .json",
+             "Latin-1": "is not UTF-8 text (byte 0xe9"}[case]
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        read_vdsp(path)

@@ -44,15 +44,36 @@ def _load_json(source: str | Path | Mapping[str, Any]) -> tuple[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"vdsp params file {path} does not exist: check the --vdsp_params path.") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except IsADirectoryError:
+        raise ConfigError(f"vdsp params file {path} is a folder: give the .json file.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"vdsp params file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                          f"offset {err.start}): save it as UTF-8.") from None
+    except OSError as err:
         raise ConfigError(f"cannot read vdsp params file {path}: {err}.") from None
     too_deep = json_nesting_problem(text)
     if too_deep:
         raise ConfigError(f"{path}: {too_deep}; a vdsp params file nests 3 levels.")
     try:
-        return str(path), json.loads(text)
+        return str(path), json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from None
+    except _Twice as err:
+        raise ConfigError(f"{path}: '{err}' is given twice in one object: JSON readers keep only the last "
+                          "(a hand edit pasted beside the old value?). Remove one.") from None
+
+
+class _Twice(ValueError):
+    """A key given twice in one JSON object (json.loads keeps the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Twice(key)
+        out[key] = value
+    return out
 
 
 _MISSING = object()
