@@ -112,3 +112,24 @@ def check_text_size(path: os.PathLike, what: str) -> None:
     if size > MAX_TEXT_BYTES:
         raise ConfigError(f"{what} {path} is {gib(size)}, above the limit of {gib(MAX_TEXT_BYTES)} for a "
                           f"{what}: check that this is the right file.")
+
+
+def read_text_file(path: os.PathLike, what: str, missing: str = "check the path",
+                   folder: str = "give the file itself", encoding: str = "utf-8") -> str:
+    """A user's text file read whole (bounded by MAX_TEXT_BYTES), each way it can fail one ConfigError:
+    `{what} {path} does not exist: {missing}.`, `is a folder: {folder}.`, `is not UTF-8 text (byte …)`."""
+    from .errors import ConfigError
+
+    check_text_size(path, what)
+    try:
+        with open(path, encoding=encoding) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist: {missing}.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder: {folder}.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}): save it as UTF-8.") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err}.") from None

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..limits import check_text_size, load_yaml
+from ..limits import load_yaml, read_text_file
 from ..models import FAMILIES, PACKAGED_WEIGHTS
 from ..preprocess import Preprocessing
 from .overrides import apply_overrides
@@ -231,19 +231,8 @@ def load_build_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     """Read and validate a build YAML; `overrides` ({"backend.dtype": "fp16"}) are the CLI's --set.
     Relative paths inside resolve against the current working directory."""
     path = Path(path)
-    check_text_size(path, "build config")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"build config {path} does not exist (relative paths are from the current "
-                          f"directory, {Path.cwd()}): check the path.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"build config {path} is a directory: give the .yaml file inside it.") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"build config {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                          f"{err.start}): save it as UTF-8.") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read build config {path}: {err}.") from None
+    text = read_text_file(path, "build config", f"relative paths are from the current directory, {Path.cwd()}; "
+                          "check the path", "give the .yaml file inside it")
     try:
         data = load_yaml(text)
     except yaml.YAMLError as err:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, printable
-from ..limits import MAX_CLASSES, check_text_size
+from ..limits import MAX_CLASSES, read_text_file
 from .package_data import data
 
 log = logging.getLogger(__name__)
@@ -84,18 +84,7 @@ class Labels:
 
 
 def _read_text(path: Path, what: str) -> str:
-    check_text_size(path, what)
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist: check the path.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} {path} is a folder: give the file itself.") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                          f"{err.start}): save it as UTF-8.") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {what} {path}: {err}.") from None
+    return read_text_file(path, what, encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
 
 
 _DICT_ENTRY = re.compile(r"""\s*(-?\d+)\s*:\s*('(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")\s*(,|$)""", re.S)

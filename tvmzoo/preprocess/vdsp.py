@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, did_you_mean, in_context
-from ..limits import check_text_size, json_nesting_problem
+from ..limits import json_nesting_problem, read_text_file
 from . import _USES_MEAN_STD, COLOR_CVT_CODES, NORM_TYPES, RESIZE_TYPES, Preprocessing, _choice, _suggest_exact
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,7 @@ def _load_json(source: str | Path | Mapping[str, Any]) -> tuple[str, Any]:
     if isinstance(source, Mapping):
         return "vdsp params", dict(source)
     path = Path(source)
-    check_text_size(path, "vdsp params file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"vdsp params file {path} does not exist: check the --vdsp_params path.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"vdsp params file {path} is a folder: give the .json file.") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"vdsp params file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
-                          f"offset {err.start}): save it as UTF-8.") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read vdsp params file {path}: {err}.") from None
+    text = read_text_file(path, "vdsp params file", "check the --vdsp_params path", "give the .json file")
     too_deep = json_nesting_problem(text)
     if too_deep:
         raise ConfigError(f"{path}: {too_deep}; a vdsp params file nests 3 levels.")
