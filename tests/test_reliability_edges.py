@@ -154,11 +154,12 @@ def test_serve_flags_that_cannot_work_are_refused_before_any_model_loads(flags, 
     --max-batch named builds with a dynamic batch, which vamc compile does not make; a file as the repository
     was a NotADirectoryError traceback)."""
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
-    (tmp_path / "build").mkdir()
-    (tmp_path / "build" / "mod.json").write_text("{}")
+    (tmp_path / "repo" / "build").mkdir(parents=True)   # never a repository that starts: a regression would serve
+    (tmp_path / "repo" / "build" / "mod.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
     where = {"FOLDER": tmp_path, "MISSING": tmp_path / "labels.txt", "LATIN1": tmp_path / "latin1.txt"}
-    repository = {"REPO=FILE": tmp_path / "latin1.txt", "REPO=MOD.JSON": tmp_path / "build" / "mod.json",
-                  "REPO=PREFIX": tmp_path / "build" / "mod"}.get(flags[0], tmp_path)
+    repository = {"REPO=FILE": tmp_path / "latin1.txt", "REPO=MOD.JSON": tmp_path / "repo" / "build" / "mod.json",
+                  "REPO=PREFIX": tmp_path / "repo" / "build" / "mod"}.get(flags[0], tmp_path / "empty")
     args = [str(where.get(flag, flag)) for flag in flags if flag not in ("REPO=FILE", "REPO=MOD.JSON", "REPO=PREFIX")]
     try:
         proc = run_main(main, "serve", repository, "--http-port", "0", "--grpc-port", "0", *args, capsys=capsys)
