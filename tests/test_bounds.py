@@ -495,6 +495,7 @@ META_CASES = {
     "shape of strings": (lambda m: m["input"].update(shape=["1", "3", "32", "32"]), "'input.shape' must be four"),
     "shape of booleans": (lambda m: m["input"].update(shape=[True, 3, 32, 32]), "'input.shape' must be four"),
     "negative size": (lambda m: m["input"].update(shape=[1, 3, -32, 32]), "three sizes >= 1"),
+    "symbolic batch": (lambda m: m["input"].update(shape=[-1, 3, 32, 32]), "vamc compile fixes the batch"),
     "unknown dtype": (lambda m: m["input"].update(dtype="float33"), "'input.dtype' must be a numeric dtype"),
     "dtype a list": (lambda m: m["input"].update(dtype=[1]), "'input.dtype' must be a numeric dtype"),
     "cpu feature a number": (lambda m: m.update(cpu_features=[1]), "'cpu_features' must be a list of strings"),

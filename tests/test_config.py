@@ -250,7 +250,7 @@ def test_bad_input_names_the_key(data, key, words):
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match=r"build config .*nope.yaml does not exist"):
         load_build_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="is a directory"):
+    with pytest.raises(ConfigError, match="is a folder: give the .yaml file"):
         load_build_config(tmp_path)
     broken = _write(tmp_path, "name: x\nfrontend:\n  shape: [1, 2\n  type: onnx\n", "broken.yaml")
     with pytest.raises(ConfigError, match=r"broken.yaml: YAML syntax error at line \d+, column \d+"):
@@ -262,7 +262,7 @@ def test_bad_files(tmp_path):
             load_build_config(_write(tmp_path, text, "odd.yaml"), {"name": "x"})
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ConfigError, match="cannot read build config"):
+    with pytest.raises(ConfigError, match="binary.yaml is not UTF-8 text"):
         load_build_config(binary)
 
 

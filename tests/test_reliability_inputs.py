@@ -187,13 +187,20 @@ def test_a_ground_truth_file_of_other_images_is_refused(tiny, photos, tmp_path, 
     one_error(proc, str(gt), "names none of the 6 images", "ground-truth file of these images")
 
 
-def test_a_mod_json_whose_preprocessing_contradicts_its_input_is_refused(tiny, photos, tmp_path, capsys):
+@pytest.mark.parametrize("edit, said", [
+    ({"preprocess": "fused"}, "'preprocess' is 'fused' but the input is float32 NCHW"),
+    ({"input": {"dtype": "uint8"}}, "'preprocess' is 'host' but the input is uint8 NCHW"),
+    ({"input": {"dtype": "float16"}}, "'preprocess' is 'host' but the input is float16 NCHW"),
+])
+def test_a_mod_json_whose_preprocessing_contradicts_its_input_is_refused(edit, said, tiny, photos, tmp_path,
+                                                                        capsys):
     """`preprocess: fused` written into a host-preprocessed build's mod.json (was: every image failed with a
-    TVM shape error, exit 1)."""
+    TVM shape error, exit 1); `input.dtype: uint8` there (was: every image failed, `takes uint8 input`)."""
     folder = Path(shutil.copytree(tiny.parent, tmp_path / "edited"))
     meta = json.loads((folder / "mod.json").read_text())
-    (folder / "mod.json").write_text(json.dumps({**meta, "preprocess": "fused"}))
+    meta.update({k: {**meta[k], **v} if isinstance(v, dict) else v for k, v in edit.items()})
+    (folder / "mod.json").write_text(json.dumps(meta))
     proc = run_main(classification_main, "--file_path", photos, "--model_prefix_path", folder / "mod",
                     "--save_dir", tmp_path / "out", capsys=capsys)
-    one_error(proc, "is not a tvmzoo module description", "'preprocess' is 'fused' but the input is float32 NCHW")
+    one_error(proc, "is not a tvmzoo module description", said, "float32 NCHW")
     assert "failed:" not in proc.stderr

@@ -61,6 +61,20 @@ class _DepthLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is refused (PyYAML keeps the last silently: a second `backend:`
+        section replaced the first). Keys merged in with `<<` may still be overridden."""
+        first: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice in one mapping (first at line {first[key] + 1}); "
+                        "YAML would keep only the last: remove one or merge them", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
 
 def load_yaml(text: str) -> Any:
     """yaml.safe_load with nesting bounded by MAX_NESTING (raises yaml.YAMLError above it)."""
@@ -98,3 +112,24 @@ def check_text_size(path: os.PathLike, what: str) -> None:
     if size > MAX_TEXT_BYTES:
         raise ConfigError(f"{what} {path} is {gib(size)}, above the limit of {gib(MAX_TEXT_BYTES)} for a "
                           f"{what}: check that this is the right file.")
+
+
+def read_text_file(path: os.PathLike, what: str, missing: str = "check the path",
+                   folder: str = "give the file itself", encoding: str = "utf-8") -> str:
+    """A user's text file read whole (bounded by MAX_TEXT_BYTES), each way it can fail one ConfigError:
+    `{what} {path} does not exist: {missing}.`, `is a folder: {folder}.`, `is not UTF-8 text (byte …)`."""
+    from .errors import ConfigError
+
+    check_text_size(path, what)
+    try:
+        with open(path, encoding=encoding) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist: {missing}.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder: {folder}.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}): save it as UTF-8.") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err}.") from None

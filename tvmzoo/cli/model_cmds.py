@@ -39,7 +39,7 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="step 1: checkpoint -> deploy ONNX (re-parameterized, BN folded)")
     add_checkpoint_args(p, "deploy ONNX to write")
     p.add_argument("--input-size", type=size, default=(224,), help="H,W (or one number)")
-    p.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
+    p.add_argument("--batch", type=int, default=None, help="batch size in the ONNX (default: symbolic; the build YAML's frontend.shape fixes it)")
     p.set_defaults(func=cmd_export)
 
 

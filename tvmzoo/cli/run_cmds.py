@@ -100,7 +100,7 @@ def cmd_serve(args) -> int:
     from ..run.serve.server import serve
 
     cfg = ServeConfig(Path(args.repository), args.host, args.http_port, args.grpc_port, args.instances,
-                      args.threads, args.max_queue_delay_us, args.max_batch, args.max_request_bytes,
+                      args.threads, args.max_queue_delay_us, args.max_request_bytes,
                       read_token(args.auth_token_file) if args.auth_token_file else None,
                       Path(args.labels) if args.labels else None, args.drain_seconds)
     serve(cfg, lambda line: print(line, flush=True))
@@ -202,7 +202,6 @@ def add_serve(sub) -> None:
                         "nothing else runs or waits, else on its instance's share)")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="dynamic batching: how long a request may wait for a fuller batch")
-    p.add_argument("--max-batch", type=int, default=8, help="batch size for builds with a dynamic batch axis")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger requests get 413")
     p.add_argument("--auth-token-file", help="require 'Authorization: Bearer <token>' (not on health)")
     p.add_argument("--labels", help="class names for classification (default: labels.txt by the build, "

@@ -40,13 +40,9 @@ TUNING_ROOT = build_in("tuning")
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    shape: tuple[int, ...]      # batch dim -1 = dynamic
+    shape: tuple[int, ...]      # a fixed batch: a symbolic one gets no schedules (15x slower) and no int8
     dtype: str = "float32"
     layout: str = "NCHW"
-
-    @property
-    def dynamic_batch(self) -> bool:
-        return self.shape[0] < 1
 
     @property
     def size_hw(self) -> tuple[int, int]:
@@ -59,11 +55,11 @@ def input_spec(cfg: BuildConfig) -> InputSpec:
         raise ConfigError(f"{cfg.path}: frontend.shape names {len(cfg.frontend.shape)} inputs; "
                           "tvmzoo compiles image classifiers with exactly one input.")
     (name, shape), = cfg.frontend.shape.items()
-    dims = tuple(-1 if d in (None, "N", "n", -1, "?") else int(d) for d in shape)
-    if len(dims) != 4 or dims[1] != 3 or min(dims[1:]) < 1:
+    dims = tuple(int(d) for d in shape)   # the schema took integers >= 1
+    if len(dims) != 4 or dims[1] != 3:
         raise ConfigError(f"{cfg.path}: frontend.shape.{name} is {list(shape)}; expected [N, 3, H, W] "
-                          "with N a batch size (or -1 for any) and H, W the input size.")
-    if dims[2] * dims[3] > MAX_PIXELS or abs(math.prod(dims)) >= 2 ** 31:   # TVM indexes tensors with int32
+                          "with N the batch size (build one model per batch size you deploy) and H, W the input size.")
+    if dims[2] * dims[3] > MAX_PIXELS or math.prod(dims) >= 2 ** 31:   # TVM indexes tensors with int32
         raise ConfigError(f"{cfg.path}: frontend.shape.{name} is {list(shape)}: too large to compile (at most "
                           f"{MAX_PIXELS} pixels per image and 2^31 values per batch; the models here take "
                           "e.g. 224 x 224). Set the input size the model was trained at.")
@@ -127,9 +123,8 @@ def records_dir(cfg: BuildConfig, spec: InputSpec, target: dict, precision: str 
     from .target import target_key
 
     arch = resolve_arch(get_family(cfg.model.family), cfg.model.arch)
-    batch = "bN" if spec.dynamic_batch else f"b{spec.shape[0]}"
     root = TUNING_ROOT / f"{cfg.model.family}-{arch}".lower()
-    build = f"{precision or cfg.backend.dtype}-{batch}-{spec.shape[2]}x{spec.shape[3]}"
+    build = f"{precision or cfg.backend.dtype}-b{spec.shape[0]}-{spec.shape[2]}x{spec.shape[3]}"
     return records_for(root, target, build) if nearest else root / target_key(target) / build
 
 
@@ -146,10 +141,7 @@ def _check_records(cfg: BuildConfig, records: Path | None) -> None:
 def to_relax(model: onnx.ModelProto, spec: InputSpec) -> tvm.IRModule:
     from tvm.relax.frontend.onnx import from_onnx
 
-    shape = ["N" if spec.dynamic_batch else spec.shape[0], *spec.shape[1:]]
-    if spec.dynamic_batch:
-        shape[0] = tvm.tirx.Var("N", "int64")
-    return from_onnx(model, shape_dict={spec.name: shape}, dtype_dict={spec.name: spec.dtype},
+    return from_onnx(model, shape_dict={spec.name: list(spec.shape)}, dtype_dict={spec.name: spec.dtype},
                      keep_params_in_input=False)
 
 
@@ -327,7 +319,7 @@ def quantize_for_build(cfg: BuildConfig, model: onnx.ModelProto, spec: InputSpec
     if pre is None:
         raise ConfigError(f"{cfg.path}: dataset.process_ops is empty; int8 calibration needs the preprocessing.")
     qcfg = cfg.backend.quantize
-    batches = calibration_batches(cfg.dataset, pre, batch=1 if not spec.dynamic_batch else 8)
+    batches = calibration_batches(cfg.dataset, pre)
     if qcfg.max_drop is None:
         return quantize_model(model, batches, qcfg, cache)
     split = max(1, len(batches) * 3 // 4)
@@ -373,9 +365,6 @@ def tune_build(cfg: BuildConfig, trials: int, per_task: int | None = None,
         raise ConfigError("tuning needs MetaSchedule's cost model: pip install 'tvmzoo[tune]' "
                           "(xgboost-cpu, scipy).") from None
     spec = input_spec(cfg)
-    if spec.dynamic_batch:
-        raise ConfigError(f"{cfg.path}: frontend.shape has a dynamic batch; MetaSchedule tunes static shapes "
-                          "only. Set the batch size you deploy with (e.g. [1, 3, 224, 224]).")
     target = resolve_target(cfg.backend.target)
     if remote is None and not runs_here(target):
         _check_tuning_here(target)

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..limits import check_text_size, load_yaml
+from ..limits import load_yaml, read_text_file
 from ..models import FAMILIES, PACKAGED_WEIGHTS
 from ..preprocess import Preprocessing
 from .overrides import apply_overrides
@@ -23,6 +23,7 @@ from .validate import (Bad, Validator, any_of, as_bool, as_float, as_int, as_lis
 
 log = logging.getLogger(__name__)
 
+SYMBOLIC_BATCH = (-1, None, "N", "n", "?", "-1")   # how ONNX tools write a batch of any size
 MAX_VALUES = 100_000  # a build YAML has ~50; YAML aliases can make a small file expand to billions
 
 
@@ -46,6 +47,11 @@ def _shape(value: Any, key: str) -> dict[str, list[int]]:
     shapes = mapping(value, key)
     if not shapes:
         raise Bad(key, "expected at least one `<input name>: [N, C, H, W]` entry.")
+    for name, dims in shapes.items():
+        if isinstance(dims, list) and dims and dims[0] in SYMBOLIC_BATCH and not isinstance(dims[0], bool):
+            raise Bad(f"{key}.{name}[0]", f"the batch must be a size, got {show(dims[0])}: a symbolic batch runs "
+                      "no tuned or default schedule (15x slower) and int8 does not build. Build one model per batch "
+                      "size you deploy (e.g. 1 and 8); tvmzoo serve pads smaller batches.")
     return {str(as_str()(name, key)): _list_nonempty(as_int(1))(dims, f"{key}.{name}") for name, dims in shapes.items()}
 
 
@@ -225,23 +231,18 @@ def load_build_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     """Read and validate a build YAML; `overrides` ({"backend.dtype": "fp16"}) are the CLI's --set.
     Relative paths inside resolve against the current working directory."""
     path = Path(path)
-    check_text_size(path, "build config")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"build config {path} does not exist (relative paths are from the current "
-                          f"directory, {Path.cwd()}): check the path.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"build config {path} is a directory: give the .yaml file inside it.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read build config {path}: {err}.") from None
+    text = read_text_file(path, "build config", f"relative paths are from the current directory, {Path.cwd()}; "
+                          "check the path", "give the .yaml file inside it")
     try:
         data = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the indentation or quoting there.") from None
+        if "'\\t'" in problem:
+            problem += " (YAML indents with spaces, never tabs)"
+        fix = "" if "given twice" in problem else "; fix the indentation or quoting there"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}{fix}.") from None
     if _count_values(data) > MAX_VALUES:
         raise ConfigError(f"{path}: the document expands to more than {MAX_VALUES} values (YAML anchors and "
                           "aliases repeated?); a build config needs about 50: remove the repetition.")

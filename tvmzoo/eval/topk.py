@@ -34,6 +34,8 @@ def ground_truth_of(paths, gt_file: str | Path | None = None, wnids: str | Path 
 def evaluate_result_file(result: str | Path, gt_file: str | Path | None = None,
                          wnids: str | Path | None = None) -> TopK:
     preds = read_results(result)
+    if not preds:
+        raise ConfigError(f"result file {result} holds no results (it is empty): classify the images again.")
     score = top_k(preds, ground_truth_of([p.path for p in preds], gt_file, wnids))
     if score.skipped:
         log.warning("%d of the %d images in %s have no ground truth and are not scored", score.skipped,

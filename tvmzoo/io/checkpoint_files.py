@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import CheckpointError, printable
 from ..limits import CHECKPOINT_COPY_SLACK, gib
-from .npz_read import NpzProblem, read_array
+from .npz_read import NpzObjects, NpzProblem, read_array
 from .unpickle import Corrupt, ElemType, Storage, int_tuple, unpickle
 
 SUPPORTED = ("PyTorch .pth/.pt (torch.save, zip or legacy format), PaddlePaddle .pdparams (pickle "
@@ -141,6 +141,10 @@ def _read_npz(path: Path, names: list[str], budget: Budget) -> dict[str, np.ndar
     for key in (name[:-len(".npy")] for name in names):
         try:
             state[key] = read_array(path, key, fits)
+        except NpzObjects as e:   # not damage: say what to save instead (was: "truncated or corrupt")
+            raise CheckpointError(f"cannot read checkpoint {path}: tensor '{printable(key, 120)}': {e} (they could "
+                                  "run code). Save the weights as numeric arrays (np.savez with float32 / int64 "
+                                  "arrays, or torch.save of a state dict).") from None
         except NpzProblem as e:
             raise (TooBig if over else Corrupt)(f"tensor '{printable(key, 120)}': {e}") from None
     return state

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..limits import MAX_CLASSES, check_text_size
+from ..errors import ConfigError, printable
+from ..limits import MAX_CLASSES, read_text_file
 from .package_data import data
 
 log = logging.getLogger(__name__)
@@ -79,20 +79,12 @@ class Labels:
                 names, wnids = lines, None
         if wnids_path is not None:
             wnids = _read_wnids(Path(wnids_path), len(names))
+        _check_unique_wnids(wnids, wnids_path or path)
         return cls(tuple(names), tuple(wnids) if wnids is not None else None)
 
 
 def _read_text(path: Path, what: str) -> str:
-    check_text_size(path, what)
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist: check the path.") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                          f"{err.start}): save it as UTF-8.") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {what} {path}: {err}.") from None
+    return read_text_file(path, what, encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
 
 
 _DICT_ENTRY = re.compile(r"""\s*(-?\d+)\s*:\s*('(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")\s*(,|$)""", re.S)
@@ -114,8 +106,12 @@ def _parse_dict_literal(text: str, path: Path) -> list[str]:
             line = text.count("\n", 0, text.index("{") + 1 + pos + len(rest) - len(rest.lstrip())) + 1
             raise ConfigError(f"label file {path}, line {line}: expected a dict of class index -> name like "
                               f"{{0: 'tench, Tinca tinca', 1: ...}}, found {rest.strip()[:40]!r}.")
-        name = entry.group(2)
-        table[int(entry.group(1))] = ast.literal_eval(name) if "\\" in name else name[1:-1]  # a string, never code
+        name, index = entry.group(2), int(entry.group(1))
+        name = ast.literal_eval(name) if "\\" in name else name[1:-1]  # a string, never code
+        if index in table:   # (was: the last kept silently)
+            raise ConfigError(f"label file {path}: class {index} is named twice ({printable(table[index], 60)!r} "
+                              f"and {printable(name, 60)!r}): keep one.")
+        table[index] = name
         pos = entry.end()
     if not table:
         raise ConfigError(f"label file {path}: the dict names no classes.")
@@ -125,6 +121,15 @@ def _parse_dict_literal(text: str, path: Path) -> list[str]:
         raise ConfigError(f"label file {path}: class indices must be 0..{len(table) - 1} without gaps "
                           f"(missing e.g. {missing}; the largest given is {max(table)}).")
     return [table[i] for i in range(len(table))]
+
+
+def _check_unique_wnids(wnids: list[str] | None, path: str | Path) -> None:
+    """Images are classed by their wnid: one given to two classes would score every such image as the last."""
+    first: dict[str, int] = {}
+    for i, wnid in enumerate(wnids or ()):
+        if first.setdefault(wnid, i) != i:
+            raise ConfigError(f"{path}: wnid {wnid} is given to class {first[wnid]} and class {i} (lines "
+                              f"{first[wnid] + 1} and {i + 1}): each class has its own wnid. Fix the list.")
 
 
 def _check_class_count(count: int, path: Path) -> None:
@@ -175,16 +180,21 @@ def ground_truth(path: str | Path, wnid_to_index: Mapping[str, int]) -> int | No
 def load_ground_truth_file(path: str | Path) -> dict[str, int]:
     """`<file name> <class index>` per line (flat ILSVRC2012_val folders) -> {file name: index}."""
     path = Path(path)
-    table: dict[str, int] = {}
+    table: dict[str, tuple[int, int]] = {}   # file name -> (class, line)
     for number, line in enumerate(_read_text(path, "ground-truth file").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].isdigit():
+        if len(parts) != 2 or not parts[1].isdecimal():   # isdigit() also takes '²', which int() refuses
             raise ConfigError(f"ground-truth file {path}, line {number}: expected '<file name> <class index>', "
                               f"got {line.strip()!r}.")
-        table[Path(parts[0].strip()).name] = int(parts[1])
-    return table
+        name, label = Path(parts[0].strip()).name, int(parts[1])
+        if table.get(name, (label,))[0] != label:
+            raise ConfigError(f"ground-truth file {path}, line {number} gives {name} class {label} but line "
+                              f"{table[name][1]} gave it class {table[name][0]}: an image has one class (images are "
+                              "matched by file name). Remove the wrong line.")
+        table.setdefault(name, (label, number))
+    return {name: label for name, (label, _) in table.items()}
 
 
 def load_labels(path: str | Path | None = None, wnids: str | Path | None = None) -> Labels:

@@ -20,6 +20,10 @@ class NpzProblem(ValueError):
     """Why the array cannot be read; the caller adds the path and what the file should be."""
 
 
+class NpzObjects(NpzProblem):
+    """The array holds Python objects (a pickle): refused whole, the file itself may be intact."""
+
+
 def read_array(path: str | Path, key: str,
                check: Callable[[tuple[int, ...], np.dtype], str | None] | None = None) -> np.ndarray:
     """The array `key` of the npz at `path`. `check(shape, dtype)` returns a problem or None; the array
@@ -49,7 +53,7 @@ def read_array(path: str | Path, key: str,
 
 def _check_header(shape: tuple[int, ...], dtype: np.dtype, member_bytes: int, check) -> None:
     if dtype.hasobject:
-        raise NpzProblem(f"its '{dtype}' array holds Python objects, which are never loaded")
+        raise NpzObjects(f"its '{dtype}' array holds Python objects, which are never loaded")
     problem = check(shape, dtype) if check else None
     if problem:
         raise NpzProblem(problem)

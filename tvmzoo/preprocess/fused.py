@@ -103,8 +103,7 @@ def fuse_for_build(model: onnx.ModelProto, spec, pre: Preprocessing | None, wher
     if pre.crop_hw != (height, width):
         raise ConfigError(f"{where}: graph.preprocess: fused crops {pre.crop_hw[1]}x{pre.crop_hw[0]} but the network "
                           f"input is {width}x{height}; make the crop (CenterCrop crop_size) match frontend.shape.")
-    batch = "N" if spec.dynamic_batch else spec.shape[0]
     fw, fh = fused_input_size(pre)
-    fused = fuse_preprocessing(model, spec.name, batch, pre)
+    fused = fuse_preprocessing(model, spec.name, spec.shape[0], pre)
     return fused, dataclasses.replace(spec, shape=(spec.shape[0], fh, fw, 3), dtype=INPUT_DTYPE,
                                       layout=INPUT_LAYOUT)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, did_you_mean, in_context
-from ..limits import check_text_size, json_nesting_problem
+from ..limits import json_nesting_problem, read_text_file
 from . import _USES_MEAN_STD, COLOR_CVT_CODES, NORM_TYPES, RESIZE_TYPES, Preprocessing, _choice, _suggest_exact
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,30 @@ def _load_json(source: str | Path | Mapping[str, Any]) -> tuple[str, Any]:
     if isinstance(source, Mapping):
         return "vdsp params", dict(source)
     path = Path(source)
-    check_text_size(path, "vdsp params file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"vdsp params file {path} does not exist: check the --vdsp_params path.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read vdsp params file {path}: {err}.") from None
+    text = read_text_file(path, "vdsp params file", "check the --vdsp_params path", "give the .json file")
     too_deep = json_nesting_problem(text)
     if too_deep:
         raise ConfigError(f"{path}: {too_deep}; a vdsp params file nests 3 levels.")
     try:
-        return str(path), json.loads(text)
+        return str(path), json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from None
+    except _Twice as err:
+        raise ConfigError(f"{path}: '{err}' is given twice in one object: JSON readers keep only the last "
+                          "(a hand edit pasted beside the old value?). Remove one.") from None
+
+
+class _Twice(ValueError):
+    """A key given twice in one JSON object (json.loads keeps the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Twice(key)
+        out[key] = value
+    return out
 
 
 _MISSING = object()

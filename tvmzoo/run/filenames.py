@@ -41,5 +41,5 @@ def read_lines(path) -> list[str]:
     line separator inside a vendor file's name does not cut it. Bytes that are not UTF-8 read back as the
     same surrogates os.fsdecode gives a file name."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        text = f.read()
+        text = f.read().removeprefix("\ufeff")   # a byte-order mark (Windows editors) is not part of a path
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.atomic import write_text
-from ..errors import ConfigError
+from ..errors import ConfigError, printable
 from .filenames import quote_path, read_lines, unquote_path
 
 TOP_K = 5
@@ -58,17 +58,36 @@ def read_results(path: str | Path) -> list[Prediction]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"result file not found: {path}. Produce it with classification.py or vamp_npz_decode.py.")
-    by_path: dict[str, list[tuple[int, int, float]]] = {}
+    by_path: dict[str, dict[int, tuple[int, float, int]]] = {}   # path -> rank -> (id, prob, line)
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         m = _LINE.match(line)
-        if m is None:
+        prob = _float(m["prob"]) if m else None
+        if prob is None:
             raise ConfigError(f"{path}:{lineno}: not a result line ('<image>: Relay top-<k> id: <i>, prob: <p>, "
                               f"class name: <name>'): {line[:80]!r}")
-        by_path.setdefault(unquote_path(m["path"]), []).append((int(m["rank"]), int(m["id"]), float(m["prob"])))
-    return [Prediction(p, tuple(i for _, i, _ in sorted(rows)), tuple(q for _, _, q in sorted(rows)))
+        rows = by_path.setdefault(unquote_path(m["path"]), {})
+        rank = int(m["rank"])
+        if rank in rows:
+            raise ConfigError(f"{path}:{lineno}: {printable(m['path'], 120)} has a top-{rank} line already (line "
+                              f"{rows[rank][2]}): the file holds two runs' results (joined files?). Keep one run's "
+                              "lines, or classify again.")
+        rows[rank] = int(m["id"]), prob, lineno
+    for image, rows in by_path.items():
+        if sorted(rows) != list(range(len(rows))):
+            raise ConfigError(f"{path}: {printable(image, 120)} has the lines top-{', top-'.join(map(str, sorted(rows)))} "
+                              f"(from line {min(r[2] for r in rows.values())}), not top-0 to top-{len(rows) - 1}: lines are "
+                              "missing (a cut or edited file). Classify the images again.")
+    return [Prediction(p, tuple(rows[r][0] for r in sorted(rows)), tuple(rows[r][1] for r in sorted(rows)))
             for p, rows in by_path.items()]
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...io.images import load_labels
 from ..threads import check_per_core, usable_cores
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20   # a batch of 64 FP32 224x224 images is 38.5 MB
+MAX_DRAIN_SECONDS = 24 * 3600
 ADAPTIVE_INSTANCES = 4      # default instances per model at most (each a loaded model): on many cores, a share each
 
 
@@ -21,14 +23,13 @@ class ServeConfig:
     instances: int | None = None           # per model; None: one per core (at most 4), or 1 with --threads
     threads: int | None = None             # TVM threads per instance, fixed; None: adaptive (batcher.Lanes)
     max_queue_delay_us: int = 0            # how long the oldest request waits for a fuller batch
-    max_batch: int = 8                     # rows per batch for builds with a dynamic batch dimension
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     auth_token: str | None = None          # bearer token guarding everything but health
     labels: Path | None = None             # class names for the classification extension
     drain_seconds: float = 30.0            # SIGTERM: how long in-flight requests may take to finish
 
     def __post_init__(self) -> None:
-        for name in ("instances", "max_batch", "max_request_bytes"):
+        for name in ("instances", "max_request_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.max_queue_delay_us < 0:
@@ -41,9 +42,18 @@ class ServeConfig:
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a TCP port (0-65535), "
                                   f"got {getattr(self, name)}.")
-        if not Path(self.repository).exists():
-            raise ConfigError(f"model repository {self.repository} does not exist: give a folder of compiled "
-                              "builds (<name>/mod.so + mod.json) or one build folder.")
+        if not 0 <= self.drain_seconds <= MAX_DRAIN_SECONDS:   # also NaN
+            raise ConfigError(f"--drain-seconds must be 0..{MAX_DRAIN_SECONDS} (how long SIGTERM waits for the "
+                              f"requests in flight), got {self.drain_seconds}.")
+        if self.labels is not None:   # one file for every model: unreadable is the server's mistake, not a model's
+            load_labels(self.labels)
+        repository = Path(self.repository)
+        if not repository.is_dir():   # a file was read as a folder (was: NotADirectoryError traceback)
+            what = "is a file" if repository.exists() else "does not exist"
+            if (repository.parent / "mod.json").is_file():   # mod.json, mod.so or the runner's model prefix
+                what += f" (it names part of the build {repository.parent}: give that folder)"
+            raise ConfigError(f"model repository {repository} {what}: give a folder of compiled builds "
+                              "(<name>/mod.so + mod.json) or one build folder.")
 
     @property
     def cores(self) -> list[int] | None:

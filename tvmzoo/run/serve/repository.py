@@ -118,11 +118,11 @@ def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntr
         return entry
     fixed = entry.instances[0].fixed_batch
     metrics.count_model(entry.name)
-    entry.batcher = DynamicBatcher(entry.name, entry.instances, fixed or cfg.max_batch,
+    entry.batcher = DynamicBatcher(entry.name, entry.instances, fixed,
                                    cfg.max_queue_delay_us * 1e-6, metrics, cfg.threads or 1,
                                    cfg.cores)
     log.info("model %s ready: %s %s, batch %s, %d instance(s) x %s", entry.name, entry.input_datatype,
-             list(entry.meta["input"]["shape"]), fixed or f"1-{cfg.max_batch}", cfg.instance_count,
+             list(entry.meta["input"]["shape"]), fixed, cfg.instance_count,
              f"{cfg.threads} thread(s)" if cfg.threads else f"1-{len(cfg.cores)} threads (adaptive)")
     return entry
 
@@ -135,9 +135,8 @@ def _readable_meta(directory: Path) -> dict | None:
 
 
 class Repository:
-    def __init__(self, entries: list[ModelEntry], max_batch: int) -> None:
+    def __init__(self, entries: list[ModelEntry]) -> None:
         self.models = {e.name: e for e in entries}
-        self.max_batch = max_batch
 
     @classmethod
     def load(cls, cfg: ServeConfig, metrics: Metrics) -> Repository:
@@ -148,7 +147,7 @@ class Repository:
         if not dirs:
             raise ConfigError(f"model repository {cfg.repository} holds no build: give a folder of compiled builds "
                               f"(<name>/{MODULE_FILE} + {META_FILE}, as `vamc compile` writes them) or one build folder.")
-        return cls([load_entry(d, cfg, metrics) for d in dirs], cfg.max_batch)
+        return cls([load_entry(d, cfg, metrics) for d in dirs])
 
     @property
     def ready(self) -> bool:
