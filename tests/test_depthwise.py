@@ -128,3 +128,11 @@ def test_bf16_depthwise_bit_identical(target, photos):
     assert _depthwise_kernels(new)
     np.testing.assert_array_equal(_run(new, target, photos), _run(_build(target, "bf16", False), target,
                                                                   photos))
+
+
+def test_depthwise_tile_fits_avx2_registers():
+    """AVX2 has 16 vector registers, not 32: the tile's accumulators stay within loops.max_accumulators."""
+    from tvm.target import Target
+    with Target("llvm -mcpu=haswell"):
+        pixels, vecs, _ = depthwise_tile(96, 14, 5, 8)
+    assert pixels * vecs <= 12

@@ -19,9 +19,10 @@ their inputs come from L3 (1.8-4.8 MB per image, ~25 GB/s on one core here).
 from __future__ import annotations
 
 from tvm import tirx
+from tvm.target import Target
 
 from .base import NotApplicable
-from .loops import MAX_VECTORS_PER_ROW, _divisors, vector_width
+from .loops import MAX_VECTORS_PER_ROW, _divisors, max_accumulators, vector_width
 from .operands import reads_by_channel
 from .reduction import ScheduleReduction
 
@@ -39,9 +40,10 @@ def depthwise_tile(channels: int, width: int, kernel_width: int, lanes: int) -> 
     """(pixels, vectors, vector width): the most output pixels of a row dividing its `width` (each
     input vector is loaded once for up to KW of them), then channel vectors up to the accumulators."""
     vec = vector_width(channels, lanes)
-    most = NARROW_KERNEL_PIXELS if kernel_width <= 3 else DEPTHWISE_ACCUMULATORS
+    accumulators = min(DEPTHWISE_ACCUMULATORS, max_accumulators(Target.current(allow_none=True)))  # AVX2: 16 registers
+    most = min(NARROW_KERNEL_PIXELS, accumulators) if kernel_width <= 3 else accumulators
     pixels = max(_divisors(width, most))
-    vecs = max(_divisors(channels // vec, min(MAX_VECTORS_PER_ROW, DEPTHWISE_ACCUMULATORS // pixels)))
+    vecs = max(_divisors(channels // vec, min(MAX_VECTORS_PER_ROW, accumulators // pixels)))
     return pixels, vecs, vec
 
 
