@@ -133,6 +133,6 @@ def test_bf16_depthwise_bit_identical(target, photos):
 def test_depthwise_tile_fits_avx2_registers():
     """AVX2 has 16 vector registers, not 32: the tile's accumulators stay within loops.max_accumulators."""
     from tvm.target import Target
-    with Target("llvm -mcpu=haswell"):
+    with Target({"kind": "llvm", "mcpu": "haswell"}):
         pixels, vecs, _ = depthwise_tile(96, 14, 5, 8)
     assert pixels * vecs <= 12
