@@ -33,7 +33,8 @@ from machine import cpu_name  # noqa: E402
 from tvmzoo.io.checkpoint import save_npz  # noqa: E402
 from tvmzoo.compile.compiler import compile_model, ensure_onnx, input_spec, preprocessing_of  # noqa: E402
 from tvmzoo.config import PRECISIONS, load_build_config  # noqa: E402
-from tvmzoo.io.images import calibration_batches, find_images  # noqa: E402
+from tvmzoo.compile.quant.calibration import calibration_batches  # noqa: E402
+from tvmzoo.io.images import find_images  # noqa: E402
 from tvmzoo.models.info import model_info  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.compile.quant.quantize import quantize_model  # noqa: E402

@@ -135,7 +135,8 @@ def peer_models(model: str, args) -> tuple[Path, Path, np.ndarray, object]:
     """The deploy ONNX, ONNX Runtime's QDQ int8 model of it (saved for OpenVINO), real photos (not among the
     calibration images) and the preprocessing."""
     from tvmzoo.compile.compiler import ensure_onnx, input_spec, preprocessing_of
-    from tvmzoo.io.images import calibration_batches, find_images
+    from tvmzoo.compile.quant.calibration import calibration_batches
+    from tvmzoo.io.images import find_images
     from tvmzoo.preprocess import apply, read_image
     from tvmzoo.compile.quant.quantize import quantize_model
 
