@@ -204,8 +204,8 @@ def add_serve(sub) -> None:
                    help="dynamic batching: how long a request may wait for a fuller batch")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger requests get 413")
     p.add_argument("--auth-token-file", help="require 'Authorization: Bearer <token>' (not on health)")
-    p.add_argument("--labels", help="class names for classification (default: labels.txt by the build, "
-                                    "else ImageNet-1k for 1000 classes)")
+    p.add_argument("--labels", help="class names for classification, for builds without a labels.txt of their own "
+                                    "(else ImageNet-1k for 1000 classes)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM: time to finish requests")
     p.set_defaults(func=cmd_serve)
 

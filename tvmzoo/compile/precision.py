@@ -30,17 +30,16 @@ from .target import AMX_BF16_FEATURES, AMX_INT8_FEATURES, BF16_FEATURES
 BF16_MAX_RATIO = 0.9
 
 # Why each precision is fast, per feature: (precision, the features its kernels need (all), what to call
-# it). Ordered fastest first, as measured on Sapphire Rapids (README speed table: int8 0.32-0.47x, fp16
-# 0.54-0.66x of fp32; AMX int8 0.5x of VNNI int8 on RepVGG-A0, AMX bf16 0.47-0.64x of fp32: notes
-# s7-wt-amx) and Zen 4 (issue 15: OpenVINO int8 0.3x of fp32). AMX-BF16 comes after AVX512-FP16: not
-# measured side by side with it, and fp16 rounds more finely. AVX512-BF16 alone is not here: it is fast
-# only where the probe measured it so (`bf16_fast`).
+# it). Ordered fastest first, as measured side by side on Sapphire Rapids (benchmarks/results/vs_peers.md,
+# 2026-12-03 20:09: int8 0.13-0.43x of fp32, AMX bf16 0.36-0.57x, fp16 0.58-0.70x, bf16 ahead of fp16 in every
+# row) and Zen 4 (issue 15: OpenVINO int8 0.3x of fp32). AVX512-BF16 alone is not here: it is fast only where
+# the probe measured it so (`bf16_fast`).
 _FAST_PATHS: tuple[tuple[str, frozenset[str], str], ...] = (
     ("int8", frozenset(AMX_INT8_FEATURES), "AMX-INT8"),
     ("int8", frozenset({"avx512vnni"}), "AVX512-VNNI"),
     ("int8", frozenset({"avxvnni"}), "AVX-VNNI"),
-    ("fp16", frozenset({"avx512fp16"}), "AVX512-FP16"),
     ("bf16", frozenset(AMX_BF16_FEATURES), "AMX-BF16"),
+    ("fp16", frozenset({"avx512fp16"}), "AVX512-FP16"),
 )
 _FP32 = "same float32 inputs and outputs, fp32 accuracy, fp32 speed"
 
