@@ -102,7 +102,9 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(Path(args.repository), args.host, args.http_port, args.grpc_port, args.instances,
                       args.threads, args.max_queue_delay_us, args.max_request_bytes,
                       read_token(args.auth_token_file) if args.auth_token_file else None,
-                      Path(args.labels) if args.labels else None, args.drain_seconds)
+                      Path(args.labels) if args.labels else None, args.drain_seconds,
+                      **{name: getattr(args, name) for name in ("max_image_pixels", "idle_timeout_seconds")
+                         if getattr(args, name) is not None})   # not given: ServeConfig's defaults
     serve(cfg, lambda line: print(line, flush=True))
     return 0
 
@@ -203,10 +205,16 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="dynamic batching: how long a request may wait for a fuller batch")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger requests get 413")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="pixels of one image sent as BYTES, read from its header before decoding; larger ones "
+                        "get 400 (default 4096 x 4096 = 16777216: 48 MB decoded per decoding core)")
     p.add_argument("--auth-token-file", help="require 'Authorization: Bearer <token>' (not on health)")
     p.add_argument("--labels", help="class names for classification (default: labels.txt by the build, "
                                     "else ImageNet-1k for 1000 classes)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM: time to finish requests")
+    p.add_argument("--idle-timeout-seconds", type=float, default=None,
+                   help="close a connection that sends nothing for this long, default 60 (408 when it stalled mid-request; "
+                        "gRPC: no call for this long)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -156,9 +156,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
 
-def make_server(state: AppState, address: str, max_request_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server bound to `address` (host:port, port 0 = any free one) and the port it got."""
+def make_server(state: AppState, address: str, max_request_bytes: int,
+                idle_timeout: float) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server bound to `address` (host:port, port 0 = any free one) and the port it got. A connection
+    without a call for `idle_timeout` seconds gets GOAWAY (clients reconnect on their next call)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes),
+                                      ("grpc.max_connection_idle_ms", int(idle_timeout * 1000)),
                                       ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)

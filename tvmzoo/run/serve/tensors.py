@@ -84,7 +84,7 @@ def check_shape(name: str, shape: Sequence) -> tuple[int, ...]:
 
 
 def check_datatype(name: str, datatype: str) -> str:
-    if datatype != BYTES and datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype != BYTES and datatype not in DATATYPES:   # a list: was a 500
         raise invalid(f"input '{name}': unknown datatype {datatype!r}; the protocol's are "
                       f"{', '.join([*DATATYPES, BYTES])}")
     return datatype
