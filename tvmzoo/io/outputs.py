@@ -8,9 +8,7 @@ import stat
 from pathlib import Path
 
 from ..errors import ConfigError, OutputError
-
-_SPECIAL = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a named pipe",
-            stat.S_IFSOCK: "a socket"}
+from ..limits import SPECIAL_FILES
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -40,7 +38,7 @@ def check_file_place(path: Path, what: str) -> None:
     if stat.S_ISDIR(mode):
         raise OutputError(f"{what} {path} is a folder: give the path of a file to write.")
     if not stat.S_ISREG(mode):
-        raise OutputError(f"{what} {path} is {_SPECIAL.get(stat.S_IFMT(mode), 'not a regular file')}, not a "
+        raise OutputError(f"{what} {path} is {SPECIAL_FILES.get(stat.S_IFMT(mode), 'not a regular file')}, not a "
                           "regular file: writing the output would replace it with one. Give the path of a "
                           "file to write.")
 

@@ -15,7 +15,7 @@ from ..errors import ConfigError, ImageError, OutputError
 from ..io.atomic import write_bytes, write_text
 from ..io.npz_read import NpzProblem, read_array
 from ..io.outputs import check_output_dir, check_output_file
-from ..limits import MAX_CLASSES, check_text_size
+from ..limits import MAX_CLASSES, check_not_special, check_text_size
 from ..preprocess import MAX_PIXELS, read_image
 from .filenames import quote_path, read_lines, unquote_path
 from .npz_names import npz_names
@@ -62,6 +62,7 @@ def images_to_npz(images: Sequence[Path], target: Path, text_path: Path, progres
 
 
 def read_datalist(path: Path) -> list[Path]:
+    check_not_special(path, "datalist")
     if not Path(path).is_file():
         raise ConfigError(f"datalist not found: {path}. Write it with image2npz.py --text_path.")
     check_text_size(path, "datalist")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...io.images import load_labels
+from ...limits import check_not_special
 from ...preprocess import MAX_PIXELS
 from ..threads import check_per_core, usable_cores
 
@@ -87,6 +88,7 @@ class ServeConfig:
 
 def read_token(path: str | Path) -> str:
     """The bearer token from --auth-token-file (first line, surrounding whitespace removed)."""
+    check_not_special(path, "--auth-token-file")
     try:
         token = Path(path).read_text().strip()
     except OSError as exc:

@@ -1,0 +1,124 @@
+"""Inputs that still broke tvmzoo in session 12, each through the real CLI or a real server: decompression
+bombs sent to `tvmzoo serve`, clients that stall, odd request fields, named pipes handed over as input files."""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import struct
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from serve_client import HOST, ServerProcess
+
+pytestmark = pytest.mark.reliability
+
+
+def _png(width: int, height: int) -> bytes:
+    """A black RGB PNG written row by row: a 5000 x 5000 one is 75 MB decoded and 76 KB here."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    deflate, row = zlib.compressobj(9), bytes(1 + 3 * width)
+    pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def _infer(address: str, body: bytes, headers: dict | None = None, model: str = HOST) -> tuple[int, dict]:
+    host, port = address.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", f"/v2/models/{model}/infer", body, headers or {})
+    response = conn.getresponse()
+    status, text = response.status, response.read()
+    conn.close()
+    return status, json.loads(text) if text else {}
+
+
+def _send_image(address: str, image: bytes) -> tuple[int, dict]:
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(image) + 4}}]}).encode()
+    return _infer(address, header + struct.pack("<I", len(image)) + image,
+                  {"Inference-Header-Content-Length": str(len(header))})
+
+
+def _peak_mb(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def server(serve_repo):
+    proc = ServerProcess.start(serve_repo, "--instances", "1", "--threads", "1", "--idle-timeout-seconds", "1",
+                               "--max-image-pixels", "30000000")
+    yield proc
+    assert proc.stop() == 0
+
+
+def test_serve_refuses_decompression_bombs_before_decoding_them(server, sample_images):
+    """Was: a 97 KB PNG of 6000 x 6000 pixels decoded (108 MB, 480 MB peak for 9000 x 9000) and a 321-byte
+    1 x 62500 PNG resized to 40 x 2.5 M (300 MB): every decoding core could take that much."""
+    status, doc = _send_image(server.http, sample_images[0].read_bytes())
+    assert status == 200, doc
+    before = _peak_mb(server.proc.pid)
+    status, doc = _send_image(server.http, _png(6000, 6000))
+    assert status == 400
+    assert "6000x6000 pixels is above the limit of 30000000 pixels (tvmzoo serve --max-image-pixels)" in doc["error"]
+    _, strip = cv2.imencode(".png", np.zeros((62500, 1, 3), np.uint8))
+    status, doc = _send_image(server.http, strip.tobytes())
+    assert status == 400 and "would be 40x2500000, above the limit of 30000000" in doc["error"], doc
+    assert _peak_mb(server.proc.pid) - before < 50
+    _, strip = cv2.imencode(".png", np.zeros((1, 200000, 3), np.uint8))   # over the runner's 100 M (was: 500)
+    status, doc = _send_image(server.http, strip.tobytes())
+    assert status == 400 and "--max-image-pixels" in doc["error"], doc
+    status, doc = _send_image(server.http, _png(5000, 5000))   # above the default 16.8 M, within the flag's 30 M
+    assert status == 200, doc
+
+
+def test_serve_default_pixel_limit_and_its_bound():
+    from tvmzoo.errors import ConfigError
+    from tvmzoo.run.serve.config import ServeConfig
+
+    assert ServeConfig(".").max_image_pixels == 4096 * 4096
+    with pytest.raises(ConfigError, match="--max-image-pixels must be at most 100000000"):
+        ServeConfig(".", max_image_pixels=10 ** 9)
+    with pytest.raises(ConfigError, match="--idle-timeout-seconds must be 0.1..86400"):
+        ServeConfig(".", idle_timeout_seconds=float("nan"))
+
+
+def test_a_stalled_client_is_timed_out_and_blocks_nobody(server):
+    """Was: a request that sent half its body, or an idle keep-alive connection, was held open forever."""
+    address = server.http.split(":")
+    stalled = socket.create_connection((address[0], int(address[1])))
+    stalled.sendall(b"POST /v2/models/tiny_b4/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\"")
+    idle = socket.create_connection((address[0], int(address[1])))
+    idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert idle.recv(1000).startswith(b"HTTP/1.1 200")
+    start = time.monotonic()
+    ok = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                 "data": [0.5] * 3072}]}).encode()
+    assert _infer(server.http, ok)[0] == 200    # served while the other two wait
+    stalled.settimeout(10)
+    answer = stalled.recv(1000)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout") and b"--idle-timeout-seconds" in answer
+    assert b"Connection: close" in answer and stalled.recv(100) == b""
+    idle.settimeout(10)
+    assert idle.recv(100) == b""              # closed without an answer: nothing was asked
+    assert time.monotonic() - start < 8
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"inputs": [{"name": "input", "datatype": ["FP32"], "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]},
+     "unknown datatype ['FP32']"),                                                          # was: 500
+    ({"parameters": {"binary_data_output": "false"}}, "binary_data_output must be true or false, got 'false'"),
+    ({"outputs": [{"name": "output", "parameters": {"binary_data": 0}}]}, "binary_data must be true or false"),
+    ({"id": {"a": [1]}}, '"id" must be a string'),                                           # was: echoed as str()
+])
+def test_request_fields_of_the_wrong_type_are_400(server, change, words):
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
+    status, doc = _infer(server.http, json.dumps({**body, **change}).encode())
+    assert status == 400 and words in doc["error"], doc
