@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -122,3 +126,51 @@ def test_request_fields_of_the_wrong_type_are_400(server, change, words):
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
     status, doc = _infer(server.http, json.dumps({**body, **change}).encode())
     assert status == 400 and words in doc["error"], doc
+
+
+COMMON = Path(__file__).resolve().parents[1] / "common"
+
+
+def _run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A console script or vendor script, killed after `timeout` (a reader blocked on a pipe never returns)."""
+    first = str(args[0])
+    program = [sys.executable, first] if first.endswith(".py") else [str(Path(sys.executable).parent / first)]
+    return subprocess.run([*program, *map(str, args[1:])], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TVM_NUM_THREADS": "2"})
+
+
+@pytest.mark.parametrize("what, command", [
+    ("build config", lambda p, m: ["vamc", "compile", p]),
+    ("label file", lambda p, m: ["tvmzoo", "run", "--file_path", COMMON / "label", "--model_prefix_path", m,
+                                 "--label_txt", p]),
+    ("vdsp params file", lambda p, m: ["tvmzoo", "run", "--file_path", COMMON / "label", "--model_prefix_path", m,
+                                       "--vdsp_params_info", p]),
+    ("result file", lambda p, m: [COMMON / "eval" / "eval_topk.py", p]),
+    ("datalist", lambda p, m: [COMMON / "eval" / "vamp_npz_decode.py", p, p.parent / "out", p.parent / "r.txt"]),
+    ("checkpoint", lambda p, m: ["tvmzoo", "export", "--family", "repvgg", "--arch", "A0", "--source", "official",
+                                 "--weights", p, "--output", p.parent / "a0.onnx"]),
+    ("--auth-token-file", lambda p, m: ["tvmzoo", "serve", m.parent, "--auth-token-file", p]),
+    ("image path", lambda p, m: ["tvmzoo", "run", "--file_path", p, "--model_prefix_path", m]),
+    ("npz", lambda p, m: ["vamp", "-m", m, "--datalist", _datalist(p), "--path_output", p.parent / "out"]),
+])
+def test_a_named_pipe_given_as_an_input_is_refused_not_waited_on(what, command, serve_repo, tmp_path):
+    """Was: vamc compile, --label_txt, --vdsp_params_info, serve --auth-token-file and vamp --datalist waited
+    forever for a writer; the checkpoint, result file and datalist were "not found"."""
+    pipe = tmp_path / "input"
+    os.mkfifo(pipe)
+    proc = _run(*command(pipe, serve_repo / HOST / "mod"), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "is a named pipe, not a regular file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (what == "npz") or f"{what} {pipe}" in proc.stderr
+
+
+def _datalist(pipe: Path) -> Path:
+    datalist = pipe.parent / "datalist.txt"
+    datalist.write_text(f"{pipe}\n")
+    return datalist
+
+
+def test_a_device_given_as_a_build_config_is_refused_not_read_without_end():
+    """Was: /dev/zero read as YAML until memory ran out (its size is 0, so the 64 MB bound passed it)."""
+    proc = _run("vamc", "compile", "/dev/zero", timeout=60)
+    assert proc.returncode == 2 and "build config /dev/zero is a character device, not a regular file" in proc.stderr

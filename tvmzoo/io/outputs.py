@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import ConfigError, OutputError
@@ -43,10 +44,22 @@ def check_file_place(path: Path, what: str) -> None:
                           "file to write.")
 
 
-def check_output_file(path: str | os.PathLike, what: str) -> Path:
-    """A file the work will (re)write: not a folder or a special file, writable, its folder creatable."""
+def _same_file(a: os.PathLike, b: os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)   # also through a symbolic or hard link
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_file(path: str | os.PathLike, what: str, reads: Mapping[str, os.PathLike | None] = {}) -> Path:
+    """A file the work will (re)write: not a folder or a special file, writable, its folder creatable, and
+    none of the files it `reads` ({what it is: path}; None: not given)."""
     path = Path(path)
     check_file_place(path, what)
+    for name, source in reads.items():
+        if source is not None and _same_file(path, source):   # was: the input replaced by the output
+            raise ConfigError(f"{what} {path} is also the {name} this command reads: writing it would replace "
+                              "that input. Give another path.")
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{what} {path} exists and cannot be written (permission denied); "
                           "choose another file or fix its permissions.")

@@ -59,7 +59,7 @@ def build_deploy_onnx(spec: ExportSpec) -> onnx.ModelProto:
 
 def export_onnx(spec: ExportSpec, output: str | Path) -> Path:
     """Write the deploy ONNX for `spec` to `output` (atomically) and return its path."""
-    output = check_output_file(output, "ONNX output")
+    output = check_output_file(output, "ONNX output", {"checkpoint": spec.weights and Path(spec.weights).expanduser()})
     model = build_deploy_onnx(spec)
     with atomic_path(output) as tmp:
         onnx.save(model, str(tmp))

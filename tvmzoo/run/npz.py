@@ -109,6 +109,11 @@ def read_outputs(datalist: Sequence[Path], out_dir: Path) -> np.ndarray:
         except NpzProblem as exc:
             raise ConfigError(f"cannot read {path} (output of datalist line {i + 1}): {exc}. Run vamp --datalist "
                               "again to rewrite it.") from None
+        bad = np.flatnonzero(~np.isfinite(rows[-1]))
+        if bad.size:   # was: every score NaN after softmax, written as "prob: nan" with class 0 on top
+            raise ConfigError(f"{path} (output of datalist line {i + 1}) holds {bad.size} NaN or infinite scores "
+                              f"(the first at index {bad[0]}): its top-k would mean nothing. The model (or its "
+                              "weights) is broken there: check the build with tvmzoo run on that image.")
         if rows[-1].shape != rows[0].shape:
             raise ConfigError(f"{path} holds {rows[-1].size} scores, {output_path(out_dir, 0, datalist[0])} "
                               f"holds {rows[0].size}: the outputs come from different models; run vamp again.")
