@@ -174,3 +174,48 @@ def test_a_device_given_as_a_build_config_is_refused_not_read_without_end():
     """Was: /dev/zero read as YAML until memory ran out (its size is 0, so the 64 MB bound passed it)."""
     proc = _run("vamc", "compile", "/dev/zero", timeout=60)
     assert proc.returncode == 2 and "build config /dev/zero is a character device, not a regular file" in proc.stderr
+
+
+def _vamp_outputs(tmp_path: Path, scores: np.ndarray) -> tuple[Path, Path]:
+    """A datalist of one image and the output npz vamp --datalist would have written for it."""
+    datalist, out = tmp_path / "datalist.txt", tmp_path / "out"
+    datalist.write_text(f"{tmp_path / 'img.npz'}\n")
+    out.mkdir()
+    np.savez(out / "0000000_img.npz", output_0=scores.astype(np.float32).reshape(1, -1))
+    return datalist, out
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_npz_decode_refuses_scores_that_are_not_numbers(bad, tmp_path):
+    """Was: one NaN made every softmax score NaN: written as 'prob: nan' with class 0 on top, and scored."""
+    scores = np.linspace(-3, 3, 1000)
+    scores[7] = bad
+    datalist, out = _vamp_outputs(tmp_path, scores)
+    proc = _run(COMMON / "eval" / "vamp_npz_decode.py", datalist, out, tmp_path / "result.txt")
+    assert proc.returncode == 2, proc.stderr
+    assert "holds 1 NaN or infinite scores (the first at index 7)" in proc.stderr
+    assert not (tmp_path / "result.txt").exists()
+
+
+def test_an_output_that_is_also_an_input_is_refused_before_any_work(serve_repo, sample_images, tmp_path):
+    """Was: npz decode's result written over its datalist, run's over its --label_txt, export's over the
+    checkpoint it read (also when the output is a symbolic link to the input)."""
+    datalist, out = _vamp_outputs(tmp_path, np.linspace(-3, 3, 1000))
+    (tmp_path / "link.txt").symlink_to(datalist)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class {i}\n" for i in range(1000)))
+    weights = tmp_path / "a0.pth"
+    weights.write_bytes(b"PK not read")
+    cases = [
+        ([COMMON / "eval" / "vamp_npz_decode.py", datalist, out, tmp_path / "link.txt"], datalist, "datalist"),
+        ([COMMON / "eval" / "vamp_npz_decode.py", datalist, out, labels, labels], labels, "label file"),
+        (["tvmzoo", "run", "--file_path", sample_images[0], "--model_prefix_path", serve_repo / HOST / "mod",
+          "--label_txt", labels, "--save_result_txt", labels], labels, "label file"),
+        (["tvmzoo", "export", "--family", "repvgg", "--arch", "A0", "--source", "official", "--weights", weights,
+          "--output", weights], weights, "checkpoint"),
+    ]
+    for command, kept, what in cases:
+        before = kept.read_bytes()
+        proc = _run(*command)
+        assert proc.returncode == 2 and f"is also the {what} this command reads" in proc.stderr, proc.stderr
+        assert kept.read_bytes() == before

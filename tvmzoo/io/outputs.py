@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def _check_can_create_in(folder: Path, what: str, target: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {target}: cannot write in {existing} (permission denied or a read-only "
                           "file system); choose a folder you can write to.")
+    try:   # access() says yes to root everywhere, and to anyone in /proc or /sys: try it (was: a traceback later)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {target}: cannot create a file in {existing} ({exc.strerror or exc}); choose a folder "
+                          "you can write to.") from None
 
 
 def check_file_place(path: Path, what: str) -> None:
