@@ -219,3 +219,32 @@ def test_an_output_that_is_also_an_input_is_refused_before_any_work(serve_repo, 
         proc = _run(*command)
         assert proc.returncode == 2 and f"is also the {what} this command reads" in proc.stderr, proc.stderr
         assert kept.read_bytes() == before
+
+
+class _NanRow:
+    """A real compiled build whose scores for the second image of each batch come out NaN (as a build of a
+    checkpoint with NaN weights gives for every image)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.fused = model, model.fused
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        scores = self.model.run(inputs).copy()
+        scores[1:2] = np.nan
+        return scores
+
+
+def test_the_runner_lists_an_image_with_nan_scores_as_failed(serve_repo, sample_images):
+    """Was: written as 'prob: nan' lines with class 0 on top, and scored by eval_topk."""
+    from tvmzoo.run.runner import classify
+    from tvmzoo.run.runtime import CompiledModel
+
+    model = CompiledModel.load(serve_repo / HOST)
+    paths = sample_images[:4]
+    summary = classify(_NanRow(model), paths, model.preprocessing, batch=4, progress=False)
+    assert [p.path for p in summary.predictions] == [str(paths[i]) for i in (0, 2, 3)]
+    assert all(np.isfinite(p.probs).all() for p in summary.predictions)
+    assert summary.failed == [(str(paths[1]), "the model's scores for it hold NaN or infinite values (broken "
+                               "weights or build?): its top-k would mean nothing")]
+    reference = classify(model, paths, model.preprocessing, batch=4, progress=False)
+    assert [p.ids for p in summary.predictions] == [reference.predictions[i].ids for i in (0, 2, 3)]
