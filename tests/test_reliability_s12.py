@@ -58,7 +58,7 @@ def _peak_mb(pid: int) -> float:
 @pytest.fixture(scope="module")
 def server(serve_repo):
     proc = ServerProcess.start(serve_repo, "--instances", "1", "--threads", "1", "--idle-timeout-seconds", "1",
-                               "--max-image-pixels", "30000000")
+                               "--max-image-pixels", "30000000", "--max-json-bytes", "1000000")
     yield proc
     assert proc.stop() == 0
 
@@ -113,6 +113,51 @@ def test_a_stalled_client_is_timed_out_and_blocks_nobody(server):
     idle.settimeout(10)
     assert idle.recv(100) == b""              # closed without an answer: nothing was asked
     assert time.monotonic() - start < 8
+
+
+def test_json_over_its_limit_is_refused_before_parsing_and_binary_data_is_not_counted(server):
+    """Was: a 64 MB body of JSON numbers held the event loop for 11 s (every client waited) and took 720 MB."""
+    zeros = np.zeros((100, 3, 32, 32), np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(zeros.shape),
+                                   "data": zeros.ravel().tolist()}]}).encode()
+    status, doc = _infer(server.http, body)
+    assert status == 413 and f"the request's JSON is {len(body)} bytes, over the limit of 1000000 (--max-json-bytes)" \
+        in doc["error"], doc
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(zeros.shape),
+                                     "parameters": {"binary_data_size": zeros.nbytes}}]}).encode()
+    status, doc = _infer(server.http, header + zeros.tobytes(), {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 200 and doc["outputs"][0]["shape"] == [100, 1000], doc
+
+
+def test_grpc_typed_contents_are_read_without_a_python_number_per_element(server):
+    """Was: list(fp32_contents): a 60 MB message took 930 MB; a shape of 2**64 elements wrapped to 0 in np.prod."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc, options=[
+        ("grpc.max_send_message_length", 1 << 30)]))
+
+    def infer(shape, datatype="FP32", values=()):
+        request = service_pb2.ModelInferRequest(model_name=HOST)
+        tensor = request.inputs.add(name="input", datatype=datatype, shape=shape)
+        getattr(tensor.contents, "bytes_contents" if datatype == "BYTES" else "fp32_contents").extend(values)
+        return stub.ModelInfer(request, timeout=120)
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    typed = np.frombuffer(infer([2, 3, 32, 32], values=x.ravel()).raw_output_contents[0], np.float32)
+    request = service_pb2.ModelInferRequest(model_name=HOST)
+    request.inputs.add(name="input", datatype="FP32", shape=[2, 3, 32, 32])
+    request.raw_input_contents.append(x.tobytes())
+    assert np.array_equal(typed, np.frombuffer(stub.ModelInfer(request).raw_output_contents[0], np.float32))
+    before = _peak_mb(server.proc.pid)
+    with pytest.raises(grpc.RpcError) as info:
+        infer([5000, 3, 32, 32], values=np.zeros(5000 * 3072, np.float32))   # 61 MB, over 256 rows
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1 <= n <= 256" in info.value.details()
+    assert _peak_mb(server.proc.pid) - before < 500
+    with pytest.raises(grpc.RpcError) as info:
+        infer([2 ** 32, 2 ** 32], "BYTES")
+    assert "0 elements do not fill shape [4294967296, 4294967296] (18446744073709551616 elements)" \
+        in info.value.details()
 
 
 @pytest.mark.parametrize("change, words", [

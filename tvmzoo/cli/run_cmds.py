@@ -103,7 +103,7 @@ def cmd_serve(args) -> int:
                       args.threads, args.max_queue_delay_us, args.max_request_bytes,
                       read_token(args.auth_token_file) if args.auth_token_file else None,
                       Path(args.labels) if args.labels else None, args.drain_seconds,
-                      **{name: getattr(args, name) for name in ("max_image_pixels", "idle_timeout_seconds")
+                      **{name: getattr(args, name) for name in ("max_image_pixels", "max_json_bytes", "idle_timeout_seconds")
                          if getattr(args, name) is not None})   # not given: ServeConfig's defaults
     serve(cfg, lambda line: print(line, flush=True))
     return 0
@@ -205,6 +205,9 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="dynamic batching: how long a request may wait for a fuller batch")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger requests get 413")
+    p.add_argument("--max-json-bytes", type=int, default=None,
+                   help="the JSON part of an HTTP infer request (default 16 MiB; binary tensor data is not counted); "
+                        "larger ones get 413")
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="pixels of one image sent as BYTES, read from its header before decoding; larger ones "
                         "get 400 (default 4096 x 4096 = 16777216: 48 MB decoded per decoding core)")

@@ -16,6 +16,10 @@ DEFAULT_MAX_REQUEST_BYTES = 64 << 20   # a batch of 64 FP32 224x224 images is 38
 # holds the decoded image (3 bytes a pixel) and its resize. A 236 KB PNG can claim 9000 x 9000 pixels
 # (480 MB of peak memory at the CLI's 100 M limit); 4096 x 4096 takes 48 MB and passes 12 MP photos.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# The JSON of one HTTP infer request: json.loads holds the event loop and keeps a Python number per element
+# (a 64 MB body of JSON numbers: 11 s with every other client waiting, 720 MB). 16 MiB: a batch of 8 FP32
+# 224 x 224 images written with full precision; larger tensors go as binary data (tritonclient's default).
+DEFAULT_MAX_JSON_BYTES = 16 << 20
 MAX_DRAIN_SECONDS = 24 * 3600
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0   # nginx's client_body_timeout; keep-alive clients reconnect after it
 ADAPTIVE_INSTANCES = 4      # default instances per model at most (each a loaded model): on many cores, a share each
@@ -36,9 +40,10 @@ class ServeConfig:
     drain_seconds: float = 30.0            # SIGTERM: how long in-flight requests may take to finish
     idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS   # a connection that sends nothing is closed
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS   # BYTES images above it: 400 before decoding
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES       # the JSON part of an HTTP infer request; above it: 413
 
     def __post_init__(self) -> None:
-        for name in ("instances", "max_request_bytes", "max_image_pixels"):
+        for name in ("instances", "max_request_bytes", "max_image_pixels", "max_json_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.max_queue_delay_us < 0:

@@ -40,7 +40,7 @@ class Server:
         self.decode_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="decode")
         self.inference = Inference(self.repository, self.metrics, self.decode_pool, cfg.max_image_pixels)
         self.state = AppState(self.repository, self.inference, self.metrics, __version__, cfg.auth_token,
-                              cfg.max_request_bytes)
+                              cfg.max_request_bytes, cfg.max_json_bytes)
         self.http = None
         self.grpc = None
         self.ports: tuple[int, int] = (0, 0)

@@ -141,7 +141,7 @@ def _numbers(name: str, datatype: str, data) -> np.ndarray:
         if low < info.min or high > info.max:
             raise invalid(f"input '{name}': {datatype} values must be {info.min}..{info.max}, got "
                           f"{low if low < info.min else high}")
-    return given.astype(dtype)
+    return given.astype(dtype, copy=False)
 
 
 def deserialize_bytes(name: str, buf: bytes | memoryview) -> np.ndarray:
