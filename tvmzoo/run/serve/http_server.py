@@ -23,6 +23,7 @@ from email.utils import formatdate
 
 import httptools
 
+from .config import DEFAULT_IDLE_TIMEOUT_SECONDS
 from .http_app import Request, Response
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class Connection(asyncio.Protocol):
 class HttpServer:
     """The listening sockets and their connections (stop listening, then close connections as they go idle)."""
 
-    def __init__(self, app: App, max_body: int, idle_timeout: float) -> None:
+    def __init__(self, app: App, max_body: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS) -> None:
         self.app, self.max_body, self.idle_timeout = app, max_body, idle_timeout
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.base_events.Server] = []
