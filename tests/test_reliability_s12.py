@@ -173,7 +173,8 @@ def test_request_fields_of_the_wrong_type_are_400(server, change, words):
     assert status == 400 and words in doc["error"], doc
 
 
-COMMON = Path(__file__).resolve().parents[1] / "common"
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ROOT / "common"
 
 
 def _run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -293,3 +294,19 @@ def test_the_runner_lists_an_image_with_nan_scores_as_failed(serve_repo, sample_
                                "weights or build?): its top-k would mean nothing")]
     reference = classify(model, paths, model.preprocessing, batch=4, progress=False)
     assert [p.ids for p in summary.predictions] == [reference.predictions[i].ids for i in (0, 2, 3)]
+
+
+@pytest.mark.parametrize("rounds", ["0", "-3"])
+def test_report_refuses_zero_timing_rounds(rounds, tmp_path):
+    """Was: no build timed and 'nan' ms / image written into the report."""
+    proc = _run("tvmzoo", "report", tmp_path / "any.yaml", "--rounds", rounds, timeout=60)
+    assert proc.returncode == 2 and f"--rounds must be at least 1 (timing rounds per build), got {rounds}." \
+        in proc.stderr, proc.stderr
+
+
+def test_an_output_place_that_refuses_files_is_found_before_the_work(tmp_path):
+    """Was: a FileNotFoundError traceback for workspace.path=/proc as root (access() says yes to root)."""
+    proc = _run("vamc", "compile", ROOT / "tvmzoo" / "build_in" / "build" / "efficientnet_lite0.yaml", "--set",
+                "workspace.path=/proc", timeout=60)
+    assert proc.returncode == 2 and "cannot" in proc.stderr and "in /proc" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
