@@ -95,6 +95,11 @@ def cmd_device(args) -> int:
     return 0  # not reached: exec replaces this process
 
 
+def _given(args, *names: str) -> dict:
+    """The flags the user gave (None: not given, ServeConfig's default applies)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def cmd_serve(args) -> int:
     from ..run.serve.config import ServeConfig, read_token
     from ..run.serve.server import serve
@@ -103,8 +108,7 @@ def cmd_serve(args) -> int:
                       args.threads, args.max_queue_delay_us, args.max_request_bytes,
                       read_token(args.auth_token_file) if args.auth_token_file else None,
                       Path(args.labels) if args.labels else None, args.drain_seconds,
-                      **{name: getattr(args, name) for name in ("max_image_pixels", "max_json_bytes", "idle_timeout_seconds")
-                         if getattr(args, name) is not None})   # not given: ServeConfig's defaults
+                      **_given(args, "max_image_pixels", "max_json_bytes", "idle_timeout_seconds"))
     serve(cfg, lambda line: print(line, flush=True))
     return 0
 

@@ -32,8 +32,8 @@ def _check_can_create_in(folder: Path, what: str, target: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise ConfigError(f"{what} {target}: cannot create a file in {existing} ({exc.strerror or exc}); choose a folder "
-                          "you can write to.") from None
+        raise ConfigError(f"{what} {target}: cannot create a file in {existing} ({exc.strerror or exc}); "
+                          "choose a folder you can write to.") from None
 
 
 def check_file_place(path: Path, what: str) -> None:
