@@ -1,6 +1,7 @@
 """Shared fixtures: the real photos in ../shared/data, and running the real CLIs as a user would."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -32,6 +33,26 @@ def sample_images() -> list[Path]:
     if not SAMPLE_DIR.is_dir():
         pytest.skip(f"{SAMPLE_DIR} is not here")
     return sorted(SAMPLE_DIR.glob("*.JPEG"))
+
+
+@pytest.fixture(scope="session")
+def serve_repo(tmp_path_factory) -> Path:
+    """A model repository for `tvmzoo serve` (tests/serve_client.py names the builds): the tiny model at batch 4
+    with host preprocessing, at batch 1 fused, a damaged copy and one built for a CPU feature this host lacks."""
+    from serve_client import BROKEN, FUSED, HOST, OTHER_CPU
+    from tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("serve")
+    build_tiny(root, HOST, resize_short=40, batch=4)
+    build_tiny(root, FUSED, resize_short=40, preprocess="fused")
+    broken = shutil.copytree(root / "ws" / HOST, root / "ws" / BROKEN)
+    data = bytearray((broken / "mod.so").read_bytes())
+    data[len(data) // 2] ^= 0xFF               # a damaged copy: the checksum in mod.json no longer fits
+    (broken / "mod.so").write_bytes(bytes(data))
+    other = shutil.copytree(root / "ws" / FUSED, root / "ws" / OTHER_CPU)   # built for a CPU with a feature
+    meta = json.loads((other / "mod.json").read_text())                    # this one lacks
+    (other / "mod.json").write_text(json.dumps({**meta, "cpu_features": [*meta["cpu_features"], "avx10_9"]}))
+    return root / "ws"
 
 
 def run_cli(*args: str | os.PathLike, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ import http.client
 import json
 import queue
 import re
-import shutil
 import socket
 import threading
 import time
@@ -19,30 +18,18 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serve_client import ServerProcess, scrape  # noqa: E402
-from tiny import build_tiny  # noqa: E402
+from serve_client import BROKEN, FUSED, HOST, OTHER_CPU, ServerProcess, scrape  # noqa: E402
 from tvmzoo.preprocess.fused import fused_input  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.run.runner import classify  # noqa: E402
 from tvmzoo.run.runtime import CompiledModel  # noqa: E402
 
 pytestmark = pytest.mark.reliability
-HOST, FUSED, BROKEN, OTHER_CPU = "tiny_b4", "tiny_fused", "broken", "other_cpu"
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    build_tiny(root, HOST, resize_short=40, batch=4)
-    build_tiny(root, FUSED, resize_short=40, preprocess="fused")
-    broken = shutil.copytree(root / "ws" / HOST, root / "ws" / BROKEN)
-    data = bytearray((broken / "mod.so").read_bytes())
-    data[len(data) // 2] ^= 0xFF               # a damaged copy: the checksum in mod.json no longer fits
-    (broken / "mod.so").write_bytes(bytes(data))
-    other = shutil.copytree(root / "ws" / FUSED, root / "ws" / OTHER_CPU)   # built for a CPU with a feature
-    meta = json.loads((other / "mod.json").read_text())                    # this one lacks
-    (other / "mod.json").write_text(json.dumps({**meta, "cpu_features": [*meta["cpu_features"], "avx10_9"]}))
-    return root / "ws"
+def repo(serve_repo):
+    return serve_repo
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import Any
 
 import yaml
@@ -100,11 +101,42 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / (1 << 30):.1f} GiB" if nbytes >= 1 << 30 else f"{nbytes / (1 << 20):.1f} MiB"
 
 
-def check_text_size(path: os.PathLike, what: str) -> None:
-    """Refuse a text file that is to be read whole when it is above MAX_TEXT_BYTES (a wrong path,
-    a device, a dataset archive given as a label file); a missing file is left to the reader."""
+SPECIAL_FILES = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a named pipe",
+                 stat.S_IFSOCK: "a socket"}
+
+
+def special_file(path: os.PathLike) -> str | None:
+    """What `path` is ("a named pipe", ...) when it exists and is neither a regular file nor a folder, else None.
+    Such a file is refused before it is opened: opening a pipe nobody writes to waits forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return SPECIAL_FILES.get(stat.S_IFMT(mode), "a special file")
+
+
+def not_regular_message(path: os.PathLike, what: str, kind: str) -> str:
+    return (f"{what} {path} is {kind}, not a regular file: reading it would wait for a writer forever (or never "
+            "end). Give the path of a file.")
+
+
+def check_not_special(path: os.PathLike, what: str) -> None:
     from .errors import ConfigError
 
+    kind = special_file(path)
+    if kind is not None:
+        raise ConfigError(not_regular_message(path, what, kind))
+
+
+def check_text_size(path: os.PathLike, what: str) -> None:
+    """Refuse a text file that is to be read whole when it is above MAX_TEXT_BYTES (a wrong path,
+    a device, a dataset archive given as a label file) or not a regular file; a missing file is left
+    to the reader."""
+    from .errors import ConfigError
+
+    check_not_special(path, what)
     try:
         size = os.stat(path).st_size
     except OSError:

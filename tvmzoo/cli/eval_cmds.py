@@ -32,9 +32,14 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     from ..eval.report import build_report, eval_paths, write_report
 
+    from ..errors import ConfigError
+    from ..io.outputs import check_output_dir
+
+    if args.rounds < 1:   # was: no timing at all, "nan" ms / image in the report
+        raise ConfigError(f"--rounds must be at least 1 (timing rounds per build), got {args.rounds}.")
     table, name = eval_paths(args.yaml, args.workspace)
+    out = check_output_dir(Path(args.output) if args.output else table.parent / f"{name}-report", "--output")
     rows = build_report(Path(args.eval) if args.eval else table, name, args.rounds)
-    out = Path(args.output) if args.output else table.parent / f"{name}-report"
     md, png = write_report(rows, out, f"{name}: accuracy vs latency on {rows[0].target}")
     print(md.read_text())
     print(f"wrote {md} and {png}")

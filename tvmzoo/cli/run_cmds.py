@@ -95,6 +95,11 @@ def cmd_device(args) -> int:
     return 0  # not reached: exec replaces this process
 
 
+def _given(args, *names: str) -> dict:
+    """The flags the user gave (None: not given, ServeConfig's default applies)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def cmd_serve(args) -> int:
     from ..run.serve.config import ServeConfig, read_token
     from ..run.serve.server import serve
@@ -102,7 +107,8 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(Path(args.repository), args.host, args.http_port, args.grpc_port, args.instances,
                       args.threads, args.max_queue_delay_us, args.max_request_bytes,
                       read_token(args.auth_token_file) if args.auth_token_file else None,
-                      Path(args.labels) if args.labels else None, args.drain_seconds)
+                      Path(args.labels) if args.labels else None, args.drain_seconds,
+                      **_given(args, "max_image_pixels", "max_json_bytes", "idle_timeout_seconds"))
     serve(cfg, lambda line: print(line, flush=True))
     return 0
 
@@ -203,10 +209,19 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="dynamic batching: how long a request may wait for a fuller batch")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="larger requests get 413")
+    p.add_argument("--max-json-bytes", type=int, default=None,
+                   help="the JSON part of an HTTP infer request (default 16 MiB; binary tensor data is not counted); "
+                        "larger ones get 413")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="pixels of one image sent as BYTES, read from its header before decoding; larger ones "
+                        "get 400 (default 4096 x 4096 = 16777216: 48 MB decoded per decoding core)")
     p.add_argument("--auth-token-file", help="require 'Authorization: Bearer <token>' (not on health)")
     p.add_argument("--labels", help="class names for classification, for builds without a labels.txt of their own "
                                     "(else ImageNet-1k for 1000 classes)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM: time to finish requests")
+    p.add_argument("--idle-timeout-seconds", type=float, default=None,
+                   help="close a connection that sends nothing for this long, default 60 (408 when it stalled mid-request; "
+                        "gRPC: no call for this long)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -48,7 +48,7 @@ def decode_npz_outputs(datalist: Path, out_dir: Path, result: Path, labels: str 
     from ..io.images import check_label_count, load_labels
     from ..io.outputs import check_output_file
 
-    check_output_file(result, "result file")
+    check_output_file(result, "result file", {"datalist": datalist, "label file": labels})
     items = read_datalist(datalist)
     scores = read_outputs(items, out_dir)
     names = load_labels(labels).names

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, printable
-from ..limits import MAX_CLASSES, read_text_file
+from ..limits import MAX_CLASSES, check_not_special, read_text_file
 from .package_data import data
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def find_images(path: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> l
     wanted = {s.lower() if s.startswith(".") else "." + s.lower() for s in suffixes}
     if path.is_file():
         return [path]
+    check_not_special(path, "image path")
     if not path.is_dir():
         raise ConfigError(f"image path {path} does not exist: give an image file or a folder of images.")
     found = [p for p in path.rglob("*")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..limits import MAX_NPZ_ARRAY_BYTES, gib
+from ..limits import MAX_NPZ_ARRAY_BYTES, gib, special_file
 
 _BROKEN = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError,
            NotImplementedError, MemoryError)  # what numpy and zipfile raise on a damaged file
@@ -29,6 +29,8 @@ def read_array(path: str | Path, key: str,
     """The array `key` of the npz at `path`. `check(shape, dtype)` returns a problem or None; the array
     is refused before it is read when it has one, when it holds objects, when it claims more bytes than
     its zip member holds or than MAX_NPZ_ARRAY_BYTES. Raises NpzProblem."""
+    if special_file(path):   # zipfile would wait on a pipe forever
+        raise NpzProblem(f"it is {special_file(path)}, not a regular file")
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()

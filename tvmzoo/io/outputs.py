@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import ConfigError, OutputError
-
-_SPECIAL = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a named pipe",
-            stat.S_IFSOCK: "a socket"}
+from ..limits import SPECIAL_FILES
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -28,6 +28,12 @@ def _check_can_create_in(folder: Path, what: str, target: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {target}: cannot write in {existing} (permission denied or a read-only "
                           "file system); choose a folder you can write to.")
+    try:   # access() says yes to root everywhere, and to anyone in /proc or /sys: try it (was: a traceback later)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {target}: cannot create a file in {existing} ({exc.strerror or exc}); "
+                          "choose a folder you can write to.") from None
 
 
 def check_file_place(path: Path, what: str) -> None:
@@ -40,15 +46,27 @@ def check_file_place(path: Path, what: str) -> None:
     if stat.S_ISDIR(mode):
         raise OutputError(f"{what} {path} is a folder: give the path of a file to write.")
     if not stat.S_ISREG(mode):
-        raise OutputError(f"{what} {path} is {_SPECIAL.get(stat.S_IFMT(mode), 'not a regular file')}, not a "
+        raise OutputError(f"{what} {path} is {SPECIAL_FILES.get(stat.S_IFMT(mode), 'not a regular file')}, not a "
                           "regular file: writing the output would replace it with one. Give the path of a "
                           "file to write.")
 
 
-def check_output_file(path: str | os.PathLike, what: str) -> Path:
-    """A file the work will (re)write: not a folder or a special file, writable, its folder creatable."""
+def _same_file(a: os.PathLike, b: os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)   # also through a symbolic or hard link
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_file(path: str | os.PathLike, what: str, reads: Mapping[str, os.PathLike | None] = {}) -> Path:
+    """A file the work will (re)write: not a folder or a special file, writable, its folder creatable, and
+    none of the files it `reads` ({what it is: path}; None: not given)."""
     path = Path(path)
     check_file_place(path, what)
+    for name, source in reads.items():
+        if source is not None and _same_file(path, source):   # was: the input replaced by the output
+            raise ConfigError(f"{what} {path} is also the {name} this command reads: writing it would replace "
+                              "that input. Give another path.")
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{what} {path} exists and cannot be written (permission denied); "
                           "choose another file or fix its permissions.")

@@ -11,6 +11,7 @@ from ..io.atomic import atomic_path
 from ..io.outputs import check_output_file
 from ..io.checkpoint import load_state_dict
 from ..errors import CheckpointError
+from ..limits import not_regular_message, special_file
 from . import PACKAGED_WEIGHTS, get_family, resolve_arch, resolve_source, weights_for
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def resolve_weights(family: str, arch: str, source: str, weights: str) -> Path:
                                   "give the path of your checkpoint instead (`tvmzoo models` lists the packaged ones).")
         return Path(entry.packaged())
     path = Path(weights).expanduser()
+    if special_file(path):   # was: "checkpoint not found"
+        raise CheckpointError(not_regular_message(path, "checkpoint", special_file(path)))
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}. Download the weights (see the model's README "
                               f"under source_code/) and set model.weights or --weights to the file.")
@@ -56,7 +59,7 @@ def build_deploy_onnx(spec: ExportSpec) -> onnx.ModelProto:
 
 def export_onnx(spec: ExportSpec, output: str | Path) -> Path:
     """Write the deploy ONNX for `spec` to `output` (atomically) and return its path."""
-    output = check_output_file(output, "ONNX output")
+    output = check_output_file(output, "ONNX output", {"checkpoint": spec.weights and Path(spec.weights).expanduser()})
     model = build_deploy_onnx(spec)
     with atomic_path(output) as tmp:
         onnx.save(model, str(tmp))

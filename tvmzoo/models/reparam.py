@@ -49,7 +49,7 @@ def _write(state: dict, source: str, output: Path, meta: dict) -> None:
 
 def write_deploy_checkpoint(spec: ReparamSpec, output: str | Path) -> Path:
     """Read `spec.weights`, fold it into the source's deploy form and write it to `output` (atomically)."""
-    output = check_output_file(output, "output")
+    output = check_output_file(output, "output", {"checkpoint": spec.weights and Path(spec.weights).expanduser()})
     family = get_family(spec.family)
     if family.deploy_state is None:
         raise ConfigError(f"{spec.family} has no train-time branches or BatchNorm to fold in a checkpoint: "

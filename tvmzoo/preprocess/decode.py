@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from ..errors import ImageError
-from ..limits import IMAGE_BYTES_PER_PIXEL, IMAGE_EXTRA_BYTES, IMAGE_HEADER_BYTES
+from ..limits import IMAGE_BYTES_PER_PIXEL, IMAGE_EXTRA_BYTES, IMAGE_HEADER_BYTES, special_file
 
 # Images above this many pixels are refused before decoding (a 100 MP photo already needs
 # 300 MB as BGR; ImageNet photos are ~0.2 MP).
@@ -110,6 +110,8 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     the size comes from the header, and images above `max_pixels` are refused before decoding, so
     memory stays bounded. Raises ImageError("cannot decode <path>: <reason>")."""
     path = Path(path)
+    if special_file(path):   # opening a pipe nobody writes to would wait forever
+        raise ImageError(f"cannot decode {path}: it is {special_file(path)}, not a regular file.")
     try:
         raw = _read_bounded(path, max_pixels)
     except FileNotFoundError:

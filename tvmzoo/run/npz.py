@@ -15,7 +15,7 @@ from ..errors import ConfigError, ImageError, OutputError
 from ..io.atomic import write_bytes, write_text
 from ..io.npz_read import NpzProblem, read_array
 from ..io.outputs import check_output_dir, check_output_file
-from ..limits import MAX_CLASSES, check_text_size
+from ..limits import MAX_CLASSES, check_not_special, check_text_size
 from ..preprocess import MAX_PIXELS, read_image
 from .filenames import quote_path, read_lines, unquote_path
 from .npz_names import npz_names
@@ -62,6 +62,7 @@ def images_to_npz(images: Sequence[Path], target: Path, text_path: Path, progres
 
 
 def read_datalist(path: Path) -> list[Path]:
+    check_not_special(path, "datalist")
     if not Path(path).is_file():
         raise ConfigError(f"datalist not found: {path}. Write it with image2npz.py --text_path.")
     check_text_size(path, "datalist")
@@ -108,6 +109,11 @@ def read_outputs(datalist: Sequence[Path], out_dir: Path) -> np.ndarray:
         except NpzProblem as exc:
             raise ConfigError(f"cannot read {path} (output of datalist line {i + 1}): {exc}. Run vamp --datalist "
                               "again to rewrite it.") from None
+        bad = np.flatnonzero(~np.isfinite(rows[-1]))
+        if bad.size:   # was: every score NaN after softmax, written as "prob: nan" with class 0 on top
+            raise ConfigError(f"{path} (output of datalist line {i + 1}) holds {bad.size} NaN or infinite scores "
+                              f"(the first at index {bad[0]}): its top-k would mean nothing. The model (or its "
+                              "weights) is broken there: check the build with tvmzoo run on that image.")
         if rows[-1].shape != rows[0].shape:
             raise ConfigError(f"{path} holds {rows[-1].size} scores, {output_path(out_dir, 0, datalist[0])} "
                               f"holds {rows[0].size}: the outputs come from different models; run vamp again.")

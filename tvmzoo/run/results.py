@@ -10,6 +10,7 @@ import numpy as np
 
 from ..io.atomic import write_text
 from ..errors import ConfigError, printable
+from ..limits import check_not_special
 from .filenames import quote_path, read_lines, unquote_path
 
 TOP_K = 5
@@ -56,6 +57,7 @@ def write_results(path: str | Path, preds: Iterable[Prediction], names: Sequence
 
 def read_results(path: str | Path) -> list[Prediction]:
     path = Path(path)
+    check_not_special(path, "result file")
     if not path.is_file():
         raise ConfigError(f"result file not found: {path}. Produce it with classification.py or vamp_npz_decode.py.")
     by_path: dict[str, dict[int, tuple[int, float, int]]] = {}   # path -> rank -> (id, prob, line)

@@ -122,7 +122,7 @@ def _infer(model: CompiledModel, item: Batch, isolate: bool) -> Outcome:
     images are reported instead of stopping the run."""
     indices, names, inputs = item
     try:
-        return indices, predictions(names, model.run(inputs)), []
+        return _finite_predictions(indices, names, model.run(inputs))
     except ModuleError:   # the module, not this batch, is wrong: no image would get through
         raise
     except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
@@ -139,6 +139,19 @@ def _infer(model: CompiledModel, item: Batch, isolate: bool) -> Outcome:
         preds += one[1]
         failed += one[2]
     return kept, preds, failed
+
+
+def _finite_predictions(indices: list[int], names: list[str], outputs: np.ndarray) -> Outcome:
+    """Predictions of the rows with finite scores; the others fail (was: written as "prob: nan", class 0 on top)."""
+    finite = np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+    if finite.all():
+        return indices, predictions(names, outputs), []
+    failed = [(indices[r], names[r], "the model's scores for it hold NaN or infinite values (broken weights or "
+               "build?): its top-k would mean nothing") for r in np.flatnonzero(~finite)]
+    for _, name, reason in failed:
+        log.warning("%s: %s", name, reason)
+    keep = np.flatnonzero(finite)
+    return [indices[r] for r in keep], predictions([names[r] for r in keep], outputs[keep]), failed
 
 
 def classify(model: CompiledModel | Sequence[CompiledModel], paths: Sequence[Path], pre: Preprocessing, *,

@@ -106,4 +106,5 @@ def classify_to_file(model_prefix: str | Path, file_path: str | Path, result_txt
     paths = find_images(Path(file_path))
     if not paths:
         raise ConfigError(f"no images found at {file_path} (looked for .jpg/.jpeg/.png/.bmp/.webp, recursively).")
+    check_output_file(Path(save_dir) / result_txt, "result file", {"label file": labels, "vdsp params file": vdsp})
     return run_to_file(model_prefix, paths, pre, Path(save_dir) / result_txt, names, options)

@@ -7,10 +7,21 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...io.images import load_labels
+from ...limits import check_not_special
+from ...preprocess import MAX_PIXELS
 from ..threads import check_per_core, usable_cores
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20   # a batch of 64 FP32 224x224 images is 38.5 MB
+# Pixels of one client image, checked in its header before decoding: each decode thread (one per core)
+# holds the decoded image (3 bytes a pixel) and its resize. A 236 KB PNG can claim 9000 x 9000 pixels
+# (480 MB of peak memory at the CLI's 100 M limit); 4096 x 4096 takes 48 MB and passes 12 MP photos.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# The JSON of one HTTP infer request: json.loads holds the event loop and keeps a Python number per element
+# (a 64 MB body of JSON numbers: 11 s with every other client waiting, 720 MB). 16 MiB: a batch of 8 FP32
+# 224 x 224 images written with full precision; larger tensors go as binary data (tritonclient's default).
+DEFAULT_MAX_JSON_BYTES = 16 << 20
 MAX_DRAIN_SECONDS = 24 * 3600
+DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0   # nginx's client_body_timeout; keep-alive clients reconnect after it
 ADAPTIVE_INSTANCES = 4      # default instances per model at most (each a loaded model): on many cores, a share each
 
 
@@ -27,15 +38,20 @@ class ServeConfig:
     auth_token: str | None = None          # bearer token guarding everything but health
     labels: Path | None = None             # class names for the classification extension
     drain_seconds: float = 30.0            # SIGTERM: how long in-flight requests may take to finish
+    idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS   # a connection that sends nothing is closed
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS   # BYTES images above it: 400 before decoding
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES       # the JSON part of an HTTP infer request; above it: 413
 
     def __post_init__(self) -> None:
-        for name in ("instances", "max_request_bytes"):
+        for name in ("instances", "max_request_bytes", "max_image_pixels", "max_json_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.max_queue_delay_us < 0:
             raise ConfigError(f"--max-queue-delay-us must be 0 or more, got {self.max_queue_delay_us}.")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}.")
+        if self.max_image_pixels > MAX_PIXELS:   # the readers' own bound (an image's header size is trusted up to it)
+            raise ConfigError(f"--max-image-pixels must be at most {MAX_PIXELS}, got {self.max_image_pixels}.")
         check_per_core("--instances", self.instances)
         check_per_core("--threads", self.threads)
         for name in ("http_port", "grpc_port"):
@@ -45,6 +61,9 @@ class ServeConfig:
         if not 0 <= self.drain_seconds <= MAX_DRAIN_SECONDS:   # also NaN
             raise ConfigError(f"--drain-seconds must be 0..{MAX_DRAIN_SECONDS} (how long SIGTERM waits for the "
                               f"requests in flight), got {self.drain_seconds}.")
+        if not 0.1 <= self.idle_timeout_seconds <= MAX_DRAIN_SECONDS:   # also NaN
+            raise ConfigError(f"--idle-timeout-seconds must be 0.1..{MAX_DRAIN_SECONDS} (how long a connection may "
+                              f"send nothing before it is closed), got {self.idle_timeout_seconds}.")
         if self.labels is not None:   # one file for every model: unreadable is the server's mistake, not a model's
             load_labels(self.labels)
         repository = Path(self.repository)
@@ -74,6 +93,7 @@ class ServeConfig:
 
 def read_token(path: str | Path) -> str:
     """The bearer token from --auth-token-file (first line, surrounding whitespace removed)."""
+    check_not_special(path, "--auth-token-file")
     try:
         token = Path(path).read_text().strip()
     except OSError as exc:

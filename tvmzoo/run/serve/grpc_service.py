@@ -5,6 +5,7 @@ methods not implemented here (repository control, shared memory, trace / log set
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -22,6 +23,11 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "FP64": "fp64_contents", BYTES: "bytes_contents"}
 
 
+_FIELD_DTYPES = {"bool_contents": np.bool_, "int_contents": np.int32, "int64_contents": np.int64,
+                 "uint_contents": np.uint32, "uint64_contents": np.uint64, "fp32_contents": np.float32,
+                 "fp64_contents": np.float64}
+
+
 def _input(pb, raw: bytes | None) -> InputTensor:
     name = pb.name
     datatype = check_datatype(name, pb.datatype)
@@ -30,13 +36,16 @@ def _input(pb, raw: bytes | None) -> InputTensor:
         return from_buffer(name, datatype, shape, raw)
     if datatype not in _CONTENTS:
         raise invalid(f"input '{name}': {datatype} must be sent in raw_input_contents")
-    values = getattr(pb.contents, _CONTENTS[datatype])
+    field = _CONTENTS[datatype]
+    values = getattr(pb.contents, field)
+    if len(values) != math.prod(shape):   # before any conversion (was: np.prod, which wraps around at 2**64)
+        raise invalid(f"input '{name}': {len(values)} elements do not fill shape {list(shape)} "
+                      f"({math.prod(shape)} elements)")
     if datatype == BYTES:
-        data = object_array(list(values))
-        if data.size != int(np.prod(shape)):
-            raise invalid(f"input '{name}': {data.size} BYTES elements do not fill shape {list(shape)}")
-        return InputTensor(name, datatype, shape, data)
-    return from_list(name, datatype, shape, list(values))
+        return InputTensor(name, datatype, shape, object_array(list(values)))
+    # one element at a time into an array of the field's own type: list(values) held a Python number
+    # per element (a 60 MB message of FP32 contents took 930 MB)
+    return from_list(name, datatype, shape, np.fromiter(values, _FIELD_DTYPES[field], len(values)))
 
 
 def parse_request(pb) -> InferRequest:
@@ -156,9 +165,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
 
-def make_server(state: AppState, address: str, max_request_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server bound to `address` (host:port, port 0 = any free one) and the port it got."""
+def make_server(state: AppState, address: str, max_request_bytes: int,
+                idle_timeout: float) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server bound to `address` (host:port, port 0 = any free one) and the port it got. A connection
+    without a call for `idle_timeout` seconds gets GOAWAY (clients reconnect on their next call)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes),
+                                      ("grpc.max_connection_idle_ms", int(idle_timeout * 1000)),
                                       ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)

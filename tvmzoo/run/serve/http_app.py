@@ -99,6 +99,11 @@ async def infer(state: AppState, request: Request, name: str, version: str) -> R
         header_length = None if header is None else int(header)
     except ValueError:
         raise ServeError("INVALID_ARGUMENT", f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
+    json_bytes = len(request.body) if header_length is None else header_length
+    if json_bytes > state.max_json_bytes:   # checked before parsing: reading it would hold every other client
+        raise ServeError("RESOURCE_EXHAUSTED", f"the request's JSON is {json_bytes} bytes, over the limit of "
+                         f"{state.max_json_bytes} (--max-json-bytes): send the tensors as binary data (the binary "
+                         "tensor extension; tritonclient: binary_data=True, its default) or raise the limit")
     parsed = parse_infer(request.body, header_length, name, version)
     outputs = await state.inference.infer(parsed)
     body, json_length = encode_response(parsed, outputs)

@@ -33,6 +33,14 @@ def _parameters(item: dict, where: str) -> dict:
     return params
 
 
+def _flag(params: dict, key: str, where: str) -> bool:
+    """A boolean parameter: JSON true / false only (the string "false" was taken as true)."""
+    value = params.get(key, False)
+    if type(value) is not bool:
+        raise invalid(f"{where}: parameter {key} must be true or false, got {value!r}")
+    return value
+
+
 def _input(item, body: memoryview, offset: int) -> tuple[InputTensor, int]:
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         raise invalid('each input must be a JSON object with a "name"')
@@ -56,7 +64,7 @@ def _output(item) -> RequestedOutput:
     k = params.get("classification", 0)
     if type(k) is not int:
         raise invalid(f"output '{item['name']}': classification must be an integer, got {k!r}")
-    return RequestedOutput(item["name"], k, bool(params.get("binary_data", False)))
+    return RequestedOutput(item["name"], k, _flag(params, "binary_data", f"output '{item['name']}'"))
 
 
 def parse_infer(body: bytes, header_length: int | None, model: str, version: str) -> InferRequest:
@@ -73,8 +81,10 @@ def parse_infer(body: bytes, header_length: int | None, model: str, version: str
     outputs = doc.get("outputs")
     if outputs is not None and not isinstance(outputs, list):
         raise invalid('"outputs" must be a list')
-    binary = bool(_parameters(doc, "request").get("binary_data_output", False))
-    return InferRequest(model, version, str(doc.get("id", "")), inputs,
+    binary = _flag(_parameters(doc, "request"), "binary_data_output", "request")
+    if not isinstance(doc.get("id", ""), str):   # echoed back as given: the protocol's id is a string
+        raise invalid(f'"id" must be a string, got {doc["id"]!r}'[:200])
+    return InferRequest(model, version, doc.get("id", ""), inputs,
                         None if outputs is None else [_output(o) for o in outputs], binary)
 
 

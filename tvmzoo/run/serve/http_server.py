@@ -7,7 +7,8 @@ by httptools), answers a connection's requests in order (pipelining), keeps conn
 client or the server says close, sends `100 Continue` to a client that waits for it, reads and drops a body
 past the limit (the app answers 413: answering before the client finished sending would break its
 connection; past 4 x the limit the connection is closed), refuses headers over 64 KB (431) and malformed
-requests (400), and on shutdown stops listening, closes idle connections and closes busy ones after their
+requests (400), closes a connection that sent nothing for --idle-timeout-seconds (408 when it stalled
+mid-request: a stalled upload held its buffered body and its socket forever), and on shutdown stops listening, closes idle connections and closes busy ones after their
 answer. The routes and the protocol's bodies are in http_app.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from email.utils import formatdate
 
 import httptools
 
+from .config import DEFAULT_IDLE_TIMEOUT_SECONDS
 from .http_app import Request, Response
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ HEADER_LIMIT = 64 << 10
 # three (two fewer loop passes), and as one body chunk, which needs no join (README, Serving)
 READ_BYTES = 1 << 20
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-           405: "Method Not Allowed", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+           405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}
 App = Callable[[Request], Awaitable[Response]]
 
@@ -78,6 +80,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.writable = asyncio.Event()
         self.writable.set()
+        self.last_active = time.monotonic()   # last byte received or answer sent
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport   # type: ignore[assignment]
@@ -91,6 +94,7 @@ class Connection(asyncio.Protocol):
         self.writable.set()
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         if self.broken:
             return
         try:
@@ -190,9 +194,26 @@ class Connection(asyncio.Protocol):
                     return
         finally:
             self.answering = None
+            self.last_active = time.monotonic()
         if self.paused and not self.transport.is_closing():
             self.paused = False
             self.transport.resume_reading()
+
+    def expire(self, now: float, timeout: float) -> None:
+        """Close the connection when nothing came for `timeout` seconds and no answer is due (or the client
+        stopped reading its answers); a client stalled mid-request is told so (408)."""
+        if self.transport.is_closing() or now - self.last_active < timeout:
+            return
+        if self.answering and not self.writable.is_set():   # the client reads no answer: it holds ours forever
+            self.transport.abort()
+            return
+        if self.pending or self.answering:
+            return
+        if self.in_message:
+            self._refuse(Response.error(408, f"the request stalled: nothing received for {timeout:g} s "
+                                        "(--idle-timeout-seconds)", close=True))
+        else:
+            self.transport.close()
 
     def shutdown(self) -> None:
         """Close now if idle, else after the answers due."""
@@ -204,20 +225,33 @@ class Connection(asyncio.Protocol):
 class HttpServer:
     """The listening sockets and their connections (stop listening, then close connections as they go idle)."""
 
-    def __init__(self, app: App, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
+    def __init__(self, app: App, max_body: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS) -> None:
+        self.app, self.max_body, self.idle_timeout = app, max_body, idle_timeout
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.base_events.Server] = []
+        self.reaper: asyncio.Task | None = None
 
     async def listen(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
         for sock in sockets:
             self.servers.append(await loop.create_server(lambda: Connection(self), sock=sock))
+        self.reaper = loop.create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Close idle connections: one pass over them a second (a timer per connection would be reset on
+        every read)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.idle_timeout / 2))
+            now = time.monotonic()
+            for connection in list(self.connections):
+                connection.expire(now, self.idle_timeout)
 
     def stop(self) -> None:
         """Stop accepting connections."""
         for server in self.servers:
             server.close()
+        if self.reaper:
+            self.reaper.cancel()
 
     async def close_all_connections(self) -> None:
         """Close idle connections now and busy ones after their answers; returns when all are closed."""

@@ -11,7 +11,8 @@ from concurrent.futures import Executor
 import numpy as np
 
 from ...errors import ImageError
-from ...preprocess import decode_image
+from ...preprocess import Preprocessing, decode_image
+from ...preprocess.transform import resized_size
 from ..runner import model_input
 
 from .batcher import Closed
@@ -54,9 +55,10 @@ def check_tensor(entry: ModelEntry, tensor: InputTensor) -> np.ndarray:
     return tensor.data
 
 
-def decode_images(entry: ModelEntry, tensor: InputTensor) -> np.ndarray:
+def decode_images(entry: ModelEntry, tensor: InputTensor, max_pixels: int) -> np.ndarray:
     """BYTES holding encoded images -> the module's rows, through the preprocessing the build records
-    (host side of a fused build: decode and resize only, the rest runs inside the module)."""
+    (host side of a fused build: decode and resize only, the rest runs inside the module). An image whose
+    header claims more than `max_pixels` is refused before it is decoded."""
     if tensor.shape not in ((len(tensor.data),), (len(tensor.data), 1)) or not 1 <= len(tensor.data) <= MAX_ROWS:
         raise invalid(f"input '{tensor.name}': BYTES images have shape [n] or [n, 1] with 1 <= n <= {MAX_ROWS}, "
                       f"got {list(tensor.shape)}")
@@ -66,12 +68,30 @@ def decode_images(entry: ModelEntry, tensor: InputTensor) -> np.ndarray:
                       "tensors instead of image bytes")
     rows = []
     for i, item in enumerate(tensor.data):
+        where = f"input '{tensor.name}' element {i}"
         try:
-            image = decode_image(np.frombuffer(item, np.uint8), f"input '{tensor.name}' element {i}")
+            image = decode_image(item, where, max_pixels)
+            _check_resized(pre, image, where, max_pixels)
+            rows.append(model_input(pre, image, entry.fused))
         except ImageError as exc:
-            raise invalid(str(exc)) from None
-        rows.append(model_input(pre, image, entry.fused))
+            raise invalid(_for_clients(str(exc), max_pixels)) from None
     return np.stack(rows)
+
+
+def _check_resized(pre: Preprocessing, image: np.ndarray, where: str, max_pixels: int) -> None:
+    """A keep-aspect resize enlarges a thin strip: a 321-byte 1 x 62500 PNG would become 40 x 2.5 M (300 MB)."""
+    width, height = resized_size(pre, image.shape[1], image.shape[0])
+    if width * height > max_pixels:
+        raise ImageError(f"cannot decode {where}: a {image.shape[1]}x{image.shape[0]} image resized to keep its "
+                         f"aspect ratio would be {width}x{height}, above the limit of {max_pixels} pixels; "
+                         "downscale the image first.")
+
+
+def _for_clients(message: str, max_pixels: int) -> str:
+    """The readers' advice is a file user's; a client is told what the server allows and which flag raises it."""
+    message = message.replace("; re-copy or remove it.", ".")
+    return message.replace("; downscale the image first.", f" (tvmzoo serve --max-image-pixels): downscale the image "
+                                                          "before sending it, or start the server with a higher limit.")
 
 
 def classification(values: np.ndarray, k: int, labels: tuple[str, ...] | None) -> np.ndarray:
@@ -112,8 +132,10 @@ def _check_outputs(entry: ModelEntry, request: InferRequest) -> None:
 class Inference:
     """The request path shared by the HTTP and gRPC front ends."""
 
-    def __init__(self, repository: Repository, metrics: Metrics, decode_pool: Executor) -> None:
+    def __init__(self, repository: Repository, metrics: Metrics, decode_pool: Executor,
+                 max_image_pixels: int) -> None:
         self.repository = repository
+        self.max_image_pixels = max_image_pixels
         self.metrics = metrics
         self.decode_pool = decode_pool
         self.in_flight = 0     # accepted requests not answered yet (the SIGTERM drain waits for 0)
@@ -146,7 +168,8 @@ class Inference:
         _check_outputs(entry, request)
         if tensor.datatype == BYTES:
             loop = asyncio.get_running_loop()
-            rows = await loop.run_in_executor(self.decode_pool, decode_images, entry, tensor)
+            rows = await loop.run_in_executor(self.decode_pool, decode_images, entry, tensor,
+                                              self.max_image_pixels)
         else:
             rows = check_tensor(entry, tensor)
         try:

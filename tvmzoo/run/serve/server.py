@@ -38,16 +38,16 @@ class Server:
         self.metrics = Metrics.create()
         self.repository = Repository.load(cfg, self.metrics)
         self.decode_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="decode")
-        self.inference = Inference(self.repository, self.metrics, self.decode_pool)
+        self.inference = Inference(self.repository, self.metrics, self.decode_pool, cfg.max_image_pixels)
         self.state = AppState(self.repository, self.inference, self.metrics, __version__, cfg.auth_token,
-                              cfg.max_request_bytes)
+                              cfg.max_request_bytes, cfg.max_json_bytes)
         self.http = None
         self.grpc = None
         self.ports: tuple[int, int] = (0, 0)
 
     async def start(self) -> tuple[int, int]:
         """Listen on both front ends; returns the (HTTP, gRPC) ports (useful with port 0)."""
-        self.http = HttpServer(HttpApp(self.state), self.cfg.max_request_bytes)
+        self.http = HttpServer(HttpApp(self.state), self.cfg.max_request_bytes, self.cfg.idle_timeout_seconds)
         try:   # tornado binds every address of the host on one port (port 0 too)
             sockets = tornado.netutil.bind_sockets(self.cfg.http_port, address=self.cfg.host)
         except OSError as exc:
@@ -56,7 +56,7 @@ class Server:
         await self.http.listen(sockets)
         try:
             self.grpc, grpc_port = make_server(self.state, _grpc_address(self.cfg.host, self.cfg.grpc_port),
-                                               self.cfg.max_request_bytes)
+                                               self.cfg.max_request_bytes, self.cfg.idle_timeout_seconds)
         except (OSError, RuntimeError) as exc:
             self.http.stop()
             raise ConfigError(f"cannot listen for gRPC on {self.cfg.host}:{self.cfg.grpc_port} ({exc}); "

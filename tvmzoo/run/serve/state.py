@@ -21,6 +21,7 @@ class AppState:
     version: str
     auth_token: str | None
     max_request_bytes: int
+    max_json_bytes: int
     stopping: asyncio.Event = field(default_factory=asyncio.Event)   # SIGTERM: refuse new requests, end streams
 
     @property

@@ -84,7 +84,7 @@ def check_shape(name: str, shape: Sequence) -> tuple[int, ...]:
 
 
 def check_datatype(name: str, datatype: str) -> str:
-    if datatype != BYTES and datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype != BYTES and datatype not in DATATYPES:   # a list: was a 500
         raise invalid(f"input '{name}': unknown datatype {datatype!r}; the protocol's are "
                       f"{', '.join([*DATATYPES, BYTES])}")
     return datatype
@@ -141,7 +141,7 @@ def _numbers(name: str, datatype: str, data) -> np.ndarray:
         if low < info.min or high > info.max:
             raise invalid(f"input '{name}': {datatype} values must be {info.min}..{info.max}, got "
                           f"{low if low < info.min else high}")
-    return given.astype(dtype)
+    return given.astype(dtype, copy=False)
 
 
 def deserialize_bytes(name: str, buf: bytes | memoryview) -> np.ndarray:
