@@ -99,7 +99,8 @@ class GrpcLoad:
         self.request = self.dir / "request.pb"
         self.request.write_bytes(_infer_request(model, np.ascontiguousarray(x, np.float32), tag))
 
-    def run(self, concurrency: int, seconds: float, warmup: float = 1.0) -> GrpcLoadResult:
+    def run(self, concurrency: int, seconds: float, warmup: float = 1.0, checked: bool = True) -> GrpcLoadResult:
+        """`concurrency` slots for `warmup` + `seconds`; `checked`: a wrong answer raises AssertionError."""
         cmd = [str(self.program), "--address", self.address, "--request", str(self.request),
                "--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup),
                "--top", str(self.top), *(["--stream"] if self.stream else [])]
@@ -107,9 +108,12 @@ class GrpcLoad:
         if done.returncode:
             raise RuntimeError(f"grpc_load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         out = json.loads(done.stdout)
-        return GrpcLoadResult(out["requests"], out["errors"], out["first_error"],
+        result = GrpcLoadResult(out["requests"], out["errors"], out["first_error"],
                               np.asarray(out["latencies_us"], float) * 1e-6, out["seconds"], out["cpu_s"],
                               out["user_s"])
+        if checked:
+            result.raise_errors()
+        return result
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
