@@ -3,6 +3,7 @@ a real `tvmzoo serve` of a tiny build and a real photo, unary and streaming: it 
 really served; a wrong model name or a wrong expected class are errors, never throughput."""
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -24,6 +25,8 @@ NAME = "tiny_b1"
 @pytest.fixture(scope="module")
 def program():
     if reason := serve_grpc_cpp.missing():
+        if os.environ.get("CI"):   # .ci/run installs libgrpc++-dev: a missing one is a CI bug, not a skip
+            pytest.fail(f"CI cannot build grpc_load: {reason} (see .ci/run)")
         pytest.skip(f"grpc_load cannot be built here: {reason}")
     return serve_grpc_cpp.build()
 
@@ -60,7 +63,7 @@ def test_wrong_answers_are_errors_not_throughput(program, served, stream, wrong)
     model, expected = ("nope", top) if wrong == "model" else (NAME, (top + 1) % 1000)
     load = serve_grpc_cpp.GrpcLoad(server.grpc, model, x, expected, stream=stream)
     try:
-        result = load.run(2, 1.0, warmup=0.3, checked=False)
+        result = load.run(2, 0.5, warmup=0.2, checked=False)
     finally:
         load.close()
     assert result.requests == 0 and len(result.latencies_s) == 0 and result.errors > 0
