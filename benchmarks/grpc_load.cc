@@ -228,8 +228,8 @@ class Load {
       auto deadline = !started ? start_ : !ended ? end_ : Clock::now() + std::chrono::seconds(60);
       auto got = cq_.AsyncNext(&raw_tag, &ok, std::chrono::system_clock::now() + (deadline - Clock::now()));
       if (got == grpc::CompletionQueue::SHUTDOWN) fail("completion queue shut down");
-      if (!started && Clock::now() >= start_) started = true, cpu_start_ = cpu(), user_start_ = user();
-      if (!ended && Clock::now() >= end_) ended = true, cpu_end_ = cpu(), user_end_ = user();
+      if (!started && Clock::now() >= start_) started = true, cpu(&cpu_start_, &user_start_);
+      if (!ended && Clock::now() >= end_) ended = true, cpu(&cpu_end_, &user_end_);
       if (got == grpc::CompletionQueue::TIMEOUT) {
         if (draining) fail("no answer for 60 s after the run");
         continue;
@@ -265,15 +265,11 @@ class Load {
   static Clock::duration seconds(double s) {
     return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
   }
-  static double cpu() {
+  static void cpu(double* total, double* user) {  // this process, all its threads (gRPC's own too)
     rusage u{};
     getrusage(RUSAGE_SELF, &u);
-    return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
-  }
-  static double user() {
-    rusage u{};
-    getrusage(RUSAGE_SELF, &u);
-    return u.ru_utime.tv_sec + 1e-6 * u.ru_utime.tv_usec;
+    *user = u.ru_utime.tv_sec + 1e-6 * u.ru_utime.tv_usec;
+    *total = *user + u.ru_stime.tv_sec + 1e-6 * u.ru_stime.tv_usec;
   }
   static double percentile(const std::vector<int64_t>& sorted, double q) {  // numpy's linear interpolation
     double rank = q / 100 * (sorted.size() - 1);
