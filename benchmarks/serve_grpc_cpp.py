@@ -99,7 +99,7 @@ class GrpcLoad:
         self.request = self.dir / "request.pb"
         self.request.write_bytes(_infer_request(model, np.ascontiguousarray(x, np.float32), tag))
 
-    def run(self, concurrency: int, seconds: float, warmup: float = 1.0, checked: bool = True) -> GrpcLoadResult:
+    def run(self, concurrency: int, seconds: float, warmup: float = 0.0, checked: bool = True) -> GrpcLoadResult:
         """`concurrency` slots for `warmup` + `seconds`; `checked`: a wrong answer raises AssertionError."""
         cmd = [str(self.program), "--address", self.address, "--request", str(self.request),
                "--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup),

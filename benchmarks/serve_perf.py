@@ -103,9 +103,11 @@ def python_load(server: ServerProcess, protocol: str, client: str, model: str, x
 
 def external_load(load: Wrk | GrpcLoad, concurrency: int, seconds: float) -> tuple[list[float], float, float]:
     """wrk or grpc_load in a child process, 1 s of warm-up first: (latencies s, measured wall s, its CPU s)."""
-    if isinstance(load, Wrk):
-        load.run(concurrency, 1.0)   # wrk has no warm-up of its own
-    result = load.run(concurrency, seconds)
+    if isinstance(load, Wrk):   # wrk has no warm-up of its own: a run first
+        load.run(concurrency, 1.0)
+        result = load.run(concurrency, seconds)
+    else:                       # grpc_load's warm-up keeps its connection for the measured part
+        result = load.run(concurrency, seconds, warmup=1.0)
     return list(result.latencies_s), result.elapsed_s, result.cpu_s
 
 
@@ -193,8 +195,7 @@ def paired_latency(server: ServerProcess, protocol: str, client: str, model: str
         times: dict[str, list[float]] = {"served": [], "local": []}
         start = time.perf_counter()
         while time.perf_counter() - start < seconds or len(times["local"]) < 2 * block:
-            times["served"] += (list(external.run(1, 1.0, **({} if isinstance(external, Wrk) else {"warmup": 0}))
-                                     .latencies_s) if external else await timed(calls[0]))
+            times["served"] += list(external.run(1, 1.0).latencies_s) if external else await timed(calls[0])
             times["local"] += await timed(local)
         for call in calls:
             await call.close()
@@ -362,8 +363,8 @@ def main() -> None:
     parser.add_argument("--clients", default=",".join(default_clients()),
                         help="load generators, comma-separated, interleaved per point: raw, stream (gRPC only), "
                         "tritonclient (benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py), cpp, "
-                        "cppstream (gRPC only, benchmarks/serve_grpc_cpp.py); default raw,stream and wrk / cpp,cppstream "
-                        "when wrk / g++ and libgrpc++ are installed")
+                        "cppstream (gRPC only, benchmarks/serve_grpc_cpp.py); default raw,stream and wrk / "
+                        "cpp,cppstream when wrk / g++ and libgrpc++ are installed")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="http, grpc or both (comma-separated)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     parser.add_argument("--servers", default="",
