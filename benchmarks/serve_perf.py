@@ -6,14 +6,17 @@ The load generators run a fixed concurrency: `raw` (benchmarks/serve_load.py, in
 request once, as perf_analyzer does; `stream` (gRPC only) sends the same request on Triton's ModelStreamInfer,
 one stream per client, as perf_analyzer --streaming; `wrk` (benchmarks/serve_wrk.py, HTTP only, used by default when
 installed) is a C client in a child process that takes about half the raw client's CPU per request;
-`tritonclient` is tritonclient's asyncio clients. Several are interleaved point by point; the server is
+`cpp` / `cppstream` (gRPC only, benchmarks/serve_grpc_cpp.py, used by default when g++ and libgrpc++ are
+installed; built on first use) are gRPC's counterpart of wrk, a C++ client in a child process sending the `raw`
+request unary (ModelInfer) / on one ModelStreamInfer stream per client; `tritonclient` is tritonclient's asyncio
+clients. Several are interleaved point by point; the server is
 `tvmzoo serve` in another process. Both share the machine's cores, as a
 perf_analyzer run on the server host would, so each point also reports the CPU time per request of the
 client and of the server: with the cores the bottleneck, served images/s can reach at most the in-process
 CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups auto,1x2,2x1]
-        [--clients raw,stream,wrk,tritonclient] [--concurrency 1,8]
+        [--clients raw,stream,wrk,cpp,cppstream,tritonclient] [--protocols http,grpc] [--concurrency 1,8]
         [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
@@ -41,6 +44,7 @@ from machine import cpu_name  # noqa: E402
 from serve_client import ServerProcess, scrape  # noqa: E402
 from serve_load import Call, closed_loop, make_calls, streams  # noqa: E402
 from serve_wrk import Wrk, available as wrk_available  # noqa: E402
+from serve_grpc_cpp import GrpcLoad, missing as cpp_missing  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
 from tvmzoo.run.bench import BenchConfig, benchmark  # noqa: E402
 from tvmzoo.run.threads import usable_cores  # noqa: E402
@@ -50,8 +54,9 @@ from tvmzoo.run.runtime import CompiledModel, stack_aligned  # noqa: E402
 PHOTO = ROOT.parent / "shared" / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
 CONCURRENCY = (1, 2, 4, 8, 16)
 PROTOCOLS = ("http", "grpc")
-CLIENTS = ("raw", "stream", "wrk", "tritonclient")
-ONLY = {"wrk": "http", "stream": "grpc"}   # clients of one protocol
+CLIENTS = ("raw", "stream", "wrk", "cpp", "cppstream", "tritonclient")
+ONLY = {"wrk": "http", "stream": "grpc", "cpp": "grpc", "cppstream": "grpc"}   # clients of one protocol
+EXTERNAL = ("wrk", "cpp", "cppstream")     # programs in a child process
 
 
 @dataclass
@@ -59,7 +64,7 @@ class Row:
     model: str
     server: str             # --servers label
     protocol: str
-    client: str             # serve_load: raw (requests built once), stream (gRPC), tritonclient; wrk
+    client: str             # serve_load: raw (requests built once), stream (gRPC), tritonclient; wrk, cpp, cppstream
     concurrency: int
     images_per_s: float
     p50: float
@@ -96,19 +101,22 @@ def python_load(server: ServerProcess, protocol: str, client: str, model: str, x
     return asyncio.run(load())
 
 
-def wrk_load(wrk: Wrk, concurrency: int, seconds: float) -> tuple[list[float], float, float]:
-    """wrk in a child process, a 1 s warm-up run first: (latencies s, measured wall s, wrk's CPU s)."""
-    wrk.run(concurrency, 1.0)
-    result = wrk.run(concurrency, seconds)
+def external_load(load: Wrk | GrpcLoad, concurrency: int, seconds: float) -> tuple[list[float], float, float]:
+    """wrk or grpc_load in a child process, 1 s of warm-up first: (latencies s, measured wall s, its CPU s)."""
+    if isinstance(load, Wrk):   # wrk has no warm-up of its own: a run first
+        load.run(concurrency, 1.0)
+        result = load.run(concurrency, seconds)
+    else:                       # grpc_load's warm-up keeps its connection for the measured part
+        result = load.run(concurrency, seconds, warmup=1.0)
     return list(result.latencies_s), result.elapsed_s, result.cpu_s
 
 
 def measure(label: str, server: ServerProcess, protocol: str, client: str, model: str, x: np.ndarray, top: int,
-            concurrency: int, seconds: float, wrk: Wrk | None) -> Row:
+            concurrency: int, seconds: float, external: Wrk | GrpcLoad | None) -> Row:
     before = scrape(server.http, model)
     server_cpu = process_cpu_s(server.proc.pid)
-    if client == "wrk":
-        latencies, elapsed, cpu = wrk_load(wrk, concurrency, seconds)
+    if external is not None:
+        latencies, elapsed, cpu = external_load(external, concurrency, seconds)
     else:
         latencies, elapsed, cpu = python_load(server, protocol, client, model, x, top, concurrency, seconds)
     server_cpu = process_cpu_s(server.proc.pid) - server_cpu   # warm-up included, as in `done`
@@ -160,16 +168,17 @@ class Setup:
 
 
 def paired_latency(server: ServerProcess, protocol: str, client: str, model: str, compiled: CompiledModel,
-                   x: np.ndarray, top: int, seconds: float, wrk: Wrk | None, block: int = 20) -> tuple[float, float]:
+                   x: np.ndarray, top: int, seconds: float, external: Wrk | GrpcLoad | None,
+                   block: int = 20) -> tuple[float, float]:
     """Concurrency 1, robust to a shared machine's drift: blocks of served requests alternate with blocks
     of in-process runs of the same build (aligned input, as vamp feeds it); the first call of each block is
-    dropped, since the other side's TVM pool is still spinning then (wrk's blocks are 1 s runs, whose first
-    request is one of 100-300). (p50 served ms, p50 in-process ms)."""
+    dropped, since the other side's TVM pool is still spinning then (wrk's and grpc_load's blocks are 1 s runs,
+    whose first request is one of 100-300). (p50 served ms, p50 in-process ms)."""
     batch = stack_aligned(list(np.repeat(x, compiled.fixed_batch or 1, axis=0)))
 
     async def alternate() -> dict[str, list[float]]:
         calls, shared = make_calls(client, protocol, server.grpc if protocol == "grpc" else server.http,
-                                   model, x, top, 1) if wrk is None else ([], None)
+                                   model, x, top, 1) if external is None else ([], None)
 
         async def local() -> None:
             compiled.run(batch)
@@ -186,7 +195,7 @@ def paired_latency(server: ServerProcess, protocol: str, client: str, model: str
         times: dict[str, list[float]] = {"served": [], "local": []}
         start = time.perf_counter()
         while time.perf_counter() - start < seconds or len(times["local"]) < 2 * block:
-            times["served"] += list(wrk.run(1, 1.0).latencies_s) if wrk else await timed(calls[0])
+            times["served"] += list(external.run(1, 1.0).latencies_s) if external else await timed(calls[0])
             times["local"] += await timed(local)
         for call in calls:
             await call.close()
@@ -222,7 +231,7 @@ def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float,
 
 
 def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: list[str],
-          concurrency: list[int], executables: dict[str, str | None]) -> dict:
+          concurrency: list[int], executables: dict[str, str | None], protocols: list[str]) -> dict:
     """One build: vamp, the servers of it alone, the load points, the alternated c1 latency, vamp again."""
     compiled = CompiledModel.load(workspace / model)
     x = apply(compiled.preprocessing, read_image(PHOTO))[None]
@@ -234,28 +243,30 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
     os.environ["TVM_NUM_THREADS"] = str(setup.vamp_setups()[0][1])
     delay = setup.delay_us if setup.delay_us is not None else int(1000 * before[1]) if batch > 1 else 0
     servers: dict[str, ServerProcess] = {}
-    wrks: dict[str, Wrk] = {}
+    externals: dict[tuple[str, str], Wrk | GrpcLoad] = {}   # (server label, client)
     try:
         for label, executable in executables.items():
             servers[label] = ServerProcess.start(workspace / model, *setup.flags(delay), executable=executable)
-        ways = [(label, protocol, client) for protocol in PROTOCOLS for client in clients
+        ways = [(label, protocol, client) for protocol in protocols for client in clients
                 for label in servers if ONLY.get(client, protocol) == protocol   # interleaved per point
-                and (client != "stream" or streams(servers[label].grpc))]
-        if "wrk" in clients:
-            for label, server in servers.items():   # wrk's answers carry no tag: one is checked first
-                wrks[label] = Wrk(server.http, model, x)
-                wrks[label].check(compiled.run(x))
+                and (client not in ("stream", "cppstream") or streams(servers[label].grpc))]
+        for label, _, client in ways:
+            if client == "wrk":   # wrk's answers carry no tag: one is checked first
+                externals[label, client] = Wrk(servers[label].http, model, x)
+                externals[label, client].check(compiled.run(x))
+            elif client in EXTERNAL:   # grpc_load checks every answer's id, size and top class
+                externals[label, client] = GrpcLoad(servers[label].grpc, model, x, top, stream=client == "cppstream")
         rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds,
-                        wrks.get(label) if client == "wrk" else None)
+                        externals.get((label, client)))
                 for c in concurrency for label, protocol, client in ways]
         paired = {way: paired_latency(servers[way[0]], *way[1:], model, compiled, x, top, 2 * seconds,
-                                      wrks.get(way[0]) if way[2] == "wrk" else None)
+                                      externals.get((way[0], way[2])))
                   for way in ways}
     finally:
         for server in servers.values():
             server.stop()
-        for wrk in wrks.values():
-            wrk.close()
+        for external in externals.values():
+            external.close()
     after = vamp(workspace / model, batch, setup, seconds)
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
@@ -279,7 +290,8 @@ def report(results: dict, setup: Setup, load: str) -> str:
              f"{os.environ['TVM_THREAD_POOL_SPIN_COUNT']} in both; load generator (benchmarks/serve_load.py) in "
              "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
              "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), stream = the same on ModelStreamInfer, one "
-             "stream per client, tritonclient = its asyncio clients. "
+             "stream per client, tritonclient = its asyncio clients; wrk (HTTP), cpp / cppstream (gRPC unary / stream, "
+             "benchmarks/grpc_load.cc): the raw request from a C / C++ program in a child process. "
              "CPU ms / request: the client's process and the whole server's.", "",
              "| build | server | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
              "server queue us | server compute us | rows / exec | client CPU ms / req | server CPU ms / req | "
@@ -334,6 +346,10 @@ def bars(results: dict) -> list[str]:
     return lines
 
 
+def default_clients() -> list[str]:
+    return ["raw", "stream", *(["wrk"] if wrk_available() else []), *([] if cpp_missing() else ["cpp", "cppstream"])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workspace", type=Path)
@@ -344,10 +360,12 @@ def main() -> None:
                              "builds; a batch waits only for as many requests as were in flight together)")
     parser.add_argument("--setups", default="auto,1x2,2x1",
                         help="instances x threads per instance, or auto (the server's default), comma-separated")
-    parser.add_argument("--clients", default="raw,stream,wrk" if wrk_available() else "raw,stream",
+    parser.add_argument("--clients", default=",".join(default_clients()),
                         help="load generators, comma-separated, interleaved per point: raw, stream (gRPC only), "
-                        "tritonclient (benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py; default "
-                        "raw,stream,wrk when wrk is installed, else raw,stream)")
+                        "tritonclient (benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py), cpp, "
+                        "cppstream (gRPC only, benchmarks/serve_grpc_cpp.py); default raw,stream and wrk / "
+                        "cpp,cppstream when wrk / g++ and libgrpc++ are installed")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="http, grpc or both (comma-separated)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     parser.add_argument("--servers", default="",
                         help="label=tvmzoo executable, comma-separated, interleaved per point (default: this "
@@ -357,8 +375,14 @@ def main() -> None:
     if "wrk" in clients and not wrk_available():
         print("wrk is not installed (apt-get install wrk): measuring without it", file=sys.stderr)
         clients.remove("wrk")
+    if {"cpp", "cppstream"} & set(clients) and (reason := cpp_missing()):
+        print(f"the C++ gRPC client cannot be built: {reason}; measuring without cpp, cppstream", file=sys.stderr)
+        clients = [c for c in clients if c not in ("cpp", "cppstream")]
     if unknown := set(clients) - set(CLIENTS):
         parser.error(f"unknown client(s) {', '.join(sorted(unknown))}: use {', '.join(CLIENTS)}")
+    protocols = args.protocols.split(",")
+    if unknown := set(protocols) - set(PROTOCOLS):
+        parser.error(f"unknown protocol(s) {', '.join(sorted(unknown))}: use {', '.join(PROTOCOLS)}")
     executables = dict(item.split("=", 1) for item in args.servers.split(",")) if args.servers else {"this": None}
     # `timeout` / kill send SIGTERM: exit through the `finally:` that stops the server child (the default
     # handler would leave it running)
@@ -371,7 +395,8 @@ def main() -> None:
     for text in args.setups.split(","):
         setup = Setup.parse(text, args.delay_us)
         results = {name: sweep(args.workspace, name, setup, args.seconds, clients,
-                               [int(c) for c in args.concurrency.split(",")], executables) for name in names}
+                               [int(c) for c in args.concurrency.split(",")], executables, protocols)
+                   for name in names}
         print(report(results, setup, load), "\n", flush=True)
 
 

@@ -6,9 +6,8 @@ script loads; the script counts answers that are not 200 or not the size of the 
 wrk's latency histogram (1 us buckets) so serve_perf takes the same percentiles as for its other clients.
 
 wrk sends one body to every connection (no per-client tag), so before it is used `check` sends one request
-and compares the answer's logits with `CompiledModel.run`'s. gRPC has no such C client here (perf_analyzer
-is not installable; ghz, a Go tool, is neither packaged nor buildable without a Go toolchain): gRPC stays on
-the Python clients.
+and compares the answer's logits with `CompiledModel.run`'s. gRPC's counterpart is benchmarks/serve_grpc_cpp.py
+(perf_analyzer is not installable here; ghz, a Go tool, is neither packaged nor buildable without a Go toolchain).
 """
 from __future__ import annotations
 
