@@ -26,7 +26,8 @@ class Request:
     path: str
     query: str
     headers: dict[str, str]     # lower-case names
-    body: bytes                 # empty when the body was over the limit (read and dropped)
+    body: bytes | memoryview    # empty when over the limit (read and dropped); a view of the received
+                                # buffer when over http_server.SMALL_BODY
     size: int                   # body bytes received
     keep_alive: bool = True
 
