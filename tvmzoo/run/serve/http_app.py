@@ -117,6 +117,7 @@ class Route:
 
 
 ROUTES = [Route(re.compile(pattern + "$"), method, handler, public) for pattern, method, handler, public in (
+    (MODEL + r"/infer", "POST", infer, False),   # first: tried on every request (no other route ends so)
     (r"/v2/health/live", "GET", live, True),
     (r"/v2/health/ready", "GET", ready, True),
     (r"/v2/?", "GET", server_metadata, False),
@@ -124,7 +125,6 @@ ROUTES = [Route(re.compile(pattern + "$"), method, handler, public) for pattern,
     (MODEL + r"/?", "GET", model_metadata, False),
     (MODEL + r"/ready", "GET", model_ready, False),
     (MODEL + r"/config", "GET", model_config, False),
-    (MODEL + r"/infer", "POST", infer, False),
     (MODEL + r"/stats", "GET", statistics, False),
     (r"/metrics", "GET", metrics, False),
 )]
