@@ -12,7 +12,7 @@ and writing the answer.
 Each server is another checkout's interpreter running this file with `--fake-server` (its own tvmzoo is
 imported); servers run side by side, idle while another is measured, points interleaved round by round.
 Reported per request: the whole server process's CPU, its event loop thread's (the main thread), the
-client's; and the c1 round trip p50.
+client's, the server's page faults; and the round trip p50.
 """
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ def write_repository(root: Path, batches: list[int]) -> None:
         d.mkdir(parents=True)
         (d / "mod.json").write_text(json.dumps({"input": {"name": "input", "shape": [b, *ROW], "dtype": "float32"},
                                                 "outputs": [{"name": "output", "shape": [b, CLASSES]}]}))
+
+
+def minor_faults(pid: int) -> int:
+    """Page faults (minor) of the whole process so far."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
 def cpu_by_thread(pid: int) -> dict[int, float]:
@@ -136,9 +141,9 @@ def measure(server, model: str, client: str, c: int, seconds: float, x: np.ndarr
         wrk = Wrk(server.http, model, x)
         wrk.check(expected)
         wrk.run(c, 1)   # warm-up
-        before = cpu_by_thread(pid)
+        before, faults = cpu_by_thread(pid), minor_faults(pid)
         result = wrk.run(c, seconds)
-        after = cpu_by_thread(pid)
+        after, faults = cpu_by_thread(pid), minor_faults(pid) - faults
         wrk.close()
         n, lat, client_s = len(result.latencies_s), result.latencies_s, result.cpu_s
         elapsed = result.elapsed_s
@@ -149,21 +154,21 @@ def measure(server, model: str, client: str, c: int, seconds: float, x: np.ndarr
         async def load() -> tuple:
             calls, shared = make_calls(client, protocol, url, model, x, int(expected[0].argmax()), c)
             await closed_loop(calls, 0.3, warmup=0.0)   # connections up, server warm
-            before = cpu_by_thread(pid)
+            before, faults = cpu_by_thread(pid), minor_faults(pid)
             latencies, wall, cpu = await closed_loop(calls, seconds, warmup=0.0)
-            after = cpu_by_thread(pid)
+            after, faults = cpu_by_thread(pid), minor_faults(pid) - faults
             for call in calls:
                 await call.close()
             if shared is not None:
                 await shared.close()
-            return before, after, latencies, wall, cpu
+            return before, after, faults, latencies, wall, cpu
 
-        before, after, lat, elapsed, client_s = asyncio.run(load())
+        before, after, faults, lat, elapsed, client_s = asyncio.run(load())
         n = len(lat)
     server_s = sum(after.values()) - sum(v for k, v in before.items() if k in after)
     loop_s = after[pid] - before[pid]
     return {"server_ms": server_s / n * 1e3, "loop_ms": loop_s / n * 1e3, "client_ms": client_s / n * 1e3,
-            "p50_ms": float(np.median(lat)) * 1e3, "rps": n / elapsed}
+            "p50_ms": float(np.median(lat)) * 1e3, "rps": n / elapsed, "faults": faults / n}
 
 
 if __name__ == "__main__":
