@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import numpy as np
 import pytest
 
+from serve_client import loopback_http_server
 from tvmzoo.run.runtime import ALIGNMENT
-from tvmzoo.run.serve import http_server
 from tvmzoo.run.serve.http_app import Request, Response
 
 
@@ -37,26 +36,20 @@ def _post(body: bytes, json_length: int | None = None, chunked: bool = False) ->
 def _exchange(data: bytes, writes: int, answers: int) -> list[tuple[dict, bytes]]:
     """Send `data` in `writes` pieces (each flushed before the next), read `answers` responses."""
     async def run() -> list[tuple[dict, bytes]]:
-        server = http_server.HttpServer(_echo, max_body=8 << 20)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        await server.listen([sock])
-        reader, writer = await asyncio.open_connection(*sock.getsockname())
-        step = -(-len(data) // writes)
-        for start in range(0, len(data), step):
-            writer.write(data[start:start + step])
-            await writer.drain()
-            await asyncio.sleep(0.005)   # let the server read what came so far
-        got = []
-        for _ in range(answers):
-            status, *lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
-            headers = dict(line.lower().split(": ", 1) for line in lines if line)
-            assert status.startswith("HTTP/1.1 200"), status
-            got.append((headers, await reader.readexactly(int(headers["content-length"]))))
-        writer.close()
-        server.stop()
-        await server.close_all_connections()
+        async with loopback_http_server(_echo, 8 << 20) as address:
+            reader, writer = await asyncio.open_connection(*address)
+            step = -(-len(data) // writes)
+            for start in range(0, len(data), step):
+                writer.write(data[start:start + step])
+                await writer.drain()
+                await asyncio.sleep(0.005)   # let the server read what came so far
+            got = []
+            for _ in range(answers):
+                status, *lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+                headers = dict(line.lower().split(": ", 1) for line in lines if line)
+                assert status.startswith("HTTP/1.1 200"), status
+                got.append((headers, await reader.readexactly(int(headers["content-length"]))))
+            writer.close()
         return got
 
     return asyncio.run(run())
