@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import re
 import signal
 import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,3 +87,20 @@ def scrape(http: str, model: str, headers: dict | None = None) -> dict[str, floa
             if sample.labels.get("model") == model:
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
+
+
+@asynccontextmanager
+async def loopback_http_server(app, max_body: int) -> AsyncIterator[tuple[str, int]]:
+    """http_server.HttpServer with `app`, in this process on a free 127.0.0.1 port: its (host, port)."""
+    from tvmzoo.run.serve import http_server
+
+    server = http_server.HttpServer(app, max_body=max_body)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    await server.listen([sock])
+    try:
+        yield sock.getsockname()
+    finally:
+        server.stop()
+        await server.close_all_connections()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from serve_client import loopback_http_server
 from test_reliability import one_error, run_main
 from test_reliability_outputs import photos, root, tiny  # noqa: F401 - fixtures
 from tvmzoo.cli import classification_main, eval_topk_main, vamc_main, vamp_main
@@ -97,17 +97,11 @@ def test_an_error_inside_the_http_parser_gets_a_400_answer(monkeypatch):
         return Response.json({"ok": True})
 
     async def exchange() -> bytes:
-        server = http_server.HttpServer(app, max_body=1 << 20)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        await server.listen([sock])
-        reader, writer = await asyncio.open_connection(*sock.getsockname())
-        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), 10)   # until the server closes
-        writer.close()
-        server.stop()
-        await server.close_all_connections()
+        async with loopback_http_server(app, 1 << 20) as address:
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 10)   # until the server closes
+            writer.close()
         return answer
 
     answer = asyncio.run(exchange())

@@ -34,6 +34,12 @@ def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype = "float32") -> 
     return raw[start:start + size].view(dtype).reshape(shape)
 
 
+def _in_place(array: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether `run` reads `array` in place (DLPack), as it is."""
+    return (array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+            and array.ctypes.data % ALIGNMENT == 0)
+
+
 def stack_aligned(arrays: list[np.ndarray]) -> np.ndarray:
     """np.stack into an `aligned_empty` buffer."""
     return np.stack(arrays, out=aligned_empty((len(arrays), *arrays[0].shape), arrays[0].dtype))
@@ -264,7 +270,10 @@ class CompiledModel:
         each call, copied again into TVM's staging tensor, cost Lite0 b8 with one row 74.7 vs 72.1 ms of CPU
         (fp32), 33.1 vs 32.7 (int8) per call (benchmarks/results/serve_perf_clients.md). Only rows written
         by an earlier call are zeroed again: re-zeroing 7 rows of 602 KB for each one-image request on a b8
-        build cost the server's instance thread ~0.3 ms per request at concurrency 1."""
+        build cost the server's instance thread ~0.3 ms per request at concurrency 1. One part that already is
+        the whole batch where `run` reads it in place (the HTTP server's received tensor, 64-byte aligned) is
+        returned as it is: Lite0 int8 b1 2.23 vs 2.29 ms of CPU per call with the copy (48 distinct received
+        buffers, 6 interleaved rounds, one thread; outputs identical)."""
         for part in parts:
             self._check_dtype(part)
         rows = sum(len(p) for p in parts)
@@ -272,6 +281,8 @@ class CompiledModel:
         row_shape = self.input_shape[1:]
         if rows > capacity or any(p.shape[1:] != row_shape for p in parts):   # the VM reports a wrong shape
             return np.concatenate(parts).astype(self.input_dtype, copy=False)
+        if len(parts) == 1 and rows == (self.fixed_batch or rows) and _in_place(parts[0], self.input_dtype):
+            return parts[0]   # already the whole batch where `run` reads it in place (the server's received tensor)
         if self._rows is None or len(self._rows) < capacity:
             self._rows = aligned_empty((capacity, *row_shape), self.input_dtype)
             self._dirty = capacity

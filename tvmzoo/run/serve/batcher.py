@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -262,7 +263,7 @@ class DynamicBatcher:
     def _run(self, model: CompiledModel, batch: list[Pending], threads: int, index: int) -> None:
         m = self.metrics.series(self.name)
         start = time.perf_counter()
-        m.queue_us.inc(sum(start - item.enqueued for item in batch) * 1e6)
+        waited_us = sum(start - item.enqueued for item in batch) * 1e6
         rows = sum(len(item.rows) for item in batch)
         try:
             inputs = model.stage([item.rows for item in batch], self.max_batch)   # copied once, padded
@@ -271,7 +272,7 @@ class DynamicBatcher:
             ran = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
-            self._done(rows, threads, index)
+            self._done(rows, threads, index, lambda: m.queue_us.inc(waited_us))
             self._hand_back(batch, [exc] * len(batch))
             return
         offset, results = 0, []
@@ -279,16 +280,20 @@ class DynamicBatcher:
             results.append(outputs[offset:offset + len(item.rows)])
             offset += len(item.rows)
         done = time.perf_counter()
-        n = len(batch)   # counted before the results are handed over: a client that got its answer sees it counted
-        m.input_us.inc((started - start) * 1e6 * n)
-        m.infer_us.inc((ran - started) * 1e6 * n)
-        m.output_us.inc((done - ran) * 1e6 * n)
-        m.inference_count.inc(rows)
-        m.exec_count.inc()
-        m.batch_size.observe(rows)
-        m.threads.observe(threads)
-        self._done(rows, threads, index)
-        self._hand_back(batch, results)
+        n = len(batch)
+
+        def count() -> None:
+            m.queue_us.inc(waited_us)
+            m.input_us.inc((started - start) * 1e6 * n)
+            m.infer_us.inc((ran - started) * 1e6 * n)
+            m.output_us.inc((done - ran) * 1e6 * n)
+            m.inference_count.inc(rows)
+            m.exec_count.inc()
+            m.batch_size.observe(rows)
+            m.threads.observe(threads)
+
+        self._done(rows, threads, index, count)   # before the results are handed over: a client that got
+        self._hand_back(batch, results)           # its answer sees it counted
 
     @staticmethod
     def _hand_back(batch: list[Pending], outcomes: list) -> None:
@@ -305,10 +310,12 @@ class DynamicBatcher:
             except RuntimeError:   # the loop is closed: nobody waits for these any more
                 log.warning("model answers dropped: their event loop is closed")
 
-    def _done(self, rows: int, threads: int, index: int) -> None:
+    def _done(self, rows: int, threads: int, index: int, count: Callable[[], None]) -> None:
         """A batch's rows are no longer in flight and its cores are free: counted out before the answers
-        go, since a client may send its next at once."""
+        go, since a client may send its next at once. `count` updates the metrics, under the lock: the
+        instances of a model share its series, whose values take no lock of their own (metrics.Cell)."""
         with self._cond:
+            count()
             self._in_flight_rows -= rows
             self._running.discard(index)
             if self._cores is not None:

@@ -71,6 +71,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.state = state
 
     async def _guard(self, context) -> None:
+        if self.state.auth_token is None:   # no token: skip building the call's metadata
+            return
         if not self.state.authorized(dict(context.invocation_metadata()).get("authorization")):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "
                                 "(metadata authorization: Bearer <token>)")

@@ -26,7 +26,8 @@ class Request:
     path: str
     query: str
     headers: dict[str, str]     # lower-case names
-    body: bytes                 # empty when the body was over the limit (read and dropped)
+    body: bytes | memoryview    # empty when over the limit (read and dropped); a view of the received
+                                # buffer when over http_server.SMALL_BODY
     size: int                   # body bytes received
     keep_alive: bool = True
 
@@ -121,6 +122,7 @@ class Route:
 
 
 ROUTES = [Route(re.compile(pattern + "$"), method, handler, public) for pattern, method, handler, public in (
+    (MODEL + r"/infer", "POST", infer, False),   # first: tried on every request (no other route ends so)
     (r"/v2/health/live", "GET", live, True),
     (r"/v2/health/ready", "GET", ready, True),
     (r"/v2/?", "GET", server_metadata, False),
@@ -128,7 +130,6 @@ ROUTES = [Route(re.compile(pattern + "$"), method, handler, public) for pattern,
     (MODEL + r"/?", "GET", model_metadata, False),
     (MODEL + r"/ready", "GET", model_ready, False),
     (MODEL + r"/config", "GET", model_config, False),
-    (MODEL + r"/infer", "POST", infer, False),
     (MODEL + r"/stats", "GET", statistics, False),
     (r"/metrics", "GET", metrics, False),
 )]

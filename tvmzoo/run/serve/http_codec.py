@@ -11,11 +11,11 @@ from .tensors import (InferRequest, InputTensor, OutputTensor, RequestedOutput, 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def _header(body: bytes, header_length: int | None) -> dict:
+def _header(body: bytes | memoryview, header_length: int | None) -> dict:
     if header_length is not None and not 0 < header_length <= len(body):
         raise invalid(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
     try:
-        doc = json.loads(body[:header_length] if header_length is not None else body)
+        doc = json.loads(bytes(body[:header_length]) if header_length is not None else bytes(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"malformed JSON in the inference request: {exc}") from None
     except RecursionError:
@@ -67,7 +67,7 @@ def _output(item) -> RequestedOutput:
     return RequestedOutput(item["name"], k, _flag(params, "binary_data", f"output '{item['name']}'"))
 
 
-def parse_infer(body: bytes, header_length: int | None, model: str, version: str) -> InferRequest:
+def parse_infer(body: bytes | memoryview, header_length: int | None, model: str, version: str) -> InferRequest:
     doc = _header(body, header_length)
     view = memoryview(body)
     offset = len(body) if header_length is None else header_length

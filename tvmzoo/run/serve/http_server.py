@@ -1,4 +1,4 @@
-"""HTTP/1.1 connections of the REST front end: an asyncio.Protocol on httptools (the parser uvicorn runs).
+"""HTTP/1.1 connections of the REST front end: an asyncio.BufferedProtocol on httptools (the parser uvicorn runs).
 
 Written on httptools rather than run under uvicorn: uvicorn's ASGI receive hands the app a 602 KB tensor body
 in many chunks, each one a wake-up of the app's task, and cost ~0.3 ms more CPU per request at concurrency 1
@@ -10,6 +10,13 @@ connection; past 4 x the limit the connection is closed), refuses headers over 6
 requests (400), closes a connection that sent nothing for --idle-timeout-seconds (408 when it stalled
 mid-request: a stalled upload held its buffered body and its socket forever), and on shutdown stops listening, closes idle connections and closes busy ones after their
 answer. The routes and the protocol's bodies are in http_app.
+
+A body of known length (Content-Length) is received into one buffer of that size: the part that came with
+the head through the parser, the rest straight from the socket (recv_into), past the parser, which is
+replaced by a fresh one for the next request. A 602 KB tensor is then copied once, by the kernel, instead of
+three times (the kernel into a read buffer, httptools into a chunk, the join), and the buffer is placed so
+that the tensor after the JSON header starts 64-byte aligned, which the model reads in place
+(CompiledModel.stage). Chunked bodies and bodies over the limit go through the parser's chunks.
 """
 from __future__ import annotations
 
@@ -22,16 +29,20 @@ from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 
 import httptools
+import numpy as np
 
+from ..runtime import ALIGNMENT
 from .config import DEFAULT_IDLE_TIMEOUT_SECONDS
 from .http_app import Request, Response
+from .http_codec import HEADER_LENGTH
 
 log = logging.getLogger(__name__)
 
 HEADER_LIMIT = 64 << 10
-# bytes asked of each recv (asyncio's default 256 KB): a 602 KB tensor request then comes in one read, not
-# three (two fewer loop passes), and as one body chunk, which needs no join (README, Serving)
-READ_BYTES = 1 << 20
+# bytes asked of each recv outside a known-length body: a head and small requests (pipelined ones too);
+# what of a large body comes with them passes through the parser, the rest is read into the body's buffer
+HEAD_READ = 16 << 10
+SMALL_BODY = 4 << 10   # bodies up to this size are handed over as bytes (what JSON endpoints get)
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}
@@ -67,7 +78,14 @@ def encode(response: Response, head_only: bool, keep_alive: bool) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else response.body)
 
 
-class Connection(asyncio.Protocol):
+def body_buffer(length: int, tensor_offset: int) -> memoryview:
+    """`length` uninitialized bytes, placed so that byte `tensor_offset` is ALIGNMENT-aligned."""
+    raw = np.empty(length + ALIGNMENT, np.uint8)
+    start = -(raw.ctypes.data + tensor_offset) % ALIGNMENT
+    return memoryview(raw)[start:start + length]
+
+
+class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
@@ -80,12 +98,14 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.writable = asyncio.Event()
         self.writable.set()
+        self.head = memoryview(bytearray(HEAD_READ))   # the read buffer outside a body (reused)
+        self.body: memoryview | None = None   # the request's body of known length, being filled
+        self.filled = 0                       # bytes of self.body received
+        self.direct = False                   # the rest of self.body is read into it, past the parser
         self.last_active = time.monotonic()   # last byte received or answer sent
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport   # type: ignore[assignment]
-        if hasattr(transport, "max_size"):   # the selector transport's recv size (an attribute, not an API)
-            transport.max_size = READ_BYTES
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -93,8 +113,23 @@ class Connection(asyncio.Protocol):
         self.pending.clear()
         self.writable.set()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.body[self.filled:] if self.direct else self.head
+
+    def buffer_updated(self, nbytes: int) -> None:
         self.last_active = time.monotonic()
+        if self.direct:
+            self.filled += nbytes
+            if self.filled == len(self.body):
+                self.direct = False
+                self.parser = httptools.HttpRequestParser(self)   # the old one still waits for this body
+                self._complete()
+            return
+        self.data_received(self.head[:nbytes])
+        if self.in_message and self.body is not None and not self.broken:   # the rest comes in the next reads
+            self.direct = True
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.broken:
             return
         try:
@@ -121,6 +156,7 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_message = True
         self.url, self.headers, self.chunks, self.size, self.head_bytes = b"", {}, [], 0, 0
+        self.body, self.filled = None, 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -137,10 +173,18 @@ class Connection(asyncio.Protocol):
                            "(--max-request-bytes)")
         if self.headers.get("expect", "").lower() == "100-continue" and not self.pending and not self.answering:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.method = self.parser.get_method().decode("latin-1")
+        self.keep_alive = self.parser.should_keep_alive()
+        if length.isdigit() and 0 < int(length) <= self.server.max_body and "transfer-encoding" not in self.headers:
+            offset = self.headers.get(HEADER_LENGTH.lower(), "0")
+            self.body = body_buffer(int(length), int(offset) if offset.isdigit() and int(offset) <= int(length) else 0)
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
-        if self.size <= self.server.max_body:
+        if self.body is not None:
+            self.body[self.filled:self.filled + len(body)] = body
+            self.filled += len(body)
+        elif self.size <= self.server.max_body:
             self.chunks.append(body)
         elif self.size > 4 * self.server.max_body:    # a chunked body has no Content-Length to refuse early
             raise _Refused(413, f"request body over 4 x the limit of {self.server.max_body} (--max-request-bytes)")
@@ -148,17 +192,41 @@ class Connection(asyncio.Protocol):
             self.chunks.clear()   # read and dropped: the app answers 413
 
     def on_message_complete(self) -> None:
+        self._complete()
+
+    def _complete(self) -> None:
+        """The request is in: queue it."""
         self.in_message = False
         path, _, query = self.url.decode("latin-1").partition("?")
-        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks = []
-        self._enqueue(Request(self.parser.get_method().decode("latin-1"), path, query, self.headers, body,
-                              self.size, self.parser.should_keep_alive()))
+        if self.body is not None:
+            body, self.size = self.body, len(self.body)
+            if len(body) <= SMALL_BODY:
+                body = bytes(body)
+        else:
+            body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks, self.body = [], None
+        self._enqueue(Request(self.method, path, query, self.headers, body, self.size, self.keep_alive))
 
     def _count_head(self, n: int) -> None:
         self.head_bytes += n
         if self.head_bytes > HEADER_LIMIT:
             raise _Refused(431, f"request line and headers over {HEADER_LIMIT} bytes")
+
+    def expire(self, now: float, timeout: float) -> None:
+        """Close the connection when nothing came for `timeout` seconds and no answer is due (or the client
+        stopped reading its answers); a client stalled mid-request is told so (408)."""
+        if self.transport.is_closing() or now - self.last_active < timeout:
+            return
+        if self.answering and not self.writable.is_set():   # the client reads no answer: it holds ours forever
+            self.transport.abort()
+            return
+        if self.pending or self.answering:
+            return
+        if self.in_message:
+            self._refuse(Response.error(408, f"the request stalled: nothing received for {timeout:g} s "
+                                        "(--idle-timeout-seconds)", close=True))
+        else:
+            self.transport.close()
 
     def _refuse(self, response: Response) -> None:
         self.in_message = False
@@ -198,22 +266,6 @@ class Connection(asyncio.Protocol):
         if self.paused and not self.transport.is_closing():
             self.paused = False
             self.transport.resume_reading()
-
-    def expire(self, now: float, timeout: float) -> None:
-        """Close the connection when nothing came for `timeout` seconds and no answer is due (or the client
-        stopped reading its answers); a client stalled mid-request is told so (408)."""
-        if self.transport.is_closing() or now - self.last_active < timeout:
-            return
-        if self.answering and not self.writable.is_set():   # the client reads no answer: it holds ours forever
-            self.transport.abort()
-            return
-        if self.pending or self.answering:
-            return
-        if self.in_message:
-            self._refuse(Response.error(408, f"the request stalled: nothing received for {timeout:g} s "
-                                        "(--idle-timeout-seconds)", close=True))
-        else:
-            self.transport.close()
 
     def shutdown(self) -> None:
         """Close now if idle, else after the answers due."""

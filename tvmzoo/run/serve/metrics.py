@@ -1,77 +1,124 @@
 """Prometheus metrics named and labelled like Triton's (model, version), so its dashboards fit.
 Latencies are cumulative microsecond counters as Triton's are: divide by nv_inference_request_success
-(or the exec count) for a mean. The batch-size histogram is tvmzoo's own (Triton has none)."""
+(or the exec count) for a mean. The batch-size histogram is tvmzoo's own (Triton has none).
+
+Values are plain numbers read when /metrics is scraped: a request updates them without a lock, since each
+is written by one thread at a time (the event loop, or a model's instances under their batcher's lock).
+prometheus_client's Counter, Gauge and Histogram take a lock on every update and a Histogram walks its
+buckets: ~9 us of the server's time per request at batch 1 (README, Serving)."""
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 LABELS = ("model", "version")
 VERSION = "1"
 
 
+class Cell:
+    """One labelled series' value."""
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
 class TritonCounter:
-    """A counter exposed under its exact name, as Triton's are: prometheus_client's Counter always
+    """A counter (or gauge) exposed under its exact name, as Triton's are: prometheus_client's Counter always
     appends `_total`, and `nv_inference_request_success_total` would match no Triton dashboard."""
 
-    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...] = LABELS) -> None:
-        self.name, self.doc, self.labelnames = name, doc, labelnames
-        self._values: dict[tuple[str, ...], float] = {}
-        self._lock = threading.Lock()
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...] = LABELS, kind: str = "counter") -> None:
+        self.name, self.doc, self.labelnames, self.kind = name, doc, labelnames, kind
+        self._cells: dict[tuple[str, ...], Cell] = {}
+        self._lock = threading.Lock()   # guards the dict, not the values
 
-    def labels(self, *values: str) -> _Bound:
-        with self._lock:
-            self._values.setdefault(values, 0.0)
-        return _Bound(self, values)
+    def labels(self, *values: str) -> Cell:
+        cell = self._cells.get(values)
+        if cell is None:
+            with self._lock:
+                cell = self._cells.setdefault(values, Cell())
+        return cell
 
     def value(self, *values: str) -> float:
-        with self._lock:
-            return self._values.get(values, 0.0)
+        cell = self._cells.get(values)
+        return 0.0 if cell is None else cell.value
 
     def total(self, model: str) -> float:
         """Summed over the labels after the model name (the failure reasons)."""
         with self._lock:
-            return sum(v for k, v in self._values.items() if k[0] == model)
-
-    def add(self, values: tuple[str, ...], amount: float) -> None:
-        with self._lock:
-            self._values[values] = self._values.get(values, 0.0) + amount
+            return sum(cell.value for k, cell in self._cells.items() if k[0] == model)
 
     def collect(self) -> list[Metric]:
-        metric = Metric(self.name, self.doc, "counter")
+        metric = Metric(self.name, self.doc, self.kind)
         with self._lock:
-            for values, value in sorted(self._values.items()):
-                metric.add_sample(self.name, dict(zip(self.labelnames, values)), value)
+            for values, cell in sorted(self._cells.items()):
+                metric.add_sample(self.name, dict(zip(self.labelnames, values)), cell.value)
         return [metric]
 
 
-@dataclass(frozen=True)
-class _Bound:
-    counter: TritonCounter
-    values: tuple[str, ...]
+class HistogramCell:
+    """One labelled histogram: observations per bucket (not cumulative) and their sum."""
+    __slots__ = ("bounds", "counts", "sum")
 
-    def inc(self, amount: float = 1.0) -> None:
-        self.counter.add(self.values, amount)
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds, self.counts, self.sum = bounds, [0] * len(bounds), 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class TritonHistogram:
+    """A histogram rendered as prometheus_client's Histogram renders it (`_bucket{le}`, `_count`, `_sum`)."""
+
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, labelnames
+        self.bounds = (*map(float, buckets), float("inf"))
+        self._cells: dict[tuple[str, ...], HistogramCell] = {}
+        self._lock = threading.Lock()
+
+    def labels(self, *values: str) -> HistogramCell:
+        with self._lock:
+            return self._cells.setdefault(values, HistogramCell(self.bounds))
+
+    def collect(self) -> list[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        with self._lock:
+            for values, cell in sorted(self._cells.items()):
+                running, buckets = 0, []
+                for bound, count in zip(self.bounds, list(cell.counts)):
+                    running += count
+                    buckets.append((floatToGoString(bound), float(running)))
+                family.add_metric(list(values), buckets, cell.sum)
+        return [family]
 
 
 @dataclass(frozen=True)
 class ModelSeries:
-    """One model's series, bound once: `labels()` on every request costs a lock and a lookup each."""
-    success: _Bound
-    inference_count: _Bound
-    exec_count: _Bound
-    request_us: _Bound
-    queue_us: _Bound
-    input_us: _Bound
-    infer_us: _Bound
-    output_us: _Bound
-    pending: object         # prometheus_client's bound Gauge
-    batch_size: object      # and Histograms
-    threads: object
+    """One model's series, bound once: `labels()` on every request costs a lookup each."""
+    success: Cell
+    inference_count: Cell
+    exec_count: Cell
+    request_us: Cell
+    queue_us: Cell
+    input_us: Cell
+    infer_us: Cell
+    output_us: Cell
+    pending: Cell
+    batch_size: HistogramCell
+    threads: HistogramCell
 
 
 @dataclass
@@ -86,9 +133,9 @@ class Metrics:
     input_us: TritonCounter
     infer_us: TritonCounter
     output_us: TritonCounter
-    pending: Gauge
-    batch_size: Histogram
-    threads: Histogram
+    pending: TritonCounter
+    batch_size: TritonHistogram
+    threads: TritonHistogram
     last_inference: dict[str, float] = field(default_factory=dict)   # model -> time.time() of its last success
     _series: dict[str, ModelSeries] = field(default_factory=dict)
 
@@ -108,15 +155,14 @@ class Metrics:
             TritonCounter("nv_inference_compute_infer_duration_us", "Cumulative model execution time per request"),
             TritonCounter("nv_inference_compute_output_duration_us", "Cumulative time splitting batch outputs"),
         ]
-        for counter in counters:
-            reg.register(counter)
-        return cls(reg, *counters,
-                   Gauge("nv_inference_pending_request_count", "Requests waiting in the queue or running", LABELS,
-                         registry=reg),
-                   Histogram("tvmzoo_inference_batch_size", "Rows per model execution", ("model",),
-                             buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg),
-                   Histogram("tvmzoo_inference_threads", "TVM threads per model execution", ("model",),
-                             buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg))
+        histograms = [TritonHistogram(name, doc, ("model",), (1, 2, 4, 8, 16, 32, 64)) for name, doc in (
+            ("tvmzoo_inference_batch_size", "Rows per model execution"),
+            ("tvmzoo_inference_threads", "TVM threads per model execution"))]
+        pending = TritonCounter("nv_inference_pending_request_count", "Requests waiting in the queue or running",
+                                kind="gauge")
+        for metric in (*counters, pending, *histograms):
+            reg.register(metric)
+        return cls(reg, *counters, pending, *histograms)
 
     def count_model(self, model: str) -> None:
         """Make a model's series exist (at 0) from the start, as Triton's do."""
