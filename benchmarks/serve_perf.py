@@ -14,10 +14,12 @@ CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups auto,1x2,2x1]
         [--clients raw,stream,wrk,tritonclient] [--concurrency 1,8]
-        [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
+        [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo] [--shared-memory none,system]
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
-point by point, each idle while another is measured.
+point by point, each idle while another is measured. `--shared-memory none,system` runs each raw / stream / wrk
+client both over the socket and with perf_analyzer's `--shared-memory system` (client `raw+shm`, ...: each
+client's input and output in its own registered /dev/shm region, the request only its header), interleaved.
 
 WORKSPACE holds compiled builds (<name>/mod.so + mod.json), e.g. Lite0 fp32 / int8 at batch 1 and 8.
 """
@@ -52,6 +54,12 @@ CONCURRENCY = (1, 2, 4, 8, 16)
 PROTOCOLS = ("http", "grpc")
 CLIENTS = ("raw", "stream", "wrk", "tritonclient")
 ONLY = {"wrk": "http", "stream": "grpc"}   # clients of one protocol
+SHM = "+shm"   # a client name's suffix: its tensors by system shared memory
+
+
+def kind_of(client: str) -> tuple[str, str]:
+    """"raw+shm" -> ("raw", "system"): the load generator and its shared memory mode."""
+    return client.removesuffix(SHM), "system" if client.endswith(SHM) else "none"
 
 
 @dataclass
@@ -85,7 +93,8 @@ def python_load(server: ServerProcess, protocol: str, client: str, model: str, x
     url = server.grpc if protocol == "grpc" else server.http
 
     async def load() -> tuple[list[float], float, float]:
-        calls, shared = make_calls(client, protocol, url, model, x, top, concurrency)
+        kind, shared_memory = kind_of(client)
+        calls, shared = make_calls(kind, protocol, url, model, x, top, concurrency, shared_memory)
         result = await closed_loop(calls, seconds)
         for call in calls:
             await call.close()
@@ -107,7 +116,7 @@ def measure(label: str, server: ServerProcess, protocol: str, client: str, model
             concurrency: int, seconds: float, wrk: Wrk | None) -> Row:
     before = scrape(server.http, model)
     server_cpu = process_cpu_s(server.proc.pid)
-    if client == "wrk":
+    if wrk is not None:
         latencies, elapsed, cpu = wrk_load(wrk, concurrency, seconds)
     else:
         latencies, elapsed, cpu = python_load(server, protocol, client, model, x, top, concurrency, seconds)
@@ -168,8 +177,8 @@ def paired_latency(server: ServerProcess, protocol: str, client: str, model: str
     batch = stack_aligned(list(np.repeat(x, compiled.fixed_batch or 1, axis=0)))
 
     async def alternate() -> dict[str, list[float]]:
-        calls, shared = make_calls(client, protocol, server.grpc if protocol == "grpc" else server.http,
-                                   model, x, top, 1) if wrk is None else ([], None)
+        calls, shared = make_calls(kind_of(client)[0], protocol, server.grpc if protocol == "grpc" else server.http,
+                                   model, x, top, 1, kind_of(client)[1]) if wrk is None else ([], None)
 
         async def local() -> None:
             compiled.run(batch)
@@ -239,23 +248,23 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
         for label, executable in executables.items():
             servers[label] = ServerProcess.start(workspace / model, *setup.flags(delay), executable=executable)
         ways = [(label, protocol, client) for protocol in PROTOCOLS for client in clients
-                for label in servers if ONLY.get(client, protocol) == protocol   # interleaved per point
-                and (client != "stream" or streams(servers[label].grpc))]
-        if "wrk" in clients:
-            for label, server in servers.items():   # wrk's answers carry no tag: one is checked first
-                wrks[label] = Wrk(server.http, model, x)
-                wrks[label].check(compiled.run(x))
-        rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds,
-                        wrks.get(label) if client == "wrk" else None)
+                for label in servers if ONLY.get(kind_of(client)[0], protocol) == protocol   # interleaved per point
+                and (kind_of(client)[0] != "stream" or streams(servers[label].grpc))]
+        for client in clients:
+            if kind_of(client)[0] == "wrk":
+                for label, server in servers.items():   # wrk's answers carry no tag: one is checked first
+                    wrks[label, client] = Wrk(server.http, model, x, kind_of(client)[1])
+                    wrks[label, client].check(compiled.run(x))
+        rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds, wrks.get((label, client)))
                 for c in concurrency for label, protocol, client in ways]
         paired = {way: paired_latency(servers[way[0]], *way[1:], model, compiled, x, top, 2 * seconds,
-                                      wrks.get(way[0]) if way[2] == "wrk" else None)
+                                      wrks.get((way[0], way[2])))
                   for way in ways}
-    finally:
-        for server in servers.values():
-            server.stop()
+    finally:   # wrk's shared memory regions are unregistered while its server still runs
         for wrk in wrks.values():
             wrk.close()
+        for server in servers.values():
+            server.stop()
     after = vamp(workspace / model, batch, setup, seconds)
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
@@ -349,6 +358,10 @@ def main() -> None:
                         "tritonclient (benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py; default "
                         "raw,stream,wrk when wrk is installed, else raw,stream)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
+    parser.add_argument("--shared-memory", default="none",
+                        help="none, system or none,system: the raw / stream / wrk clients send their tensors over the "
+                             "socket, by system shared memory (perf_analyzer --shared-memory system; client name "
+                             "+shm), or both, interleaved per point")
     parser.add_argument("--servers", default="",
                         help="label=tvmzoo executable, comma-separated, interleaved per point (default: this "
                              "checkout's alone)")
@@ -359,6 +372,10 @@ def main() -> None:
         clients.remove("wrk")
     if unknown := set(clients) - set(CLIENTS):
         parser.error(f"unknown client(s) {', '.join(sorted(unknown))}: use {', '.join(CLIENTS)}")
+    modes = args.shared_memory.split(",")
+    if set(modes) - {"none", "system"} or ("system" in modes and "tritonclient" in clients):
+        parser.error("--shared-memory takes none, system or none,system, and system is for raw, stream and wrk")
+    clients = [client + ("" if mode == "none" else SHM) for client in clients for mode in modes]
     executables = dict(item.split("=", 1) for item in args.servers.split(",")) if args.servers else {"this": None}
     # `timeout` / kill send SIGTERM: exit through the `finally:` that stops the server child (the default
     # handler would leave it running)
