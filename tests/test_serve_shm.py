@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,12 @@ def _infer(client, module, x: np.ndarray, headers: dict, *args, **kwargs):
     return client.infer(MODEL, inputs, outputs=outputs, headers=headers)
 
 
+def _status_of(exc: InferenceServerException) -> str:
+    return str(exc.status())
+
+
 def _status(err: pytest.ExceptionInfo) -> str:
-    return str(err.value.status())
+    return _status_of(err.value)
 
 
 def test_inputs_and_outputs_in_shared_memory_equal_compiled_model_run(clients, region, model, sample_images):
@@ -233,3 +238,50 @@ def test_a_region_in_use_stays_open_until_released(tmp_path):
         assert regions.status() == []
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+def test_unregistering_regions_in_use_leaves_the_server_serving(clients, region, model, sample_images, server):
+    """Clients infer through their regions while the regions are unregistered and registered again: each
+    request is answered right (its output region held until written) or refused NOT_FOUND, nothing else."""
+    h, g = clients
+    x = _photos(model, sample_images[50:52])
+    expected = model.run(x)
+    regions = {}
+    for i in range(3):
+        (in_handle, in_key), (out_handle, out_key) = region(f"in{i}", x.nbytes), region(f"out{i}", expected.nbytes)
+        shm.set_shared_memory_region(in_handle, [x])
+        regions[i] = (in_key, out_key, out_handle)
+
+    def register(i: int) -> None:
+        h.register_system_shared_memory(f"in{i}", regions[i][0], x.nbytes, headers=H)
+        h.register_system_shared_memory(f"out{i}", regions[i][1], expected.nbytes, headers=H)
+
+    for i in regions:
+        register(i)
+
+    def client(i: int) -> tuple[int, int]:
+        c = grpcclient.InferenceServerClient(server.grpc) if i % 2 else httpclient.InferenceServerClient(server.http)
+        module, headers = (grpcclient, G) if i % 2 else (httpclient, H)
+        answered = refused = 0
+        for _ in range(30):
+            try:
+                _infer(c, module, x, headers, f"in{i}", f"out{i}", expected.nbytes)
+            except InferenceServerException as exc:
+                assert _status_of(exc) in ("404", "StatusCode.NOT_FOUND"), exc
+                refused += 1
+                continue
+            np.testing.assert_array_equal(shm.get_contents_as_numpy(regions[i][2], np.float32, expected.shape),
+                                          expected)
+            answered += 1
+        return answered, refused
+
+    with ThreadPoolExecutor(3) as pool:
+        running = [pool.submit(client, i) for i in regions]
+        while not all(f.done() for f in running):
+            h.unregister_system_shared_memory(headers=H)
+            for i in regions:
+                register(i)
+        counts = [f.result() for f in running]
+    assert sum(a for a, _ in counts) > 0, counts
+    assert server.proc.poll() is None
+    _infer(g, grpcclient, x, G, "in0", None)   # still serving
