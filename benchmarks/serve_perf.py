@@ -79,11 +79,13 @@ class Row:
     rows_per_exec: float
     client_cpu_ms: float    # per request, the load generator's process
     server_cpu_ms: float    # per request, the whole server process
+    loop_cpu_ms: float = 0.0   # per request, the server's main thread: the asyncio event loop (HTTP, grpc.aio)
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu_s(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (all its threads), or of one of its threads, from /proc."""
+    stat = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -116,11 +118,13 @@ def measure(label: str, server: ServerProcess, protocol: str, client: str, model
             concurrency: int, seconds: float, wrk: Wrk | None) -> Row:
     before = scrape(server.http, model)
     server_cpu = process_cpu_s(server.proc.pid)
+    loop_cpu = process_cpu_s(server.proc.pid, server.proc.pid)
     if wrk is not None:
         latencies, elapsed, cpu = wrk_load(wrk, concurrency, seconds)
     else:
         latencies, elapsed, cpu = python_load(server, protocol, client, model, x, top, concurrency, seconds)
     server_cpu = process_cpu_s(server.proc.pid) - server_cpu   # warm-up included, as in `done`
+    loop_cpu = process_cpu_s(server.proc.pid, server.proc.pid) - loop_cpu
     after = scrape(server.http, model)
     done = after["nv_inference_request_success"] - before["nv_inference_request_success"]
 
@@ -134,7 +138,7 @@ def measure(label: str, server: ServerProcess, protocol: str, client: str, model
                per_request("nv_inference_compute_infer_duration_us"),
                (after["nv_inference_count"] - before["nv_inference_count"])
                / max(after["nv_inference_exec_count"] - before["nv_inference_exec_count"], 1),
-               1e3 * cpu / max(len(latencies), 1), 1e3 * server_cpu / max(done, 1))
+               1e3 * cpu / max(len(latencies), 1), 1e3 * server_cpu / max(done, 1), 1e3 * loop_cpu / max(done, 1))
 
 
 @dataclass(frozen=True)
@@ -289,20 +293,21 @@ def report(results: dict, setup: Setup, load: str) -> str:
              "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
              "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), stream = the same on ModelStreamInfer, one "
              "stream per client, tritonclient = its asyncio clients. "
-             "CPU ms / request: the client's process and the whole server's.", "",
+             "CPU ms / request: the client's process, the whole server's and the server's event loop (its main thread).",
+             "",
              "| build | server | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
              "server queue us | server compute us | rows / exec | client CPU ms / req | server CPU ms / req | "
-             "served / vamp images/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "server loop CPU ms / req | served / vamp images/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, res in results.items():
         for r in res["rows"]:
             lines.append(f"| {model} | {r.server} | {r.protocol} | {r.client} | {r.concurrency} | {r.images_per_s:.1f} | "
                          f"{r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.request_us:.0f} | {r.queue_us:.0f} | "
                          f"{r.compute_us:.0f} | {r.rows_per_exec:.1f} | {r.client_cpu_ms:.2f} | "
-                         f"{r.server_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
+                         f"{r.server_cpu_ms:.2f} | {r.loop_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
         flags = " or ".join(f"-i {i} -t {t}" for i, t in setup.vamp_setups())
         lines.append(f"| {model} | vamp ({flags} -b {res['batch']}; p50: -i 1) | | | | "
-                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | 100 % |")
+                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | | 100 % |")
     return "\n".join(lines + compact(results) + bars(results))
 
 
