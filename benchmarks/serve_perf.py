@@ -293,7 +293,8 @@ def report(results: dict, setup: Setup, load: str) -> str:
              "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
              "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), stream = the same on ModelStreamInfer, one "
              "stream per client, tritonclient = its asyncio clients. "
-             "CPU ms / request: the client's process, the whole server's and the server's event loop (its main thread).",
+             "CPU ms / request: the client's process, the whole server's and the server's event loop (its main "
+             "thread).",
              "",
              "| build | server | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
              "server queue us | server compute us | rows / exec | client CPU ms / req | server CPU ms / req | "
@@ -304,7 +305,8 @@ def report(results: dict, setup: Setup, load: str) -> str:
             lines.append(f"| {model} | {r.server} | {r.protocol} | {r.client} | {r.concurrency} | {r.images_per_s:.1f} | "
                          f"{r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.request_us:.0f} | {r.queue_us:.0f} | "
                          f"{r.compute_us:.0f} | {r.rows_per_exec:.1f} | {r.client_cpu_ms:.2f} | "
-                         f"{r.server_cpu_ms:.2f} | {r.loop_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
+                         f"{r.server_cpu_ms:.2f} | {r.loop_cpu_ms:.2f} | "
+                         f"{100 * r.images_per_s / res['vamp_ips']:.0f} % |")
         flags = " or ".join(f"-i {i} -t {t}" for i, t in setup.vamp_setups())
         lines.append(f"| {model} | vamp ({flags} -b {res['batch']}; p50: -i 1) | | | | "
                      f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | | 100 % |")

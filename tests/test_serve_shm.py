@@ -198,7 +198,8 @@ def test_every_bad_case_gets_its_status_and_the_server_goes_on(clients, region, 
     ]
     for what, in_region, in_bytes, offset, out_region, out_bytes, statuses, words in infer_cases:
         cases.append((what, lambda c, hd, a=(in_region, in_bytes, offset, out_region, out_bytes): _infer(
-            c, httpclient if c is h else grpcclient, x, hd, a[0], a[3], a[4], in_bytes=a[1], in_offset=a[2]), *statuses, words))
+            c, httpclient if c is h else grpcclient, x, hd, a[0], a[3], a[4], in_bytes=a[1], in_offset=a[2]),
+            *statuses, words))
     for what, call, http_status, grpc_status, words in cases:
         for client, headers, status in ((h, H, http_status), (g, G, grpc_status)):
             with pytest.raises(InferenceServerException) as err:
@@ -209,7 +210,8 @@ def test_every_bad_case_gets_its_status_and_the_server_goes_on(clients, region, 
     np.testing.assert_array_equal(_infer(h, httpclient, x, H, "good", None).as_numpy("output"), expected)
 
     os.truncate(f"/dev/shm/{key.lstrip('/')}", 100)   # the client shrinks its object after registering
-    for client, module, headers, status in ((h, httpclient, H, "400"), (g, grpcclient, G, "StatusCode.INVALID_ARGUMENT")):
+    for client, module, headers, status in ((h, httpclient, H, "400"),
+                                            (g, grpcclient, G, "StatusCode.INVALID_ARGUMENT")):
         with pytest.raises(InferenceServerException) as err:
             _infer(client, module, x, headers, "good", None)
         assert _status(err) == status and "truncated" in err.value.message()

@@ -1,6 +1,7 @@
 """The HTTP/REST endpoints: the protocol's health, metadata, ready and infer, Triton's model config,
-statistics and system shared memory regions, and Prometheus /metrics (connections are http_server's). Errors are {"error": "..."} with the
-status code; every endpoint but health needs the bearer token when one is set."""
+statistics and system shared memory regions, and Prometheus /metrics (connections are http_server's).
+Errors are {"error": "..."} with the status code; every endpoint but health needs the bearer token when one
+is set."""
 from __future__ import annotations
 
 import inspect

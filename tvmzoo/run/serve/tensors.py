@@ -20,8 +20,8 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(kind) for name, kind in {
 BYTES = "BYTES"
 
 # status -> HTTP code; gRPC uses the status name itself (grpc.StatusCode[status])
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413, "UNAUTHENTICATED": 401,
-               "UNAVAILABLE": 503, "INTERNAL": 500}
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413,
+               "UNAUTHENTICATED": 401, "UNAVAILABLE": 503, "INTERNAL": 500}
 
 
 class ServeError(Exception):
