@@ -133,6 +133,14 @@ def test_inputs_and_outputs_in_shared_memory_equal_compiled_model_run(clients, r
         inputs, outputs = _request(module, x, f"in_{tag}", None, in_offset=16)   # output in the body
         np.testing.assert_array_equal(client.infer(MODEL, inputs, outputs=outputs, headers=headers)
                                       .as_numpy("output"), expected)
+    answers = []   # Triton's stream (perf_analyzer --streaming) reads and writes the same regions
+    g.start_stream(callback=lambda result, error: answers.append(error or result), headers=G)
+    shm.set_shared_memory_region(out_handle, [np.zeros_like(expected)])   # out_g's, the loop's last
+    inputs, outputs = _request(grpcclient, x, "in_g", "out_g", expected.nbytes, in_offset=16)
+    g.async_stream_infer(MODEL, inputs, outputs=outputs)
+    g.stop_stream()   # waits for the answer
+    assert len(answers) == 1 and not isinstance(answers[0], InferenceServerException), answers
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(out_handle, np.float32, expected.shape), expected)
 
     listed = h.get_system_shared_memory_status(headers=H)
     assert {r["name"]: (r["key"], int(r["offset"]), int(r["byte_size"])) for r in listed} == {
