@@ -179,6 +179,8 @@ def test_every_bad_case_gets_its_status_and_the_server_goes_on(clients, region, 
     handle, key = region("good", x.nbytes)
     shm.set_shared_memory_region(handle, [x])
     h.register_system_shared_memory("good", key, x.nbytes, headers=H)
+    huge = 65 << 20   # over the default --max-request-bytes (64 MiB); tmpfs leaves the unwritten object sparse
+    g.register_system_shared_memory("huge", region("huge", huge)[1], huge, headers=G)
     cases = [   # (what, HTTP call, gRPC call, HTTP status, gRPC status, words in the message)
         ("unknown key", lambda c, hd: c.register_system_shared_memory("r1", "/tvmzoo_no_such_object", 16, headers=hd),
          "400", "StatusCode.INVALID_ARGUMENT", "cannot open"),
@@ -203,6 +205,8 @@ def test_every_bad_case_gets_its_status_and_the_server_goes_on(clients, region, 
         ("outside the region", "good", x.nbytes, 4, None, 0, ("400", "StatusCode.INVALID_ARGUMENT"), "outside region"),
         ("output region too small", "good", x.nbytes, 0, "good", 8, ("400", "StatusCode.INVALID_ARGUMENT"),
          "should be at least"),
+        ("input over the request limit", "huge", huge, 0, None, 0, ("413", "StatusCode.RESOURCE_EXHAUSTED"),
+         "over the limit"),
     ]
     for what, in_region, in_bytes, offset, out_region, out_bytes, statuses, words in infer_cases:
         cases.append((what, lambda c, hd, a=(in_region, in_bytes, offset, out_region, out_bytes): _infer(

@@ -106,9 +106,11 @@ class Region:
 
 
 class SharedMemoryRegions:
-    """The registered system shared memory regions, by name (thread-safe)."""
+    """The registered system shared memory regions, by name (thread-safe). An input is read into memory of its
+    own: `max_input_bytes` bounds it as --max-request-bytes bounds a body."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_input_bytes: int = 64 << 20) -> None:
+        self.max_input_bytes = max_input_bytes
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()
 
@@ -201,6 +203,9 @@ class SharedMemoryRegions:
     def read_input(self, tensor: InputTensor) -> InputTensor:
         """An input sent by shared memory, read from its region and checked as a binary body's would be."""
         what = f"input '{tensor.name}'"
+        if tensor.shm.byte_size > self.max_input_bytes:
+            raise ServeError("RESOURCE_EXHAUSTED", f"{what}: {tensor.shm.byte_size} bytes from shared memory is over "
+                             f"the limit of {self.max_input_bytes} (--max-request-bytes)")
         region = self.acquire(tensor.shm, what)
         try:
             data = region.read(tensor.shm, what)
