@@ -17,10 +17,12 @@ CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups auto,1x2,2x1]
         [--clients raw,stream,wrk,cpp,cppstream,tritonclient] [--protocols http,grpc] [--concurrency 1,8]
-        [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo]
+        [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo] [--shared-memory none,system]
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
-point by point, each idle while another is measured.
+point by point, each idle while another is measured. `--shared-memory none,system` runs each raw / stream / wrk
+client both over the socket and with perf_analyzer's `--shared-memory system` (client `raw+shm`, ...: each
+client's input and output in its own registered /dev/shm region, the request only its header), interleaved.
 
 WORKSPACE holds compiled builds (<name>/mod.so + mod.json), e.g. Lite0 fp32 / int8 at batch 1 and 8.
 """
@@ -57,6 +59,13 @@ PROTOCOLS = ("http", "grpc")
 CLIENTS = ("raw", "stream", "wrk", "cpp", "cppstream", "tritonclient")
 ONLY = {"wrk": "http", "stream": "grpc", "cpp": "grpc", "cppstream": "grpc"}   # clients of one protocol
 EXTERNAL = ("wrk", "cpp", "cppstream")     # programs in a child process
+SHM_CLIENTS = ("raw", "stream", "wrk")     # those that can send their tensors by system shared memory
+SHM = "+shm"   # a client name's suffix: its tensors by system shared memory
+
+
+def kind_of(client: str) -> tuple[str, str]:
+    """"raw+shm" -> ("raw", "system"): the load generator and its shared memory mode."""
+    return client.removesuffix(SHM), "system" if client.endswith(SHM) else "none"
 
 
 @dataclass
@@ -76,11 +85,13 @@ class Row:
     rows_per_exec: float
     client_cpu_ms: float    # per request, the load generator's process
     server_cpu_ms: float    # per request, the whole server process
+    loop_cpu_ms: float = 0.0   # per request, the server's main thread: the asyncio event loop (HTTP, grpc.aio)
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu_s(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (all its threads), or of one of its threads, from /proc."""
+    stat = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -90,7 +101,8 @@ def python_load(server: ServerProcess, protocol: str, client: str, model: str, x
     url = server.grpc if protocol == "grpc" else server.http
 
     async def load() -> tuple[list[float], float, float]:
-        calls, shared = make_calls(client, protocol, url, model, x, top, concurrency)
+        kind, shared_memory = kind_of(client)
+        calls, shared = make_calls(kind, protocol, url, model, x, top, concurrency, shared_memory)
         result = await closed_loop(calls, seconds)
         for call in calls:
             await call.close()
@@ -115,11 +127,13 @@ def measure(label: str, server: ServerProcess, protocol: str, client: str, model
             concurrency: int, seconds: float, external: Wrk | GrpcLoad | None) -> Row:
     before = scrape(server.http, model)
     server_cpu = process_cpu_s(server.proc.pid)
+    loop_cpu = process_cpu_s(server.proc.pid, server.proc.pid)
     if external is not None:
         latencies, elapsed, cpu = external_load(external, concurrency, seconds)
     else:
         latencies, elapsed, cpu = python_load(server, protocol, client, model, x, top, concurrency, seconds)
     server_cpu = process_cpu_s(server.proc.pid) - server_cpu   # warm-up included, as in `done`
+    loop_cpu = process_cpu_s(server.proc.pid, server.proc.pid) - loop_cpu
     after = scrape(server.http, model)
     done = after["nv_inference_request_success"] - before["nv_inference_request_success"]
 
@@ -133,7 +147,7 @@ def measure(label: str, server: ServerProcess, protocol: str, client: str, model
                per_request("nv_inference_compute_infer_duration_us"),
                (after["nv_inference_count"] - before["nv_inference_count"])
                / max(after["nv_inference_exec_count"] - before["nv_inference_exec_count"], 1),
-               1e3 * cpu / max(len(latencies), 1), 1e3 * server_cpu / max(done, 1))
+               1e3 * cpu / max(len(latencies), 1), 1e3 * server_cpu / max(done, 1), 1e3 * loop_cpu / max(done, 1))
 
 
 @dataclass(frozen=True)
@@ -177,8 +191,8 @@ def paired_latency(server: ServerProcess, protocol: str, client: str, model: str
     batch = stack_aligned(list(np.repeat(x, compiled.fixed_batch or 1, axis=0)))
 
     async def alternate() -> dict[str, list[float]]:
-        calls, shared = make_calls(client, protocol, server.grpc if protocol == "grpc" else server.http,
-                                   model, x, top, 1) if external is None else ([], None)
+        calls, shared = make_calls(kind_of(client)[0], protocol, server.grpc if protocol == "grpc" else server.http,
+                                   model, x, top, 1, kind_of(client)[1]) if external is None else ([], None)
 
         async def local() -> None:
             compiled.run(batch)
@@ -248,25 +262,26 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
         for label, executable in executables.items():
             servers[label] = ServerProcess.start(workspace / model, *setup.flags(delay), executable=executable)
         ways = [(label, protocol, client) for protocol in protocols for client in clients
-                for label in servers if ONLY.get(client, protocol) == protocol   # interleaved per point
-                and (client not in ("stream", "cppstream") or streams(servers[label].grpc))]
+                for label in servers if ONLY.get(kind_of(client)[0], protocol) == protocol   # interleaved per point
+                and (kind_of(client)[0] not in ("stream", "cppstream") or streams(servers[label].grpc))]
         for label, _, client in ways:
-            if client == "wrk":   # wrk's answers carry no tag: one is checked first
-                externals[label, client] = Wrk(servers[label].http, model, x)
+            kind, shared_memory = kind_of(client)
+            if kind == "wrk":   # wrk's answers carry no tag: one is checked first
+                externals[label, client] = Wrk(servers[label].http, model, x, shared_memory)
                 externals[label, client].check(compiled.run(x))
-            elif client in EXTERNAL:   # grpc_load checks every answer's id, size and top class
-                externals[label, client] = GrpcLoad(servers[label].grpc, model, x, top, stream=client == "cppstream")
+            elif kind in EXTERNAL:   # grpc_load checks every answer's id, size and top class
+                externals[label, client] = GrpcLoad(servers[label].grpc, model, x, top, stream=kind == "cppstream")
         rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds,
                         externals.get((label, client)))
                 for c in concurrency for label, protocol, client in ways]
         paired = {way: paired_latency(servers[way[0]], *way[1:], model, compiled, x, top, 2 * seconds,
                                       externals.get((way[0], way[2])))
                   for way in ways}
-    finally:
-        for server in servers.values():
-            server.stop()
+    finally:   # wrk's shared memory regions are unregistered while its server still runs
         for external in externals.values():
             external.close()
+        for server in servers.values():
+            server.stop()
     after = vamp(workspace / model, batch, setup, seconds)
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
@@ -292,20 +307,22 @@ def report(results: dict, setup: Setup, load: str) -> str:
              "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), stream = the same on ModelStreamInfer, one "
              "stream per client, tritonclient = its asyncio clients; wrk (HTTP), cpp / cppstream (gRPC unary / stream, "
              "benchmarks/grpc_load.cc): the raw request from a C / C++ program in a child process. "
-             "CPU ms / request: the client's process and the whole server's.", "",
+             "CPU ms / request: the client's process, the whole server's and the server's event loop (its main "
+             "thread).", "",
              "| build | server | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
              "server queue us | server compute us | rows / exec | client CPU ms / req | server CPU ms / req | "
-             "served / vamp images/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "server loop CPU ms / req | served / vamp images/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, res in results.items():
         for r in res["rows"]:
             lines.append(f"| {model} | {r.server} | {r.protocol} | {r.client} | {r.concurrency} | {r.images_per_s:.1f} | "
                          f"{r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.request_us:.0f} | {r.queue_us:.0f} | "
                          f"{r.compute_us:.0f} | {r.rows_per_exec:.1f} | {r.client_cpu_ms:.2f} | "
-                         f"{r.server_cpu_ms:.2f} | {100 * r.images_per_s / res['vamp_ips']:.0f} % |")
+                         f"{r.server_cpu_ms:.2f} | {r.loop_cpu_ms:.2f} | "
+                         f"{100 * r.images_per_s / res['vamp_ips']:.0f} % |")
         flags = " or ".join(f"-i {i} -t {t}" for i, t in setup.vamp_setups())
         lines.append(f"| {model} | vamp ({flags} -b {res['batch']}; p50: -i 1) | | | | "
-                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | 100 % |")
+                     f"{res['vamp_ips']:.1f} | {res['vamp_p50']:.2f} | | | | | | | | | | 100 % |")
     return "\n".join(lines + compact(results) + bars(results))
 
 
@@ -367,6 +384,10 @@ def main() -> None:
                         "cpp,cppstream when wrk / g++ and libgrpc++ are installed")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="http, grpc or both (comma-separated)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
+    parser.add_argument("--shared-memory", default="none",
+                        help="none, system or none,system: the raw / stream / wrk clients send their tensors over the "
+                             "socket, by system shared memory (perf_analyzer --shared-memory system; client name "
+                             "+shm), or both, interleaved per point")
     parser.add_argument("--servers", default="",
                         help="label=tvmzoo executable, comma-separated, interleaved per point (default: this "
                              "checkout's alone)")
@@ -383,6 +404,11 @@ def main() -> None:
     protocols = args.protocols.split(",")
     if unknown := set(protocols) - set(PROTOCOLS):
         parser.error(f"unknown protocol(s) {', '.join(sorted(unknown))}: use {', '.join(PROTOCOLS)}")
+    modes = args.shared_memory.split(",")
+    if set(modes) - {"none", "system"}:
+        parser.error("--shared-memory takes none, system or none,system")
+    clients = [client + ("" if mode == "none" else SHM) for client in clients for mode in modes
+               if mode == "none" or client in SHM_CLIENTS]
     executables = dict(item.split("=", 1) for item in args.servers.split(",")) if args.servers else {"this": None}
     # `timeout` / kill send SIGTERM: exit through the `finally:` that stops the server child (the default
     # handler would leave it running)

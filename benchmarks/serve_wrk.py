@@ -8,6 +8,10 @@ wrk's latency histogram (1 us buckets) so serve_perf takes the same percentiles 
 wrk sends one body to every connection (no per-client tag), so before it is used `check` sends one request
 and compares the answer's logits with `CompiledModel.run`'s. gRPC's counterpart is benchmarks/serve_grpc_cpp.py
 (perf_analyzer is not installable here; ghz, a Go tool, is neither packaged nor buildable without a Go toolchain).
+
+`shared_memory="system"` (perf_analyzer's --shared-memory system): the input and output are in regions registered
+once (serve_load.ShmRegions), so every request is the JSON header alone. wrk sends one body on every connection,
+so all connections share the one pair of regions (the server only reads the input; the answers are equal).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from serve_load import ShmRegions
 
 SCRIPT = r"""
 local dir = os.getenv("SERVE_WRK_DIR")
@@ -83,13 +89,23 @@ class WrkResult:
 class Wrk:
     """One build's request, ready to be sent by wrk to `address` (host:port)."""
 
-    def __init__(self, address: str, model: str, x: np.ndarray) -> None:
+    def __init__(self, address: str, model: str, x: np.ndarray, shared_memory: str = "none") -> None:
         self.url = f"http://{address}/v2/models/{model}/infer"
         self.dir = Path(tempfile.mkdtemp(prefix="serve_wrk_"))
-        header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                                         "parameters": {"binary_data_size": x.nbytes}}],
-                             "parameters": {"binary_data_output": True}}).encode()
-        (self.dir / "body").write_bytes(header + np.ascontiguousarray(x, np.float32).tobytes())
+        self.shm = ShmRegions("http", address, model, x, "wrk") if shared_memory == "system" else None
+        if self.shm is None:
+            header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                             "parameters": {"binary_data_size": x.nbytes}}],
+                                 "parameters": {"binary_data_output": True}}).encode()
+            body = header + np.ascontiguousarray(x, np.float32).tobytes()
+        else:
+            body = header = json.dumps({"inputs": [{"name": self.shm.input, "datatype": "FP32", "shape": list(x.shape),
+                                                    "parameters": {"shared_memory_region": self.shm.names[0],
+                                                                   "shared_memory_byte_size": self.shm.in_bytes}}],
+                                        "outputs": [{"name": self.shm.output, "parameters": {
+                                            "shared_memory_region": self.shm.names[1],
+                                            "shared_memory_byte_size": self.shm.out_bytes}}]}).encode()
+        (self.dir / "body").write_bytes(body)
         (self.dir / "script.lua").write_text(SCRIPT)
         self.env = {"SERVE_WRK_DIR": str(self.dir), "SERVE_WRK_HEADER": str(len(header))}
         self.answer_bytes = -1
@@ -100,8 +116,10 @@ class Wrk:
         status, json_length, body = (self.dir / "answer").read_bytes().split(b"\n", 2)
         if status != b"200":
             raise AssertionError(f"wrk's request was answered {status.decode()}: {body[:300]!r}")
-        doc = json.loads(body[:int(json_length)])
-        logits = np.frombuffer(body[int(json_length):], np.float32).reshape(doc["outputs"][0]["shape"])
+        json_length = len(body) if self.shm else int(json_length)
+        doc = json.loads(body[:json_length])
+        logits = self.shm.logits() if self.shm else body[json_length:]
+        logits = np.frombuffer(logits, np.float32).reshape(doc["outputs"][0]["shape"])
         np.testing.assert_array_equal(logits, expected)
         self.answer_bytes = len(body)
 
@@ -129,4 +147,6 @@ class Wrk:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.shm is not None:
+            self.shm.close()
 

@@ -1,7 +1,8 @@
 """The gRPC front end: the protocol's GRPCInferenceService on grpc.aio, with the servicer base class and
 messages that tritonclient generates from Triton's grpc_service.proto (nothing copied here). ModelInfer and
 Triton's bidirectional ModelStreamInfer (perf_analyzer --streaming, tritonclient's stream_infer) infer;
-methods not implemented here (repository control, shared memory, trace / log settings) answer UNIMPLEMENTED."""
+System shared memory regions are registered here (shared_memory.py); methods not implemented here (repository
+control, CUDA shared memory, trace / log settings) answer UNIMPLEMENTED."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +14,7 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from .shared_memory import CUDA_UNSUPPORTED, ShmRef, shm_ref
 from .state import EXTENSIONS, SERVER_NAME, AppState
 from .tensors import (BYTES, InferRequest, InputTensor, RequestedOutput, ServeError, check_datatype, check_shape,
                       from_buffer, from_list, invalid, object_array, to_bytes)
@@ -48,21 +50,43 @@ def _input(pb, raw: bytes | None) -> InputTensor:
     return from_list(name, datatype, shape, np.fromiter(values, _FIELD_DTYPES[field], len(values)))
 
 
+def _shm(pb, where: str) -> ShmRef | None:
+    """The tensor's shared memory parameters (None without: most requests have no parameters to convert)."""
+    if not pb.parameters:
+        return None
+    return shm_ref({key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+                    for key, value in pb.parameters.items()}, where)
+
+
+def _shm_input(pb, ref: ShmRef) -> InputTensor:
+    if pb.HasField("contents"):
+        raise invalid(f"input '{pb.name}': unexpected 'contents' when using shared memory")
+    return InputTensor(pb.name, check_datatype(pb.name, pb.datatype), check_shape(pb.name, list(pb.shape)), None, ref)
+
+
+def _output(pb) -> RequestedOutput:
+    k = int(pb.parameters["classification"].int64_param) if "classification" in pb.parameters else 0
+    shm = _shm(pb, f"output '{pb.name}'")
+    if shm is not None and k:
+        raise invalid(f"output '{pb.name}' can't set both 'shared_memory_region' and 'classification'")
+    return RequestedOutput(pb.name, k, shm=shm)
+
+
 def parse_request(pb) -> InferRequest:
     raw = list(pb.raw_input_contents)
-    if raw and len(raw) != len(pb.inputs):
+    shm = [_shm(t, f"input '{t.name}'") for t in pb.inputs]
+    if raw and len(raw) != sum(ref is None for ref in shm):
         raise invalid(f"{len(raw)} raw_input_contents for {len(pb.inputs)} inputs: send all inputs raw or none")
-    inputs = [_input(t, raw[i] if raw else None) for i, t in enumerate(pb.inputs)]
-    outputs = [RequestedOutput(o.name, int(o.parameters["classification"].int64_param)
-                               if "classification" in o.parameters else 0) for o in pb.outputs]
-    return InferRequest(pb.model_name, pb.model_version, pb.id, inputs, outputs or None)
+    raws = iter(raw)   # one for each input not in shared memory, in order
+    inputs = [_shm_input(t, ref) if ref else _input(t, next(raws) if raw else None) for t, ref in zip(pb.inputs, shm)]
+    return InferRequest(pb.model_name, pb.model_version, pb.id, inputs, [_output(o) for o in pb.outputs] or None)
 
 
 def encode_response(request: InferRequest, outputs) -> service_pb2.ModelInferResponse:
     response = service_pb2.ModelInferResponse(model_name=request.model, model_version="1", id=request.id)
     for out in outputs:
         response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.shape))
-        response.raw_output_contents.append(to_bytes(out.data))
+        response.raw_output_contents.append(b"" if out.in_shared_memory else to_bytes(out.data))   # as Triton
     return response
 
 
@@ -122,6 +146,40 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             stats = self.state.statistics(request.name, request.version)
             return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
         return await self._call(context, run)
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        async def run():
+            response = service_pb2.SystemSharedMemoryStatusResponse()
+            for region in self.state.shared_memory.status(request.name):
+                response.regions[region["name"]].CopyFrom(
+                    service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+            return response
+        return await self._call(context, run)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        async def run():
+            self.state.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+            return service_pb2.SystemSharedMemoryRegisterResponse()
+        return await self._call(context, run)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        async def run():
+            self.state.shared_memory.unregister(request.name)
+            return service_pb2.SystemSharedMemoryUnregisterResponse()
+        return await self._call(context, run)
+
+    async def _no_cuda(self, context):
+        await self._guard(context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_UNSUPPORTED)
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await self._no_cuda(context)
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await self._no_cuda(context)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await self._no_cuda(context)
 
     async def _infer(self, request) -> service_pb2.ModelInferResponse:
         if self.state.draining:

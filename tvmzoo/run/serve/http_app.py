@@ -1,6 +1,7 @@
-"""The HTTP/REST endpoints: the protocol's health, metadata, ready and infer, Triton's model config and
-statistics, and Prometheus /metrics (connections are http_server's). Errors are {"error": "..."} with the
-status code; every endpoint but health needs the bearer token when one is set."""
+"""The HTTP/REST endpoints: the protocol's health, metadata, ready and infer, Triton's model config,
+statistics and system shared memory regions, and Prometheus /metrics (connections are http_server's).
+Errors are {"error": "..."} with the status code; every endpoint but health needs the bearer token when one
+is set."""
 from __future__ import annotations
 
 import inspect
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from .http_codec import HEADER_LENGTH, encode_response, parse_infer
+from .shared_memory import CUDA_UNSUPPORTED
 from .state import EXTENSIONS, SERVER_NAME, AppState
-from .tensors import ServeError
+from .tensors import ServeError, invalid
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,35 @@ async def infer(state: AppState, request: Request, name: str, version: str) -> R
     return Response(200, body, [("Content-Type", "application/octet-stream"), (HEADER_LENGTH, str(json_length))])
 
 
+def shm_status(state: AppState, request: Request, name: str) -> Response:
+    return Response(200, json.dumps(state.shared_memory.status(name)).encode(), [("Content-Type", "application/json")])
+
+
+def shm_register(state: AppState, request: Request, name: str) -> Response:
+    """Body {"key": ..., "offset": ..., "byte_size": ...}, as Triton's system shared memory extension."""
+    try:
+        doc = json.loads(request.body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"malformed JSON in the register request: {exc}") from None
+    if not isinstance(doc, dict) or "key" not in doc or "byte_size" not in doc:
+        raise invalid('the register request must be a JSON object with "key", "byte_size" and optional "offset"')
+    state.shared_memory.register(name, doc["key"], doc.get("offset", 0), doc["byte_size"])
+    return Response(200, headers=[("Content-Type", "application/json")])
+
+
+def shm_unregister(state: AppState, request: Request, name: str) -> Response:
+    state.shared_memory.unregister(name)
+    return Response(200, headers=[("Content-Type", "application/json")])
+
+
+def cuda_shm(state: AppState, request: Request, name: str) -> Response:
+    raise invalid(CUDA_UNSUPPORTED)
+
+
+SHM = r"/v2/systemsharedmemory(?:/region/([^/]+))?"
+CUDA_SHM = r"/v2/cudasharedmemory(?:/region/([^/]+))?"
+
+
 @dataclass(frozen=True)
 class Route:
     pattern: re.Pattern
@@ -132,6 +163,11 @@ ROUTES = [Route(re.compile(pattern + "$"), method, handler, public) for pattern,
     (MODEL + r"/config", "GET", model_config, False),
     (MODEL + r"/stats", "GET", statistics, False),
     (r"/metrics", "GET", metrics, False),
+    (SHM + r"/status", "GET", shm_status, False),
+    (r"/v2/systemsharedmemory/region/([^/]+)/register", "POST", shm_register, False),
+    (SHM + r"/unregister", "POST", shm_unregister, False),
+    (CUDA_SHM + r"/status", "GET", cuda_shm, False),
+    (CUDA_SHM + r"/(?:register|unregister)", "POST", cuda_shm, False),
 )]
 
 

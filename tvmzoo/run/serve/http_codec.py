@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from .shared_memory import shm_ref
 from .tensors import (InferRequest, InputTensor, OutputTensor, RequestedOutput, check_datatype, check_shape,
                       from_buffer, from_list, invalid, to_bytes, to_json_data)
 
@@ -47,7 +48,10 @@ def _input(item, body: memoryview, offset: int) -> tuple[InputTensor, int]:
     name = item["name"]
     datatype = check_datatype(name, item.get("datatype"))
     shape = check_shape(name, item.get("shape"))
-    size = _parameters(item, f"input '{name}'").get("binary_data_size")
+    params = _parameters(item, f"input '{name}'")
+    if "shared_memory_region" in params:
+        return _shm_input(item, name, datatype, shape, params), offset
+    size = params.get("binary_data_size")
     if size is None:
         if "data" not in item:
             raise invalid(f"input '{name}' has neither data nor a binary_data_size parameter")
@@ -57,6 +61,13 @@ def _input(item, body: memoryview, offset: int) -> tuple[InputTensor, int]:
     return from_buffer(name, datatype, shape, body[offset:offset + size]), offset + size
 
 
+def _shm_input(item: dict, name: str, datatype: str, shape: tuple[int, ...], params: dict) -> InputTensor:
+    """An input in a shared memory region (read before inference): no data, no binary_data_size."""
+    if "data" in item or "binary_data_size" in params:
+        raise invalid(f"input '{name}' must set only one of 'data', 'binary_data_size' and 'shared_memory_region'")
+    return InputTensor(name, datatype, shape, None, shm_ref(params, f"input '{name}'"))
+
+
 def _output(item) -> RequestedOutput:
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         raise invalid('each requested output must be a JSON object with a "name"')
@@ -64,7 +75,12 @@ def _output(item) -> RequestedOutput:
     k = params.get("classification", 0)
     if type(k) is not int:
         raise invalid(f"output '{item['name']}': classification must be an integer, got {k!r}")
-    return RequestedOutput(item["name"], k, _flag(params, "binary_data", f"output '{item['name']}'"))
+    shm = shm_ref(params, f"output '{item['name']}'")
+    binary = _flag(params, "binary_data", f"output '{item['name']}'")
+    if shm is not None and (k or binary):
+        raise invalid(f"output '{item['name']}' can't set both 'shared_memory_region' and "
+                      f"'{'classification' if k else 'binary_data'}'")
+    return RequestedOutput(item["name"], k, binary, shm)
 
 
 def parse_infer(body: bytes | memoryview, header_length: int | None, model: str, version: str) -> InferRequest:
@@ -93,7 +109,9 @@ def encode_response(request: InferRequest, outputs: list[OutputTensor]) -> tuple
     items, blobs = [], []
     for out in outputs:
         item = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
-        if out.binary:
+        if out.in_shared_memory:   # as Triton: name, datatype and shape only
+            pass
+        elif out.binary:
             blob = to_bytes(out.data)
             item["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

@@ -18,6 +18,7 @@ from ..runner import model_input
 from .batcher import Closed
 from .metrics import VERSION, Metrics
 from .repository import ModelEntry, Repository
+from .shared_memory import Attached, SharedMemoryRegions
 from .tensors import BYTES, InferRequest, InputTensor, OutputTensor, ServeError, invalid, object_array
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,12 @@ class Inference:
     """The request path shared by the HTTP and gRPC front ends."""
 
     def __init__(self, repository: Repository, metrics: Metrics, decode_pool: Executor,
-                 max_image_pixels: int) -> None:
+                 max_image_pixels: int, shared_memory: SharedMemoryRegions | None = None) -> None:
         self.repository = repository
         self.max_image_pixels = max_image_pixels
         self.metrics = metrics
         self.decode_pool = decode_pool
+        self.shared_memory = shared_memory or SharedMemoryRegions()
         self.in_flight = 0     # accepted requests not answered yet (the SIGTERM drain waits for 0)
 
     async def infer(self, request: InferRequest) -> list[OutputTensor]:
@@ -147,7 +149,8 @@ class Inference:
         series.pending.inc()
         self.in_flight += 1
         try:
-            outputs = await self._infer(entry, request)
+            run = self._infer_shared_memory if request.shared_memory else self._infer
+            outputs = await run(entry, request)
         except ServeError as exc:
             self.metrics.failure.labels(entry.name, VERSION, _REASONS.get(exc.status, "OTHER")).inc()
             raise
@@ -161,6 +164,13 @@ class Inference:
         series.success.inc()
         self.metrics.last_inference[entry.name] = time.time()
         series.request_us.inc((time.perf_counter() - start) * 1e6)
+        return outputs
+
+    async def _infer_shared_memory(self, entry: ModelEntry, request: InferRequest) -> list[OutputTensor]:
+        """Triton's shared memory extension: inputs read from their regions, outputs written to theirs."""
+        with Attached(self.shared_memory, request) as attached:
+            outputs = await self._infer(entry, request)
+            attached.write(outputs)
         return outputs
 
     async def _infer(self, entry: ModelEntry, request: InferRequest) -> list[OutputTensor]:

@@ -23,6 +23,7 @@ from .http_server import HttpServer
 from .inference import Inference
 from .metrics import Metrics
 from .repository import Repository
+from .shared_memory import SharedMemoryRegions
 from .state import AppState
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,11 @@ class Server:
         self.metrics = Metrics.create()
         self.repository = Repository.load(cfg, self.metrics)
         self.decode_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="decode")
-        self.inference = Inference(self.repository, self.metrics, self.decode_pool, cfg.max_image_pixels)
+        self.shared_memory = SharedMemoryRegions(cfg.max_request_bytes)
+        self.inference = Inference(self.repository, self.metrics, self.decode_pool, cfg.max_image_pixels,
+                                   self.shared_memory)
         self.state = AppState(self.repository, self.inference, self.metrics, __version__, cfg.auth_token,
-                              cfg.max_request_bytes, cfg.max_json_bytes)
+                              cfg.max_request_bytes, cfg.max_json_bytes, self.shared_memory)
         self.http = None
         self.grpc = None
         self.ports: tuple[int, int] = (0, 0)
@@ -86,6 +89,7 @@ class Server:
             self.http.abort()
         self.repository.close(timeout=self.cfg.drain_seconds)
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        self.shared_memory.close()   # every region: its descriptor closed
         return in_flight
 
     async def run(self, on_ready: Callable[[str], None]) -> None:

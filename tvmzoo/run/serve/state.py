@@ -1,4 +1,5 @@
-"""What both front ends share: the repository, the request path, metrics, the token, draining."""
+"""What both front ends share: the repository, the request path, metrics, the token, draining, the
+registered shared memory regions."""
 from __future__ import annotations
 
 import asyncio
@@ -8,9 +9,10 @@ from dataclasses import dataclass, field
 from .inference import Inference
 from .metrics import Metrics
 from .repository import Repository
+from .shared_memory import SharedMemoryRegions
 
 SERVER_NAME = "tvmzoo"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics", "system_shared_memory"]
 
 
 @dataclass
@@ -22,6 +24,7 @@ class AppState:
     auth_token: str | None
     max_request_bytes: int
     max_json_bytes: int
+    shared_memory: SharedMemoryRegions = field(default_factory=SharedMemoryRegions)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)   # SIGTERM: refuse new requests, end streams
 
     @property

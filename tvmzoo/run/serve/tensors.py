@@ -6,8 +6,12 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .shared_memory import ShmRef
 
 DATATYPES: dict[str, np.dtype] = {name: np.dtype(kind) for name, kind in {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -16,8 +20,8 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(kind) for name, kind in {
 BYTES = "BYTES"
 
 # status -> HTTP code; gRPC uses the status name itself (grpc.StatusCode[status])
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413, "UNAUTHENTICATED": 401,
-               "UNAVAILABLE": 503, "INTERNAL": 500}
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413,
+               "UNAUTHENTICATED": 401, "UNAVAILABLE": 503, "INTERNAL": 500}
 
 
 class ServeError(Exception):
@@ -41,7 +45,8 @@ class InputTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: np.ndarray           # numeric, shaped; or a flat object array of bytes for BYTES
+    data: np.ndarray | None    # numeric, shaped; or a flat object array of bytes for BYTES; None: in `shm`
+    shm: ShmRef | None = None  # sent by shared memory: read from the region before inference
 
 
 @dataclass
@@ -49,6 +54,7 @@ class RequestedOutput:
     name: str
     classification: int = 0    # Triton's classification extension: top-k as "score:index:label"
     binary: bool = False       # HTTP binary tensor extension
+    shm: ShmRef | None = None  # shared memory extension: written to the region, not the response body
 
 
 @dataclass
@@ -60,6 +66,10 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None   # None: every output
     binary_output: bool = False                    # HTTP: outputs not named get binary data
 
+    @property
+    def shared_memory(self) -> bool:
+        return any(t.shm for t in self.inputs) or any(o.shm for o in self.outputs or ())
+
 
 @dataclass
 class OutputTensor:
@@ -69,6 +79,7 @@ class OutputTensor:
     data: np.ndarray
     binary: bool = False
     parameters: dict = field(default_factory=dict)
+    in_shared_memory: bool = False   # written to its region: no data in the response
 
 
 def datatype_of(array: np.ndarray) -> str:
