@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -229,6 +231,14 @@ def test_every_bad_case_gets_its_status_and_the_server_goes_on(clients, region, 
         assert _status(err) == status and "truncated" in err.value.message()
     assert server.proc.poll() is None   # no SIGBUS: the server is still there
     np.testing.assert_array_equal(_infer(g, grpcclient, x, G, None, None).as_numpy("output"), expected)
+
+    # a register body over 4 KB reaches the handler as a memoryview (the HTTP receive path): still a 400, not a 500
+    padded = b'{"key": "/tvmzoo_no_such_object", "byte_size": 16}' + b" " * 8192
+    request = urllib.request.Request(f"http://{server.http}/v2/systemsharedmemory/region/r9/register", data=padded,
+                                     headers=H, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert err.value.code == 400 and b"cannot open" in err.value.read()
 
 
 def test_a_region_in_use_stays_open_until_released(tmp_path):

@@ -122,7 +122,7 @@ def shm_status(state: AppState, request: Request, name: str) -> Response:
 def shm_register(state: AppState, request: Request, name: str) -> Response:
     """Body {"key": ..., "offset": ..., "byte_size": ...}, as Triton's system shared memory extension."""
     try:
-        doc = json.loads(request.body or b"{}")
+        doc = json.loads(bytes(request.body) or b"{}")   # a body over 4 KB comes as a memoryview
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"malformed JSON in the register request: {exc}") from None
     if not isinstance(doc, dict) or "key" not in doc or "byte_size" not in doc:
