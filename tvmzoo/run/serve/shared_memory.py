@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tensors import InferRequest, InputTensor, OutputTensor, ServeError, from_buffer, invalid, to_bytes
+from .tensors import InferRequest, InputTensor, OutputTensor, ServeError, ShmRef, from_buffer, invalid, to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
 CUDA_UNSUPPORTED = ("CUDA shared memory is not supported: tvmzoo serve runs models on the CPU; register the "
                     "tensors as system shared memory (v2/systemsharedmemory, tritonclient.utils.shared_memory)")
-
-
-@dataclass(frozen=True)
-class ShmRef:
-    """A tensor's place in a registered region: the shared_memory_* parameters of an input or output."""
-    region: str
-    byte_size: int
-    offset: int = 0
 
 
 def shm_ref(params: dict, where: str) -> ShmRef | None:

@@ -6,12 +6,15 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from .shared_memory import ShmRef
+@dataclass(frozen=True)
+class ShmRef:
+    """A tensor's place in a registered region: the shared_memory_* parameters of an input or output."""
+    region: str
+    byte_size: int
+    offset: int = 0
+
 
 DATATYPES: dict[str, np.dtype] = {name: np.dtype(kind) for name, kind in {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
