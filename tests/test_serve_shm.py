@@ -309,3 +309,22 @@ def test_unregistering_regions_in_use_leaves_the_server_serving(clients, region,
     assert sum(a for a, _ in counts) > 0, counts
     assert server.proc.poll() is None
     _infer(g, grpcclient, x, G, "in0", None)   # still serving
+
+
+def test_no_shared_memory_refuses_registration_and_says_why(repo, region, model, sample_images):
+    """`--no-shared-memory`: the extension is not advertised, registering is refused with the flag named, and the
+    server still answers tensors sent in the request."""
+    proc = ServerProcess.start(repo, "--no-shared-memory")
+    try:
+        h, g = httpclient.InferenceServerClient(proc.http), grpcclient.InferenceServerClient(proc.grpc)
+        assert "system_shared_memory" not in h.get_server_metadata()["extensions"]
+        assert "system_shared_memory" not in g.get_server_metadata().extensions
+        _, key = region("r", 64)
+        for client, status in ((h, "400"), (g, "StatusCode.INVALID_ARGUMENT")):
+            with pytest.raises(InferenceServerException) as err:
+                client.register_system_shared_memory("r", key, 64)
+            assert _status(err) == status and "--no-shared-memory" in err.value.message()
+        x = _photos(model, sample_images[41:42])
+        np.testing.assert_array_equal(_infer(g, grpcclient, x, {}, None, None).as_numpy("output"), model.run(x))
+    finally:
+        assert proc.stop() == 0

@@ -41,6 +41,7 @@ class ServeConfig:
     idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS   # a connection that sends nothing is closed
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS   # BYTES images above it: 400 before decoding
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES       # the JSON part of an HTTP infer request; above it: 413
+    shared_memory: bool = True             # Triton's system shared memory extension (clients' /dev/shm objects)
 
     def __post_init__(self) -> None:
         for name in ("instances", "max_request_bytes", "max_image_pixels", "max_json_bytes"):

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from .shared_memory import CUDA_UNSUPPORTED, ShmRef, shm_ref
-from .state import EXTENSIONS, SERVER_NAME, AppState
+from .state import SERVER_NAME, AppState
 from .tensors import (BYTES, InferRequest, InputTensor, RequestedOutput, ServeError, check_datatype, check_shape,
                       from_buffer, from_list, invalid, object_array, to_bytes)
 
@@ -123,7 +123,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         async def run():
             return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=self.state.version,
-                                                      extensions=EXTENSIONS)
+                                                      extensions=self.state.extensions)
         return await self._call(context, run)
 
     async def ModelMetadata(self, request, context):

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from .http_codec import HEADER_LENGTH, encode_response, parse_infer
 from .shared_memory import CUDA_UNSUPPORTED
-from .state import EXTENSIONS, SERVER_NAME, AppState
+from .state import SERVER_NAME, AppState
 from .tensors import ServeError, invalid
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def ready(state: AppState, request: Request) -> Response:
 
 
 def server_metadata(state: AppState, request: Request) -> Response:
-    return Response.json({"name": SERVER_NAME, "version": state.version, "extensions": EXTENSIONS})
+    return Response.json({"name": SERVER_NAME, "version": state.version, "extensions": state.extensions})
 
 
 def model_metadata(state: AppState, request: Request, name: str, version: str) -> Response:

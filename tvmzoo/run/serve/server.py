@@ -39,7 +39,7 @@ class Server:
         self.metrics = Metrics.create()
         self.repository = Repository.load(cfg, self.metrics)
         self.decode_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="decode")
-        self.shared_memory = SharedMemoryRegions(cfg.max_request_bytes)
+        self.shared_memory = SharedMemoryRegions(cfg.max_request_bytes, cfg.shared_memory)
         self.inference = Inference(self.repository, self.metrics, self.decode_pool, cfg.max_image_pixels,
                                    self.shared_memory)
         self.state = AppState(self.repository, self.inference, self.metrics, __version__, cfg.auth_token,

@@ -13,6 +13,7 @@ from .shared_memory import SharedMemoryRegions
 
 SERVER_NAME = "tvmzoo"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics", "system_shared_memory"]
+SHARED_MEMORY = "system_shared_memory"
 
 
 @dataclass
@@ -26,6 +27,10 @@ class AppState:
     max_json_bytes: int
     shared_memory: SharedMemoryRegions = field(default_factory=SharedMemoryRegions)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)   # SIGTERM: refuse new requests, end streams
+
+    @property
+    def extensions(self) -> list[str]:
+        return [e for e in EXTENSIONS if e != SHARED_MEMORY or self.shared_memory.enabled]
 
     @property
     def draining(self) -> bool:
