@@ -12,8 +12,8 @@ from .repository import Repository
 from .shared_memory import SharedMemoryRegions
 
 SERVER_NAME = "tvmzoo"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics", "system_shared_memory"]
 SHARED_MEMORY = "system_shared_memory"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics", SHARED_MEMORY]
 
 
 @dataclass

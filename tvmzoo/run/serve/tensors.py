@@ -6,7 +6,9 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
 import numpy as np
+
 
 @dataclass(frozen=True)
 class ShmRef:
