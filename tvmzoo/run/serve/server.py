@@ -13,6 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import tornado.netutil
 
+try:   # libuv's event loop: ~10 % less CPU per request in the loop (docs/serving-performance.md)
+    import uvloop
+except ImportError:   # not built for this platform (Windows): asyncio's own loop
+    uvloop = None
+
 from ... import __version__
 
 from ...errors import ConfigError
@@ -113,4 +118,7 @@ class Server:
 def serve(cfg: ServeConfig, say: Callable[[str], None]) -> None:
     """Serve until SIGTERM / SIGINT; `say` gets the ready line (with the ports) and the stop lines."""
     server = Server(cfg)
-    asyncio.run(server.run(say))
+    if uvloop is None:
+        asyncio.run(server.run(say))
+    else:
+        uvloop.run(server.run(say))
