@@ -14,11 +14,13 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from .grpc_wire import SplitRequest, split_request
 from .shared_memory import CUDA_UNSUPPORTED, ShmRef, shm_ref
 from .state import SERVER_NAME, AppState
 from .tensors import (BYTES, InferRequest, InputTensor, RequestedOutput, ServeError, check_datatype, check_shape,
                       from_buffer, from_list, invalid, object_array, to_bytes)
 
+SERVICE = "inference.GRPCInferenceService"   # grpc_service.proto's package and service
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
@@ -72,8 +74,8 @@ def _output(pb) -> RequestedOutput:
     return RequestedOutput(pb.name, k, shm=shm)
 
 
-def parse_request(pb) -> InferRequest:
-    raw = list(pb.raw_input_contents)
+def parse_request(pb, raw: list) -> InferRequest:
+    """`raw`: the request's raw_input_contents (split off by grpc_wire.split_request)."""
     shm = [_shm(t, f"input '{t.name}'") for t in pb.inputs]
     if raw and len(raw) != sum(ref is None for ref in shm):
         raise invalid(f"{len(raw)} raw_input_contents for {len(pb.inputs)} inputs: send all inputs raw or none")
@@ -181,10 +183,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request, context):
         await self._no_cuda(context)
 
-    async def _infer(self, request) -> service_pb2.ModelInferResponse:
+    async def _infer(self, request: SplitRequest) -> service_pb2.ModelInferResponse:
         if self.state.draining:
             raise ServeError("UNAVAILABLE", "the server is shutting down")
-        parsed = parse_request(request)
+        parsed = parse_request(request.message, request.raw)
         return encode_response(parsed, await self.state.inference.infer(parsed))
 
     async def ModelInfer(self, request, context):
@@ -203,8 +205,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 response = service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request))
             except ServeError as exc:
+                message = request.message
                 response = service_pb2.ModelStreamInferResponse(error_message=str(exc), infer_response=dict(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id))
+                    model_name=message.model_name, model_version=message.model_version, id=message.id))
             async with writing:   # one message at a time on the stream
                 await context.write(response)
 
@@ -225,6 +228,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
 
+def _split_infer_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated handlers of the two infer methods, their requests read by split_request."""
+    return {"ModelInfer": grpc.unary_unary_rpc_method_handler(
+                servicer.ModelInfer, split_request, service_pb2.ModelInferResponse.SerializeToString),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                servicer.ModelStreamInfer, split_request, service_pb2.ModelStreamInferResponse.SerializeToString)}
+
+
 def make_server(state: AppState, address: str, max_request_bytes: int,
                 idle_timeout: float) -> tuple[grpc.aio.Server, int]:
     """The gRPC server bound to `address` (host:port, port 0 = any free one) and the port it got. A connection
@@ -233,7 +244,9 @@ def make_server(state: AppState, address: str, max_request_bytes: int,
                                       ("grpc.max_connection_idle_ms", int(idle_timeout * 1000)),
                                       ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    servicer = InferenceServicer(state)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    server.add_registered_method_handlers(SERVICE, _split_infer_handlers(servicer))   # these take precedence
     port = server.add_insecure_port(address)   # grpc raises RuntimeError, or returns 0, when it cannot bind
     if port == 0:
         raise OSError(f"the port is in use or {address} is not an address here")
