@@ -360,6 +360,12 @@ def bars(results: dict) -> list[str]:
             for (label, protocol, client), (served, local) in res["paired"].items()))
         if c8:
             lines.append("  - c8 " + "; ".join(ceiling(res, r) for r in c8))
+        rule = [r for r in res["rows"] if r.concurrency == 2 * res["batch"] > 8]
+        if rule:   # c8 on a batch-8 build holds one batch: the model idles while its 8 answers and requests travel
+            lines.append(f"  - c{2 * res['batch']} (Triton's throughput rule, 2 x max batch per instance: a batch "
+                         "gathers while one runs) " + ", ".join(
+                             f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %"
+                             for r in rule) + " of vamp")
     return lines
 
 

@@ -278,6 +278,7 @@ def test_grpc_errors_have_protocol_codes(server):
     g = grpcclient.InferenceServerClient(server.grpc)
     cases = [(HOST, np.zeros((1, 3, 31, 32), np.float32), "StatusCode.INVALID_ARGUMENT"),
              (HOST, np.zeros((1, 3, 32, 32), np.uint8), "StatusCode.INVALID_ARGUMENT"),
+             (HOST, np.full((1, 3, 32, 32), np.inf, np.float32), "StatusCode.INVALID_ARGUMENT"),   # the batcher's check
              ("nope", np.zeros((1, 3, 32, 32), np.float32), "StatusCode.NOT_FOUND"),
              (HOST, np.zeros((100, 3, 32, 32), np.float32), "StatusCode.RESOURCE_EXHAUSTED")]
     for name, x, status in cases:

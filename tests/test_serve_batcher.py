@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tvmzoo.run.runtime import ALIGNMENT, CompiledModel  # noqa: E402
 from tvmzoo.run.serve.batcher import Arrivals, Closed, DynamicBatcher  # noqa: E402
 from tvmzoo.run.serve.config import ADAPTIVE_INSTANCES, ServeConfig  # noqa: E402
 from tvmzoo.run.serve.metrics import VERSION, Metrics  # noqa: E402
+from tvmzoo.run.serve.tensors import ServeError, check_finite  # noqa: E402
 from tvmzoo.run.threads import usable_cores  # noqa: E402
 
 pytestmark = pytest.mark.reliability
@@ -111,6 +113,37 @@ def test_asyncio_callers_get_their_own_rows_by_one_hand_back_per_batch(build, sa
         batcher.close()
     with pytest.raises(Closed):
         asyncio.run(batcher.infer(rows[0]))
+
+
+def test_a_refused_request_leaves_the_rest_of_its_batch_answered(build, sample_images):
+    """check_rows runs on each request's rows as staged in the batch: a request with NaN / Inf gets the error,
+    the others of the same batch their own rows' outputs; a batch of refused requests runs nothing."""
+    model = CompiledModel.load(build)                 # batch 4
+    rows = [apply(model.preprocessing, read_image(p))[None] for p in (sample_images * 4)[:4]]
+    expected = model.run(np.concatenate(rows))
+    rows[1] = rows[1].copy()
+    rows[1][0, 2, 5, 7] = np.nan
+    rows[3] = np.full_like(rows[3], np.inf)
+    metrics = Metrics.create()
+    batcher = DynamicBatcher(NAME, [model], 4, DELAY_S, metrics, check_rows=partial(check_finite, "input"))
+
+    async def main(batch: list[np.ndarray]) -> list:
+        return await asyncio.wait_for(asyncio.gather(*(batcher.infer(r) for r in batch), return_exceptions=True), 60)
+
+    try:
+        results = asyncio.run(main(rows))
+        for i in (0, 2):
+            np.testing.assert_array_equal(results[i], expected[i:i + 1])
+        assert isinstance(results[1], ServeError) and results[1].status == "INVALID_ARGUMENT"
+        assert str(results[1]).startswith("input 'input' holds 1 NaN or infinite values (the first at flat index "
+                                          f"{np.ravel_multi_index((0, 2, 5, 7), rows[1].shape)})")
+        assert f"holds {rows[3].size} NaN or infinite values (the first at flat index 0)" in str(results[3])
+        assert metrics.exec_count.value(NAME, VERSION) == 1
+        refused = asyncio.run(main([rows[1], rows[3], rows[1], rows[3]]))
+        assert all(isinstance(r, ServeError) for r in refused)
+        assert metrics.exec_count.value(NAME, VERSION) == 1   # nothing ran for them
+    finally:
+        batcher.close()
 
 
 def _runs_on(metrics: Metrics, threads: int) -> float:

@@ -96,9 +96,14 @@ def _settle_all(pairs: list[tuple[Future | asyncio.Future, np.ndarray | BaseExce
 
 class DynamicBatcher:
     def __init__(self, name: str, instances: list[CompiledModel], max_batch: int, max_delay_s: float,
-                 metrics: Metrics, threads: int = 1, cores: list[int] | None = None) -> None:
-        """`threads`: each instance's TVM threads (fixed), or `cores`: adaptive on these cores (`Lanes`)."""
+                 metrics: Metrics, threads: int = 1, cores: list[int] | None = None,
+                 check_rows: Callable[[np.ndarray], None] | None = None) -> None:
+        """`threads`: each instance's TVM threads (fixed), or `cores`: adaptive on these cores (`Lanes`).
+        `check_rows` raises the error a request gets when its rows, as staged in the batch, are refused:
+        checked there, just copied, they are in cache (~4x cheaper than on the event loop, for gRPC requests
+        and every batch > 1), and off the loop that reads the next requests."""
         self.name = name
+        self.check_rows = check_rows
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.metrics = metrics
@@ -267,17 +272,22 @@ class DynamicBatcher:
         rows = sum(len(item.rows) for item in batch)
         try:
             inputs = model.stage([item.rows for item in batch], self.max_batch)   # copied once, padded
+            refusals = self._refusals(batch, inputs)
             started = time.perf_counter()
-            outputs = model.run(inputs)
+            outputs = model.run(inputs) if not all(refusals) else None
             ran = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
             self._done(rows, threads, index, lambda: m.queue_us.inc(waited_us))
             self._hand_back(batch, [exc] * len(batch))
             return
+        if outputs is None:   # every request refused: nothing ran
+            self._done(rows, threads, index, lambda: m.queue_us.inc(waited_us))
+            self._hand_back(batch, refusals)
+            return
         offset, results = 0, []
-        for item in batch:
-            results.append(outputs[offset:offset + len(item.rows)])
+        for item, refusal in zip(batch, refusals):
+            results.append(refusal or outputs[offset:offset + len(item.rows)])
             offset += len(item.rows)
         done = time.perf_counter()
         n = len(batch)
@@ -294,6 +304,19 @@ class DynamicBatcher:
 
         self._done(rows, threads, index, count)   # before the results are handed over: a client that got
         self._hand_back(batch, results)           # its answer sees it counted
+
+    def _refusals(self, batch: list[Pending], inputs: np.ndarray) -> list[Exception | None]:
+        """Per request: the error `check_rows` raised on its rows in `inputs`, or None."""
+        refusals, offset = [], 0
+        for item in batch:
+            try:
+                if self.check_rows is not None:
+                    self.check_rows(inputs[offset:offset + len(item.rows)])
+                refusals.append(None)
+            except Exception as exc:  # noqa: BLE001 - the caller's error type, handed to its request
+                refusals.append(exc)
+            offset += len(item.rows)
+        return refusals
 
     @staticmethod
     def _hand_back(batch: list[Pending], outcomes: list) -> None:

@@ -49,11 +49,7 @@ def check_tensor(entry: ModelEntry, tensor: InputTensor) -> np.ndarray:
             or not 1 <= tensor.shape[0] <= MAX_ROWS:
         raise invalid(f"input '{tensor.name}' has shape {list(tensor.shape)}; model '{entry.name}' takes "
                       f"[n, {', '.join(map(str, entry.row_shape))}] with 1 <= n <= {MAX_ROWS}")
-    if tensor.data.dtype.kind == "f" and not np.isfinite(tensor.data).all():
-        bad = np.flatnonzero(~np.isfinite(tensor.data))   # NaN / Inf give plausible-looking scores: refuse them
-        raise invalid(f"input '{tensor.name}' holds {bad.size} NaN or infinite values (the first at flat index "
-                      f"{bad[0]}): the model's scores for it would mean nothing; send finite numbers")
-    return tensor.data
+    return tensor.data   # NaN / Inf: checked by the batcher, on the rows as staged (DynamicBatcher check_rows)
 
 
 def decode_images(entry: ModelEntry, tensor: InputTensor, max_pixels: int) -> np.ndarray:

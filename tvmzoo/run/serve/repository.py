@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ...errors import ConfigError, TvmzooError
@@ -15,7 +16,7 @@ from ..runtime import META_FILE, MODULE_FILE, CompiledModel, output_classes, rea
 from .batcher import DynamicBatcher
 from .config import ServeConfig
 from .metrics import VERSION, Metrics
-from .tensors import ServeError
+from .tensors import ServeError, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntr
     metrics.count_model(entry.name)
     entry.batcher = DynamicBatcher(entry.name, entry.instances, fixed,
                                    cfg.max_queue_delay_us * 1e-6, metrics, cfg.threads or 1,
-                                   cfg.cores)
+                                   cfg.cores, partial(check_finite, entry.input_name))
     log.info("model %s ready: %s %s, batch %s, %d instance(s) x %s", entry.name, entry.input_datatype,
              list(entry.meta["input"]["shape"]), fixed, cfg.instance_count,
              f"{cfg.threads} thread(s)" if cfg.threads else f"1-{len(cfg.cores)} threads (adaptive)")

@@ -45,6 +45,14 @@ def invalid(message: str) -> ServeError:
     return ServeError("INVALID_ARGUMENT", message)
 
 
+def check_finite(name: str, rows: np.ndarray) -> None:
+    """NaN / Inf inputs give plausible-looking scores: refuse them."""
+    if rows.dtype.kind == "f" and not np.isfinite(rows).all():
+        bad = np.flatnonzero(~np.isfinite(rows))
+        raise invalid(f"input '{name}' holds {bad.size} NaN or infinite values (the first at flat index {bad[0]}): "
+                      "the model's scores for it would mean nothing; send finite numbers")
+
+
 @dataclass
 class InputTensor:
     name: str
