@@ -108,7 +108,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport   # type: ignore[assignment]
         if len(self.server.connections) >= self.server.max_connections:
-            _Refusal(transport, self.server.max_connections)   # takes the transport over
+            _Refusal.take(transport, self.server)
             return
         self.server.connections.add(self)
 
@@ -281,12 +281,27 @@ class Connection(asyncio.BufferedProtocol):
 class _Refusal(asyncio.Protocol):
     """A connection past --max-connections: answered 503 at once and closed. What the client sends meanwhile
     is read and dropped until it closes (or REFUSAL_LINGER s): closing a socket with unread bytes resets the
-    connection, which can destroy the answer on its way."""
+    connection, which can destroy the answer on its way. At most max_connections refusals linger (each holds a
+    file descriptor); past that a connection is closed at once."""
 
-    def __init__(self, transport: asyncio.BaseTransport, limit: int) -> None:
-        transport.set_protocol(self)
-        message = (f"the server has {limit} open connections, its limit (--max-connections): retry later, "
-                   "or reuse a connection")
+    @classmethod
+    def take(cls, transport: asyncio.Transport, server: HttpServer) -> None:
+        if server.refusing >= server.max_connections:
+            transport.abort()
+            return
+        refusal = cls(server)
+        transport.set_protocol(refusal)
+        refusal.answer(transport)
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        server.refusing += 1
+        self.timer: asyncio.TimerHandle | None = None
+
+    def answer(self, transport: asyncio.Transport) -> None:
+        server = self.server
+        message = (f"the server has {server.max_connections} open connections, its limit (--max-connections): "
+                   "retry later, or reuse a connection")
         transport.write(encode(Response.error(503, message, headers=[("Retry-After", "1")]), False, False))
         transport.write_eof()
         self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.close)
@@ -298,7 +313,9 @@ class _Refusal(asyncio.Protocol):
         return False   # the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.timer.cancel()
+        if self.timer:
+            self.timer.cancel()
+        self.server.refusing -= 1
 
 
 class HttpServer:
@@ -308,6 +325,7 @@ class HttpServer:
                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.app, self.max_body, self.idle_timeout = app, max_body, idle_timeout
         self.max_connections = max_connections   # more are answered 503 and closed (_Refusal)
+        self.refusing = 0                         # refused connections still open
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.reaper: asyncio.Task | None = None
