@@ -19,7 +19,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 HOST, FUSED, BROKEN, OTHER_CPU = "tiny_b4", "tiny_fused", "broken", "other_cpu"   # the builds of serve_repo
-READY = re.compile(r"HTTP 127\.0\.0\.1:(\d+), gRPC 127\.0\.0\.1:(\d+)")
+READY = re.compile(r"HTTP \S+:(\d+), gRPC \S+:(\d+)")   # any --host; clients connect to 127.0.0.1
 
 
 @dataclass

@@ -108,8 +108,8 @@ def cmd_serve(args) -> int:
                       args.threads, args.max_queue_delay_us, args.max_request_bytes,
                       read_token(args.auth_token_file) if args.auth_token_file else None,
                       Path(args.labels) if args.labels else None, args.drain_seconds,
-                      **_given(args, "max_image_pixels", "max_json_bytes", "idle_timeout_seconds"),
-                      shared_memory=not args.no_shared_memory)
+                      **_given(args, "max_image_pixels", "max_json_bytes", "idle_timeout_seconds", "max_connections"),
+                      shared_memory=args.shared_memory)
     serve(cfg, lambda line: print(line, flush=True))
     return 0
 
@@ -220,9 +220,17 @@ def add_serve(sub) -> None:
     p.add_argument("--labels", help="class names for classification, for builds without a labels.txt of their own "
                                     "(else ImageNet-1k for 1000 classes)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="SIGTERM: time to finish requests")
-    p.add_argument("--no-shared-memory", action="store_true",
-                   help="refuse Triton's system shared memory registrations (on by default: a client that may call "
-                        "the server can have it open /dev/shm objects the server's user may read and write)")
+    shm = p.add_mutually_exclusive_group()
+    shm.add_argument("--shared-memory", dest="shared_memory", action="store_true", default=None,
+                     help="accept Triton's system shared memory registrations whatever --host is (default: only when "
+                          "--host is a loopback address; a client that may call the server can have it open /dev/shm "
+                          "objects the server's user may read and write)")
+    shm.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                     help="refuse system shared memory registrations, also on a loopback --host")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections per front end (HTTP, gRPC), default 256: each holds a file descriptor and "
+                        "can hold a request of up to --max-request-bytes, and 2 x 256 stays under the usual 1024 open "
+                        "files; past it HTTP answers 503 and closes, gRPC closes the connection")
     p.add_argument("--idle-timeout-seconds", type=float, default=None,
                    help="close a connection that sends nothing for this long, default 60 (408 when it stalled mid-request; "
                         "gRPC: no call for this long)")

@@ -1,8 +1,11 @@
 """What `tvmzoo serve` is told: the model repository, addresses, batching and limits."""
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ...errors import ConfigError
@@ -22,6 +25,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_JSON_BYTES = 16 << 20
 MAX_DRAIN_SECONDS = 24 * 3600
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0   # nginx's client_body_timeout; keep-alive clients reconnect after it
+# Open connections per front end (HTTP, gRPC). Each can hold a request body of up to --max-request-bytes and
+# holds a file descriptor: 2 x 256 stays well under the usual 1024 open files (ulimit -n), with room for the
+# models, shared memory regions and logs; past it, accept() failing with EMFILE would stall every new client.
+DEFAULT_MAX_CONNECTIONS = 256
 ADAPTIVE_INSTANCES = 4      # default instances per model at most (each a loaded model): on many cores, a share each
 
 
@@ -41,10 +48,12 @@ class ServeConfig:
     idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS   # a connection that sends nothing is closed
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS   # BYTES images above it: 400 before decoding
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES       # the JSON part of an HTTP infer request; above it: 413
-    shared_memory: bool = True             # Triton's system shared memory extension (clients' /dev/shm objects)
+    # Triton's system shared memory extension (clients' /dev/shm objects); None: on when `host` is loopback only
+    shared_memory: bool | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS   # per front end; past it HTTP gets 503, gRPC a closed socket
 
     def __post_init__(self) -> None:
-        for name in ("instances", "max_request_bytes", "max_image_pixels", "max_json_bytes"):
+        for name in ("instances", "max_request_bytes", "max_image_pixels", "max_json_bytes", "max_connections"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.max_queue_delay_us < 0:
@@ -85,11 +94,35 @@ class ServeConfig:
         limit = os.environ.get("TVM_NUM_THREADS", "")
         return cores[:int(limit)] if limit.isdigit() and int(limit) > 0 else cores
 
+    @cached_property   # is_loopback may resolve a name
+    def shared_memory_on(self) -> bool:
+        return is_loopback(self.host) if self.shared_memory is None else self.shared_memory
+
+    @property
+    def shared_memory_why(self) -> str:
+        """Why system shared memory is on or off, and how to change it."""
+        if self.shared_memory is not None:
+            return f"started with --{'' if self.shared_memory else 'no-'}shared-memory"
+        if self.shared_memory_on:
+            return f"the default for the loopback --host {self.host}; --no-shared-memory turns it off"
+        return (f"the default for --host {self.host or '(every address)'}, not a loopback address: clients of other "
+                "hosts cannot use it, and it lets a client have the server open /dev/shm objects; --shared-memory "
+                "turns it on")
+
     @property
     def instance_count(self) -> int:
         if self.instances is not None:
             return self.instances
         return min(len(self.cores), ADAPTIVE_INSTANCES) if self.cores else 1
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback one ("" binds every address: no)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM) if host else []
+    except (socket.gaierror, UnicodeError):   # binding fails later with its own message
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 def read_token(path: str | Path) -> str:

@@ -14,13 +14,13 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from .config import DEFAULT_MAX_CONNECTIONS
 from .grpc_wire import SplitRequest, split_request
 from .shared_memory import CUDA_UNSUPPORTED, ShmRef, shm_ref
 from .state import SERVER_NAME, AppState
 from .tensors import (BYTES, InferRequest, InputTensor, RequestedOutput, ServeError, check_datatype, check_shape,
                       from_buffer, from_list, invalid, object_array, to_bytes)
 
-SERVICE = "inference.GRPCInferenceService"   # grpc_service.proto's package and service
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
@@ -30,6 +30,28 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
 _FIELD_DTYPES = {"bool_contents": np.bool_, "int_contents": np.int32, "int64_contents": np.int64,
                  "uint_contents": np.uint32, "uint64_contents": np.uint64, "fp32_contents": np.float32,
                  "fp64_contents": np.float64}
+
+
+# grpc's own receive limit is ours plus a quarter: a request up to it is refused by its size, unparsed, with
+# the flag named (grpc's own refusal past its limit names neither the flag nor ours); it bounds what one call holds.
+GRPC_LIMIT_SLACK = 4
+GRPC_INT_MAX = 2 ** 31 - 1   # grpc's integer options
+
+
+class TooLarge:
+    """An infer request over --max-request-bytes, known by its size only (it is not parsed)."""
+    message = service_pb2.ModelInferRequest()   # what a stream's error answer echoes: nothing
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.error = ServeError("RESOURCE_EXHAUSTED", f"request of {size} bytes is over the limit of {limit} "
+                                "(tvmzoo serve --max-request-bytes)")
+
+
+def size_checked(parse: Callable[[bytes], object], limit: int) -> Callable[[bytes], object]:
+    """A request deserializer that parses a message up to `limit` bytes and stands a TooLarge for a larger one."""
+    def deserialize(data: bytes):
+        return parse(data) if len(data) <= limit else TooLarge(len(data), limit)
+    return deserialize
 
 
 def _input(pb, raw: bytes | None) -> InputTensor:
@@ -183,7 +205,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request, context):
         await self._no_cuda(context)
 
-    async def _infer(self, request: SplitRequest) -> service_pb2.ModelInferResponse:
+    async def _infer(self, request: SplitRequest | TooLarge) -> service_pb2.ModelInferResponse:
+        if isinstance(request, TooLarge):
+            raise request.error
         if self.state.draining:
             raise ServeError("UNAVAILABLE", "the server is shutting down")
         parsed = parse_request(request.message, request.raw)
@@ -228,25 +252,39 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
 
-def _split_infer_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """The generated handlers of the two infer methods, their requests read by split_request."""
-    return {"ModelInfer": grpc.unary_unary_rpc_method_handler(
-                servicer.ModelInfer, split_request, service_pb2.ModelInferResponse.SerializeToString),
-            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                servicer.ModelStreamInfer, split_request, service_pb2.ModelStreamInferResponse.SerializeToString)}
+class _Handlers:
+    """Stands for the server in the generated add_..._to_server: keeps the service's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
 
 
-def make_server(state: AppState, address: str, max_request_bytes: int,
-                idle_timeout: float) -> tuple[grpc.aio.Server, int]:
+def _add_service(server: grpc.aio.Server, servicer: InferenceServicer, max_request_bytes: int) -> None:
+    """The generated registration, with infer requests checked by size before they are split (grpc_wire)."""
+    made = _Handlers()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, made)
+    checked = size_checked(split_request, max_request_bytes)
+    for name in ("ModelInfer", "ModelStreamInfer"):
+        made.handlers[name] = made.handlers[name]._replace(request_deserializer=checked)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(made.service, made.handlers),))
+    server.add_registered_method_handlers(made.service, made.handlers)
+
+
+def make_server(state: AppState, address: str, max_request_bytes: int, idle_timeout: float,
+                max_connections: int = DEFAULT_MAX_CONNECTIONS) -> tuple[grpc.aio.Server, int]:
     """The gRPC server bound to `address` (host:port, port 0 = any free one) and the port it got. A connection
-    without a call for `idle_timeout` seconds gets GOAWAY (clients reconnect on their next call)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes),
+    without a call for `idle_timeout` seconds gets GOAWAY (clients reconnect on their next call); past
+    `max_connections` open ones grpc closes a new connection at once (it has no way to say why)."""
+    receive_limit = min(max_request_bytes + max_request_bytes // GRPC_LIMIT_SLACK, GRPC_INT_MAX)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", receive_limit),
+                                      ("grpc.max_allowed_incoming_connections", max_connections),
                                       ("grpc.max_connection_idle_ms", int(idle_timeout * 1000)),
                                       ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0)])
-    servicer = InferenceServicer(state)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    server.add_registered_method_handlers(SERVICE, _split_infer_handlers(servicer))   # these take precedence
+    _add_service(server, InferenceServicer(state), max_request_bytes)
     port = server.add_insecure_port(address)   # grpc raises RuntimeError, or returns 0, when it cannot bind
     if port == 0:
         raise OSError(f"the port is in use or {address} is not an address here")

@@ -32,7 +32,7 @@ import httptools
 import numpy as np
 
 from ..runtime import ALIGNMENT
-from .config import DEFAULT_IDLE_TIMEOUT_SECONDS
+from .config import DEFAULT_IDLE_TIMEOUT_SECONDS, DEFAULT_MAX_CONNECTIONS
 from .http_app import Request, Response
 from .http_codec import HEADER_LENGTH
 
@@ -42,6 +42,7 @@ HEADER_LIMIT = 64 << 10
 # bytes asked of each recv outside a known-length body: a head and small requests (pipelined ones too);
 # what of a large body comes with them passes through the parser, the rest is read into the body's buffer
 HEAD_READ = 16 << 10
+REFUSAL_LINGER = 2.0   # seconds a refused connection may take to read its 503 and close
 SMALL_BODY = 4 << 10   # bodies up to this size are handed over as bytes (what JSON endpoints get)
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
@@ -106,6 +107,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport   # type: ignore[assignment]
+        if len(self.server.connections) >= self.server.max_connections:
+            _Refusal.take(transport, self.server)
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -274,11 +278,54 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+class _Refusal(asyncio.Protocol):
+    """A connection past --max-connections: answered 503 at once and closed. What the client sends meanwhile
+    is read and dropped until it closes (or REFUSAL_LINGER s): closing a socket with unread bytes resets the
+    connection, which can destroy the answer on its way. At most max_connections refusals linger (each holds a
+    file descriptor); past that a connection is closed at once."""
+
+    @classmethod
+    def take(cls, transport: asyncio.Transport, server: HttpServer) -> None:
+        if server.refusing >= server.max_connections:
+            transport.abort()
+            return
+        refusal = cls(server)
+        transport.set_protocol(refusal)
+        refusal.answer(transport)
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        server.refusing += 1
+        self.timer: asyncio.TimerHandle | None = None
+
+    def answer(self, transport: asyncio.Transport) -> None:
+        server = self.server
+        message = (f"the server has {server.max_connections} open connections, its limit (--max-connections): "
+                   "retry later, or reuse a connection")
+        transport.write(encode(Response.error(503, message, headers=[("Retry-After", "1")]), False, False))
+        transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False   # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer:
+            self.timer.cancel()
+        self.server.refusing -= 1
+
+
 class HttpServer:
     """The listening sockets and their connections (stop listening, then close connections as they go idle)."""
 
-    def __init__(self, app: App, max_body: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS) -> None:
+    def __init__(self, app: App, max_body: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.app, self.max_body, self.idle_timeout = app, max_body, idle_timeout
+        self.max_connections = max_connections   # more are answered 503 and closed (_Refusal)
+        self.refusing = 0                         # refused connections still open
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.reaper: asyncio.Task | None = None

@@ -44,7 +44,8 @@ class Server:
         self.metrics = Metrics.create()
         self.repository = Repository.load(cfg, self.metrics)
         self.decode_pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="decode")
-        self.shared_memory = SharedMemoryRegions(cfg.max_request_bytes, cfg.shared_memory)
+        self.shared_memory = SharedMemoryRegions(cfg.max_request_bytes, cfg.shared_memory_on,
+                                                 cfg.shared_memory_why)
         self.inference = Inference(self.repository, self.metrics, self.decode_pool, cfg.max_image_pixels,
                                    self.shared_memory)
         self.state = AppState(self.repository, self.inference, self.metrics, __version__, cfg.auth_token,
@@ -55,7 +56,8 @@ class Server:
 
     async def start(self) -> tuple[int, int]:
         """Listen on both front ends; returns the (HTTP, gRPC) ports (useful with port 0)."""
-        self.http = HttpServer(HttpApp(self.state), self.cfg.max_request_bytes, self.cfg.idle_timeout_seconds)
+        self.http = HttpServer(HttpApp(self.state), self.cfg.max_request_bytes, self.cfg.idle_timeout_seconds,
+                               self.cfg.max_connections)
         try:   # tornado binds every address of the host on one port (port 0 too)
             sockets = tornado.netutil.bind_sockets(self.cfg.http_port, address=self.cfg.host)
         except OSError as exc:
@@ -64,7 +66,8 @@ class Server:
         await self.http.listen(sockets)
         try:
             self.grpc, grpc_port = make_server(self.state, _grpc_address(self.cfg.host, self.cfg.grpc_port),
-                                               self.cfg.max_request_bytes, self.cfg.idle_timeout_seconds)
+                                               self.cfg.max_request_bytes, self.cfg.idle_timeout_seconds,
+                                               self.cfg.max_connections)
         except (OSError, RuntimeError) as exc:
             self.http.stop()
             raise ConfigError(f"cannot listen for gRPC on {self.cfg.host}:{self.cfg.grpc_port} ({exc}); "
@@ -106,6 +109,8 @@ class Server:
         for name, entry in self.repository.models.items():
             if not entry.ready:
                 on_ready(f"model {name}: NOT READY: {entry.problem}")
+        on_ready(f"system shared memory: {'on' if self.cfg.shared_memory_on else 'off'} "
+                 f"({self.cfg.shared_memory_why})")
         ready = sorted(n for n, e in self.repository.models.items() if e.ready)
         on_ready(f"serving {', '.join(ready) or 'no ready model'}: HTTP {self.cfg.host}:{http_port}, "
                  f"gRPC {self.cfg.host}:{grpc_port}")

@@ -101,16 +101,17 @@ class SharedMemoryRegions:
     """The registered system shared memory regions, by name (thread-safe). An input is read into memory of its
     own: `max_input_bytes` bounds it as --max-request-bytes bounds a body."""
 
-    def __init__(self, max_input_bytes: int = 64 << 20, enabled: bool = True) -> None:
+    def __init__(self, max_input_bytes: int = 64 << 20, enabled: bool = True,
+                 why: str = "started with --no-shared-memory") -> None:
         self.max_input_bytes = max_input_bytes
-        self.enabled = enabled   # off (--no-shared-memory): nothing can be registered, so no region is ever read
+        self.enabled = enabled   # off: nothing can be registered, so no region is ever read
+        self.why = why           # why it is on or off, and how to change it (ServeConfig.shared_memory_why)
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()
 
     def register(self, name: str, key, offset, byte_size) -> None:
         if not self.enabled:
-            raise invalid("system shared memory is off on this server (it was started with --no-shared-memory): "
-                          "send the tensors in the request")
+            raise invalid(f"system shared memory is off on this server ({self.why}): send the tensors in the request")
         if not isinstance(name, str) or not name:
             raise invalid("a region name is necessary to register a system shared memory region")
         for label, value in (("offset", offset), ("byte_size", byte_size)):
