@@ -276,7 +276,7 @@ def test_tuning_records_apply_and_match(model, target, image, reference, tmp_pat
     # a later tune() into the folder (here with 0 trials: only the default schedules re-measured,
     # as after an upgrade) keeps one default and at most one tuned record per workload, and the
     # records still build. Resuming with trials is MetaSchedule's own (tune_relax loads this
-    # database); not repeated here, it would double the test's 5 minutes.
+    # database); not repeated here (it would add ~20 s).
     tune(_import(model), target, tmp_path, max_trials_global=0)
     assert _records_per_workload(tmp_path).keys() == per.keys()
     assert all(len(flags) <= 2 and flags.count(True) == 1 for flags in _records_per_workload(tmp_path).values())

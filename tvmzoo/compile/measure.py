@@ -12,6 +12,10 @@ from ..errors import ConfigError, ModuleError
 from ..run.host import request_amx
 
 if TYPE_CHECKING:
+    import tvm
+    from tvm.ir import IRModule
+    from tvm.target import Target
+
     from ..run.devices import RemoteSpec
 
 log = logging.getLogger(__name__)
@@ -19,6 +23,23 @@ log = logging.getLogger(__name__)
 # MetaSchedule's 30 s default kills builds on a busy 2-core machine (a worker importing tvm
 # alone takes ~5 s there).
 BUILD_TIMEOUT_S = 120.0
+
+
+def make_builder() -> ms.builder.LocalBuilder:
+    """MetaSchedule's LocalBuilder (fresh worker processes for every batch of candidates), building
+    with `build_candidate`."""
+    return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate)
+
+
+def build_candidate(mod: IRModule, target: Target, _params: dict | None) -> tvm.runtime.Module:
+    """MetaSchedule's default_build without its `import tvm.s_tir.tensor_intrin`: candidates arrive
+    scheduled, tensorized and post-processed, so building needs no intrinsic registered. That import
+    parses every target's intrinsics (CUDA, ROCm, Arm ...) from TVMScript and cost each fresh builder
+    worker ~25 s of a 2-core machine's CPU, per batch. Module level: the workers import it by name."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def make_runner(remote: RemoteSpec | None = None) -> ms.runner.Runner:

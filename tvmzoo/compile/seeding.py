@@ -18,7 +18,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from ..errors import ConfigError
-from .measure import BUILD_TIMEOUT_S, make_runner
+from .measure import make_builder, make_runner
 from .records import compact_records, fmt_ms, has_records, is_default_trace, mean_secs, normalize
 from .schedules import default_schedule
 
@@ -76,7 +76,7 @@ def measure(cands: list[_Candidate], target: Target, remote: RemoteSpec | None =
     """Sets each candidate's run_secs with tune()'s builder and runner (settings included); all
     candidates run in turn, MEASURE_ROUNDS times, so each sees the same load; each keeps its
     fastest round (None: failed to build or run)."""
-    built = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S).build(
+    built = make_builder().build(
         [ms.builder.BuilderInput(c.mod, target) for c in cands])
     ok = []
     for cand, res in zip(cands, built):

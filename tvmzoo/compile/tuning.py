@@ -24,7 +24,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from ..errors import ConfigError
-from .measure import BUILD_TIMEOUT_S, make_runner
+from .measure import make_builder, make_runner
 from .pipeline import tuning_pipeline
 from .records import read_records
 from .seeding import seed_default_schedules
@@ -97,7 +97,7 @@ def tune(mod: IRModule, target: Target, work_dir: Path, max_trials_global: int,
         prepared, params={}, target=target, work_dir=str(work_dir),
         max_trials_global=max_trials_global, max_trials_per_task=per_task, op_names=TUNED_OPS,
         num_trials_per_iter=min(64, per_task), seed=seed,
-        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S), runner=runner,
+        builder=make_builder(), runner=runner,
         strategy=_search_strategy(per_task),
         measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                            _Progress(max_trials_global)],
