@@ -234,3 +234,39 @@ def test_max_connections_must_be_positive(serve_repo):
     result = run_cli("tvmzoo", "serve", serve_repo, "--max-connections", "0", check=False)
     assert result.returncode != 0 and "--max-connections must be at least 1, got 0" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def _limited_tvmzoo(tmp_path: Path, soft: int, hard: int) -> str:
+    """`tvmzoo` started with open-file limits soft / hard (as a shell's `ulimit -n` leaves them)."""
+    import sys
+    script = tmp_path / "tvmzoo_limited"
+    script.write_text(f"#!{sys.executable}\nimport os, resource, sys\n"
+                      f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+                      f"tvmzoo = os.path.join(os.path.dirname(sys.executable), 'tvmzoo')\n"
+                      "os.execv(tvmzoo, [tvmzoo, *sys.argv[1:]])\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _soft_nofile(pid: int) -> int:
+    line = next(l for l in Path(f"/proc/{pid}/limits").read_text().splitlines() if l.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+@pytest.mark.parametrize("hard", [4096, 300])
+def test_the_open_file_limit_is_raised_to_what_max_connections_can_use(serve_repo, tmp_path, model, photos, hard):
+    """--max-connections 256 can hold 3 x 256 + 64 descriptors: a soft limit of 256 is raised up to the hard one;
+    a hard limit under that is said at start, with the fix, and the server still serves."""
+    proc = ServerProcess.start(serve_repo, "--max-connections", "256", "--instances", "1", "--threads", "1",
+                               executable=_limited_tvmzoo(tmp_path, 256, hard))
+    try:
+        assert _soft_nofile(proc.proc.pid) == min(3 * 256 + 64, hard)
+        warned = [l for l in proc.lines if "open-file limit" in l]
+        if hard < 3 * 256 + 64:
+            assert warned and "raise `ulimit -n` or lower --max-connections" in warned[0] and "300" in warned[0]
+        else:
+            assert not warned
+        got = _infer(httpclient.InferenceServerClient(proc.http), httpclient, photos[:1])
+        np.testing.assert_array_equal(got, model.run(photos[:1]))
+    finally:
+        assert proc.stop() == 0

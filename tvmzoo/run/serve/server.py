@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -34,6 +35,28 @@ from .state import AppState
 log = logging.getLogger(__name__)
 
 
+DESCRIPTORS_BESIDES_CONNECTIONS = 64   # listening sockets, modules, pools' pipes, logs
+
+
+def ensure_descriptors(max_connections: int) -> int:
+    """Raise this process's soft open-file limit (up to the hard one) to what --max-connections can take:
+    HTTP's connections and as many lingering refusals, gRPC's connections. Past the limit accept() fails
+    (EMFILE) for every client, not only the one too many; a common soft limit is 1024. Returns the soft
+    limit now in force (a warning says how to fix it when it stays short)."""
+    needed = 3 * max_connections + DESCRIPTORS_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if wanted > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        if soft < needed:
+            log.warning("open-file limit %d is under the %d that --max-connections %d can use (hard limit %d): "
+                        "past it every new client fails to connect; raise `ulimit -n` or lower --max-connections",
+                        soft, needed, max_connections, hard)
+    return soft
+
+
 def _grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -56,6 +79,7 @@ class Server:
 
     async def start(self) -> tuple[int, int]:
         """Listen on both front ends; returns the (HTTP, gRPC) ports (useful with port 0)."""
+        ensure_descriptors(self.cfg.max_connections)
         self.http = HttpServer(HttpApp(self.state), self.cfg.max_request_bytes, self.cfg.idle_timeout_seconds,
                                self.cfg.max_connections)
         try:   # tornado binds every address of the host on one port (port 0 too)
