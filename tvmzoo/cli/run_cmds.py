@@ -229,8 +229,8 @@ def add_serve(sub) -> None:
                      help="refuse system shared memory registrations, also on a loopback --host")
     p.add_argument("--max-connections", type=int, default=None,
                    help="open connections per front end (HTTP, gRPC), default 256: each holds a file descriptor and "
-                        "can hold a request of up to --max-request-bytes, and 2 x 256 stays under the usual 1024 open "
-                        "files; past it HTTP answers 503 and closes, gRPC closes the connection")
+                        "can hold a request of up to --max-request-bytes (the open-file limit is raised to 3 x this + 64, up to "
+                        "the hard limit); past it HTTP answers 503 and closes, gRPC closes the connection")
     p.add_argument("--idle-timeout-seconds", type=float, default=None,
                    help="close a connection that sends nothing for this long, default 60 (408 when it stalled mid-request; "
                         "gRPC: no call for this long)")

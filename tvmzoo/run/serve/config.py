@@ -26,8 +26,8 @@ DEFAULT_MAX_JSON_BYTES = 16 << 20
 MAX_DRAIN_SECONDS = 24 * 3600
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0   # nginx's client_body_timeout; keep-alive clients reconnect after it
 # Open connections per front end (HTTP, gRPC). Each can hold a request body of up to --max-request-bytes and
-# holds a file descriptor: 2 x 256 stays well under the usual 1024 open files (ulimit -n), with room for the
-# models, shared memory regions and logs; past it, accept() failing with EMFILE would stall every new client.
+# holds a file descriptor (HTTP up to 2: refusals linger), so the server raises its open-file limit to 3 x this
+# + 64 at start (server.ensure_descriptors); past that limit accept() failing with EMFILE stalls every new client.
 DEFAULT_MAX_CONNECTIONS = 256
 ADAPTIVE_INSTANCES = 4      # default instances per model at most (each a loaded model): on many cores, a share each
 
