@@ -15,7 +15,7 @@ perf_analyzer run on the server host would, so each point also reports the CPU t
 client and of the server: with the cores the bottleneck, served images/s can reach at most the in-process
 CPU per image over (server + client) CPU per request of vamp's images/s.
 
-    .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--setups auto,1x2,2x1]
+    .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--rounds 1] [--setups auto,1x2,2x1]
         [--clients raw,stream,wrk,cpp,cppstream,tritonclient] [--protocols http,grpc] [--concurrency 1,8]
         [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo] [--shared-memory none,system]
 
@@ -244,9 +244,16 @@ def vamp(prefix: Path, batch: int, setup: Setup, seconds: float) -> tuple[float,
     return report.throughput_qps, alone, cpu_ms, each
 
 
+def median_round(rounds: list[Row]) -> Row:
+    """A point's round with the median images/s (all its figures from that one measurement)."""
+    return sorted(rounds, key=lambda r: r.images_per_s)[len(rounds) // 2]
+
+
 def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: list[str],
-          concurrency: list[int], executables: dict[str, str | None], protocols: list[str]) -> dict:
-    """One build: vamp, the servers of it alone, the load points, the alternated c1 latency, vamp again."""
+          concurrency: list[int], executables: dict[str, str | None], protocols: list[str],
+          rounds: int = 1) -> dict:
+    """One build: vamp, the servers of it alone, the load points (`rounds` times, interleaved; each point's
+    median round is kept, the spread of its images/s too), the alternated c1 latency, vamp again."""
     compiled = CompiledModel.load(workspace / model)
     x = apply(compiled.preprocessing, read_image(PHOTO))[None]
     top = int(compiled.run(x)[0].argmax())   # every served answer must have it
@@ -271,9 +278,13 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
                 externals[label, client].check(compiled.run(x))
             elif kind in EXTERNAL:   # grpc_load checks every answer's id, size and top class
                 externals[label, client] = GrpcLoad(servers[label].grpc, model, x, top, stream=kind == "cppstream")
-        rows = [measure(label, servers[label], protocol, client, model, x, top, c, seconds,
-                        externals.get((label, client)))
-                for c in concurrency for label, protocol, client in ways]
+        points = [(c, way) for c in concurrency for way in ways]
+        measured = [[measure(label, servers[label], protocol, client, model, x, top, c, seconds,
+                             externals.get((label, client)))
+                     for c, (label, protocol, client) in points] for _ in range(rounds)]
+        rows = [median_round([runs[i] for runs in measured]) for i in range(len(points))]
+        spread = {(r.server, r.protocol, r.client, r.concurrency): sorted(runs[i].images_per_s for runs in measured)
+                  for i, r in enumerate(rows)}
         paired = {way: paired_latency(servers[way[0]], *way[1:], model, compiled, x, top, 2 * seconds,
                                       externals.get((way[0], way[2])))
                   for way in ways}
@@ -286,7 +297,7 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
             "vamp_each": {flags: (ips + after[3][flags]) / 2 for flags, ips in before[3].items()},
-            "batch": batch, "delay_us": delay, "paired": paired, "rows_per_request": len(x)}
+            "batch": batch, "delay_us": delay, "paired": paired, "rows_per_request": len(x), "spread": spread}
 
 
 def ceiling(res: dict, r: Row) -> str:
@@ -340,6 +351,14 @@ def compact(results: dict) -> list[str]:
     return lines
 
 
+def round_spread(res: dict, r: Row) -> str:
+    """The point's spread over its rounds, when there were several."""
+    runs = res["spread"][r.server, r.protocol, r.client, r.concurrency]
+    if len(runs) < 2:
+        return ""
+    return f" [rounds {100 * runs[0] / res['vamp_ips']:.1f}-{100 * runs[-1] / res['vamp_ips']:.1f} %]"
+
+
 def each(res: dict, r: Row) -> str:
     """Served images/s against each vamp setup, when there are several (the adaptive server)."""
     if len(res["vamp_each"]) < 2:
@@ -353,8 +372,8 @@ def bars(results: dict) -> list[str]:
     for model, res in results.items():
         c8 = [r for r in res["rows"] if r.concurrency == 8]
         lines.append(f"- {model} (--max-queue-delay-us {res['delay_us']}): c8 " + ", ".join(
-            f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" + each(res, r)
-            for r in c8)
+            f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" + round_spread(res, r)
+            + each(res, r) for r in c8)
             + " of vamp; c1 p50 with served and in-process runs alternated: " + ", ".join(
             f"{label} {protocol} {client} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
             for (label, protocol, client), (served, local) in res["paired"].items()))
@@ -378,6 +397,9 @@ def main() -> None:
     parser.add_argument("workspace", type=Path)
     parser.add_argument("--models", default=None, help="comma-separated build names (default: every build)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every point this many times, interleaved, and keep its median round (single "
+                             "points move by +-5 %% of vamp between runs on 2 shared cores); the c8 bars show the spread")
     parser.add_argument("--delay-us", type=int, default=None,
                         help="server --max-queue-delay-us (default: one batch's in-process time for batch > 1 "
                              "builds; a batch waits only for as many requests as were in flight together)")
@@ -398,6 +420,8 @@ def main() -> None:
                         help="label=tvmzoo executable, comma-separated, interleaved per point (default: this "
                              "checkout's alone)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     clients = args.clients.split(",")
     if "wrk" in clients and not wrk_available():
         print("wrk is not installed (apt-get install wrk): measuring without it", file=sys.stderr)
@@ -427,7 +451,7 @@ def main() -> None:
     for text in args.setups.split(","):
         setup = Setup.parse(text, args.delay_us)
         results = {name: sweep(args.workspace, name, setup, args.seconds, clients,
-                               [int(c) for c in args.concurrency.split(",")], executables, protocols)
+                               [int(c) for c in args.concurrency.split(",")], executables, protocols, args.rounds)
                    for name in names}
         print(report(results, setup, load), "\n", flush=True)
 
