@@ -351,6 +351,11 @@ def compact(results: dict) -> list[str]:
     return lines
 
 
+def share(res: dict, r: Row) -> str:
+    """A point's served images/s as a share of vamp's, with the way it was measured."""
+    return f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %"
+
+
 def round_spread(res: dict, r: Row) -> str:
     """The point's spread over its rounds, when there were several."""
     runs = res["spread"][r.server, r.protocol, r.client, r.concurrency]
@@ -372,8 +377,7 @@ def bars(results: dict) -> list[str]:
     for model, res in results.items():
         c8 = [r for r in res["rows"] if r.concurrency == 8]
         lines.append(f"- {model} (--max-queue-delay-us {res['delay_us']}): c8 " + ", ".join(
-            f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %" + round_spread(res, r)
-            + each(res, r) for r in c8)
+            share(res, r) + round_spread(res, r) + each(res, r) for r in c8)
             + " of vamp; c1 p50 with served and in-process runs alternated: " + ", ".join(
             f"{label} {protocol} {client} {served:.2f} ms vs {local:.2f} ms ({served - local:+.2f} ms)"
             for (label, protocol, client), (served, local) in res["paired"].items()))
@@ -382,9 +386,7 @@ def bars(results: dict) -> list[str]:
         rule = [r for r in res["rows"] if r.concurrency == 2 * res["batch"] > 8]
         if rule:   # c8 on a batch-8 build holds one batch: the model idles while its 8 answers and requests travel
             lines.append(f"  - c{2 * res['batch']} (Triton's throughput rule, 2 x max batch per instance: a batch "
-                         "gathers while one runs) " + ", ".join(
-                             f"{r.server} {r.protocol} {r.client} {100 * r.images_per_s / res['vamp_ips']:.1f} %"
-                             for r in rule) + " of vamp")
+                         "gathers while one runs) " + ", ".join(share(res, r) for r in rule) + " of vamp")
     return lines
 
 

@@ -54,7 +54,7 @@ def size_checked(parse: Callable[[bytes], object], limit: int) -> Callable[[byte
     return deserialize
 
 
-def _input(pb, raw: bytes | None) -> InputTensor:
+def _input(pb, raw: memoryview | None) -> InputTensor:
     name = pb.name
     datatype = check_datatype(name, pb.datatype)
     shape = check_shape(name, list(pb.shape))
@@ -96,7 +96,7 @@ def _output(pb) -> RequestedOutput:
     return RequestedOutput(pb.name, k, shm=shm)
 
 
-def parse_request(pb, raw: list) -> InferRequest:
+def parse_request(pb, raw: list[memoryview]) -> InferRequest:
     """`raw`: the request's raw_input_contents (split off by grpc_wire.split_request)."""
     shm = [_shm(t, f"input '{t.name}'") for t in pb.inputs]
     if raw and len(raw) != sum(ref is None for ref in shm):

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
-RAW_INPUT_CONTENTS_KEY = (7 << 3) | 2   # field 7 of grpc_service.proto's ModelInferRequest, length-delimited
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+_RAW_FIELD = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+RAW_INPUT_CONTENTS_KEY = (_RAW_FIELD << 3) | _LENGTH   # the key protobuf writes before each raw_input_contents
 
 
 @dataclass(frozen=True)
