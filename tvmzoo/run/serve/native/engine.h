@@ -1,0 +1,37 @@
+// The native engine's C++ interface: what the HTTP pump (pump.cc) needs of a model's dynamic batcher
+// (engine.cc). One Engine per served model; it owns the model instances' threads.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace tvmzoo {
+
+// One request's rows: `rows` x Engine::row_bytes() bytes at `data`, 64-byte aligned (a batch-1 build runs
+// them in place). `owner` keeps `data` alive until the request's Done has returned.
+struct Rows {
+  void* data = nullptr;
+  int64_t rows = 0;
+  std::shared_ptr<void> owner;
+};
+
+// Called exactly once per submitted request, on the instance thread that ran it. Success: `error` is empty
+// and `outputs` holds rows x Engine::output_row_floats() float32 values, valid only during the call.
+// Refused or failed: `outputs` is null and `error` says why (a non-finite input: `refused` is true).
+using Done = std::function<void(const float* outputs, int64_t rows, bool refused, const std::string& error)>;
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  // Queue a request. Returns false (Done is not called) when the engine is closed (draining).
+  virtual bool Submit(Rows rows, Done done) = 0;
+  virtual int64_t row_bytes() const = 0;           // bytes of one input row
+  virtual int64_t output_row_floats() const = 0;   // float32 values of one output row
+};
+
+// The Engine behind a handle returned to Python by the engine's create function (nullptr: unknown handle).
+Engine* EngineFromHandle(int64_t handle);
+
+}  // namespace tvmzoo
