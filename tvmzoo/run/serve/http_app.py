@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from .http_codec import HEADER_LENGTH, encode_response, parse_infer
+from .http_pump import PumpHint, hint
 from .shared_memory import CUDA_UNSUPPORTED
 from .state import SERVER_NAME, AppState
 from .tensors import ServeError, invalid
@@ -32,6 +33,8 @@ class Request:
                                 # buffer when over http_server.SMALL_BODY
     size: int                   # body bytes received
     keep_alive: bool = True
+    head: bytes | None = None   # the request's exact bytes before its body, when a native pump may take its
+                                # connection (http_pump) and they are known
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Response:
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
     close: bool = False         # close the connection after it
+    pump: PumpHint | None = None   # the native pump can answer the requests that repeat this one (http_pump)
 
     @classmethod
     def json(cls, doc: dict, status: int = 200, **kwargs) -> Response:
@@ -112,7 +116,9 @@ async def infer(state: AppState, request: Request, name: str, version: str) -> R
     body, json_length = encode_response(parsed, outputs)
     if json_length is None:
         return Response(200, body, [("Content-Type", "application/json")])
-    return Response(200, body, [("Content-Type", "application/octet-stream"), (HEADER_LENGTH, str(json_length))])
+    engine = state.pump_engines.get(parsed.model)
+    return Response(200, body, [("Content-Type", "application/octet-stream"), (HEADER_LENGTH, str(json_length))],
+                    pump=None if engine is None else hint(request, parsed, outputs, header_length, engine))
 
 
 def shm_status(state: AppState, request: Request, name: str) -> Response:

@@ -35,6 +35,7 @@ from ..runtime import ALIGNMENT
 from .config import DEFAULT_IDLE_TIMEOUT_SECONDS, DEFAULT_MAX_CONNECTIONS
 from .http_app import Request, Response
 from .http_codec import HEADER_LENGTH
+from .http_pump import MAX_MISMATCHES, Pump
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,15 @@ def body_buffer(length: int, tensor_offset: int) -> memoryview:
 
 
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: HttpServer) -> None:
+    def __init__(self, server: HttpServer, received: bytes | None = None, mismatches: int = 0,
+                 stalled: bool = False) -> None:
+        """`received`: a connection the native pump handed back (http_pump), with the bytes it did not answer;
+        `mismatches`: its requests that differed from the one it was handed over for; `stalled`: it handed it back
+        because it stalled mid-request."""
         self.server = server
+        self.adopted = None if received is None else (received, stalled)
+        self.mismatches = mismatches
+        self.raw: bytearray | None = None   # with a pump: the bytes of the request being parsed, from its start
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.pending: deque[Request | Response] = deque()   # complete requests, or a refusal, in order
@@ -107,10 +115,28 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport   # type: ignore[assignment]
-        if len(self.server.connections) >= self.server.max_connections:
+        if self.adopted is None and self.server.open_connections >= self.server.max_connections:
             _Refusal.take(transport, self.server)
             return
         self.server.connections.add(self)
+        if self.adopted is not None:
+            (received, stalled), self.adopted = self.adopted, None
+            self._feed(received)
+            if stalled:   # it sent nothing for the idle timeout already
+                self.last_active -= self.server.idle_timeout
+                self.expire(time.monotonic(), self.server.idle_timeout)
+            if self.server.closing:
+                self.shutdown()
+
+    def _feed(self, data: bytes) -> None:
+        """Take bytes as if they had come from the socket."""
+        view, at = memoryview(data), 0
+        while at < len(view) and not self.transport.is_closing():
+            buffer = self.get_buffer(-1)
+            n = min(len(buffer), len(view) - at)
+            buffer[:n] = view[at:at + n]
+            at += n
+            self.buffer_updated(n)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -129,9 +155,30 @@ class Connection(asyncio.BufferedProtocol):
                 self.parser = httptools.HttpRequestParser(self)   # the old one still waits for this body
                 self._complete()
             return
+        if self.server.pump is not None:
+            self._record(self.head[:nbytes])
         self.data_received(self.head[:nbytes])
         if self.in_message and self.body is not None and not self.broken:   # the rest comes in the next reads
             self.direct = True
+
+    def _record(self, data: memoryview) -> None:
+        """Keep the bytes read outside a body since the current request began (its head and what of its body came
+        with it): the pump compares the next requests with them."""
+        if not self.in_message:
+            self.raw = bytearray(data)
+        elif self.raw is not None and len(self.raw) <= HEADER_LIMIT:
+            self.raw += data
+        else:
+            self.raw = None
+
+    def _head_bytes(self) -> bytes | None:
+        """The completed request's exact bytes before its body, when what was recorded since it began is its head
+        and the part of its body the parser saw, nothing more (no next request in the same read)."""
+        raw, self.raw = self.raw, None
+        if raw is None:
+            return None
+        end = raw.find(b"\r\n\r\n") + 4
+        return bytes(raw[:end]) if end >= 4 and len(raw) - end == self.size else None
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self.broken:
@@ -201,6 +248,7 @@ class Connection(asyncio.BufferedProtocol):
     def _complete(self) -> None:
         """The request is in: queue it."""
         self.in_message = False
+        head = self._head_bytes() if self.server.pump is not None else None
         path, _, query = self.url.decode("latin-1").partition("?")
         if self.body is not None:
             body, self.size = self.body, len(self.body)
@@ -209,7 +257,7 @@ class Connection(asyncio.BufferedProtocol):
         else:
             body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks, self.body = [], None
-        self._enqueue(Request(self.method, path, query, self.headers, body, self.size, self.keep_alive))
+        self._enqueue(Request(self.method, path, query, self.headers, body, self.size, self.keep_alive, head))
 
     def _count_head(self, n: int) -> None:
         self.head_bytes += n
@@ -258,11 +306,13 @@ class Connection(asyncio.BufferedProtocol):
                     await self.writable.wait()
                 if self.transport.is_closing():
                     return
-                self.transport.write(encode(response, isinstance(item, Request) and item.method == "HEAD",
-                                            keep_alive))
+                answer = encode(response, isinstance(item, Request) and item.method == "HEAD", keep_alive)
+                self.transport.write(answer)
                 if not keep_alive:
                     self.closing = True
                     self.transport.close()
+                    return
+                if response.pump is not None and self._hand_over(item, response, answer):
                     return
         finally:
             self.answering = None
@@ -270,6 +320,16 @@ class Connection(asyncio.BufferedProtocol):
         if self.paused and not self.transport.is_closing():
             self.paused = False
             self.transport.resume_reading()
+
+    def _hand_over(self, request: Request, response: Response, answer: bytes) -> bool:
+        """Give the connection to the native pump, when nothing else of it is here (http_pump)."""
+        pump = self.server.pump
+        if request.head is None or self.pending or self.in_message or self.closing or self.mismatches >= MAX_MISMATCHES:
+            return False
+        if not pump.hand_over(self.transport, response.pump, request.head, request.body, answer, self.mismatches):
+            return False
+        self.closing = True
+        return True
 
     def shutdown(self) -> None:
         """Close now if idle, else after the answers due."""
@@ -327,8 +387,31 @@ class HttpServer:
         self.max_connections = max_connections   # more are answered 503 and closed (_Refusal)
         self.refusing = 0                         # refused connections still open
         self.connections: set[Connection] = set()
+        self.pump: Pump | None = None           # the native HTTP pump, when it answers some models (http_pump)
+        self.adopting: set[asyncio.Task] = set()   # connections the pump handed back, being made Python's again
+        self.closing = False                    # shutting down: connections close after their answers
         self.servers: list[asyncio.base_events.Server] = []
         self.reaper: asyncio.Task | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """Python's connections and the pump's."""
+        return len(self.connections) + len(self.adopting) + (self.pump.connections if self.pump else 0)
+
+    def adopt(self, fd: int, received: bytes, mismatches: int, stalled: bool) -> None:
+        """A connection the pump handed back: Python's again, `received` read first."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=fd)
+        made = loop.connect_accepted_socket(lambda: Connection(self, received, mismatches, stalled), sock)
+        task = loop.create_task(made)
+        self.adopting.add(task)
+        task.add_done_callback(lambda done: self._adopted(done, sock))
+
+    def _adopted(self, task: asyncio.Task, sock: socket.socket) -> None:
+        self.adopting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot take back a connection from the native pump: %r", task.exception())
+            sock.close()
 
     async def listen(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
@@ -351,12 +434,15 @@ class HttpServer:
             server.close()
         if self.reaper:
             self.reaper.cancel()
+        if self.pump:
+            self.pump.drain()   # it answers what it has in flight, then hands its connections back
 
     async def close_all_connections(self) -> None:
         """Close idle connections now and busy ones after their answers; returns when all are closed."""
+        self.closing = True
         for connection in list(self.connections):
             connection.shutdown()
-        while self.connections:
+        while self.open_connections:
             await asyncio.sleep(0.01)
 
     def abort(self) -> None:

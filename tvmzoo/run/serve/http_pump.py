@@ -1,0 +1,137 @@
+"""The Python side of the native HTTP pump (native/pump.cc, `tvmzoo serve --native`): which answers let the pump
+take over their keep-alive connection, the hand-over, the connections it hands back, and its counts in /metrics.
+
+After Python answered a binary-tensor infer request 200 for a model a native engine serves, with every output a
+binary FP32 tensor, the connection goes to the pump with the exact bytes of that request before its tensor and of
+the answer before its output tensor. The pump answers every following request whose bytes before the tensor are
+the same (only the tensor differs); anything else (another head or JSON, a refused or failed request, a stall, the
+server draining) comes back here with every byte the pump did not answer, and Python answers it as any request.
+
+The hand-over duplicates the socket's descriptor and aborts the asyncio transport: the transport closes its own
+descriptor (no FIN: the duplicate keeps the socket open, and neither uvloop nor asyncio shuts it down or resets it on
+abort) after removing it from its event loop. The pump tells the loop that connections came back through an
+eventfd (loop.add_reader): it never calls into Python from its thread."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .metrics import Metrics
+from .tensors import BYTES, InferRequest, OutputTensor
+
+if TYPE_CHECKING:
+    from .http_app import Request
+
+log = logging.getLogger(__name__)
+
+CLOSED, MISMATCH, REFUSED, FAILED, STALLED, DRAINING, ENGINE_CLOSED = range(7)   # pump.cc's Reason
+MAX_MISMATCHES = 3   # a connection whose requests keep changing (per-request ids) stays with Python after these
+
+
+@dataclass(frozen=True)
+class PumpHint:
+    """What an answer tells the connection about taking the pump: the model's engine and the sizes around the tensors."""
+    engine: int            # the engine's handle (native/engine.h EngineFromHandle)
+    json_bytes: int        # the request's JSON header
+    tensor_bytes: int      # the request's input tensor, after its JSON header
+    output_bytes: int      # the answer's output tensor, its last bytes
+
+
+def hint(request: Request, parsed: InferRequest, outputs: list[OutputTensor], header_length: int | None,
+         engine: int | None) -> PumpHint | None:
+    """The hint for a 200 infer answer the pump can repeat, else None: a binary-tensor request of a known length
+    (no chunks, no 100-continue) with one binary numeric input, every output a binary FP32 tensor (no
+    classification, no shared memory)."""
+    headers = request.headers
+    if engine is None or header_length is None or not request.keep_alive or request.method != "POST" \
+            or "expect" in headers or "transfer-encoding" in headers or "content-length" not in headers:
+        return None
+    if len(parsed.inputs) != 1 or len(outputs) != 1 or parsed.inputs[0].shm is not None \
+            or parsed.inputs[0].datatype == BYTES:
+        return None
+    out = outputs[0]
+    if not out.binary or out.in_shared_memory or out.datatype != "FP32":
+        return None
+    return PumpHint(engine, header_length, len(request.body) - header_length, out.data.nbytes)
+
+
+class Pump:
+    """One pump thread for the server's HTTP connections."""
+
+    def __init__(self, module, idle_timeout: float, adopt: Callable[[int, bytes, int, bool], None]) -> None:
+        """`module`: the native module (native.load()); `adopt(fd, received, mismatches, stalled)` makes a
+        handed-back connection Python's again."""
+        self.module = module
+        self.handle = module.pump_create(float(idle_timeout))
+        self.notify_fd = module.pump_notify_fd(self.handle)
+        self.adopt = adopt
+        self.held: dict[int, int] = {}   # the pump's connections: id -> mismatches so far
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.notify_fd, self._events)
+
+    def hand_over(self, transport: asyncio.Transport, hint: PumpHint, request_head: bytes, body: memoryview,
+                  answer: bytes, mismatches: int) -> bool:
+        """Give the connection to the pump, after `answer` was written whole; False: it stays Python's."""
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size():
+            return False
+        fd = os.dup(sock.fileno())
+        prefix = request_head + bytes(body[:hint.json_bytes])
+        conn = self.module.pump_adopt(self.handle, fd, hint.engine, prefix, hint.tensor_bytes,
+                                      answer[:len(answer) - hint.output_bytes], b"")
+        if not conn:
+            os.close(fd)
+            return False
+        self.held[conn] = mismatches
+        transport.abort()   # closes the transport's descriptor, not the connection: the pump holds a duplicate
+        return True
+
+    def _events(self) -> None:
+        try:
+            os.read(self.notify_fd, 8)
+        except BlockingIOError:
+            pass
+        events = list(self.module.pump_events(self.handle))
+        for i in range(0, len(events), 4):
+            conn, fd, reason, received = events[i:i + 4]
+            mismatches = self.held.pop(conn, 0) + (reason == MISMATCH)
+            if reason != CLOSED:
+                self.adopt(fd, bytes(received), mismatches, reason == STALLED)
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+    def drain(self) -> None:
+        """Stop taking requests: the pump answers those in flight, then hands every connection back."""
+        self.module.pump_drain(self.handle)
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.remove_reader(self.notify_fd)
+        self.module.pump_destroy(self.handle)
+
+    def count_into(self, metrics: Metrics, engines: dict[str, int]) -> Callable[[], None]:
+        """A refresher for `metrics`: the pump's answers of each model added to its series when /metrics or the
+        statistics are read."""
+        seen: dict[str, list[int]] = {name: [0, 0, 0] for name in engines}
+
+        def refresh() -> None:
+            for name, engine in engines.items():
+                success, request_ns, pending, last_ms = self.module.pump_stats(self.handle, engine)
+                series, before = metrics.series(name), seen[name]
+                series.success.inc(success - before[0])
+                series.request_us.inc((request_ns - before[1]) / 1e3)
+                series.pending.inc(pending - before[2])
+                seen[name] = [success, request_ns, pending]
+                if last_ms:
+                    metrics.last_inference[name] = max(metrics.last_inference.get(name, 0.0), last_ms / 1e3)
+        return refresh
+
