@@ -94,6 +94,21 @@ def _settle_all(pairs: list[tuple[Future | asyncio.Future, np.ndarray | BaseExce
         _settle(future, outcome)
 
 
+def hand_back(batch: list[Pending], outcomes: list) -> None:
+    """Each request its outcome: concurrent futures at once, asyncio ones by one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for item, outcome in zip(batch, outcomes):
+        if item.loop is None:
+            _settle(item.future, outcome)
+        else:
+            by_loop.setdefault(item.loop, []).append((item.future, outcome))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_all, pairs)
+        except RuntimeError:   # the loop is closed: nobody waits for these any more
+            log.warning("model answers dropped: their event loop is closed")
+
+
 class DynamicBatcher:
     def __init__(self, name: str, instances: list[CompiledModel], max_batch: int, max_delay_s: float,
                  metrics: Metrics, threads: int = 1, cores: list[int] | None = None,
@@ -279,11 +294,11 @@ class DynamicBatcher:
         except Exception as exc:  # noqa: BLE001 - TVM raises its own types; each request gets the error
             log.error("model %s failed on a batch of %d requests: %s", self.name, len(batch), exc)
             self._done(rows, threads, index, lambda: m.queue_us.inc(waited_us))
-            self._hand_back(batch, [exc] * len(batch))
+            hand_back(batch, [exc] * len(batch))
             return
         if outputs is None:   # every request refused: nothing ran
             self._done(rows, threads, index, lambda: m.queue_us.inc(waited_us))
-            self._hand_back(batch, refusals)
+            hand_back(batch, refusals)
             return
         offset, results = 0, []
         for item, refusal in zip(batch, refusals):
@@ -303,7 +318,7 @@ class DynamicBatcher:
             m.threads.observe(threads)
 
         self._done(rows, threads, index, count)   # before the results are handed over: a client that got
-        self._hand_back(batch, results)           # its answer sees it counted
+        hand_back(batch, results)           # its answer sees it counted
 
     def _refusals(self, batch: list[Pending], inputs: np.ndarray) -> list[Exception | None]:
         """Per request: the error `check_rows` raised on its rows in `inputs`, or None."""
@@ -317,21 +332,6 @@ class DynamicBatcher:
                 refusals.append(exc)
             offset += len(item.rows)
         return refusals
-
-    @staticmethod
-    def _hand_back(batch: list[Pending], outcomes: list) -> None:
-        """Each request its outcome: concurrent futures at once, asyncio ones by one call per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for item, outcome in zip(batch, outcomes):
-            if item.loop is None:
-                _settle(item.future, outcome)
-            else:
-                by_loop.setdefault(item.loop, []).append((item.future, outcome))
-        for loop, pairs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_settle_all, pairs)
-            except RuntimeError:   # the loop is closed: nobody waits for these any more
-                log.warning("model answers dropped: their event loop is closed")
 
     def _done(self, rows: int, threads: int, index: int, count: Callable[[], None]) -> None:
         """A batch's rows are no longer in flight and its cores are free: counted out before the answers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
@@ -35,6 +36,18 @@ class Cell:
         self.value -= amount
 
 
+class Reading(Cell):
+    """A value kept elsewhere (a native engine's statistics), read when it is scraped."""
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], float]) -> None:   # noqa: super().__init__ would set `value`
+        self.read = read
+
+    @property
+    def value(self) -> float:
+        return self.read()
+
+
 class TritonCounter:
     """A counter (or gauge) exposed under its exact name, as Triton's are: prometheus_client's Counter always
     appends `_total`, and `nv_inference_request_success_total` would match no Triton dashboard."""
@@ -50,6 +63,11 @@ class TritonCounter:
             with self._lock:
                 cell = self._cells.setdefault(values, Cell())
         return cell
+
+    def bind(self, values: tuple[str, ...], cell: Cell) -> None:
+        """`cell` is the series of `values` from now on."""
+        with self._lock:
+            self._cells[values] = cell
 
     def value(self, *values: str) -> float:
         cell = self._cells.get(values)
@@ -80,6 +98,22 @@ class HistogramCell:
         self.sum += value
 
 
+class HistogramReading(HistogramCell):
+    """A histogram kept elsewhere (a native engine's statistics): `read` gives its counts per bucket and sum."""
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], tuple[list[float], float]]) -> None:   # noqa: no counts of its own
+        self.read = read
+
+    @property
+    def counts(self) -> list[float]:
+        return self.read()[0]
+
+    @property
+    def sum(self) -> float:
+        return self.read()[1]
+
+
 class TritonHistogram:
     """A histogram rendered as prometheus_client's Histogram renders it (`_bucket{le}`, `_count`, `_sum`)."""
 
@@ -92,6 +126,10 @@ class TritonHistogram:
     def labels(self, *values: str) -> HistogramCell:
         with self._lock:
             return self._cells.setdefault(values, HistogramCell(self.bounds))
+
+    def bind(self, values: tuple[str, ...], cell: HistogramCell) -> None:
+        with self._lock:
+            self._cells[values] = cell
 
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
@@ -178,6 +216,23 @@ class Metrics:
                     self.input_us, self.infer_us, self.output_us, self.pending)),
                 self.batch_size.labels(model), self.threads.labels(model))
         return found
+
+    def read_batches(self, model: str, read: Callable[[], list[float]]) -> None:
+        """The batch statistics of `model` (queue, compute input / infer / output us, inference and execution
+        counts, the batch-size and threads histograms) are kept by its native engine: `read` gives them, in
+        that order, each histogram as its counts per bucket (self.batch_size.bounds) and its sum."""
+        buckets = len(self.batch_size.bounds)
+        labels = (model, VERSION)
+        for i, counter in enumerate((self.queue_us, self.input_us, self.infer_us, self.output_us,
+                                     self.inference_count, self.exec_count)):
+            counter.bind(labels, Reading(lambda i=i: read()[i]))
+        for start, histogram in ((6, self.batch_size), (7 + buckets, self.threads)):
+            def counts(start: int = start) -> tuple[list[float], float]:
+                values = read()
+                return values[start:start + buckets], values[start + buckets]
+            histogram.bind((model,), HistogramReading(counts))
+        self._series.pop(model, None)
+        self.count_model(model)
 
     def statistics(self, model: str) -> dict:
         """Triton's statistics extension for one model (what perf_analyzer reads for its server-side

@@ -1,0 +1,83 @@
+"""The native data path of `tvmzoo serve --native`: C++ sources (every *.cc here: the engine, the HTTP pump)
+built into one module at first use with apache-tvm-ffi's own builder (`tvm_ffi.cpp.load`: the C++ compiler
+and ninja), linked only against libtvm_ffi, and cached per user in a folder named by the sources' hash
+($XDG_CACHE_HOME/tvmzoo/native/<hash>): a second start loads it in milliseconds, and two servers starting at
+once build it once (tvm_ffi holds a file lock on the folder while it builds)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+from ....errors import ConfigError
+
+SOURCE_DIR = Path(__file__).resolve().parent
+MODULE_NAME = "tvmzoo_native"
+_loaded = None
+_lock = threading.Lock()
+
+
+def sources() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.cc"))
+
+
+def source_hash() -> str:
+    """Of every source and header here (names and contents): a changed file is a new build folder."""
+    digest = hashlib.sha256()
+    for path in sorted([*SOURCE_DIR.glob("*.cc"), *SOURCE_DIR.glob("*.h")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tvmzoo" / "native" / source_hash()
+
+
+def _ninja_on_path() -> None:
+    """tvm_ffi runs `ninja` from PATH; the PyPI ninja (the serve extra) sits next to this interpreter, which
+    is not on PATH when the venv's `tvmzoo` is run without activating it."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def load():
+    """The built module (built now if this version of the sources has no build yet); ConfigError when it
+    cannot be built, saying why and how to fix it."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _build()
+        return _loaded
+
+
+def _build():
+    import tvm_ffi.cpp
+
+    _ninja_on_path()
+    compiler = os.environ.get("CXX", "c++")
+    missing = [tool for tool in ("ninja", compiler.split()[0]) if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"--native: cannot build the native engine ({', '.join(sources_names())}): "
+                          f"{' and '.join(missing)} not found. Install a C++ compiler and ninja (Debian: apt-get "
+                          "install g++ ninja-build; or pip install ninja), or serve without --native.")
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return tvm_ffi.cpp.load(MODULE_NAME, sources=[str(p) for p in sources()], build_directory=str(folder),
+                                extra_cflags=["-std=c++17", "-O2", "-fPIC", "-pthread"])
+    except Exception as exc:  # noqa: BLE001 - the builder raises RuntimeError with the compiler's output
+        detail = str(exc).strip().splitlines()
+        errors = [line for line in detail if "error" in line.lower()][:3] or detail[-3:]
+        raise ConfigError(f"--native: building the native engine in {folder} failed with {compiler}: "
+                          + " | ".join(errors) + ". Check the C++ compiler (CXX), or serve without --native.") from None
+
+
+def sources_names() -> list[str]:
+    return [p.name for p in sources()]

@@ -1,0 +1,109 @@
+"""`DynamicBatcher`'s interface over the native engine (engine.cc): the same batching policy, with the instance
+threads, the staging of each batch, the NaN / Inf check and the batch statistics in C++, off the GIL.
+A Python caller's rows are submitted by address (kept alive here until answered); the engine hands a batch's
+Python requests back in one call (`_batch_done`), which settles their futures as DynamicBatcher does: concurrent
+futures at once, an event loop's by one call_soon_threadsafe per batch. `handle` is what the HTTP pump passes
+to `tvmzoo::EngineFromHandle` to submit to the same engine from C++."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from concurrent.futures import Future
+
+import numpy as np
+
+from ...runtime import CompiledModel, output_classes
+from ..batcher import Closed, Pending, hand_back
+from ..metrics import Metrics
+from ..tensors import invalid
+from . import load
+
+log = logging.getLogger(__name__)
+ANSWERED, REFUSED = 0, 1   # the engine's statuses; anything else: the run failed
+
+
+class NativeBatcher:
+    def __init__(self, name: str, instances: list[CompiledModel], max_batch: int, max_delay_s: float,
+                 metrics: Metrics, threads: int = 1, cores: list[int] | None = None,
+                 check_input: str | None = None) -> None:
+        """As DynamicBatcher; `check_input`: the input's name, to refuse NaN / Inf rows (float inputs) with
+        tensors.check_finite's message (None: no check)."""
+        module = load()
+        model = instances[0]
+        self.name = name
+        self.max_batch = max_batch
+        self._dtype = model.input_dtype
+        self._row_shape = model.input_shape[1:]
+        self._pending: dict[int, Pending] = {}
+        self._tickets = itertools.count()
+        self._submit = module.engine_submit
+        self._module = module
+        classes = output_classes(model.meta) or model.run(np.zeros((model.fixed_batch or 1, *self._row_shape),
+                                                                    self._dtype)).shape[-1]
+        check = check_input if check_input and self._dtype.kind == "f" else ""
+        self.handle = module.engine_create(
+            name, [m.vm["main"] for m in instances], list(self._row_shape), str(self._dtype),
+            model.fixed_batch or 0, max_batch, float(max_delay_s), threads or 1, list(cores or []), check,
+            int(classes), list(metrics.batch_size.bounds), self._batch_done)
+        metrics.read_batches(name, self._statistics)
+
+    def submit(self, rows: np.ndarray) -> Future:
+        """Queue `rows` (leading axis = batch); the future gets their outputs, or the run's exception."""
+        item = Pending(self._rows(rows), Future())
+        self._enqueue(item)
+        return item.future
+
+    async def infer(self, rows: np.ndarray) -> np.ndarray:
+        """`submit` for a caller on an event loop: the outputs of `rows`, settled on this loop."""
+        loop = asyncio.get_running_loop()
+        item = Pending(self._rows(rows), loop.create_future(), loop)
+        self._enqueue(item)
+        return await item.future
+
+    def flush(self) -> None:
+        """From now on run queued requests at once (SIGTERM)."""
+        self._module.engine_flush(self.handle)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests; the instances finish everything already queued, then stop."""
+        if not self._module.engine_close(self.handle, -1.0 if timeout is None else float(timeout)):
+            log.warning("model %s: instances still running after %s s", self.name, timeout)
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        """The rows as the engine reads them: the module's dtype (converted only within its kind, as
+        CompiledModel.run does), C-contiguous, one row of the module's shape each."""
+        given = np.asarray(rows)
+        if not np.can_cast(given.dtype, self._dtype, casting="same_kind"):
+            raise ValueError(f"model {self.name} takes {self._dtype} input, got {given.dtype}: converting would "
+                             f"change the values. Pass {self._dtype}.")
+        if given.ndim != 1 + len(self._row_shape) or given.shape[1:] != self._row_shape or not len(given):
+            raise ValueError(f"model {self.name} takes rows of {list(self._row_shape)}, got {list(given.shape)}")
+        return np.ascontiguousarray(given, dtype=self._dtype)
+
+    def _enqueue(self, item: Pending) -> None:
+        ticket = next(self._tickets)
+        self._pending[ticket] = item     # before the engine can answer it
+        if not self._submit(self.handle, ticket, item.rows.ctypes.data, len(item.rows)):
+            del self._pending[ticket]
+            raise Closed(f"model {self.name} is shutting down")
+
+    def _batch_done(self, tickets, outputs, statuses, messages) -> None:
+        """On an instance thread, once per batch: each Python request its outcome."""
+        try:
+            values = np.from_dlpack(outputs)
+            offset, items, outcomes = 0, [], []
+            for i, (ticket, status) in enumerate(zip(tickets, statuses)):
+                item = self._pending.pop(ticket)
+                if status == ANSWERED:
+                    outcomes.append(values[offset:offset + len(item.rows)])
+                    offset += len(item.rows)
+                else:
+                    outcomes.append(invalid(messages[i]) if status == REFUSED else RuntimeError(messages[i]))
+                items.append(item)
+            hand_back(items, outcomes)
+        except Exception:  # noqa: BLE001 - an instance thread has nobody to raise to
+            log.exception("model %s: handing back a batch failed", self.name)
+
+    def _statistics(self) -> list[float]:
+        return list(self._module.engine_stats(self.handle))
