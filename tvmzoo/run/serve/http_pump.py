@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .metrics import Metrics
 from .tensors import BYTES, InferRequest, OutputTensor
 
 if TYPE_CHECKING:
@@ -118,20 +117,8 @@ class Pump:
             self.loop.remove_reader(self.notify_fd)
         self.module.pump_destroy(self.handle)
 
-    def count_into(self, metrics: Metrics, engines: dict[str, int]) -> Callable[[], None]:
-        """A refresher for `metrics`: the pump's answers of each model added to its series when /metrics or the
-        statistics are read."""
-        seen: dict[str, list[int]] = {name: [0, 0, 0] for name in engines}
-
-        def refresh() -> None:
-            for name, engine in engines.items():
-                success, request_ns, pending, last_ms = self.module.pump_stats(self.handle, engine)
-                series, before = metrics.series(name), seen[name]
-                series.success.inc(success - before[0])
-                series.request_us.inc((request_ns - before[1]) / 1e3)
-                series.pending.inc(pending - before[2])
-                seen[name] = [success, request_ns, pending]
-                if last_ms:
-                    metrics.last_inference[name] = max(metrics.last_inference.get(name, 0.0), last_ms / 1e3)
-        return refresh
-
+    def stats(self, engine: int) -> list[float]:
+        """The pump's answers of one engine: success count, summed request duration (us), pending, last success
+        (time.time()), as Metrics.count_elsewhere reads them."""
+        success, request_ns, pending, last_ms = self.module.pump_stats(self.handle, engine)
+        return [success, request_ns / 1e3, pending, last_ms / 1e3]

@@ -48,6 +48,24 @@ class Reading(Cell):
         return self.read()
 
 
+class Plus(Cell):
+    """A series counted here and elsewhere (the native HTTP pump's answers): its own count plus `read()`."""
+    __slots__ = ("own", "read")
+
+    def __init__(self, read: Callable[[], float]) -> None:   # noqa: super().__init__ would set `value`
+        self.own, self.read = 0.0, read
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.own += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.own -= amount
+
+    @property
+    def value(self) -> float:
+        return self.own + self.read()
+
+
 class TritonCounter:
     """A counter (or gauge) exposed under its exact name, as Triton's are: prometheus_client's Counter always
     appends `_total`, and `nv_inference_request_success_total` would match no Triton dashboard."""
@@ -176,6 +194,8 @@ class Metrics:
     threads: TritonHistogram
     last_inference: dict[str, float] = field(default_factory=dict)   # model -> time.time() of its last success
     _series: dict[str, ModelSeries] = field(default_factory=dict)
+    _last_elsewhere: dict[str, Callable[[], float]] = field(default_factory=dict)
+    pumped: TritonCounter | None = None   # with the native HTTP pump: the requests it answered, per model
 
     @classmethod
     def create(cls) -> Metrics:
@@ -234,6 +254,26 @@ class Metrics:
         self._series.pop(model, None)
         self.count_model(model)
 
+    def count_elsewhere(self, model: str, read: Callable[[], list[float]]) -> None:
+        """Requests of `model` are also answered elsewhere (the native HTTP pump): `read` gives their success count,
+        summed request duration (us), requests pending and the time.time() of the last success, added to what is
+        counted here when the series are read."""
+        labels = (model, VERSION)
+        for i, counter in enumerate((self.success, self.request_us, self.pending)):
+            counter.bind(labels, Plus(lambda i=i: read()[i]))
+        self._last_elsewhere[model] = lambda: read()[3]
+        if self.pumped is None:
+            self.pumped = TritonCounter("tvmzoo_http_pump_success", "Successful inference requests the native HTTP "
+                                        "pump answered (counted in nv_inference_request_success too)")
+            self.registry.register(self.pumped)
+        self.pumped.bind(labels, Reading(lambda: read()[0]))
+        self._series.pop(model, None)
+        self.count_model(model)
+
+    def last_success(self, model: str) -> float:
+        elsewhere = self._last_elsewhere.get(model)
+        return max(self.last_inference.get(model, 0.0), elsewhere() if elsewhere else 0.0)
+
     def statistics(self, model: str) -> dict:
         """Triton's statistics extension for one model (what perf_analyzer reads for its server-side
         figures): counts and cumulative nanoseconds, from the same counters as /metrics."""
@@ -243,7 +283,7 @@ class Metrics:
         def duration(counter: TritonCounter, count: int) -> dict:
             return {"count": count, "ns": int(counter.value(*labels) * 1e3)}
 
-        return {"name": model, "version": VERSION, "last_inference": int(self.last_inference.get(model, 0) * 1e3),
+        return {"name": model, "version": VERSION, "last_inference": int(self.last_success(model) * 1e3),
                 "inference_count": int(self.inference_count.value(*labels)),
                 "execution_count": int(self.exec_count.value(*labels)),
                 "inference_stats": {"success": duration(self.request_us, success),

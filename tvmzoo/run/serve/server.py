@@ -25,9 +25,12 @@ from ...errors import ConfigError
 from .config import ServeConfig
 from .grpc_service import make_server
 from .http_app import HttpApp
+from .http_pump import Pump
 from .http_server import HttpServer
 from .inference import Inference
 from .metrics import Metrics
+from .native import load as load_native
+from .native.batcher import NativeBatcher
 from .repository import Repository
 from .shared_memory import SharedMemoryRegions
 from .state import AppState
@@ -74,6 +77,7 @@ class Server:
         self.state = AppState(self.repository, self.inference, self.metrics, __version__, cfg.auth_token,
                               cfg.max_request_bytes, cfg.max_json_bytes, self.shared_memory)
         self.http = None
+        self.pump: Pump | None = None
         self.grpc = None
         self.ports: tuple[int, int] = (0, 0)
 
@@ -87,6 +91,7 @@ class Server:
         except OSError as exc:
             raise ConfigError(f"cannot listen for HTTP on {self.cfg.host}:{self.cfg.http_port} ({exc.strerror}); "
                               "pick another --http-port (0: any free one) or --host.") from None
+        self._start_pump()
         await self.http.listen(sockets)
         try:
             self.grpc, grpc_port = make_server(self.state, _grpc_address(self.cfg.host, self.cfg.grpc_port),
@@ -99,6 +104,18 @@ class Server:
         await self.grpc.start()
         self.ports = (sockets[0].getsockname()[1], grpc_port)
         return self.ports
+
+    def _start_pump(self) -> None:
+        """--native: the HTTP pump answers the repeated binary-tensor requests of the models native engines serve."""
+        engines = {name: entry.batcher.handle for name, entry in self.repository.models.items()
+                   if isinstance(entry.batcher, NativeBatcher)}
+        if not engines:
+            return
+        self.pump = self.http.pump = Pump(load_native(), self.cfg.idle_timeout_seconds, self.http.adopt)
+        self.pump.start()
+        self.state.pump_engines.update(engines)
+        for name, engine in engines.items():
+            self.metrics.count_elsewhere(name, lambda engine=engine: self.pump.stats(engine))
 
     async def drain(self) -> int:
         """Graceful stop; returns how many requests were still in flight when it began."""
@@ -119,6 +136,8 @@ class Server:
         except asyncio.TimeoutError:
             log.warning("closing HTTP connections timed out; stopping anyway")
             self.http.abort()
+        if self.pump:
+            self.pump.close()   # its connections were handed back (or are closed now, past the deadline)
         self.repository.close(timeout=self.cfg.drain_seconds)
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         self.shared_memory.close()   # every region: its descriptor closed
