@@ -109,7 +109,7 @@ def cmd_serve(args) -> int:
                       read_token(args.auth_token_file) if args.auth_token_file else None,
                       Path(args.labels) if args.labels else None, args.drain_seconds,
                       **_given(args, "max_image_pixels", "max_json_bytes", "idle_timeout_seconds", "max_connections"),
-                      shared_memory=args.shared_memory)
+                      shared_memory=args.shared_memory, native=args.native)
     serve(cfg, lambda line: print(line, flush=True))
     return 0
 
@@ -234,6 +234,9 @@ def add_serve(sub) -> None:
     p.add_argument("--idle-timeout-seconds", type=float, default=None,
                    help="close a connection that sends nothing for this long, default 60 (408 when it stalled mid-request; "
                         "gRPC: no call for this long)")
+    p.add_argument("--native", action="store_true",
+                   help="batch and run every model in C++ (the native engine; built at start with the C++ compiler "
+                        "and ninja, cached in ~/.cache/tvmzoo/native): the same batching, answers and metrics")
     p.set_defaults(func=cmd_serve)
 
 

@@ -5,6 +5,7 @@ repository  model folders -> loaded, checked models (ready or not, and why)
 tensors     protocol tensors <-> numpy, datatypes, Triton's BYTES encoding, errors with their status
 inference   one request: validate, decode images, batch, outputs and the classification extension
 batcher     dynamic batching over model instances
+native      the same batching in C++ (--native): engine.cc, built at first use, and NativeBatcher over it
 metrics     Prometheus metrics named like Triton's
 http_app    the HTTP/REST endpoints, with Triton's binary tensor extension
 http_server HTTP/1.1 connections (asyncio + httptools): keep-alive, pipelining, 100-continue, limits

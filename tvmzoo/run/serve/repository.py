@@ -13,9 +13,11 @@ from ...errors import ConfigError, TvmzooError
 from ...io.images import Labels, check_label_count, load_labels
 from ..runtime import META_FILE, MODULE_FILE, CompiledModel, output_classes, read_meta
 
+from . import native
 from .batcher import DynamicBatcher
 from .config import ServeConfig
 from .metrics import VERSION, Metrics
+from .native.batcher import NativeBatcher
 from .tensors import ServeError, check_finite
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class ModelEntry:
     meta: dict | None = None
     problem: str | None = None                  # why the model is not ready
     labels: tuple[str, ...] | None = None
-    batcher: DynamicBatcher | None = None
+    batcher: DynamicBatcher | NativeBatcher | None = None
     instances: list[CompiledModel] = field(default_factory=list)
 
     @property
@@ -119,12 +121,17 @@ def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntr
         return entry
     fixed = entry.instances[0].fixed_batch
     metrics.count_model(entry.name)
-    entry.batcher = DynamicBatcher(entry.name, entry.instances, fixed,
-                                   cfg.max_queue_delay_us * 1e-6, metrics, cfg.threads or 1,
-                                   cfg.cores, partial(check_finite, entry.input_name))
-    log.info("model %s ready: %s %s, batch %s, %d instance(s) x %s", entry.name, entry.input_datatype,
+    if cfg.native:
+        entry.batcher = NativeBatcher(entry.name, entry.instances, fixed, cfg.max_queue_delay_us * 1e-6, metrics,
+                                      cfg.threads or 1, cfg.cores, entry.input_name)
+    else:
+        entry.batcher = DynamicBatcher(entry.name, entry.instances, fixed,
+                                       cfg.max_queue_delay_us * 1e-6, metrics, cfg.threads or 1,
+                                       cfg.cores, partial(check_finite, entry.input_name))
+    log.info("model %s ready: %s %s, batch %s, %d instance(s) x %s%s", entry.name, entry.input_datatype,
              list(entry.meta["input"]["shape"]), fixed, cfg.instance_count,
-             f"{cfg.threads} thread(s)" if cfg.threads else f"1-{len(cfg.cores)} threads (adaptive)")
+             f"{cfg.threads} thread(s)" if cfg.threads else f"1-{len(cfg.cores)} threads (adaptive)",
+             ", native" if cfg.native else "")
     return entry
 
 
@@ -144,6 +151,8 @@ class Repository:
         if cfg.threads:  # TVM sizes each instance thread's pool from this when the thread first runs
             os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
         os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", POOL_SPIN_COUNT)   # read at the first pool's start
+        if cfg.native:   # built (or found built) before any model loads: a build failure is one message
+            native.load()
         dirs = build_dirs(Path(cfg.repository))
         if not dirs:
             raise ConfigError(f"model repository {cfg.repository} holds no build: give a folder of compiled builds "

@@ -15,6 +15,7 @@ from ....errors import ConfigError
 
 SOURCE_DIR = Path(__file__).resolve().parent
 MODULE_NAME = "tvmzoo_native"
+CFLAGS = ["-std=c++17", "-O2", "-fPIC", "-pthread"]
 _loaded = None
 _lock = threading.Lock()
 
@@ -24,8 +25,9 @@ def sources() -> list[Path]:
 
 
 def source_hash() -> str:
-    """Of every source and header here (names and contents): a changed file is a new build folder."""
-    digest = hashlib.sha256()
+    """Of every source and header here (names and contents) and the compiler: a changed file, or another
+    compiler, is a new build folder."""
+    digest = hashlib.sha256(" ".join([os.environ.get("CXX", "c++"), *CFLAGS]).encode() + b"\0")
     for path in sorted([*SOURCE_DIR.glob("*.cc"), *SOURCE_DIR.glob("*.h")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -71,12 +73,13 @@ def _build():
     folder.mkdir(parents=True, exist_ok=True)
     try:
         return tvm_ffi.cpp.load(MODULE_NAME, sources=[str(p) for p in sources()], build_directory=str(folder),
-                                extra_cflags=["-std=c++17", "-O2", "-fPIC", "-pthread"])
+                                extra_cflags=CFLAGS)
     except Exception as exc:  # noqa: BLE001 - the builder raises RuntimeError with the compiler's output
-        detail = str(exc).strip().splitlines()
-        errors = [line for line in detail if "error" in line.lower()][:3] or detail[-3:]
-        raise ConfigError(f"--native: building the native engine in {folder} failed with {compiler}: "
-                          + " | ".join(errors) + ". Check the C++ compiler (CXX), or serve without --native.") from None
+        lines = str(exc).splitlines()
+        errors = [line.strip() for line in lines if " error:" in line or line.startswith("error:")][:3]
+        reason = " | ".join(errors) or "the compiler stopped with an error and printed none"
+        raise ConfigError(f"--native: building the native engine in {folder} with {compiler} failed ({reason}). "
+                          "Check the C++ compiler (CXX; g++ 9 or newer), or serve without --native.") from None
 
 
 def sources_names() -> list[str]:
