@@ -245,6 +245,40 @@ def test_tritonclient_http_works_unchanged(server, photos):
     client.close()
 
 
+def test_connections_on_the_pump_count_toward_max_connections(repo, photos):
+    server = ServerProcess.start(repo, "--native", "--max-connections", "2", "--instances", "1", "--threads", "1")
+    x, expected = photos[FUSED][0]
+    held = [Raw(server.http) for _ in range(2)]
+    try:
+        for raw in held:   # Python answers the first and hands the connection over, the pump the second
+            for _ in range(2):
+                raw.send(_request(FUSED, x))
+                _check(raw.answer(), expected)
+        third = Raw(server.http)
+        status, _, body = third.answer()   # refused on connecting, before any request
+        assert status == 503 and "--max-connections" in json.loads(body)["error"]
+        third.close()
+        held.pop().close()   # the pump sees it closed and tells Python: room for one
+        deadline = time.monotonic() + 10
+        while True:
+            raw = Raw(server.http)
+            try:
+                raw.send(_request(FUSED, x))
+                answer = raw.answer()
+            except OSError:   # refused: its 503 came and the connection closed while we sent
+                answer = (503, {}, b"")
+            finally:
+                raw.close()
+            if answer[0] == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        _check(answer, expected)
+    finally:
+        for raw in held:
+            raw.close()
+        assert server.stop() == 0
+
+
 def test_sigterm_with_connections_on_the_pump_loses_no_accepted_request(repo, photos):
     """Four keep-alive clients loop on the pump when SIGTERM comes: every answer they get is right, each loop
     ends refused (503 from Python, or the connection closed between requests), and the server exits 0."""

@@ -84,7 +84,7 @@ class Pump:
         fd = os.dup(sock.fileno())
         prefix = request_head + bytes(body[:hint.json_bytes])
         conn = self.module.pump_adopt(self.handle, fd, hint.engine, prefix, hint.tensor_bytes,
-                                      answer[:len(answer) - hint.output_bytes], b"")
+                                      answer[:len(answer) - hint.output_bytes], hint.output_bytes, b"")
         if not conn:
             os.close(fd)
             return False

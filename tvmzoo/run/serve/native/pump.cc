@@ -137,6 +137,7 @@ struct Conn {
   bool need_service = false;      // bytes arrived (or may have) while in flight: the pump resumes after it
   int64_t failed = -1;            // the answer's Reason when the engine refused or failed it
   bool broken = false;            // a write failed: close
+  bool gone = false;              // closed or handed back: an answer still due is dropped
   std::string out;                // answer bytes the socket would not take yet
   size_t out_at = 0;
 };
@@ -156,7 +157,6 @@ class Pump {
   }
 
   ~Pump() {
-    Stop();
     close(epoll_);
     close(wake_);
     close(notify_);
@@ -166,18 +166,19 @@ class Pump {
 
   // Python hands a connection over; returns its id (0: refused, Python keeps it).
   int64_t Adopt(int fd, int64_t handle, std::string request_prefix, int64_t tensor_bytes,
-                std::string answer_prefix, std::string received) {
+                std::string answer_prefix, int64_t output_bytes, std::string received) {
     Engine* engine = EngineFromHandle(handle);
     if (engine == nullptr || tensor_bytes <= 0 || engine->row_bytes() <= 0 ||
-        tensor_bytes % engine->row_bytes() != 0) {
-      return 0;
+        tensor_bytes % engine->row_bytes() != 0 ||
+        output_bytes != tensor_bytes / engine->row_bytes() * engine->output_row_floats() * 4) {
+      return 0;   // not the engine's rows, or not its outputs: Python keeps it
     }
     auto c = std::make_shared<Conn>();
     c->fd = fd;
     c->engine = engine;
     c->rows = tensor_bytes / engine->row_bytes();
     c->tensor_bytes = tensor_bytes;
-    c->output_bytes = c->rows * engine->output_row_floats() * static_cast<int64_t>(sizeof(float));
+    c->output_bytes = output_bytes;
     c->request_prefix = std::move(request_prefix);
     c->answer_prefix = std::move(answer_prefix);
     c->in = std::move(received);
@@ -236,11 +237,6 @@ class Pump {
     return {s.success.load(), s.request_ns.load(), s.pending.load(), s.last_success_unix_ms.load()};
   }
 
-  int64_t Connections() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return static_cast<int64_t>(conns_.size());
-  }
-
   // Stop taking requests: answer those in flight, then hand every connection back.
   void Drain() {
     {
@@ -251,14 +247,21 @@ class Pump {
     Wake();
   }
 
-  void Stop() {
-    if (!thread_.joinable()) return;
-    stopping_ = true;
-    Wake();
-    thread_.join();
+  // Python drained first: normally nothing is left. True when no answer is still due from an engine.
+  bool Stop() {
+    if (thread_.joinable()) {
+      stopping_ = true;
+      Wake();
+      thread_.join();
+    }
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& [id, c] : conns_) close(c->fd);   // Python drained first: nothing should be left
+    for (auto& [id, c] : conns_) {
+      std::lock_guard<std::mutex> conn_lock(c->mu);
+      c->gone = true;
+      close(c->fd);
+    }
     conns_.clear();
+    return in_flight_.load() == 0;
   }
 
   // From an engine thread: the connection needs the pump.
@@ -427,6 +430,7 @@ class Pump {
       c->in_flight = true;
     }
     c->stats->pending.fetch_add(1);
+    in_flight_.fetch_add(1);
     int64_t start = NowNs();
     Pump* pump = this;
     Rows rows{c->tensor.get(), c->rows, c->tensor};
@@ -436,6 +440,7 @@ class Pump {
     });
     if (!queued) {
       c->stats->pending.fetch_sub(1);
+      in_flight_.fetch_sub(1);
       {
         std::lock_guard<std::mutex> lock(c->mu);
         c->in_flight = false;
@@ -481,6 +486,10 @@ class Pump {
     {
       std::lock_guard<std::mutex> lock(c->mu);
       c->in_flight = false;
+      if (c->gone) {   // the pump stopped past the drain deadline: nobody to answer
+        in_flight_.fetch_sub(1);
+        return;
+      }
       if (outputs == nullptr) {
         c->failed = refused ? kRefused : kFailed;
         wake = true;
@@ -512,6 +521,7 @@ class Pump {
       }
     }
     if (wake) WakeFor(c->id);
+    in_flight_.fetch_sub(1);   // last: Stop() may free the pump once it reads 0
   }
 
   // Under c->mu: write what c->out holds; true when all of it went.
@@ -538,6 +548,10 @@ class Pump {
   // The connection leaves the pump: closed, or back to Python with every byte not answered yet.
   void Leave(const std::shared_ptr<Conn>& c, int64_t reason) {
     epoll_ctl(epoll_, EPOLL_CTL_DEL, c->fd, nullptr);
+    {
+      std::lock_guard<std::mutex> lock(c->mu);
+      c->gone = true;
+    }
     std::string bytes;
     if (reason != kClosed) {
       if (c->tensor && (c->in_tensor || reason == kRefused || reason == kFailed || reason == kEngineClosed)) {
@@ -566,6 +580,7 @@ class Pump {
   std::thread thread_;
   std::atomic<bool> stopping_{false};
   std::atomic<bool> draining_{false};
+  std::atomic<int64_t> in_flight_{0};   // submitted, Done not returned
   std::mutex mu_;   // guards what follows
   int64_t last_id_ = 0;
   std::map<int64_t, std::shared_ptr<Conn>> conns_;
@@ -575,7 +590,8 @@ class Pump {
 };
 
 std::mutex pumps_mu;
-std::unordered_map<int64_t, std::unique_ptr<Pump>> pumps;
+// never destroyed: at exit a pump not destroyed by Python keeps its thread (a static map would destroy it running)
+auto& pumps = *new std::unordered_map<int64_t, std::unique_ptr<Pump>>();
 int64_t last_pump = 0;
 
 Pump* Get(int64_t handle) {
@@ -595,15 +611,14 @@ int64_t PumpCreate(double idle_timeout_s) {
 int64_t PumpNotifyFd(int64_t pump) { return Get(pump)->notify_fd(); }
 
 int64_t PumpAdopt(int64_t pump, int64_t fd, int64_t engine, tvm::ffi::Bytes request_prefix, int64_t tensor_bytes,
-                  tvm::ffi::Bytes answer_prefix, tvm::ffi::Bytes received) {
+                  tvm::ffi::Bytes answer_prefix, int64_t output_bytes, tvm::ffi::Bytes received) {
   return Get(pump)->Adopt(static_cast<int>(fd), engine, std::string(request_prefix.data(), request_prefix.size()),
-                          tensor_bytes, std::string(answer_prefix.data(), answer_prefix.size()),
+                          tensor_bytes, std::string(answer_prefix.data(), answer_prefix.size()), output_bytes,
                           std::string(received.data(), received.size()));
 }
 
 tvm::ffi::Array<tvm::ffi::Any> PumpEvents(int64_t pump) { return Get(pump)->Events(); }
 tvm::ffi::Array<int64_t> PumpStats(int64_t pump, int64_t engine) { return Get(pump)->Stats(engine); }
-int64_t PumpConnections(int64_t pump) { return Get(pump)->Connections(); }
 void PumpDrain(int64_t pump) { Get(pump)->Drain(); }
 
 void PumpDestroy(int64_t pump) {
@@ -615,7 +630,7 @@ void PumpDestroy(int64_t pump) {
     gone = std::move(it->second);
     pumps.erase(it);
   }
-  gone.reset();   // joins its thread
+  if (!gone->Stop()) gone.release();   // an engine may still call it (past the drain deadline): never freed
 }
 
 }  // namespace
@@ -626,6 +641,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_notify_fd, tvmzoo::PumpNotifyFd);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_adopt, tvmzoo::PumpAdopt);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_events, tvmzoo::PumpEvents);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_stats, tvmzoo::PumpStats);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_connections, tvmzoo::PumpConnections);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_drain, tvmzoo::PumpDrain);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_destroy, tvmzoo::PumpDestroy);
