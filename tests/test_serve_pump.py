@@ -25,28 +25,19 @@ PUMPED = "tvmzoo_http_pump_success"
 
 
 @pytest.fixture(scope="module")
-def repo(serve_repo):
-    return serve_repo
-
-
-@pytest.fixture(scope="module")
-def models(repo):
-    return {name: CompiledModel.load(repo / name) for name in (HOST, FUSED)}
-
-
-@pytest.fixture(scope="module")
-def server(repo):
-    proc = ServerProcess.start(repo, "--native", "--instances", "2", "--threads", "1",
+def server(serve_repo):
+    proc = ServerProcess.start(serve_repo, "--native", "--instances", "2", "--threads", "1",
                                "--idle-timeout-seconds", str(IDLE))
     yield proc
     assert proc.stop() == 0
 
 
 @pytest.fixture(scope="module")
-def photos(models, sample_images):
+def photos(serve_repo, sample_images):
     """Per model, the tensors of 24 photos, one row each, with what CompiledModel.run answers."""
     out = {}
-    for name, model in models.items():
+    for name in (HOST, FUSED):
+        model = CompiledModel.load(serve_repo / name)
         xs = [_tensor(model, p)[None] for p in sample_images[:24]]
         out[name] = [(x, model.run(x)) for x in xs]
     return out
@@ -245,8 +236,8 @@ def test_tritonclient_http_works_unchanged(server, photos):
     client.close()
 
 
-def test_connections_on_the_pump_count_toward_max_connections(repo, photos):
-    server = ServerProcess.start(repo, "--native", "--max-connections", "2", "--instances", "1", "--threads", "1")
+def test_connections_on_the_pump_count_toward_max_connections(serve_repo, photos):
+    server = ServerProcess.start(serve_repo, "--native", "--max-connections", "2", "--instances", "1", "--threads", "1")
     x, expected = photos[FUSED][0]
     held = [Raw(server.http) for _ in range(2)]
     try:
@@ -279,10 +270,10 @@ def test_connections_on_the_pump_count_toward_max_connections(repo, photos):
         assert server.stop() == 0
 
 
-def test_sigterm_with_connections_on_the_pump_loses_no_accepted_request(repo, photos):
+def test_sigterm_with_connections_on_the_pump_loses_no_accepted_request(serve_repo, photos):
     """Four keep-alive clients loop on the pump when SIGTERM comes: every answer they get is right, each loop
     ends refused (503 from Python, or the connection closed between requests), and the server exits 0."""
-    server = ServerProcess.start(repo, "--native", "--instances", "2", "--threads", "1")
+    server = ServerProcess.start(serve_repo, "--native", "--instances", "2", "--threads", "1")
     outcomes: list[str] = []
     answered = [0] * 4
 
