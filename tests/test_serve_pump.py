@@ -142,6 +142,21 @@ def test_pipelined_requests_are_answered_in_order(server, photos):
     assert _pumped(server, FUSED) - before == len(photos[FUSED])
 
 
+def test_requests_of_several_rows(server, serve_repo, photos):
+    """Three photos a request on the batch-4 build: the engine pads the batch, each answer is the model's."""
+    model = CompiledModel.load(serve_repo / HOST)
+    before = _pumped(server, HOST)
+    raw = Raw(server.http)
+    try:
+        for start in range(0, 12, 3):
+            x = np.concatenate([x for x, _ in photos[HOST][start:start + 3]])
+            raw.send(_request(HOST, x))
+            _check(raw.answer(), model.run(x))
+    finally:
+        raw.close()
+    assert _pumped(server, HOST) - before == 3
+
+
 def test_after_the_hand_over_everything_else_is_answered_by_python(server, photos):
     """Metadata, JSON tensors, a NaN tensor, another model and another id on the pump's connection: each gets
     Python's answer, and the connection keeps going."""

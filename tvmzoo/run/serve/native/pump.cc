@@ -7,6 +7,7 @@
 // thread. Anything else goes back to Python with every byte it has not answered (pump_events), which answers
 // it as it answers any request: the pump knows no HTTP beyond "the same bytes as before".
 #include <errno.h>
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -281,6 +282,7 @@ class Pump {
   }
 
   void Run() {
+    pthread_setname_np(pthread_self(), "http-pump");   // as top -H and /proc/<pid>/task show it
     epoll_event events[kMaxEvents];
     int64_t next_sweep = NowNs() + SweepInterval();
     while (!stopping_) {
