@@ -3,6 +3,7 @@ photos. After Python answered a binary-tensor infer request on a keep-alive conn
 that repeat it (only the tensor differs); everything else on the connection is Python's again, answered as ever."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -18,6 +19,8 @@ from serve_client import FUSED, HOST, ServerProcess, scrape  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.preprocess.fused import fused_input  # noqa: E402
 from tvmzoo.run.runtime import CompiledModel  # noqa: E402
+from tvmzoo.run.serve.config import ServeConfig  # noqa: E402
+from tvmzoo.run.serve.server import Server  # noqa: E402
 
 pytestmark = pytest.mark.reliability
 IDLE = 2   # --idle-timeout-seconds: a stalled request gets its 408 within ~IDLE + 1 s
@@ -324,3 +327,32 @@ def test_sigterm_with_connections_on_the_pump_loses_no_accepted_request(serve_re
     assert len(outcomes) == 4 and not [o for o in outcomes if "WRONG" in o], outcomes
     assert min(answered) >= 5, answered
     server.wait_for(re.compile(r"stopped \(\d+ requests were in flight"), 10)
+
+
+def test_the_hand_over_and_back_on_plain_asyncio(serve_repo, photos):
+    """The server runs on uvloop; on asyncio's own loop (no uvloop installed) the hand-over and the way back keep
+    the TCP connection too: no FIN, no reset, no byte lost."""
+    cfg = ServeConfig(serve_repo, http_port=0, grpc_port=0, instances=1, threads=1, native=True)
+
+    def client(address: str) -> None:
+        raw = Raw(address)
+        try:
+            for round_ in range(2):   # the second round after the connection came back (a metadata GET)
+                for y, expected_y in photos[FUSED][:6]:
+                    raw.send(_request(FUSED, y))
+                    _check(raw.answer(), expected_y)
+                raw.send(f"GET /v2/models/{FUSED} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+                assert raw.answer()[0] == 200
+        finally:
+            raw.close()
+
+    async def main() -> float:
+        assert type(asyncio.get_running_loop()).__module__.startswith("asyncio")   # not uvloop's
+        server = Server(cfg)
+        http_port, _ = await server.start()
+        await asyncio.to_thread(client, f"127.0.0.1:{http_port}")
+        pumped = server.metrics.pumped.value(FUSED, "1")
+        await server.drain()
+        return pumped
+
+    assert asyncio.run(main()) == 10   # 5 of each round's 6
