@@ -344,3 +344,34 @@ def test_an_engine_that_cannot_be_built_is_one_clear_error(serve_repo, tmp_path)
     proc = subprocess.run([str(Path(sys.executable).parent / "tvmzoo"), "serve", str(serve_repo), "--native",
                            "--http-port", "0", "--grpc-port", "0"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no-such-compiler not found. Install a C++ compiler" in proc.stderr
+
+
+def test_cpp_submitters_get_their_rows_outputs_by_done(builds, sample_images, tmp_path, monkeypatch):
+    """The pump's way in (engine.h: EngineFromHandle(handle)->Submit(Rows, Done)), from a C++ client built with
+    the engine into one module: each row its own output, a NaN row refused by its Done, alongside Python's
+    requests in the same batches; after close, Submit refuses."""
+    import tvm_ffi.cpp
+
+    from tvmzoo.run.serve import native
+
+    module = tvm_ffi.cpp.load("engine_client", sources=[*map(str, native.sources()), str(Path(__file__).parent /
+                              "engine_client.cc")], extra_include_paths=[str(native.SOURCE_DIR)],
+                              build_directory=str(tmp_path), extra_cflags=native.CFLAGS)
+    monkeypatch.setattr(native, "_loaded", module)    # NativeBatcher's engine in the module that has the client
+    model = CompiledModel.load(builds["b8"])
+    x = _photos(model, (sample_images * 12)[:12])
+    expected = model.run(x)
+    x[5, 0, 0, 0] = np.nan
+    batcher = _batcher(builds["b8"], Metrics.create(), instances=2, threads=1)
+    try:
+        out = np.full((12, expected.shape[1]), -1, np.float32)
+        from_python = [batcher.submit(x[i:i + 1]) for i in (0, 1, 2)]
+        errors = list(module.submit_rows(batcher.handle, x, out))
+        assert errors[5].startswith("refused: input 'input' holds 1 NaN or infinite values (the first at flat index 0)")
+        assert errors[:5] + errors[6:] == [""] * 11
+        keep = [i for i in range(12) if i != 5]
+        np.testing.assert_array_equal(out[keep], expected[keep])
+        np.testing.assert_array_equal(np.concatenate([f.result(60) for f in from_python]), expected[:3])
+    finally:
+        batcher.close()
+    assert list(module.submit_rows(batcher.handle, x[:2], out)) == ["closed", "closed"]
