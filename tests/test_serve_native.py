@@ -375,3 +375,18 @@ def test_cpp_submitters_get_their_rows_outputs_by_done(builds, sample_images, tm
     finally:
         batcher.close()
     assert list(module.submit_rows(batcher.handle, x[:2], out)) == ["closed", "closed"]
+
+
+def test_sigterm_under_load_loses_no_accepted_request(serve_repo, sample_images, tmp_path):
+    """test_serve's drain under load with --native: queued requests answered by the flush, loops refused after."""
+    from test_serve import _drain_under_load
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = ServerProcess.start(serve_repo, "--native", "--auth-token-file", str(token), "--max-queue-delay-us",
+                                 "400000")
+    models = {name: CompiledModel.load(serve_repo / name) for name in (HOST, FUSED)}
+    try:
+        _drain_under_load(server, models, sample_images[200:207], {"Authorization": "Bearer s3cret"})
+    finally:
+        server.stop()
