@@ -90,20 +90,20 @@ class NativeBatcher:
 
     def _batch_done(self, tickets, outputs, statuses, messages) -> None:
         """On an instance thread, once per batch: each Python request its outcome."""
+        items = [self._pending.pop(ticket) for ticket in tickets]
         try:
             values = np.from_dlpack(outputs)
-            offset, items, outcomes = 0, [], []
-            for i, (ticket, status) in enumerate(zip(tickets, statuses)):
-                item = self._pending.pop(ticket)
+            offset, outcomes = 0, []
+            for i, (item, status) in enumerate(zip(items, statuses)):
                 if status == ANSWERED:
                     outcomes.append(values[offset:offset + len(item.rows)])
                     offset += len(item.rows)
                 else:
                     outcomes.append(invalid(messages[i]) if status == REFUSED else RuntimeError(messages[i]))
-                items.append(item)
-            hand_back(items, outcomes)
-        except Exception:  # noqa: BLE001 - an instance thread has nobody to raise to
+        except Exception as exc:  # noqa: BLE001 - an instance thread has nobody to raise to but the requests
             log.exception("model %s: handing back a batch failed", self.name)
+            outcomes = [exc] * len(items)
+        hand_back(items, outcomes)
 
     def _statistics(self) -> list[float]:
         return list(self._module.engine_stats(self.handle))
