@@ -390,3 +390,34 @@ def test_sigterm_under_load_loses_no_accepted_request(serve_repo, sample_images,
         _drain_under_load(server, models, sample_images[200:207], {"Authorization": "Bearer s3cret"})
     finally:
         server.stop()
+
+
+def test_a_failed_run_gives_each_request_the_error_and_is_logged(builds, sample_images, caplog):
+    """A model run that raises (here a VM `main` that fails after its warm-up run): every request of the batch
+    gets the error, it is logged through Python's logging, nothing is counted as executed, and the next
+    batch runs again."""
+    import tvm
+    import tvm_ffi
+
+    model = CompiledModel.load(builds["b1"])
+    x = _photos(model, sample_images[:1])
+    calls = []
+
+    def main(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the model's kernel failed")
+        return tvm.runtime.tensor(np.zeros((1, 1000), np.float32))
+
+    metrics = Metrics.create()
+    batcher = NativeBatcher("failing", [_Fake(model, tvm_ffi.convert(main))], 1, 0.0, metrics)
+    try:
+        with pytest.raises(RuntimeError, match="the model's kernel failed"):
+            batcher.submit(x).result(60)
+        assert "model failing: failed on a batch of 1 requests" in caplog.text and "kernel failed" in caplog.text
+        assert metrics.exec_count.value("failing", VERSION) == 0
+        assert metrics.queue_us.value("failing", VERSION) > 0
+        np.testing.assert_array_equal(batcher.submit(x).result(60), np.zeros((1, 1000), np.float32))
+        assert metrics.exec_count.value("failing", VERSION) == 1
+    finally:
+        batcher.close()

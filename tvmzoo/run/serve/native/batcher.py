@@ -45,7 +45,7 @@ class NativeBatcher:
         self.handle = module.engine_create(
             name, [m.vm["main"] for m in instances], list(self._row_shape), str(self._dtype),
             model.fixed_batch or 0, max_batch, float(max_delay_s), threads or 1, list(cores or []), check,
-            int(classes), list(metrics.batch_size.bounds), self._batch_done)
+            int(classes), list(metrics.batch_size.bounds), self._batch_done, self._log)
         metrics.read_batches(name, self._statistics)
 
     def submit(self, rows: np.ndarray) -> Future:
@@ -104,6 +104,10 @@ class NativeBatcher:
             log.exception("model %s: handing back a batch failed", self.name)
             outcomes = [exc] * len(items)
         hand_back(items, outcomes)
+
+    def _log(self, message: str) -> None:
+        """The engine's rare events: a failed warm-up or batch (each request gets the error too)."""
+        log.error("model %s: %s", self.name, message)
 
     def _statistics(self) -> list[float]:
         return list(self._module.engine_stats(self.handle))
