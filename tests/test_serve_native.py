@@ -421,3 +421,16 @@ def test_a_failed_run_gives_each_request_the_error_and_is_logged(builds, sample_
         assert metrics.exec_count.value("failing", VERSION) == 1
     finally:
         batcher.close()
+
+
+def test_processes_starting_at_once_build_the_engine_once(tmp_path):
+    """Three processes load the engine at the same moment into an empty cache: each gets the module, one built
+    it (ninja's log holds one compile), the others waited on tvm_ffi's lock and loaded it."""
+    code = "from tvmzoo.run.serve import native; assert native.load().engine_create is not None"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    assert [p.wait(300) for p in procs] == [0, 0, 0], [p.stderr.read() for p in procs]
+    (folder,) = (tmp_path / "tvmzoo" / "native").iterdir()
+    log = (folder / ".ninja_log").read_text().splitlines()
+    assert sum("cpp_0.o" in line for line in log) == 1, log
