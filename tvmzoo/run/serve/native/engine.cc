@@ -224,8 +224,6 @@ class EngineImpl : public Engine {
     cond_.wait(lock, [&] { return warmed_ == static_cast<int64_t>(instances_.size()); });
   }
 
-  ~EngineImpl() override { Close(-1); }
-
   bool Submit(Rows rows, Done done) override {
     Pending item;
     item.rows = std::move(rows);
@@ -253,6 +251,7 @@ class EngineImpl : public Engine {
   // Stop taking requests; the instances finish what is queued, then stop. False: not all stopped in
   // `timeout_s` (negative: wait for them).
   bool Close(double timeout_s) {
+    std::lock_guard<std::mutex> closing(close_mu_);   // one Close joins the threads
     std::unique_lock<std::mutex> lock(mu_);
     closed_ = true;
     WakeAll();
@@ -656,7 +655,7 @@ class EngineImpl : public Engine {
   ffi::Function on_batch_, on_log_;
   int64_t row_elems_ = 0, row_bytes_ = 0;
   std::vector<std::unique_ptr<Instance>> instances_;
-  std::mutex mu_;
+  std::mutex mu_, close_mu_;
   std::condition_variable cond_;   // waits for a fuller batch, for cores, for warm-up and for the stop
   std::deque<Pending> queue_;
   int64_t queued_rows_ = 0, in_flight_rows_ = 0, busy_cores_ = 0, gathering_ = 0;
