@@ -123,7 +123,8 @@ class Server:
         self.http.stop()
         self.repository.flush()
         grpc_stopped = asyncio.ensure_future(self.grpc.stop(grace=self.cfg.drain_seconds))
-        in_flight = self.inference.in_flight
+        in_flight = self.inference.in_flight + sum(   # the pump's finish before it hands their connections back
+            self.pump.stats(engine)[2] for engine in self.state.pump_engines.values() if self.pump)
         deadline = time.monotonic() + self.cfg.drain_seconds
         while self.inference.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
