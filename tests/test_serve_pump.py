@@ -188,7 +188,8 @@ def test_after_the_hand_over_everything_else_is_answered_by_python(server, photo
         bad.flat[7] = np.nan
         raw.send(_request(HOST, bad))
         status, _, body = raw.answer()
-        assert status == 400 and "holds 1 NaN or infinite values (the first at flat index 7)" in json.loads(body)["error"]
+        assert status == 400
+        assert "holds 1 NaN or infinite values (the first at flat index 7)" in json.loads(body)["error"]
         pumped_twice()
         fused_x, fused_expected = photos[FUSED][0]
         raw.send(_request(FUSED, fused_x))

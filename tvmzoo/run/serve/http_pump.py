@@ -33,7 +33,7 @@ MAX_MISMATCHES = 3   # a connection whose requests keep changing (per-request id
 
 @dataclass(frozen=True)
 class PumpHint:
-    """What an answer tells the connection about taking the pump: the model's engine and the sizes around the tensors."""
+    """What an answer tells its connection for the pump: the model's engine and the sizes around the tensors."""
     engine: int            # the engine's handle (native/engine.h EngineFromHandle)
     json_bytes: int        # the request's JSON header
     tensor_bytes: int      # the request's input tensor, after its JSON header
