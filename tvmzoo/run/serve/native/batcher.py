@@ -60,11 +60,13 @@ class NativeBatcher:
         of one pass of the loop are queued unannounced and an instance is woken once, after them (call_soon):
         one batch for a burst. Woken at once, an instance took the first alone; the Python batcher's instance
         threads waited for the GIL meanwhile, so a b8 build at --max-queue-delay-us 0 and c8 ran 3.9 rows per
-        execution natively against 8.0 (13.0 vs 7.6 ms of CPU per request; benchmarks/native_batcher.py)."""
+        execution natively against 8.0 (13.0 vs 7.6 ms of CPU per request; benchmarks/native_batcher.py).
+        A batch-1 build has nothing to gather: its instance is woken at once."""
         loop = asyncio.get_running_loop()
         item = Pending(self._rows(rows), loop.create_future(), loop)
-        self._enqueue(item, wake=False)
-        if loop not in self._kicks:
+        alone = self.max_batch == 1
+        self._enqueue(item, wake=alone)
+        if not alone and loop not in self._kicks:
             self._kicks.add(loop)
             loop.call_soon(self._kick, loop)
         return await item.future
