@@ -434,3 +434,23 @@ def test_processes_starting_at_once_build_the_engine_once(tmp_path):
     (folder,) = (tmp_path / "tvmzoo" / "native").iterdir()
     log = (folder / ".ninja_log").read_text().splitlines()
     assert sum("cpp_0.o" in line for line in log) == 1, log
+
+
+def test_an_event_loops_burst_is_one_batch_without_a_delay(builds, sample_images):
+    """--max-queue-delay-us 0 (the server's default): 8 requests submitted in one pass of the event loop run as
+    one batch of a b8 build (the instances are woken once, after the pass), each answered with its own row."""
+    model = CompiledModel.load(builds["b8"])
+    x = _photos(model, (sample_images * 8)[:8])
+    expected = model.run(x)
+    metrics = Metrics.create()
+    batcher = _batcher(builds["b8"], metrics, instances=2, delay_s=0.0, cores=usable_cores()[:2])
+
+    async def burst() -> list[np.ndarray]:
+        return await asyncio.wait_for(asyncio.gather(*(batcher.infer(x[i:i + 1]) for i in range(8))), 60)
+
+    try:
+        for round_ in range(3):
+            np.testing.assert_array_equal(np.concatenate(asyncio.run(burst())), expected)
+            assert metrics.exec_count.value("b8", VERSION) == round_ + 1
+    finally:
+        batcher.close()

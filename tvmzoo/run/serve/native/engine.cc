@@ -145,8 +145,29 @@ float Bf16ToFloat(uint16_t h) {
   return f;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TVMZOO_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define TVMZOO_VECTOR_CLONES
+#endif
+
+// float32 values whose exponent bits are all ones (NaN, +-Inf), vectorized for this CPU: the check reads every
+// input value, 45 us per Lite0 row (602 KB) with a branch per value, 9 us with AVX-512 (numpy's isfinite: 18).
+TVMZOO_VECTOR_CLONES uint32_t CountNonFinite32(const uint32_t* words, uint32_t count) {
+  uint32_t bad = 0;
+  for (uint32_t i = 0; i < count; ++i) bad += (words[i] & 0x7F800000u) == 0x7F800000u;
+  return bad;
+}
+
 // Non-finite values among `count` elements: how many, and the first one's index (-1: none).
 std::pair<int64_t, int64_t> NonFinite(const uint8_t* data, int64_t count, DLDataType dtype) {
+  if (dtype.code == kDLFloat && dtype.bits == 32 && reinterpret_cast<uintptr_t>(data) % 4 == 0) {
+    int64_t bad = 0;   // the common case, none: counted without a branch, then found only when there are some
+    for (int64_t start = 0; start < count; start += 1 << 30)
+      bad += CountNonFinite32(reinterpret_cast<const uint32_t*>(data) + start,
+                              static_cast<uint32_t>(std::min<int64_t>(count - start, 1 << 30)));
+    if (bad == 0) return {0, -1};
+  }
   int64_t bad = 0, first = -1;
   auto scan = [&](auto word, auto mask) {
     using Word = decltype(word);
@@ -231,12 +252,19 @@ class EngineImpl : public Engine {
     return Enqueue(std::move(item));
   }
 
-  bool SubmitTicket(int64_t ticket, void* data, int64_t rows) {
+  // `wake`: false queues it unannounced; the caller's Kick, after a burst, wakes an instance for all of it.
+  bool SubmitTicket(int64_t ticket, void* data, int64_t rows, bool wake) {
     Pending item;
     item.rows.data = data;
     item.rows.rows = rows;
     item.ticket = ticket;
-    return Enqueue(std::move(item));
+    return Enqueue(std::move(item), wake);
+  }
+
+  void Kick() {
+    std::lock_guard<std::mutex> lock(mu_);
+    WakeOne();
+    cond_.notify_all();
   }
 
   int64_t row_bytes() const override { return row_bytes_; }
@@ -282,7 +310,7 @@ class EngineImpl : public Engine {
   }
 
  private:
-  bool Enqueue(Pending item) {
+  bool Enqueue(Pending item, bool wake = true) {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return false;
     int64_t rows = item.rows.rows;
@@ -290,8 +318,10 @@ class EngineImpl : public Engine {
     queued_rows_ += rows;
     in_flight_rows_ += rows;
     arrivals_.Submitted(in_flight_rows_);
-    WakeOne();
-    cond_.notify_all();
+    if (wake) {
+      WakeOne();
+      cond_.notify_all();
+    }
     return true;
   }
 
@@ -703,9 +733,11 @@ int64_t EngineCreate(ffi::String name, ffi::Array<ffi::Function> mains, ffi::Sha
   return handle;
 }
 
-bool EngineSubmit(int64_t handle, int64_t ticket, int64_t data, int64_t rows) {
-  return Lookup(handle)->SubmitTicket(ticket, reinterpret_cast<void*>(data), rows);
+bool EngineSubmit(int64_t handle, int64_t ticket, int64_t data, int64_t rows, bool wake) {
+  return Lookup(handle)->SubmitTicket(ticket, reinterpret_cast<void*>(data), rows, wake);
 }
+
+void EngineKick(int64_t handle) { Lookup(handle)->Kick(); }
 
 void EngineFlush(int64_t handle) { Lookup(handle)->Flush(); }
 
@@ -731,6 +763,7 @@ Engine* EngineFromHandle(int64_t handle) {
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(engine_create, tvmzoo::EngineCreate);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(engine_submit, tvmzoo::EngineSubmit);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(engine_kick, tvmzoo::EngineKick);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(engine_flush, tvmzoo::EngineFlush);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(engine_close, tvmzoo::EngineClose);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(engine_stats, tvmzoo::EngineStats);
