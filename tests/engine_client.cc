@@ -38,13 +38,14 @@ tvm::ffi::Array<tvm::ffi::String> SubmitRows(int64_t handle, tvm::ffi::TensorVie
       if (outputs != nullptr && count == 1) std::memcpy(dst, outputs, floats * sizeof(float));
       errors[i] = outputs != nullptr ? "" : (refused ? "refused: " : "failed: ") + error;
       if (--pending == 0) cv.notify_all();
-    });
+    }, /*wake=*/false);   // a burst, as the pump submits one pass's requests
     if (!queued) {
       std::lock_guard<std::mutex> lock(mu);
       errors[i] = "closed";
       --pending;
     }
   }
+  engine->Kick();
   std::unique_lock<std::mutex> lock(mu);
   cv.wait(lock, [&] { return pending == 0; });
   tvm::ffi::Array<tvm::ffi::String> result;

@@ -245,11 +245,11 @@ class EngineImpl : public Engine {
     cond_.wait(lock, [&] { return warmed_ == static_cast<int64_t>(instances_.size()); });
   }
 
-  bool Submit(Rows rows, Done done) override {
+  bool Submit(Rows rows, Done done, bool wake) override {
     Pending item;
     item.rows = std::move(rows);
     item.done = std::move(done);
-    return Enqueue(std::move(item));
+    return Enqueue(std::move(item), wake);
   }
 
   // `wake`: false queues it unannounced; the caller's Kick, after a burst, wakes an instance for all of it.
@@ -261,7 +261,7 @@ class EngineImpl : public Engine {
     return Enqueue(std::move(item), wake);
   }
 
-  void Kick() {
+  void Kick() override {
     std::lock_guard<std::mutex> lock(mu_);
     WakeOne();
     cond_.notify_all();

@@ -25,8 +25,11 @@ using Done = std::function<void(const float* outputs, int64_t rows, bool refused
 class Engine {
  public:
   virtual ~Engine() = default;
-  // Queue a request. Returns false (Done is not called) when the engine is closed (draining).
-  virtual bool Submit(Rows rows, Done done) = 0;
+  // Queue a request. Returns false (Done is not called) when the engine is closed (draining). `wake` false
+  // queues it unannounced: a caller submitting a burst (one pass over its ready connections) calls Kick once
+  // after it, so a batch build gathers the burst into one batch instead of running its first request alone.
+  virtual bool Submit(Rows rows, Done done, bool wake) = 0;
+  virtual void Kick() = 0;
   virtual int64_t row_bytes() const = 0;           // bytes of one input row
   virtual int64_t output_row_floats() const = 0;   // float32 values of one output row
 };

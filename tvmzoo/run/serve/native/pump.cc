@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -305,6 +306,8 @@ class Pump {
       for (int64_t id : woken) {
         if (auto c = Find(id)) Service(c);
       }
+      for (Engine* engine : kicks_) engine->Kick();   // the pass's requests, one wake-up per engine
+      kicks_.clear();
       if (NowNs() >= next_sweep) {
         Sweep();
         next_sweep = NowNs() + SweepInterval();
@@ -439,7 +442,8 @@ class Pump {
     bool queued = c->engine->Submit(std::move(rows), [pump, c, start](const float* outputs, int64_t n,
                                                                       bool refused, const std::string& error) {
       pump->Done(c, start, outputs, n, refused, error);
-    });
+    }, /*wake=*/false);
+    if (queued && std::find(kicks_.begin(), kicks_.end(), c->engine) == kicks_.end()) kicks_.push_back(c->engine);
     if (!queued) {
       c->stats->pending.fetch_sub(1);
       in_flight_.fetch_sub(1);
@@ -587,6 +591,7 @@ class Pump {
   int64_t last_id_ = 0;
   std::map<int64_t, std::shared_ptr<Conn>> conns_;
   std::deque<int64_t> woken_;
+  std::vector<Engine*> kicks_;   // the pump thread's own: engines given requests in this pass, not yet woken
   std::vector<std::tuple<int64_t, int, int64_t, std::string>> events_;
   std::unordered_map<int64_t, std::unique_ptr<ModelStats>> stats_;
 };
