@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serve_client import FUSED, HOST, ServerProcess, scrape  # noqa: E402
 from tiny import build_tiny  # noqa: E402
+from tvmzoo.errors import ConfigError  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.preprocess.fused import fused_input  # noqa: E402
 from tvmzoo.run.runtime import CompiledModel  # noqa: E402
@@ -378,6 +379,22 @@ def test_the_default_path_is_native_where_it_builds_else_python_with_one_warning
     monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")
     (line,) = serve_and_check("--no-native")
     assert line.endswith("data path: Python (started with --no-native)") and not (tmp_path / "tvmzoo").exists()
+
+
+def test_an_unwritable_cache_is_a_reason_not_a_traceback(tmp_path, monkeypatch, caplog):
+    """XDG_CACHE_HOME a file: the default falls back to the Python path saying where and how to fix it;
+    --native exits with that message."""
+    from tvmzoo.run.serve import native
+
+    (tmp_path / "file").write_bytes(b"")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.choose(None) == (False, "the native module cannot be built here: cannot create its build folder "
+                                          f"{native.cache_dir()} (Not a directory)")
+    assert "make XDG_CACHE_HOME (default ~/.cache) a writable folder" in caplog.text
+    with pytest.raises(ConfigError, match="Make XDG_CACHE_HOME .* writable folder, or serve without --native"):
+        native.choose(True)
+    assert native.choose(False) == (False, "started with --no-native")
 
 
 def test_cpp_submitters_get_their_rows_outputs_by_done(builds, sample_images, tmp_path, monkeypatch):

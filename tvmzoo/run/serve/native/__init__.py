@@ -100,7 +100,11 @@ def _build():
                           f"{' and '.join(missing)} not found", "Install a C++ compiler and ninja (Debian: "
                           "apt-get install g++ ninja-build; or pip install ninja)")
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Unavailable(f"cannot create its build folder {folder} ({exc.strerror})",
+                          "Make XDG_CACHE_HOME (default ~/.cache) a writable folder") from None
     try:
         return tvm_ffi.cpp.load(MODULE_NAME, sources=[str(p) for p in sources()], build_directory=str(folder),
                                 extra_cflags=CFLAGS)
