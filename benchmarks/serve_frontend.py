@@ -45,6 +45,11 @@ def fake_server(argv: list[str]) -> int:
         return StandIn(Path(prefix), meta, None)
 
     repository.CompiledModel = type("Patched", (), {"load": staticmethod(load)})
+    try:   # the stand-in's `run` is Python: the native engine (the default where it exists) calls the VM instead
+        from tvmzoo.run.serve.native import choose  # noqa: F401
+        argv = [*argv, "--no-native"]
+    except ImportError:   # a checkout from before the native path was the default
+        pass
     return main(argv)   # ["serve", repository, flags...]
 
 

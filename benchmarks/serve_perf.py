@@ -21,7 +21,7 @@ CPU per image over (server + client) CPU per request of vamp's images/s.
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
 point by point, each idle while another is measured; an executable may be followed by flags of its own
-(`--servers "native=.venv/bin/tvmzoo --native,python=.venv/bin/tvmzoo"`). `--shared-memory none,system` runs each raw / stream / wrk
+(`--servers "native=.venv/bin/tvmzoo,python=.venv/bin/tvmzoo --no-native"`; native is the default). `--shared-memory none,system` runs each raw / stream / wrk
 client both over the socket and with perf_analyzer's `--shared-memory system` (client `raw+shm`, ...: each
 client's input and output in its own registered /dev/shm region, the request only its header), interleaved.
 

@@ -37,10 +37,13 @@ def models(repo):
     return {name: CompiledModel.load(repo / name) for name in (HOST, FUSED)}
 
 
-@pytest.fixture(scope="module")
-def server(repo):
+@pytest.fixture(scope="module", params=["native", "python"])
+def server(repo, request):
+    """Both data paths: the default (native: C++ engine and HTTP pump) and --no-native (Python's)."""
+    path = [] if request.param == "native" else ["--no-native"]
     proc = ServerProcess.start(repo, "--max-queue-delay-us", "20000", "--instances", "2", "--threads", "1",
-                               "--max-request-bytes", "1000000")
+                               "--max-request-bytes", "1000000", *path)
+    assert f"data path: {'native' if path == [] else 'Python'}" in "\n".join(proc.lines)
     yield proc
     assert proc.stop() == 0
 
@@ -339,7 +342,9 @@ def test_sigterm_ends_an_open_grpc_stream_instead_of_waiting_for_it(repo, models
 def test_bearer_token_and_sigterm_under_load_lose_no_accepted_request(repo, models, sample_images, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    server = ServerProcess.start(repo, "--auth-token-file", str(token), "--max-queue-delay-us", "400000")
+    # the Python path's drain (test_serve_native runs _drain_under_load on the native path, the default)
+    server = ServerProcess.start(repo, "--auth-token-file", str(token), "--max-queue-delay-us", "400000",
+                                 "--no-native")
     auth = {"Authorization": "Bearer s3cret"}
     h, g = httpclient.InferenceServerClient(server.http), grpcclient.InferenceServerClient(server.grpc)
     try:

@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serve_client import FUSED, HOST, ServerProcess, scrape  # noqa: E402
 from tiny import build_tiny  # noqa: E402
+from tvmzoo.errors import ConfigError  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.preprocess.fused import fused_input  # noqa: E402
 from tvmzoo.run.runtime import CompiledModel  # noqa: E402
@@ -344,6 +345,56 @@ def test_an_engine_that_cannot_be_built_is_one_clear_error(serve_repo, tmp_path)
     proc = subprocess.run([str(Path(sys.executable).parent / "tvmzoo"), "serve", str(serve_repo), "--native",
                            "--http-port", "0", "--grpc-port", "0"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no-such-compiler not found. Install a C++ compiler" in proc.stderr
+
+
+def test_the_default_path_is_native_where_it_builds_else_python_with_one_warning(serve_repo, sample_images, tmp_path,
+                                                                                monkeypatch):
+    """No flag: the native path when the module builds (the startup line says so, the pump answers); without a
+    compiler the Python path serves the same answers after one warning saying why and how to get the native
+    path; --no-native: the Python path, nothing built."""
+    model = CompiledModel.load(serve_repo / HOST)
+    x = _photos(model, sample_images[:4])
+    expected = model.run(x)
+
+    def serve_and_check(*flags: str) -> list[str]:
+        server = ServerProcess.start(serve_repo, *flags)
+        try:
+            tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            np.testing.assert_array_equal(httpclient.InferenceServerClient(server.http).infer(HOST, [tensor])
+                                          .as_numpy("output"), expected)
+        finally:
+            assert server.stop() == 0
+        return [line for line in server.lines if "data path" in line or "WARNING" in line]
+
+    (line,) = serve_and_check()
+    assert "data path: native (C++) (the default; --no-native: the Python path)" in line
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))   # an empty cache: nothing built to find
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    warning, line = serve_and_check()
+    assert "the native data path cannot be built here (cannot build the native engine" in warning
+    assert "no-such-compiler not found): serving on the Python path" in warning and "install a C++ compiler" in warning
+    assert line.endswith("data path: Python (the native module cannot be built here: cannot build the native engine "
+                         f"(engine.cc, pump.cc): {tmp_path / 'no-such-compiler'} not found)")
+    monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")
+    (line,) = serve_and_check("--no-native")
+    assert line.endswith("data path: Python (started with --no-native)") and not (tmp_path / "tvmzoo").exists()
+
+
+def test_an_unwritable_cache_is_a_reason_not_a_traceback(tmp_path, monkeypatch, caplog):
+    """XDG_CACHE_HOME a file: the default falls back to the Python path saying where and how to fix it;
+    --native exits with that message."""
+    from tvmzoo.run.serve import native
+
+    (tmp_path / "file").write_bytes(b"")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.choose(None) == (False, "the native module cannot be built here: cannot create its build folder "
+                                          f"{native.cache_dir()} (Not a directory)")
+    assert "make XDG_CACHE_HOME (default ~/.cache) a writable folder" in caplog.text
+    with pytest.raises(ConfigError, match="Make XDG_CACHE_HOME .* writable folder, or serve without --native"):
+        native.choose(True)
+    assert native.choose(False) == (False, "started with --no-native")
 
 
 def test_cpp_submitters_get_their_rows_outputs_by_done(builds, sample_images, tmp_path, monkeypatch):

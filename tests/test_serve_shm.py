@@ -46,11 +46,14 @@ def model(repo):
     return CompiledModel.load(repo / MODEL)
 
 
-@pytest.fixture(scope="module")
-def server(repo, tmp_path_factory):
+@pytest.fixture(scope="module", params=["native", "python"])
+def server(repo, tmp_path_factory, request):
+    """Both data paths: shared memory requests are Python's front ends' on both, batched by the C++ engine
+    (the default) or the Python batcher (--no-native)."""
     token = tmp_path_factory.mktemp("token") / "token"
     token.write_text(TOKEN + "\n")
-    proc = ServerProcess.start(repo, "--auth-token-file", str(token), "--max-queue-delay-us", "2000")
+    path = [] if request.param == "native" else ["--no-native"]
+    proc = ServerProcess.start(repo, "--auth-token-file", str(token), "--max-queue-delay-us", "2000", *path)
     yield proc
     assert proc.stop() == 0
 

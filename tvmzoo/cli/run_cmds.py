@@ -234,9 +234,13 @@ def add_serve(sub) -> None:
     p.add_argument("--idle-timeout-seconds", type=float, default=None,
                    help="close a connection that sends nothing for this long, default 60 (408 when it stalled mid-request; "
                         "gRPC: no call for this long)")
-    p.add_argument("--native", action="store_true",
-                   help="batch and run every model in C++ (the native engine; built at start with the C++ compiler "
-                        "and ninja, cached in ~/.cache/tvmzoo/native): the same batching, answers and metrics")
+    path = p.add_mutually_exclusive_group()
+    path.add_argument("--native", action="store_true", default=None,
+                      help="the native data path, or fail (default: on when it builds here, else the Python path "
+                           "with a warning): models batched and run in C++, binary HTTP infer answered in C++; "
+                           "built at first start with the C++ compiler and ninja, cached in ~/.cache/tvmzoo/native")
+    path.add_argument("--no-native", dest="native", action="store_false",
+                      help="the Python data path (asyncio front ends, the Python dynamic batcher)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -51,7 +51,8 @@ class ServeConfig:
     # Triton's system shared memory extension (clients' /dev/shm objects); None: on when `host` is loopback only
     shared_memory: bool | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS   # per front end; past it HTTP gets 503, gRPC a closed socket
-    native: bool = False                   # every model's batcher in C++ (native/engine.cc), built at start
+    # the native data path (C++ engine + HTTP pump, built at start); None: on when it builds here
+    native: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("instances", "max_request_bytes", "max_image_pixels", "max_json_bytes", "max_connections"):

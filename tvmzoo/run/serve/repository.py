@@ -108,7 +108,7 @@ def model_labels(directory: Path, classes: int, labels_file: Path | None) -> tup
     return names
 
 
-def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntry:
+def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics, native_path: bool = False) -> ModelEntry:
     entry = ModelEntry(directory.name, directory)
     try:
         entry.instances = [CompiledModel.load(directory) for _ in range(cfg.instance_count)]
@@ -121,7 +121,7 @@ def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntr
         return entry
     fixed = entry.instances[0].fixed_batch
     metrics.count_model(entry.name)
-    if cfg.native:
+    if native_path:
         entry.batcher = NativeBatcher(entry.name, entry.instances, fixed, cfg.max_queue_delay_us * 1e-6, metrics,
                                       cfg.threads or 1, cfg.cores, entry.input_name)
     else:
@@ -131,7 +131,7 @@ def load_entry(directory: Path, cfg: ServeConfig, metrics: Metrics) -> ModelEntr
     log.info("model %s ready: %s %s, batch %s, %d instance(s) x %s%s", entry.name, entry.input_datatype,
              list(entry.meta["input"]["shape"]), fixed, cfg.instance_count,
              f"{cfg.threads} thread(s)" if cfg.threads else f"1-{len(cfg.cores)} threads (adaptive)",
-             ", native" if cfg.native else "")
+             ", native" if native_path else "")
     return entry
 
 
@@ -143,21 +143,22 @@ def _readable_meta(directory: Path) -> dict | None:
 
 
 class Repository:
-    def __init__(self, entries: list[ModelEntry]) -> None:
+    def __init__(self, entries: list[ModelEntry], native_path: bool = False, native_why: str = "") -> None:
         self.models = {e.name: e for e in entries}
+        self.native_path, self.native_why = native_path, native_why   # which data path serves, and why
 
     @classmethod
     def load(cls, cfg: ServeConfig, metrics: Metrics) -> Repository:
         if cfg.threads:  # TVM sizes each instance thread's pool from this when the thread first runs
             os.environ["TVM_NUM_THREADS"] = str(cfg.threads)
         os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", POOL_SPIN_COUNT)   # read at the first pool's start
-        if cfg.native:   # built (or found built) before any model loads: a build failure is one message
-            native.load()
+        # built (or found built) before any model loads: with --native a build failure is one message
+        native_path, why = native.choose(cfg.native)
         dirs = build_dirs(Path(cfg.repository))
         if not dirs:
             raise ConfigError(f"model repository {cfg.repository} holds no build: give a folder of compiled builds "
                               f"(<name>/{MODULE_FILE} + {META_FILE}, as `vamc compile` writes them) or one build folder.")
-        return cls([load_entry(d, cfg, metrics) for d in dirs])
+        return cls([load_entry(d, cfg, metrics, native_path) for d in dirs], native_path, why)
 
     @property
     def ready(self) -> bool:

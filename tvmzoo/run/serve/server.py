@@ -155,6 +155,8 @@ class Server:
                 on_ready(f"model {name}: NOT READY: {entry.problem}")
         on_ready(f"system shared memory: {'on' if self.cfg.shared_memory_on else 'off'} "
                  f"({self.cfg.shared_memory_why})")
+        on_ready(f"data path: {'native (C++)' if self.repository.native_path else 'Python'} "
+                 f"({self.repository.native_why})")
         ready = sorted(n for n, e in self.repository.models.items() if e.ready)
         on_ready(f"serving {', '.join(ready) or 'no ready model'}: HTTP {self.cfg.host}:{http_port}, "
                  f"gRPC {self.cfg.host}:{grpc_port}")

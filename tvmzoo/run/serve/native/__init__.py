@@ -2,10 +2,12 @@
 built into one module at first use with apache-tvm-ffi's own builder (`tvm_ffi.cpp.load`: the C++ compiler
 and ninja), linked only against libtvm_ffi, and cached per user in a folder named by the sources' hash
 ($XDG_CACHE_HOME/tvmzoo/native/<hash>): a second start loads it in milliseconds, and two servers starting at
-once build it once (tvm_ffi holds a file lock on the folder while it builds)."""
+once build it once (tvm_ffi holds a file lock on the folder while it builds). The default of `tvmzoo serve`
+when it builds here (`choose`); else the Python path serves, with one warning saying why."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import threading
@@ -13,11 +15,39 @@ from pathlib import Path
 
 from ....errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 SOURCE_DIR = Path(__file__).resolve().parent
 MODULE_NAME = "tvmzoo_native"
 CFLAGS = ["-std=c++17", "-O3", "-fPIC", "-pthread"]   # -O3: the NaN / Inf scan vectorized
 _loaded = None
 _lock = threading.Lock()
+
+
+class Unavailable(ConfigError):
+    """The module cannot be built here: `reason` (what and why) and `fix` (how to get it)."""
+
+    def __init__(self, reason: str, fix: str) -> None:
+        super().__init__(f"--native: {reason}. {fix}, or serve without --native.")
+        self.reason, self.fix = reason, fix
+
+
+def choose(requested: bool | None) -> tuple[bool, str]:
+    """Whether the native path serves, and why. --native (True): it must build (else Unavailable);
+    --no-native (False): the Python path; default (None): native when the module builds here, else the
+    Python path with one warning saying why and how to get the native one."""
+    if requested is False:
+        return False, "started with --no-native"
+    try:
+        load()
+    except Unavailable as exc:
+        if requested:
+            raise
+        log.warning("the native data path cannot be built here (%s): serving on the Python path, which takes more "
+                    "CPU per request (docs/serving.md). For the native path: %s; --no-native skips this check",
+                    exc.reason, exc.fix[0].lower() + exc.fix[1:])
+        return False, f"the native module cannot be built here: {exc.reason}"
+    return True, "started with --native" if requested else "the default; --no-native: the Python path"
 
 
 def sources() -> list[Path]:
@@ -66,11 +96,15 @@ def _build():
     compiler = os.environ.get("CXX", "c++")
     missing = [tool for tool in ("ninja", compiler.split()[0]) if shutil.which(tool) is None]
     if missing:
-        raise ConfigError(f"--native: cannot build the native engine ({', '.join(sources_names())}): "
-                          f"{' and '.join(missing)} not found. Install a C++ compiler and ninja (Debian: apt-get "
-                          "install g++ ninja-build; or pip install ninja), or serve without --native.")
+        raise Unavailable(f"cannot build the native engine ({', '.join(sources_names())}): "
+                          f"{' and '.join(missing)} not found", "Install a C++ compiler and ninja (Debian: "
+                          "apt-get install g++ ninja-build; or pip install ninja)")
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Unavailable(f"cannot create its build folder {folder} ({exc.strerror})",
+                          "Make XDG_CACHE_HOME (default ~/.cache) a writable folder") from None
     try:
         return tvm_ffi.cpp.load(MODULE_NAME, sources=[str(p) for p in sources()], build_directory=str(folder),
                                 extra_cflags=CFLAGS)
@@ -78,8 +112,8 @@ def _build():
         lines = str(exc).splitlines()
         errors = [line.strip() for line in lines if " error:" in line or line.startswith("error:")][:3]
         reason = " | ".join(errors) or "the compiler stopped with an error and printed none"
-        raise ConfigError(f"--native: building the native engine in {folder} with {compiler} failed ({reason}). "
-                          "Check the C++ compiler (CXX; g++ 9 or newer), or serve without --native.") from None
+        raise Unavailable(f"building the native engine in {folder} with {compiler} failed ({reason})",
+                          "Check the C++ compiler (CXX; g++ 9 or newer)") from None
 
 
 def sources_names() -> list[str]:
