@@ -43,26 +43,19 @@ needs_grpcpp = pytest.mark.skipif(not _front_builds(), reason="libgrpc++ (pkg-co
 
 
 @pytest.fixture(scope="module")
-def models(serve_repo):
-    return {name: CompiledModel.load(serve_repo / name) for name in (HOST, FUSED)}
-
-
-@pytest.fixture(scope="module")
 def server(serve_repo):
-    proc = ServerProcess.start(serve_repo, "--native", "--instances", "2", "--threads", "1",
-                               "--max-request-bytes", str(MAX_BYTES))
+    flags = ["--native", "--instances", "2", "--threads", "1", "--max-request-bytes", str(MAX_BYTES)]
+    proc = ServerProcess.start(serve_repo, *flags)
     yield proc
     assert proc.stop() == 0
 
 
 @pytest.fixture(scope="module")
-def photos(models, sample_images):
+def photos(serve_repo, sample_images):
     """Per model, 12 photos' tensors (one row each) with CompiledModel.run's answers."""
-    out = {}
-    for name, model in models.items():
-        xs = [_tensor(model, p)[None] for p in sample_images[400:412]]
-        out[name] = [(x, model.run(x)) for x in xs]
-    return out
+    models = {name: CompiledModel.load(serve_repo / name) for name in (HOST, FUSED)}
+    return {name: [(x, model.run(x)) for x in (_tensor(model, p)[None] for p in sample_images[400:412])]
+            for name, model in models.items()}
 
 
 def _native(server, model: str) -> float:
@@ -121,11 +114,11 @@ def test_the_answer_is_the_message_python_would_send(server, photos):
 
 
 @needs_grpcpp
-def test_stream_messages_are_answered_natively_and_the_rest_by_python_in_the_same_stream(server, photos, models):
+def test_stream_messages_are_answered_natively_and_the_rest_by_python_in_the_same_stream(server, photos):
     """Triton's ModelStreamInfer as tritonclient drives it: plain messages answered by the C++ front, a bad shape,
     a NaN tensor and one over --max-request-bytes by Python (its error_message in the stream), each by its id; the
     stream goes on."""
-    sent = {f"s{i}": (name, photos[name][i][0]) for i, name in enumerate([HOST, FUSED] * 4)}
+    sent = {f"s{i}": (name, *photos[name][i]) for i, name in enumerate([HOST, FUSED] * 4)}
     nan = photos[HOST][9][0].copy()
     nan[0, 1, 2, 3] = np.nan
     answers: queue.Queue = queue.Queue()
@@ -136,7 +129,7 @@ def test_stream_messages_are_answered_natively_and_the_rest_by_python_in_the_sam
         messages = list(sent.items())
         messages[3:3] = [("bad", (HOST, np.zeros((1, 3, 31, 32), np.float32))), ("nan", (HOST, nan)),
                          ("big", (HOST, np.zeros((100, 3, 32, 32), np.float32)))]
-        for tag, (name, x) in messages:
+        for tag, (name, x, *_) in messages:
             client.async_stream_infer(name, [_input(x)], request_id=tag)
         got = [answers.get(timeout=60) for _ in messages]
     finally:
@@ -149,8 +142,8 @@ def test_stream_messages_are_answered_natively_and_the_rest_by_python_in_the_sam
                         errors[2]), errors[2]
     results = {result.get_response().id: result for result, error in got if error is None}
     assert sorted(results) == sorted(sent)
-    for tag, (name, x) in sent.items():
-        _close(results[tag].as_numpy("output"), models[name].run(x))
+    for tag, (_, _, expected) in sent.items():
+        _close(results[tag].as_numpy("output"), expected)
     after = {name: scrape(server.http, name) for name in (HOST, FUSED)}
     assert sum(after[n].get(NATIVE, 0) - before[n].get(NATIVE, 0) for n in (HOST, FUSED)) == len(sent)
     failures = "nv_inference_request_failure"
@@ -158,7 +151,7 @@ def test_stream_messages_are_answered_natively_and_the_rest_by_python_in_the_sam
 
 
 @needs_grpcpp
-def test_every_other_rpc_is_python_s_through_the_front(server, photos, models, sample_images):
+def test_every_other_rpc_is_python_s_through_the_front(server, photos, sample_images):
     """Health, metadata, config, statistics, contents fields, encoded images, shared memory, errors: as the Python
     server answers them (its codes and messages), none counted by the front."""
     client = grpcclient.InferenceServerClient(server.grpc)

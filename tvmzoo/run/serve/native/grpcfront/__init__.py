@@ -5,11 +5,11 @@ compiler and grpc++ flags. `load` raises Unavailable (saying why) where it canno
 keeps the Python gRPC server."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 from .. import CFLAGS, SOURCE_DIR, _ninja_on_path
@@ -17,8 +17,6 @@ from .. import cache_dir as engine_cache_dir
 
 HERE = Path(__file__).resolve().parent
 MODULE_NAME = "tvmzoo_native_grpc"
-_loaded = None
-_lock = threading.Lock()
 
 
 class Unavailable(Exception):
@@ -39,16 +37,10 @@ def engine_library() -> Path:
     return engine_cache_dir() / "tvmzoo_native.so"
 
 
+@functools.cache
 def load():
-    """The built module; Unavailable when it cannot be built."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            _loaded = _build()
-        return _loaded
-
-
-def _build():
+    """The built module (built once per process; the server asks from its main thread); Unavailable when it
+    cannot be built."""
     import tvm_ffi.cpp
 
     cflags, ldflags = _pkg_config("--cflags"), _pkg_config("--libs")
