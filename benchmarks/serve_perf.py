@@ -20,7 +20,8 @@ CPU per image over (server + client) CPU per request of vamp's images/s.
         [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo] [--shared-memory none,system]
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
-point by point, each idle while another is measured. `--shared-memory none,system` runs each raw / stream / wrk
+point by point, each idle while another is measured; an executable may be followed by flags of its own
+(`--servers "native=.venv/bin/tvmzoo --native,python=.venv/bin/tvmzoo"`). `--shared-memory none,system` runs each raw / stream / wrk
 client both over the socket and with perf_analyzer's `--shared-memory system` (client `raw+shm`, ...: each
 client's input and output in its own registered /dev/shm region, the request only its header), interleaved.
 
@@ -266,8 +267,9 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
     servers: dict[str, ServerProcess] = {}
     externals: dict[tuple[str, str], Wrk | GrpcLoad] = {}   # (server label, client)
     try:
-        for label, executable in executables.items():
-            servers[label] = ServerProcess.start(workspace / model, *setup.flags(delay), executable=executable)
+        for label, command in executables.items():
+            executable, *flags = command.split() if command else [None]
+            servers[label] = ServerProcess.start(workspace / model, *setup.flags(delay), *flags, executable=executable)
         ways = [(label, protocol, client) for protocol in protocols for client in clients
                 for label in servers if ONLY.get(kind_of(client)[0], protocol) == protocol   # interleaved per point
                 and (kind_of(client)[0] not in ("stream", "cppstream") or streams(servers[label].grpc))]
@@ -419,8 +421,8 @@ def main() -> None:
                              "socket, by system shared memory (perf_analyzer --shared-memory system; client name "
                              "+shm), or both, interleaved per point")
     parser.add_argument("--servers", default="",
-                        help="label=tvmzoo executable, comma-separated, interleaved per point (default: this "
-                             "checkout's alone)")
+                        help="label=tvmzoo executable [its own flags], comma-separated, interleaved per point "
+                             "(default: this checkout's alone)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")

@@ -306,7 +306,7 @@ def _sigterm_under_load(server, photos, auth) -> None:
     assert outcomes.count("queued ok") == len(queued), outcomes
     assert len(outcomes) == 5 and not [o for o in outcomes if "FAILED" in o], outcomes
     drained = server.wait_for(re.compile(r"stopped \((\d+) requests were in flight"), 10)
-    assert drained
+    assert int(drained[1]) >= 3   # the queued ones, held by the front
 
 
 @needs_grpcpp

@@ -344,3 +344,93 @@ def test_an_engine_that_cannot_be_built_is_one_clear_error(serve_repo, tmp_path)
     proc = subprocess.run([str(Path(sys.executable).parent / "tvmzoo"), "serve", str(serve_repo), "--native",
                            "--http-port", "0", "--grpc-port", "0"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no-such-compiler not found. Install a C++ compiler" in proc.stderr
+
+
+def test_cpp_submitters_get_their_rows_outputs_by_done(builds, sample_images, tmp_path, monkeypatch):
+    """The pump's way in (engine.h: EngineFromHandle(handle)->Submit(Rows, Done)), from a C++ client built with
+    the engine into one module: each row its own output, a NaN row refused by its Done, alongside Python's
+    requests in the same batches; after close, Submit refuses."""
+    import tvm_ffi.cpp
+
+    from tvmzoo.run.serve import native
+
+    module = tvm_ffi.cpp.load("engine_client", sources=[*map(str, native.sources()), str(Path(__file__).parent /
+                              "engine_client.cc")], extra_include_paths=[str(native.SOURCE_DIR)],
+                              build_directory=str(tmp_path), extra_cflags=native.CFLAGS)
+    monkeypatch.setattr(native, "_loaded", module)    # NativeBatcher's engine in the module that has the client
+    model = CompiledModel.load(builds["b8"])
+    x = _photos(model, (sample_images * 12)[:12])
+    expected = model.run(x)
+    x[5, 0, 0, 0] = np.nan
+    batcher = _batcher(builds["b8"], Metrics.create(), instances=2, threads=1)
+    try:
+        out = np.full((12, expected.shape[1]), -1, np.float32)
+        from_python = [batcher.submit(x[i:i + 1]) for i in (0, 1, 2)]
+        errors = list(module.submit_rows(batcher.handle, x, out))
+        assert errors[5].startswith("refused: input 'input' holds 1 NaN or infinite values (the first at flat index 0)")
+        assert errors[:5] + errors[6:] == [""] * 11
+        keep = [i for i in range(12) if i != 5]
+        np.testing.assert_array_equal(out[keep], expected[keep])
+        np.testing.assert_array_equal(np.concatenate([f.result(60) for f in from_python]), expected[:3])
+    finally:
+        batcher.close()
+    assert list(module.submit_rows(batcher.handle, x[:2], out)) == ["closed", "closed"]
+
+
+def test_sigterm_under_load_loses_no_accepted_request(serve_repo, sample_images, tmp_path):
+    """test_serve's drain under load with --native: queued requests answered by the flush, loops refused after."""
+    from test_serve import _drain_under_load
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    server = ServerProcess.start(serve_repo, "--native", "--auth-token-file", str(token), "--max-queue-delay-us",
+                                 "400000")
+    models = {name: CompiledModel.load(serve_repo / name) for name in (HOST, FUSED)}
+    try:
+        _drain_under_load(server, models, sample_images[200:207], {"Authorization": "Bearer s3cret"})
+    finally:
+        server.stop()
+
+
+def test_a_failed_run_gives_each_request_the_error_and_is_logged(builds, sample_images, caplog):
+    """A model run that raises (here a VM `main` that fails after its warm-up run): every request of the batch
+    gets the error, it is logged through Python's logging, nothing is counted as executed, and the next
+    batch runs again."""
+    import tvm
+    import tvm_ffi
+
+    model = CompiledModel.load(builds["b1"])
+    x = _photos(model, sample_images[:1])
+    calls = []
+
+    def main(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the model's kernel failed")
+        return tvm.runtime.tensor(np.zeros((1, 1000), np.float32))
+
+    metrics = Metrics.create()
+    batcher = NativeBatcher("failing", [_Fake(model, tvm_ffi.convert(main))], 1, 0.0, metrics)
+    try:
+        with pytest.raises(RuntimeError, match="the model's kernel failed"):
+            batcher.submit(x).result(60)
+        assert "model failing: failed on a batch of 1 requests" in caplog.text and "kernel failed" in caplog.text
+        assert metrics.exec_count.value("failing", VERSION) == 0
+        assert metrics.queue_us.value("failing", VERSION) > 0
+        np.testing.assert_array_equal(batcher.submit(x).result(60), np.zeros((1, 1000), np.float32))
+        assert metrics.exec_count.value("failing", VERSION) == 1
+    finally:
+        batcher.close()
+
+
+def test_processes_starting_at_once_build_the_engine_once(tmp_path):
+    """Three processes load the engine at the same moment into an empty cache: each gets the module, one built
+    it (ninja's log holds one compile), the others waited on tvm_ffi's lock and loaded it."""
+    code = "from tvmzoo.run.serve import native; assert native.load().engine_create is not None"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    assert [p.wait(300) for p in procs] == [0, 0, 0], [p.stderr.read() for p in procs]
+    (folder,) = (tmp_path / "tvmzoo" / "native").iterdir()
+    log = (folder / ".ninja_log").read_text().splitlines()
+    assert sum("cpp_0.o" in line for line in log) == 1, log

@@ -33,7 +33,7 @@ MAX_MISMATCHES = 3   # a connection whose requests keep changing (per-request id
 
 @dataclass(frozen=True)
 class PumpHint:
-    """What an answer tells the connection about taking the pump: the model's engine and the sizes around the tensors."""
+    """What an answer tells its connection for the pump: the model's engine and the sizes around the tensors."""
     engine: int            # the engine's handle (native/engine.h EngineFromHandle)
     json_bytes: int        # the request's JSON header
     tensor_bytes: int      # the request's input tensor, after its JSON header
@@ -81,7 +81,11 @@ class Pump:
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_write_buffer_size():
             return False
-        fd = os.dup(sock.fileno())
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError as exc:   # out of descriptors: Python answers on
+            log.warning("cannot hand a connection to the native pump: %s", exc)
+            return False
         prefix = request_head + bytes(body[:hint.json_bytes])
         conn = self.module.pump_adopt(self.handle, fd, hint.engine, prefix, hint.tensor_bytes,
                                       answer[:len(answer) - hint.output_bytes], hint.output_bytes, b"")
@@ -101,8 +105,13 @@ class Pump:
         for i in range(0, len(events), 4):
             conn, fd, reason, received = events[i:i + 4]
             mismatches = self.held.pop(conn, 0) + (reason == MISMATCH)
-            if reason != CLOSED:
+            if reason == CLOSED:
+                continue
+            try:
                 self.adopt(fd, bytes(received), mismatches, reason == STALLED)
+            except Exception:  # noqa: BLE001 - one connection lost, not the others in this batch
+                log.exception("cannot take back a connection from the native pump")
+                os.close(fd)
 
     @property
     def connections(self) -> int:

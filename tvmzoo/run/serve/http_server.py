@@ -9,7 +9,8 @@ past the limit (the app answers 413: answering before the client finished sendin
 connection; past 4 x the limit the connection is closed), refuses headers over 64 KB (431) and malformed
 requests (400), closes a connection that sent nothing for --idle-timeout-seconds (408 when it stalled
 mid-request: a stalled upload held its buffered body and its socket forever), and on shutdown stops listening, closes idle connections and closes busy ones after their
-answer. The routes and the protocol's bodies are in http_app.
+answer. The routes and the protocol's bodies are in http_app. With `--native`, a connection whose answered request
+the native pump can repeat is handed to it, and comes back with the bytes it did not answer (http_pump).
 
 A body of known length (Content-Length) is received into one buffer of that size: the part that came with
 the head through the parser, the rest straight from the socket (recv_into), past the parser, which is

@@ -139,7 +139,7 @@ class Server:
         self.http.stop()
         self.repository.flush()
         grpc_stopped = asyncio.ensure_future(self._stop_grpc())
-        in_flight = self.inference.in_flight
+        in_flight = self.inference.in_flight + self._native_pending()
         deadline = time.monotonic() + self.cfg.drain_seconds
         while self.inference.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -158,6 +158,12 @@ class Server:
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         self.shared_memory.close()   # every region: its descriptor closed
         return in_flight
+
+    def _native_pending(self) -> int:
+        """Requests the native fronts hold: they finish them before the pump hands connections back, the gRPC
+        front before it stops."""
+        fronts = [front for front in (self.pump, self.grpc_front) if front]
+        return int(sum(front.stats(engine)[2] for front in fronts for engine in self.state.pump_engines.values()))
 
     async def _stop_grpc(self) -> None:
         if self.grpc_front:   # first: its forwarded calls need the Python server until they are done

@@ -45,7 +45,7 @@ class NativeBatcher:
         self.handle = module.engine_create(
             name, [m.vm["main"] for m in instances], list(self._row_shape), str(self._dtype),
             model.fixed_batch or 0, max_batch, float(max_delay_s), threads or 1, list(cores or []), check,
-            int(classes), list(metrics.batch_size.bounds), self._batch_done)
+            int(classes), list(metrics.batch_size.bounds), self._batch_done, self._log)
         metrics.read_batches(name, self._statistics)
 
     def submit(self, rows: np.ndarray) -> Future:
@@ -90,20 +90,24 @@ class NativeBatcher:
 
     def _batch_done(self, tickets, outputs, statuses, messages) -> None:
         """On an instance thread, once per batch: each Python request its outcome."""
+        items = [self._pending.pop(ticket) for ticket in tickets]
         try:
             values = np.from_dlpack(outputs)
-            offset, items, outcomes = 0, [], []
-            for i, (ticket, status) in enumerate(zip(tickets, statuses)):
-                item = self._pending.pop(ticket)
+            offset, outcomes = 0, []
+            for i, (item, status) in enumerate(zip(items, statuses)):
                 if status == ANSWERED:
                     outcomes.append(values[offset:offset + len(item.rows)])
                     offset += len(item.rows)
                 else:
                     outcomes.append(invalid(messages[i]) if status == REFUSED else RuntimeError(messages[i]))
-                items.append(item)
-            hand_back(items, outcomes)
-        except Exception:  # noqa: BLE001 - an instance thread has nobody to raise to
+        except Exception as exc:  # noqa: BLE001 - an instance thread has nobody to raise to but the requests
             log.exception("model %s: handing back a batch failed", self.name)
+            outcomes = [exc] * len(items)
+        hand_back(items, outcomes)
+
+    def _log(self, message: str) -> None:
+        """The engine's rare events: a failed warm-up or batch (each request gets the error too)."""
+        log.error("model %s: %s", self.name, message)
 
     def _statistics(self) -> list[float]:
         return list(self._module.engine_stats(self.handle))

@@ -203,8 +203,9 @@ struct Instance {
 
 class EngineImpl : public Engine {
  public:
-  EngineImpl(Config config, std::vector<ffi::Function> mains, ffi::Function on_batch)
-      : cfg_(std::move(config)), on_batch_(std::move(on_batch)), arrivals_(cfg_.max_batch) {
+  EngineImpl(Config config, std::vector<ffi::Function> mains, ffi::Function on_batch, ffi::Function on_log)
+      : cfg_(std::move(config)), on_batch_(std::move(on_batch)), on_log_(std::move(on_log)),
+        arrivals_(cfg_.max_batch) {
     row_elems_ = 1;
     for (int64_t d : cfg_.row_shape) row_elems_ *= d;
     row_bytes_ = row_elems_ * ((cfg_.dtype.bits * cfg_.dtype.lanes + 7) / 8);
@@ -222,8 +223,6 @@ class EngineImpl : public Engine {
     std::unique_lock<std::mutex> lock(mu_);
     cond_.wait(lock, [&] { return warmed_ == static_cast<int64_t>(instances_.size()); });
   }
-
-  ~EngineImpl() override { Close(-1); }
 
   bool Submit(Rows rows, Done done) override {
     Pending item;
@@ -252,6 +251,7 @@ class EngineImpl : public Engine {
   // Stop taking requests; the instances finish what is queued, then stop. False: not all stopped in
   // `timeout_s` (negative: wait for them).
   bool Close(double timeout_s) {
+    std::lock_guard<std::mutex> closing(close_mu_);   // one Close joins the threads
     std::unique_lock<std::mutex> lock(mu_);
     closed_ = true;
     WakeAll();
@@ -266,6 +266,7 @@ class EngineImpl : public Engine {
       if (inst->thread.joinable()) inst->thread.join();
     for (auto& inst : instances_) inst->main = ffi::Function();   // the VMs (Python's) are released now
     on_batch_ = ffi::Function();
+    on_log_ = ffi::Function();
     return true;
   }
 
@@ -344,8 +345,7 @@ class EngineImpl : public Engine {
     try {
       PinThisThreadPool(cores);
     } catch (const std::exception& exc) {
-      std::fprintf(stderr, "tvmzoo native engine: model %s: cannot pin the TVM pool: %s\n", cfg_.name.c_str(),
-                   ErrorText(exc).c_str());
+      Log("cannot pin the TVM pool: " + ErrorText(exc));
     }
   }
 
@@ -354,8 +354,7 @@ class EngineImpl : public Engine {
     try {
       Call(inst, inst.rows.get(), cfg_.fixed_batch ? cfg_.fixed_batch : 1, nullptr);
     } catch (const std::exception& exc) {   // real requests will report it
-      std::fprintf(stderr, "tvmzoo native engine: model %s: warm-up run failed: %s\n", cfg_.name.c_str(),
-                   ErrorText(exc).c_str());
+      Log("warm-up run failed: " + ErrorText(exc));
     }
   }
 
@@ -554,8 +553,7 @@ class EngineImpl : public Engine {
       ran = Clock::now();
     } catch (const std::exception& exc) {   // each request gets the error
       failure = ErrorText(exc);
-      std::fprintf(stderr, "tvmzoo native engine: model %s failed on a batch of %zu requests: %s\n",
-                   cfg_.name.c_str(), batch.size(), failure.c_str());
+      Log("failed on a batch of " + std::to_string(batch.size()) + " requests: " + failure);
     }
     if (!failure.empty() || all_refused) {
       Finished(rows, width, index, [&] { stats_.queue_us += waited_us; });
@@ -612,7 +610,7 @@ class EngineImpl : public Engine {
         try {
           item.done(out, item.rows.rows, refused && failure.empty(), error);
         } catch (const std::exception& exc) {
-          std::fprintf(stderr, "tvmzoo native engine: model %s: a Done failed: %s\n", cfg_.name.c_str(), exc.what());
+          Log(std::string("a request's Done failed: ") + exc.what());
         }
       } else {
         tickets.push_back(item.ticket);
@@ -637,16 +635,27 @@ class EngineImpl : public Engine {
     try {
       on_batch_(ffi::Shape(tickets), outputs, ffi::Shape(statuses), messages);
     } catch (const std::exception& exc) {   // the callback logs its own errors; this is the FFI's
-      std::fprintf(stderr, "tvmzoo native engine: model %s: the Python hand-back failed: %s\n", cfg_.name.c_str(),
-                   ErrorText(exc).c_str());
+      Log("the Python hand-back failed: " + ErrorText(exc));
     }
   }
 
+  // Rare events (a failed warm-up or batch) to Python's logging (it takes the GIL); stderr when that fails.
+  void Log(const std::string& message) {
+    try {
+      if (on_log_.defined()) {
+        on_log_(message);
+        return;
+      }
+    } catch (const std::exception&) {
+    }
+    std::fprintf(stderr, "tvmzoo native engine: model %s: %s\n", cfg_.name.c_str(), message.c_str());
+  }
+
   Config cfg_;
-  ffi::Function on_batch_;
+  ffi::Function on_batch_, on_log_;
   int64_t row_elems_ = 0, row_bytes_ = 0;
   std::vector<std::unique_ptr<Instance>> instances_;
-  std::mutex mu_;
+  std::mutex mu_, close_mu_;
   std::condition_variable cond_;   // waits for a fuller batch, for cores, for warm-up and for the stop
   std::deque<Pending> queue_;
   int64_t queued_rows_ = 0, in_flight_rows_ = 0, busy_cores_ = 0, gathering_ = 0;
@@ -678,7 +687,7 @@ std::vector<int64_t> Ints(const ffi::Shape& shape) { return std::vector<int64_t>
 int64_t EngineCreate(ffi::String name, ffi::Array<ffi::Function> mains, ffi::Shape row_shape, ffi::String dtype,
                      int64_t fixed_batch, int64_t max_batch, double max_delay_s, int64_t threads, ffi::Shape cores,
                      ffi::String check_input, int64_t output_row_floats, ffi::Array<double> bounds,
-                     ffi::Function on_batch) {
+                     ffi::Function on_batch, ffi::Function on_log) {
   if (mains.empty() || max_batch < 1 || output_row_floats < 1)
     TVM_FFI_THROW(ValueError) << "engine_create: needs instances, max_batch >= 1 and output_row_floats >= 1";
   Config cfg{std::string(name), Ints(row_shape), ffi::StringToDLDataType(dtype), fixed_batch, max_batch,
@@ -686,7 +695,7 @@ int64_t EngineCreate(ffi::String name, ffi::Array<ffi::Function> mains, ffi::Sha
   for (int64_t c : cores) cfg.cores.push_back(static_cast<int>(c));
   for (double b : bounds) cfg.bounds.push_back(b);
   std::vector<ffi::Function> functions(mains.begin(), mains.end());
-  auto* engine = new EngineImpl(std::move(cfg), std::move(functions), std::move(on_batch));
+  auto* engine = new EngineImpl(std::move(cfg), std::move(functions), std::move(on_batch), std::move(on_log));
   std::lock_guard<std::mutex> lock(registry_mu);
   static int64_t next = 1;
   int64_t handle = next++;

@@ -7,6 +7,7 @@
 // thread. Anything else goes back to Python with every byte it has not answered (pump_events), which answers
 // it as it answers any request: the pump knows no HTTP beyond "the same bytes as before".
 #include <errno.h>
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -281,6 +282,7 @@ class Pump {
   }
 
   void Run() {
+    pthread_setname_np(pthread_self(), "http-pump");   // as top -H and /proc/<pid>/task show it
     epoll_event events[kMaxEvents];
     int64_t next_sweep = NowNs() + SweepInterval();
     while (!stopping_) {
@@ -601,14 +603,20 @@ Pump* Get(int64_t handle) {
   return it->second.get();
 }
 
+}  // namespace
+
+// The functions Python calls (http_pump.Pump), each exported after it.
+
 int64_t PumpCreate(double idle_timeout_s) {
   auto pump = std::make_unique<Pump>(idle_timeout_s);
   std::lock_guard<std::mutex> lock(pumps_mu);
   pumps[++last_pump] = std::move(pump);
   return last_pump;
 }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_create, PumpCreate);
 
 int64_t PumpNotifyFd(int64_t pump) { return Get(pump)->notify_fd(); }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_notify_fd, PumpNotifyFd);
 
 int64_t PumpAdopt(int64_t pump, int64_t fd, int64_t engine, tvm::ffi::Bytes request_prefix, int64_t tensor_bytes,
                   tvm::ffi::Bytes answer_prefix, int64_t output_bytes, tvm::ffi::Bytes received) {
@@ -616,10 +624,16 @@ int64_t PumpAdopt(int64_t pump, int64_t fd, int64_t engine, tvm::ffi::Bytes requ
                           tensor_bytes, std::string(answer_prefix.data(), answer_prefix.size()), output_bytes,
                           std::string(received.data(), received.size()));
 }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_adopt, PumpAdopt);
 
 tvm::ffi::Array<tvm::ffi::Any> PumpEvents(int64_t pump) { return Get(pump)->Events(); }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_events, PumpEvents);
+
 tvm::ffi::Array<int64_t> PumpStats(int64_t pump, int64_t engine) { return Get(pump)->Stats(engine); }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_stats, PumpStats);
+
 void PumpDrain(int64_t pump) { Get(pump)->Drain(); }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_drain, PumpDrain);
 
 void PumpDestroy(int64_t pump) {
   std::unique_ptr<Pump> gone;
@@ -632,14 +646,6 @@ void PumpDestroy(int64_t pump) {
   }
   if (!gone->Stop()) gone.release();   // an engine may still call it (past the drain deadline): never freed
 }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_destroy, PumpDestroy);
 
-}  // namespace
 }  // namespace tvmzoo
-
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_create, tvmzoo::PumpCreate);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_notify_fd, tvmzoo::PumpNotifyFd);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_adopt, tvmzoo::PumpAdopt);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_events, tvmzoo::PumpEvents);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_stats, tvmzoo::PumpStats);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_drain, tvmzoo::PumpDrain);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_destroy, tvmzoo::PumpDestroy);
