@@ -268,8 +268,9 @@ class Metrics:
             counter.bind(labels, Plus(lambda i=i: sum(r()[i] for r in readers)))
         self._last_elsewhere[model] = lambda: max(r()[3] for r in readers)
         if front not in self.fronts:
-            self.fronts[front] = TritonCounter(f"tvmzoo_{front}_success", "Successful inference requests the native "
-                                               f"{FRONTS[front]} answered (counted in nv_inference_request_success too)")
+            doc = f"Successful inference requests the native {FRONTS[front]} answered (counted in " \
+                  "nv_inference_request_success too)"
+            self.fronts[front] = TritonCounter(f"tvmzoo_{front}_success", doc)
             self.registry.register(self.fronts[front])
         self.fronts[front].bind(labels, Reading(lambda: read()[0]))
         self._series.pop(model, None)

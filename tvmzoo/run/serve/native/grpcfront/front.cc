@@ -38,6 +38,7 @@
 #include <tvm/ffi/string.h>
 
 #include <algorithm>
+#include <cctype>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -739,9 +740,11 @@ bool Front::Authorized(const grpc::GenericCallbackServerContext* ctx) const {
   if (!has_token) return true;
   std::string_view header;   // the last one, as dict(invocation_metadata()) keeps it
   for (const auto& [key, value] : ctx->client_metadata())
-    if (std::string_view(key.data(), key.size()) == "authorization") header = std::string_view(value.data(), value.size());
-  size_t space = header.find(' ');
-  std::string_view scheme = header.substr(0, space), value = space == std::string_view::npos ? "" : header.substr(space + 1);
+    if (std::string_view(key.data(), key.size()) == "authorization")
+      header = std::string_view(value.data(), value.size());
+  size_t space = header.find(' ');   // str.partition(" ")
+  std::string_view scheme = header.substr(0, space);
+  std::string_view value = space == std::string_view::npos ? "" : header.substr(space + 1);
   std::string lower(scheme);
   for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   bool ok = ConstantTimeEqual(Strip(value), token);
