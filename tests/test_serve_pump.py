@@ -357,7 +357,7 @@ def test_the_hand_over_and_back_on_plain_asyncio(serve_repo, photos):
         server = Server(cfg)
         http_port, _ = await server.start()
         await asyncio.to_thread(client, f"127.0.0.1:{http_port}")
-        pumped = server.metrics.pumped.value(FUSED, "1")
+        pumped = server.metrics.fronts["http_pump"].value(FUSED, "1")
         await server.drain()
         return pumped
 

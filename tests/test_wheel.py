@@ -61,8 +61,8 @@ def test_the_wheel_carries_what_the_library_reads(wheel):
     assert {"tvmzoo/data/imagenet.txt", "tvmzoo/data/imagenet_wnids.txt"} <= names
     assert any(n.startswith("tvmzoo/data/images/") and n.endswith(".png") for n in names)
     native = ROOT / "tvmzoo" / "run" / "serve" / "native"   # serve --native builds them where tvmzoo is installed
-    for path in [*native.glob("*.cc"), *native.glob("*.h")]:
-        assert f"tvmzoo/run/serve/native/{path.name}" in names, path
+    for path in [*native.glob("*.cc"), *native.glob("*.h"), *native.glob("grpcfront/*.cc")]:
+        assert f"tvmzoo/run/serve/native/{path.relative_to(native).as_posix()}" in names, path
 
 
 @pytest.mark.slow

@@ -273,13 +273,17 @@ def _add_service(server: grpc.aio.Server, servicer: InferenceServicer, max_reque
     server.add_registered_method_handlers(made.service, made.handlers)
 
 
+def receive_limit(max_request_bytes: int) -> int:
+    """grpc's own receive limit (see GRPC_LIMIT_SLACK)."""
+    return min(max_request_bytes + max_request_bytes // GRPC_LIMIT_SLACK, GRPC_INT_MAX)
+
+
 def make_server(state: AppState, address: str, max_request_bytes: int, idle_timeout: float,
                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> tuple[grpc.aio.Server, int]:
     """The gRPC server bound to `address` (host:port, port 0 = any free one) and the port it got. A connection
     without a call for `idle_timeout` seconds gets GOAWAY (clients reconnect on their next call); past
     `max_connections` open ones grpc closes a new connection at once (it has no way to say why)."""
-    receive_limit = min(max_request_bytes + max_request_bytes // GRPC_LIMIT_SLACK, GRPC_INT_MAX)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", receive_limit),
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", receive_limit(max_request_bytes)),
                                       ("grpc.max_allowed_incoming_connections", max_connections),
                                       ("grpc.max_connection_idle_ms", int(idle_timeout * 1000)),
                                       ("grpc.max_send_message_length", -1),

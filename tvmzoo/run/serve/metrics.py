@@ -20,6 +20,7 @@ from prometheus_client.utils import floatToGoString
 
 LABELS = ("model", "version")
 VERSION = "1"
+FRONTS = {"http_pump": "HTTP pump", "grpc_native": "gRPC front"}   # count_elsewhere: what tvmzoo_<front>_success names
 
 
 class Cell:
@@ -195,7 +196,8 @@ class Metrics:
     last_inference: dict[str, float] = field(default_factory=dict)   # model -> time.time() of its last success
     _series: dict[str, ModelSeries] = field(default_factory=dict)
     _last_elsewhere: dict[str, Callable[[], float]] = field(default_factory=dict)
-    pumped: TritonCounter | None = None   # with the native HTTP pump: the requests it answered, per model
+    _elsewhere: dict[str, list[Callable[[], list[float]]]] = field(default_factory=dict)
+    fronts: dict[str, TritonCounter] = field(default_factory=dict)   # native fronts: the requests each answered
 
     @classmethod
     def create(cls) -> Metrics:
@@ -254,19 +256,23 @@ class Metrics:
         self._series.pop(model, None)
         self.count_model(model)
 
-    def count_elsewhere(self, model: str, read: Callable[[], list[float]]) -> None:
-        """Requests of `model` are also answered elsewhere (the native HTTP pump): `read` gives their success count,
-        summed request duration (us), requests pending and the time.time() of the last success, added to what is
-        counted here when the series are read."""
+    def count_elsewhere(self, model: str, read: Callable[[], list[float]], front: str = "http_pump") -> None:
+        """Requests of `model` are also answered elsewhere (a native front: "http_pump", "grpc_native"): `read`
+        gives their success count, summed request duration (us), requests pending and the time.time() of the
+        last success, added to what is counted here when the series are read; `tvmzoo_<front>_success` shows
+        that front's share."""
         labels = (model, VERSION)
+        readers = self._elsewhere.setdefault(model, [])
+        readers.append(read)
         for i, counter in enumerate((self.success, self.request_us, self.pending)):
-            counter.bind(labels, Plus(lambda i=i: read()[i]))
-        self._last_elsewhere[model] = lambda: read()[3]
-        if self.pumped is None:
-            self.pumped = TritonCounter("tvmzoo_http_pump_success", "Successful inference requests the native HTTP "
-                                        "pump answered (counted in nv_inference_request_success too)")
-            self.registry.register(self.pumped)
-        self.pumped.bind(labels, Reading(lambda: read()[0]))
+            counter.bind(labels, Plus(lambda i=i: sum(r()[i] for r in readers)))
+        self._last_elsewhere[model] = lambda: max(r()[3] for r in readers)
+        if front not in self.fronts:
+            doc = f"Successful inference requests the native {FRONTS[front]} answered (counted in " \
+                  "nv_inference_request_success too)"
+            self.fronts[front] = TritonCounter(f"tvmzoo_{front}_success", doc)
+            self.registry.register(self.fronts[front])
+        self.fronts[front].bind(labels, Reading(lambda: read()[0]))
         self._series.pop(model, None)
         self.count_model(model)
 

@@ -23,7 +23,8 @@ from ... import __version__
 
 from ...errors import ConfigError
 from .config import ServeConfig
-from .grpc_service import make_server
+from .grpc_native import GrpcFront, load_module as load_grpc_front
+from .grpc_service import make_server, receive_limit
 from .http_app import HttpApp
 from .http_pump import Pump
 from .http_server import HttpServer
@@ -79,6 +80,7 @@ class Server:
         self.http = None
         self.pump: Pump | None = None
         self.grpc = None
+        self.grpc_front: GrpcFront | None = None
         self.ports: tuple[int, int] = (0, 0)
 
     async def start(self) -> tuple[int, int]:
@@ -94,16 +96,30 @@ class Server:
         self._start_pump()
         await self.http.listen(sockets)
         try:
-            self.grpc, grpc_port = make_server(self.state, _grpc_address(self.cfg.host, self.cfg.grpc_port),
-                                               self.cfg.max_request_bytes, self.cfg.idle_timeout_seconds,
-                                               self.cfg.max_connections)
+            grpc_port = await self._start_grpc()
         except (OSError, RuntimeError) as exc:
             self.http.stop()
             raise ConfigError(f"cannot listen for gRPC on {self.cfg.host}:{self.cfg.grpc_port} ({exc}); "
                               "pick another --grpc-port (0: any free one) or --host.") from None
-        await self.grpc.start()
         self.ports = (sockets[0].getsockname()[1], grpc_port)
         return self.ports
+
+    async def _start_grpc(self) -> int:
+        """The Python gRPC server on the public port, or (--native, libgrpc++ at hand) on a private unix socket
+        behind the native gRPC front."""
+        cfg = self.cfg
+        module = load_grpc_front() if self.state.pump_engines else None
+        if module is not None:
+            self.grpc_front = GrpcFront(module, self.repository, self.metrics, cfg.max_request_bytes,
+                                        cfg.auth_token)
+        address = self.grpc_front.private_address if self.grpc_front else _grpc_address(cfg.host, cfg.grpc_port)
+        self.grpc, port = make_server(self.state, address, cfg.max_request_bytes, cfg.idle_timeout_seconds,
+                                      cfg.max_connections)
+        await self.grpc.start()
+        if self.grpc_front:
+            port = self.grpc_front.start(cfg.host, cfg.grpc_port, receive_limit(cfg.max_request_bytes),
+                                         cfg.max_connections, cfg.idle_timeout_seconds)
+        return port
 
     def _start_pump(self) -> None:
         """--native: the HTTP pump answers the repeated binary-tensor requests of the models native engines serve."""
@@ -122,9 +138,8 @@ class Server:
         self.state.stopping.set()   # draining: new requests refused, open gRPC streams end
         self.http.stop()
         self.repository.flush()
-        grpc_stopped = asyncio.ensure_future(self.grpc.stop(grace=self.cfg.drain_seconds))
-        in_flight = self.inference.in_flight + sum(   # the pump's finish before it hands their connections back
-            self.pump.stats(engine)[2] for engine in self.state.pump_engines.values() if self.pump)
+        grpc_stopped = asyncio.ensure_future(self._stop_grpc())
+        in_flight = self.inference.in_flight + self._native_pending()
         deadline = time.monotonic() + self.cfg.drain_seconds
         while self.inference.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -143,6 +158,18 @@ class Server:
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         self.shared_memory.close()   # every region: its descriptor closed
         return in_flight
+
+    def _native_pending(self) -> int:
+        """Requests the native fronts hold: they finish them before the pump hands connections back, the gRPC
+        front before it stops."""
+        fronts = [front for front in (self.pump, self.grpc_front) if front]
+        return int(sum(front.stats(engine)[2] for front in fronts for engine in self.state.pump_engines.values()))
+
+    async def _stop_grpc(self) -> None:
+        if self.grpc_front:   # first: its forwarded calls need the Python server until they are done
+            await self.grpc_front.drain(self.cfg.drain_seconds)
+            self.grpc_front.close()
+        await self.grpc.stop(grace=self.cfg.drain_seconds)
 
     async def run(self, on_ready: Callable[[str], None]) -> None:
         stop = asyncio.Event()
