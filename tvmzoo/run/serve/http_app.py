@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from .http_codec import HEADER_LENGTH, encode_response, parse_infer
-from .http_pump import PumpHint, hint
+from .http_pump import PumpHint
 from .shared_memory import CUDA_UNSUPPORTED
 from .state import SERVER_NAME, AppState
-from .tensors import ServeError, invalid
+from .tensors import BYTES, InferRequest, OutputTensor, ServeError, invalid
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,24 @@ class Response:
     @classmethod
     def error(cls, status: int, message: str, **kwargs) -> Response:
         return cls.json({"error": message}, status, **kwargs)
+
+
+def pump_hint(request: Request, parsed: InferRequest, outputs: list[OutputTensor], header_length: int | None,
+         engine: int | None) -> PumpHint | None:
+    """The hint for a 200 infer answer the pump can repeat, else None: a binary-tensor request of a known length
+    (no chunks, no 100-continue) with one binary numeric input, every output a binary FP32 tensor (no
+    classification, no shared memory)."""
+    headers = request.headers
+    if engine is None or header_length is None or not request.keep_alive or request.method != "POST" \
+            or "expect" in headers or "transfer-encoding" in headers or "content-length" not in headers:
+        return None
+    if len(parsed.inputs) != 1 or len(outputs) != 1 or parsed.inputs[0].shm is not None \
+            or parsed.inputs[0].datatype == BYTES:
+        return None
+    out = outputs[0]
+    if not out.binary or out.in_shared_memory or out.datatype != "FP32":
+        return None
+    return PumpHint(engine, header_length, len(request.body) - header_length, out.data.nbytes)
 
 
 Handler = Callable[..., Response]   # (state, request, *path groups); infer is async
@@ -118,7 +136,7 @@ async def infer(state: AppState, request: Request, name: str, version: str) -> R
         return Response(200, body, [("Content-Type", "application/json")])
     engine = state.pump_engines.get(parsed.model)
     return Response(200, body, [("Content-Type", "application/octet-stream"), (HEADER_LENGTH, str(json_length))],
-                    pump=None if engine is None else hint(request, parsed, outputs, header_length, engine))
+                    pump=None if engine is None else pump_hint(request, parsed, outputs, header_length, engine))
 
 
 def shm_status(state: AppState, request: Request, name: str) -> Response:

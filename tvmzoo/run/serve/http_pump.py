@@ -1,5 +1,5 @@
-"""The Python side of the native HTTP pump (native/pump.cc, `tvmzoo serve --native`): which answers let the pump
-take over their keep-alive connection, the hand-over, the connections it hands back, and its counts in /metrics.
+"""The Python side of the native HTTP pump (native/pump.cc, the native data path): the hand-over of a keep-alive
+connection (which answers qualify: http_app.pump_hint), the connections it hands back, and its counts in /metrics.
 
 After Python answered a binary-tensor infer request 200 for a model a native engine serves, with every output a
 binary FP32 tensor, the connection goes to the pump with the exact bytes of that request before its tensor and of
@@ -18,12 +18,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from .tensors import BYTES, InferRequest, OutputTensor
-
-if TYPE_CHECKING:
-    from .http_app import Request
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +32,6 @@ class PumpHint:
     json_bytes: int        # the request's JSON header
     tensor_bytes: int      # the request's input tensor, after its JSON header
     output_bytes: int      # the answer's output tensor, its last bytes
-
-
-def hint(request: Request, parsed: InferRequest, outputs: list[OutputTensor], header_length: int | None,
-         engine: int | None) -> PumpHint | None:
-    """The hint for a 200 infer answer the pump can repeat, else None: a binary-tensor request of a known length
-    (no chunks, no 100-continue) with one binary numeric input, every output a binary FP32 tensor (no
-    classification, no shared memory)."""
-    headers = request.headers
-    if engine is None or header_length is None or not request.keep_alive or request.method != "POST" \
-            or "expect" in headers or "transfer-encoding" in headers or "content-length" not in headers:
-        return None
-    if len(parsed.inputs) != 1 or len(outputs) != 1 or parsed.inputs[0].shm is not None \
-            or parsed.inputs[0].datatype == BYTES:
-        return None
-    out = outputs[0]
-    if not out.binary or out.in_shared_memory or out.datatype != "FP32":
-        return None
-    return PumpHint(engine, header_length, len(request.body) - header_length, out.data.nbytes)
 
 
 class Pump:
