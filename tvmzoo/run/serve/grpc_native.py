@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .metrics import Metrics
+from .metrics import Metrics, native_counts
 from .native.batcher import NativeBatcher
 from .native.grpcfront import Unavailable, engine_library
 from .native.grpcfront import load as load_front
@@ -63,8 +63,7 @@ class GrpcFront:
 
     def stats(self, engine: int) -> list[float]:
         """success count, summed request duration (us), pending, last success (time.time())."""
-        success, request_ns, pending, last_ms = self.module.grpc_front_stats(self.handle, engine)
-        return [success, request_ns / 1e3, pending, last_ms / 1e3]
+        return native_counts(self.module.grpc_front_stats(self.handle, engine))
 
     async def drain(self, seconds: float) -> None:
         """Stop accepting, end the streams, let every call finish (forwarded ones too: the Python server still

@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .metrics import native_counts
+
 log = logging.getLogger(__name__)
 
 CLOSED, MISMATCH, REFUSED, FAILED, STALLED, DRAINING, ENGINE_CLOSED = range(7)   # pump.cc's Reason
@@ -105,5 +107,4 @@ class Pump:
     def stats(self, engine: int) -> list[float]:
         """The pump's answers of one engine: success count, summed request duration (us), pending, last success
         (time.time()), as Metrics.count_elsewhere reads them."""
-        success, request_ns, pending, last_ms = self.module.pump_stats(self.handle, engine)
-        return [success, request_ns / 1e3, pending, last_ms / 1e3]
+        return native_counts(self.module.pump_stats(self.handle, engine))

@@ -23,6 +23,13 @@ VERSION = "1"
 FRONTS = {"http_pump": "HTTP pump", "grpc_native": "gRPC front"}   # count_elsewhere: what tvmzoo_<front>_success names
 
 
+def native_counts(raw) -> list[float]:
+    """A native front's counts of one engine as its C++ side keeps them (success, summed request ns, pending,
+    last success in unix ms), in the units Metrics.count_elsewhere reads (request us, last success time.time())."""
+    success, request_ns, pending, last_ms = raw
+    return [success, request_ns / 1e3, pending, last_ms / 1e3]
+
+
 class Cell:
     """One labelled series' value."""
     __slots__ = ("value",)
