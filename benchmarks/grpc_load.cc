@@ -6,7 +6,8 @@
 // (as perf_analyzer --streaming). No generated protobuf code: grpc::GenericStub sends the bytes as they are,
 // and a small protobuf wire scan checks every answer (status OK, an empty error_message on the stream, the
 // request's id, the first output's size matching its shape, and with --top its first row's arg max).
-// One thread drives every call through a completion queue.
+// One thread drives every call through a completion queue; the slots share --channels connections (default 1, as
+// clients of tritonclient's cached channel do), slot i on connection i % channels.
 //
 // Prints one JSON line: requests answered right within the measured --seconds (after --warmup), errors (the
 // whole run, warm-up included), the first error's message, latency percentiles and every latency (us), and
@@ -39,6 +40,7 @@ const char* const kStream = "/inference.GRPCInferenceService/ModelStreamInfer";
 struct Options {
   std::string address, request_file;
   int concurrency = 1;
+  int channels = 1;
   double seconds = 4.0, warmup = 1.0;
   bool stream = false;
   long top = -1;  // expected arg max of the first output row; -1: not checked
@@ -205,9 +207,10 @@ struct Slot {
 
 class Load {
  public:
-  Load(const Options& options, std::shared_ptr<grpc::Channel> channel, std::string request)
-      : opt_(options), stub_(channel), request_bytes_(std::move(request)),
-        id_(field_bytes(request_bytes_, 3)), slots_(options.concurrency) {
+  Load(const Options& options, const std::vector<std::shared_ptr<grpc::Channel>>& channels, std::string request)
+      : opt_(options), request_bytes_(std::move(request)), id_(field_bytes(request_bytes_, 3)),
+        slots_(options.concurrency) {
+    for (const auto& channel : channels) stubs_.push_back(std::make_unique<grpc::GenericStub>(channel));
     grpc::Slice slice(request_bytes_.data(), request_bytes_.size());
     request_ = grpc::ByteBuffer(&slice, 1);
     for (auto& s : slots_)
@@ -299,7 +302,7 @@ class Load {
 
   void send_unary(Slot& s) {
     s.context = new_context(60);
-    s.unary = stub_.PrepareUnaryCall(s.context.get(), kInfer, request_, &cq_);
+    s.unary = stub(s).PrepareUnaryCall(s.context.get(), kInfer, request_, &cq_);
     s.sent = Clock::now();
     s.unary->StartCall();
     s.unary->Finish(&s.response, &s.status, s.tag(Op::kUnary));
@@ -308,7 +311,7 @@ class Load {
   void open(Slot& s) {
     s.context = new_context(opt_.warmup + opt_.seconds + 60);
     s.broken = s.closing = false;
-    s.stream = stub_.PrepareCall(s.context.get(), kStream, &cq_);
+    s.stream = stub(s).PrepareCall(s.context.get(), kStream, &cq_);
     s.stream->StartCall(s.tag(Op::kStart));
   }
 
@@ -359,7 +362,8 @@ class Load {
   }
 
   Options opt_;
-  grpc::GenericStub stub_;
+  grpc::GenericStub& stub(const Slot& s) { return *stubs_[(&s - slots_.data()) % stubs_.size()]; }
+  std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
   std::string request_bytes_;
   std::string id_;
   grpc::ByteBuffer request_;
@@ -388,14 +392,15 @@ Options parse(int argc, char** argv) {
     if (arg == "--address") o.address = value;
     else if (arg == "--request") o.request_file = value;
     else if (arg == "--concurrency") o.concurrency = static_cast<int>(number(arg, value));
+    else if (arg == "--channels") o.channels = static_cast<int>(number(arg, value));
     else if (arg == "--seconds") o.seconds = number(arg, value);
     else if (arg == "--warmup") o.warmup = number(arg, value);
     else if (arg == "--top") o.top = static_cast<long>(number(arg, value));
     else fail("unknown option " + arg);
   }
-  if (o.address.empty() || o.request_file.empty() || o.concurrency < 1)
+  if (o.address.empty() || o.request_file.empty() || o.concurrency < 1 || o.channels < 1)
     fail("usage: grpc_load --address HOST:PORT --request FILE [--concurrency N >= 1] [--seconds S] "
-         "[--warmup S] [--stream] [--top CLASS]");
+         "[--warmup S] [--stream] [--channels N >= 1] [--top CLASS]");
   return o;
 }
 
@@ -406,13 +411,18 @@ int main(int argc, char** argv) {
   std::ifstream file(options.request_file, std::ios::binary);
   if (!file) fail("cannot read the request file " + options.request_file);
   std::string request((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(-1);
-  args.SetMaxSendMessageSize(-1);
-  auto channel = grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
-  if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10)))
-    fail("no gRPC server at " + options.address + " within 10 s");
-  Load load(options, channel, std::move(request));
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
+  for (int i = 0; i < options.channels; ++i) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);   // a connection of its own
+    auto channel = grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args);
+    if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10)))
+      fail("no gRPC server at " + options.address + " within 10 s");
+    channels.push_back(channel);
+  }
+  Load load(options, channels, std::move(request));
   load.run();
   load.report();
   return 0;

@@ -92,8 +92,9 @@ class GrpcLoad:
     """One build's request, ready to be sent by grpc_load to `address` (host:port)."""
 
     def __init__(self, address: str, model: str, x: np.ndarray, top: int, stream: bool = False,
-                 tag: str = "cpp") -> None:
-        self.address, self.top, self.stream = address, top, stream
+                 tag: str = "cpp", connections: int = 1) -> None:
+        """`connections`: the slots share them (1: one, as tritonclient's cached channel)."""
+        self.address, self.top, self.stream, self.connections = address, top, stream, connections
         self.program = build()
         self.dir = Path(tempfile.mkdtemp(prefix="serve_grpc_cpp_"))
         self.request = self.dir / "request.pb"
@@ -103,7 +104,7 @@ class GrpcLoad:
         """`concurrency` slots for `warmup` + `seconds`; `checked`: a wrong answer raises AssertionError."""
         cmd = [str(self.program), "--address", self.address, "--request", str(self.request),
                "--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup),
-               "--top", str(self.top), *(["--stream"] if self.stream else [])]
+               "--top", str(self.top), "--channels", str(self.connections), *(["--stream"] if self.stream else [])]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120)
         if done.returncode:
             raise RuntimeError(f"grpc_load failed ({done.returncode}): {done.stderr.strip()[-500:]}")

@@ -252,7 +252,7 @@ def median_round(rounds: list[Row]) -> Row:
 
 def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: list[str],
           concurrency: list[int], executables: dict[str, str | None], protocols: list[str],
-          rounds: int = 1) -> dict:
+          rounds: int = 1, grpc_connections: int = 1) -> dict:
     """One build: vamp, the servers of it alone, the load points (`rounds` times, interleaved; each point's
     median round is kept, the spread of its images/s too), the alternated c1 latency, vamp again."""
     compiled = CompiledModel.load(workspace / model)
@@ -279,7 +279,8 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
                 externals[label, client] = Wrk(servers[label].http, model, x, shared_memory)
                 externals[label, client].check(compiled.run(x))
             elif kind in EXTERNAL:   # grpc_load checks every answer's id, size and top class
-                externals[label, client] = GrpcLoad(servers[label].grpc, model, x, top, stream=kind == "cppstream")
+                externals[label, client] = GrpcLoad(servers[label].grpc, model, x, top, stream=kind == "cppstream",
+                                                           connections=grpc_connections)
         points = [(c, way) for c in concurrency for way in ways]
         measured = [[measure(label, servers[label], protocol, client, model, x, top, c, seconds,
                              externals.get((label, client)))
@@ -311,7 +312,7 @@ def ceiling(res: dict, r: Row) -> str:
             f"{r.client_cpu_ms:.2f}) vs {in_process:.2f} in-process: ceiling {100 * in_process / served:.0f} %")
 
 
-def report(results: dict, setup: Setup, load: str) -> str:
+def report(results: dict, setup: Setup, load: str, grpc_connections: int = 1) -> str:
     lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {load} (1 / 5 / 15 min) when the run began. "
              f"Server: {setup.describe()}; vamp with the same instances and threads (adaptive: the better of "
              "-i 1 -t <cores> and -i <cores> -t 1), in the load generator's process; TVM_THREAD_POOL_SPIN_COUNT="
@@ -319,7 +320,8 @@ def report(results: dict, setup: Setup, load: str) -> str:
              "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
              "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), stream = the same on ModelStreamInfer, one "
              "stream per client, tritonclient = its asyncio clients; wrk (HTTP), cpp / cppstream (gRPC unary / stream, "
-             "benchmarks/grpc_load.cc): the raw request from a C / C++ program in a child process. "
+             f"benchmarks/grpc_load.cc): the raw request from a C / C++ program in a child process, its clients on "
+             f"{grpc_connections} connection(s). "
              "CPU ms / request: the client's process, the whole server's and the server's event loop (its main "
              "thread).", "",
              "| build | server | protocol | client | concurrency | images/s | p50 ms | p90 ms | p99 ms | server request us | "
@@ -414,6 +416,9 @@ def main() -> None:
                         "tritonclient (benchmarks/serve_load.py), wrk (HTTP only, benchmarks/serve_wrk.py), cpp, "
                         "cppstream (gRPC only, benchmarks/serve_grpc_cpp.py); default raw,stream and wrk / "
                         "cpp,cppstream when wrk / g++ and libgrpc++ are installed")
+    parser.add_argument("--grpc-connections", type=int, default=1,
+                        help="connections the cpp / cppstream clients share (default 1: every client on one, as "
+                             "tritonclient's cached channel and perf_analyzer do)")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="http, grpc or both (comma-separated)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     parser.add_argument("--shared-memory", default="none",
@@ -455,9 +460,10 @@ def main() -> None:
     for text in args.setups.split(","):
         setup = Setup.parse(text, args.delay_us)
         results = {name: sweep(args.workspace, name, setup, args.seconds, clients,
-                               [int(c) for c in args.concurrency.split(",")], executables, protocols, args.rounds)
+                               [int(c) for c in args.concurrency.split(",")], executables, protocols, args.rounds,
+                               args.grpc_connections)
                    for name in names}
-        print(report(results, setup, load), "\n", flush=True)
+        print(report(results, setup, load, args.grpc_connections), "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import pytest
 
@@ -70,3 +71,26 @@ def test_wrong_answers_are_errors_not_throughput(program, served, stream, wrong)
     assert ("unknown model 'nope'" if wrong == "model" else f"expected {expected}") in result.first_error
     with pytest.raises(AssertionError, match="errors"):
         result.raise_errors()
+
+
+def _established_to(port: int) -> int:
+    """TCP connections accepted on `port` (this host's /proc/net/tcp: local port, state 01 = ESTABLISHED)."""
+    rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+    return sum(1 for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "01")
+
+
+def test_clients_share_the_connections_asked_for(program, served):
+    """--channels: 4 streaming clients over 2 connections (serve_perf --grpc-connections), every answer right."""
+    server, x, top = served
+    port = int(server.grpc.rsplit(":", 1)[1])
+    load = serve_grpc_cpp.GrpcLoad(server.grpc, NAME, x, top, stream=True, connections=2)
+    seen: list[int] = []
+    sampler = threading.Timer(0.8, lambda: seen.append(_established_to(port)))
+    try:
+        sampler.start()
+        result = load.run(4, 1.0, warmup=0.3)
+    finally:
+        sampler.cancel()
+        load.close()
+    assert (result.errors, result.requests > 0) == (0, True)
+    assert seen == [2]

@@ -107,6 +107,8 @@ def test_concurrent_tagged_submissions_each_get_their_own_rows(builds, sample_im
             assert sum(pool.map(client, range(8))) == 128
         assert metrics.inference_count.value("b8", VERSION) == 128
         assert metrics.exec_count.value("b8", VERSION) < 128   # batched
+        names = [task.joinpath("comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+        assert {n for n in names if n.startswith("b8/")} == {"b8/i0", "b8/i1"}   # and their TVM pools' threads
     finally:
         batcher.close()
 

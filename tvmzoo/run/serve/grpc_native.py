@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 from .metrics import Metrics, native_counts
-from .native.batcher import NativeBatcher
 from .native.grpcfront import Unavailable, engine_library
 from .native.grpcfront import load as load_front
 from .repository import Repository
@@ -33,18 +32,17 @@ def load_module():
 class GrpcFront:
     """The C++ server on the public port, forwarding to a Python server at `private_address`."""
 
-    def __init__(self, module, repository: Repository, metrics: Metrics, max_request_bytes: int,
-                 auth_token: str | None) -> None:
+    def __init__(self, module, engines: dict[str, int], repository: Repository, metrics: Metrics,
+                 max_request_bytes: int, auth_token: str | None) -> None:
+        """`engines`: the native engines' handles by model (ServerState.native_engines)."""
         self.module = module
         self.folder = Path(tempfile.mkdtemp(prefix="tvmzoo-grpc-"))   # mode 0700: only this user reaches Python
         self.private_address = f"unix:{self.folder / 'grpc.sock'}"
         self.handle = module.grpc_front_create(self.private_address, max_request_bytes, auth_token is not None,
                                                auth_token or "")
         library = str(engine_library())
-        for name, entry in repository.models.items():
-            if not isinstance(entry.batcher, NativeBatcher):
-                continue
-            engine = entry.batcher.handle
+        for name, engine in engines.items():
+            entry = repository.models[name]
             if not module.grpc_front_add_model(self.handle, library, engine, name, entry.input_name,
                                                entry.input_datatype, list(entry.row_shape),
                                                DATATYPE_BYTES[entry.input_datatype], entry.output_name):

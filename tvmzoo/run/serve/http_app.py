@@ -134,7 +134,7 @@ async def infer(state: AppState, request: Request, name: str, version: str) -> R
     body, json_length = encode_response(parsed, outputs)
     if json_length is None:
         return Response(200, body, [("Content-Type", "application/json")])
-    engine = state.pump_engines.get(parsed.model)
+    engine = state.native_engines.get(parsed.model)
     return Response(200, body, [("Content-Type", "application/octet-stream"), (HEADER_LENGTH, str(json_length))],
                     pump=None if engine is None else pump_hint(request, parsed, outputs, header_length, engine))
 

@@ -108,10 +108,10 @@ class Server:
         """The Python gRPC server on the public port, or (--native, libgrpc++ at hand) on a private unix socket
         behind the native gRPC front."""
         cfg = self.cfg
-        module = load_grpc_front() if self.state.pump_engines else None
+        module = load_grpc_front() if self.state.native_engines else None
         if module is not None:
-            self.grpc_front = GrpcFront(module, self.repository, self.metrics, cfg.max_request_bytes,
-                                        cfg.auth_token)
+            self.grpc_front = GrpcFront(module, self.state.native_engines, self.repository, self.metrics,
+                                        cfg.max_request_bytes, cfg.auth_token)
         address = self.grpc_front.private_address if self.grpc_front else _grpc_address(cfg.host, cfg.grpc_port)
         self.grpc, port = make_server(self.state, address, cfg.max_request_bytes, cfg.idle_timeout_seconds,
                                       cfg.max_connections)
@@ -129,7 +129,7 @@ class Server:
             return
         self.pump = self.http.pump = Pump(load_native(), self.cfg.idle_timeout_seconds, self.http.adopt)
         self.pump.start()
-        self.state.pump_engines.update(engines)
+        self.state.native_engines.update(engines)
         for name, engine in engines.items():
             self.metrics.count_elsewhere(name, lambda engine=engine: self.pump.stats(engine))
 
@@ -163,7 +163,7 @@ class Server:
         """Requests the native fronts hold: they finish them before the pump hands connections back, the gRPC
         front before it stops."""
         fronts = [front for front in (self.pump, self.grpc_front) if front]
-        return int(sum(front.stats(engine)[2] for front in fronts for engine in self.state.pump_engines.values()))
+        return int(sum(front.stats(engine)[2] for front in fronts for engine in self.state.native_engines.values()))
 
     async def _stop_grpc(self) -> None:
         if self.grpc_front:   # first: its forwarded calls need the Python server until they are done

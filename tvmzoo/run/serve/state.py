@@ -27,7 +27,7 @@ class AppState:
     max_json_bytes: int
     shared_memory: SharedMemoryRegions = field(default_factory=SharedMemoryRegions)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)   # SIGTERM: refuse new requests, end streams
-    pump_engines: dict[str, int] = field(default_factory=dict)   # models the native HTTP pump answers: engine handles
+    native_engines: dict[str, int] = field(default_factory=dict)   # --native: engine handles by model (pump, gRPC front)
 
     @property
     def extensions(self) -> list[str]:

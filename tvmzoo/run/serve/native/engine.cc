@@ -13,6 +13,8 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -343,6 +345,9 @@ class EngineImpl : public Engine {
 
   void Worker(int index) {
     Instance& inst = *instances_[index];
+    // top -H / perf name it: the model's name (up to 10 characters) and the instance (Linux allows 15)
+    std::string thread_name = cfg_.name.substr(0, 10) + "/i" + std::to_string(index);
+    pthread_setname_np(pthread_self(), thread_name.substr(0, 15).c_str());
     std::vector<int> cores;
     Lanes lanes;
     if (Adaptive()) {   // instance 0's pool gets a thread per core; the others only their share: never wide
