@@ -14,8 +14,10 @@
 #include <string>
 #include <vector>
 
-// Per row: "" (its outputs are in `out`), the engine's error, or "closed" (Submit refused it).
-tvm::ffi::Array<tvm::ffi::String> SubmitRows(int64_t handle, tvm::ffi::TensorView rows, tvm::ffi::TensorView out) {
+// Per row: "" (its outputs are in `out`), the engine's error, or "closed" (Submit refused it). `finite`: the rows
+// are submitted as checked (Rows::finite), as the pump and the gRPC front do after their own check.
+tvm::ffi::Array<tvm::ffi::String> SubmitRows(int64_t handle, tvm::ffi::TensorView rows, tvm::ffi::TensorView out,
+                                             bool finite) {
   tvmzoo::Engine* engine = tvmzoo::EngineFromHandle(handle);
   if (engine == nullptr) return {"unknown handle"};
   int64_t n = rows.size(0), row_bytes = engine->row_bytes(), floats = engine->output_row_floats();
@@ -26,7 +28,7 @@ tvm::ffi::Array<tvm::ffi::String> SubmitRows(int64_t handle, tvm::ffi::TensorVie
   for (int64_t i = 0; i < n; ++i) {
     std::shared_ptr<void> copy(std::aligned_alloc(64, (row_bytes + 63) / 64 * 64), std::free);
     std::memcpy(copy.get(), static_cast<const char*>(rows.data_ptr()) + i * row_bytes, row_bytes);
-    tvmzoo::Rows request{copy.get(), 1, copy};
+    tvmzoo::Rows request{copy.get(), 1, copy, finite};
     float* dst = static_cast<float*>(out.data_ptr()) + i * floats;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -53,4 +55,7 @@ tvm::ffi::Array<tvm::ffi::String> SubmitRows(int64_t handle, tvm::ffi::TensorVie
   return result;
 }
 
+bool ChecksFinite32(int64_t handle) { return tvmzoo::EngineFromHandle(handle)->checks_finite32(); }
+
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(submit_rows, SubmitRows);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(checks_finite32, ChecksFinite32);

@@ -402,7 +402,8 @@ def test_an_unwritable_cache_is_a_reason_not_a_traceback(tmp_path, monkeypatch, 
 def test_cpp_submitters_get_their_rows_outputs_by_done(builds, sample_images, tmp_path, monkeypatch):
     """The pump's way in (engine.h: EngineFromHandle(handle)->Submit(Rows, Done)), from a C++ client built with
     the engine into one module: each row its own output, a NaN row refused by its Done, alongside Python's
-    requests in the same batches; after close, Submit refuses."""
+    requests in the same batches; rows a submitter marks finite are not checked again (the fronts check what
+    they copy, finite.h); after close, Submit refuses."""
     import tvm_ffi.cpp
 
     from tvmzoo.run.serve import native
@@ -419,15 +420,22 @@ def test_cpp_submitters_get_their_rows_outputs_by_done(builds, sample_images, tm
     try:
         out = np.full((12, expected.shape[1]), -1, np.float32)
         from_python = [batcher.submit(x[i:i + 1]) for i in (0, 1, 2)]
-        errors = list(module.submit_rows(batcher.handle, x, out))
+        errors = list(module.submit_rows(batcher.handle, x, out, False))
         assert errors[5].startswith("refused: input 'input' holds 1 NaN or infinite values (the first at flat index 0)")
         assert errors[:5] + errors[6:] == [""] * 11
         keep = [i for i in range(12) if i != 5]
         np.testing.assert_array_equal(out[keep], expected[keep])
         np.testing.assert_array_equal(np.concatenate([f.result(60) for f in from_python]), expected[:3])
+        assert module.checks_finite32(batcher.handle)
+        assert list(module.submit_rows(batcher.handle, x[5:6], out, True)) == [""]   # trusted: run, not refused
     finally:
         batcher.close()
-    assert list(module.submit_rows(batcher.handle, x[:2], out)) == ["closed", "closed"]
+    fused = _batcher(builds["fused"], Metrics.create())
+    try:
+        assert not module.checks_finite32(fused.handle)   # uint8 pixels: nothing to check
+    finally:
+        fused.close()
+    assert list(module.submit_rows(batcher.handle, x[:2], out, False)) == ["closed", "closed"]
 
 
 def test_sigterm_under_load_loses_no_accepted_request(serve_repo, sample_images, tmp_path):

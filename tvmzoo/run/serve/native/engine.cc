@@ -4,6 +4,7 @@
 // Requests come from C++ (Engine::Submit: the HTTP pump) or from Python (engine_submit); a batch's Python
 // requests are handed back by one call of the engine's Python callback.
 #include "engine.h"
+#include "finite.h"
 
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/shape.h>
@@ -147,29 +148,12 @@ float Bf16ToFloat(uint16_t h) {
   return f;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TVMZOO_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define TVMZOO_VECTOR_CLONES
-#endif
-
-// float32 values whose exponent bits are all ones (NaN, +-Inf), vectorized for this CPU: the check reads every
-// input value, 45 us per Lite0 row (602 KB) with a branch per value, 9 us with AVX-512 (numpy's isfinite: 18).
-TVMZOO_VECTOR_CLONES uint32_t CountNonFinite32(const uint32_t* words, uint32_t count) {
-  uint32_t bad = 0;
-  for (uint32_t i = 0; i < count; ++i) bad += (words[i] & 0x7F800000u) == 0x7F800000u;
-  return bad;
-}
-
 // Non-finite values among `count` elements: how many, and the first one's index (-1: none).
 std::pair<int64_t, int64_t> NonFinite(const uint8_t* data, int64_t count, DLDataType dtype) {
-  if (dtype.code == kDLFloat && dtype.bits == 32 && reinterpret_cast<uintptr_t>(data) % 4 == 0) {
-    int64_t bad = 0;   // the common case, none: counted without a branch, then found only when there are some
-    for (int64_t start = 0; start < count; start += 1 << 30)
-      bad += CountNonFinite32(reinterpret_cast<const uint32_t*>(data) + start,
-                              static_cast<uint32_t>(std::min<int64_t>(count - start, 1 << 30)));
-    if (bad == 0) return {0, -1};
-  }
+  // the common case, none: counted without a branch, then found only when there are some
+  if (dtype.code == kDLFloat && dtype.bits == 32 && reinterpret_cast<uintptr_t>(data) % 4 == 0 &&
+      AllFinite32(data, count))
+    return {0, -1};
   int64_t bad = 0, first = -1;
   auto scan = [&](auto word, auto mask) {
     using Word = decltype(word);
@@ -270,6 +254,9 @@ class EngineImpl : public Engine {
   }
 
   int64_t row_bytes() const override { return row_bytes_; }
+  bool checks_finite32() const override {
+    return !cfg_.check_input.empty() && cfg_.dtype.code == kDLFloat && cfg_.dtype.bits == 32;
+  }
   int64_t output_row_floats() const override { return cfg_.output_row_floats; }
 
   void Flush() {
@@ -556,6 +543,7 @@ class EngineImpl : public Engine {
     std::vector<std::string> refusals(batch.size());
     if (cfg_.check_input.empty()) return refusals;
     for (size_t i = 0; i < batch.size(); ++i) {
+      if (batch[i].rows.finite) continue;   // its submitter checked it (finite.h)
       const uint8_t* rows = at.size() == batch.size() ? at[i] : static_cast<const uint8_t*>(batch[i].rows.data);
       auto [bad, first] = NonFinite(rows, batch[i].rows.rows * row_elems_, cfg_.dtype);
       if (bad)

@@ -15,6 +15,7 @@ struct Rows {
   void* data = nullptr;
   int64_t rows = 0;
   std::shared_ptr<void> owner;
+  bool finite = false;   // the submitter found every value finite (finite.h): the engine does not read them again
 };
 
 // Called exactly once per submitted request, on the instance thread that ran it. Success: `error` is empty
@@ -31,6 +32,9 @@ class Engine {
   virtual bool Submit(Rows rows, Done done, bool wake) = 0;
   virtual void Kick() = 0;
   virtual int64_t row_bytes() const = 0;           // bytes of one input row
+  // Whether the engine refuses non-finite float32 inputs: a submitter checks what it copied (AllFinite32) and
+  // marks the rows finite, or hands a request with NaN / Inf to Python, which refuses it with the message.
+  virtual bool checks_finite32() const = 0;
   virtual int64_t output_row_floats() const = 0;   // float32 values of one output row
 };
 

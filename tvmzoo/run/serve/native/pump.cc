@@ -34,6 +34,7 @@
 #include <tvm/ffi/string.h>
 
 #include "engine.h"
+#include "finite.h"
 
 namespace tvmzoo {
 namespace {
@@ -429,6 +430,11 @@ class Pump {
   }
 
   void Submit(const std::shared_ptr<Conn>& c) {
+    bool check = c->engine->checks_finite32();
+    if (check && !AllFinite32(c->tensor.get(), c->tensor_bytes / 4)) {   // Python refuses it, with the message
+      Leave(c, kRefused);
+      return;
+    }
     c->in_tensor = false;
     {
       std::lock_guard<std::mutex> lock(c->mu);
@@ -438,7 +444,7 @@ class Pump {
     in_flight_.fetch_add(1);
     int64_t start = NowNs();
     Pump* pump = this;
-    Rows rows{c->tensor.get(), c->rows, c->tensor};
+    Rows rows{c->tensor.get(), c->rows, c->tensor, check};
     bool queued = c->engine->Submit(std::move(rows), [pump, c, start](const float* outputs, int64_t n,
                                                                       bool refused, const std::string& error) {
       pump->Done(c, start, outputs, n, refused, error);

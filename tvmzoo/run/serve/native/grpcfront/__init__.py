@@ -1,6 +1,6 @@
 """The native gRPC front's module (front.cc), built apart from the engine's: it links the system's libgrpc++
 (`pkg-config grpc++`; Debian: libgrpc++-dev), which the engine and the HTTP pump do without. Built at first use
-with tvm_ffi.cpp.load like the engine, cached in a folder named by its sources, the engine's header and the
+with tvm_ffi.cpp.load like the engine, cached in a folder named by its sources, the engine's headers and the
 compiler and grpc++ flags. `load` raises Unavailable (saying why) where it cannot be built; the server then
 keeps the Python gRPC server."""
 from __future__ import annotations
@@ -51,7 +51,7 @@ def load():
         raise Unavailable(f"{' and '.join(missing)} not found")
     sources = sorted(HERE.glob("*.cc"))
     digest = hashlib.sha256(" ".join([compiler, *CFLAGS, *cflags, *ldflags]).encode() + b"\0")
-    for path in [*sources, SOURCE_DIR / "engine.h"]:
+    for path in [*sources, *sorted(SOURCE_DIR.glob("*.h"))]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     folder = engine_cache_dir().parent / f"grpc-{digest.hexdigest()[:16]}"
     folder.mkdir(parents=True, exist_ok=True)

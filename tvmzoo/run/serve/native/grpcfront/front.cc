@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "finite.h"
 
 namespace tvmzoo {
 namespace {
@@ -550,6 +551,8 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
   if (!data) return false;
   std::shared_ptr<void> owner(data, std::free);
   rx.Copy(r.raw_at, raw_len, data);
+  bool check = m.engine->checks_finite32();
+  if (check && !AllFinite32(data, raw_len / 4)) return false;   // Python refuses it, with its message
   Stats& stats = *front_->stats.at(m.handle);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -558,7 +561,7 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
   }
   stats.pending++;
   int64_t start = NowNs();
-  Rows rows{data, r.rows, owner};
+  Rows rows{data, r.rows, owner, check};
   bool taken = m.engine->Submit(rows, [this, r, message, start](const float* out, int64_t, bool,
                                                                  const std::string&) {
     HotDone(r, message, start, out, out != nullptr);
