@@ -139,6 +139,7 @@ def test_a_refused_request_leaves_the_rest_of_its_batch_answered(build, sample_i
                                           f"{np.ravel_multi_index((0, 2, 5, 7), rows[1].shape)})")
         assert f"holds {rows[3].size} NaN or infinite values (the first at flat index 0)" in str(results[3])
         assert metrics.exec_count.value(NAME, VERSION) == 1
+        assert metrics.inference_count.value(NAME, VERSION) == 2   # the refused rows ran, unanswered
         refused = asyncio.run(main([rows[1], rows[3], rows[1], rows[3]]))
         assert all(isinstance(r, ServeError) for r in refused)
         assert metrics.exec_count.value(NAME, VERSION) == 1   # nothing ran for them

@@ -142,6 +142,7 @@ def test_a_refused_request_leaves_the_rest_of_its_batch_answered(builds, sample_
             assert isinstance(results[i], ServeError) and results[i].status == "INVALID_ARGUMENT"
             assert str(results[i]) == message(rows[i])
         assert metrics.exec_count.value("b8", VERSION) == 2
+        assert metrics.inference_count.value("b8", VERSION) == 4 + 2   # the refused rows ran, unanswered
         refused = asyncio.run(main([rows[1], rows[3], rows[1], rows[3]]))
         assert [str(r) for r in refused] == [message(rows[i]) for i in (1, 3, 1, 3)]
         assert metrics.exec_count.value("b8", VERSION) == 2   # nothing ran for them

@@ -306,13 +306,14 @@ class DynamicBatcher:
             offset += len(item.rows)
         done = time.perf_counter()
         n = len(batch)
+        answered = sum(len(item.rows) for item, refusal in zip(batch, refusals) if refusal is None)
 
         def count() -> None:
             m.queue_us.inc(waited_us)
             m.input_us.inc((started - start) * 1e6 * n)
             m.infer_us.inc((ran - started) * 1e6 * n)
             m.output_us.inc((done - ran) * 1e6 * n)
-            m.inference_count.inc(rows)
+            m.inference_count.inc(answered)   # Triton's: the inferences answered (a refused request's rows ran, unused)
             m.exec_count.inc()
             m.batch_size.observe(rows)
             m.threads.observe(threads)

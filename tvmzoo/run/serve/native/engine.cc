@@ -585,12 +585,15 @@ class EngineImpl : public Engine {
     }
     Clock::time_point done = Clock::now();
     double n = static_cast<double>(batch.size());
+    int64_t answered = 0;   // nv_inference_count: the rows answered (a refused request's rows ran, unused)
+    for (size_t i = 0; i < batch.size(); ++i)
+      if (refusals.empty() || refusals[i].empty()) answered += batch[i].rows.rows;
     Finished(rows, width, index, [&] {   // counted before the answers go: a client that got one sees it counted
       stats_.queue_us += waited_us;
       stats_.input_us += Micros(start, started) * n;
       stats_.infer_us += Micros(started, ran) * n;
       stats_.output_us += Micros(ran, done) * n;
-      stats_.inference_count += rows;
+      stats_.inference_count += answered;
       stats_.exec_count += 1;
       Observe(&stats_.batch_counts, &stats_.batch_sum, rows);
       Observe(&stats_.thread_counts, &stats_.thread_sum, width);
