@@ -25,7 +25,8 @@ def load_module():
     try:
         return load_front()
     except Unavailable as exc:
-        log.warning("--native: gRPC stays on the Python server: the native gRPC front cannot be built: %s", exc)
+        log.warning("--native: gRPC stays on the Python server: the native gRPC front cannot be built: %s (%s)",
+                    exc.reason, exc.fix)
         return None
 
 

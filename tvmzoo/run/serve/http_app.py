@@ -56,7 +56,7 @@ class Response:
 
 
 def pump_hint(request: Request, parsed: InferRequest, outputs: list[OutputTensor], header_length: int | None,
-         engine: int | None) -> PumpHint | None:
+              engine: int | None) -> PumpHint | None:
     """The hint for a 200 infer answer the pump can repeat, else None: a binary-tensor request of a known length
     (no chunks, no 100-continue) with one binary numeric input, every output a binary FP32 tensor (no
     classification, no shared memory)."""

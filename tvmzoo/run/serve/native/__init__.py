@@ -54,13 +54,18 @@ def sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cc"))
 
 
-def source_hash() -> str:
-    """Of every source and header here (names and contents) and the compiler: a changed file, or another
-    compiler, is a new build folder."""
-    digest = hashlib.sha256(" ".join([os.environ.get("CXX", "c++"), *CFLAGS]).encode() + b"\0")
-    for path in sorted([*SOURCE_DIR.glob("*.cc"), *SOURCE_DIR.glob("*.h")]):
+def content_hash(paths: list[Path], flags: list[str]) -> str:
+    """Of the files (names and contents), the compiler and `flags`: a changed file, another compiler or other
+    flags are a new build folder."""
+    digest = hashlib.sha256(" ".join([os.environ.get("CXX", "c++"), *flags]).encode() + b"\0")
+    for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def source_hash() -> str:
+    """Of every source and header here and the compiler."""
+    return content_hash(sorted([*SOURCE_DIR.glob("*.cc"), *SOURCE_DIR.glob("*.h")]), CFLAGS)
 
 
 def cache_dir() -> Path:
@@ -90,29 +95,36 @@ def load():
 
 
 def _build():
+    return build(MODULE_NAME, "the native engine", sources(), cache_dir())
+
+
+def build(module_name: str, what: str, files: list[Path], folder: Path, cflags: list[str] = CFLAGS,
+          ldflags: list[str] | None = None, include: list[Path] | None = None):
+    """tvm_ffi.cpp.load of `files` into `folder` (`what` it builds, for the messages); Unavailable, saying why and
+    how to fix it, when the compiler or ninja is missing, the folder cannot be made or the compiler fails."""
     import tvm_ffi.cpp
 
     _ninja_on_path()
     compiler = os.environ.get("CXX", "c++")
     missing = [tool for tool in ("ninja", compiler.split()[0]) if shutil.which(tool) is None]
     if missing:
-        raise Unavailable(f"cannot build the native engine ({', '.join(sources_names())}): "
-                          f"{' and '.join(missing)} not found", "Install a C++ compiler and ninja (Debian: "
-                          "apt-get install g++ ninja-build; or pip install ninja)")
-    folder = cache_dir()
+        raise Unavailable(f"cannot build {what} ({', '.join(p.name for p in files)}): {' and '.join(missing)} not "
+                          "found", "Install a C++ compiler and "
+                          "ninja (Debian: apt-get install g++ ninja-build; or pip install ninja)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Unavailable(f"cannot create its build folder {folder} ({exc.strerror})",
                           "Make XDG_CACHE_HOME (default ~/.cache) a writable folder") from None
     try:
-        return tvm_ffi.cpp.load(MODULE_NAME, sources=[str(p) for p in sources()], build_directory=str(folder),
-                                extra_cflags=CFLAGS)
+        return tvm_ffi.cpp.load(module_name, sources=[str(p) for p in files], build_directory=str(folder),
+                                extra_cflags=cflags, extra_ldflags=ldflags,
+                                extra_include_paths=[str(p) for p in include or []])
     except Exception as exc:  # noqa: BLE001 - the builder raises RuntimeError with the compiler's output
         lines = str(exc).splitlines()
         errors = [line.strip() for line in lines if " error:" in line or line.startswith("error:")][:3]
         reason = " | ".join(errors) or "the compiler stopped with an error and printed none"
-        raise Unavailable(f"building the native engine in {folder} with {compiler} failed ({reason})",
+        raise Unavailable(f"building {what} in {folder} with {compiler} failed ({reason})",
                           "Check the C++ compiler (CXX; g++ 9 or newer)") from None
 
 
