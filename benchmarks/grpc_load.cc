@@ -5,7 +5,9 @@
 // again when its answer is in: unary ModelInfer calls, or with --stream one ModelStreamInfer stream per slot
 // (as perf_analyzer --streaming). No generated protobuf code: grpc::GenericStub sends the bytes as they are,
 // and a small protobuf wire scan checks every answer (status OK, an empty error_message on the stream, the
-// request's id, the first output's size matching its shape, and with --top its first row's arg max).
+// request's id, the first output's size matching its shape, and with --top its first row's arg max). With
+// --output-in-shm the request asks its output in a system shared memory region (perf_analyzer --shared-memory
+// system): the answer's raw output must then be empty, and the caller checks the region.
 // One thread drives every call through a completion queue; the slots share --channels connections (default 1, as
 // clients of tritonclient's cached channel do), slot i on connection i % channels.
 //
@@ -42,7 +44,7 @@ struct Options {
   int concurrency = 1;
   int channels = 1;
   double seconds = 4.0, warmup = 1.0;
-  bool stream = false;
+  bool stream = false, output_in_shm = false;
   long top = -1;  // expected arg max of the first output row; -1: not checked
 };
 
@@ -135,7 +137,7 @@ std::vector<uint64_t> output_shape(std::string_view tensor) {
 }
 
 // ModelInferResponse: id = 3, outputs = 5, raw_output_contents = 6. "" when the answer is right.
-std::string check_response(std::string_view message, std::string_view id, long top) {
+std::string check_response(std::string_view message, std::string_view id, long top, bool output_in_shm) {
   bool has_output = false, has_raw = false;
   std::string_view got_id = field_bytes(message, 3);
   std::string_view output = field_bytes(message, 5, &has_output);
@@ -145,6 +147,8 @@ std::string check_response(std::string_view message, std::string_view id, long t
   std::vector<uint64_t> shape = output_shape(output);
   uint64_t count = 1;
   for (uint64_t d : shape) count *= d;
+  if (output_in_shm)
+    return shape.empty() || !raw.empty() ? "an output asked in shared memory came in the answer" : "";
   if (shape.empty() || raw.size() != 4 * count)
     return "output of " + std::to_string(raw.size()) + " bytes for " + std::to_string(count) + " FP32 values";
   if (top >= 0) {
@@ -158,10 +162,10 @@ std::string check_response(std::string_view message, std::string_view id, long t
 }
 
 // ModelStreamInferResponse: error_message = 1, infer_response = 2.
-std::string check_stream_response(std::string_view message, std::string_view id, long top) {
+std::string check_stream_response(std::string_view message, std::string_view id, long top, bool output_in_shm) {
   std::string_view error = field_bytes(message, 1);
   if (!error.empty()) return "stream error_message: " + std::string(error);
-  return check_response(field_bytes(message, 2), id, top);
+  return check_response(field_bytes(message, 2), id, top, output_in_shm);
 }
 
 std::string describe(const grpc::Status& status) {
@@ -334,7 +338,7 @@ class Load {
   void handle(Slot& s, Op op, bool ok) {
     if (op == Op::kUnary) {
       answered(s, !s.status.ok() ? describe(s.status)
-                                 : check_response(flatten(s.response), id_, opt_.top));
+                                 : check_response(flatten(s.response), id_, opt_.top, opt_.output_in_shm));
       if (Clock::now() < end_) send_unary(s); else s.idle = true;
       return;
     }
@@ -345,7 +349,8 @@ class Load {
     }
     if (op == Op::kWrite || op == Op::kRead) {   // a request's write and read, in either order
       if (!ok) s.broken = true;
-      else if (op == Op::kRead) s.verdict = check_stream_response(flatten(s.response), id_, opt_.top);
+      else if (op == Op::kRead)
+        s.verdict = check_stream_response(flatten(s.response), id_, opt_.top, opt_.output_in_shm);
       if (--s.pending > 0) return;
       if (s.broken) return s.stream->Finish(&s.status, s.tag(Op::kFinish));
       answered(s, s.verdict);
@@ -387,6 +392,7 @@ Options parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--stream") { o.stream = true; continue; }
+    if (arg == "--output-in-shm") { o.output_in_shm = true; continue; }
     if (i + 1 >= argc) fail("missing value after " + arg);
     const char* value = argv[++i];
     if (arg == "--address") o.address = value;
@@ -400,7 +406,7 @@ Options parse(int argc, char** argv) {
   }
   if (o.address.empty() || o.request_file.empty() || o.concurrency < 1 || o.channels < 1)
     fail("usage: grpc_load --address HOST:PORT --request FILE [--concurrency N >= 1] [--seconds S] "
-         "[--warmup S] [--stream] [--channels N >= 1] [--top CLASS]");
+         "[--warmup S] [--stream] [--channels N >= 1] [--top CLASS] [--output-in-shm]");
   return o;
 }
 

@@ -5,9 +5,11 @@ is in (perf_analyzer's closed loop), unary ModelInfer or one ModelStreamInfer st
 CPU per 602 KB request on the cores the server shares with them; this one takes a fraction of it.
 
 The request is serve_load's `raw` request (one serialized ModelInferRequest, built once here), written to a
-file the program reads. It checks every answer (gRPC status, the stream's error_message, the request's id, the
-output's size against its shape, the first row's top class) and reports wrong ones as errors, never as
-throughput. The program is compiled on first use with g++ and pkg-config's grpc++ (Debian: apt-get install
+file the program reads; with `shared_memory="system"` (perf_analyzer --shared-memory system) its input and output
+are in one pair of registered regions that every slot shares (as wrk's), the request only their names. It checks
+every answer (gRPC status, the stream's error_message, the request's id, the output's size against its shape, the
+first row's top class; with shared memory the output region's after the run) and reports wrong ones as errors,
+never as throughput. The program is compiled on first use with g++ and pkg-config's grpc++ (Debian: apt-get install
 g++ pkg-config libgrpc++-dev) into ~/.cache/tvmzoo/grpc_load (XDG_CACHE_HOME), one binary per source version.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_load import _infer_request
+from serve_load import ShmRegions, _infer_request
 
 SOURCE = Path(__file__).with_name("grpc_load.cc")
 FLAGS = ["-O2", "-std=c++17"]
@@ -92,19 +94,22 @@ class GrpcLoad:
     """One build's request, ready to be sent by grpc_load to `address` (host:port)."""
 
     def __init__(self, address: str, model: str, x: np.ndarray, top: int, stream: bool = False,
-                 tag: str = "cpp", connections: int = 1) -> None:
+                 tag: str = "cpp", connections: int = 1, shared_memory: str = "none") -> None:
         """`connections`: the slots share them (1: one, as tritonclient's cached channel)."""
         self.address, self.top, self.stream, self.connections = address, top, stream, connections
         self.program = build()
+        x = np.ascontiguousarray(x, np.float32)
+        self.shm = ShmRegions("grpc", address, model, x, tag) if shared_memory == "system" else None
         self.dir = Path(tempfile.mkdtemp(prefix="serve_grpc_cpp_"))
         self.request = self.dir / "request.pb"
-        self.request.write_bytes(_infer_request(model, np.ascontiguousarray(x, np.float32), tag))
+        self.request.write_bytes(_infer_request(model, x, tag, self.shm))
 
     def run(self, concurrency: int, seconds: float, warmup: float = 0.0, checked: bool = True) -> GrpcLoadResult:
         """`concurrency` slots for `warmup` + `seconds`; `checked`: a wrong answer raises AssertionError."""
         cmd = [str(self.program), "--address", self.address, "--request", str(self.request),
                "--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup),
-               "--top", str(self.top), "--channels", str(self.connections), *(["--stream"] if self.stream else [])]
+               "--top", str(self.top), "--channels", str(self.connections), *(["--stream"] if self.stream else []),
+               *(["--output-in-shm"] if self.shm else [])]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120)
         if done.returncode:
             raise RuntimeError(f"grpc_load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
@@ -114,7 +119,12 @@ class GrpcLoad:
                               out["user_s"])
         if checked:
             result.raise_errors()
+            if self.shm and result.requests and int(np.frombuffer(self.shm.logits(), np.float32).reshape(
+                    self.shm.out_shape)[0].argmax()) != self.top:
+                raise AssertionError("grpc_load: the output region's first row is not the expected class")
         return result
 
     def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
         shutil.rmtree(self.dir, ignore_errors=True)

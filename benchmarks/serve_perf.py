@@ -21,9 +21,11 @@ CPU per image over (server + client) CPU per request of vamp's images/s.
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
 point by point, each idle while another is measured; an executable may be followed by flags of its own
-(`--servers "native=.venv/bin/tvmzoo,python=.venv/bin/tvmzoo --no-native"`; native is the default). `--shared-memory none,system` runs each raw / stream / wrk
-client both over the socket and with perf_analyzer's `--shared-memory system` (client `raw+shm`, ...: each
-client's input and output in its own registered /dev/shm region, the request only its header), interleaved.
+(`--servers "native=.venv/bin/tvmzoo,python=.venv/bin/tvmzoo --no-native"`; native is the default).
+`--shared-memory none,system` runs each raw / stream / wrk / cpp / cppstream client both over the socket and with
+perf_analyzer's `--shared-memory system` (client `raw+shm`, ...: the input and output in registered /dev/shm
+regions, raw / stream one pair per slot, wrk / cpp / cppstream one pair for all; the request only its header),
+interleaved.
 
 WORKSPACE holds compiled builds (<name>/mod.so + mod.json), e.g. Lite0 fp32 / int8 at batch 1 and 8.
 """
@@ -60,7 +62,7 @@ PROTOCOLS = ("http", "grpc")
 CLIENTS = ("raw", "stream", "wrk", "cpp", "cppstream", "tritonclient")
 ONLY = {"wrk": "http", "stream": "grpc", "cpp": "grpc", "cppstream": "grpc"}   # clients of one protocol
 EXTERNAL = ("wrk", "cpp", "cppstream")     # programs in a child process
-SHM_CLIENTS = ("raw", "stream", "wrk")     # those that can send their tensors by system shared memory
+SHM_CLIENTS = ("raw", "stream", "wrk", "cpp", "cppstream")     # those that can send their tensors by system shared memory
 SHM = "+shm"   # a client name's suffix: its tensors by system shared memory
 
 
@@ -280,7 +282,7 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
                 externals[label, client].check(compiled.run(x))
             elif kind in EXTERNAL:   # grpc_load checks every answer's id, size and top class
                 externals[label, client] = GrpcLoad(servers[label].grpc, model, x, top, stream=kind == "cppstream",
-                                                           connections=grpc_connections)
+                                                    connections=grpc_connections, shared_memory=shared_memory)
         points = [(c, way) for c in concurrency for way in ways]
         measured = [[measure(label, servers[label], protocol, client, model, x, top, c, seconds,
                              externals.get((label, client)))
@@ -422,7 +424,8 @@ def main() -> None:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="http, grpc or both (comma-separated)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     parser.add_argument("--shared-memory", default="none",
-                        help="none, system or none,system: the raw / stream / wrk clients send their tensors over the "
+                        help="none, system or none,system: the raw / stream / wrk / cpp / cppstream clients send their "
+                             "tensors over the "
                              "socket, by system shared memory (perf_analyzer --shared-memory system; client name "
                              "+shm), or both, interleaved per point")
     parser.add_argument("--servers", default="",

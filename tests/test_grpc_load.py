@@ -42,10 +42,13 @@ def served(tmp_path_factory, sample_images):
     assert server.stop() == 0
 
 
+@pytest.mark.parametrize("shared_memory", ["none", "system"])
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-def test_counts_the_answers_the_server_served(program, served, stream):
+def test_counts_the_answers_the_server_served(program, served, stream, shared_memory):
+    """Tensors over the socket or in registered shared memory regions (perf_analyzer --shared-memory system:
+    the output region's top class is checked after the run)."""
     server, x, top = served
-    load = serve_grpc_cpp.GrpcLoad(server.grpc, NAME, x, top, stream=stream)
+    load = serve_grpc_cpp.GrpcLoad(server.grpc, NAME, x, top, stream=stream, shared_memory=shared_memory)
     try:
         before = scrape(server.http, NAME)["nv_inference_request_success"]
         result = load.run(2, 1.0, warmup=0.3)
@@ -55,6 +58,16 @@ def test_counts_the_answers_the_server_served(program, served, stream):
     assert (result.errors, result.first_error) == (0, "")
     assert 0 < result.requests == len(result.latencies_s) <= served_now
     assert result.cpu_s > 0 and (result.latencies_s > 0).all()
+
+
+def test_a_wrong_class_in_the_output_region_is_an_error(program, served):
+    server, x, top = served
+    load = serve_grpc_cpp.GrpcLoad(server.grpc, NAME, x, (top + 1) % 1000, shared_memory="system")
+    try:
+        with pytest.raises(AssertionError, match="output region"):
+            load.run(1, 0.3)
+    finally:
+        load.close()
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])

@@ -4,6 +4,7 @@ models are answered by the C++ server (its counter), everything else by the Pyth
 the forwarding: the answers, codes and messages are Python's."""
 from __future__ import annotations
 
+import os
 import queue
 import re
 import socket
@@ -152,8 +153,8 @@ def test_stream_messages_are_answered_natively_and_the_rest_by_python_in_the_sam
 
 @needs_grpcpp
 def test_every_other_rpc_is_python_s_through_the_front(server, photos, sample_images):
-    """Health, metadata, config, statistics, contents fields, encoded images, shared memory, errors: as the Python
-    server answers them (its codes and messages), none counted by the front."""
+    """Health, metadata, config, statistics, contents fields, encoded images, shared memory registration, errors:
+    as the Python server answers them (its codes and messages), none counted by the front."""
     client = grpcclient.InferenceServerClient(server.grpc)
     before = _native(server, HOST)
     assert client.is_server_live() and client.is_model_ready(HOST)
@@ -182,27 +183,86 @@ def test_every_other_rpc_is_python_s_through_the_front(server, photos, sample_im
         assert err.value.status() == status and message in err.value.message(), err.value
     with pytest.raises(InferenceServerException, match="StatusCode.UNIMPLEMENTED"):
         client.get_cuda_shared_memory_status()
-    _shared_memory_round_trip(client, x, expected)
     assert _native(server, HOST) == before
     client.close()
 
 
-def _shared_memory_round_trip(client, x: np.ndarray, expected: np.ndarray) -> None:
-    key = f"/tvmzoo-grpcnative-{id(x)}"
-    region = shm.create_shared_memory_region("in_out", key, x.nbytes + expected.nbytes)
+def _shm_tensors(x: np.ndarray, region: str | None, out_region: str | None, out_bytes: int, offset: int = 0):
+    tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+    if region:
+        tensor.set_shared_memory(region, x.nbytes, offset)
+    else:
+        tensor.set_data_from_numpy(x)
+    out = grpcclient.InferRequestedOutput("output")
+    if out_region:
+        out.set_shared_memory(out_region, out_bytes, offset=offset + x.nbytes)
+    return [tensor], [out]
+
+
+@needs_grpcpp
+def test_shared_memory_infers_are_answered_natively_and_their_errors_by_python(server, photos):
+    """Inputs and outputs in registered regions (one each, both, unary and stream) are the front's, equal to
+    CompiledModel.run; a missing region, a tensor past its region, a truncated object are Python's errors."""
+    client = grpcclient.InferenceServerClient(server.grpc)
+    (x, expected), (y, expected_y) = photos[HOST][0], photos[HOST][1]
+    key = f"/tvmzoo-grpcnative-{os.getpid()}"
+    span = x.nbytes + expected.nbytes
+    region = shm.create_shared_memory_region("in_out", key, 2 * span)
     try:
         shm.set_shared_memory_region(region, [x])
-        client.register_system_shared_memory("in_out", key, x.nbytes + expected.nbytes)
-        assert client.get_system_shared_memory_status().regions["in_out"].byte_size == x.nbytes + expected.nbytes
-        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
-        tensor.set_shared_memory("in_out", x.nbytes)
-        out = grpcclient.InferRequestedOutput("output")
-        out.set_shared_memory("in_out", expected.nbytes, offset=x.nbytes)
-        client.infer(HOST, [tensor], outputs=[out])
-        _close(shm.get_contents_as_numpy(region, np.float32, expected.shape, offset=x.nbytes), expected)
+        shm.set_shared_memory_region(region, [y], offset=span)
+        client.register_system_shared_memory("in_out", key, 2 * span)
+        assert client.get_system_shared_memory_status().regions["in_out"].byte_size == 2 * span
+        before = _native(server, HOST)
+        for offset, data, want in ((0, x, expected), (span, y, expected_y)):
+            for in_region, out_region in (("in_out", None), (None, "in_out"), ("in_out", "in_out")):
+                inputs, outputs = _shm_tensors(data, in_region, out_region, expected.nbytes, offset)
+                result = client.infer(HOST, inputs, outputs=outputs, request_id="shm")
+                if out_region:   # as Triton: the answer names the output, its bytes are in the region
+                    assert result.get_response().raw_output_contents == [b""]
+                    got = shm.get_contents_as_numpy(region, np.float32, want.shape, offset=offset + x.nbytes)
+                else:
+                    got = result.as_numpy("output")
+                _close(got, want)
+                shm.set_shared_memory_region(region, [np.zeros_like(want)], offset=offset + x.nbytes)
+        assert _native(server, HOST) - before == 6
+
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for offset, want in ((0, expected), (span, expected_y)):
+            inputs, outputs = _shm_tensors(x, "in_out", "in_out", expected.nbytes, offset)
+            client.async_stream_infer(HOST, inputs, outputs=outputs)
+            result, error = answers.get(timeout=30)
+            assert error is None
+            _close(shm.get_contents_as_numpy(region, np.float32, want.shape, offset=offset + x.nbytes), want)
+        client.stop_stream()
+        assert _native(server, HOST) - before == 8
+
+        bad = [("nope", 0, "StatusCode.NOT_FOUND", "Unable to find shared memory region: 'nope'"),
+               ("in_out", 2 * span - 4, "StatusCode.INVALID_ARGUMENT", "outside region")]
+        for name, offset, status, words in bad:
+            tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+            tensor.set_shared_memory(name, x.nbytes, offset)
+            with pytest.raises(InferenceServerException) as err:
+                client.infer(HOST, [tensor])
+            assert err.value.status() == status and words in err.value.message(), err.value
+        os.truncate(f"/dev/shm/{key.lstrip('/')}", span)   # the second half is gone
+        for in_region, out_region in (("in_out", None), (None, "in_out")):
+            with pytest.raises(InferenceServerException) as err:
+                inputs, outputs = _shm_tensors(y, in_region, out_region, expected.nbytes, span)
+                client.infer(HOST, inputs, outputs=outputs)
+            assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "truncated" in err.value.message(), (
+                in_region, err.value.message())
+        assert _native(server, HOST) - before == 8
+        inputs, _ = _shm_tensors(x, "in_out", None, 0)
+        _close(client.infer(HOST, inputs).as_numpy("output"), expected)
         client.unregister_system_shared_memory("in_out")
+        with pytest.raises(InferenceServerException, match="Unable to find shared memory region"):
+            client.infer(HOST, inputs)
+        assert _native(server, HOST) - before == 9
     finally:
         shm.destroy_shared_memory_region(region)
+    client.close()
 
 
 @needs_grpcpp

@@ -1,8 +1,9 @@
 """The Python side of the native gRPC front (native/grpcfront/front.cc, `tvmzoo serve --native`): the C++ server
-listens on the public gRPC port and answers the plain raw-tensor infers of the models native engines serve;
-every other call, and every other stream message, it forwards unchanged to the Python grpc.aio server
-(grpc_service.py), which listens on a unix socket in a private folder instead. One implementation of auth,
-metadata, errors, shared memory, statistics and health: Python's."""
+listens on the public gRPC port and answers the plain tensor infers (raw, or in a registered system shared memory
+region) of the models native engines serve; every other call, and every other stream message, it forwards
+unchanged to the Python grpc.aio server (grpc_service.py), which listens on a unix socket in a private folder
+instead. One implementation of auth, metadata, errors, shared memory registration, statistics and health:
+Python's."""
 from __future__ import annotations
 
 import asyncio
@@ -59,6 +60,17 @@ class GrpcFront:
                                                 int(idle_timeout * 1000))
         except RuntimeError as exc:
             raise OSError(str(exc)) from None
+
+    def add_region(self, name: str, fd: int, offset: int, byte_size: int) -> None:
+        """A system shared memory registration (SharedMemoryRegions.mirror); where the descriptor cannot be
+        duplicated, the region's requests stay with Python."""
+        try:
+            self.module.grpc_front_add_region(self.handle, name, fd, offset, byte_size)
+        except RuntimeError as exc:
+            log.warning("%s: its gRPC infers stay on the Python server", exc)
+
+    def remove_region(self, name: str) -> None:
+        self.module.grpc_front_remove_region(self.handle, name)
 
     def stats(self, engine: int) -> list[float]:
         """success count, summed request duration (us), pending, last success (time.time())."""

@@ -112,6 +112,7 @@ class Server:
         if module is not None:
             self.grpc_front = GrpcFront(module, self.state.native_engines, self.repository, self.metrics,
                                         cfg.max_request_bytes, cfg.auth_token)
+            self.shared_memory.mirror(self.grpc_front)
         address = self.grpc_front.private_address if self.grpc_front else _grpc_address(cfg.host, cfg.grpc_port)
         self.grpc, port = make_server(self.state, address, cfg.max_request_bytes, cfg.idle_timeout_seconds,
                                       cfg.max_connections)

@@ -10,7 +10,10 @@ cannot fault. Each access also checks the object's current size (fstat) so a tru
 then stages into the batch, as a socket's body is.
 
 A region a request uses stays open until the request is answered (an unregister in between only takes the
-name away, as Triton's deferred unregister does)."""
+name away, as Triton's deferred unregister does).
+
+The native gRPC front reads and writes the regions of the requests it answers itself: every registration is
+mirrored to it (`mirror`), with the object's descriptor, which it duplicates and uses the same way."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +21,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -97,6 +101,14 @@ class Region:
             done += os.pwrite(self.fd, data[done:], at + done)
 
 
+class Mirror(Protocol):
+    """What keeps a copy of the registrations (the native gRPC front)."""
+
+    def add_region(self, name: str, fd: int, offset: int, byte_size: int) -> None: ...
+
+    def remove_region(self, name: str) -> None: ...   # "": every region
+
+
 class SharedMemoryRegions:
     """The registered system shared memory regions, by name (thread-safe). An input is read into memory of its
     own: `max_input_bytes` bounds it as --max-request-bytes bounds a body."""
@@ -107,7 +119,15 @@ class SharedMemoryRegions:
         self.enabled = enabled   # off: nothing can be registered, so no region is ever read
         self.why = why           # why it is on or off, and how to change it (ServeConfig.shared_memory_why)
         self._regions: dict[str, Region] = {}
+        self._mirrors: list[Mirror] = []
         self._lock = threading.Lock()
+
+    def mirror(self, to: Mirror) -> None:
+        """From now on every registration is also made in `to` (those already made are, at once)."""
+        with self._lock:
+            self._mirrors.append(to)
+            for r in self._regions.values():
+                to.add_region(r.name, r.fd, r.offset, r.byte_size)
 
     def register(self, name: str, key, offset, byte_size) -> None:
         if not self.enabled:
@@ -130,6 +150,8 @@ class SharedMemoryRegions:
                 os.close(fd)
                 raise ServeError("ALREADY_EXISTS", f"shared memory region '{name}' is already registered")
             self._regions[name] = Region(name, key, offset, byte_size, fd)
+            for m in self._mirrors:
+                m.add_region(name, fd, offset, byte_size)
         log.info("registered shared memory region '%s': %s, offset %d, %d bytes", name, path, offset, byte_size)
 
     @staticmethod
@@ -169,6 +191,8 @@ class SharedMemoryRegions:
                 if region is not None:
                     region.gone = True
                     self._close_if_unused(region)
+            for m in self._mirrors:
+                m.remove_region(name)
 
     close = unregister   # at shutdown: every region
 

@@ -1,11 +1,13 @@
 // The native gRPC front of `tvmzoo serve --native` (grpc_native.py): a C++ gRPC server (system libgrpc++, the
 // generic callback API: no generated code) on the public gRPC port, in the server process.
 //
-// A ModelInfer call, and each message of a ModelStreamInfer stream, that is a plain raw-tensor infer of a model a
-// native engine serves (one input of the model's name, datatype and row shape in raw_input_contents, no tensor
-// or request parameters, no contents, at most the model's output requested, no parameters on it) is read here
-// (a protobuf wire scan; the tensor is copied once, from grpc's slices into a 64-byte aligned buffer), submitted
-// to the engine (engine.h) and answered with the ModelInferResponse grpc_service.py would send, serialized here.
+// A ModelInfer call, and each message of a ModelStreamInfer stream, that is a plain tensor infer of a model a
+// native engine serves (one input of the model's name, datatype and row shape, in raw_input_contents or in a
+// registered system shared memory region; no other tensor or request parameters, no contents; at most the model's
+// output requested, with no parameters or a shared memory region's) is read here (a protobuf wire scan; the
+// tensor is copied once, from grpc's slices or with pread from the region, into a 64-byte aligned buffer),
+// submitted to the engine (engine.h) and answered with the ModelInferResponse grpc_service.py would send,
+// serialized here (an output asked in shared memory is written there with pwrite, its raw contents left empty).
 // Everything else -- every other method, every other message, a request the engine refuses or fails, anything
 // while draining or without the bearer token -- is forwarded unchanged (metadata, deadline, messages, status,
 // trailing metadata) to the Python grpc.aio server on a private unix socket, which answers it as it answers any
@@ -57,6 +59,7 @@
 
 #include "engine.h"
 #include "finite.h"
+#include "shm_regions.h"
 
 namespace tvmzoo {
 namespace {
@@ -176,10 +179,54 @@ struct HotRequest {
   std::string model_name, id;
   int64_t rows = 0;
   size_t raw_at = 0;
+  std::shared_ptr<const ShmRegion> out_region;   // the output asked in shared memory, at out_at
+  int64_t out_at = 0;
 };
 
-// One InferInputTensor: hot only with exactly the model's name, datatype and [n, row...] shape, nothing else.
-bool HotInput(std::string_view data, const Model& m, int64_t& rows) {
+// A tensor's system shared memory parameters (shared_memory.py's shm_ref); no region: none given.
+struct ShmParams {
+  std::string region;
+  int64_t byte_size = -1, offset = 0;
+};
+
+// One entry of a tensor's parameters map (key = 1, value = 2: an InferParameter). Hot only for the shared memory
+// keys with the types tritonclient sends (string_param = 3 for the region, int64_param = 2 for the sizes).
+bool ShmParameter(std::string_view entry, ShmParams& p) {
+  Scan s(entry);
+  std::string_view key, value;
+  while (!s.Done()) {
+    uint64_t tag;
+    std::string_view bytes;
+    if (!s.Varint(tag) || (tag & 7) != 2 || !s.Bytes(bytes)) return false;
+    if (tag >> 3 == 1) key = bytes;
+    else if (tag >> 3 == 2) value = bytes;
+    else return false;
+  }
+  Scan v(value);
+  uint64_t tag, number;
+  if (!v.Varint(tag)) return false;
+  if (key == "shared_memory_region") {
+    std::string_view name;
+    if (tag != ((3 << 3) | 2) || !v.Bytes(name) || name.empty()) return false;
+    p.region = name;
+  } else if (key == "shared_memory_byte_size" || key == "shared_memory_offset") {
+    if (tag != (2 << 3) || !v.Varint(number) || static_cast<int64_t>(number) < 0) return false;
+    (key == "shared_memory_offset" ? p.offset : p.byte_size) = static_cast<int64_t>(number);
+  } else {
+    return false;
+  }
+  return v.Done();
+}
+
+// Complete shared memory parameters, or none at all (else Python words what is missing).
+bool ShmComplete(const ShmParams& p, bool any) {
+  return !any || (!p.region.empty() && p.byte_size >= 0);
+}
+
+// One InferInputTensor: hot only with exactly the model's name, datatype and [n, row...] shape, and no parameters
+// but shared memory ones.
+bool HotInput(std::string_view data, const Model& m, int64_t& rows, ShmParams& shm) {
+  bool params = false;
   Scan s(data);
   std::string_view name, datatype, packed;
   std::vector<int64_t> shape;
@@ -197,7 +244,10 @@ bool HotInput(std::string_view data, const Model& m, int64_t& rows) {
           if (!dims.Varint(v)) return false;
           shape.push_back(static_cast<int64_t>(v));
         }
-      } else return false;   // parameters, contents
+      } else if (key >> 3 == 4) {
+        if (!ShmParameter(bytes, shm)) return false;
+        params = true;
+      } else return false;   // contents
     } else if (key == (3 << 3)) {   // an unpacked shape element
       if (!s.Varint(v)) return false;
       shape.push_back(static_cast<int64_t>(v));
@@ -205,21 +255,28 @@ bool HotInput(std::string_view data, const Model& m, int64_t& rows) {
       return false;
     }
   }
+  if (!ShmComplete(shm, params)) return false;
   if (name != m.input_name || datatype != m.datatype || shape.size() != m.row_shape.size() + 1) return false;
   if (!std::equal(m.row_shape.begin(), m.row_shape.end(), shape.begin() + 1)) return false;
   rows = shape[0];
   return rows >= 1 && rows <= kMaxRows;
 }
 
-// One InferRequestedOutputTensor: hot only when it names the model's output and has no parameters.
-bool HotOutput(std::string_view data, const Model& m) {
+// One InferRequestedOutputTensor: hot only when it names the model's output and has no parameters but shared
+// memory ones.
+bool HotOutput(std::string_view data, const Model& m, ShmParams& shm) {
+  bool params = false;
   Scan s(data);
   std::string_view name;
   while (!s.Done()) {
     uint64_t key;
-    if (!s.Varint(key) || key != ((1 << 3) | 2) || !s.Bytes(name)) return false;
+    std::string_view bytes;
+    if (!s.Varint(key) || (key & 7) != 2 || !s.Bytes(bytes)) return false;
+    if (key >> 3 == 1) name = bytes;
+    else if (key >> 3 == 2 && ShmParameter(bytes, shm)) params = true;
+    else return false;
   }
-  return name == m.output_name;
+  return name == m.output_name && ShmComplete(shm, params);
 }
 
 // The response grpc_service.encode_response builds for one FP32 output, serialized as protobuf does.
@@ -236,7 +293,9 @@ std::string InferResponse(const HotRequest& r, const float* values) {
   PutBytes(out, 2, "1");
   if (!r.id.empty()) PutBytes(out, 3, r.id);
   PutBytes(out, 5, tensor);
-  PutBytes(out, 6, std::string_view(reinterpret_cast<const char*>(values), bytes));
+  // as Triton: an output written to shared memory leaves its raw contents empty
+  std::string_view raw(reinterpret_cast<const char*>(values), r.out_region ? 0 : bytes);
+  PutBytes(out, 6, raw);
   return out;
 }
 
@@ -323,6 +382,7 @@ class Front {
   int64_t max_request_bytes = 0;
   std::unordered_map<std::string, Model> models;
   std::unordered_map<int64_t, std::unique_ptr<Stats>> stats;   // by engine handle; filled before start
+  ShmRegions regions;   // shared_memory.py's, mirrored
   std::atomic<bool> draining{false};
   std::atomic<int64_t> hot_answers{0};
 
@@ -539,20 +599,40 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
       default: return false;   // request parameters, unknown fields
     }
   }
-  if (raws != 1 || inputs != 1 || outputs > 1 || !(version.empty() || version == "1")) return false;
+  if (inputs != 1 || outputs > 1 || !(version.empty() || version == "1")) return false;
   auto it = front_->models.find(r.model_name);
   if (it == front_->models.end()) return false;
   const Model& m = it->second;
-  if (!HotInput(input, m, r.rows) || (outputs && !HotOutput(output, m))) return false;
-  if (static_cast<int64_t>(raw_len) != r.rows * m.row_bytes) return false;
+  ShmParams in_shm, out_shm;
+  if (!HotInput(input, m, r.rows, in_shm) || (outputs && !HotOutput(output, m, out_shm))) return false;
+  int64_t bytes = r.rows * m.row_bytes;
+  // A region that is not there, a tensor outside its region or of another size, an output region too small:
+  // Python's errors (forwarded), as is an input over --max-request-bytes.
+  std::shared_ptr<const ShmRegion> in_region;
+  if (in_shm.region.empty()) {
+    if (raws != 1 || static_cast<int64_t>(raw_len) != bytes) return false;
+  } else {
+    in_region = front_->regions.Find(in_shm.region);
+    if (raws != 0 || !in_region || in_shm.byte_size != bytes || bytes > front_->max_request_bytes ||
+        !in_region->Inside(in_shm.offset, bytes))
+      return false;
+  }
+  if (!out_shm.region.empty()) {
+    r.out_region = front_->regions.Find(out_shm.region);
+    r.out_at = out_shm.offset;
+    if (!r.out_region || !r.out_region->Inside(out_shm.offset, out_shm.byte_size) ||
+        out_shm.byte_size < r.rows * m.classes * static_cast<int64_t>(sizeof(float)))
+      return false;
+  }
   r.model = &m;
-  size_t padded = (raw_len + kAlignment - 1) / kAlignment * kAlignment;
+  size_t padded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
   void* data = std::aligned_alloc(kAlignment, padded);
   if (!data) return false;
   std::shared_ptr<void> owner(data, std::free);
-  rx.Copy(r.raw_at, raw_len, data);
+  if (in_region ? !in_region->Read(in_shm.offset, bytes, data) : !rx.Copy(r.raw_at, raw_len, data))
+    return false;   // the object was truncated: Python says so
   bool check = m.engine->checks_finite32();
-  if (check && !AllFinite32(data, raw_len / 4)) return false;   // Python refuses it, with its message
+  if (check && !AllFinite32(data, bytes / 4)) return false;   // Python refuses it, with its message
   Stats& stats = *front_->stats.at(m.handle);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -581,6 +661,8 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
 void Call::HotDone(const HotRequest& r, const grpc::ByteBuffer& message, int64_t start, const float* out,
                    bool ok) {
   Stats& stats = *front_->stats.at(r.model->handle);
+  if (ok && r.out_region)   // an object truncated meanwhile: forwarded, Python says so
+    ok = r.out_region->Write(r.out_at, out, r.rows * r.model->classes * static_cast<int64_t>(sizeof(float)));
   if (ok) {
     std::string answer = InferResponse(r, out);
     if (kind_ == kStream) {
@@ -952,6 +1034,15 @@ ffi::Array<int64_t> FrontStats(int64_t front, int64_t engine) {
 // Stop accepting, end the streams, let every call finish (up to `seconds`; then grpc cancels them). Blocks.
 void FrontDrain(int64_t front, double seconds) { Get(front)->Drain(seconds); }
 
+// shared_memory.py's registrations, mirrored: the object's descriptor (duplicated here) and the region's place.
+void FrontAddRegion(int64_t front, ffi::String name, int64_t fd, int64_t offset, int64_t byte_size) {
+  if (!Get(front)->regions.Add(std::string(name), static_cast<int>(fd), offset, byte_size))
+    TVM_FFI_THROW(RuntimeError) << "cannot duplicate the descriptor of shared memory region '" << std::string(name)
+                                << "': " << std::strerror(errno);
+}
+
+void FrontRemoveRegion(int64_t front, ffi::String name) { Get(front)->regions.Remove(std::string(name)); }
+
 }  // namespace tvmzoo
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(grpc_front_create, tvmzoo::FrontCreate);
@@ -959,3 +1050,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(grpc_front_add_model, tvmzoo::FrontAddModel);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(grpc_front_start, tvmzoo::FrontStart);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(grpc_front_stats, tvmzoo::FrontStats);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(grpc_front_drain, tvmzoo::FrontDrain);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(grpc_front_add_region, tvmzoo::FrontAddRegion);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(grpc_front_remove_region, tvmzoo::FrontRemoveRegion);
