@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import threading
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serve_client import FUSED, HOST, ServerProcess, scrape  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
@@ -362,3 +364,61 @@ def test_the_hand_over_and_back_on_plain_asyncio(serve_repo, photos):
         return pumped
 
     assert asyncio.run(main()) == 10   # 5 of each round's 6
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm: no POSIX shared memory here")
+def test_shared_memory_requests_are_answered_by_the_pump_and_their_errors_by_python(server, photos):
+    """tritonclient.http with the input, the output or both in registered regions: after Python's first answer the
+    pump reads / writes the regions (the request bytes repeat, the region's contents change); a region unregistered
+    or truncated under the pump sends the request back to Python, which answers its error."""
+    shm = pytest.importorskip("tritonclient.utils.shared_memory")
+    client = httpclient.InferenceServerClient(server.http)
+    x0, e0 = photos[HOST][0]
+    span = x0.nbytes + e0.nbytes
+    key = f"/tvmzoo-pump-{os.getpid()}"
+    region = shm.create_shared_memory_region("pump_io", key, span)
+    try:
+        client.register_system_shared_memory("pump_io", key, span)
+        for in_shm, out_shm in ((True, True), (True, False), (False, True)):
+            before = _pumped(server, HOST)
+            for x, expected in photos[HOST][:6]:
+                tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+                if in_shm:
+                    shm.set_shared_memory_region(region, [x])
+                    tensor.set_shared_memory("pump_io", x.nbytes)
+                else:
+                    tensor.set_data_from_numpy(x)
+                out = httpclient.InferRequestedOutput("output", binary_data=True)
+                if out_shm:
+                    out.set_shared_memory("pump_io", e0.nbytes, offset=x0.nbytes)
+                result = client.infer(HOST, [tensor], outputs=[out])
+                got = (shm.get_contents_as_numpy(region, np.float32, expected.shape, offset=x0.nbytes) if out_shm
+                       else result.as_numpy("output"))
+                np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            # the first is Python's (it hands the connection over); with the socket's tensors changing, every later
+            # request's bytes before the tensor repeat, so the pump answers them
+            assert _pumped(server, HOST) - before == 5, (in_shm, out_shm)
+
+        client.close()   # a connection changing its requests 3 times stays with Python (MAX_MISMATCHES): a new one
+        client = httpclient.InferenceServerClient(server.http)
+        before = _pumped(server, HOST)
+        tensor = httpclient.InferInput("input", list(x0.shape), "FP32")
+        tensor.set_shared_memory("pump_io", x0.nbytes)
+        shm.set_shared_memory_region(region, [x0])
+        binary = [httpclient.InferRequestedOutput("output", binary_data=True)]
+        for _ in range(2):
+            np.testing.assert_allclose(client.infer(HOST, [tensor], outputs=binary).as_numpy("output"), e0,
+                                       rtol=1e-5, atol=1e-6)
+        os.truncate(f"/dev/shm/{key.lstrip('/')}", 100)   # the client shrinks its object under the pump
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(HOST, [tensor], outputs=binary)
+        assert err.value.status() == "400" and "truncated" in err.value.message()
+        client.unregister_system_shared_memory("pump_io")
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(HOST, [tensor], outputs=binary)
+        assert err.value.status() == "404" and "Unable to find shared memory region" in err.value.message()
+        assert _pumped(server, HOST) - before == 1   # the second only
+        assert server.proc.poll() is None
+    finally:
+        shm.destroy_shared_memory_region(region)
+    client.close()

@@ -16,7 +16,7 @@ from .http_codec import HEADER_LENGTH, encode_response, parse_infer
 from .http_pump import PumpHint
 from .shared_memory import CUDA_UNSUPPORTED
 from .state import SERVER_NAME, AppState
-from .tensors import BYTES, InferRequest, OutputTensor, ServeError, invalid
+from .tensors import BYTES, InferRequest, OutputTensor, ServeError, ShmRef, invalid
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +55,28 @@ class Response:
         return cls.json({"error": message}, status, **kwargs)
 
 
-def pump_hint(request: Request, parsed: InferRequest, outputs: list[OutputTensor], header_length: int | None,
-              engine: int | None) -> PumpHint | None:
-    """The hint for a 200 infer answer the pump can repeat, else None: a binary-tensor request of a known length
-    (no chunks, no 100-continue) with one binary numeric input, every output a binary FP32 tensor (no
-    classification, no shared memory)."""
+def pump_hint(request: Request, parsed: InferRequest, input_shm: ShmRef | None, outputs: list[OutputTensor],
+              header_length: int | None, engine: int | None) -> PumpHint | None:
+    """The hint for a 200 infer answer the pump can repeat, else None: a request of a known length (no chunks, no
+    100-continue) with one numeric input, a binary tensor after the JSON header or all in a shared memory region
+    (`input_shm`: the input's, as sent), and one FP32 output, binary or written to a shared memory region (no
+    classification)."""
     headers = request.headers
-    if engine is None or header_length is None or not request.keep_alive or request.method != "POST" \
+    if engine is None or not request.keep_alive or request.method != "POST" \
             or "expect" in headers or "transfer-encoding" in headers or "content-length" not in headers:
         return None
-    if len(parsed.inputs) != 1 or len(outputs) != 1 or parsed.inputs[0].shm is not None \
-            or parsed.inputs[0].datatype == BYTES:
+    if len(parsed.inputs) != 1 or len(outputs) != 1 or parsed.inputs[0].datatype == BYTES:
         return None
+    json_bytes = len(request.body) if header_length is None else header_length
+    if input_shm is not None:
+        tensor_bytes = input_shm.byte_size if json_bytes == len(request.body) else 0
+    else:
+        tensor_bytes = 0 if header_length is None else len(request.body) - header_length
     out = outputs[0]
-    if not out.binary or out.in_shared_memory or out.datatype != "FP32":
+    if tensor_bytes <= 0 or out.datatype != "FP32" or not (out.binary or out.in_shared_memory):
         return None
-    return PumpHint(engine, header_length, len(request.body) - header_length, out.data.nbytes)
+    output_shm = parsed.outputs[0].shm if out.in_shared_memory else None
+    return PumpHint(engine, json_bytes, tensor_bytes, out.data.nbytes, input_shm, output_shm)
 
 
 Handler = Callable[..., Response]   # (state, request, *path groups); infer is async
@@ -130,13 +136,15 @@ async def infer(state: AppState, request: Request, name: str, version: str) -> R
                          f"{state.max_json_bytes} (--max-json-bytes): send the tensors as binary data (the binary "
                          "tensor extension; tritonclient: binary_data=True, its default) or raise the limit")
     parsed = parse_infer(request.body, header_length, name, version)
+    input_shm = parsed.inputs[0].shm if len(parsed.inputs) == 1 else None   # inference reads it into the tensor
     outputs = await state.inference.infer(parsed)
     body, json_length = encode_response(parsed, outputs)
-    if json_length is None:
-        return Response(200, body, [("Content-Type", "application/json")])
     engine = state.native_engines.get(parsed.model)
+    hint = None if engine is None else pump_hint(request, parsed, input_shm, outputs, header_length, engine)
+    if json_length is None:
+        return Response(200, body, [("Content-Type", "application/json")], pump=hint)
     return Response(200, body, [("Content-Type", "application/octet-stream"), (HEADER_LENGTH, str(json_length))],
-                    pump=None if engine is None else pump_hint(request, parsed, outputs, header_length, engine))
+                    pump=hint)
 
 
 def shm_status(state: AppState, request: Request, name: str) -> Response:

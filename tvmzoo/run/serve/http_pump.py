@@ -4,7 +4,9 @@ connection (which answers qualify: http_app.pump_hint), the connections it hands
 After Python answered a binary-tensor infer request 200 for a model a native engine serves, with every output a
 binary FP32 tensor, the connection goes to the pump with the exact bytes of that request before its tensor and of
 the answer before its output tensor. The pump answers every following request whose bytes before the tensor are
-the same (only the tensor differs); anything else (another head or JSON, a refused or failed request, a stall, the
+the same (only the tensor differs). The input and the output may instead be in system shared memory regions
+(shared_memory.py mirrors every registration to the pump): the request, or the answer, then has no tensor bytes,
+and the pump reads the region, or writes it. Anything else (another head or JSON, a refused or failed request, a stall, the
 server draining) comes back here with every byte the pump did not answer, and Python answers it as any request.
 
 The hand-over duplicates the socket's descriptor and aborts the asyncio transport: the transport closes its own
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .metrics import native_counts
+from .tensors import ShmRef
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,14 @@ class PumpHint:
     """What an answer tells its connection for the pump: the model's engine and the sizes around the tensors."""
     engine: int            # the engine's handle (native/engine.h EngineFromHandle)
     json_bytes: int        # the request's JSON header
-    tensor_bytes: int      # the request's input tensor, after its JSON header
-    output_bytes: int      # the answer's output tensor, its last bytes
+    tensor_bytes: int      # the request's input tensor, after its JSON header (or in input_shm)
+    output_bytes: int      # the answer's output tensor, its last bytes (or in output_shm)
+    input_shm: ShmRef | None = None    # the input's shared memory region: no tensor bytes in the request
+    output_shm: ShmRef | None = None   # the output's: none in the answer
+
+    @property
+    def answer_tensor_bytes(self) -> int:
+        return 0 if self.output_shm else self.output_bytes
 
 
 class Pump:
@@ -48,6 +57,7 @@ class Pump:
         self.adopt = adopt
         self.held: dict[int, int] = {}   # the pump's connections: id -> mismatches so far
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -65,8 +75,12 @@ class Pump:
             log.warning("cannot hand a connection to the native pump: %s", exc)
             return False
         prefix = request_head + bytes(body[:hint.json_bytes])
+        into, out = hint.input_shm, hint.output_shm
         conn = self.module.pump_adopt(self.handle, fd, hint.engine, prefix, hint.tensor_bytes,
-                                      answer[:len(answer) - hint.output_bytes], hint.output_bytes, b"")
+                                      answer[:len(answer) - hint.answer_tensor_bytes], hint.output_bytes, b"",
+                                      into.region if into else "", into.offset if into else 0,
+                                      out.region if out else "", out.offset if out else 0,
+                                      out.byte_size if out else 0)
         if not conn:
             os.close(fd)
             return False
@@ -102,7 +116,22 @@ class Pump:
     def close(self) -> None:
         if self.loop is not None:
             self.loop.remove_reader(self.notify_fd)
+        self.closed = True
         self.module.pump_destroy(self.handle)
+
+    def add_region(self, name: str, fd: int, offset: int, byte_size: int) -> None:
+        """A system shared memory registration (SharedMemoryRegions.mirror); where the descriptor cannot be
+        duplicated, the region's requests stay with Python."""
+        if self.closed:
+            return
+        try:
+            self.module.pump_add_region(self.handle, name, fd, offset, byte_size)
+        except RuntimeError as exc:
+            log.warning("%s: its HTTP infers stay with Python", exc)
+
+    def remove_region(self, name: str) -> None:
+        if not self.closed:   # at shutdown the regions are closed after the pump
+            self.module.pump_remove_region(self.handle, name)
 
     def stats(self, engine: int) -> list[float]:
         """The pump's answers of one engine: success count, summed request duration (us), pending, last success

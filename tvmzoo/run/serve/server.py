@@ -129,6 +129,7 @@ class Server:
         if not engines:
             return
         self.pump = self.http.pump = Pump(load_native(), self.cfg.idle_timeout_seconds, self.http.adopt)
+        self.shared_memory.mirror(self.pump)
         self.pump.start()
         self.state.native_engines.update(engines)
         for name, engine in engines.items():

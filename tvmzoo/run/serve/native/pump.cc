@@ -6,6 +6,11 @@
 // model's engine, and the saved answer (a fresh Date) plus the output rows are written from the engine's
 // thread. Anything else goes back to Python with every byte it has not answered (pump_events), which answers
 // it as it answers any request: the pump knows no HTTP beyond "the same bytes as before".
+//
+// A request whose input is in a system shared memory region has no tensor bytes: the tensor is read from the
+// region (pread, shm_regions.h; shared_memory.py mirrors every registration here); an output asked in a region is
+// written there (pwrite) and the saved answer is all the answer. A region that is gone, too small or truncated
+// sends the request back to Python, which words the error.
 #include <errno.h>
 #include <pthread.h>
 #include <sys/epoll.h>
@@ -35,6 +40,7 @@
 
 #include "engine.h"
 #include "finite.h"
+#include "shm_regions.h"
 
 namespace tvmzoo {
 namespace {
@@ -115,6 +121,12 @@ struct ModelStats {
   std::atomic<int64_t> last_success_unix_ms{0};
 };
 
+// Where a connection's tensors are when not on the wire: system shared memory regions by name ("": on the wire).
+struct ShmPlaces {
+  std::string in_region, out_region;
+  int64_t in_offset = 0, out_offset = 0, out_span = 0;
+};
+
 struct Conn {
   int64_t id = 0;
   int fd = -1;
@@ -126,12 +138,16 @@ struct Conn {
   std::string answer_prefix;      // the answer before the outputs; Date rewritten in place
   size_t date_at = std::string::npos;
   int64_t output_bytes = 0;
+  ShmPlaces shm;                   // a region holds the input (no tensor in the request) / the output (none in
+                                  // the answer)
+  int64_t wire_output_bytes() const { return shm.out_region.empty() ? output_bytes : 0; }
 
   // pump thread only
   std::string in;                 // received, not yet part of a request's tensor
   bool in_tensor = false;         // the prefix matched: reading the tensor
   std::shared_ptr<void> tensor;   // the current request's tensor (kept for a hand-back until answered)
   int64_t filled = 0;             // tensor bytes received
+  std::shared_ptr<const ShmRegion> out_held;   // the current request's output region
 
   // shared with the engine's threads
   std::atomic<int64_t> last_active_ns{0};
@@ -167,16 +183,21 @@ class Pump {
 
   int notify_fd() const { return notify_; }
 
-  // Python hands a connection over; returns its id (0: refused, Python keeps it).
+  ShmRegions& regions() { return regions_; }
+
+  // Python hands a connection over; returns its id (0: refused, Python keeps it). `shm`: the input's and the
+  // output's shared memory region, empty names when on the wire.
   int64_t Adopt(int fd, int64_t handle, std::string request_prefix, int64_t tensor_bytes,
-                std::string answer_prefix, int64_t output_bytes, std::string received) {
+                std::string answer_prefix, int64_t output_bytes, std::string received, ShmPlaces shm) {
     Engine* engine = EngineFromHandle(handle);
     if (engine == nullptr || tensor_bytes <= 0 || engine->row_bytes() <= 0 ||
         tensor_bytes % engine->row_bytes() != 0 ||
-        output_bytes != tensor_bytes / engine->row_bytes() * engine->output_row_floats() * 4) {
+        output_bytes != tensor_bytes / engine->row_bytes() * engine->output_row_floats() * 4 ||
+        (!shm.out_region.empty() && shm.out_span < output_bytes)) {
       return 0;   // not the engine's rows, or not its outputs: Python keeps it
     }
     auto c = std::make_shared<Conn>();
+    c->shm = std::move(shm);
     c->fd = fd;
     c->engine = engine;
     c->rows = tensor_bytes / engine->row_bytes();
@@ -384,9 +405,28 @@ class Pump {
           return;
         }
         if (have < want) continue;   // ReadInto read some: read on
+        if (!c->shm.out_region.empty()) {
+          c->out_held = regions_.Find(c->shm.out_region);
+          if (!c->out_held || !c->out_held->Inside(c->shm.out_offset, c->shm.out_span)) {
+            c->out_held.reset();
+            Leave(c, kMismatch);   // the region is gone or changed: Python answers (its error)
+            return;
+          }
+        }
         c->tensor = Pool()->Get(static_cast<size_t>(c->tensor_bytes));
         if (!c->tensor) {
           Leave(c, kFailed);
+          return;
+        }
+        if (!c->shm.in_region.empty()) {
+          if (!ReadRegion(c)) {
+            c->tensor.reset();
+            c->out_held.reset();
+            Leave(c, kMismatch);   // the request is still all in c->in: Python answers (its error)
+            return;
+          }
+          c->in.erase(0, want);
+          Submit(c);
           return;
         }
         int64_t extra = std::min<int64_t>(c->in.size() - want, c->tensor_bytes);
@@ -410,6 +450,17 @@ class Pump {
       Submit(c);
       return;
     }
+  }
+
+  // The input from its shared memory region into c->tensor; false: the region is gone, too small or truncated.
+  bool ReadRegion(const std::shared_ptr<Conn>& c) {
+    auto region = regions_.Find(c->shm.in_region);
+    if (!region || !region->Inside(c->shm.in_offset, c->tensor_bytes) ||
+        !region->Read(c->shm.in_offset, c->tensor_bytes, c->tensor.get()))
+      return false;
+    c->filled = c->tensor_bytes;
+    c->last_active_ns = NowNs();
+    return true;
   }
 
   // Append up to `want` bytes to c->in; false when the socket has none now (or the connection is gone).
@@ -488,6 +539,9 @@ class Pump {
   void Done(const std::shared_ptr<Conn>& c, int64_t start, const float* outputs, int64_t rows, bool refused,
             const std::string& error) {
     bool wake = false;
+    std::shared_ptr<const ShmRegion> out_region = std::move(c->out_held);
+    if (outputs != nullptr && out_region && !out_region->Write(c->shm.out_offset, outputs, c->output_bytes))
+      outputs = nullptr;   // the object was truncated meanwhile: Python runs it again and says so
     if (outputs != nullptr) {
       c->stats->success.fetch_add(1);
       c->stats->request_ns.fetch_add(NowNs() - start);
@@ -508,7 +562,7 @@ class Pump {
       } else {
         if (c->date_at != std::string::npos) FormatDate(&c->answer_prefix[c->date_at]);
         iovec iov[2] = {{c->answer_prefix.data(), c->answer_prefix.size()},
-                        {const_cast<float*>(outputs), static_cast<size_t>(c->output_bytes)}};
+                        {const_cast<float*>(outputs), static_cast<size_t>(c->wire_output_bytes())}};
         size_t total = iov[0].iov_len + iov[1].iov_len;
         msghdr msg{};
         msg.msg_iov = iov;
@@ -523,7 +577,7 @@ class Pump {
         } else if (static_cast<size_t>(std::max<ssize_t>(n, 0)) < total) {   // the rest when it can go
           size_t sent = static_cast<size_t>(std::max<ssize_t>(n, 0));
           c->out.assign(c->answer_prefix);
-          c->out.append(reinterpret_cast<const char*>(outputs), c->output_bytes);
+          c->out.append(reinterpret_cast<const char*>(outputs), c->wire_output_bytes());
           c->out_at = sent;
           wake = true;   // the pump flushes it when EPOLLOUT says so (or now, if it already did)
         } else {
@@ -567,9 +621,10 @@ class Pump {
     std::string bytes;
     if (reason != kClosed) {
       if (c->tensor && (c->in_tensor || reason == kRefused || reason == kFailed || reason == kEngineClosed)) {
-        bytes = c->request_prefix;
+        bytes = c->request_prefix;   // a shared memory input's request has no tensor bytes
+        bool taken = reason == kRefused || reason == kFailed || reason == kEngineClosed;
         bytes.append(static_cast<const char*>(c->tensor.get()),
-                     reason == kRefused || reason == kFailed || reason == kEngineClosed ? c->tensor_bytes : c->filled);
+                     c->shm.in_region.empty() ? (taken ? c->tensor_bytes : c->filled) : 0);
       }
       bytes += c->in;
     } else {
@@ -600,6 +655,7 @@ class Pump {
   std::vector<Engine*> kicks_;   // the pump thread's own: engines given requests in this pass, not yet woken
   std::vector<std::tuple<int64_t, int, int64_t, std::string>> events_;
   std::unordered_map<int64_t, std::unique_ptr<ModelStats>> stats_;
+  ShmRegions regions_;   // shared_memory.py's, mirrored (its own lock)
 };
 
 std::mutex pumps_mu;
@@ -629,13 +685,28 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_create, PumpCreate);
 int64_t PumpNotifyFd(int64_t pump) { return Get(pump)->notify_fd(); }
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_notify_fd, PumpNotifyFd);
 
+// `in_region` / `out_region`: the shared memory regions of the input / output ("": on the wire).
 int64_t PumpAdopt(int64_t pump, int64_t fd, int64_t engine, tvm::ffi::Bytes request_prefix, int64_t tensor_bytes,
-                  tvm::ffi::Bytes answer_prefix, int64_t output_bytes, tvm::ffi::Bytes received) {
+                  tvm::ffi::Bytes answer_prefix, int64_t output_bytes, tvm::ffi::Bytes received,
+                  tvm::ffi::String in_region, int64_t in_offset, tvm::ffi::String out_region, int64_t out_offset,
+                  int64_t out_span) {
+  ShmPlaces shm{std::string(in_region), std::string(out_region), in_offset, out_offset, out_span};
   return Get(pump)->Adopt(static_cast<int>(fd), engine, std::string(request_prefix.data(), request_prefix.size()),
                           tensor_bytes, std::string(answer_prefix.data(), answer_prefix.size()), output_bytes,
-                          std::string(received.data(), received.size()));
+                          std::string(received.data(), received.size()), std::move(shm));
 }
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_adopt, PumpAdopt);
+
+// shared_memory.py's registrations, mirrored: the object's descriptor (duplicated here) and the region's place.
+void PumpAddRegion(int64_t pump, tvm::ffi::String name, int64_t fd, int64_t offset, int64_t byte_size) {
+  if (!Get(pump)->regions().Add(std::string(name), static_cast<int>(fd), offset, byte_size))
+    TVM_FFI_THROW(RuntimeError) << "cannot duplicate the descriptor of shared memory region '" << std::string(name)
+                                << "': " << strerror(errno);
+}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_add_region, PumpAddRegion);
+
+void PumpRemoveRegion(int64_t pump, tvm::ffi::String name) { Get(pump)->regions().Remove(std::string(name)); }
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_remove_region, PumpRemoveRegion);
 
 tvm::ffi::Array<tvm::ffi::Any> PumpEvents(int64_t pump) { return Get(pump)->Events(); }
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_events, PumpEvents);
