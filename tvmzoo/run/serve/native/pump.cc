@@ -40,6 +40,7 @@
 
 #include "engine.h"
 #include "finite.h"
+#include "front_stats.h"
 #include "shm_regions.h"
 
 namespace tvmzoo {
@@ -52,11 +53,6 @@ constexpr int kMaxEvents = 64;
 // Why a connection left the pump (pump_events); Python adopts it again unless it is closed.
 enum Reason : int64_t { kClosed = 0, kMismatch = 1, kRefused = 2, kFailed = 3, kStalled = 4, kDraining = 5,
                         kEngineClosed = 6 };
-
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // Tensor buffers by size: a 602 KB request allocated afresh would be page-faulted in on every request.
 class BufferPool {
@@ -113,14 +109,6 @@ void FormatDate(char out[29]) {
   memcpy(out, value, 29);
 }
 
-// Per model (engine handle): what /metrics adds to Python's own counts.
-struct ModelStats {
-  std::atomic<int64_t> success{0};
-  std::atomic<int64_t> request_ns{0};
-  std::atomic<int64_t> pending{0};
-  std::atomic<int64_t> last_success_unix_ms{0};
-};
-
 // Where a connection's tensors are when not on the wire: system shared memory regions by name ("": on the wire).
 struct ShmPlaces {
   std::string in_region, out_region;
@@ -131,7 +119,7 @@ struct Conn {
   int64_t id = 0;
   int fd = -1;
   Engine* engine = nullptr;
-  ModelStats* stats = nullptr;
+  FrontStats* stats = nullptr;   // its model's (engine handle's)
   std::string request_prefix;     // the bytes every request here must start with
   int64_t tensor_bytes = 0;
   int64_t rows = 0;
@@ -217,7 +205,7 @@ class Pump {
       if (draining_) return 0;
       c->id = ++last_id_;
       auto& stats = stats_[handle];
-      if (!stats) stats = std::make_unique<ModelStats>();
+      if (!stats) stats = std::make_unique<FrontStats>();
       c->stats = stats.get();
       conns_[c->id] = c;
       woken_.push_back(c->id);   // serve what came with it, then read
@@ -257,8 +245,7 @@ class Pump {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = stats_.find(handle);
     if (it == stats_.end()) return {0, 0, 0, 0};
-    const auto& s = *it->second;
-    return {s.success.load(), s.request_ns.load(), s.pending.load(), s.last_success_unix_ms.load()};
+    return it->second->Read();
   }
 
   // Stop taking requests: answer those in flight, then hand every connection back.
@@ -542,12 +529,7 @@ class Pump {
     std::shared_ptr<const ShmRegion> out_region = std::move(c->out_held);
     if (outputs != nullptr && out_region && !out_region->Write(c->shm.out_offset, outputs, c->output_bytes))
       outputs = nullptr;   // the object was truncated meanwhile: Python runs it again and says so
-    if (outputs != nullptr) {
-      c->stats->success.fetch_add(1);
-      c->stats->request_ns.fetch_add(NowNs() - start);
-      c->stats->last_success_unix_ms.store(std::chrono::duration_cast<std::chrono::milliseconds>(
-          std::chrono::system_clock::now().time_since_epoch()).count());
-    }
+    if (outputs != nullptr) c->stats->Answered(start);
     c->stats->pending.fetch_sub(1);
     {
       std::lock_guard<std::mutex> lock(c->mu);
@@ -654,7 +636,7 @@ class Pump {
   std::deque<int64_t> woken_;
   std::vector<Engine*> kicks_;   // the pump thread's own: engines given requests in this pass, not yet woken
   std::vector<std::tuple<int64_t, int, int64_t, std::string>> events_;
-  std::unordered_map<int64_t, std::unique_ptr<ModelStats>> stats_;
+  std::unordered_map<int64_t, std::unique_ptr<FrontStats>> stats_;
   ShmRegions regions_;   // shared_memory.py's, mirrored (its own lock)
 };
 

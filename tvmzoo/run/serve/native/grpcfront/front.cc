@@ -59,6 +59,7 @@
 
 #include "engine.h"
 #include "finite.h"
+#include "front_stats.h"
 #include "shm_regions.h"
 
 namespace tvmzoo {
@@ -69,16 +70,6 @@ constexpr size_t kAlignment = 64;
 constexpr int64_t kMaxRows = 256;   // inference.py MAX_ROWS
 const char* const kInferMethod = "/inference.GRPCInferenceService/ModelInfer";
 const char* const kStreamMethod = "/inference.GRPCInferenceService/ModelStreamInfer";
-
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-int64_t UnixMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch()).count();
-}
 
 // ---- protobuf wire format ----
 
@@ -167,10 +158,6 @@ struct Model {
   std::string input_name, datatype, output_name;
   std::vector<int64_t> row_shape;
   int64_t row_bytes = 0, classes = 0;
-};
-
-struct Stats {   // read by Python at scrape time (Metrics.count_elsewhere)
-  std::atomic<int64_t> success{0}, request_ns{0}, pending{0}, last_success_unix_ms{0};
 };
 
 // A ModelInferRequest the engine can answer as grpc_service.py would: its fields, the tensor's place.
@@ -381,7 +368,7 @@ class Front {
   bool has_token = false;
   int64_t max_request_bytes = 0;
   std::unordered_map<std::string, Model> models;
-  std::unordered_map<int64_t, std::unique_ptr<Stats>> stats;   // by engine handle; filled before start
+  std::unordered_map<int64_t, std::unique_ptr<FrontStats>> stats;   // by engine handle; filled before start
   ShmRegions regions;   // shared_memory.py's, mirrored
   std::atomic<bool> draining{false};
   std::atomic<int64_t> hot_answers{0};
@@ -633,7 +620,7 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
     return false;   // the object was truncated: Python says so
   bool check = m.engine->checks_finite32();
   if (check && !AllFinite32(data, bytes / 4)) return false;   // Python refuses it, with its message
-  Stats& stats = *front_->stats.at(m.handle);
+  FrontStats& stats = *front_->stats.at(m.handle);
   {
     std::lock_guard<std::mutex> lock(mu_);
     hot_in_flight_++;
@@ -660,7 +647,7 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
 // with its own status, message and failure count (one wording, one place), as the HTTP pump hands it back.
 void Call::HotDone(const HotRequest& r, const grpc::ByteBuffer& message, int64_t start, const float* out,
                    bool ok) {
-  Stats& stats = *front_->stats.at(r.model->handle);
+  FrontStats& stats = *front_->stats.at(r.model->handle);
   if (ok && r.out_region)   // an object truncated meanwhile: forwarded, Python says so
     ok = r.out_region->Write(r.out_at, out, r.rows * r.model->classes * static_cast<int64_t>(sizeof(float)));
   if (ok) {
@@ -671,9 +658,7 @@ void Call::HotDone(const HotRequest& r, const grpc::ByteBuffer& message, int64_t
       PutBytes(wrapped, 2, answer);   // ModelStreamInferResponse.infer_response; error_message empty
       answer = std::move(wrapped);
     }
-    stats.success++;
-    stats.request_ns += NowNs() - start;
-    stats.last_success_unix_ms = UnixMs();
+    stats.Answered(start);
     front_->hot_answers++;
     Send(ToBuffer(std::move(answer)));
   } else {
@@ -1005,7 +990,7 @@ bool FrontAddModel(int64_t front, ffi::String engine_library, int64_t engine, ff
   m.row_bytes = elems * item_bytes;
   if (m.row_bytes != m.engine->row_bytes()) return false;
   m.classes = m.engine->output_row_floats();
-  f->stats.emplace(engine, std::make_unique<Stats>());
+  f->stats.emplace(engine, std::make_unique<FrontStats>());
   f->models[std::string(name)] = std::move(m);
   return true;
 }
@@ -1027,8 +1012,7 @@ ffi::Array<int64_t> FrontStats(int64_t front, int64_t engine) {
   Front* f = Get(front);
   auto it = f->stats.find(engine);
   if (it == f->stats.end()) return {0, 0, 0, 0};
-  const Stats& s = *it->second;
-  return {s.success.load(), s.request_ns.load(), s.pending.load(), s.last_success_unix_ms.load()};
+  return it->second->Read();
 }
 
 // Stop accepting, end the streams, let every call finish (up to `seconds`; then grpc cancels them). Blocks.
