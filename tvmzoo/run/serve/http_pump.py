@@ -6,8 +6,9 @@ binary FP32 tensor, the connection goes to the pump with the exact bytes of that
 the answer before its output tensor. The pump answers every following request whose bytes before the tensor are
 the same (only the tensor differs). The input and the output may instead be in system shared memory regions
 (shared_memory.py mirrors every registration to the pump): the request, or the answer, then has no tensor bytes,
-and the pump reads the region, or writes it. Anything else (another head or JSON, a refused or failed request, a stall, the
-server draining) comes back here with every byte the pump did not answer, and Python answers it as any request.
+and the pump reads the region, or writes it. Anything else (another head or JSON, a refused or failed request, a
+stall, a region gone or truncated, the server draining) comes back here with every byte the pump did not answer,
+and Python answers it as any request.
 
 The hand-over duplicates the socket's descriptor and aborts the asyncio transport: the transport closes its own
 descriptor (no FIN: the duplicate keeps the socket open, and neither uvloop nor asyncio shuts it down or resets it on

@@ -12,8 +12,9 @@ then stages into the batch, as a socket's body is.
 A region a request uses stays open until the request is answered (an unregister in between only takes the
 name away, as Triton's deferred unregister does).
 
-The native gRPC front reads and writes the regions of the requests it answers itself: every registration is
-mirrored to it (`mirror`), with the object's descriptor, which it duplicates and uses the same way."""
+The native fronts (the gRPC front, the HTTP pump) read and write the regions of the requests they answer
+themselves: every registration is mirrored to them (`mirror`), with the object's descriptor, which they duplicate
+and use the same way (native/shm_regions.h)."""
 from __future__ import annotations
 
 import logging
@@ -102,7 +103,7 @@ class Region:
 
 
 class Mirror(Protocol):
-    """What keeps a copy of the registrations (the native gRPC front)."""
+    """What keeps a copy of the registrations (the native gRPC front, the HTTP pump)."""
 
     def add_region(self, name: str, fd: int, offset: int, byte_size: int) -> None: ...
 
