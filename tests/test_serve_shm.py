@@ -161,6 +161,43 @@ def test_inputs_and_outputs_in_shared_memory_equal_compiled_model_run(clients, r
         headers=G).regions
 
 
+def test_concurrent_clients_each_get_their_own_regions_answers(server, region, model, sample_images):
+    """16 clients (8 HTTP, 8 gRPC), each with its own input and output region, rewrite their input and infer
+    again, all at once with dynamic batching: every answer lands in its own client's region and is that photo's."""
+    photos = _photos(model, sample_images[60:72])
+    expected = model.run(photos)
+    out_bytes = expected[:1].nbytes
+
+    def client_loop(i: int) -> list[str]:
+        module, headers = (httpclient, H) if i % 2 else (grpcclient, G)
+        url = server.http if i % 2 else server.grpc
+        client = module.InferenceServerClient(url)
+        (in_handle, in_key), (out_handle, out_key) = region(f"c{i}_in", photos[0:1].nbytes), \
+            region(f"c{i}_out", out_bytes)
+        client.register_system_shared_memory(f"c{i}_in", in_key, photos[0:1].nbytes, headers=headers)
+        client.register_system_shared_memory(f"c{i}_out", out_key, out_bytes, headers=headers)
+        wrong = []
+        try:
+            for step in range(6):
+                k = (i + step) % len(photos)
+                shm.set_shared_memory_region(in_handle, [photos[k:k + 1]])
+                inputs, outputs = _request(module, photos[k:k + 1], f"c{i}_in", f"c{i}_out", out_bytes)
+                client.infer(MODEL, inputs, outputs=outputs, headers=headers)
+                got = shm.get_contents_as_numpy(out_handle, np.float32, expected[:1].shape)
+                if not np.array_equal(got, expected[k:k + 1]):
+                    wrong.append(f"client {i} step {step}: photo {k}'s answer is not in its region")
+        finally:
+            client.unregister_system_shared_memory(f"c{i}_in", headers=headers)
+            client.unregister_system_shared_memory(f"c{i}_out", headers=headers)
+            client.close()
+        return wrong
+
+    with ThreadPoolExecutor(16) as pool:
+        wrong = [w for found in pool.map(client_loop, range(16)) for w in found]
+    assert wrong == []
+    assert server.proc.poll() is None
+
+
 def test_encoded_photos_in_shared_memory_give_the_top_k(clients, region, model, sample_images):
     h, g = clients
     photos = sample_images[30:32]
