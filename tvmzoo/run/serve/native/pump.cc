@@ -393,9 +393,8 @@ class Pump {
         }
         if (have < want) continue;   // ReadInto read some: read on
         if (!c->shm.out_region.empty()) {
-          c->out_held = regions_.Find(c->shm.out_region);
-          if (!c->out_held || !c->out_held->Inside(c->shm.out_offset, c->shm.out_span)) {
-            c->out_held.reset();
+          c->out_held = regions_.Find(c->shm.out_region, c->shm.out_offset, c->shm.out_span);
+          if (!c->out_held) {
             Leave(c, kMismatch);   // the region is gone or changed: Python answers (its error)
             return;
           }
@@ -441,9 +440,8 @@ class Pump {
 
   // The input from its shared memory region into c->tensor; false: the region is gone, too small or truncated.
   bool ReadRegion(const std::shared_ptr<Conn>& c) {
-    auto region = regions_.Find(c->shm.in_region);
-    if (!region || !region->Inside(c->shm.in_offset, c->tensor_bytes) ||
-        !region->Read(c->shm.in_offset, c->tensor_bytes, c->tensor.get()))
+    auto region = regions_.Find(c->shm.in_region, c->shm.in_offset, c->tensor_bytes);
+    if (!region || !region->Read(c->shm.in_offset, c->tensor_bytes, c->tensor.get()))
       return false;
     c->filled = c->tensor_bytes;
     c->last_active_ns = NowNs();
@@ -681,9 +679,8 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_adopt, PumpAdopt);
 
 // shared_memory.py's registrations, mirrored: the object's descriptor (duplicated here) and the region's place.
 void PumpAddRegion(int64_t pump, tvm::ffi::String name, int64_t fd, int64_t offset, int64_t byte_size) {
-  if (!Get(pump)->regions().Add(std::string(name), static_cast<int>(fd), offset, byte_size))
-    TVM_FFI_THROW(RuntimeError) << "cannot duplicate the descriptor of shared memory region '" << std::string(name)
-                                << "': " << strerror(errno);
+  std::string error = Get(pump)->regions().Add(std::string(name), static_cast<int>(fd), offset, byte_size);
+  if (!error.empty()) TVM_FFI_THROW(RuntimeError) << error;
 }
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(pump_add_region, PumpAddRegion);
 

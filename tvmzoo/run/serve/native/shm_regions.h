@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <memory>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -33,6 +34,7 @@ class ShmRegion {
   bool Inside(int64_t at, int64_t span) const {
     return at >= 0 && span >= 0 && at < byte_size_ && span <= byte_size_ - at;
   }
+
   // False when the object is now shorter than the bytes (truncated after registering).
   bool Read(int64_t at, int64_t n, void* dst) const {
     return Holds(at, n) && Whole(n, [&](int64_t done) {
@@ -67,24 +69,26 @@ class ShmRegion {
 
 class ShmRegions {
  public:
-  // False (errno set) when the descriptor cannot be duplicated.
-  bool Add(const std::string& name, int fd, int64_t offset, int64_t byte_size) {
+  // "" when added; else why not (the descriptor cannot be duplicated).
+  std::string Add(const std::string& name, int fd, int64_t offset, int64_t byte_size) {
     int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (own < 0) return false;
+    if (own < 0)
+      return "cannot duplicate the descriptor of shared memory region '" + name + "': " + std::strerror(errno);
     auto region = std::make_shared<const ShmRegion>(own, offset, byte_size);
     std::lock_guard<std::mutex> lock(mu_);
     by_name_[name] = std::move(region);
-    return true;
+    return "";
   }
   void Remove(const std::string& name) {   // "": every region
     std::lock_guard<std::mutex> lock(mu_);
     if (name.empty()) by_name_.clear();
     else by_name_.erase(name);
   }
-  std::shared_ptr<const ShmRegion> Find(std::string_view name) const {
+  // The region named `name` when a tensor of `span` bytes at `at` lies inside it, else null.
+  std::shared_ptr<const ShmRegion> Find(std::string_view name, int64_t at, int64_t span) const {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = by_name_.find(std::string(name));
-    return it == by_name_.end() ? nullptr : it->second;
+    return it == by_name_.end() || !it->second->Inside(at, span) ? nullptr : it->second;
   }
 
  private:

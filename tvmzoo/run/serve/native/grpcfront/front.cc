@@ -168,12 +168,16 @@ struct HotRequest {
   size_t raw_at = 0;
   std::shared_ptr<const ShmRegion> out_region;   // the output asked in shared memory, at out_at
   int64_t out_at = 0;
+  int64_t output_bytes() const { return rows * model->classes * static_cast<int64_t>(sizeof(float)); }
 };
 
-// A tensor's system shared memory parameters (shared_memory.py's shm_ref); no region: none given.
+// A tensor's system shared memory parameters (shared_memory.py's shm_ref).
 struct ShmParams {
   std::string region;
   int64_t byte_size = -1, offset = 0;
+  bool given = false;   // any of them
+  // All that is needed, or none at all (else Python words what is missing).
+  bool complete() const { return !given || (!region.empty() && byte_size >= 0); }
 };
 
 // One entry of a tensor's parameters map (key = 1, value = 2: an InferParameter). Hot only for the shared memory
@@ -202,18 +206,13 @@ bool ShmParameter(std::string_view entry, ShmParams& p) {
   } else {
     return false;
   }
+  p.given = true;
   return v.Done();
-}
-
-// Complete shared memory parameters, or none at all (else Python words what is missing).
-bool ShmComplete(const ShmParams& p, bool any) {
-  return !any || (!p.region.empty() && p.byte_size >= 0);
 }
 
 // One InferInputTensor: hot only with exactly the model's name, datatype and [n, row...] shape, and no parameters
 // but shared memory ones.
 bool HotInput(std::string_view data, const Model& m, int64_t& rows, ShmParams& shm) {
-  bool params = false;
   Scan s(data);
   std::string_view name, datatype, packed;
   std::vector<int64_t> shape;
@@ -231,10 +230,9 @@ bool HotInput(std::string_view data, const Model& m, int64_t& rows, ShmParams& s
           if (!dims.Varint(v)) return false;
           shape.push_back(static_cast<int64_t>(v));
         }
-      } else if (key >> 3 == 4) {
-        if (!ShmParameter(bytes, shm)) return false;
-        params = true;
-      } else return false;   // contents
+      } else if (key >> 3 != 4 || !ShmParameter(bytes, shm)) {
+        return false;   // contents, or other parameters
+      }
     } else if (key == (3 << 3)) {   // an unpacked shape element
       if (!s.Varint(v)) return false;
       shape.push_back(static_cast<int64_t>(v));
@@ -242,7 +240,7 @@ bool HotInput(std::string_view data, const Model& m, int64_t& rows, ShmParams& s
       return false;
     }
   }
-  if (!ShmComplete(shm, params)) return false;
+  if (!shm.complete()) return false;
   if (name != m.input_name || datatype != m.datatype || shape.size() != m.row_shape.size() + 1) return false;
   if (!std::equal(m.row_shape.begin(), m.row_shape.end(), shape.begin() + 1)) return false;
   rows = shape[0];
@@ -252,7 +250,6 @@ bool HotInput(std::string_view data, const Model& m, int64_t& rows, ShmParams& s
 // One InferRequestedOutputTensor: hot only when it names the model's output and has no parameters but shared
 // memory ones.
 bool HotOutput(std::string_view data, const Model& m, ShmParams& shm) {
-  bool params = false;
   Scan s(data);
   std::string_view name;
   while (!s.Done()) {
@@ -260,10 +257,9 @@ bool HotOutput(std::string_view data, const Model& m, ShmParams& shm) {
     std::string_view bytes;
     if (!s.Varint(key) || (key & 7) != 2 || !s.Bytes(bytes)) return false;
     if (key >> 3 == 1) name = bytes;
-    else if (key >> 3 == 2 && ShmParameter(bytes, shm)) params = true;
-    else return false;
+    else if (key >> 3 != 2 || !ShmParameter(bytes, shm)) return false;
   }
-  return name == m.output_name && ShmComplete(shm, params);
+  return name == m.output_name && shm.complete();
 }
 
 // The response grpc_service.encode_response builds for one FP32 output, serialized as protobuf does.
@@ -274,7 +270,7 @@ std::string InferResponse(const HotRequest& r, const float* values) {
   PutBytes(tensor, 1, r.model->output_name);
   PutBytes(tensor, 2, "FP32");
   PutBytes(tensor, 3, shape);
-  size_t bytes = r.rows * r.model->classes * sizeof(float);
+  size_t bytes = r.output_bytes();
   out.reserve(r.model_name.size() + r.id.size() + tensor.size() + bytes + 40);
   PutBytes(out, 1, r.model_name);
   PutBytes(out, 2, "1");
@@ -599,19 +595,15 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
   if (in_shm.region.empty()) {
     if (raws != 1 || static_cast<int64_t>(raw_len) != bytes) return false;
   } else {
-    in_region = front_->regions.Find(in_shm.region);
-    if (raws != 0 || !in_region || in_shm.byte_size != bytes || bytes > front_->max_request_bytes ||
-        !in_region->Inside(in_shm.offset, bytes))
-      return false;
-  }
-  if (!out_shm.region.empty()) {
-    r.out_region = front_->regions.Find(out_shm.region);
-    r.out_at = out_shm.offset;
-    if (!r.out_region || !r.out_region->Inside(out_shm.offset, out_shm.byte_size) ||
-        out_shm.byte_size < r.rows * m.classes * static_cast<int64_t>(sizeof(float)))
-      return false;
+    in_region = front_->regions.Find(in_shm.region, in_shm.offset, bytes);
+    if (raws != 0 || !in_region || in_shm.byte_size != bytes || bytes > front_->max_request_bytes) return false;
   }
   r.model = &m;
+  if (!out_shm.region.empty()) {
+    r.out_region = front_->regions.Find(out_shm.region, out_shm.offset, out_shm.byte_size);
+    r.out_at = out_shm.offset;
+    if (!r.out_region || out_shm.byte_size < r.output_bytes()) return false;
+  }
   size_t padded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
   void* data = std::aligned_alloc(kAlignment, padded);
   if (!data) return false;
@@ -649,7 +641,7 @@ void Call::HotDone(const HotRequest& r, const grpc::ByteBuffer& message, int64_t
                    bool ok) {
   FrontStats& stats = *front_->stats.at(r.model->handle);
   if (ok && r.out_region)   // an object truncated meanwhile: forwarded, Python says so
-    ok = r.out_region->Write(r.out_at, out, r.rows * r.model->classes * static_cast<int64_t>(sizeof(float)));
+    ok = r.out_region->Write(r.out_at, out, r.output_bytes());
   if (ok) {
     std::string answer = InferResponse(r, out);
     if (kind_ == kStream) {
@@ -1020,9 +1012,8 @@ void FrontDrain(int64_t front, double seconds) { Get(front)->Drain(seconds); }
 
 // shared_memory.py's registrations, mirrored: the object's descriptor (duplicated here) and the region's place.
 void FrontAddRegion(int64_t front, ffi::String name, int64_t fd, int64_t offset, int64_t byte_size) {
-  if (!Get(front)->regions.Add(std::string(name), static_cast<int>(fd), offset, byte_size))
-    TVM_FFI_THROW(RuntimeError) << "cannot duplicate the descriptor of shared memory region '" << std::string(name)
-                                << "': " << std::strerror(errno);
+  std::string error = Get(front)->regions.Add(std::string(name), static_cast<int>(fd), offset, byte_size);
+  if (!error.empty()) TVM_FFI_THROW(RuntimeError) << error;
 }
 
 void FrontRemoveRegion(int64_t front, ffi::String name) { Get(front)->regions.Remove(std::string(name)); }
