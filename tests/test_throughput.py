@@ -70,3 +70,39 @@ def test_vamp_takes_the_readme_flags(tiny):
     text = run_cli("vamp", "-m", tiny, "--instance", "2", "--processes", "1", "--batch_size", "2", "-t", "1",
                    "--iterations", "3", "-s", "3,32,32").stdout
     assert "throughput (images/s)" in text and "samples: 12" in text
+
+
+AFFINITY_PROBE = """
+import os, sys
+os.sched_setaffinity(0, {int(sys.argv[2])})   # before numpy's BLAS threads start: every thread inherits it
+import json
+import numpy as np
+from tvmzoo.run.runtime import CompiledModel
+model = CompiledModel.load(sys.argv[1])
+out = [model.run(np.full((1, 3, 32, 32), v, np.float32)).tolist() for v in (0.0, 0.5, 1.0)]
+tasks = f"/proc/{os.getpid()}/task"
+allowed = sorted({line.split()[1] for t in os.listdir(tasks) for line in open(f"{tasks}/{t}/status")
+                  if line.startswith("Cpus_allowed_list")})
+print(json.dumps({"allowed": allowed, "out": out}))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores: one to keep the run on, one to leave")
+def test_a_run_keeps_to_the_cores_the_process_may_use(tiny):
+    """Under taskset / numactl / a cpuset that is not cores 0.., TVM would bind a 2-thread pool to cores 0 and 1:
+    a model run in a process given only the last core stays on it, and its answers are the unrestricted ones."""
+    import subprocess
+    import sys
+
+    from tvmzoo.run.runtime import CompiledModel
+
+    core = max(os.sched_getaffinity(0))
+    done = subprocess.run([sys.executable, "-c", AFFINITY_PROBE, str(tiny), str(core)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TVM_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["allowed"] == [str(core)]
+    model = CompiledModel.load(tiny)
+    expected = [model.run(np.full((1, 3, 32, 32), v, np.float32)) for v in (0.0, 0.5, 1.0)]
+    for got, want in zip(report["out"], expected):
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-5, atol=1e-6)

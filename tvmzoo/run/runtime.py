@@ -16,6 +16,7 @@ from ..errors import ConfigError, ModuleError, printable
 from ..limits import check_text_size, json_nesting_problem
 from ..preprocess import Preprocessing
 from .host import missing_features, request_amx, uses_amx
+from .threads import keep_pool_within_affinity
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +303,7 @@ class CompiledModel:
                              f"{given} to {self.input_dtype} would change the values. Pass {self.input_dtype}.")
 
     def _run_exact(self, batch: np.ndarray) -> np.ndarray:
+        keep_pool_within_affinity()
         try:
             out = self.vm["main"](self._input_tensor(batch))
         except Exception as exc:  # noqa: BLE001 - TVM raises its own error types

@@ -4,10 +4,16 @@ TVM keeps one thread pool per calling thread; by default every pool pins its thr
 cores, so two instances would fight over core 0 while the others idle. Each instance's thread therefore
 configures its own pool on its own cores (TVM's `runtime.config_threadpool`, one core per thread) before
 its first run. TVM releases the GIL while a model runs, so the instances run in parallel in one process.
+
+TVM also binds a thread's default pool to cores 0..T-1, whatever cores the process may use: under
+`taskset -c 2,3`, `numactl -C` or a cpuset, a multi-threaded run would leave them for cores 0 and 1. A thread
+that did not pin its pool therefore has it put on the cores it may use before its first run
+(`keep_pool_within_affinity`).
 """
 from __future__ import annotations
 
 import os
+import threading
 
 from ..errors import ConfigError
 from ..limits import PER_CORE
@@ -46,3 +52,23 @@ def pin_this_thread_pool(cores: list[int]) -> None:
     specify_one_core_per_thread = -2  # TVM's ThreadGroup::AffinityMode::kSpecifyOneCorePerThread
     tvm.get_global_func("runtime.config_threadpool")(specify_one_core_per_thread, len(cores),
                                                     [str(c) for c in cores])
+    _pool.cores = list(cores)
+
+
+_pool = threading.local()   # .cores: where this thread's TVM pool runs, once pinned or checked
+
+
+def keep_pool_within_affinity() -> None:
+    """Before a thread's first run: when TVM's default binding (cores 0..T-1, T = TVM_NUM_THREADS or the usable
+    cores) would put its pool on cores this process may not use, pin it to the first T usable ones (wrapping,
+    as instance_cores). A single-thread pool runs in the calling thread and is never bound: left as it is."""
+    if getattr(_pool, "cores", None) is not None:
+        return
+    cores = usable_cores()
+    text = os.environ.get("TVM_NUM_THREADS", "").strip()
+    threads = int(text) if text.isdigit() and int(text) > 0 else len(cores)
+    wanted = instance_cores(0, threads, cores)
+    if threads > 1 and wanted != list(range(threads)):
+        pin_this_thread_pool(wanted)
+    else:
+        _pool.cores = wanted
