@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_load import ShmRegions, _infer_request
+from serve_load import ShmRegions, _infer_request, on_cores
 
 SOURCE = Path(__file__).with_name("grpc_load.cc")
 FLAGS = ["-O2", "-std=c++17"]
@@ -94,8 +94,11 @@ class GrpcLoad:
     """One build's request, ready to be sent by grpc_load to `address` (host:port)."""
 
     def __init__(self, address: str, model: str, x: np.ndarray, top: int, stream: bool = False,
-                 tag: str = "cpp", connections: int = 1, shared_memory: str = "none") -> None:
-        """`connections`: the slots share them (1: one, as tritonclient's cached channel)."""
+                 tag: str = "cpp", connections: int = 1, shared_memory: str = "none",
+                 cpus: frozenset[int] | None = None) -> None:
+        """`connections`: the slots share them (1: one, as tritonclient's cached channel); `cpus`: the cores
+        grpc_load runs on (None: this process's)."""
+        self.cpus = cpus
         self.address, self.top, self.stream, self.connections = address, top, stream, connections
         self.program = build()
         x = np.ascontiguousarray(x, np.float32)
@@ -110,7 +113,8 @@ class GrpcLoad:
                "--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup),
                "--top", str(self.top), "--channels", str(self.connections), *(["--stream"] if self.stream else []),
                *(["--output-in-shm"] if self.shm else [])]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120,
+                              preexec_fn=on_cores(self.cpus))
         if done.returncode:
             raise RuntimeError(f"grpc_load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         out = json.loads(done.stdout)

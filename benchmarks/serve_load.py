@@ -37,6 +37,11 @@ Call = Callable[[], Awaitable[None]]
 _keys = itertools.count()
 
 
+def on_cores(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """A child process's preexec_fn that keeps it on `cpus` (None: where this process runs)."""
+    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+
+
 def _check(tag: str, got_tag: str, shape: list[int], logits: bytes, top: int) -> None:
     values = np.frombuffer(logits, np.float32)
     if got_tag != tag or values.size != int(np.prod(shape)) or int(values.reshape(shape)[0].argmax()) != top:

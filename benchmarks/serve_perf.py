@@ -17,7 +17,7 @@ CPU per image over (server + client) CPU per request of vamp's images/s.
 
     .venv/bin/python benchmarks/serve_perf.py WORKSPACE [--models a,b] [--seconds 4] [--rounds 1] [--setups auto,1x2,2x1]
         [--clients raw,stream,wrk,cpp,cppstream,tritonclient] [--protocols http,grpc] [--concurrency 1,8]
-        [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo] [--shared-memory none,system]
+        [--servers new=.venv/bin/tvmzoo,main=../main/.venv/bin/tvmzoo] [--shared-memory none,system] [--client-cpus 1]
 
 `--servers` runs several servers of the same build side by side (e.g. this branch's and main's), interleaved
 point by point, each idle while another is measured; an executable may be followed by flags of its own
@@ -25,7 +25,9 @@ point by point, each idle while another is measured; an executable may be follow
 `--shared-memory none,system` runs each raw / stream / wrk / cpp / cppstream client both over the socket and with
 perf_analyzer's `--shared-memory system` (client `raw+shm`, ...: the input and output in registered /dev/shm
 regions, raw / stream one pair per slot, wrk / cpp / cppstream one pair for all; the request only its header),
-interleaved.
+interleaved. `--client-cpus 1` runs wrk / cpp / cppstream on core 1 and the server, vamp and the in-process runs on
+the other cores: a client off the server's cores, as on another machine (the figure perf_analyzer gives from a
+separate host); the ceiling is then the server's CPU per image alone.
 
 WORKSPACE holds compiled builds (<name>/mod.so + mod.json), e.g. Lite0 fp32 / int8 at batch 1 and 8.
 """
@@ -52,7 +54,7 @@ from serve_wrk import Wrk, available as wrk_available  # noqa: E402
 from serve_grpc_cpp import GrpcLoad, missing as cpp_missing  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
 from tvmzoo.run.bench import BenchConfig, benchmark  # noqa: E402
-from tvmzoo.run.threads import usable_cores  # noqa: E402
+from tvmzoo.run.threads import pin_this_thread_pool, usable_cores  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.run.runtime import CompiledModel, stack_aligned  # noqa: E402
 
@@ -175,7 +177,7 @@ class Setup:
     def vamp_setups(self) -> list[tuple[int, int]]:
         """vamp's -i / -t to compare with: the same, or for `auto` both ends (-i 1 -t <cores>, -i <cores> -t 1)."""
         cores = len(usable_cores())
-        return [(1, cores), (cores, 1)] if self.auto else [(self.instances, self.threads)]
+        return list(dict.fromkeys([(1, cores), (cores, 1)])) if self.auto else [(self.instances, self.threads)]
 
     def describe(self) -> str:
         if self.auto:
@@ -254,7 +256,7 @@ def median_round(rounds: list[Row]) -> Row:
 
 def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: list[str],
           concurrency: list[int], executables: dict[str, str | None], protocols: list[str],
-          rounds: int = 1, grpc_connections: int = 1) -> dict:
+          rounds: int = 1, grpc_connections: int = 1, client_cpus: frozenset[int] | None = None) -> dict:
     """One build: vamp, the servers of it alone, the load points (`rounds` times, interleaved; each point's
     median round is kept, the spread of its images/s too), the alternated c1 latency, vamp again."""
     compiled = CompiledModel.load(workspace / model)
@@ -278,11 +280,12 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
         for label, _, client in ways:
             kind, shared_memory = kind_of(client)
             if kind == "wrk":   # wrk's answers carry no tag: one is checked first
-                externals[label, client] = Wrk(servers[label].http, model, x, shared_memory)
+                externals[label, client] = Wrk(servers[label].http, model, x, shared_memory, cpus=client_cpus)
                 externals[label, client].check(compiled.run(x))
             elif kind in EXTERNAL:   # grpc_load checks every answer's id, size and top class
                 externals[label, client] = GrpcLoad(servers[label].grpc, model, x, top, stream=kind == "cppstream",
-                                                    connections=grpc_connections, shared_memory=shared_memory)
+                                                    connections=grpc_connections, shared_memory=shared_memory,
+                                                    cpus=client_cpus)
         points = [(c, way) for c in concurrency for way in ways]
         measured = [[measure(label, servers[label], protocol, client, model, x, top, c, seconds,
                              externals.get((label, client)))
@@ -302,25 +305,37 @@ def sweep(workspace: Path, model: str, setup: Setup, seconds: float, clients: li
     return {"rows": rows, "vamp_ips": (before[0] + after[0]) / 2, "vamp_p50": (before[1] + after[1]) / 2,
             "vamp_cpu_ms": (before[2] + after[2]) / 2,
             "vamp_each": {flags: (ips + after[3][flags]) / 2 for flags, ips in before[3].items()},
-            "batch": batch, "delay_us": delay, "paired": paired, "rows_per_request": len(x), "spread": spread}
+            "batch": batch, "delay_us": delay, "paired": paired, "rows_per_request": len(x), "spread": spread,
+            "client_apart": client_cpus is not None}
 
 
 def ceiling(res: dict, r: Row) -> str:
     """What the cores allow when vamp keeps them all busy: in-process CPU per image over the served CPU
-    per image (server + client); served / vamp images/s cannot exceed it with the client on the same cores."""
+    per image (server + client, or the server's alone when the client has cores of its own); served / vamp
+    images/s cannot exceed it."""
     in_process = res["vamp_cpu_ms"]
+    if res["client_apart"]:
+        served = r.server_cpu_ms / res["rows_per_request"]
+        return (f"{r.server} {r.protocol} {r.client} server CPU / image {served:.2f} ms (the client "
+                f"{r.client_cpu_ms:.2f} on its own cores) vs {in_process:.2f} in-process: ceiling "
+                f"{100 * in_process / served:.0f} %")
     served = (r.server_cpu_ms + r.client_cpu_ms) / res["rows_per_request"]
     return (f"{r.server} {r.protocol} {r.client} CPU / image {served:.2f} ms (server {r.server_cpu_ms:.2f} + client "
             f"{r.client_cpu_ms:.2f}) vs {in_process:.2f} in-process: ceiling {100 * in_process / served:.0f} %")
 
 
-def report(results: dict, setup: Setup, load: str, grpc_connections: int = 1) -> str:
+def report(results: dict, setup: Setup, load: str, grpc_connections: int = 1,
+           client_cpus: frozenset[int] | None = None) -> str:
+    apart = ("" if client_cpus is None else
+             f"Cores: the server, vamp and the in-process runs on {cores_text(usable_cores())}, the load generators on "
+             f"{cores_text(client_cpus)} (a client off the server's cores, as on another machine). ")
     lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {load} (1 / 5 / 15 min) when the run began. "
+             + apart +
              f"Server: {setup.describe()}; vamp with the same instances and threads (adaptive: the better of "
              "-i 1 -t <cores> and -i <cores> -t 1), in the load generator's process; TVM_THREAD_POOL_SPIN_COUNT="
              f"{os.environ['TVM_THREAD_POOL_SPIN_COUNT']} in both; load generator (benchmarks/serve_load.py) in "
-             "another process on the same cores: raw = requests built once (HTTP binary tensors over keep-alive "
-             "asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), stream = the same on ModelStreamInfer, one "
+             "another process (on the same cores unless said above): raw = requests built once (HTTP binary tensors "
+             "over keep-alive asyncio streams, gRPC serialized ModelInferRequest on grpc.aio), stream = the same on ModelStreamInfer, one "
              "stream per client, tritonclient = its asyncio clients; wrk (HTTP), cpp / cppstream (gRPC unary / stream, "
              f"benchmarks/grpc_load.cc): the raw request from a C / C++ program in a child process, its clients on "
              f"{grpc_connections} connection(s). "
@@ -396,6 +411,30 @@ def bars(results: dict) -> list[str]:
     return lines
 
 
+def cores_text(cores) -> str:
+    return ("core " if len(cores) == 1 else "cores ") + ", ".join(map(str, sorted(cores)))
+
+
+def keep_client_apart(text: str, clients: list[str], parser: argparse.ArgumentParser) -> frozenset[int]:
+    """--client-cpus: the load generators' cores; this process (vamp, the in-process runs) and the servers it
+    starts keep the others. Only the clients in child processes can be kept apart."""
+    try:
+        client = frozenset(int(c) for c in text.split(","))
+    except ValueError:
+        parser.error(f"--client-cpus takes comma-separated core numbers, got {text!r}")
+    usable = set(usable_cores())
+    server = usable - client
+    if not client <= usable or not server:
+        parser.error(f"--client-cpus {text}: give cores of {cores_text(usable)} and leave at least one for the server")
+    if inside := [c for c in clients if kind_of(c)[0] not in EXTERNAL]:
+        parser.error(f"--client-cpus keeps only wrk, cpp and cppstream apart; {', '.join(inside)} run in this "
+                     "process, on the server's cores: leave them out (--clients)")
+    os.sched_setaffinity(0, server)   # before any thread: the servers, vamp's threads and TVM's pools inherit it
+    os.environ["TVM_NUM_THREADS"] = str(len(server))
+    pin_this_thread_pool(sorted(server))   # TVM binds a default pool to cores 0.. whatever the affinity says
+    return client
+
+
 def default_clients() -> list[str]:
     return ["raw", "stream", *(["wrk"] if wrk_available() else []), *([] if cpp_missing() else ["cpp", "cppstream"])]
 
@@ -428,6 +467,10 @@ def main() -> None:
                              "tensors over the "
                              "socket, by system shared memory (perf_analyzer --shared-memory system; client name "
                              "+shm), or both, interleaved per point")
+    parser.add_argument("--client-cpus", default=None,
+                        help="cores for the load generators (e.g. 1), the others for the server and vamp: the client "
+                             "off the server's cores, as on another machine (wrk, cpp, cppstream only); default: "
+                             "everything on every core, as perf_analyzer on the server's host")
     parser.add_argument("--servers", default="",
                         help="label=tvmzoo executable [its own flags], comma-separated, interleaved per point "
                              "(default: this checkout's alone)")
@@ -458,15 +501,16 @@ def main() -> None:
     # this process's in-process runs alternate with served ones: its TVM pool must not spin through the
     # served blocks any more than the server's does (TVM reads it once, at the first pool's start)
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", POOL_SPIN_COUNT)
+    client_cpus = keep_client_apart(args.client_cpus, clients, parser) if args.client_cpus else None
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     names = args.models.split(",") if args.models else sorted(p.parent.name for p in args.workspace.glob("*/mod.json"))
     for text in args.setups.split(","):
         setup = Setup.parse(text, args.delay_us)
         results = {name: sweep(args.workspace, name, setup, args.seconds, clients,
                                [int(c) for c in args.concurrency.split(",")], executables, protocols, args.rounds,
-                               args.grpc_connections)
+                               args.grpc_connections, client_cpus)
                    for name in names}
-        print(report(results, setup, load, args.grpc_connections), "\n", flush=True)
+        print(report(results, setup, load, args.grpc_connections, client_cpus), "\n", flush=True)
 
 
 if __name__ == "__main__":

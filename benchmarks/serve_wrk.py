@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_load import ShmRegions
+from serve_load import ShmRegions, on_cores
 
 SCRIPT = r"""
 local dir = os.getenv("SERVE_WRK_DIR")
@@ -89,7 +89,10 @@ class WrkResult:
 class Wrk:
     """One build's request, ready to be sent by wrk to `address` (host:port)."""
 
-    def __init__(self, address: str, model: str, x: np.ndarray, shared_memory: str = "none") -> None:
+    def __init__(self, address: str, model: str, x: np.ndarray, shared_memory: str = "none",
+                 cpus: frozenset[int] | None = None) -> None:
+        """`cpus`: the cores wrk runs on (None: this process's)."""
+        self.cpus = cpus
         self.url = f"http://{address}/v2/models/{model}/infer"
         self.dir = Path(tempfile.mkdtemp(prefix="serve_wrk_"))
         self.shm = ShmRegions("http", address, model, x, "wrk") if shared_memory == "system" else None
@@ -131,7 +134,8 @@ class Wrk:
         cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s", "--timeout", "30s",
                "-s", str(self.dir / "script.lua"), self.url]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 60)
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 60,
+                              preexec_fn=on_cores(self.cpus))
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("SERVE_WRK ")), None)
         if done.returncode or line is None:
