@@ -109,12 +109,12 @@ class GrpcLoad:
 
     def run(self, concurrency: int, seconds: float, warmup: float = 0.0, checked: bool = True) -> GrpcLoadResult:
         """`concurrency` slots for `warmup` + `seconds`; `checked`: a wrong answer raises AssertionError."""
-        cmd = [str(self.program), "--address", self.address, "--request", str(self.request),
+        cmd = [*on_cores(self.cpus), str(self.program), "--address", self.address,
+               "--request", str(self.request),
                "--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup),
                "--top", str(self.top), "--channels", str(self.connections), *(["--stream"] if self.stream else []),
                *(["--output-in-shm"] if self.shm else [])]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120,
-                              preexec_fn=on_cores(self.cpus))
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120)
         if done.returncode:
             raise RuntimeError(f"grpc_load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         out = json.loads(done.stdout)

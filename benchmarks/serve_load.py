@@ -37,9 +37,10 @@ Call = Callable[[], Awaitable[None]]
 _keys = itertools.count()
 
 
-def on_cores(cpus: frozenset[int] | None) -> Callable[[], None] | None:
-    """A child process's preexec_fn that keeps it on `cpus` (None: where this process runs)."""
-    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+def on_cores(cpus: frozenset[int] | None) -> list[str]:
+    """The prefix that runs a child program on `cpus` (None: where this process runs). util-linux's taskset, not
+    a preexec_fn: a fork with grpc's threads running aborts the child in grpc's fork handler."""
+    return [] if cpus is None else ["taskset", "-c", ",".join(map(str, sorted(cpus)))]
 
 
 def _check(tag: str, got_tag: str, shape: list[int], logits: bytes, top: int) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import time
@@ -426,6 +427,8 @@ def keep_client_apart(text: str, clients: list[str], parser: argparse.ArgumentPa
     server = usable - client
     if not client <= usable or not server:
         parser.error(f"--client-cpus {text}: give cores of {cores_text(usable)} and leave at least one for the server")
+    if shutil.which("taskset") is None:
+        parser.error("--client-cpus runs the clients under taskset, which is not installed (apt-get install util-linux)")
     if inside := [c for c in clients if kind_of(c)[0] not in EXTERNAL]:
         parser.error(f"--client-cpus keeps only wrk, cpp and cppstream apart; {', '.join(inside)} run in this "
                      "process, on the server's cores: leave them out (--clients)")

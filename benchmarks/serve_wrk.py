@@ -131,11 +131,11 @@ class Wrk:
         if checked and self.answer_bytes < 0:
             raise RuntimeError("Wrk.check first: wrk's answers carry no tag")
         env = {**self.env, "SERVE_WRK_ANSWER_BYTES": str(self.answer_bytes if checked else -1)}
-        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s", "--timeout", "30s",
+        cmd = [*on_cores(self.cpus), "wrk", "-t1", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s",
+               "--timeout", "30s",
                "-s", str(self.dir / "script.lua"), self.url]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 60,
-                              preexec_fn=on_cores(self.cpus))
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 60)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("SERVE_WRK ")), None)
         if done.returncode or line is None:
