@@ -55,7 +55,7 @@ from serve_wrk import Wrk, available as wrk_available  # noqa: E402
 from serve_grpc_cpp import GrpcLoad, missing as cpp_missing  # noqa: E402
 from tvmzoo.run.serve.repository import POOL_SPIN_COUNT  # noqa: E402
 from tvmzoo.run.bench import BenchConfig, benchmark  # noqa: E402
-from tvmzoo.run.threads import pin_this_thread_pool, usable_cores  # noqa: E402
+from tvmzoo.run.threads import usable_cores  # noqa: E402
 from tvmzoo.preprocess import apply, read_image  # noqa: E402
 from tvmzoo.run.runtime import CompiledModel, stack_aligned  # noqa: E402
 
@@ -432,9 +432,9 @@ def keep_client_apart(text: str, clients: list[str], parser: argparse.ArgumentPa
     if inside := [c for c in clients if kind_of(c)[0] not in EXTERNAL]:
         parser.error(f"--client-cpus keeps only wrk, cpp and cppstream apart; {', '.join(inside)} run in this "
                      "process, on the server's cores: leave them out (--clients)")
-    os.sched_setaffinity(0, server)   # before any thread: the servers, vamp's threads and TVM's pools inherit it
+    for thread in os.listdir("/proc/self/task"):   # the threads started at import (BLAS) too; new ones inherit it:
+        os.sched_setaffinity(int(thread), server)   # the servers, vamp's instances, TVM's pools
     os.environ["TVM_NUM_THREADS"] = str(len(server))
-    pin_this_thread_pool(sorted(server))   # TVM binds a default pool to cores 0.. whatever the affinity says
     return client
 
 
