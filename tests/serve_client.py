@@ -31,9 +31,11 @@ class ServerProcess:
     _queue: queue.Queue = field(default_factory=queue.Queue)
 
     @classmethod
-    def start(cls, repository: Path, *flags: str, timeout: float = 60.0, executable: str | None = None) -> ServerProcess:
-        """`executable`: another checkout's `tvmzoo` (default: this interpreter's)."""
-        cmd = [executable or str(Path(sys.executable).parent / "tvmzoo"), "serve", str(repository),
+    def start(cls, repository: Path, *flags: str, timeout: float = 60.0, executable: str | None = None,
+              under: tuple[str, ...] = ()) -> ServerProcess:
+        """`executable`: another checkout's `tvmzoo` (default: this interpreter's); `under`: a command it runs
+        under (`("taskset", "-c", "1")`)."""
+        cmd = [*under, executable or str(Path(sys.executable).parent / "tvmzoo"), "serve", str(repository),
                "--http-port", "0", "--grpc-port", "0", *flags]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS", "2")})

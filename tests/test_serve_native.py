@@ -516,3 +516,29 @@ def test_an_event_loops_burst_is_one_batch_without_a_delay(builds, sample_images
             assert metrics.exec_count.value("b8", VERSION) == round_ + 1
     finally:
         batcher.close()
+
+
+@pytest.mark.skipif(len(usable_cores()) < 2 or shutil.which("taskset") is None,
+                    reason="needs 2 cores (one to keep the server on, one to leave) and taskset")
+@pytest.mark.parametrize("path", ["--native", "--no-native"])
+def test_fixed_threads_keep_to_the_cores_the_server_was_given(serve_repo, sample_images, path):
+    """`--threads 2` under `taskset -c <last core>`: TVM would bind each instance's 2-thread pool to cores 0 and 1;
+    every thread of the server stays on the core it was given (instances pin their pools to their own of the
+    usable cores, as vamp's), and the answer is CompiledModel.run's."""
+    core = str(max(usable_cores()))
+    server = ServerProcess.start(serve_repo / HOST, path, "--instances", "1", "--threads", "2",
+                                 under=("taskset", "-c", core))
+    try:
+        model = CompiledModel.load(serve_repo / HOST)
+        x = _photos(model, sample_images[:1])
+        client = httpclient.InferenceServerClient(server.http)
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        got = client.infer(HOST, [tensor]).as_numpy("output")
+        np.testing.assert_allclose(got, model.run(x), rtol=1e-5, atol=1e-6)
+        tasks = Path(f"/proc/{server.proc.pid}/task")
+        allowed = {line.split()[1] for task in tasks.iterdir() for line in (task / "status").read_text().splitlines()
+                   if line.startswith("Cpus_allowed_list")}
+        assert allowed == {core}, allowed
+    finally:
+        assert server.stop() == 0

@@ -3,7 +3,8 @@ has a thread that takes the oldest request, gathers more until the batch has the
 expects or the oldest has waited `max_delay_s` (Triton's max_queue_delay), runs them as one batch and
 hands each request its own rows back. One batcher per model, so batches never mix models.
 
-Threads (`Lanes`): with fixed threads each instance's TVM pool is as TVM sizes it. Adaptive (`cores` given,
+Threads (`Lanes`): with fixed threads (more than one) each instance's TVM pool runs on its own cores,
+`instance_cores` as vamp's (TVM would bind every instance's pool to the same first cores). Adaptive (`cores` given,
 the server's default): instance 0 runs a batch on all the cores when nothing else runs or waits (a lone
 client gets the lowest latency), and every instance runs on its own share of them otherwise, so under load
 the instances run side by side, each on its own core, instead of one pool whose threads wait for each other
@@ -210,6 +211,8 @@ class DynamicBatcher:
         if lanes is not None:   # instance 0's pool gets a thread per core (narrowed or widened per batch),
             cores = lanes.wide if index == 0 else lanes.narrow   # the others' only their share: never wide
             pin_this_thread_pool(cores)
+        elif self._threads > 1:
+            pin_this_thread_pool(instance_cores(index, self._threads))
         try:
             model.run(np.zeros((model.fixed_batch or 1, *model.input_shape[1:]), model.input_dtype))
         except Exception:  # noqa: BLE001 - TVM's own error types; real requests will report it

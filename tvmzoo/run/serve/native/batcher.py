@@ -17,6 +17,7 @@ from ...runtime import CompiledModel, output_classes
 from ..batcher import Closed, Pending, hand_back
 from ..metrics import Metrics
 from ..tensors import invalid
+from ...threads import usable_cores
 from . import load
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class NativeBatcher:
         check = check_input if check_input and self._dtype.kind == "f" else ""
         self.handle = module.engine_create(
             name, [m.vm["main"] for m in instances], list(self._row_shape), str(self._dtype),
-            model.fixed_batch or 0, max_batch, float(max_delay_s), threads or 1, list(cores or []), check,
+            # adaptive: threads 0 and the cores it shares out; fixed: each instance's threads on its own of them
+            model.fixed_batch or 0, max_batch, float(max_delay_s), 0 if cores else threads or 1,
+            list(cores or usable_cores()), check,
             int(classes), list(metrics.batch_size.bounds), self._batch_done, self._log)
         metrics.read_batches(name, self._statistics)
 

@@ -184,8 +184,8 @@ struct Config {
   int64_t fixed_batch;              // the build's batch; 0: any
   int64_t max_batch;
   double max_delay_s;
-  int64_t threads;                  // fixed threads per instance (reported in the threads histogram)
-  std::vector<int> cores;           // adaptive on these cores when not empty
+  int64_t threads;                  // fixed threads per instance (reported in the threads histogram); 0: adaptive
+  std::vector<int> cores;           // adaptive: the cores shared out; fixed: instance i's pool on InstanceCores
   std::string check_input;          // the input's name for the NaN / Inf check; empty: no check
   int64_t output_row_floats;
   std::vector<double> bounds;       // histogram bucket bounds (the last: +inf)
@@ -315,7 +315,7 @@ class EngineImpl : public Engine {
     return true;
   }
 
-  bool Adaptive() const { return !cfg_.cores.empty(); }
+  bool Adaptive() const { return cfg_.threads == 0; }
 
   void WakeOne() {
     if (idle_.empty() || gathering_) return;
@@ -342,6 +342,8 @@ class EngineImpl : public Engine {
       lanes = Lanes::Of(index, static_cast<int>(instances_.size()), cfg_.cores);
       cores = index == 0 ? lanes.wide : lanes.narrow;
       Pin(cores);
+    } else if (cfg_.threads > 1 && !cfg_.cores.empty()) {   // TVM would bind every instance to the same cores
+      Pin(InstanceCores(index, static_cast<int>(cfg_.threads), cfg_.cores));
     }
     WarmUp(inst);
     {
