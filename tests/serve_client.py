@@ -65,6 +65,19 @@ class ServerProcess:
             if match:
                 return match
 
+    def output(self) -> str:
+        """Everything the server printed so far (for a failure's message)."""
+        exited = self.proc.poll() is not None   # then the reader ends soon: wait for its last lines
+        while True:
+            try:
+                line = self._queue.get(timeout=5.0) if exited else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+        return "\n".join(self.lines)
+
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
 

@@ -39,7 +39,7 @@ def served(tmp_path_factory, sample_images):
     x = apply(model.preprocessing, read_image(sample_images[0]))[None]
     server = ServerProcess.start(root / "ws", "--instances", "1", "--threads", "2")
     yield server, x, int(model.run(x)[0].argmax())
-    assert server.stop() == 0
+    assert server.stop() == 0, server.output()
 
 
 @pytest.mark.parametrize("shared_memory", ["none", "system"])

@@ -60,7 +60,7 @@ def server(serve_repo):
     proc = ServerProcess.start(serve_repo, "--instances", "1", "--threads", "1", "--idle-timeout-seconds", "1",
                                "--max-image-pixels", "30000000", "--max-json-bytes", "1000000")
     yield proc
-    assert proc.stop() == 0
+    assert proc.stop() == 0, proc.output()
 
 
 def test_serve_refuses_decompression_bombs_before_decoding_them(server, sample_images):

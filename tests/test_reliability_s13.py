@@ -33,7 +33,7 @@ def server(serve_repo):
     proc = ServerProcess.start(serve_repo, "--max-connections", str(LIMIT), "--max-request-bytes", str(MAX_BYTES),
                                "--instances", "1", "--threads", "1")
     yield proc
-    assert proc.stop() == 0
+    assert proc.stop() == 0, proc.output()
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_shared_memory_is_on_by_default_only_on_a_loopback_host(server, serve_re
         np.testing.assert_array_equal(_infer(g, grpcclient, photos[:1]), model.run(photos[:1]))
         h.close()   # here: a tritonclient.http client collected on another thread complains (no gevent hub)
     finally:
-        assert wide.stop() == 0
+        assert wide.stop() == 0, wide.output()
 
     wide = ServerProcess.start(serve_repo, "--host", "0.0.0.0", "--shared-memory")
     try:
@@ -222,7 +222,7 @@ def test_shared_memory_is_on_by_default_only_on_a_loopback_host(server, serve_re
         finally:
             shm.destroy_shared_memory_region(handle)
     finally:
-        assert wide.stop() == 0
+        assert wide.stop() == 0, wide.output()
 
 
 def test_shared_memory_flags_exclude_each_other(serve_repo):
@@ -269,4 +269,4 @@ def test_the_open_file_limit_is_raised_to_what_max_connections_can_use(serve_rep
         got = _infer(httpclient.InferenceServerClient(proc.http), httpclient, photos[:1])
         np.testing.assert_array_equal(got, model.run(photos[:1]))
     finally:
-        assert proc.stop() == 0
+        assert proc.stop() == 0, proc.output()

@@ -45,7 +45,7 @@ def server(repo, request):
                                "--max-request-bytes", "1000000", *path)
     assert f"data path: {'native' if path == [] else 'Python'}" in "\n".join(proc.lines)
     yield proc
-    assert proc.stop() == 0
+    assert proc.stop() == 0, proc.output()
 
 
 def _tensor(model: CompiledModel, path) -> np.ndarray:

@@ -235,4 +235,4 @@ def test_an_idle_server_does_not_spin_after_a_request(build, sample_images, flag
             time.sleep(0.5)
             assert _cpu_seconds(server.proc.pid) - before < 0.03
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.output()

@@ -48,7 +48,7 @@ def server(serve_repo):
     flags = ["--native", "--instances", "2", "--threads", "1", "--max-request-bytes", str(MAX_BYTES)]
     proc = ServerProcess.start(serve_repo, *flags)
     yield proc
-    assert proc.stop() == 0
+    assert proc.stop() == 0, proc.output()
 
 
 @pytest.fixture(scope="module")
@@ -421,4 +421,4 @@ def test_without_libgrpcpp_native_keeps_the_python_grpc_server_and_says_why(serv
         assert len(said) == 1 and "libgrpc++ not found by pkg-config" in said[0], server.lines
         assert NATIVE not in scrape(server.http, HOST)
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.output()

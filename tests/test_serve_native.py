@@ -329,7 +329,7 @@ def test_serve_native_answers_http_and_grpc_as_compiled_model_run(serve_repo, sa
         assert metrics["nv_inference_count"] >= 4 * 2 + 4 and metrics["nv_inference_exec_count"] >= 1
         assert metrics["nv_inference_request_failure"] == 1
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.output()
     assert not any("Traceback" in line for line in server.lines)
 
 
@@ -367,7 +367,7 @@ def test_the_default_path_is_native_where_it_builds_else_python_with_one_warning
             np.testing.assert_array_equal(httpclient.InferenceServerClient(server.http).infer(HOST, [tensor])
                                           .as_numpy("output"), expected)
         finally:
-            assert server.stop() == 0
+            assert server.stop() == 0, server.output()
         return [line for line in server.lines if "data path" in line or "WARNING" in line]
 
     (line,) = serve_and_check()
@@ -541,4 +541,4 @@ def test_fixed_threads_keep_to_the_cores_the_server_was_given(serve_repo, sample
                    if line.startswith("Cpus_allowed_list")}
         assert allowed == {core}, allowed
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.output()

@@ -34,7 +34,7 @@ def server(serve_repo):
     proc = ServerProcess.start(serve_repo, "--native", "--instances", "2", "--threads", "1",
                                "--idle-timeout-seconds", str(IDLE))
     yield proc
-    assert proc.stop() == 0
+    assert proc.stop() == 0, proc.output()
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +293,7 @@ def test_connections_on_the_pump_count_toward_max_connections(serve_repo, photos
     finally:
         for raw in held:
             raw.close()
-        assert server.stop() == 0
+        assert server.stop() == 0, server.output()
 
 
 def test_sigterm_with_connections_on_the_pump_loses_no_accepted_request(serve_repo, photos):

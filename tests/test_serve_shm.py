@@ -55,7 +55,7 @@ def server(repo, tmp_path_factory, request):
     path = [] if request.param == "native" else ["--no-native"]
     proc = ServerProcess.start(repo, "--auth-token-file", str(token), "--max-queue-delay-us", "2000", *path)
     yield proc
-    assert proc.stop() == 0
+    assert proc.stop() == 0, proc.output()
 
 
 @pytest.fixture
@@ -367,4 +367,4 @@ def test_no_shared_memory_refuses_registration_and_says_why(repo, region, model,
         x = _photos(model, sample_images[41:42])
         np.testing.assert_array_equal(_infer(g, grpcclient, x, {}, None, None).as_numpy("output"), model.run(x))
     finally:
-        assert proc.stop() == 0
+        assert proc.stop() == 0, proc.output()
