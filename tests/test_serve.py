@@ -343,8 +343,8 @@ def test_bearer_token_and_sigterm_under_load_lose_no_accepted_request(repo, mode
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     # the Python path's drain (test_serve_native runs _drain_under_load on the native path, the default)
-    server = ServerProcess.start(repo, "--auth-token-file", str(token), "--max-queue-delay-us", "400000",
-                                 "--no-native")
+    server = ServerProcess.start(repo, "--auth-token-file", str(token), "--max-queue-delay-us", "5000000",
+                                 "--no-native")   # a long delay: the three queued stay queued until SIGTERM
     auth = {"Authorization": "Bearer s3cret"}
     h, g = httpclient.InferenceServerClient(server.http), grpcclient.InferenceServerClient(server.grpc)
     try:
@@ -361,7 +361,7 @@ def test_bearer_token_and_sigterm_under_load_lose_no_accepted_request(repo, mode
 
 
 def _drain_under_load(server, models, photos, auth) -> None:
-    """Three requests wait in the batch queue (400 ms delay, batch 4) and four clients loop on the fused
+    """Three requests wait in the batch queue (a 5 s delay, batch 4) and four clients loop on the fused
     build when SIGTERM comes: the queued ones and every answered one are right, the rest are refused."""
     queued = [(_tensor(models[HOST], p)[None]) for p in photos[:3]]
     looped = [(_tensor(models[FUSED], p)[None]) for p in photos[3:7]]
@@ -400,10 +400,11 @@ def _drain_under_load(server, models, photos, auth) -> None:
     threads += [threading.Thread(target=loop, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (len(answered) < 4 or scrape(server.http, HOST, auth).get(
-            "nv_inference_pending_request_count") != 3):   # the three are accepted and queued, the loops run
-        time.sleep(0.02)
+    deadline, pending = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and (len(answered) < 4 or pending != 3):   # the three are accepted and
+        time.sleep(0.02)                                                           # queued, the loops run
+        pending = scrape(server.http, HOST, auth).get("nv_inference_pending_request_count")
+    assert pending == 3 and len(answered) >= 4, f"{pending} queued, {len(answered)} answered: {outcomes}"
     server.terminate()
     for t in threads:
         t.join(60)

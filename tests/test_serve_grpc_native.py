@@ -270,7 +270,7 @@ def test_bearer_token_holds_on_the_native_front_and_sigterm_under_load_loses_no_
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     server = ServerProcess.start(serve_repo, "--native", "--auth-token-file", str(token),
-                                 "--max-queue-delay-us", "400000")
+                                 "--max-queue-delay-us", "5000000")   # long: the three queued stay queued
     auth = {"authorization": "Bearer s3cret"}
     client = grpcclient.InferenceServerClient(server.grpc)
     x, expected = photos[FUSED][0]
@@ -300,7 +300,7 @@ def test_bearer_token_holds_on_the_native_front_and_sigterm_under_load_loses_no_
 
 
 def _sigterm_under_load(server, photos, auth) -> None:
-    """Three requests wait in the batch queue (400 ms, batch 4) and two clients loop (unary, stream) when SIGTERM
+    """Three requests wait in the batch queue (5 s, batch 4) and two clients loop (unary, stream) when SIGTERM
     comes: the queued ones are answered right, every answer is right, the loops end refused, the server exits 0."""
     queued = [x for x, _ in photos[HOST][:3]]
     outcomes: list[str] = []
@@ -355,10 +355,12 @@ def _sigterm_under_load(server, photos, auth) -> None:
     threads += [threading.Thread(target=once, args=(x, e)) for x, e in photos[HOST][:3]]
     for t in threads[2:]:
         t.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and scrape(server.http, HOST, {"Authorization": auth["authorization"]}).get(
-            "nv_inference_pending_request_count") != 3:   # the three are accepted and queued
+    deadline, pending = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and pending != 3:   # the three are accepted and queued
         time.sleep(0.02)
+        pending = scrape(server.http, HOST, {"Authorization": auth["authorization"]}).get(
+            "nv_inference_pending_request_count")
+    assert pending == 3, f"{pending} requests queued, not the three: {outcomes}"
     server.terminate()
     for t in threads:
         t.join(60)

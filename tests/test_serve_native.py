@@ -446,7 +446,7 @@ def test_sigterm_under_load_loses_no_accepted_request(serve_repo, sample_images,
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     server = ServerProcess.start(serve_repo, "--native", "--auth-token-file", str(token), "--max-queue-delay-us",
-                                 "400000")
+                                 "5000000")   # a long delay: the three queued stay queued until SIGTERM
     models = {name: CompiledModel.load(serve_repo / name) for name in (HOST, FUSED)}
     try:
         _drain_under_load(server, models, sample_images[200:207], {"Authorization": "Bearer s3cret"})
