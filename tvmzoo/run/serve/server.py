@@ -137,11 +137,11 @@ class Server:
 
     async def drain(self) -> int:
         """Graceful stop; returns how many requests were still in flight when it began."""
+        in_flight = self.inference.in_flight + self._native_pending()   # before the flush runs the queued ones
         self.state.stopping.set()   # draining: new requests refused, open gRPC streams end
         self.http.stop()
         self.repository.flush()
         grpc_stopped = asyncio.ensure_future(self._stop_grpc())
-        in_flight = self.inference.in_flight + self._native_pending()
         deadline = time.monotonic() + self.cfg.drain_seconds
         while self.inference.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
