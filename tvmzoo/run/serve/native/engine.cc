@@ -258,6 +258,7 @@ class EngineImpl : public Engine {
     return !cfg_.check_input.empty() && cfg_.dtype.code == kDLFloat && cfg_.dtype.bits == 32;
   }
   int64_t output_row_floats() const override { return cfg_.output_row_floats; }
+  int64_t fixed_batch() const override { return cfg_.fixed_batch; }
 
   void Flush() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -485,17 +486,22 @@ class EngineImpl : public Engine {
 
   // Where each request's rows are staged for the run (the copy into the instance's buffer happens here).
   // Empty: the batch is one request run where it is (in place, or in chunks of a fixed batch).
-  std::vector<const uint8_t*> Stage(Instance& inst, const std::vector<Pending>& batch, int64_t rows) {
+  std::vector<const uint8_t*> Stage(Instance& inst, std::vector<Pending>& batch, int64_t rows) {
     std::vector<const uint8_t*> at;
     bool whole = batch.size() == 1 && (rows == (cfg_.fixed_batch ? cfg_.fixed_batch : rows)) &&
-                 Aligned(batch[0].rows.data);
-    if (whole || rows > inst.capacity) {
+                 batch[0].rows.data && Aligned(batch[0].rows.data);
+    if ((whole || rows > inst.capacity) && !batch[0].rows.fill) {
       at.push_back(static_cast<const uint8_t*>(batch[0].rows.data));
       return at;
     }
+    if (rows > inst.capacity) throw std::runtime_error("rows to be filled in exceed the batch buffer");
     uint8_t* dst = inst.rows.get();
-    for (const Pending& item : batch) {
-      std::memcpy(dst, item.rows.data, item.rows.rows * row_bytes_);
+    for (Pending& item : batch) {
+      if (item.rows.fill) {
+        item.rows.finite = item.rows.fill(dst);
+      } else {
+        std::memcpy(dst, item.rows.data, item.rows.rows * row_bytes_);
+      }
       at.push_back(dst);
       dst += item.rows.rows * row_bytes_;
     }

@@ -16,6 +16,10 @@ struct Rows {
   int64_t rows = 0;
   std::shared_ptr<void> owner;
   bool finite = false;   // the submitter found every value finite (finite.h): the engine does not read them again
+  // Instead of `data`, for rows that are always staged (fewer than the build's fixed batch): the engine calls it
+  // to write them into its batch buffer at `dst`, saving the submitter's own copy of them. It returns whether every
+  // value is finite (the submitter's check, finite.h; the engine reads them again only when not).
+  std::function<bool(void* dst)> fill;
 };
 
 // Called exactly once per submitted request, on the instance thread that ran it. Success: `error` is empty
@@ -36,6 +40,7 @@ class Engine {
   // marks the rows finite, or hands a request with NaN / Inf to Python, which refuses it with the message.
   virtual bool checks_finite32() const = 0;
   virtual int64_t output_row_floats() const = 0;   // float32 values of one output row
+  virtual int64_t fixed_batch() const = 0;         // the build's batch (0: it takes any); fewer rows are staged
 };
 
 // The Engine behind a handle returned to Python by the engine's create function (nullptr: unknown handle).

@@ -549,7 +549,8 @@ void Call::OnReadDone(bool ok) {
 }
 
 bool Call::TryHot(const grpc::ByteBuffer& message) {
-  Received rx(message);
+  auto received = std::make_shared<Received>(message);
+  const Received& rx = *received;
   if (!rx.ok() || static_cast<int64_t>(rx.size()) > front_->max_request_bytes) return false;
   // The fields before the tensor are small: scan a window of them, the tensor is copied once, from the slices.
   std::string head(std::min<size_t>(rx.size(), 4096), '\0');
@@ -604,14 +605,27 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
     r.out_at = out_shm.offset;
     if (!r.out_region || out_shm.byte_size < r.output_bytes()) return false;
   }
-  size_t padded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-  void* data = std::aligned_alloc(kAlignment, padded);
-  if (!data) return false;
-  std::shared_ptr<void> owner(data, std::free);
-  if (in_region ? !in_region->Read(in_shm.offset, bytes, data) : !rx.Copy(r.raw_at, raw_len, data))
-    return false;   // the object was truncated: Python says so
   bool check = m.engine->checks_finite32();
-  if (check && !AllFinite32(data, bytes / 4)) return false;   // Python refuses it, with its message
+  Rows rows{nullptr, r.rows, nullptr, check};
+  if (!in_region && r.rows < m.engine->fixed_batch()) {
+    // Staged into the batch anyway: the engine copies the tensor from grpc's slices into its batch buffer (one
+    // copy, not two) and checks it there; a NaN / Inf is refused by the engine and so forwarded to Python.
+    rows.owner = received;
+    rows.finite = false;
+    rows.fill = [received, at = r.raw_at, bytes, check](void* dst) {
+      received->Copy(at, bytes, dst);
+      return !check || AllFinite32(dst, bytes / 4);
+    };
+  } else {
+    size_t padded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+    void* data = std::aligned_alloc(kAlignment, padded);
+    if (!data) return false;
+    rows.data = data;
+    rows.owner = std::shared_ptr<void>(data, std::free);
+    if (in_region ? !in_region->Read(in_shm.offset, bytes, data) : !rx.Copy(r.raw_at, raw_len, data))
+      return false;   // the object was truncated: Python says so
+    if (check && !AllFinite32(data, bytes / 4)) return false;   // Python refuses it, with its message
+  }
   FrontStats& stats = *front_->stats.at(m.handle);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -620,7 +634,6 @@ bool Call::TryHot(const grpc::ByteBuffer& message) {
   }
   stats.pending++;
   int64_t start = NowNs();
-  Rows rows{data, r.rows, owner, check};
   bool taken = m.engine->Submit(rows, [this, r, message, start](const float* out, int64_t, bool,
                                                                  const std::string&) {
     HotDone(r, message, start, out, out != nullptr);
