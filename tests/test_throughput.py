@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from tvmzoo.errors import TvmzooError
-from tvmzoo.run.threads import instance_cores, pin_this_thread_pool, threads_per_instance
+from tvmzoo.run.host import num_cores
+from tvmzoo.run.serve.config import ServeConfig
+from tvmzoo.run.threads import instance_cores, pin_this_thread_pool, threads_per_instance, usable_cores
 from tvmzoo.run.vendor_flags import vendor_notes
 
 from conftest import run_cli
@@ -25,6 +27,16 @@ def test_instances_get_their_own_cores():
     assert [instance_cores(i, 2, [0, 1, 2, 3]) for i in range(2)] == [[0, 1], [2, 3]]
     assert [instance_cores(i, 1, [4, 5]) for i in range(3)] == [[4], [5], [4]]  # more instances than cores: wrap
     assert threads_per_instance(3, 2) == 2 and threads_per_instance(1, None) == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("value, threads", [("1", 1), (" 3 ", 3), ("0", None), ("-2", None), ("two", None), ("", None)])
+def test_tvm_num_threads_is_read_one_way(monkeypatch, tmp_path, value, threads):
+    """The compile target's num-cores and serve's shared cores read TVM_NUM_THREADS as TVM does: a positive
+    integer, else the cores this process may use."""
+    monkeypatch.setenv("TVM_NUM_THREADS", value)
+    cores = usable_cores()
+    assert num_cores() == (threads or len(cores))
+    assert ServeConfig(repository=tmp_path).cores == (cores[:threads] if threads else cores)
 
 
 def test_pinned_pool_runs_on_its_core(tiny):

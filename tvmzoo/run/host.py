@@ -10,6 +10,8 @@ import platform
 from collections.abc import Iterable
 from pathlib import Path
 
+from .threads import tvm_num_threads, usable_cores
+
 log = logging.getLogger(__name__)
 
 
@@ -26,10 +28,7 @@ def host_cpu_flags() -> frozenset[str]:
 
 
 def num_cores() -> int:
-    env = os.environ.get("TVM_NUM_THREADS")
-    if env and env.isdigit():
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return tvm_num_threads() or len(usable_cores())
 
 
 # /proc/cpuinfo flag -> LLVM feature name, where they differ (mod.json records LLVM's names).

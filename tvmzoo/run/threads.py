@@ -19,6 +19,12 @@ from ..errors import ConfigError
 from ..limits import PER_CORE
 
 
+def tvm_num_threads() -> int | None:
+    """TVM_NUM_THREADS when it is a positive integer (TVM's own reading: anything else means its default)."""
+    text = os.environ.get("TVM_NUM_THREADS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
 def usable_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
@@ -65,8 +71,7 @@ def keep_pool_within_affinity() -> None:
     if getattr(_pool, "cores", None) is not None:
         return
     cores = usable_cores()
-    text = os.environ.get("TVM_NUM_THREADS", "").strip()
-    threads = int(text) if text.isdigit() and int(text) > 0 else len(cores)
+    threads = tvm_num_threads() or len(cores)
     wanted = instance_cores(0, threads, cores)
     if threads > 1 and wanted != list(range(threads)):
         pin_this_thread_pool(wanted)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from functools import cached_property
@@ -12,7 +11,7 @@ from ...errors import ConfigError
 from ...io.images import load_labels
 from ...limits import check_not_special
 from ...preprocess import MAX_PIXELS
-from ..threads import check_per_core, usable_cores
+from ..threads import check_per_core, tvm_num_threads, usable_cores
 
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20   # a batch of 64 FP32 224x224 images is 38.5 MB
 # Pixels of one client image, checked in its header before decoding: each decode thread (one per core)
@@ -93,8 +92,8 @@ class ServeConfig:
         if self.threads is not None:
             return None
         cores = usable_cores()
-        limit = os.environ.get("TVM_NUM_THREADS", "")
-        return cores[:int(limit)] if limit.isdigit() and int(limit) > 0 else cores
+        limit = tvm_num_threads()
+        return cores[:limit] if limit else cores
 
     @cached_property   # is_loopback may resolve a name
     def shared_memory_on(self) -> bool:
