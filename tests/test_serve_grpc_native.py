@@ -152,6 +152,44 @@ def test_stream_messages_are_answered_natively_and_the_rest_by_python_in_the_sam
 
 
 @needs_grpcpp
+def test_forwarded_calls_from_many_clients_are_each_answered_and_the_server_lives(server, photos):
+    """Unary calls forwarded to Python from every thread the front has: a NaN tensor (refused by the engine on its
+    thread), a UINT8 one (forwarded as it is read), a good one (answered natively), 8 clients at once. Python
+    answers a forwarded call as soon as it has the message, often before the front half-closes the upstream call
+    (from outside grpc's reactions): without a hold grpc could end that call under it and abort the server."""
+    (x, expected), nan = photos[HOST][0], photos[HOST][1][0].copy()
+    nan[0, 0, 0, 0] = np.nan
+    cases = [(nan, "holds 1 NaN or infinite values"), (x.astype(np.uint8), "input 'input' is UINT8"), (x, None)]
+    failures: list[str] = []
+
+    def client_loop() -> None:
+        client = grpcclient.InferenceServerClient(server.grpc)
+        for i in range(60):
+            data, message = cases[i % 3]
+            try:
+                out = client.infer(HOST, [_input(data)])
+                if message is not None:
+                    failures.append(f"answered, not refused: {message}")
+                else:
+                    _close(out.as_numpy("output"), expected)
+            except InferenceServerException as err:
+                if message is None or err.status() != "StatusCode.INVALID_ARGUMENT" or message not in err.message():
+                    failures.append(f"{err.status()} {err.message()!r}, wanted {message!r}")
+            except AssertionError as err:
+                failures.append(f"wrong answer: {err}"[:200])
+        client.close()
+
+    threads = [threading.Thread(target=client_loop) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:5]
+    assert server.proc.poll() is None, server.output()
+    assert grpcclient.InferenceServerClient(server.grpc).is_server_live()
+
+
+@needs_grpcpp
 def test_every_other_rpc_is_python_s_through_the_front(server, photos, sample_images):
     """Health, metadata, config, statistics, contents fields, encoded images, shared memory registration, errors:
     as the Python server answers them (its codes and messages), none counted by the front."""

@@ -414,6 +414,10 @@ class Front {
 };
 
 // The forwarded call to the Python server: every message written to it in order, its answers back to the call.
+// Its writes are started from other threads (the engine's, the client call's reactions), so it keeps grpc's hold
+// until its last write op (WritesDone) is started: without it grpc may end the call as soon as Python's status is
+// in and destroy the stream under a write being started ("pure virtual method called"). The hold and the
+// WritesDone go together, decided under mu_ while no write is in flight; a message after Close is dropped.
 class Call::Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   Upstream(Call* call, Front* front) : call_(call) {
@@ -427,6 +431,7 @@ class Call::Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::By
     if (call->ctx_->deadline() != std::chrono::system_clock::time_point::max())
       ctx_.set_deadline(call->ctx_->deadline());
     front->stub().PrepareBidiStreamingCall(&ctx_, call->ctx_->method(), grpc::StubOptions(), this);
+    AddHold();   // before StartCall; removed with the WritesDone (Finish)
   }
   void Begin() {   // outside the call's lock: grpc may run callbacks on this thread
     StartRead(&in_);
@@ -436,6 +441,7 @@ class Call::Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::By
     bool start;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (closing_) return;   // closed (nothing more is forwarded then) or over: nobody reads it
       queue_.push_back(std::move(message));
       start = !writing_;
       writing_ = true;
@@ -450,9 +456,12 @@ class Call::Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::By
       now = !writing_ && !done_sent_;
       done_sent_ = done_sent_ || now;
     }
-    if (now) StartWritesDone();
+    if (now) Finish();
   }
-  void Cancel() { ctx_.TryCancel(); }
+  void Cancel() {
+    ctx_.TryCancel();
+    Close();
+  }
   std::multimap<std::string, std::string> Trailers() {
     std::multimap<std::string, std::string> out;
     for (const auto& [k, v] : ctx_.GetServerTrailingMetadata())
@@ -461,13 +470,20 @@ class Call::Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::By
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) return;
+    if (!ok) {   // Python ended the call: write nothing more, let OnDone bring its status
+      Close();
+      return;
+    }
     call_->UpstreamMessage(std::move(in_));
     in_.Clear();
     StartRead(&in_);
   }
   void OnWriteDone(bool ok) override {
-    if (!ok) return;   // the call failed: OnDone has its status
+    if (!ok) {   // the call failed (OnDone has its status): the queued messages go nowhere
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.clear();
+      closing_ = true;
+    }
     Next();
   }
   void OnDone(const grpc::Status& status) override { call_->UpstreamDone(status); }
@@ -488,7 +504,12 @@ class Call::Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::By
       }
     }
     if (write) StartWrite(&current_);
-    else if (done) StartWritesDone();
+    else if (done) Finish();
+  }
+
+  void Finish() {   // the last write op, then the hold: grpc may end the call (and call OnDone) from here on
+    StartWritesDone();
+    RemoveHold();
   }
 
   Call* call_;
