@@ -415,9 +415,10 @@ class Front {
 
 // The forwarded call to the Python server: every message written to it in order, its answers back to the call.
 // Its writes are started from other threads (the engine's, the client call's reactions), so it keeps grpc's hold
-// until its last write op (WritesDone) is started: without it grpc may end the call as soon as Python's status is
-// in and destroy the stream under a write being started ("pure virtual method called"). The hold and the
-// WritesDone go together, decided under mu_ while no write is in flight; a message after Close is dropped.
+// until its last write op (WritesDone) is started: without it grpc finishes the call as soon as Python's status is
+// in, and a WritesDone started after that finishes it a second time (a second OnDone, one call unref too many: the
+// server aborted). The hold and the WritesDone go together, decided under mu_ while no write is in flight; a
+// message after Close is dropped.
 class Call::Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   Upstream(Call* call, Front* front) : call_(call) {
